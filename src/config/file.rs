@@ -1,0 +1,717 @@
+//! The YAML layer: `File*` structs that mirror SPEC §2 key for key (`deny_unknown_fields`,
+//! no defaults applied, no cross-field rules), the `DEFAULT_*` values, and the only code
+//! that touches `serde_norway`: [`parse`] and [`locate`] (line and column of a key path).
+//! Keys of features not built yet are recognised here and refused in `validate`.
+
+use std::collections::{BTreeMap, HashMap};
+use std::fmt;
+use std::marker::PhantomData;
+use std::time::Duration;
+
+use serde::Deserialize;
+use serde::de::{self, DeserializeSeed, Deserializer, IgnoredAny, MapAccess, SeqAccess, Visitor};
+use serde_norway::Value;
+
+use super::KeyPath;
+use super::units::{DurationValue, EnvScope, Piece, SizeValue, Text, split_template};
+
+// === defaults (SPEC §2) ===
+
+/// `limits.max_connections`: whole-process cap on client connections.
+pub const DEFAULT_MAX_CONNECTIONS: u64 = 50_000;
+/// `limits.handshake_timeout`: the request head (and TLS) must arrive within this.
+pub const DEFAULT_HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
+/// `limits.max_frame_size`: largest frame accepted in either direction (1 MiB).
+pub const DEFAULT_MAX_FRAME_SIZE: u64 = 1 << 20;
+/// `limits.max_message_size`: largest message, summed over its fragments (4 MiB).
+pub const DEFAULT_MAX_MESSAGE_SIZE: u64 = 4 << 20;
+/// `limits.send_timeout`: a write stalled this long marks a slow consumer.
+pub const DEFAULT_SEND_TIMEOUT: Duration = Duration::from_secs(30);
+/// `limits.buffer_size`: relay buffer per direction per connection (16 KiB).
+pub const DEFAULT_BUFFER_SIZE: usize = 16 << 10;
+/// `upstreams.*.connect_timeout`: TCP connect plus upstream handshake budget.
+pub const DEFAULT_CONNECT_TIMEOUT: Duration = Duration::from_secs(3);
+/// `upstreams.*.backends[].weight`: relative share of a backend.
+pub const DEFAULT_WEIGHT: u32 = 1;
+/// `log.access`: where access-log JSON lines go.
+pub const DEFAULT_LOG_ACCESS: &str = "stdout";
+/// `log.format`: format of operational logs on stderr.
+pub const DEFAULT_LOG_FORMAT: &str = "text";
+
+// === File* structs ===
+//
+// Every field is optional at this layer unless the YAML cannot mean anything without it;
+// `null` is the same as absent. Durations and sizes are parsed (and `${NAME}` replaced)
+// while deserializing, so their errors carry the value's own line and column.
+
+/// The whole file.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct FileConfig {
+    /// Public listeners; at least one.
+    pub listeners: Option<Vec<FileListener>>,
+    /// Admin listener (/healthz, /readyz, /metrics); absent → none.
+    pub admin: Option<FileAdmin>,
+    /// Access and operational logs.
+    pub log: Option<FileLog>,
+    /// Shutdown drain (not supported yet).
+    pub drain: Option<FileDrain>,
+    /// CIDRs whose X-Forwarded-For is believed (not supported yet unless empty).
+    pub trusted_proxies: Option<Vec<Text>>,
+    /// Defaults for every route.
+    pub limits: Option<FileLimits>,
+    /// Proxy pings (not supported yet unless off).
+    pub keepalive: Option<FileKeepalive>,
+    /// Upstreams by name, in file order.
+    pub upstreams: Option<NamedMap<FileUpstream>>,
+    /// Routes; first match wins.
+    pub routes: Option<Vec<FileRoute>>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct FileListener {
+    /// Label in logs and metrics; default: the bind address.
+    pub name: Option<Text>,
+    /// `IP:port` to listen on, e.g. `0.0.0.0:8080`, `[::]:8080`.
+    pub bind: Text,
+    /// TLS termination (not supported yet); absent → plain ws://.
+    pub tls: Option<FileListenerTls>,
+    /// Expect a PROXY v1/v2 header (not supported yet; default false).
+    pub proxy_protocol: Option<bool>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct FileListenerTls {
+    /// Certificate/key pairs; SNI picks by SAN.
+    pub certificates: Option<Vec<FileCertificate>>,
+    /// Lowest TLS version: "1.2" | "1.3".
+    pub min_version: Option<Text>,
+    /// CA bundle to require client certificates (mTLS).
+    pub client_ca: Option<Text>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct FileCertificate {
+    /// PEM certificate chain path.
+    pub cert: Text,
+    /// PEM private key path.
+    pub key: Text,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct FileAdmin {
+    /// `IP:port` of the admin listener, e.g. `127.0.0.1:9090`.
+    pub bind: Text,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct FileLog {
+    /// `stdout` | `stderr` | a file path; default stdout.
+    pub access: Option<Text>,
+    /// Operational log format: `text` | `json`; default text.
+    pub format: Option<Text>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct FileDrain {
+    /// Window over which drain closes are spread.
+    pub spread: Option<DurationValue>,
+    /// Hard deadline after which the rest is closed.
+    pub timeout: Option<DurationValue>,
+}
+
+/// `limits` at top level and in `routes[].limits` (where each key overrides the top level).
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct FileLimits {
+    /// Whole-process connection cap (top level only); default 50000.
+    pub max_connections: Option<u64>,
+    /// Per-client-IP connection cap (not supported yet).
+    pub max_connections_per_ip: Option<u64>,
+    /// Per-IP handshake rate (not supported yet).
+    pub handshakes_per_ip: Option<FileRate>,
+    /// Time for the full request head; default 10s; must be > 0.
+    pub handshake_timeout: Option<DurationValue>,
+    /// Largest frame; default 1MiB; at least 125B.
+    pub max_frame_size: Option<SizeValue>,
+    /// Largest message; default 4MiB; at least max_frame_size.
+    pub max_message_size: Option<SizeValue>,
+    /// Client→upstream message rate (not supported yet).
+    pub messages: Option<FileMessageRate>,
+    /// Deadline for a fragmented message (not supported yet).
+    pub fragment_timeout: Option<DurationValue>,
+    /// Close after this long without data frames (not supported yet unless `0s`).
+    pub idle_timeout: Option<DurationValue>,
+    /// Slow-consumer write stall limit; default 30s; must be > 0.
+    pub send_timeout: Option<DurationValue>,
+    /// Relay buffer per direction; default 16KiB; 1KiB..=1MiB.
+    pub buffer_size: Option<SizeValue>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct FileRate {
+    /// Tokens added per `per`.
+    pub rate: u32,
+    /// Refill period.
+    pub per: DurationValue,
+    /// Bucket size; default `rate`.
+    pub burst: Option<u32>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct FileMessageRate {
+    /// Messages allowed per `per`.
+    pub rate: u32,
+    /// Refill period.
+    pub per: DurationValue,
+    /// Bucket size; default `rate`.
+    pub burst: Option<u32>,
+    /// `close` | `throttle`.
+    pub on_exceed: Option<Text>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct FileKeepalive {
+    /// Proxy → client ping period (not supported yet unless `0s`).
+    pub ping_interval: Option<DurationValue>,
+    /// Dead-peer deadline for a proxy ping (accepted, unused until pings exist).
+    pub pong_timeout: Option<DurationValue>,
+    /// Proxy → upstream ping period (not supported yet unless `0s`).
+    pub upstream_ping_interval: Option<DurationValue>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct FileUpstream {
+    /// Backends (exactly one for now); exclusive with `builtin`.
+    pub backends: Option<Vec<FileBackend>>,
+    /// wsgate-specific: `echo` runs an in-process echo server; exclusive with `backends`.
+    pub builtin: Option<Text>,
+    /// TLS to the upstream (not supported yet).
+    pub tls: Option<FileUpstreamTls>,
+    /// Sticky key (not supported yet).
+    pub sticky: Option<FileSticky>,
+    /// Bounded-load balancing (not supported yet).
+    pub balance: Option<FileBalance>,
+    /// Connect + upstream handshake budget; default 3s; must be > 0.
+    pub connect_timeout: Option<DurationValue>,
+    /// Active health checks (not supported yet).
+    pub health_check: Option<FileHealthCheck>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct FileBackend {
+    /// `host:port`; IPv6 in brackets.
+    pub addr: Text,
+    /// Relative share; default 1; at least 1.
+    pub weight: Option<u32>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct FileUpstreamTls {
+    /// CA bundle for the upstream certificate.
+    pub ca: Option<Text>,
+    /// SNI name sent upstream.
+    pub sni: Option<Text>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct FileSticky {
+    /// `ip` | `header:NAME` | `cookie:NAME` | `query:NAME` | `claim:NAME`.
+    pub key: Text,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct FileBalance {
+    /// Cap a backend at this multiple of the mean load.
+    pub bounded_load: Option<f64>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct FileHealthCheck {
+    /// Time between checks.
+    pub interval: Option<DurationValue>,
+    /// Per-check timeout.
+    pub timeout: Option<DurationValue>,
+    /// HTTP path; absent → TCP connect check.
+    pub path: Option<Text>,
+    /// Consecutive failures before marking down.
+    pub unhealthy_after: Option<u32>,
+    /// Consecutive successes before marking up.
+    pub healthy_after: Option<u32>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct FileRoute {
+    /// Label in logs and metrics; unique.
+    pub name: Text,
+    /// What requests this route takes.
+    #[serde(rename = "match")]
+    pub matcher: FileMatch,
+    /// Name of an entry in `upstreams`.
+    pub upstream: Text,
+    /// Path sent upstream instead of the request path; starts with `/`.
+    pub upstream_path: Option<Text>,
+    /// Allowed Origins (not supported yet).
+    pub origins: Option<Vec<Text>>,
+    /// Admit requests without Origin (not supported yet unless false).
+    pub allow_missing_origin: Option<bool>,
+    /// Allowlist of subprotocols (RFC 7230 tokens); absent → any.
+    pub subprotocols: Option<Vec<Text>>,
+    /// Token checks (not supported yet).
+    pub auth: Option<FileAuth>,
+    /// Per-route overrides of the top-level limits.
+    pub limits: Option<FileLimits>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct FileMatch {
+    /// Host header to match (no port); absent → any host.
+    pub host: Option<Text>,
+    /// Request path prefix; starts with `/`.
+    pub path_prefix: Text,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct FileAuth {
+    /// JWT validation.
+    pub jwt: Option<FileJwt>,
+    /// Static API keys.
+    pub api_keys: Option<FileApiKeys>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct FileJwt {
+    /// Token sources, tried in order.
+    pub from: Option<Vec<Text>>,
+    /// Verification keys.
+    pub keys: Option<Vec<FileJwtKey>>,
+    /// Required `iss`.
+    pub issuer: Option<Text>,
+    /// Required `aud`.
+    pub audience: Option<Text>,
+    /// Clock skew allowance.
+    pub leeway: Option<DurationValue>,
+    /// Claim equality checks.
+    pub require_claims: Option<BTreeMap<String, Text>>,
+    /// Close the connection when `exp` passes.
+    pub close_on_expiry: Option<bool>,
+    /// Claim → upstream request header.
+    pub forward_claims: Option<BTreeMap<String, Text>>,
+    /// Do not pass the token upstream.
+    pub strip_token: Option<bool>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct FileJwtKey {
+    /// Algorithm of an inline key, e.g. HS256.
+    pub alg: Option<Text>,
+    /// Inline shared secret (use `${ENV}`).
+    pub secret: Option<Text>,
+    /// Path of a JWKS file.
+    pub jwks_file: Option<Text>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct FileApiKeys {
+    /// Header carrying the key.
+    pub header: Option<Text>,
+    /// File of SHA-256 hex digests, one per line.
+    pub keys_file: Option<Text>,
+}
+
+/// A YAML mapping kept in file order, refusing duplicate keys (a `BTreeMap` would keep
+/// the last one silently).
+#[derive(Debug)]
+pub struct NamedMap<V>(pub Vec<(String, V)>);
+
+impl<V> Default for NamedMap<V> {
+    fn default() -> Self {
+        NamedMap(Vec::new())
+    }
+}
+
+impl<'de, V: Deserialize<'de>> Deserialize<'de> for NamedMap<V> {
+    fn deserialize<D: Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        struct NamedMapVisitor<V>(PhantomData<V>);
+        impl<'de, V: Deserialize<'de>> Visitor<'de> for NamedMapVisitor<V> {
+            type Value = NamedMap<V>;
+            fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+                f.write_str("a map of names to definitions")
+            }
+            fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<Self::Value, A::Error> {
+                let mut entries: Vec<(String, V)> = Vec::new();
+                while let Some(name) = map.next_key::<String>()? {
+                    if entries.iter().any(|(seen, _)| *seen == name) {
+                        return Err(de::Error::custom(format!(
+                            "duplicate name `{}`; each name may be defined once",
+                            name.escape_debug()
+                        )));
+                    }
+                    let value = map.next_value()?;
+                    entries.push((name, value));
+                }
+                Ok(NamedMap(entries))
+            }
+        }
+        deserializer.deserialize_map(NamedMapVisitor(PhantomData))
+    }
+}
+
+// === parsing ===
+
+/// A failure to turn the text into [`FileConfig`]: where, which key, and why.
+#[derive(Debug)]
+pub struct ParseError {
+    /// 1-based; `None` when serde_norway knows no position.
+    pub location: Option<(usize, usize)>,
+    pub path: String,
+    pub message: String,
+}
+
+/// Deserializes `text`, replacing `${NAME}` in string values with `env(NAME)`.
+pub fn parse(text: &str, env: &dyn Fn(&str) -> Option<String>) -> Result<FileConfig, ParseError> {
+    // First pass: find the variable names that string values reference, so the typed pass
+    // can read them from a thread-local snapshot (serde passes no context to `Deserialize`).
+    // Its errors are ignored: the typed pass meets the same text and reports them with a path.
+    let mut names = Vec::new();
+    let _ = NameCollector(&mut names).deserialize(serde_norway::Deserializer::from_str(text));
+    let vars: HashMap<String, String> = names
+        .into_iter()
+        .filter_map(|name| env(&name).map(|value| (name, value)))
+        .collect();
+    let _scope = EnvScope::enter(vars);
+    let deserializer = serde_norway::Deserializer::from_str(text);
+    match serde_path_to_error::deserialize::<_, Option<FileConfig>>(deserializer) {
+        // An empty file (or one holding only comments or `null`) is a config with nothing set.
+        Ok(file) => Ok(file.unwrap_or_default()),
+        Err(err) => {
+            let path = err.path().to_string();
+            let mut error = parse_error(err.inner(), path);
+            if error.location.is_none() && error.message.contains("more than one document") {
+                error.location = second_document(text);
+                error.message =
+                    "the file holds more than one YAML document; keep one (remove the `---` or `...` separators)".into();
+            }
+            Err(error)
+        }
+    }
+}
+
+/// Walks any YAML node and records the `${NAME}` names used in string values (not keys).
+struct NameCollector<'a>(&'a mut Vec<String>);
+
+impl<'de> DeserializeSeed<'de> for NameCollector<'_> {
+    type Value = ();
+    fn deserialize<D: Deserializer<'de>>(self, deserializer: D) -> Result<(), D::Error> {
+        deserializer.deserialize_any(self)
+    }
+}
+
+impl<'de> Visitor<'de> for NameCollector<'_> {
+    type Value = ();
+    fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("any YAML value")
+    }
+    fn visit_str<E: de::Error>(self, v: &str) -> Result<(), E> {
+        for piece in split_template(v).unwrap_or_default() {
+            if let Piece::Var(name) = piece
+                && !self.0.iter().any(|n| n == name)
+            {
+                self.0.push(name.to_string());
+            }
+        }
+        Ok(())
+    }
+    fn visit_bool<E: de::Error>(self, _: bool) -> Result<(), E> {
+        Ok(())
+    }
+    fn visit_i64<E: de::Error>(self, _: i64) -> Result<(), E> {
+        Ok(())
+    }
+    fn visit_u64<E: de::Error>(self, _: u64) -> Result<(), E> {
+        Ok(())
+    }
+    fn visit_f64<E: de::Error>(self, _: f64) -> Result<(), E> {
+        Ok(())
+    }
+    fn visit_unit<E: de::Error>(self) -> Result<(), E> {
+        Ok(())
+    }
+    fn visit_none<E: de::Error>(self) -> Result<(), E> {
+        Ok(())
+    }
+    fn visit_some<D: Deserializer<'de>>(self, deserializer: D) -> Result<(), D::Error> {
+        deserializer.deserialize_any(self)
+    }
+    fn visit_seq<A: SeqAccess<'de>>(self, mut seq: A) -> Result<(), A::Error> {
+        while seq
+            .next_element_seed(NameCollector(&mut *self.0))?
+            .is_some()
+        {}
+        Ok(())
+    }
+    fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<(), A::Error> {
+        while map.next_key::<IgnoredAny>()?.is_some() {
+            map.next_value_seed(NameCollector(&mut *self.0))?;
+        }
+        Ok(())
+    }
+    fn visit_enum<A: de::EnumAccess<'de>>(self, data: A) -> Result<(), A::Error> {
+        // A tagged node (`!tag value`): look inside the value.
+        let (_, variant) = data.variant::<IgnoredAny>()?;
+        de::VariantAccess::newtype_variant_seed(variant, self)
+    }
+}
+
+fn parse_error(err: &serde_norway::Error, path: String) -> ParseError {
+    let location = err.location().map(|l| (l.line(), l.column()));
+    let mut message = err.to_string();
+    // serde_norway appends the position and prefixes its own path; both are reported
+    // in their own fields, so drop them from the message.
+    if let Some((line, column)) = location
+        && let Some(stripped) = message.strip_suffix(&format!(" at line {line} column {column}"))
+    {
+        message = stripped.to_string();
+    }
+    // serde_norway's path may be `path` or an ancestor of it (before the failing key).
+    let mut prefixes: Vec<&str> = path
+        .char_indices()
+        .filter(|&(_, c)| c == '.' || c == '[')
+        .map(|(i, _)| &path[..i])
+        .collect();
+    prefixes.push(&path);
+    if let Some(stripped) = prefixes
+        .iter()
+        .rev()
+        .find_map(|prefix| message.strip_prefix(&format!("{prefix}: ")))
+    {
+        message = stripped.to_string();
+    }
+    // An unknown key is reported by serde before the key joins the path: name it.
+    let mut path = path;
+    if let Some(key) = message
+        .strip_prefix("unknown field `")
+        .and_then(|rest| rest.split_once('`'))
+        .map(|(key, _)| key.to_string())
+    {
+        // serde_path_to_error includes the key in some cases and not in others.
+        if path.is_empty() || path == "." {
+            path = key;
+        } else if path != key && !path.ends_with(&format!(".{key}")) {
+            path = format!("{path}.{key}");
+        }
+        message = format!("{message}; check the spelling (see conf/example-full.yaml)");
+    }
+    if path == "." {
+        path.clear();
+    }
+    ParseError {
+        location,
+        path,
+        message,
+    }
+}
+
+// === locating a key path after the fact ===
+
+/// Marks the error the locator raises on reaching its target, to tell it from others.
+const LOCATOR_HIT: &str = "\u{0}wsgate-config-locator-hit\u{0}";
+
+/// Returns the 1-based line and column of the value at `path` in `text`, or of its
+/// deepest ancestor present in the file (a defaulted key has no position of its own).
+///
+/// How: the text is deserialized again with a seed that follows `path` through maps and
+/// sequences and fails on purpose at the target node; serde_norway stamps the failing
+/// node's position on the error, which is then read back with `location()`.
+pub fn locate(text: &str, path: &KeyPath) -> Option<(usize, usize)> {
+    (0..=path.0.len())
+        .rev()
+        .find_map(|len| locate_exact(text, &path.0[..len]))
+}
+
+fn locate_exact(text: &str, path: &[super::Segment]) -> Option<(usize, usize)> {
+    let deserializer = serde_norway::Deserializer::from_str(text);
+    match (Locator { path }).deserialize(deserializer) {
+        Err(err) if err.to_string().contains(LOCATOR_HIT) => {
+            err.location().map(|l| (l.line(), l.column()))
+        }
+        _ => None,
+    }
+}
+
+/// Position of the second document's root node, for the "more than one document" error,
+/// which serde_norway reports without a position.
+fn second_document(text: &str) -> Option<(usize, usize)> {
+    let second = serde_norway::Deserializer::from_str(text).nth(1)?;
+    match (Locator { path: &[] }).deserialize(second) {
+        Err(err) => err.location().map(|l| (l.line(), l.column())),
+        Ok(()) => None,
+    }
+}
+
+struct Locator<'p> {
+    path: &'p [super::Segment],
+}
+
+impl<'de> DeserializeSeed<'de> for Locator<'_> {
+    type Value = ();
+    fn deserialize<D: Deserializer<'de>>(self, deserializer: D) -> Result<(), D::Error> {
+        if self.path.is_empty() {
+            deserializer.deserialize_any(Hit)
+        } else {
+            deserializer.deserialize_any(self)
+        }
+    }
+}
+
+impl<'de> Visitor<'de> for Locator<'_> {
+    type Value = ();
+    fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("a map or sequence on the path")
+    }
+    fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<(), A::Error> {
+        let Some((super::Segment::Key(want), rest)) = self.path.split_first() else {
+            return Err(de::Error::custom("path expects a sequence here"));
+        };
+        while let Some(key) = map.next_key::<Value>()? {
+            let matches = match &key {
+                Value::String(s) => s == want,
+                Value::Number(n) => n.to_string() == *want,
+                Value::Bool(b) => b.to_string() == *want,
+                _ => false,
+            };
+            if matches {
+                map.next_value_seed(Locator { path: rest })?;
+            } else {
+                map.next_value::<IgnoredAny>()?;
+            }
+        }
+        Ok(())
+    }
+    fn visit_seq<A: SeqAccess<'de>>(self, mut seq: A) -> Result<(), A::Error> {
+        let Some((super::Segment::Index(want), rest)) = self.path.split_first() else {
+            return Err(de::Error::custom("path expects a map here"));
+        };
+        let mut index = 0;
+        loop {
+            let found = if index == *want {
+                seq.next_element_seed(Locator { path: rest })?
+            } else {
+                seq.next_element::<IgnoredAny>()?.map(|_| ())
+            };
+            if found.is_none() {
+                return Ok(());
+            }
+            index += 1;
+        }
+    }
+}
+
+/// Fails on whatever node it is given. Every `visit_*` left at its default reports
+/// "invalid type ..., expected {expecting}", so writing the marker in `expecting`
+/// makes all of them carry it.
+struct Hit;
+
+impl Visitor<'_> for Hit {
+    type Value = ();
+    fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(LOCATOR_HIT)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::super::Segment;
+    use super::*;
+
+    fn path(segments: &[Segment]) -> KeyPath {
+        KeyPath(segments.to_vec())
+    }
+
+    fn key(k: &str) -> Segment {
+        Segment::Key(k.into())
+    }
+
+    const TEXT: &str = "\
+listeners:
+  - bind: 127.0.0.1:1
+  - name: two
+    bind: 127.0.0.1:2
+routes: [{ name: a, match: { path_prefix: /a } }]
+";
+
+    #[test]
+    fn locator_finds_scalars_maps_and_flow_nodes() {
+        assert_eq!(
+            locate(
+                TEXT,
+                &path(&[key("listeners"), Segment::Index(1), key("bind")])
+            ),
+            Some((4, 11))
+        );
+        assert_eq!(
+            locate(TEXT, &path(&[key("listeners"), Segment::Index(0)])),
+            Some((2, 5))
+        );
+        assert_eq!(
+            locate(
+                TEXT,
+                &path(&[
+                    key("routes"),
+                    Segment::Index(0),
+                    key("match"),
+                    key("path_prefix")
+                ])
+            ),
+            Some((5, 43))
+        );
+    }
+
+    #[test]
+    fn locator_falls_back_to_the_deepest_present_ancestor() {
+        assert_eq!(
+            locate(
+                TEXT,
+                &path(&[key("listeners"), Segment::Index(1), key("tls")])
+            ),
+            Some((3, 5))
+        );
+        assert_eq!(locate(TEXT, &path(&[key("limits")])), Some((1, 1)));
+    }
+
+    #[test]
+    fn duplicate_upstream_names_are_refused() {
+        let text = "upstreams:\n  a: { builtin: echo }\n  a: { builtin: echo }\n";
+        let err = parse(text, &|_| None).unwrap_err();
+        assert!(err.message.contains("duplicate name `a`"), "{err:?}");
+    }
+
+    #[test]
+    fn empty_file_parses_as_nothing_set() {
+        for text in ["", "# only a comment\n", "null"] {
+            let file = parse(text, &|_| None).unwrap();
+            assert!(file.listeners.is_none());
+        }
+    }
+}

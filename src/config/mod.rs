@@ -1,0 +1,316 @@
+//! Gateway configuration: the validated, typed [`Config`] the runtime uses, and loading.
+//!
+//! Pipeline: YAML text → [`file::parse`] (serde into `File*` structs that mirror the YAML;
+//! `${NAME}` replaced, durations and sizes parsed, unknown keys refused) →
+//! [`validate::validate`] (defaults, ranges, cross references, not-yet-supported keys) →
+//! [`Config`]. Every error names file, line, column and key path; errors found after
+//! deserialization get their position from [`file::locate`]. Nothing here binds or opens
+//! anything besides reading the config file itself.
+
+pub mod file;
+pub mod units;
+pub mod validate;
+
+use std::collections::BTreeMap;
+use std::fmt;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Duration;
+
+// === validated config ===
+
+/// The validated configuration. Only [`validate::validate`] builds one.
+#[derive(Debug, Clone)]
+pub struct Config {
+    /// Public listeners, in file order; at least one; names and binds unique.
+    pub listeners: Vec<Listener>,
+    /// Admin listener; `None` when the file has no `admin` block.
+    pub admin: Option<Admin>,
+    pub log: Log,
+    /// Top-level limits with defaults applied; routes start from these.
+    pub limits: Limits,
+    /// Upstreams by name; routes hold clones of the same `Arc`s.
+    pub upstreams: BTreeMap<String, Arc<Upstream>>,
+    /// Routes in file order; the first match wins.
+    pub routes: Vec<Route>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Listener {
+    /// Label for logs and metrics; defaults to the bind address.
+    pub name: String,
+    pub bind: SocketAddr,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Admin {
+    pub bind: SocketAddr,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Log {
+    /// Where access-log JSON lines go.
+    pub access: AccessTarget,
+    /// Format of operational (tracing) logs on stderr.
+    pub format: LogFormat,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum AccessTarget {
+    Stdout,
+    Stderr,
+    /// Appended to; reopened on SIGUSR1.
+    File(PathBuf),
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum LogFormat {
+    Text,
+    Json,
+}
+
+/// Resource limits, resolved (defaults and overrides applied, ranges checked).
+#[derive(Clone, Debug, PartialEq)]
+pub struct Limits {
+    /// Process-wide connection cap (only settable at top level); beyond → 503.
+    pub max_connections: u64,
+    /// Full request head must arrive within this; > 0.
+    pub handshake_timeout: Duration,
+    /// Bytes per frame, either direction; ≥ 125.
+    pub max_frame_size: u64,
+    /// Bytes per message summed over fragments; ≥ `max_frame_size`.
+    pub max_message_size: u64,
+    /// A write stalled this long closes the connection; > 0.
+    pub send_timeout: Duration,
+    /// Relay buffer bytes per direction per connection; 1 KiB..=1 MiB.
+    pub buffer_size: usize,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Upstream {
+    pub name: String,
+    pub kind: UpstreamKind,
+    /// Budget for TCP connect plus the upstream WebSocket handshake; > 0.
+    pub connect_timeout: Duration,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum UpstreamKind {
+    /// Exactly one backend for now (pools arrive later).
+    Backends(Vec<Backend>),
+    /// wsgate's in-process echo server (`builtin: echo`), for demos and tests.
+    BuiltinEcho,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Backend {
+    /// `host:port`: a non-empty host (IPv6 in brackets) and a port 1..=65535. Names are
+    /// resolved at connect time, not here.
+    pub addr: String,
+    /// ≥ 1.
+    pub weight: u32,
+}
+
+#[derive(Debug, Clone)]
+pub struct Route {
+    pub name: String,
+    /// Lower-cased, without port; `None` matches any host.
+    pub host: Option<String>,
+    /// Starts with `/`.
+    pub path_prefix: String,
+    pub upstream: Arc<Upstream>,
+    /// Path sent upstream instead of the client's; starts with `/`.
+    pub upstream_path: Option<String>,
+    /// Allowlist of offered subprotocols, each an RFC 7230 token; `None` allows any.
+    pub subprotocols: Option<Vec<String>>,
+    /// Top-level limits with this route's overrides applied.
+    pub limits: Limits,
+}
+
+// === errors ===
+
+/// One config problem. `line`/`column` are 1-based; 0 only when the position is unknown
+/// (e.g. the file could not be read).
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("{file}:{line}:{column}: {path}: {message}")]
+pub struct ConfigError {
+    pub file: String,
+    pub line: usize,
+    pub column: usize,
+    /// Key path such as `routes[1].match.path_prefix`; `(root)` for the whole document.
+    pub path: String,
+    /// The rule broken and how to fix it; never contains env-substituted text.
+    pub message: String,
+}
+
+/// All problems found; displayed one per line.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ConfigErrors(pub Vec<ConfigError>);
+
+impl fmt::Display for ConfigErrors {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        for (i, err) in self.0.iter().enumerate() {
+            if i > 0 {
+                f.write_str("\n")?;
+            }
+            write!(f, "{err}")?;
+        }
+        Ok(())
+    }
+}
+
+impl std::error::Error for ConfigErrors {}
+
+/// Path shown for problems with the document as a whole.
+const ROOT_PATH: &str = "(root)";
+
+/// A YAML key path built by validation, located in the text afterwards.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct KeyPath(pub Vec<Segment>);
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Segment {
+    Key(String),
+    Index(usize),
+}
+
+impl KeyPath {
+    pub fn root() -> KeyPath {
+        KeyPath(Vec::new())
+    }
+
+    pub fn key(&self, key: &str) -> KeyPath {
+        let mut segments = self.0.clone();
+        segments.push(Segment::Key(key.to_string()));
+        KeyPath(segments)
+    }
+
+    pub fn index(&self, index: usize) -> KeyPath {
+        let mut segments = self.0.clone();
+        segments.push(Segment::Index(index));
+        KeyPath(segments)
+    }
+}
+
+impl fmt::Display for KeyPath {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        if self.0.is_empty() {
+            return f.write_str(ROOT_PATH);
+        }
+        for (i, segment) in self.0.iter().enumerate() {
+            match segment {
+                Segment::Key(key) if i == 0 => write!(f, "{key}")?,
+                Segment::Key(key) => write!(f, ".{key}")?,
+                Segment::Index(index) => write!(f, "[{index}]")?,
+            }
+        }
+        Ok(())
+    }
+}
+
+// === loading ===
+
+impl Config {
+    /// Reads and validates the file at `path`; `${NAME}` comes from the process environment.
+    pub fn load(path: &Path) -> Result<Config, ConfigErrors> {
+        let file = path.display().to_string();
+        match std::fs::read_to_string(path) {
+            Ok(text) => Config::from_yaml_str(&text, &file),
+            Err(err) => Err(ConfigErrors(vec![ConfigError {
+                file,
+                line: 0,
+                column: 0,
+                path: ROOT_PATH.to_string(),
+                message: format!(
+                    "cannot read the config file: {err}; check the path given to --config"
+                ),
+            }])),
+        }
+    }
+
+    /// Validates YAML `text`; `file` is only used in error messages.
+    pub fn from_yaml_str(text: &str, file: &str) -> Result<Config, ConfigErrors> {
+        Config::from_yaml_str_with_env(text, file, &|name| std::env::var(name).ok())
+    }
+
+    /// Like [`Config::from_yaml_str`] with `${NAME}` looked up in `env` (for tests).
+    pub fn from_yaml_str_with_env(
+        text: &str,
+        file: &str,
+        env: &dyn Fn(&str) -> Option<String>,
+    ) -> Result<Config, ConfigErrors> {
+        let parsed = file::parse(text, env).map_err(|err| {
+            let (line, column) = err.location.unwrap_or((0, 0));
+            ConfigErrors(vec![ConfigError {
+                file: file.to_string(),
+                line,
+                column,
+                path: if err.path.is_empty() {
+                    ROOT_PATH.to_string()
+                } else {
+                    err.path
+                },
+                message: err.message,
+            }])
+        })?;
+        validate::validate(parsed).map_err(|issues| {
+            let mut errors: Vec<ConfigError> = issues
+                .into_iter()
+                .map(|issue| {
+                    let (line, column) = file::locate(text, &issue.path).unwrap_or((0, 0));
+                    ConfigError {
+                        file: file.to_string(),
+                        line,
+                        column,
+                        path: issue.path.to_string(),
+                        message: issue.message,
+                    }
+                })
+                .collect();
+            // Report in file order, as a reader goes through the file.
+            errors.sort_by_key(|e| (e.line == 0, e.line, e.column));
+            ConfigErrors(errors)
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn key_paths_display_like_the_yaml() {
+        let path = KeyPath::root()
+            .key("routes")
+            .index(1)
+            .key("match")
+            .key("path_prefix");
+        assert_eq!(path.to_string(), "routes[1].match.path_prefix");
+        assert_eq!(KeyPath::root().to_string(), "(root)");
+    }
+
+    #[test]
+    fn errors_display_one_per_line_with_position_and_path() {
+        let err = |line| ConfigError {
+            file: "f.yaml".into(),
+            line,
+            column: 3,
+            path: "limits.buffer_size".into(),
+            message: "too small".into(),
+        };
+        let errors = ConfigErrors(vec![err(1), err(2)]);
+        assert_eq!(
+            errors.to_string(),
+            "f.yaml:1:3: limits.buffer_size: too small\nf.yaml:2:3: limits.buffer_size: too small"
+        );
+    }
+
+    #[test]
+    fn unreadable_file_is_an_error_with_unknown_position() {
+        let errors = Config::load(Path::new("/nonexistent/wsgate.yaml")).unwrap_err();
+        assert_eq!(errors.0.len(), 1);
+        assert_eq!((errors.0[0].line, errors.0[0].column), (0, 0));
+        assert!(errors.0[0].message.contains("cannot read"));
+    }
+}

@@ -1,0 +1,1435 @@
+//! Turns the file form into the typed [`Config`]: applies defaults, checks ranges, names
+//! and cross references, and refuses keys of features not built yet. Collects every
+//! problem (not just the first) as an [`Issue`] with a key path; positions are added by
+//! the caller. Never sees YAML text.
+
+use std::collections::{BTreeMap, HashMap};
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
+
+use super::file::{
+    DEFAULT_BUFFER_SIZE, DEFAULT_CONNECT_TIMEOUT, DEFAULT_HANDSHAKE_TIMEOUT, DEFAULT_LOG_ACCESS,
+    DEFAULT_LOG_FORMAT, DEFAULT_MAX_CONNECTIONS, DEFAULT_MAX_FRAME_SIZE, DEFAULT_MAX_MESSAGE_SIZE,
+    DEFAULT_SEND_TIMEOUT, DEFAULT_WEIGHT, FileBackend, FileConfig, FileLimits, FileListener,
+    FileRoute, FileUpstream,
+};
+use super::units::{DurationValue, Text, fmt_duration, fmt_size};
+use super::{
+    AccessTarget, Admin, Backend, Config, KeyPath, Limits, Listener, Log, LogFormat, Route,
+    Upstream, UpstreamKind,
+};
+
+/// Smallest relay buffer: below this a relay spends its time in syscalls.
+pub const MIN_BUFFER_SIZE: u64 = 1 << 10;
+/// Largest relay buffer: `buffer_size` is paid twice per connection, so it bounds memory.
+pub const MAX_BUFFER_SIZE: u64 = 1 << 20;
+/// Smallest frame limit: control frames may carry 125 bytes (RFC 6455 §5.5).
+pub const MIN_FRAME_SIZE: u64 = 125;
+
+/// One problem, at a key path of the file.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Issue {
+    pub path: KeyPath,
+    pub message: String,
+}
+
+/// Validates `file`, returning the typed config or every problem found.
+pub fn validate(file: FileConfig) -> Result<Config, Vec<Issue>> {
+    let mut v = Validator::default();
+    let root = KeyPath::root();
+
+    let listeners = v.listeners(file.listeners.unwrap_or_default(), &root.key("listeners"));
+    let admin = file.admin.and_then(|admin| {
+        let path = root.key("admin").key("bind");
+        let bind = v.socket_addr(&admin.bind, &path)?;
+        if let Some(i) = listeners.iter().position(|l| l.bind == bind) {
+            v.issue(
+                &path,
+                format!(
+                    "admin bind {bind} is also used by listeners[{i}]; give admin its own port"
+                ),
+            );
+        }
+        Some(Admin { bind })
+    });
+    let log = v.log(file.log, &root.key("log"));
+
+    if file.drain.is_some() {
+        v.unsupported(
+            &root.key("drain"),
+            "`drain` is not supported yet; remove the block",
+        );
+    }
+    if file.trusted_proxies.is_some_and(|list| !list.is_empty()) {
+        v.unsupported(
+            &root.key("trusted_proxies"),
+            "`trusted_proxies` is not supported yet; remove it or set it to []",
+        );
+    }
+    if let Some(keepalive) = file.keepalive {
+        let path = root.key("keepalive");
+        v.zero_only(keepalive.ping_interval, &path.key("ping_interval"));
+        v.zero_only(
+            keepalive.upstream_ping_interval,
+            &path.key("upstream_ping_interval"),
+        );
+        // pong_timeout is accepted: it only matters once pings exist.
+    }
+
+    let defaults = Limits {
+        max_connections: DEFAULT_MAX_CONNECTIONS,
+        handshake_timeout: DEFAULT_HANDSHAKE_TIMEOUT,
+        max_frame_size: DEFAULT_MAX_FRAME_SIZE,
+        max_message_size: DEFAULT_MAX_MESSAGE_SIZE,
+        send_timeout: DEFAULT_SEND_TIMEOUT,
+        buffer_size: DEFAULT_BUFFER_SIZE,
+    };
+    let limits = v.limits(&defaults, file.limits.as_ref(), &root.key("limits"), true);
+
+    let upstream_entries = file.upstreams.map(|m| m.0).unwrap_or_default();
+    let defined: Vec<String> = upstream_entries.iter().map(|(n, _)| n.clone()).collect();
+    let mut upstreams = BTreeMap::new();
+    for (name, upstream) in upstream_entries {
+        let path = root.key("upstreams").key(&name);
+        if let Some(upstream) = v.upstream(&name, upstream, &path) {
+            upstreams.insert(name, Arc::new(upstream));
+        }
+    }
+
+    let routes = v.routes(
+        file.routes.unwrap_or_default(),
+        &root.key("routes"),
+        &limits,
+        &upstreams,
+        &defined,
+    );
+
+    if v.issues.is_empty() {
+        Ok(Config {
+            listeners,
+            admin,
+            log,
+            limits,
+            upstreams,
+            routes,
+        })
+    } else {
+        Err(v.issues)
+    }
+}
+
+#[derive(Default)]
+struct Validator {
+    issues: Vec<Issue>,
+}
+
+impl Validator {
+    fn issue(&mut self, path: &KeyPath, message: String) {
+        self.issues.push(Issue {
+            path: path.clone(),
+            message,
+        });
+    }
+
+    fn unsupported(&mut self, path: &KeyPath, message: &str) {
+        self.issue(path, message.to_string());
+    }
+
+    /// A key whose only accepted value for now is `0s` (off).
+    fn zero_only(&mut self, value: Option<DurationValue>, path: &KeyPath) {
+        if value.is_some_and(|d| !d.0.is_zero()) {
+            self.issue(
+                path,
+                format!(
+                    "`{}` other than 0s is not supported yet; set it to 0s or remove it",
+                    last_key(path)
+                ),
+            );
+        }
+    }
+
+    fn socket_addr(&mut self, text: &Text, path: &KeyPath) -> Option<SocketAddr> {
+        match text.value.trim().parse::<SocketAddr>() {
+            Ok(addr) => Some(addr),
+            Err(_) => {
+                self.issue(
+                    path,
+                    format!(
+                        "{} is not an IP:port address; write e.g. `0.0.0.0:8080` or `[::1]:9090` (host names are not resolved here)",
+                        text.shown()
+                    ),
+                );
+                None
+            }
+        }
+    }
+
+    fn non_empty(&mut self, text: &Text, path: &KeyPath, what: &str) -> Option<String> {
+        let value = text.value.trim();
+        if value.is_empty() {
+            self.issue(path, format!("{what} must not be empty"));
+            return None;
+        }
+        Some(value.to_string())
+    }
+
+    // === listeners, admin, log ===
+
+    fn listeners(&mut self, file: Vec<FileListener>, path: &KeyPath) -> Vec<Listener> {
+        if file.is_empty() {
+            self.issue(
+                path,
+                "at least one listener is required, e.g. `listeners: [{ bind: \"0.0.0.0:8080\" }]`"
+                    .into(),
+            );
+        }
+        let mut listeners: Vec<Listener> = Vec::new();
+        let mut names: HashMap<String, usize> = HashMap::new();
+        let mut binds: HashMap<SocketAddr, usize> = HashMap::new();
+        for (i, listener) in file.into_iter().enumerate() {
+            let path = path.index(i);
+            if listener.tls.is_some() {
+                self.unsupported(
+                    &path.key("tls"),
+                    "`tls` is not supported yet (plain ws:// only); remove it and terminate TLS in front of wsgate",
+                );
+            }
+            if listener.proxy_protocol == Some(true) {
+                self.unsupported(
+                    &path.key("proxy_protocol"),
+                    "`proxy_protocol: true` is not supported yet; set it to false or remove it",
+                );
+            }
+            let Some(bind) = self.socket_addr(&listener.bind, &path.key("bind")) else {
+                continue;
+            };
+            let (name, name_path) = match &listener.name {
+                Some(name) => match self.non_empty(name, &path.key("name"), "listener name") {
+                    Some(name) => (name, path.key("name")),
+                    None => continue,
+                },
+                None => (bind.to_string(), path.key("bind")),
+            };
+            if let Some(first) = binds.get(&bind) {
+                self.issue(
+                    &path.key("bind"),
+                    format!("bind address {bind} is already used by listeners[{first}]; each listener needs its own address"),
+                );
+            } else {
+                binds.insert(bind, i);
+            }
+            if let Some(first) = names.get(&name) {
+                self.issue(
+                    &name_path,
+                    format!("listener name `{name}` is already used by listeners[{first}]; names must be unique"),
+                );
+            } else {
+                names.insert(name.clone(), i);
+            }
+            listeners.push(Listener { name, bind });
+        }
+        listeners
+    }
+
+    fn log(&mut self, file: Option<super::file::FileLog>, path: &KeyPath) -> Log {
+        let (access, format) = file.map(|l| (l.access, l.format)).unwrap_or_default();
+        let access_text = access.unwrap_or_else(|| Text::literal(DEFAULT_LOG_ACCESS));
+        let access = match access_text.value.trim() {
+            "stdout" => AccessTarget::Stdout,
+            "stderr" => AccessTarget::Stderr,
+            "" => {
+                self.issue(
+                    &path.key("access"),
+                    "log.access must not be empty; use stdout, stderr or a file path".into(),
+                );
+                AccessTarget::Stdout
+            }
+            file => AccessTarget::File(PathBuf::from(file)),
+        };
+        let format_text = format.unwrap_or_else(|| Text::literal(DEFAULT_LOG_FORMAT));
+        let format = match format_text.value.trim() {
+            "text" => LogFormat::Text,
+            "json" => LogFormat::Json,
+            _ => {
+                self.issue(
+                    &path.key("format"),
+                    format!(
+                        "unknown log format {}; use text or json",
+                        format_text.shown()
+                    ),
+                );
+                LogFormat::Text
+            }
+        };
+        Log { access, format }
+    }
+
+    // === limits ===
+
+    /// Applies `file` over `base`. At top level (`top`) `max_connections` may be set;
+    /// in a route it may not. Only keys set at this level are range-checked: inherited
+    /// values were checked where they were set.
+    fn limits(
+        &mut self,
+        base: &Limits,
+        file: Option<&FileLimits>,
+        path: &KeyPath,
+        top: bool,
+    ) -> Limits {
+        let mut limits = base.clone();
+        let Some(file) = file else {
+            return limits;
+        };
+        if let Some(n) = file.max_connections {
+            if !top {
+                self.issue(
+                    &path.key("max_connections"),
+                    "max_connections is process-wide; set it in the top-level `limits`, not in a route".into(),
+                );
+            } else if n == 0 {
+                self.issue(
+                    &path.key("max_connections"),
+                    "max_connections must be at least 1".into(),
+                );
+            } else {
+                limits.max_connections = n;
+            }
+        }
+        for (set, key) in [
+            (
+                file.max_connections_per_ip.is_some(),
+                "max_connections_per_ip",
+            ),
+            (file.handshakes_per_ip.is_some(), "handshakes_per_ip"),
+            (file.messages.is_some(), "messages"),
+            (file.fragment_timeout.is_some(), "fragment_timeout"),
+        ] {
+            if set {
+                self.issue(
+                    &path.key(key),
+                    format!("`{key}` is not supported yet; remove it"),
+                );
+            }
+        }
+        self.zero_only(file.idle_timeout, &path.key("idle_timeout"));
+
+        if let Some(d) = file.handshake_timeout {
+            limits.handshake_timeout = self.positive(d, &path.key("handshake_timeout"));
+        }
+        if let Some(d) = file.send_timeout {
+            limits.send_timeout = self.positive(d, &path.key("send_timeout"));
+        }
+        if let Some(size) = file.buffer_size {
+            let size = size.0;
+            if (MIN_BUFFER_SIZE..=MAX_BUFFER_SIZE).contains(&size) {
+                limits.buffer_size = usize::try_from(size).unwrap_or(DEFAULT_BUFFER_SIZE);
+            } else {
+                self.issue(
+                    &path.key("buffer_size"),
+                    format!(
+                        "buffer_size {} is out of range; use {}..={}",
+                        fmt_size(size),
+                        fmt_size(MIN_BUFFER_SIZE),
+                        fmt_size(MAX_BUFFER_SIZE)
+                    ),
+                );
+            }
+        }
+        let mut frame_ok = true;
+        if let Some(size) = file.max_frame_size {
+            if size.0 < MIN_FRAME_SIZE {
+                frame_ok = false;
+                self.issue(
+                    &path.key("max_frame_size"),
+                    format!(
+                        "max_frame_size {} is below {MIN_FRAME_SIZE}B, the size of a control frame (RFC 6455 §5.5); raise it",
+                        fmt_size(size.0)
+                    ),
+                );
+            } else {
+                limits.max_frame_size = size.0;
+            }
+        }
+        if let Some(size) = file.max_message_size {
+            limits.max_message_size = size.0;
+        }
+        let touched = file.max_frame_size.is_some() || file.max_message_size.is_some();
+        if frame_ok && touched && limits.max_message_size < limits.max_frame_size {
+            let key = if file.max_message_size.is_some() {
+                "max_message_size"
+            } else {
+                "max_frame_size"
+            };
+            self.issue(
+                &path.key(key),
+                format!(
+                    "max_message_size ({}) must be at least max_frame_size ({}); raise max_message_size or lower max_frame_size",
+                    fmt_size(limits.max_message_size),
+                    fmt_size(limits.max_frame_size)
+                ),
+            );
+        }
+        limits
+    }
+
+    fn positive(&mut self, d: DurationValue, path: &KeyPath) -> Duration {
+        if d.0.is_zero() {
+            self.issue(
+                path,
+                format!(
+                    "`{}` must be greater than 0s; e.g. `{}`",
+                    last_key(path),
+                    fmt_duration(Duration::from_secs(10))
+                ),
+            );
+        }
+        d.0
+    }
+
+    // === upstreams ===
+
+    fn upstream(&mut self, name: &str, file: FileUpstream, path: &KeyPath) -> Option<Upstream> {
+        let before = self.issues.len();
+        if name.trim().is_empty() {
+            self.issue(path, "upstream name must not be empty".into());
+        }
+        for (set, key, what) in [
+            (file.tls.is_some(), "tls", "TLS to upstreams"),
+            (file.sticky.is_some(), "sticky", "sticky selection"),
+            (file.balance.is_some(), "balance", "bounded-load balancing"),
+            (file.health_check.is_some(), "health_check", "health checks"),
+        ] {
+            if set {
+                self.issue(
+                    &path.key(key),
+                    format!("`{key}` ({what}) is not supported yet; remove it"),
+                );
+            }
+        }
+        let connect_timeout = match file.connect_timeout {
+            Some(d) => self.positive(d, &path.key("connect_timeout")),
+            None => DEFAULT_CONNECT_TIMEOUT,
+        };
+        let kind = match (file.backends, file.builtin) {
+            (Some(_), Some(_)) => {
+                self.issue(path, "set either `backends` or `builtin`, not both".into());
+                None
+            }
+            (None, None) => {
+                self.issue(
+                    path,
+                    "an upstream needs `backends: [{ addr: \"host:port\" }]` or `builtin: echo`"
+                        .into(),
+                );
+                None
+            }
+            (Some(backends), None) => self.backends(backends, &path.key("backends")),
+            (None, Some(builtin)) => match builtin.value.trim() {
+                "echo" => Some(UpstreamKind::BuiltinEcho),
+                _ => {
+                    self.issue(
+                        &path.key("builtin"),
+                        format!(
+                            "unknown builtin {}; the only builtin is `echo`",
+                            builtin.shown()
+                        ),
+                    );
+                    None
+                }
+            },
+        };
+        let kind = kind?;
+        (self.issues.len() == before).then(|| Upstream {
+            name: name.to_string(),
+            kind,
+            connect_timeout,
+        })
+    }
+
+    fn backends(&mut self, file: Vec<FileBackend>, path: &KeyPath) -> Option<UpstreamKind> {
+        if file.is_empty() {
+            self.issue(
+                path,
+                "backends must not be empty; add `- { addr: \"host:port\" }` or use `builtin: echo`"
+                    .into(),
+            );
+            return None;
+        }
+        if file.len() > 1 {
+            self.issue(
+                &path.index(1),
+                "more than one backend is not supported yet (pools arrive later); configure one backend".into(),
+            );
+        }
+        let mut backends = Vec::new();
+        for (i, backend) in file.into_iter().enumerate() {
+            let path = path.index(i);
+            let addr = self.backend_addr(&backend.addr, &path.key("addr"));
+            let weight = backend.weight.unwrap_or(DEFAULT_WEIGHT);
+            if weight == 0 {
+                self.issue(&path.key("weight"), "weight must be at least 1".into());
+            }
+            if let Some(addr) = addr {
+                backends.push(Backend { addr, weight });
+            }
+        }
+        Some(UpstreamKind::Backends(backends))
+    }
+
+    fn backend_addr(&mut self, text: &Text, path: &KeyPath) -> Option<String> {
+        let addr = text.value.trim();
+        match check_host_port(addr) {
+            Ok(()) => Some(addr.to_string()),
+            Err(rule) => {
+                self.issue(
+                    path,
+                    format!(
+                        "{} is not a backend address: {rule}; write `host:port`, e.g. `127.0.0.1:9001` or `[::1]:9001`",
+                        text.shown()
+                    ),
+                );
+                None
+            }
+        }
+    }
+
+    // === routes ===
+
+    fn routes(
+        &mut self,
+        file: Vec<FileRoute>,
+        path: &KeyPath,
+        limits: &Limits,
+        upstreams: &BTreeMap<String, Arc<Upstream>>,
+        defined: &[String],
+    ) -> Vec<Route> {
+        if file.is_empty() {
+            self.issue(
+                path,
+                "at least one route is required, e.g. `routes: [{ name: echo, match: { path_prefix: /echo }, upstream: echo }]`".into(),
+            );
+        }
+        let mut routes = Vec::new();
+        let mut names: HashMap<String, usize> = HashMap::new();
+        let mut matches: HashMap<(Option<String>, String), usize> = HashMap::new();
+        for (i, route) in file.into_iter().enumerate() {
+            let path = path.index(i);
+            let before = self.issues.len();
+            let name = self.non_empty(&route.name, &path.key("name"), "route name");
+            if let Some(name) = &name {
+                if let Some(first) = names.get(name) {
+                    self.issue(
+                        &path.key("name"),
+                        format!("route name `{name}` is already used by routes[{first}]; names must be unique"),
+                    );
+                } else {
+                    names.insert(name.clone(), i);
+                }
+            }
+            let match_path = path.key("match");
+            let host = route
+                .matcher
+                .host
+                .as_ref()
+                .and_then(|host| self.host(host, &match_path.key("host")));
+            let path_prefix =
+                self.starts_with_slash(&route.matcher.path_prefix, &match_path.key("path_prefix"));
+            if let Some(prefix) = &path_prefix {
+                let key = (host.clone(), prefix.clone());
+                if let Some(first) = matches.get(&key) {
+                    self.issue(
+                        &match_path,
+                        format!("routes[{first}] has the same match, so this route can never be chosen; change host or path_prefix"),
+                    );
+                } else {
+                    matches.insert(key, i);
+                }
+            }
+            let upstream =
+                self.route_upstream(&route.upstream, &path.key("upstream"), upstreams, defined);
+            let upstream_path = route
+                .upstream_path
+                .as_ref()
+                .and_then(|p| self.starts_with_slash(p, &path.key("upstream_path")));
+            if route.origins.is_some() {
+                self.unsupported(
+                    &path.key("origins"),
+                    "`origins` is not supported yet (any Origin is admitted); remove it",
+                );
+            }
+            if route.allow_missing_origin == Some(true) {
+                self.unsupported(
+                    &path.key("allow_missing_origin"),
+                    "`allow_missing_origin: true` is not supported yet; set it to false or remove it",
+                );
+            }
+            if route.auth.is_some() {
+                self.unsupported(
+                    &path.key("auth"),
+                    "`auth` is not supported yet (no token checks); remove the block",
+                );
+            }
+            let subprotocols = route.subprotocols.map(|list| {
+                let list_path = path.key("subprotocols");
+                list.iter()
+                    .enumerate()
+                    .filter_map(|(j, p)| {
+                        let value = p.value.trim();
+                        if is_token(value) {
+                            Some(value.to_string())
+                        } else {
+                            self.issue(
+                                &list_path.index(j),
+                                format!("subprotocol {} is not an RFC 7230 token (letters, digits and !#$%&'*+-.^_`|~, no spaces or separators)", p.shown()),
+                            );
+                            None
+                        }
+                    })
+                    .collect()
+            });
+            let route_limits =
+                self.limits(limits, route.limits.as_ref(), &path.key("limits"), false);
+            if self.issues.len() != before {
+                continue;
+            }
+            if let (Some(name), Some(path_prefix), Some(upstream)) = (name, path_prefix, upstream) {
+                routes.push(Route {
+                    name,
+                    host,
+                    path_prefix,
+                    upstream,
+                    upstream_path,
+                    subprotocols,
+                    limits: route_limits,
+                });
+            }
+        }
+        routes
+    }
+
+    fn route_upstream(
+        &mut self,
+        text: &Text,
+        path: &KeyPath,
+        upstreams: &BTreeMap<String, Arc<Upstream>>,
+        defined: &[String],
+    ) -> Option<Arc<Upstream>> {
+        let name = text.value.trim();
+        if let Some(upstream) = upstreams.get(name) {
+            return Some(upstream.clone());
+        }
+        if defined.iter().any(|d| d == name) {
+            // Defined but invalid: its own errors are already reported.
+            return None;
+        }
+        let known = if defined.is_empty() {
+            "no upstreams are defined; add one under `upstreams:`".to_string()
+        } else {
+            let mut sorted = defined.to_vec();
+            sorted.sort();
+            format!("defined upstreams: {}", sorted.join(", "))
+        };
+        self.issue(path, format!("unknown upstream {}; {known}", text.shown()));
+        None
+    }
+
+    fn host(&mut self, text: &Text, path: &KeyPath) -> Option<String> {
+        let host = text.value.trim().to_ascii_lowercase();
+        let rule = if host.is_empty() {
+            Some("must not be empty; remove `host` to match any host")
+        } else if host.starts_with('[') {
+            (!host.ends_with(']') || host.len() < 3)
+                .then_some("an IPv6 host must be written `[addr]` without a port")
+        } else if host.contains(':') {
+            Some("must not contain a port; the port is the listener's")
+        } else if host
+            .chars()
+            .any(|c| c.is_whitespace() || matches!(c, '/' | '?' | '#' | '@'))
+        {
+            Some("must be a bare host name, without scheme, path or spaces")
+        } else {
+            None
+        };
+        match rule {
+            Some(rule) => {
+                self.issue(path, format!("host {} {rule}", text.shown()));
+                None
+            }
+            None => Some(host),
+        }
+    }
+
+    fn starts_with_slash(&mut self, text: &Text, path: &KeyPath) -> Option<String> {
+        let value = text.value.trim();
+        if value.starts_with('/') {
+            Some(value.to_string())
+        } else {
+            self.issue(
+                path,
+                format!(
+                    "{} must start with `/`, e.g. `/{}`",
+                    text.shown(),
+                    if text.template.is_some() { "ws" } else { value }
+                ),
+            );
+            None
+        }
+    }
+}
+
+fn last_key(path: &KeyPath) -> String {
+    match path.0.last() {
+        Some(super::Segment::Key(key)) => key.clone(),
+        _ => path.to_string(),
+    }
+}
+
+/// `host:port` with a non-empty host (IPv6 in brackets) and a port in 1..=65535.
+fn check_host_port(addr: &str) -> Result<(), &'static str> {
+    let Some((host, port)) = addr.rsplit_once(':') else {
+        return Err("missing `:port`");
+    };
+    if host.is_empty() {
+        return Err("missing host");
+    }
+    if let Some(inner) = host.strip_prefix('[') {
+        if !inner.ends_with(']') || inner.len() < 2 {
+            return Err("unbalanced `[` in the host");
+        }
+    } else if host.contains(':') {
+        return Err("an IPv6 host must be in brackets");
+    }
+    if host.chars().any(|c| c.is_whitespace() || c == '/') {
+        return Err("the host must not contain spaces or `/` (no scheme or path)");
+    }
+    match port.parse::<u16>() {
+        Ok(0) | Err(_) => Err("the port must be a number in 1..=65535"),
+        Ok(_) => Ok(()),
+    }
+}
+
+/// RFC 7230 §3.2.6 `token`: one or more tchar.
+fn is_token(s: &str) -> bool {
+    !s.is_empty()
+        && s.bytes().all(|b| {
+            b.is_ascii_alphanumeric()
+                || matches!(
+                    b,
+                    b'!' | b'#'
+                        | b'$'
+                        | b'%'
+                        | b'&'
+                        | b'\''
+                        | b'*'
+                        | b'+'
+                        | b'-'
+                        | b'.'
+                        | b'^'
+                        | b'_'
+                        | b'`'
+                        | b'|'
+                        | b'~'
+                )
+        })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::super::{ConfigError, ConfigErrors};
+    use super::*;
+    use proptest::prelude::*;
+
+    const MINIMAL: &str = "\
+listeners:
+  - bind: 127.0.0.1:8080
+upstreams:
+  echo: { builtin: echo }
+routes:
+  - name: echo
+    match: { path_prefix: /echo }
+    upstream: echo
+";
+
+    fn env(name: &str) -> Option<String> {
+        match name {
+            "PORT" => Some("8443".into()),
+            "SECRET" => Some("hunter2".into()),
+            "BACKEND" => Some("10.0.0.7:9001".into()),
+            "TIMEOUT" => Some("7s".into()),
+            _ => None,
+        }
+    }
+
+    fn load(text: &str) -> Result<Config, ConfigErrors> {
+        Config::from_yaml_str_with_env(text, "test.yaml", &env)
+    }
+
+    fn errors_of(text: &str) -> Vec<ConfigError> {
+        match load(text) {
+            Ok(_) => panic!("expected errors for:\n{text}"),
+            Err(errors) => errors.0,
+        }
+    }
+
+    /// The single error, which must be at `path`, `line`:`column` and mention `words`.
+    #[track_caller]
+    fn assert_one_error(text: &str, path: &str, line: usize, column: usize, words: &str) {
+        let errors = errors_of(text);
+        assert_eq!(errors.len(), 1, "{errors:#?}");
+        let e = &errors[0];
+        assert_eq!(
+            (e.path.as_str(), e.line, e.column),
+            (path, line, column),
+            "{e}"
+        );
+        assert!(e.message.contains(words), "{e}");
+        assert_eq!(e.file, "test.yaml");
+    }
+
+    /// MINIMAL with `extra` appended.
+    fn with(extra: &str) -> String {
+        format!("{MINIMAL}{extra}")
+    }
+
+    // --- happy paths ---
+
+    #[test]
+    fn minimal_config_gets_every_default() {
+        let config = load(MINIMAL).unwrap();
+        assert_eq!(config.listeners[0].name, "127.0.0.1:8080");
+        assert!(config.admin.is_none());
+        assert_eq!(config.log.access, AccessTarget::Stdout);
+        assert_eq!(config.log.format, LogFormat::Text);
+        let want = Limits {
+            max_connections: 50_000,
+            handshake_timeout: Duration::from_secs(10),
+            max_frame_size: 1 << 20,
+            max_message_size: 4 << 20,
+            send_timeout: Duration::from_secs(30),
+            buffer_size: 16 << 10,
+        };
+        assert_eq!(config.limits, want);
+        assert_eq!(config.routes[0].limits, want);
+        let upstream = &config.upstreams["echo"];
+        assert_eq!(upstream.kind, UpstreamKind::BuiltinEcho);
+        assert_eq!(upstream.connect_timeout, Duration::from_secs(3));
+        assert!(Arc::ptr_eq(upstream, &config.routes[0].upstream));
+    }
+
+    #[test]
+    fn default_config_file_loads() {
+        let config = load(include_str!("../../conf/wsgate.yaml")).unwrap();
+        assert_eq!(config.listeners[0].name, "public");
+        assert_eq!(
+            config.admin.unwrap().bind,
+            "127.0.0.1:9090".parse().unwrap()
+        );
+        assert_eq!(config.routes[0].path_prefix, "/echo");
+        assert_eq!(config.routes[0].upstream.kind, UpstreamKind::BuiltinEcho);
+    }
+
+    #[test]
+    fn full_example_file_loads() {
+        let config = Config::from_yaml_str_with_env(
+            include_str!("../../conf/example-full.yaml"),
+            "example-full.yaml",
+            &|_| None,
+        )
+        .unwrap();
+        assert!(config.routes.len() >= 2);
+        assert!(config.upstreams.len() >= 2);
+    }
+
+    /// The SPEC §2 example uses every key. Every key must be recognised (no unknown-field
+    /// error), and the only complaints must be about features not built yet.
+    #[test]
+    fn spec_example_fails_only_on_not_yet_supported_features() {
+        let errors = Config::from_yaml_str_with_env(
+            include_str!("testdata/spec-section-2.yaml"),
+            "spec.yaml",
+            &|name| (name == "JWT_SECRET").then(|| "s3cret".to_string()),
+        )
+        .unwrap_err()
+        .0;
+        for e in &errors {
+            assert!(e.message.contains("not supported yet"), "{e}");
+            assert!(e.line > 0 && !e.to_string().contains("s3cret"), "{e}");
+        }
+        let paths: Vec<&str> = errors.iter().map(|e| e.path.as_str()).collect();
+        assert_eq!(
+            paths,
+            [
+                "listeners[0].tls",
+                "drain",
+                "limits.max_connections_per_ip",
+                "limits.handshakes_per_ip",
+                "limits.messages",
+                "limits.fragment_timeout",
+                "keepalive.ping_interval",
+                "upstreams.chat.backends[1]",
+                "upstreams.chat.sticky",
+                "upstreams.chat.balance",
+                "upstreams.chat.health_check",
+                "routes[0].origins",
+                "routes[0].auth",
+                "routes[0].limits.max_connections_per_ip",
+            ]
+        );
+    }
+
+    #[test]
+    fn route_overrides_apply_on_top_of_top_level_limits() {
+        let text = MINIMAL.replace(
+            "    upstream: echo\n",
+            "    upstream: echo\n    limits: { max_frame_size: 64KiB, send_timeout: 5s }\n",
+        ) + "limits: { buffer_size: 32KiB, max_connections: 10 }\n";
+        let config = load(&text).unwrap();
+        assert_eq!(config.limits.buffer_size, 32 << 10);
+        let route = &config.routes[0].limits;
+        assert_eq!(
+            (
+                route.buffer_size,
+                route.max_connections,
+                route.max_frame_size
+            ),
+            (32 << 10, 10, 64 << 10)
+        );
+        assert_eq!(route.send_timeout, Duration::from_secs(5));
+        assert_eq!(route.max_message_size, 4 << 20);
+    }
+
+    #[test]
+    fn env_variables_fill_any_string_value() {
+        let text = "\
+listeners:
+  - bind: \"0.0.0.0:${PORT}\"
+limits: { send_timeout: \"${TIMEOUT}\" }
+upstreams:
+  chat: { backends: [{ addr: \"${BACKEND}\" }] }
+routes:
+  - { name: chat, match: { path_prefix: /chat, host: Chat.Example.COM }, upstream: chat }
+";
+        let config = load(text).unwrap();
+        assert_eq!(config.listeners[0].bind, "0.0.0.0:8443".parse().unwrap());
+        assert_eq!(config.limits.send_timeout, Duration::from_secs(7));
+        assert_eq!(
+            config.upstreams["chat"].kind,
+            UpstreamKind::Backends(vec![Backend {
+                addr: "10.0.0.7:9001".into(),
+                weight: 1
+            }])
+        );
+        assert_eq!(config.routes[0].host.as_deref(), Some("chat.example.com"));
+    }
+
+    #[test]
+    fn env_values_cannot_inject_yaml_structure() {
+        let text = MINIMAL.replace("name: echo", "name: \"${INJECT}\"");
+        let config = Config::from_yaml_str_with_env(&text, "t", &|_| {
+            Some("x\nupstream: evil\n  - [".into())
+        })
+        .unwrap();
+        assert_eq!(config.routes[0].name, "x\nupstream: evil\n  - [");
+    }
+
+    #[test]
+    fn explicitly_off_values_are_accepted() {
+        let text = with(
+            "trusted_proxies: []\ndrain: null\nkeepalive: { ping_interval: 0s, pong_timeout: 10s, upstream_ping_interval: 0s }\nlimits: { idle_timeout: 0s }\n",
+        )
+        .replace(
+            "  - bind: 127.0.0.1:8080\n",
+            "  - bind: 127.0.0.1:8080\n    tls: null\n    proxy_protocol: false\n",
+        );
+        load(&text).unwrap();
+    }
+
+    #[test]
+    fn log_targets_and_formats_parse() {
+        let config = load(&with(
+            "log: { access: /var/log/wsgate.log, format: json }\n",
+        ))
+        .unwrap();
+        assert_eq!(
+            config.log.access,
+            AccessTarget::File("/var/log/wsgate.log".into())
+        );
+        assert_eq!(config.log.format, LogFormat::Json);
+    }
+
+    // --- error locations ---
+
+    #[test]
+    fn unknown_key_is_located_and_named() {
+        let text = MINIMAL.replace("  - bind:", "  - tsl: x\n    bind:");
+        assert_one_error(&text, "listeners[0].tsl", 2, 5, "unknown field `tsl`");
+    }
+
+    #[test]
+    fn unknown_top_level_key_is_named() {
+        assert_one_error(&with("limts: {}\n"), "limts", 9, 1, "unknown field `limts`");
+    }
+
+    #[test]
+    fn bad_duration_is_located() {
+        assert_one_error(
+            &with("limits:\n  send_timeout: 30\n"),
+            "limits.send_timeout",
+            10,
+            17,
+            "needs a unit",
+        );
+    }
+
+    #[test]
+    fn bad_size_is_located() {
+        assert_one_error(
+            &with("limits: { buffer_size: 16Kb }\n"),
+            "limits.buffer_size",
+            9,
+            24,
+            "unknown size unit",
+        );
+    }
+
+    #[test]
+    fn missing_env_var_is_located_and_named() {
+        let text = MINIMAL.replace(
+            "bind: 127.0.0.1:8080",
+            "bind: \"127.0.0.1:${NO_SUCH_PORT}\"",
+        );
+        assert_one_error(
+            &text,
+            "listeners[0].bind",
+            2,
+            11,
+            "`NO_SUCH_PORT` is not set",
+        );
+    }
+
+    #[test]
+    fn missing_env_var_inside_a_duration_is_located() {
+        assert_one_error(
+            &with("limits: { send_timeout: \"${NOPE}\" }\n"),
+            "limits.send_timeout",
+            9,
+            25,
+            "`NOPE` is not set",
+        );
+    }
+
+    #[test]
+    fn unknown_upstream_is_located_and_lists_the_defined_ones() {
+        let text = MINIMAL.replace("    upstream: echo", "    upstream: ehco")
+            + "  - { name: b, match: { path_prefix: /b }, upstream: echo }\n";
+        assert_one_error(
+            &text,
+            "routes[0].upstream",
+            8,
+            15,
+            "unknown upstream `ehco`; defined upstreams: echo",
+        );
+    }
+
+    #[test]
+    fn not_supported_key_is_located() {
+        let text = MINIMAL.replace(
+            "  - bind: 127.0.0.1:8080\n",
+            "  - bind: 127.0.0.1:8080\n    tls:\n      min_version: \"1.3\"\n",
+        );
+        assert_one_error(&text, "listeners[0].tls", 4, 7, "not supported yet");
+    }
+
+    #[test]
+    fn type_error_is_located() {
+        let text = MINIMAL.replace(
+            "  echo: { builtin: echo }",
+            "  echo: { builtin: echo, connect_timeout: [1] }",
+        );
+        let e = &errors_of(&text)[0];
+        assert_eq!(
+            (e.path.as_str(), e.line),
+            ("upstreams.echo.connect_timeout", 4),
+            "{e}"
+        );
+    }
+
+    #[test]
+    fn yaml_syntax_error_has_a_position() {
+        let e = &errors_of("listeners: [\n  - {")[0];
+        assert!(e.line > 0 && e.column > 0, "{e}");
+        let e = &errors_of("log: {}\n---\nlog: {}\n")[0];
+        assert_eq!((e.line, e.column), (3, 1), "{e}");
+        assert!(e.message.contains("more than one YAML document"), "{e}");
+    }
+
+    #[test]
+    fn display_is_file_line_column_path_message() {
+        let text = with("limits: { buffer_size: 100 }\n");
+        let shown = load(&text).unwrap_err().to_string();
+        assert!(
+            shown.starts_with(
+                "test.yaml:9:24: limits.buffer_size: buffer_size 100B is out of range"
+            ),
+            "{shown}"
+        );
+    }
+
+    // --- semantic rules ---
+
+    #[test]
+    fn every_problem_is_reported_not_just_the_first() {
+        let text = with("limits: { buffer_size: 2MiB, send_timeout: 0s }\nadmin: { bind: nope }\n");
+        let errors = errors_of(&text);
+        let paths: Vec<&str> = errors.iter().map(|e| e.path.as_str()).collect();
+        assert_eq!(
+            paths,
+            ["limits.buffer_size", "limits.send_timeout", "admin.bind"],
+            "{errors:#?}"
+        );
+    }
+
+    #[test]
+    fn not_yet_supported_keys_are_refused_everywhere() {
+        let cases = [
+            ("drain: { spread: 10s }\n", "drain"),
+            ("trusted_proxies: [10.0.0.0/8]\n", "trusted_proxies"),
+            (
+                "keepalive: { ping_interval: 20s }\n",
+                "keepalive.ping_interval",
+            ),
+            (
+                "keepalive: { upstream_ping_interval: 5s }\n",
+                "keepalive.upstream_ping_interval",
+            ),
+            (
+                "limits: { max_connections_per_ip: 64 }\n",
+                "limits.max_connections_per_ip",
+            ),
+            (
+                "limits: { handshakes_per_ip: { rate: 10, per: 1s } }\n",
+                "limits.handshakes_per_ip",
+            ),
+            (
+                "limits: { messages: { rate: 1, per: 1s, on_exceed: close } }\n",
+                "limits.messages",
+            ),
+            (
+                "limits: { fragment_timeout: 10s }\n",
+                "limits.fragment_timeout",
+            ),
+            ("limits: { idle_timeout: 1m }\n", "limits.idle_timeout"),
+        ];
+        for (extra, path) in cases {
+            let errors = errors_of(&with(extra));
+            assert_eq!(errors.len(), 1, "{extra}: {errors:#?}");
+            assert_eq!(errors[0].path, path);
+            assert!(
+                errors[0].message.contains("not supported yet"),
+                "{}",
+                errors[0]
+            );
+            assert!(errors[0].line >= 9, "{}", errors[0]);
+        }
+    }
+
+    #[test]
+    fn not_yet_supported_listener_upstream_and_route_keys_are_refused() {
+        let cases = [
+            (
+                "  - bind: 127.0.0.1:8080",
+                "  - { bind: 127.0.0.1:8080, proxy_protocol: true }",
+                "listeners[0].proxy_protocol",
+            ),
+            (
+                "{ builtin: echo }",
+                "{ builtin: echo, tls: { sni: x } }",
+                "upstreams.echo.tls",
+            ),
+            (
+                "{ builtin: echo }",
+                "{ builtin: echo, sticky: { key: ip } }",
+                "upstreams.echo.sticky",
+            ),
+            (
+                "{ builtin: echo }",
+                "{ builtin: echo, balance: { bounded_load: 1.25 } }",
+                "upstreams.echo.balance",
+            ),
+            (
+                "{ builtin: echo }",
+                "{ builtin: echo, health_check: { interval: 5s } }",
+                "upstreams.echo.health_check",
+            ),
+            (
+                "{ builtin: echo }",
+                "{ backends: [{ addr: \"a:1\" }, { addr: \"b:2\" }] }",
+                "upstreams.echo.backends[1]",
+            ),
+            (
+                "    upstream: echo",
+                "    upstream: echo\n    origins: [\"https://a\"]",
+                "routes[0].origins",
+            ),
+            (
+                "    upstream: echo",
+                "    upstream: echo\n    auth: { api_keys: { header: X-Key } }",
+                "routes[0].auth",
+            ),
+            (
+                "    upstream: echo",
+                "    upstream: echo\n    allow_missing_origin: true",
+                "routes[0].allow_missing_origin",
+            ),
+            (
+                "    upstream: echo",
+                "    upstream: echo\n    limits: { max_connections_per_ip: 16 }",
+                "routes[0].limits.max_connections_per_ip",
+            ),
+            (
+                "    upstream: echo",
+                "    upstream: echo\n    limits: { idle_timeout: 5m }",
+                "routes[0].limits.idle_timeout",
+            ),
+        ];
+        for (from, to, path) in cases {
+            let errors = errors_of(&MINIMAL.replace(from, to));
+            assert_eq!(errors.len(), 1, "{to}: {errors:#?}");
+            assert_eq!(errors[0].path, path);
+            assert!(
+                errors[0].message.contains("not supported yet"),
+                "{}",
+                errors[0]
+            );
+            assert!(errors[0].line > 0, "{}", errors[0]);
+        }
+    }
+
+    #[test]
+    fn max_connections_in_a_route_is_refused_as_process_wide() {
+        let text = MINIMAL.replace(
+            "    upstream: echo",
+            "    upstream: echo\n    limits: { max_connections: 5 }",
+        );
+        assert_one_error(
+            &text,
+            "routes[0].limits.max_connections",
+            9,
+            32,
+            "process-wide",
+        );
+    }
+
+    #[test]
+    fn message_size_below_frame_size_is_refused() {
+        assert_one_error(
+            &with("limits: { max_frame_size: 8MiB }\n"),
+            "limits.max_frame_size",
+            9,
+            27,
+            "max_message_size (4MiB) must be at least max_frame_size (8MiB)",
+        );
+        let errors = errors_of(&with("limits: { max_frame_size: 100 }\n"));
+        assert!(errors[0].message.contains("125B"), "{}", errors[0]);
+    }
+
+    #[test]
+    fn zero_timeouts_are_refused() {
+        let errors = errors_of(&MINIMAL.replace(
+            "{ builtin: echo }",
+            "{ builtin: echo, connect_timeout: 0s }",
+        ));
+        assert_eq!(errors[0].path, "upstreams.echo.connect_timeout");
+        assert!(errors[0].message.contains("greater than 0s"));
+        assert_eq!(
+            errors_of(&with("limits: { handshake_timeout: 0ms }\n"))[0].path,
+            "limits.handshake_timeout"
+        );
+        assert_eq!(
+            errors_of(&with("limits: { max_connections: 0 }\n"))[0].path,
+            "limits.max_connections"
+        );
+    }
+
+    #[test]
+    fn duplicate_listener_names_and_binds_are_refused() {
+        let text = MINIMAL.replace(
+            "  - bind: 127.0.0.1:8080\n",
+            "  - { name: a, bind: 127.0.0.1:8080 }\n  - { name: a, bind: 127.0.0.1:8081 }\n  - { name: b, bind: 127.0.0.1:8080 }\n",
+        );
+        let errors = errors_of(&text);
+        let got: Vec<(&str, usize)> = errors.iter().map(|e| (e.path.as_str(), e.line)).collect();
+        assert_eq!(
+            got,
+            [("listeners[1].name", 3), ("listeners[2].bind", 4)],
+            "{errors:#?}"
+        );
+    }
+
+    #[test]
+    fn duplicate_route_names_and_shadowed_routes_are_refused() {
+        let text = with("  - { name: echo, match: { path_prefix: /echo }, upstream: echo }\n");
+        let errors = errors_of(&text);
+        let paths: Vec<&str> = errors.iter().map(|e| e.path.as_str()).collect();
+        assert_eq!(paths, ["routes[1].name", "routes[1].match"]);
+    }
+
+    #[test]
+    fn at_least_one_listener_and_route_are_required() {
+        let errors = errors_of("upstreams: { echo: { builtin: echo } }\n");
+        let paths: Vec<&str> = errors.iter().map(|e| e.path.as_str()).collect();
+        assert_eq!(paths, ["listeners", "routes"]);
+        assert!(errors.iter().all(|e| e.line == 1 && e.column == 1));
+        assert_eq!(errors_of("").len(), 2);
+    }
+
+    #[test]
+    fn upstream_needs_exactly_one_of_backends_and_builtin() {
+        let both = MINIMAL.replace(
+            "{ builtin: echo }",
+            "{ builtin: echo, backends: [{ addr: \"a:1\" }] }",
+        );
+        assert!(errors_of(&both)[0].message.contains("not both"));
+        let neither = MINIMAL.replace("{ builtin: echo }", "{ connect_timeout: 1s }");
+        assert_eq!(errors_of(&neither)[0].path, "upstreams.echo");
+        let empty = MINIMAL.replace("{ builtin: echo }", "{ backends: [] }");
+        assert_eq!(errors_of(&empty)[0].path, "upstreams.echo.backends");
+        let unknown = MINIMAL.replace("{ builtin: echo }", "{ builtin: chat }");
+        assert!(
+            errors_of(&unknown)[0]
+                .message
+                .contains("the only builtin is `echo`")
+        );
+        // A route naming an invalid-but-defined upstream reports only the upstream's error.
+        assert_eq!(errors_of(&unknown).len(), 1);
+    }
+
+    #[test]
+    fn backend_addresses_and_weights_are_checked() {
+        for bad in [
+            "nohost",
+            ":80",
+            "h:0",
+            "h:65536",
+            "::1:80",
+            "[::1:80",
+            "h:x",
+            "http://h:80",
+        ] {
+            let text = MINIMAL.replace(
+                "{ builtin: echo }",
+                &format!("{{ backends: [{{ addr: \"{bad}\" }}] }}"),
+            );
+            assert_eq!(
+                errors_of(&text)[0].path,
+                "upstreams.echo.backends[0].addr",
+                "{bad}"
+            );
+        }
+        for good in [
+            "h:80",
+            "[::1]:9001",
+            "chat-2.internal:9001",
+            "10.0.0.1:65535",
+        ] {
+            assert!(check_host_port(good).is_ok(), "{good}");
+        }
+        let zero = MINIMAL.replace(
+            "{ builtin: echo }",
+            "{ backends: [{ addr: \"h:1\", weight: 0 }] }",
+        );
+        assert_eq!(
+            errors_of(&zero)[0].path,
+            "upstreams.echo.backends[0].weight"
+        );
+    }
+
+    #[test]
+    fn route_paths_hosts_and_subprotocols_are_checked() {
+        let cases = [
+            (
+                "path_prefix: /echo",
+                "path_prefix: echo",
+                "routes[0].match.path_prefix",
+            ),
+            (
+                "path_prefix: /echo",
+                "path_prefix: /echo, host: \"a.com:443\"",
+                "routes[0].match.host",
+            ),
+            (
+                "    upstream: echo",
+                "    upstream: echo\n    upstream_path: ws",
+                "routes[0].upstream_path",
+            ),
+            (
+                "    upstream: echo",
+                "    upstream: echo\n    subprotocols: [ok, \"not ok\"]",
+                "routes[0].subprotocols[1]",
+            ),
+        ];
+        for (from, to, path) in cases {
+            let errors = errors_of(&MINIMAL.replace(from, to));
+            assert_eq!(errors.len(), 1, "{to}: {errors:#?}");
+            assert_eq!(errors[0].path, path);
+        }
+        let ok = MINIMAL.replace(
+            "    upstream: echo",
+            "    upstream: echo\n    subprotocols: [graphql-ws, v1.chat]\n    upstream_path: /ws",
+        );
+        let config = load(&ok).unwrap();
+        assert_eq!(
+            config.routes[0].subprotocols.as_deref(),
+            Some(&["graphql-ws".to_string(), "v1.chat".to_string()][..])
+        );
+        assert_eq!(config.routes[0].upstream_path.as_deref(), Some("/ws"));
+    }
+
+    #[test]
+    fn env_substituted_values_are_never_echoed() {
+        let cases = [
+            MINIMAL.replace("bind: 127.0.0.1:8080", "bind: \"${SECRET}\""),
+            with("limits: { send_timeout: \"${SECRET}\" }\n"),
+            with("limits: { buffer_size: \"${SECRET}\" }\n"),
+            MINIMAL.replace("    upstream: echo", "    upstream: \"${SECRET}\""),
+            MINIMAL.replace("path_prefix: /echo", "path_prefix: \"${SECRET}\""),
+            with("log: { format: \"${SECRET}\" }\n"),
+        ];
+        for text in cases {
+            let shown = load(&text).unwrap_err().to_string();
+            assert!(!shown.contains("hunter2"), "{shown}");
+            assert!(shown.contains("${SECRET}"), "{shown}");
+        }
+    }
+
+    proptest! {
+        #[test]
+        fn arbitrary_text_never_panics(text in "\\PC*") {
+            let _ = Config::from_yaml_str_with_env(&text, "fuzz.yaml", &|_| None);
+        }
+
+        #[test]
+        fn yaml_shaped_text_never_panics(text in "[a-z_:{}\\[\\],\\-\n #$\"'0-9./&*!]{0,200}") {
+            let _ = Config::from_yaml_str_with_env(&text, "fuzz.yaml", &|_| None);
+        }
+
+        #[test]
+        fn mutated_valid_config_never_panics(cut in 0usize..200, insert in "[a-z:{}\\[\\] \n$0-9-]{0,6}") {
+            let mut text = MINIMAL.to_string();
+            let at = cut.min(text.len());
+            text.insert_str(at, &insert);
+            let _ = Config::from_yaml_str_with_env(&text, "fuzz.yaml", &|_| None);
+        }
+
+        #[test]
+        fn errors_always_carry_a_position(text in "[a-z_:{}\\[\\]\\-\n 0-9]{1,120}") {
+            if let Err(errors) = Config::from_yaml_str_with_env(&text, "fuzz.yaml", &|_| None) {
+                for e in errors.0 {
+                    prop_assert!(e.line > 0 && e.column > 0, "{}", e);
+                }
+            }
+        }
+    }
+}

@@ -1,0 +1,418 @@
+//! The client's upgrade request: route matching, RFC 6455 checks and the HTTP refusals of
+//! SPEC §3. Pure functions over the parsed request head; no I/O, so every rule is unit
+//! tested and fuzzed without sockets.
+
+use http::header::{self, HeaderMap, HeaderName, HeaderValue};
+use http::{Method, Response, StatusCode, Version, request};
+
+use crate::config::Route;
+
+/// Why a handshake was refused. The reason word is the same in the body, the access log
+/// and the metric label (SPEC §3).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Rejection {
+    BadUpgrade,
+    BadVersion,
+    UpgradeRequired,
+    NoRoute,
+    Subprotocol,
+    Capacity,
+    UpstreamConnect,
+    UpstreamTimeout,
+    /// The upstream answered with this status instead of 101; its response is relayed.
+    UpstreamStatus(u16),
+    HandshakeTimeout,
+}
+
+impl Rejection {
+    pub fn status(self) -> StatusCode {
+        match self {
+            Rejection::BadUpgrade | Rejection::Subprotocol => StatusCode::BAD_REQUEST,
+            Rejection::BadVersion | Rejection::UpgradeRequired => StatusCode::UPGRADE_REQUIRED,
+            Rejection::NoRoute => StatusCode::NOT_FOUND,
+            Rejection::Capacity => StatusCode::SERVICE_UNAVAILABLE,
+            Rejection::UpstreamConnect => StatusCode::BAD_GATEWAY,
+            Rejection::UpstreamTimeout => StatusCode::GATEWAY_TIMEOUT,
+            Rejection::UpstreamStatus(s) => {
+                StatusCode::from_u16(s).unwrap_or(StatusCode::BAD_GATEWAY)
+            }
+            Rejection::HandshakeTimeout => StatusCode::REQUEST_TIMEOUT,
+        }
+    }
+
+    pub fn reason(self) -> &'static str {
+        match self {
+            Rejection::BadUpgrade => "bad_upgrade",
+            Rejection::BadVersion => "bad_version",
+            Rejection::UpgradeRequired => "upgrade_required",
+            Rejection::NoRoute => "no_route",
+            Rejection::Subprotocol => "subprotocol",
+            Rejection::Capacity => "capacity",
+            Rejection::UpstreamConnect => "upstream_connect",
+            Rejection::UpstreamTimeout => "upstream_timeout",
+            Rejection::UpstreamStatus(_) => "upstream_status",
+            Rejection::HandshakeTimeout => "handshake_timeout",
+        }
+    }
+
+    /// The proxy's own refusal: the status, a one-word plain-text body, and the headers
+    /// RFC 6455 / RFC 9110 ask for. Never echoes request data.
+    pub fn response<B: From<&'static str>>(self) -> Response<B> {
+        let mut resp = Response::new(B::from(self.body()));
+        *resp.status_mut() = self.status();
+        let h = resp.headers_mut();
+        h.insert(
+            header::CONTENT_TYPE,
+            HeaderValue::from_static("text/plain; charset=utf-8"),
+        );
+        h.insert(header::CONNECTION, HeaderValue::from_static("close"));
+        match self {
+            Rejection::BadVersion => {
+                h.insert(
+                    header::SEC_WEBSOCKET_VERSION,
+                    HeaderValue::from_static("13"),
+                );
+            }
+            Rejection::UpgradeRequired => {
+                h.insert(header::UPGRADE, HeaderValue::from_static("websocket"));
+            }
+            _ => {}
+        }
+        resp
+    }
+
+    fn body(self) -> &'static str {
+        match self {
+            Rejection::BadUpgrade => "bad_upgrade\n",
+            Rejection::BadVersion => "bad_version\n",
+            Rejection::UpgradeRequired => "upgrade_required\n",
+            Rejection::NoRoute => "no_route\n",
+            Rejection::Subprotocol => "subprotocol\n",
+            Rejection::Capacity => "capacity\n",
+            Rejection::UpstreamConnect => "upstream_connect\n",
+            Rejection::UpstreamTimeout => "upstream_timeout\n",
+            Rejection::UpstreamStatus(_) => "upstream_status\n",
+            Rejection::HandshakeTimeout => "handshake_timeout\n",
+        }
+    }
+}
+
+/// An upgrade request that passed every check, with what the upstream request needs.
+#[derive(Debug)]
+pub struct Admitted<'r> {
+    pub route: &'r Route,
+    /// Host as the client sent it (port included), for `X-Forwarded-Host`.
+    pub host: String,
+    /// Path and query to send upstream (after `upstream_path` rewriting).
+    pub upstream_target: String,
+    /// The client's subprotocol offers after the route's allowlist, comma-joined.
+    pub protocols: Option<String>,
+}
+
+/// Picks the route and checks the upgrade (SPEC §3), in this order: route, plain HTTP,
+/// method and version, `Connection`/`Upgrade` tokens, WebSocket version, key, body,
+/// subprotocol allowlist.
+pub fn admit<'r>(req: &request::Parts, routes: &'r [Route]) -> Result<Admitted<'r>, Rejection> {
+    let host = request_host(req).ok_or(Rejection::BadUpgrade)?;
+    let path = req.uri.path();
+    let route = find_route(routes, host_without_port(&host), path).ok_or(Rejection::NoRoute)?;
+    let h = &req.headers;
+    let looks_websocket = h.contains_key(header::UPGRADE)
+        || h.keys().any(|k| k.as_str().starts_with("sec-websocket-"));
+    if !looks_websocket {
+        return Err(Rejection::UpgradeRequired);
+    }
+    if req.method != Method::GET || req.version != Version::HTTP_11 {
+        return Err(Rejection::BadUpgrade);
+    }
+    if !has_token(h, &header::CONNECTION, "upgrade") || !has_token(h, &header::UPGRADE, "websocket")
+    {
+        return Err(Rejection::BadUpgrade);
+    }
+    if single(h, &header::SEC_WEBSOCKET_VERSION) != Some(b"13".as_slice()) {
+        return Err(Rejection::BadVersion);
+    }
+    if !single(h, &header::SEC_WEBSOCKET_KEY).is_some_and(valid_key) {
+        return Err(Rejection::BadUpgrade);
+    }
+    if has_body(h) {
+        return Err(Rejection::BadUpgrade);
+    }
+    let protocols = allowed_protocols(h, route.subprotocols.as_deref())?;
+    Ok(Admitted {
+        route,
+        upstream_target: upstream_target(route, req),
+        host,
+        protocols,
+    })
+}
+
+/// First route whose host (if any) and path prefix match.
+pub fn find_route<'r>(routes: &'r [Route], host: &str, path: &str) -> Option<&'r Route> {
+    routes.iter().find(|r| {
+        r.host
+            .as_deref()
+            .is_none_or(|h| h.eq_ignore_ascii_case(host))
+            && path.starts_with(r.path_prefix.as_str())
+    })
+}
+
+/// The request's host: the `Host` header, or the authority of an absolute-form target.
+fn request_host(req: &request::Parts) -> Option<String> {
+    let from_header = match req
+        .headers
+        .get_all(header::HOST)
+        .iter()
+        .collect::<Vec<_>>()
+        .as_slice()
+    {
+        [one] => Some(one.to_str().ok()?.to_owned()),
+        [] => None,
+        _ => return None,
+    };
+    from_header
+        .or_else(|| req.uri.authority().map(|a| a.as_str().to_owned()))
+        .filter(|h| !h.is_empty())
+}
+
+fn host_without_port(host: &str) -> &str {
+    if let Some(rest) = host.strip_prefix('[') {
+        // [v6]:port
+        return rest.split(']').next().unwrap_or(rest);
+    }
+    host.rsplit_once(':').map_or(host, |(h, port)| {
+        if port.bytes().all(|b| b.is_ascii_digit()) {
+            h
+        } else {
+            host
+        }
+    })
+}
+
+/// The path (and query) sent upstream: the matched prefix replaced by `upstream_path`.
+fn upstream_target(route: &Route, req: &request::Parts) -> String {
+    let path = req.uri.path();
+    let mut target = match &route.upstream_path {
+        None => path.to_owned(),
+        Some(base) => {
+            let rest = &path[route.path_prefix.len().min(path.len())..];
+            match (base.ends_with('/'), rest.starts_with('/')) {
+                (true, true) => format!("{base}{}", &rest[1..]),
+                (false, false) if !rest.is_empty() => format!("{base}/{rest}"),
+                _ => format!("{base}{rest}"),
+            }
+        }
+    };
+    if let Some(q) = req.uri.query() {
+        target.push('?');
+        target.push_str(q);
+    }
+    target
+}
+
+/// Exactly one value for a header that must appear once.
+fn single<'a>(h: &'a HeaderMap, name: &HeaderName) -> Option<&'a [u8]> {
+    let mut values = h.get_all(name).iter();
+    let first = values.next()?;
+    values
+        .next()
+        .is_none()
+        .then(|| first.as_bytes().trim_ascii())
+}
+
+/// Whether a comma-separated header contains `token` (case-insensitive), across all of
+/// its lines. A substring match would accept `Connection: not-upgrade`.
+pub fn has_token(h: &HeaderMap, name: &HeaderName, token: &str) -> bool {
+    h.get_all(name)
+        .iter()
+        .flat_map(|v| v.as_bytes().split(|&b| b == b','))
+        .any(|t| t.trim_ascii().eq_ignore_ascii_case(token.as_bytes()))
+}
+
+/// RFC 6455 §4.1: a base64 encoding of 16 bytes, i.e. 22 base64 characters and `==`.
+fn valid_key(key: &[u8]) -> bool {
+    key.len() == 24
+        && key.ends_with(b"==")
+        && key[..22]
+            .iter()
+            .all(|&b| b.is_ascii_alphanumeric() || b == b'+' || b == b'/')
+}
+
+fn has_body(h: &HeaderMap) -> bool {
+    h.contains_key(header::TRANSFER_ENCODING)
+        || h.get(header::CONTENT_LENGTH)
+            .is_some_and(|v| v.as_bytes() != b"0")
+}
+
+/// The client's offers filtered by the route's allowlist. Offers but none allowed → 400.
+fn allowed_protocols(h: &HeaderMap, allow: Option<&[String]>) -> Result<Option<String>, Rejection> {
+    let offers: Vec<&str> = h
+        .get_all(header::SEC_WEBSOCKET_PROTOCOL)
+        .iter()
+        .flat_map(|v| v.to_str().unwrap_or("").split(','))
+        .map(str::trim)
+        .filter(|p| !p.is_empty())
+        .collect();
+    if offers.is_empty() {
+        return Ok(None);
+    }
+    let kept: Vec<&str> = match allow {
+        None => offers,
+        Some(allow) => offers
+            .into_iter()
+            .filter(|p| allow.iter().any(|a| a == p))
+            .collect(),
+    };
+    if kept.is_empty() {
+        return Err(Rejection::Subprotocol);
+    }
+    Ok(Some(kept.join(", ")))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config::Config;
+
+    const YAML: &str = r#"
+listeners: [{ name: public, bind: "127.0.0.1:0" }]
+upstreams:
+  echo: { builtin: echo }
+routes:
+  - { name: chat, match: { host: chat.example.com, path_prefix: /ws }, upstream: echo, upstream_path: /socket, subprotocols: [v1.chat] }
+  - { name: any, match: { path_prefix: /ws }, upstream: echo }
+"#;
+
+    fn routes() -> Vec<Route> {
+        match Config::from_yaml_str(YAML, "test.yaml") {
+            Ok(c) => c.routes,
+            Err(e) => panic!("{e}"),
+        }
+    }
+
+    fn upgrade(host: &str, path: &str) -> http::request::Builder {
+        http::Request::get(path)
+            .header("host", host)
+            .header("connection", "keep-alive, Upgrade")
+            .header("upgrade", "websocket")
+            .header("sec-websocket-version", "13")
+            .header("sec-websocket-key", "dGhlIHNhbXBsZSBub25jZQ==")
+    }
+
+    fn parts(b: http::request::Builder) -> request::Parts {
+        match b.body(()) {
+            Ok(r) => r.into_parts().0,
+            Err(e) => panic!("{e}"),
+        }
+    }
+
+    #[test]
+    fn first_matching_route_wins_and_host_is_case_insensitive() {
+        let routes = routes();
+        let a = admit(
+            &parts(upgrade("Chat.Example.com:443", "/ws/room?x=1")),
+            &routes,
+        );
+        let a = a.map_err(|r| r.reason());
+        assert_eq!(a.as_ref().map(|a| a.route.name.as_str()), Ok("chat"));
+        assert_eq!(
+            a.map(|a| a.upstream_target),
+            Ok("/socket/room?x=1".to_owned())
+        );
+        let b = admit(&parts(upgrade("other", "/ws")), &routes).map(|a| a.route.name.clone());
+        assert_eq!(b, Ok("any".to_owned()));
+    }
+
+    #[test]
+    fn each_refusal_has_its_reason() {
+        let routes = routes();
+        let cases: Vec<(http::request::Builder, Rejection)> = vec![
+            (upgrade("h", "/nope"), Rejection::NoRoute),
+            (
+                http::Request::get("/ws").header("host", "h"),
+                Rejection::UpgradeRequired,
+            ),
+            (upgrade("h", "/ws").method("POST"), Rejection::BadUpgrade),
+            (
+                upgrade("h", "/ws").version(Version::HTTP_10),
+                Rejection::BadUpgrade,
+            ),
+            (
+                upgrade("h", "/ws").header("sec-websocket-version", "8"),
+                Rejection::BadVersion,
+            ),
+            (
+                http::Request::get("/ws")
+                    .header("host", "h")
+                    .header("connection", "not-upgrade")
+                    .header("upgrade", "websocket"),
+                Rejection::BadUpgrade,
+            ),
+            (
+                http::Request::get("/ws")
+                    .header("host", "h")
+                    .header("upgrade", "websocket"),
+                Rejection::BadUpgrade,
+            ),
+            (
+                upgrade("h", "/ws").header("content-length", "5"),
+                Rejection::BadUpgrade,
+            ),
+            (
+                upgrade("chat.example.com", "/ws").header("sec-websocket-protocol", "v2.chat"),
+                Rejection::Subprotocol,
+            ),
+        ];
+        for (i, (req, want)) in cases.into_iter().enumerate() {
+            assert_eq!(
+                admit(&parts(req), &routes).map(|_| ()),
+                Err(want),
+                "case {i}"
+            );
+        }
+    }
+
+    #[test]
+    fn bad_keys_are_refused() {
+        let routes = routes();
+        for key in [
+            "",
+            "short==",
+            "dGhlIHNhbXBsZSBub25jZQ",
+            "dGhlIHNhbXBsZSBub25j!Q==",
+        ] {
+            let req = http::Request::get("/ws")
+                .header("host", "h")
+                .header("connection", "upgrade")
+                .header("upgrade", "websocket")
+                .header("sec-websocket-version", "13")
+                .header("sec-websocket-key", key);
+            assert_eq!(
+                admit(&parts(req), &routes).map(|_| ()),
+                Err(Rejection::BadUpgrade),
+                "{key}"
+            );
+        }
+    }
+
+    #[test]
+    fn allowlist_filters_offers() {
+        let routes = routes();
+        let req =
+            upgrade("chat.example.com", "/ws").header("sec-websocket-protocol", "v2.chat, v1.chat");
+        assert_eq!(
+            admit(&parts(req), &routes).map(|a| a.protocols),
+            Ok(Some("v1.chat".to_owned()))
+        );
+    }
+
+    #[test]
+    fn refusals_carry_the_headers_rfcs_ask_for() {
+        let r: Response<String> = Rejection::BadVersion.response();
+        assert_eq!(r.status(), 426);
+        assert_eq!(r.headers()["sec-websocket-version"], "13");
+        assert_eq!(r.body(), "bad_version\n");
+        let r: Response<String> = Rejection::UpstreamStatus(403).response();
+        assert_eq!(r.status(), 403);
+    }
+}

@@ -1,0 +1,167 @@
+//! wsgate: a frame-aware WebSocket edge gateway.
+//!
+//! # Layout
+//! - [`config`]: YAML → validated, typed [`config::Config`] (errors with file:line:column
+//!   and key path).
+//! - [`listener`]: accept loop; one task per connection runs the HTTP/1.1 upgrade, the
+//!   upstream handshake, the relay and the access-log line.
+//! - [`handshake`]: route matching and the upgrade checks of SPEC §3 (pure).
+//! - [`upstream`]: connecting to a backend and completing its handshake before the 101.
+//! - [`relay`]: the frame-aware, unbuffered relay of SPEC §4/§5 ([`relay::frame`] parses
+//!   and validates headers; [`relay::pump`] moves one direction's bytes).
+//! - [`observe`]: the JSON access log and tracing setup.
+//! - [`admin`]: `/healthz`, `/readyz`.
+//! - [`echo`]: the built-in demo echo upstream.
+//! - [`ids`]: connection ids.
+
+pub mod admin;
+pub mod config;
+pub mod echo;
+pub mod handshake;
+pub mod ids;
+pub mod listener;
+pub mod observe;
+pub mod relay;
+pub mod upstream;
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+
+use tokio::net::TcpListener;
+use tokio::sync::watch;
+
+use config::{Config, UpstreamKind};
+use observe::access_log::{AccessLog, Sink};
+
+/// State every connection task reads.
+pub struct Shared {
+    pub config: Config,
+    pub access: AccessLog,
+    /// Address of the built-in echo upstream, when a route uses it.
+    pub echo_addr: Option<SocketAddr>,
+    /// Connections in any phase, for `limits.max_connections`.
+    pub active: AtomicU64,
+    pub ready: Arc<AtomicBool>,
+}
+
+/// A failure to start serving.
+#[derive(Debug, thiserror::Error)]
+pub enum StartError {
+    #[error("listener `{name}`: cannot bind {addr}: {source}")]
+    Bind {
+        name: String,
+        addr: SocketAddr,
+        source: std::io::Error,
+    },
+    #[error("admin: cannot bind {addr}: {source}")]
+    AdminBind {
+        addr: SocketAddr,
+        source: std::io::Error,
+    },
+    #[error("access log: {0}")]
+    AccessLog(std::io::Error),
+    #[error("built-in echo upstream: {0}")]
+    Echo(std::io::Error),
+}
+
+/// A running gateway: its bound addresses, and the switch that stops accepting.
+pub struct Gateway {
+    /// (listener name, bound address), in config order; port 0 in config becomes real here.
+    pub listeners: Vec<(String, SocketAddr)>,
+    pub admin: Option<SocketAddr>,
+    pub shared: Arc<Shared>,
+    shutdown: watch::Sender<bool>,
+}
+
+impl Gateway {
+    /// The first listener's address.
+    pub fn addr(&self) -> SocketAddr {
+        self.listeners[0].1
+    }
+
+    /// Stops accepting new connections; established ones run on.
+    pub fn stop_accepting(&self) {
+        self.shared.ready.store(false, Ordering::Release);
+        let _ = self.shutdown.send(true);
+    }
+}
+
+/// Binds every listener (all or nothing), starts the access log, the echo upstream and the
+/// admin listener, and begins accepting.
+pub async fn start(config: Config, sink: Sink) -> Result<Gateway, StartError> {
+    let mut bound = Vec::with_capacity(config.listeners.len());
+    for l in &config.listeners {
+        let listener = TcpListener::bind(l.bind)
+            .await
+            .map_err(|source| StartError::Bind {
+                name: l.name.clone(),
+                addr: l.bind,
+                source,
+            })?;
+        let addr = listener.local_addr().map_err(|source| StartError::Bind {
+            name: l.name.clone(),
+            addr: l.bind,
+            source,
+        })?;
+        bound.push((l.name.clone(), addr, listener));
+    }
+    let admin = match &config.admin {
+        Some(a) => {
+            let l = TcpListener::bind(a.bind)
+                .await
+                .map_err(|source| StartError::AdminBind {
+                    addr: a.bind,
+                    source,
+                })?;
+            let addr = l.local_addr().map_err(|source| StartError::AdminBind {
+                addr: a.bind,
+                source,
+            })?;
+            Some((l, addr))
+        }
+        None => None,
+    };
+    let uses_echo = config
+        .upstreams
+        .values()
+        .any(|u| matches!(u.kind, UpstreamKind::BuiltinEcho));
+    let echo_addr = if uses_echo {
+        Some(echo::start().await.map_err(StartError::Echo)?)
+    } else {
+        None
+    };
+    let access = AccessLog::start(sink).map_err(StartError::AccessLog)?;
+    let ready = Arc::new(AtomicBool::new(false));
+    let shared = Arc::new(Shared {
+        config,
+        access,
+        echo_addr,
+        active: AtomicU64::new(0),
+        ready: ready.clone(),
+    });
+    let (shutdown, rx) = watch::channel(false);
+    let mut listeners = Vec::with_capacity(bound.len());
+    for (name, addr, listener) in bound {
+        tracing::info!(listener = %name, %addr, "listening (ws://)");
+        tokio::spawn(listener::accept_loop(
+            shared.clone(),
+            listener,
+            name.as_str().into(),
+            rx.clone(),
+        ));
+        listeners.push((name, addr));
+    }
+    let admin = admin.map(|(l, addr)| {
+        tracing::info!(%addr, "admin listening");
+        admin::spawn(l, ready.clone());
+        addr
+    });
+    ready.store(true, Ordering::Release);
+    Ok(Gateway {
+        listeners,
+        admin,
+        shared,
+        shutdown,
+    })
+}

@@ -1,0 +1,343 @@
+//! Accepting connections and taking each one through its life: the HTTP/1.1 upgrade
+//! (hyper), admission, the upstream handshake, the relay, and the access-log line.
+//!
+//! One task per accepted connection does all of it; the relay runs in that same task,
+//! so ending the task ends both sockets and frees every resource in one place.
+
+use std::convert::Infallible;
+use std::future::{Future, poll_fn};
+use std::net::SocketAddr;
+use std::pin::Pin;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use bytes::Bytes;
+use http::header::{self, HeaderValue};
+use http::{Request, Response, StatusCode, request};
+use http_body_util::{Either, Full};
+use hyper::body::Incoming;
+use hyper_util::rt::TokioIo;
+use tokio::io::AsyncWriteExt;
+use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::watch;
+use tokio::time::Instant;
+
+use crate::handshake::{self, Rejection};
+use crate::observe::access_log::{Counts, Record, now_rfc3339};
+use crate::relay::{self, Settings};
+use crate::upstream::{self, Connected, Failure, Forwarded};
+use crate::{Shared, ids};
+
+/// Largest request head hyper will buffer (hyper's floor is 8 KiB); beyond → 431.
+const MAX_HEAD: usize = 16 * 1024;
+
+/// Pause after a failed accept (e.g. out of file descriptors) so the loop does not spin.
+const ACCEPT_BACKOFF: Duration = Duration::from_millis(100);
+
+type Body = Either<Full<Bytes>, Incoming>;
+
+/// Accepts until `shutdown` flips, spawning one task per connection.
+pub async fn accept_loop(
+    shared: Arc<Shared>,
+    listener: TcpListener,
+    name: Arc<str>,
+    mut shutdown: watch::Receiver<bool>,
+) {
+    loop {
+        let accepted = tokio::select! {
+            a = listener.accept() => a,
+            _ = shutdown.changed() => return,
+        };
+        match accepted {
+            Ok((stream, peer)) => {
+                tokio::spawn(serve(shared.clone(), name.clone(), stream, peer));
+            }
+            Err(e) => {
+                tracing::warn!(listener = %name, error = %e, "accept failed; backing off");
+                tokio::time::sleep(ACCEPT_BACKOFF).await;
+            }
+        }
+    }
+}
+
+/// Request facts kept for the access log.
+#[derive(Default)]
+struct RequestInfo {
+    host: Option<String>,
+    path: Option<String>,
+    origin: Option<String>,
+    user_agent: Option<String>,
+    route: Option<String>,
+}
+
+impl RequestInfo {
+    fn from_parts(parts: &request::Parts) -> RequestInfo {
+        let text = |name: header::HeaderName| {
+            parts
+                .headers
+                .get(name)
+                .and_then(|v| v.to_str().ok())
+                .map(str::to_owned)
+        };
+        RequestInfo {
+            host: text(header::HOST),
+            path: parts.uri.path_and_query().map(|p| p.as_str().to_owned()),
+            origin: text(header::ORIGIN),
+            user_agent: text(header::USER_AGENT),
+            route: None,
+        }
+    }
+}
+
+/// What the handshake leaves for the relay.
+struct Established {
+    upstream: Connected,
+    settings: Settings,
+    info: RequestInfo,
+}
+
+/// Per-connection state shared between the hyper service and the connection task.
+struct Conn {
+    shared: Arc<Shared>,
+    listener: Arc<str>,
+    peer: SocketAddr,
+    conn_id: String,
+    started: Instant,
+    over_capacity: bool,
+    /// The request head has arrived: `handshake_timeout` no longer applies.
+    head_seen: AtomicBool,
+    established: Mutex<Option<Established>>,
+}
+
+/// Counts a connection towards `max_connections` for as long as it lives.
+struct ActiveGuard<'a>(&'a AtomicU64);
+
+impl Drop for ActiveGuard<'_> {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::Relaxed);
+    }
+}
+
+async fn serve(shared: Arc<Shared>, listener: Arc<str>, stream: TcpStream, peer: SocketAddr) {
+    let _ = stream.set_nodelay(true);
+    let active = shared.active.fetch_add(1, Ordering::Relaxed) + 1;
+    let _guard = ActiveGuard(&shared.active);
+    let conn = Arc::new(Conn {
+        over_capacity: active > shared.config.limits.max_connections,
+        shared: shared.clone(),
+        listener,
+        peer,
+        conn_id: ids::next(),
+        started: Instant::now(),
+        head_seen: AtomicBool::new(false),
+        established: Mutex::new(None),
+    });
+    let mut http = hyper::server::conn::http1::Builder::new();
+    // Keep-alive stays on: every response of ours says `Connection: close`, and hyper would
+    // otherwise append `close` to the 101 as well.
+    http.header_read_timeout(None).max_buf_size(MAX_HEAD);
+    let mut http = http.serve_connection(TokioIo::new(stream), Service(conn.clone()));
+    let handshake_timeout = shared.config.limits.handshake_timeout;
+    let deadline = tokio::time::sleep(handshake_timeout);
+    tokio::pin!(deadline);
+    let mut deadline_live = true;
+    let served = loop {
+        tokio::select! {
+            r = poll_fn(|cx| http.poll_without_shutdown(cx)) => break Some(r),
+            _ = &mut deadline, if deadline_live => {
+                if conn.head_seen.load(Ordering::Acquire) {
+                    deadline_live = false;
+                } else {
+                    break None;
+                }
+            }
+        }
+    };
+    match served {
+        None => {
+            let parts = http.into_parts();
+            let partial_head = !parts.read_buf.is_empty();
+            if partial_head {
+                let mut io = parts.io.into_inner();
+                let _ = tokio::time::timeout(Duration::from_secs(1), io.write_all(REQUEST_TIMEOUT))
+                    .await;
+            }
+            conn.log_reject(
+                &RequestInfo::default(),
+                Rejection::HandshakeTimeout,
+                if partial_head { 408 } else { 0 },
+                None,
+            );
+        }
+        Some(Err(e)) => {
+            if e.is_parse() || e.is_parse_too_large() {
+                let status = if e.is_parse_too_large() { 431 } else { 400 };
+                conn.log_reject(&RequestInfo::default(), Rejection::BadUpgrade, status, None);
+            } else {
+                tracing::debug!(conn_id = %conn.conn_id, error = %e, "connection ended during the handshake");
+            }
+        }
+        Some(Ok(())) => {
+            let established = conn.established.lock().ok().and_then(|mut e| e.take());
+            if let Some(est) = established {
+                let parts = http.into_parts();
+                drop(parts.service);
+                run_relay(&conn, parts.io.into_inner(), parts.read_buf, est).await;
+            }
+        }
+    }
+}
+
+/// Sent when the head did not arrive within `handshake_timeout` (a slowloris guard).
+const REQUEST_TIMEOUT: &[u8] = b"HTTP/1.1 408 Request Timeout\r\ncontent-type: text/plain; charset=utf-8\r\ncontent-length: 18\r\nconnection: close\r\n\r\nhandshake_timeout\n";
+
+async fn run_relay(conn: &Conn, client: TcpStream, client_early: Bytes, est: Established) {
+    let Established {
+        upstream,
+        settings,
+        info,
+    } = est;
+    let backend = upstream.backend;
+    let report = relay::relay(
+        client,
+        client_early,
+        upstream.stream,
+        upstream.early,
+        &settings,
+    )
+    .await;
+    let mut record = conn.record("ws_close", &info, 101, Some(&backend));
+    Record::set_report(&mut record, &report);
+    conn.shared.access.log(&record);
+}
+
+impl Conn {
+    async fn handle(self: Arc<Self>, req: Request<Incoming>) -> Response<Body> {
+        self.head_seen.store(true, Ordering::Release);
+        let (parts, _body) = req.into_parts();
+        let mut info = RequestInfo::from_parts(&parts);
+        let config = &self.shared.config;
+        if self.over_capacity {
+            return self.refuse(&info, Rejection::Capacity, None);
+        }
+        let admitted = match handshake::admit(&parts, &config.routes) {
+            Ok(a) => a,
+            Err(r) => {
+                let host = info.host.as_deref().unwrap_or("");
+                let host = host.rsplit_once(':').map_or(host, |(h, _)| h);
+                info.route = handshake::find_route(&config.routes, host, parts.uri.path())
+                    .map(|r| r.name.clone());
+                return self.refuse(&info, r, None);
+            }
+        };
+        info.route = Some(admitted.route.name.clone());
+        let fwd = Forwarded {
+            client_ip: self.peer.ip(),
+            tls: false,
+            conn_id: &self.conn_id,
+        };
+        match upstream::connect(&parts, &admitted, &fwd, self.shared.echo_addr).await {
+            Ok(up) => {
+                let limits = &admitted.route.limits;
+                let settings = Settings {
+                    buffer_size: limits.buffer_size,
+                    send_timeout: limits.send_timeout,
+                    max_frame_size: limits.max_frame_size,
+                    max_message_size: limits.max_message_size,
+                    extensions: up.extensions.clone(),
+                };
+                let resp = switching_protocols(&up);
+                if let Ok(mut slot) = self.established.lock() {
+                    *slot = Some(Established {
+                        upstream: up,
+                        settings,
+                        info,
+                    });
+                }
+                resp
+            }
+            Err(Failure::Proxy(r, backend)) => self.refuse(&info, r, Some(&backend)),
+            Err(Failure::Status(resp, backend)) => {
+                let status = resp.status().as_u16();
+                self.log_reject(
+                    &info,
+                    Rejection::UpstreamStatus(status),
+                    status,
+                    Some(&backend),
+                );
+                let (mut head, body) = resp.into_parts();
+                head.headers = upstream::end_to_end(&head.headers);
+                head.headers
+                    .insert(header::CONNECTION, HeaderValue::from_static("close"));
+                Response::from_parts(head, Either::Right(body))
+            }
+        }
+    }
+
+    fn refuse(&self, info: &RequestInfo, r: Rejection, backend: Option<&str>) -> Response<Body> {
+        self.log_reject(info, r, r.status().as_u16(), backend);
+        r.response::<Full<Bytes>>().map(Either::Left)
+    }
+
+    fn log_reject(&self, info: &RequestInfo, r: Rejection, status: u16, backend: Option<&str>) {
+        let mut record = self.record("ws_reject", info, status, backend);
+        record.proxy_reason = Some(r.reason());
+        self.shared.access.log(&record);
+    }
+
+    fn record<'a>(
+        &'a self,
+        event: &'static str,
+        info: &'a RequestInfo,
+        status: u16,
+        backend: Option<&'a str>,
+    ) -> Record<'a> {
+        Record {
+            ts: now_rfc3339(),
+            event,
+            conn_id: &self.conn_id,
+            listener: &self.listener,
+            route: info.route.as_deref(),
+            client_ip: self.peer.ip().to_string(),
+            client_port: self.peer.port(),
+            host: info.host.as_deref(),
+            path: info.path.as_deref(),
+            origin: info.origin.as_deref(),
+            user_agent: info.user_agent.as_deref(),
+            upstream: backend,
+            status,
+            duration_ms: self.started.elapsed().as_millis() as u64,
+            c2u: Counts::default(),
+            u2c: Counts::default(),
+            close: None,
+            proxy_reason: None,
+        }
+    }
+}
+
+/// The 101 for the client: the upstream's end-to-end headers plus the upgrade pair.
+fn switching_protocols(up: &Connected) -> Response<Body> {
+    let mut resp = Response::new(Either::Left(Full::new(Bytes::new())));
+    *resp.status_mut() = StatusCode::SWITCHING_PROTOCOLS;
+    *resp.headers_mut() = up.response_headers.clone();
+    let h = resp.headers_mut();
+    h.insert(header::CONNECTION, HeaderValue::from_static("Upgrade"));
+    h.insert(header::UPGRADE, HeaderValue::from_static("websocket"));
+    resp
+}
+
+/// hyper service for the one request of a connection. Boxed futures keep it `Unpin`, which
+/// `poll_without_shutdown` needs; one allocation per handshake, none per frame.
+struct Service(Arc<Conn>);
+
+impl hyper::service::Service<Request<Incoming>> for Service {
+    type Response = Response<Body>;
+    type Error = Infallible;
+    type Future = Pin<Box<dyn Future<Output = Result<Response<Body>, Infallible>> + Send>>;
+
+    fn call(&self, req: Request<Incoming>) -> Self::Future {
+        let conn = self.0.clone();
+        Box::pin(async move { Ok(conn.handle(req).await) })
+    }
+}

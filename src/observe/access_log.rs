@@ -1,0 +1,260 @@
+//! The access log: one JSON line per finished connection and per refused handshake
+//! (SPEC §6), written by a dedicated thread so a slow disk never stalls the relay.
+//!
+//! Connections hand over finished lines through a bounded queue; when it is full, the line
+//! is dropped and counted rather than blocking anyone.
+
+use std::fs::OpenOptions;
+use std::io::{self, Write};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::mpsc::{Receiver, SyncSender, TrySendError, sync_channel};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use serde::Serialize;
+
+use crate::config::AccessTarget;
+use crate::relay::pump::Stats;
+use crate::relay::{CloseInfo, Report};
+
+/// Lines that may wait for the writer; beyond this they are dropped (and counted).
+const QUEUE_LINES: usize = 16 * 1024;
+
+/// Where lines end up. `Memory` is for tests that assert on whole lines.
+#[derive(Clone, Debug)]
+pub enum Sink {
+    Target(AccessTarget),
+    Memory(Arc<Mutex<Vec<String>>>),
+}
+
+/// Handle to the writer thread; cheap to clone.
+#[derive(Clone)]
+pub struct AccessLog {
+    tx: SyncSender<String>,
+    dropped: Arc<AtomicU64>,
+}
+
+impl AccessLog {
+    /// Opens the sink and starts the writer thread.
+    pub fn start(sink: Sink) -> io::Result<AccessLog> {
+        let (tx, rx) = sync_channel(QUEUE_LINES);
+        let out: Box<dyn Write + Send> = match sink {
+            Sink::Target(AccessTarget::Stdout) => Box::new(io::stdout()),
+            Sink::Target(AccessTarget::Stderr) => Box::new(io::stderr()),
+            Sink::Target(AccessTarget::File(path)) => {
+                Box::new(OpenOptions::new().create(true).append(true).open(path)?)
+            }
+            Sink::Memory(lines) => Box::new(MemoryWriter(lines)),
+        };
+        std::thread::Builder::new()
+            .name("wsgate-access-log".into())
+            .spawn(move || write_loop(rx, out))?;
+        Ok(AccessLog {
+            tx,
+            dropped: Arc::new(AtomicU64::new(0)),
+        })
+    }
+
+    /// Queues one record; never blocks.
+    pub fn log(&self, record: &Record<'_>) {
+        let Ok(line) = serde_json::to_string(record) else {
+            return;
+        };
+        match self.tx.try_send(line) {
+            Ok(()) => {}
+            Err(TrySendError::Full(_) | TrySendError::Disconnected(_)) => {
+                self.dropped.fetch_add(1, Ordering::Relaxed);
+            }
+        }
+    }
+
+    /// Lines dropped because the writer fell behind.
+    pub fn dropped(&self) -> u64 {
+        self.dropped.load(Ordering::Relaxed)
+    }
+}
+
+fn write_loop(rx: Receiver<String>, out: Box<dyn Write + Send>) {
+    let mut out = io::BufWriter::new(out);
+    while let Ok(line) = rx.recv() {
+        let _ = writeln!(out, "{line}");
+        // Batch what is already queued, then flush so lines are visible promptly.
+        while let Ok(line) = rx.try_recv() {
+            let _ = writeln!(out, "{line}");
+        }
+        let _ = out.flush();
+    }
+}
+
+struct MemoryWriter(Arc<Mutex<Vec<String>>>);
+
+impl Write for MemoryWriter {
+    fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
+        if let Ok(mut lines) = self.0.lock() {
+            for line in String::from_utf8_lossy(buf).lines() {
+                lines.push(line.to_owned());
+            }
+        }
+        Ok(buf.len())
+    }
+
+    fn flush(&mut self) -> io::Result<()> {
+        Ok(())
+    }
+}
+
+/// One access-log line. Field names are SPEC §6's; absent facts are `null`.
+#[derive(Debug, Serialize)]
+pub struct Record<'a> {
+    pub ts: String,
+    pub event: &'static str,
+    pub conn_id: &'a str,
+    pub listener: &'a str,
+    pub route: Option<&'a str>,
+    pub client_ip: String,
+    pub client_port: u16,
+    pub host: Option<&'a str>,
+    pub path: Option<&'a str>,
+    pub origin: Option<&'a str>,
+    pub user_agent: Option<&'a str>,
+    pub upstream: Option<&'a str>,
+    pub status: u16,
+    pub duration_ms: u64,
+    pub c2u: Counts,
+    pub u2c: Counts,
+    pub close: Option<Close<'a>>,
+    pub proxy_reason: Option<&'a str>,
+}
+
+#[derive(Debug, Default, Serialize)]
+pub struct Counts {
+    pub frames: u64,
+    pub messages: u64,
+    pub bytes: u64,
+}
+
+impl From<Stats> for Counts {
+    fn from(s: Stats) -> Counts {
+        Counts {
+            frames: s.frames,
+            messages: s.messages,
+            bytes: s.bytes,
+        }
+    }
+}
+
+#[derive(Debug, Serialize)]
+pub struct Close<'a> {
+    pub code: u16,
+    pub reason: &'a str,
+    pub by: &'static str,
+}
+
+impl<'a> From<&'a CloseInfo> for Close<'a> {
+    fn from(c: &'a CloseInfo) -> Close<'a> {
+        Close {
+            code: c.code,
+            reason: &c.reason,
+            by: c.by.as_str(),
+        }
+    }
+}
+
+impl Record<'_> {
+    /// Fills the relay half of a `ws_close` record.
+    pub fn set_report<'r>(record: &mut Record<'r>, report: &'r Report) {
+        record.c2u = report.c2u.into();
+        record.u2c = report.u2c.into();
+        record.close = report.close.as_ref().map(Close::from);
+        record.proxy_reason = report.proxy_reason;
+    }
+}
+
+/// Current UTC time as RFC 3339 with milliseconds (`2026-11-23T19:40:00.123Z`).
+pub fn now_rfc3339() -> String {
+    let since = SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .unwrap_or(Duration::ZERO);
+    rfc3339(since)
+}
+
+fn rfc3339(since_epoch: Duration) -> String {
+    let secs = since_epoch.as_secs();
+    let (days, rem) = (secs / 86_400, secs % 86_400);
+    let (y, m, d) = civil_from_days(days as i64);
+    format!(
+        "{y:04}-{m:02}-{d:02}T{:02}:{:02}:{:02}.{:03}Z",
+        rem / 3600,
+        rem % 3600 / 60,
+        rem % 60,
+        since_epoch.subsec_millis()
+    )
+}
+
+/// Days since 1970-01-01 → (year, month, day), after Howard Hinnant's civil calendar
+/// algorithm.
+fn civil_from_days(z: i64) -> (i64, u32, u32) {
+    let z = z + 719_468;
+    let era = z.div_euclid(146_097);
+    let doe = z.rem_euclid(146_097);
+    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
+    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
+    let mp = (5 * doy + 2) / 153;
+    let d = (doy - (153 * mp + 2) / 5 + 1) as u32;
+    let m = if mp < 10 { mp + 3 } else { mp - 9 } as u32;
+    let y = yoe + era * 400 + i64::from(m <= 2);
+    (y, m, d)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn timestamps_are_rfc3339_utc() {
+        assert_eq!(
+            rfc3339(Duration::from_millis(0)),
+            "1970-01-01T00:00:00.000Z"
+        );
+        assert_eq!(
+            rfc3339(Duration::from_millis(1_795_462_800_123)),
+            "2026-11-23T19:40:00.123Z"
+        );
+        assert_eq!(
+            rfc3339(Duration::from_secs(951_782_400)),
+            "2000-02-29T00:00:00.000Z"
+        );
+    }
+
+    #[test]
+    fn full_queue_drops_and_counts_instead_of_blocking() {
+        let (tx, _rx) = sync_channel(1);
+        let log = AccessLog {
+            tx,
+            dropped: Arc::new(AtomicU64::new(0)),
+        };
+        let rec = Record {
+            ts: now_rfc3339(),
+            event: "ws_reject",
+            conn_id: "x",
+            listener: "l",
+            route: None,
+            client_ip: "127.0.0.1".into(),
+            client_port: 1,
+            host: None,
+            path: None,
+            origin: None,
+            user_agent: None,
+            upstream: None,
+            status: 404,
+            duration_ms: 0,
+            c2u: Counts::default(),
+            u2c: Counts::default(),
+            close: None,
+            proxy_reason: Some("no_route"),
+        };
+        log.log(&rec);
+        log.log(&rec);
+        assert_eq!(log.dropped(), 1);
+    }
+}

@@ -1,0 +1,412 @@
+//! The relay of one upgraded connection (SPEC §4, §5): two [`pump::Pump`]s, one per
+//! direction, driven by a single task that owns both sockets, plus the close handshake.
+//!
+//! The session decides what each event means for the *other* peer (which close code it
+//! gets, SPEC §5) and when the connection is over; pumps move bytes. Nothing here spawns
+//! tasks or keeps a timer armed while the connection is healthy: the one timer exists only
+//! while a write is stalled or a close is in progress.
+
+pub mod frame;
+pub mod pool;
+pub mod pump;
+
+use std::future::{Future, poll_fn};
+use std::pin::Pin;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::task::{Context, Poll};
+use std::time::Duration;
+
+use tokio::io::{AsyncRead, AsyncWrite};
+use tokio::time::{Instant, Sleep};
+
+use frame::{ControlFrame, Dir, Rules, Violation};
+use pump::{Event, Pump, Stats};
+
+/// How long the proxy waits for a peer to answer a close (its own or a relayed one), and
+/// for the TCP close after it, before dropping the socket (SPEC §5).
+pub const CLOSE_WAIT: Duration = Duration::from_secs(5);
+
+/// Per-connection relay settings, resolved from the route's limits and the handshake.
+#[derive(Clone, Debug)]
+pub struct Settings {
+    pub buffer_size: usize,
+    pub send_timeout: Duration,
+    pub max_frame_size: u64,
+    pub max_message_size: u64,
+    /// `Sec-WebSocket-Extensions` as accepted by the upstream ("" when none).
+    pub extensions: String,
+}
+
+/// Who ended the connection (SPEC §6 `close.by`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum By {
+    Client,
+    Upstream,
+    Proxy,
+}
+
+impl By {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            By::Client => "client",
+            By::Upstream => "upstream",
+            By::Proxy => "proxy",
+        }
+    }
+}
+
+/// The close that ended the connection. For proxy-initiated closes, `code` is what the
+/// client was sent (1006 when it got no close frame at all).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct CloseInfo {
+    pub code: u16,
+    pub reason: String,
+    pub by: By,
+}
+
+/// What the access log needs to know about a finished relay.
+#[derive(Clone, Debug, Default)]
+pub struct Report {
+    pub close: Option<CloseInfo>,
+    pub proxy_reason: Option<&'static str>,
+    pub c2u: Stats,
+    pub u2c: Stats,
+}
+
+/// Relays frames between `client` and `upstream` until both sides are closed.
+/// `client_early`/`upstream_early` are bytes already read past each handshake.
+pub async fn relay<C, U>(
+    client: C,
+    client_early: bytes::Bytes,
+    upstream: U,
+    upstream_early: bytes::Bytes,
+    settings: &Settings,
+) -> Report
+where
+    C: AsyncRead + AsyncWrite + Unpin,
+    U: AsyncRead + AsyncWrite + Unpin,
+{
+    let rules = |dir| {
+        Rules::new(
+            dir,
+            settings.max_frame_size,
+            settings.max_message_size,
+            &settings.extensions,
+        )
+    };
+    let mut c2u = Pump::new(rules(Dir::ClientToUpstream), settings.buffer_size);
+    let mut u2c = Pump::new(rules(Dir::UpstreamToClient), settings.buffer_size);
+    // Seeded, then dropped: the early bytes may pin the HTTP layer's whole read buffer.
+    c2u.seed(&client_early);
+    u2c.seed(&upstream_early);
+    drop((client_early, upstream_early));
+    let mut session = Session {
+        client,
+        upstream,
+        c2u,
+        u2c,
+        send_timeout: settings.send_timeout,
+        timer: None,
+        close_deadline: None,
+        client_dead: false,
+        upstream_dead: false,
+        lingering: false,
+        shut_client: false,
+        shut_upstream: false,
+        mask_state: mask_seed(),
+        report: Report::default(),
+    };
+    poll_fn(|cx| session.poll(cx)).await;
+    session.c2u.release();
+    session.u2c.release();
+    session.report.c2u = session.c2u.stats;
+    session.report.u2c = session.u2c.stats;
+    session.report
+}
+
+struct Session<C, U> {
+    client: C,
+    upstream: U,
+    c2u: Pump,
+    u2c: Pump,
+    send_timeout: Duration,
+    /// Armed only while a write stalls or a close is under way; `None` on a healthy socket.
+    timer: Option<(Pin<Box<Sleep>>, Instant)>,
+    close_deadline: Option<Instant>,
+    client_dead: bool,
+    upstream_dead: bool,
+    lingering: bool,
+    shut_client: bool,
+    shut_upstream: bool,
+    mask_state: u64,
+    report: Report,
+}
+
+impl<C, U> Session<C, U>
+where
+    C: AsyncRead + AsyncWrite + Unpin,
+    U: AsyncRead + AsyncWrite + Unpin,
+{
+    fn poll(&mut self, cx: &mut Context<'_>) -> Poll<()> {
+        loop {
+            if self.lingering {
+                return self.poll_linger(cx);
+            }
+            let mut progress = false;
+            if let Poll::Ready(event) = self.c2u.poll(cx, &mut self.client, &mut self.upstream) {
+                self.on_client_event(event);
+                progress = true;
+            }
+            if let Poll::Ready(event) = self.u2c.poll(cx, &mut self.upstream, &mut self.client) {
+                self.on_upstream_event(event);
+                progress = true;
+            }
+            if self.finished() {
+                self.lingering = true;
+                self.start_close_wait();
+                continue;
+            }
+            if self.poll_timer(cx).is_ready() {
+                if self.close_deadline.is_some_and(|d| d <= Instant::now()) {
+                    return Poll::Ready(());
+                }
+                self.on_stall_timeout();
+                progress = true;
+            }
+            if !progress {
+                return Poll::Pending;
+            }
+        }
+    }
+
+    /// Both peers have sent and received their close (or are gone).
+    fn finished(&self) -> bool {
+        let client_done = self.client_dead
+            || ((self.c2u.src_eof || self.c2u.src_close.is_some()) && self.u2c.dst_finished());
+        let upstream_done = self.upstream_dead
+            || ((self.u2c.src_eof || self.u2c.src_close.is_some()) && self.c2u.dst_finished());
+        client_done && upstream_done
+    }
+
+    // === events from the client side (c2u pump) ===
+
+    fn on_client_event(&mut self, event: Event) {
+        match event {
+            Event::CloseReceived => {
+                if let Some((code, reason)) = &self.c2u.src_close {
+                    record(&mut self.report, *code, reason, By::Client);
+                }
+                self.start_close_wait();
+            }
+            Event::Violation(v) => {
+                let (code, reason) = match v {
+                    Violation::Protocol(_) => (1002, "protocol error"),
+                    Violation::InvalidCloseReason => (1007, "invalid close reason"),
+                    Violation::TooBig => (1009, "message too big"),
+                };
+                self.proxy_close(v.proxy_reason(), code, reason, 1001);
+            }
+            Event::SrcEnded(_) if self.c2u.src_close.is_some() => {}
+            Event::SrcEnded(_) => self.client_gone(By::Client, None),
+            Event::DstFailed(_) => self.upstream_gone(By::Upstream, None),
+        }
+    }
+
+    // === events from the upstream side (u2c pump) ===
+
+    fn on_upstream_event(&mut self, event: Event) {
+        match event {
+            Event::CloseReceived => {
+                if let Some((code, reason)) = &self.u2c.src_close {
+                    record(&mut self.report, *code, reason, By::Upstream);
+                }
+                self.start_close_wait();
+            }
+            Event::Violation(v) => {
+                let to_upstream = if v == Violation::TooBig { 1009 } else { 1002 };
+                self.proxy_close(v.proxy_reason(), 1014, "upstream error", to_upstream);
+            }
+            Event::SrcEnded(_) if self.u2c.src_close.is_some() => {}
+            Event::SrcEnded(_) => self.upstream_gone(By::Upstream, None),
+            Event::DstFailed(_) => self.client_gone(By::Client, None),
+        }
+    }
+
+    /// The proxy ends the connection itself: `to_client` to the client, `to_upstream`
+    /// to the upstream, each at its next frame boundary.
+    fn proxy_close(
+        &mut self,
+        proxy_reason: &'static str,
+        to_client: u16,
+        reason: &str,
+        to_upstream: u16,
+    ) {
+        record(&mut self.report, to_client, reason, By::Proxy);
+        self.report.proxy_reason.get_or_insert(proxy_reason);
+        self.u2c
+            .send_close(ControlFrame::close(to_client, reason, None));
+        let mask = self.next_mask();
+        self.c2u
+            .send_close(ControlFrame::close(to_upstream, "", Some(mask)));
+        self.start_close_wait();
+    }
+
+    /// The client's TCP is gone (or cut off): 1001 to the upstream (SPEC §5).
+    fn client_gone(&mut self, by: By, proxy_reason: Option<&'static str>) {
+        self.client_dead = true;
+        self.u2c.abandon_dst();
+        record(&mut self.report, 1006, "", by);
+        if let Some(r) = proxy_reason {
+            self.report.proxy_reason.get_or_insert(r);
+        }
+        if self.c2u.at_boundary() {
+            let mask = self.next_mask();
+            self.c2u
+                .send_close(ControlFrame::close(1001, "", Some(mask)));
+        } else {
+            // Mid-frame, no close frame can be well-formed: cut the upstream too.
+            self.c2u.abandon_dst();
+            self.upstream_dead = true;
+        }
+        self.start_close_wait();
+    }
+
+    /// The upstream's TCP is gone (or cut off): 1014 to the client (SPEC §5), or, if the
+    /// client had already sent its close, the closing handshake is completed with its code.
+    fn upstream_gone(&mut self, by: By, proxy_reason: Option<&'static str>) {
+        self.upstream_dead = true;
+        self.c2u.abandon_dst();
+        let code = match &self.c2u.src_close {
+            Some((1005, _)) => 1000,
+            Some((code, _)) => *code,
+            None => 1014,
+        };
+        record(
+            &mut self.report,
+            if proxy_reason.is_some() { code } else { 1006 },
+            "",
+            by,
+        );
+        if let Some(r) = proxy_reason {
+            self.report.proxy_reason.get_or_insert(r);
+        }
+        if self.u2c.at_boundary() {
+            self.u2c.send_close(ControlFrame::close(code, "", None));
+        } else {
+            self.u2c.abandon_dst();
+            self.client_dead = true;
+        }
+        self.start_close_wait();
+    }
+
+    /// A write stalled past `send_timeout`: that peer is a slow consumer and is cut off.
+    fn on_stall_timeout(&mut self) {
+        let now = Instant::now();
+        let limit = self.send_timeout;
+        let expired = |since: Option<Instant>| since.is_some_and(|s| s + limit <= now);
+        if expired(self.u2c.stalled_since) && !self.client_dead {
+            self.client_gone(By::Proxy, Some("slow_consumer"));
+        }
+        if expired(self.c2u.stalled_since) && !self.upstream_dead {
+            self.upstream_gone(By::Proxy, Some("slow_consumer"));
+        }
+    }
+
+    fn start_close_wait(&mut self) {
+        if self.close_deadline.is_none() {
+            self.close_deadline = Some(Instant::now() + CLOSE_WAIT);
+        }
+    }
+
+    /// Polls the one timer, armed at the earliest of the close deadline and the stalled
+    /// writes' deadlines.
+    fn poll_timer(&mut self, cx: &mut Context<'_>) -> Poll<()> {
+        let stall = |since: Option<Instant>| since.map(|s| s + self.send_timeout);
+        let due = [
+            self.close_deadline,
+            stall(self.c2u.stalled_since),
+            stall(self.u2c.stalled_since),
+        ]
+        .into_iter()
+        .flatten()
+        .min();
+        let Some(due) = due else {
+            return Poll::Pending;
+        };
+        let timer = match &mut self.timer {
+            Some((sleep, at)) => {
+                if *at != due {
+                    sleep.as_mut().reset(due);
+                    *at = due;
+                }
+                sleep
+            }
+            None => {
+                &mut self
+                    .timer
+                    .insert((Box::pin(tokio::time::sleep_until(due)), due))
+                    .0
+            }
+        };
+        timer.as_mut().poll(cx)
+    }
+
+    /// After both close frames: half-close our side and read until each peer closes, so
+    /// no unread byte turns the close into a reset (SPEC §5).
+    fn poll_linger(&mut self, cx: &mut Context<'_>) -> Poll<()> {
+        if !self.shut_client && !self.client_dead {
+            let _ = std::task::ready!(Pin::new(&mut self.client).poll_shutdown(cx));
+        }
+        self.shut_client = true;
+        if !self.shut_upstream && !self.upstream_dead {
+            let _ = std::task::ready!(Pin::new(&mut self.upstream).poll_shutdown(cx));
+        }
+        self.shut_upstream = true;
+        let client = if self.client_dead {
+            Poll::Ready(())
+        } else {
+            self.c2u.poll_drain(cx, &mut self.client)
+        };
+        let upstream = if self.upstream_dead {
+            Poll::Ready(())
+        } else {
+            self.u2c.poll_drain(cx, &mut self.upstream)
+        };
+        if client.is_ready() && upstream.is_ready() {
+            return Poll::Ready(());
+        }
+        if self.poll_timer(cx).is_ready() {
+            return Poll::Ready(());
+        }
+        Poll::Pending
+    }
+
+    /// A fresh masking key for frames the proxy sends upstream (RFC 6455 §5.3). splitmix64:
+    /// the key only has to be unpredictable to scripts in a browser, which never see it.
+    fn next_mask(&mut self) -> [u8; 4] {
+        self.mask_state = self.mask_state.wrapping_add(0x9E37_79B9_7F4A_7C15);
+        let mut z = self.mask_state;
+        z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+        z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+        let bytes = (z ^ (z >> 31)).to_le_bytes();
+        [bytes[0], bytes[1], bytes[2], bytes[3]]
+    }
+}
+
+/// Keeps the first close of the connection: that is the one that ended it.
+fn record(report: &mut Report, code: u16, reason: &str, by: By) {
+    if report.close.is_none() {
+        report.close = Some(CloseInfo {
+            code,
+            reason: reason.to_owned(),
+            by,
+        });
+    }
+}
+
+/// A per-session seed from the process's random hasher keys and a counter.
+fn mask_seed() -> u64 {
+    use std::hash::{BuildHasher, RandomState};
+    static COUNTER: AtomicU64 = AtomicU64::new(0);
+    RandomState::new().hash_one(COUNTER.fetch_add(1, Ordering::Relaxed))
+}

@@ -1,0 +1,599 @@
+//! One direction of a relayed connection: read bytes, walk the frame headers, forward the
+//! bytes verbatim, and never read more than has been written (end-to-end backpressure).
+//!
+//! A pump never holds a whole frame or message: payload bytes go out as they arrive, in
+//! runs of at most one buffer. It also owns what the proxy itself says to its destination
+//! (a close frame), which it slips in only at a frame boundary. Decisions about *when* to
+//! close belong to the session; the pump reports what it saw as an [`Event`].
+
+use std::io;
+use std::pin::Pin;
+use std::task::{Context, Poll, ready};
+
+use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
+use tokio::time::Instant;
+
+use super::frame::{
+    ControlFrame, Kind, MAX_HEADER_LEN, RawHeader, Rules, Validator, Violation, parse_raw,
+};
+use super::pool;
+
+/// Reads per poll before yielding, so one busy connection cannot starve its worker
+/// thread. 32 reads of 16 KiB is 512 KiB per turn: large enough to amortise the wake-up.
+const READS_PER_POLL: usize = 32;
+
+/// What a pump saw that the session must act on.
+#[derive(Debug)]
+pub enum Event {
+    /// A close frame arrived from the source (forwarded if the pump was still
+    /// forwarding); see [`Pump::src_close`].
+    CloseReceived,
+    /// The source broke a rule; nothing more from it is forwarded.
+    Violation(Violation),
+    /// The source reached EOF or failed to read.
+    SrcEnded(Option<io::Error>),
+    /// Writing to the destination failed.
+    DstFailed(io::Error),
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Phase {
+    /// Expecting a frame header at `pos`.
+    Header,
+    /// Forwarding this many more payload bytes.
+    Forward(u64),
+    /// Dropping this many more payload bytes.
+    Discard(u64),
+    /// Collecting a close frame's payload (this many bytes still to come).
+    Close {
+        remaining: u64,
+        header_len: usize,
+        mask: Option<[u8; 4]>,
+    },
+    /// Framing is lost: drop everything.
+    DiscardAll,
+}
+
+/// Frame, message and byte counts of one direction (SPEC §6 `c2u` / `u2c`).
+#[derive(Clone, Copy, Debug, Default)]
+pub struct Stats {
+    pub frames: u64,
+    pub messages: u64,
+    pub bytes: u64,
+}
+
+/// One direction's relay state. Bytes `[sent, pos)` of `buf` are parsed and due to be
+/// written; `[pos, end)` are read but not parsed (at most a partial header).
+pub struct Pump {
+    rules: Rules,
+    validator: Validator,
+    buf_size: usize,
+    buf: Option<Box<[u8]>>,
+    sent: usize,
+    pos: usize,
+    end: usize,
+    /// A partial header kept while the buffer is back in the pool.
+    stash: [u8; MAX_HEADER_LEN],
+    stash_len: usize,
+    phase: Phase,
+    /// A close frame being collected, then written out once checked.
+    ctl: ControlFrame,
+    /// Bytes of `out` already written; `out` is pending while `out_len > out_sent`.
+    out: ControlFrame,
+    out_sent: usize,
+    /// The proxy's own close frame, waiting for a frame boundary.
+    inject: Option<ControlFrame>,
+    needs_flush: bool,
+    /// Frames from the source still go to the destination.
+    forward: bool,
+    /// The destination is gone or was abandoned: nothing is written to it again.
+    dst_dead: bool,
+    pub src_eof: bool,
+    /// Code and reason of the close frame the source sent, once it arrived.
+    pub src_close: Option<(u16, String)>,
+    /// A close frame (relayed or the proxy's own) has been fully written to the destination.
+    pub dst_close_sent: bool,
+    /// When the destination stopped accepting writes (for `send_timeout`).
+    pub stalled_since: Option<Instant>,
+    pub stats: Stats,
+}
+
+impl Pump {
+    pub fn new(rules: Rules, buf_size: usize) -> Pump {
+        Pump {
+            rules,
+            validator: Validator::default(),
+            buf_size,
+            buf: None,
+            sent: 0,
+            pos: 0,
+            end: 0,
+            stash: [0; MAX_HEADER_LEN],
+            stash_len: 0,
+            phase: Phase::Header,
+            ctl: ControlFrame::default(),
+            out: ControlFrame::default(),
+            out_sent: 0,
+            inject: None,
+            needs_flush: false,
+            forward: true,
+            dst_dead: false,
+            src_eof: false,
+            src_close: None,
+            dst_close_sent: false,
+            stalled_since: None,
+            stats: Stats::default(),
+        }
+    }
+
+    /// Bytes that arrived with the handshake (read by the HTTP layer past the head).
+    pub fn seed(&mut self, bytes: &[u8]) {
+        if bytes.is_empty() {
+            return;
+        }
+        let mut rest = bytes;
+        while !rest.is_empty() {
+            // Seeds are at most one socket read; larger ones are parsed in buffer-sized steps
+            // by growing into a fresh buffer, which only happens before relaying starts.
+            let buf = self.buf.get_or_insert_with(|| pool::take(self.buf_size));
+            let room = buf.len() - self.end;
+            if room == 0 {
+                break;
+            }
+            let n = room.min(rest.len());
+            buf[self.end..self.end + n].copy_from_slice(&rest[..n]);
+            self.end += n;
+            rest = &rest[n..];
+        }
+        if !rest.is_empty() {
+            // More than a buffer arrived with the head: the client did not wait for 101.
+            self.phase = Phase::DiscardAll;
+            self.forward = false;
+        }
+    }
+
+    /// Queues the proxy's own close frame for the destination; it goes out at the next
+    /// frame boundary, after which nothing more is forwarded.
+    pub fn send_close(&mut self, frame: ControlFrame) {
+        let close_in_flight = !self.out.as_bytes().is_empty();
+        if !self.dst_dead && !self.dst_close_sent && !close_in_flight && self.inject.is_none() {
+            self.inject = Some(frame);
+        }
+        self.forward = false;
+    }
+
+    /// Stops all writes to the destination (it vanished, or is being cut off).
+    pub fn abandon_dst(&mut self) {
+        self.dst_dead = true;
+        self.forward = false;
+        self.inject = None;
+        self.out.clear();
+        self.out_sent = 0;
+        self.stalled_since = None;
+    }
+
+    pub fn dst_dead(&self) -> bool {
+        self.dst_dead
+    }
+
+    /// True when the destination is between frames, so a frame of the proxy's own fits.
+    pub fn at_boundary(&self) -> bool {
+        !matches!(self.phase, Phase::Forward(_))
+    }
+
+    /// Nothing more will ever be written to the destination.
+    pub fn dst_finished(&self) -> bool {
+        self.dst_dead
+            || self.dst_close_sent
+            || (self.src_eof && !self.has_output() && self.inject.is_none())
+    }
+
+    fn has_output(&self) -> bool {
+        self.out_sent < self.out.as_bytes().len() || self.sent < self.pos
+    }
+
+    /// Drives the pump until it must wait for I/O (`Pending`, wakers registered) or has
+    /// something to report.
+    pub fn poll<R, W>(&mut self, cx: &mut Context<'_>, src: &mut R, dst: &mut W) -> Poll<Event>
+    where
+        R: AsyncRead + Unpin,
+        W: AsyncWrite + Unpin,
+    {
+        let mut reads = 0;
+        loop {
+            if let Some(event) = self.parse_ahead() {
+                return Poll::Ready(event);
+            }
+            if self.dst_dead {
+                // Keep consuming the source so its close (or EOF) is seen.
+                self.sent = self.pos;
+            } else if self.out_sent < self.out.as_bytes().len() {
+                if let Err(e) = ready!(self.poll_write_out(cx, dst)) {
+                    return Poll::Ready(Event::DstFailed(e));
+                }
+                continue;
+            } else if self.sent < self.pos {
+                if let Err(e) = ready!(self.poll_write_run(cx, dst)) {
+                    return Poll::Ready(Event::DstFailed(e));
+                }
+                continue;
+            } else if self.inject.is_some() && self.at_boundary() {
+                if let Some(frame) = self.inject.take().filter(|_| !self.dst_close_sent) {
+                    self.out = frame;
+                    self.out_sent = 0;
+                }
+                continue;
+            }
+            if self.needs_flush
+                && !self.dst_dead
+                && let Err(e) = ready!(self.poll_flush(cx, dst))
+            {
+                return Poll::Ready(Event::DstFailed(e));
+            }
+            if self.src_eof {
+                return Poll::Pending;
+            }
+            if reads == READS_PER_POLL {
+                cx.waker().wake_by_ref();
+                return Poll::Pending;
+            }
+            reads += 1;
+            match ready!(self.poll_read(cx, src)) {
+                Ok(0) => {
+                    self.src_eof = true;
+                    return Poll::Ready(Event::SrcEnded(None));
+                }
+                Ok(_) => {}
+                Err(e) => {
+                    self.src_eof = true;
+                    return Poll::Ready(Event::SrcEnded(Some(e)));
+                }
+            }
+        }
+    }
+
+    /// Reads and drops whatever the source still sends until EOF, so that closing the
+    /// socket never discards unread data (which would turn the close into a reset).
+    pub fn poll_drain<R: AsyncRead + Unpin>(
+        &mut self,
+        cx: &mut Context<'_>,
+        src: &mut R,
+    ) -> Poll<()> {
+        while !self.src_eof {
+            self.sent = 0;
+            self.pos = 0;
+            self.end = 0;
+            self.stash_len = 0;
+            match ready!(self.poll_read(cx, src)) {
+                Ok(0) | Err(_) => self.src_eof = true,
+                Ok(_) => {}
+            }
+        }
+        self.release();
+        Poll::Ready(())
+    }
+
+    /// Returns the buffer to the pool; called when the session ends.
+    pub fn release(&mut self) {
+        if let Some(buf) = self.buf.take() {
+            pool::give(buf);
+        }
+    }
+
+    /// Walks `[pos, end)` as far as it can without writing. Stops at a partial header, at
+    /// a frame that must not be forwarded while earlier bytes are unwritten, or at an event.
+    fn parse_ahead(&mut self) -> Option<Event> {
+        while self.pos < self.end {
+            let buf = self.buf.as_deref()?;
+            let avail = &buf[self.pos..self.end];
+            let step = match self.phase {
+                Phase::Forward(rem) => {
+                    let n = clamp(rem, avail.len());
+                    self.pos += n;
+                    self.stats.bytes += n as u64;
+                    self.phase = if rem == n as u64 {
+                        Phase::Header
+                    } else {
+                        Phase::Forward(rem - n as u64)
+                    };
+                    Step::Go
+                }
+                Phase::Discard(rem) => {
+                    let n = clamp(rem, avail.len());
+                    self.skip(n);
+                    self.phase = if rem == n as u64 {
+                        Phase::Header
+                    } else {
+                        Phase::Discard(rem - n as u64)
+                    };
+                    Step::Go
+                }
+                Phase::DiscardAll => {
+                    let n = avail.len();
+                    self.skip(n);
+                    Step::Go
+                }
+                Phase::Close {
+                    remaining,
+                    header_len,
+                    mask,
+                } => {
+                    let n = clamp(remaining, avail.len());
+                    self.ctl.extend(&avail[..n]);
+                    self.skip(n);
+                    if remaining == n as u64 {
+                        self.phase = Phase::Header;
+                        self.close_collected(header_len, mask)
+                    } else {
+                        self.phase = Phase::Close {
+                            remaining: remaining - n as u64,
+                            header_len,
+                            mask,
+                        };
+                        Step::Go
+                    }
+                }
+                Phase::Header => match parse_raw(avail) {
+                    None => Step::Stop,
+                    Some(raw) => self.on_header(&raw),
+                },
+            };
+            match step {
+                Step::Go => {}
+                Step::Stop => return None,
+                Step::Report(event) => return Some(event),
+            }
+        }
+        None
+    }
+
+    /// Handles one complete header at `pos`. Forwarded headers only advance `pos`; any
+    /// other treatment needs everything before it written first (`sent == pos`).
+    fn on_header(&mut self, raw: &RawHeader) -> Step {
+        if !self.forward {
+            return self.on_header_discarding(raw);
+        }
+        match self.validator.check(&self.rules, raw) {
+            // Not consumed here: the next pass skips it as a discarded frame, once the bytes
+            // before it are written.
+            Err(v) => {
+                self.forward = false;
+                Step::Report(Event::Violation(v))
+            }
+            Ok(Kind::Close) if self.sent < self.pos => Step::Stop,
+            Ok(Kind::Close) => self.start_close(raw),
+            Ok(kind) => {
+                self.pos += raw.len;
+                self.stats.frames += 1;
+                self.stats.bytes += raw.len as u64;
+                if kind == Kind::Start {
+                    self.stats.messages += 1;
+                }
+                if raw.payload_len > 0 {
+                    self.phase = Phase::Forward(raw.payload_len);
+                }
+                Step::Go
+            }
+        }
+    }
+
+    /// After a violation or a close, frames are only walked (to find the peer's close),
+    /// never forwarded.
+    fn on_header_discarding(&mut self, raw: &RawHeader) -> Step {
+        if self.sent < self.pos && !self.dst_dead {
+            return Step::Stop;
+        }
+        if raw.opcode == 0x8 && raw.payload_len <= 125 && self.src_close.is_none() {
+            return self.start_close(raw);
+        }
+        self.skip(raw.len);
+        if raw.payload_len > 0 {
+            self.phase = Phase::Discard(raw.payload_len);
+        }
+        Step::Go
+    }
+
+    /// Starts collecting a close frame (header now, payload as it arrives).
+    fn start_close(&mut self, raw: &RawHeader) -> Step {
+        self.ctl.clear();
+        if let Some(buf) = self.buf.as_deref() {
+            self.ctl.extend(&buf[self.pos..self.pos + raw.len]);
+        }
+        self.skip(raw.len);
+        if raw.payload_len == 0 {
+            return self.close_collected(raw.len, raw.mask);
+        }
+        self.phase = Phase::Close {
+            remaining: raw.payload_len,
+            header_len: raw.len,
+            mask: raw.mask,
+        };
+        Step::Go
+    }
+
+    /// A whole close frame is in `ctl`: check it, then forward it unchanged.
+    fn close_collected(&mut self, header_len: usize, mask: Option<[u8; 4]>) -> Step {
+        let info = self.ctl.close_info(header_len, mask);
+        let was_forwarding = self.forward;
+        self.forward = false;
+        match info {
+            Ok(info) => {
+                self.src_close = Some(info);
+                if was_forwarding && !self.dst_dead {
+                    self.out = self.ctl;
+                    self.out_sent = 0;
+                    self.stats.frames += 1;
+                    self.stats.bytes += self.out.as_bytes().len() as u64;
+                }
+                Step::Report(Event::CloseReceived)
+            }
+            Err(v) if was_forwarding => Step::Report(Event::Violation(v)),
+            Err(_) => {
+                // A malformed close after we stopped forwarding still ends the peer's side
+                // of the handshake.
+                self.src_close = Some((1005, String::new()));
+                Step::Report(Event::CloseReceived)
+            }
+        }
+    }
+
+    /// Consumes `n` bytes without forwarding them.
+    fn skip(&mut self, n: usize) {
+        self.pos += n;
+        self.sent = self.pos;
+    }
+
+    fn poll_write_out<W: AsyncWrite + Unpin>(
+        &mut self,
+        cx: &mut Context<'_>,
+        dst: &mut W,
+    ) -> Poll<io::Result<()>> {
+        while self.out_sent < self.out.as_bytes().len() {
+            let n = ready!(self.poll_write_some(cx, dst, WriteSrc::Out))?;
+            self.out_sent += n;
+        }
+        // `out` only ever holds a close frame, relayed or our own.
+        self.out.clear();
+        self.out_sent = 0;
+        self.dst_close_sent = true;
+        Poll::Ready(Ok(()))
+    }
+
+    fn poll_write_run<W: AsyncWrite + Unpin>(
+        &mut self,
+        cx: &mut Context<'_>,
+        dst: &mut W,
+    ) -> Poll<io::Result<()>> {
+        let n = ready!(self.poll_write_some(cx, dst, WriteSrc::Run))?;
+        self.sent += n;
+        Poll::Ready(Ok(()))
+    }
+
+    fn poll_write_some<W: AsyncWrite + Unpin>(
+        &mut self,
+        cx: &mut Context<'_>,
+        dst: &mut W,
+        what: WriteSrc,
+    ) -> Poll<io::Result<usize>> {
+        let bytes = match what {
+            WriteSrc::Out => &self.out.as_bytes()[self.out_sent..],
+            WriteSrc::Run => match self.buf.as_deref() {
+                Some(buf) => &buf[self.sent..self.pos],
+                None => &[],
+            },
+        };
+        match Pin::new(dst).poll_write(cx, bytes) {
+            Poll::Pending => {
+                if self.stalled_since.is_none() {
+                    self.stalled_since = Some(Instant::now());
+                }
+                Poll::Pending
+            }
+            Poll::Ready(Ok(0)) => Poll::Ready(Err(io::ErrorKind::WriteZero.into())),
+            Poll::Ready(Ok(n)) => {
+                self.stalled_since = None;
+                self.needs_flush = true;
+                Poll::Ready(Ok(n))
+            }
+            Poll::Ready(Err(e)) => Poll::Ready(Err(e)),
+        }
+    }
+
+    fn poll_flush<W: AsyncWrite + Unpin>(
+        &mut self,
+        cx: &mut Context<'_>,
+        dst: &mut W,
+    ) -> Poll<io::Result<()>> {
+        ready!(Pin::new(dst).poll_flush(cx))?;
+        self.needs_flush = false;
+        Poll::Ready(Ok(()))
+    }
+
+    /// Reads into the buffer, borrowing one from the pool only for the read: if nothing
+    /// arrives, the buffer goes back and any partial header waits in `stash`.
+    fn poll_read<R: AsyncRead + Unpin>(
+        &mut self,
+        cx: &mut Context<'_>,
+        src: &mut R,
+    ) -> Poll<io::Result<usize>> {
+        self.compact();
+        let buf = match self.buf.as_mut() {
+            Some(buf) => buf,
+            None => {
+                let mut buf = pool::take(self.buf_size);
+                buf[..self.stash_len].copy_from_slice(&self.stash[..self.stash_len]);
+                self.end = self.stash_len;
+                self.stash_len = 0;
+                self.buf.insert(buf)
+            }
+        };
+        let mut rb = ReadBuf::new(&mut buf[self.end..]);
+        match Pin::new(src).poll_read(cx, &mut rb) {
+            Poll::Pending => {
+                self.park();
+                Poll::Pending
+            }
+            Poll::Ready(Ok(())) => {
+                let n = rb.filled().len();
+                self.end += n;
+                Poll::Ready(Ok(n))
+            }
+            Poll::Ready(Err(e)) => Poll::Ready(Err(e)),
+        }
+    }
+
+    /// Moves the unparsed tail (a partial header) to the front once all before it is sent.
+    fn compact(&mut self) {
+        if self.sent != self.pos || self.pos == 0 {
+            return;
+        }
+        if let Some(buf) = self.buf.as_mut() {
+            buf.copy_within(self.pos..self.end, 0);
+        }
+        self.end -= self.pos;
+        self.sent = 0;
+        self.pos = 0;
+    }
+
+    /// Gives the buffer back while waiting for the source (SPEC §4: an idle connection
+    /// holds no relay buffer).
+    fn park(&mut self) {
+        if self.sent != self.pos || self.end > MAX_HEADER_LEN {
+            return;
+        }
+        if let Some(buf) = self.buf.take() {
+            let tail = &buf[self.pos..self.end];
+            self.stash[..tail.len()].copy_from_slice(tail);
+            self.stash_len = tail.len();
+            self.sent = 0;
+            self.pos = 0;
+            self.end = 0;
+            pool::give(buf);
+        }
+    }
+}
+
+/// What one parsing step asks of the pump loop.
+enum Step {
+    Go,
+    /// Parsing must wait: for more bytes, or for `[sent, pos)` to be written.
+    Stop,
+    Report(Event),
+}
+
+#[derive(Clone, Copy)]
+enum WriteSrc {
+    Out,
+    Run,
+}
+
+/// `min(rem, avail)` as a usize.
+fn clamp(rem: u64, avail: usize) -> usize {
+    usize::try_from(rem).map_or(avail, |r| r.min(avail))
+}
+
+impl Drop for Pump {
+    fn drop(&mut self) {
+        self.release();
+    }
+}

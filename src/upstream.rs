@@ -1,0 +1,251 @@
+//! Connecting to a route's upstream and completing its WebSocket handshake *before* the
+//! client gets its 101 (SPEC §3), so upstream refusals reach the client as HTTP.
+//!
+//! Owns backend choice (one backend per upstream for now; pools slot in at
+//! [`pick_backend`]), the forwarded request headers, and the checks on the upstream's 101.
+
+use std::net::SocketAddr;
+
+use bytes::Bytes;
+use http::header::{self, HeaderMap, HeaderName, HeaderValue};
+use http::{Request, Response, StatusCode, Version, request};
+use http_body_util::Empty;
+use hyper::body::Incoming;
+use hyper_util::rt::TokioIo;
+use tokio::net::TcpStream;
+
+use crate::config::{Upstream, UpstreamKind};
+use crate::handshake::{Admitted, Rejection, has_token};
+
+/// Headers that describe one hop, never forwarded (RFC 9110 §7.6.1), besides those the
+/// `Connection` header names.
+const HOP_BY_HOP: [&str; 8] = [
+    "connection",
+    "keep-alive",
+    "proxy-authenticate",
+    "proxy-authorization",
+    "te",
+    "trailer",
+    "transfer-encoding",
+    "upgrade",
+];
+
+/// Headers the proxy sets itself; a client's copies are dropped so they cannot be forged.
+const PROXY_SET: [&str; 4] = [
+    "x-forwarded-for",
+    "x-forwarded-proto",
+    "x-forwarded-host",
+    "x-request-id",
+];
+
+/// Facts about the client connection that go into the upstream request.
+pub struct Forwarded<'a> {
+    pub client_ip: std::net::IpAddr,
+    pub tls: bool,
+    pub conn_id: &'a str,
+}
+
+/// An upstream WebSocket ready to relay.
+pub struct Connected {
+    pub stream: TcpStream,
+    /// Bytes the upstream sent right after its 101 (already read by the HTTP layer).
+    pub early: Bytes,
+    pub backend: String,
+    /// The 101 to give the client: the upstream's headers minus hop-by-hop ones.
+    pub response_headers: HeaderMap,
+    /// Negotiated `Sec-WebSocket-Extensions` ("" when none).
+    pub extensions: String,
+}
+
+/// Why the upstream handshake failed.
+pub enum Failure {
+    /// A refusal of the proxy's own (502/504).
+    Proxy(Rejection, String),
+    /// The upstream answered with a status other than 101: relayed as it is.
+    Status(Response<Incoming>, String),
+}
+
+/// The backend for this connection. One per upstream today; sticky pools replace this.
+fn pick_backend(upstream: &Upstream, builtin_echo: Option<SocketAddr>) -> Option<String> {
+    match &upstream.kind {
+        UpstreamKind::Backends(list) => list.first().map(|b| b.addr.clone()),
+        UpstreamKind::BuiltinEcho => builtin_echo.map(|a| a.to_string()),
+    }
+}
+
+/// Connects and upgrades, all within the upstream's `connect_timeout`.
+pub async fn connect(
+    req: &request::Parts,
+    admitted: &Admitted<'_>,
+    fwd: &Forwarded<'_>,
+    builtin_echo: Option<SocketAddr>,
+) -> Result<Connected, Failure> {
+    let upstream = &admitted.route.upstream;
+    let Some(backend) = pick_backend(upstream, builtin_echo) else {
+        return Err(Failure::Proxy(Rejection::UpstreamConnect, String::new()));
+    };
+    let timeout = upstream.connect_timeout;
+    match tokio::time::timeout(timeout, handshake(req, admitted, fwd, &backend)).await {
+        Ok(result) => result,
+        Err(_) => Err(Failure::Proxy(Rejection::UpstreamTimeout, backend)),
+    }
+}
+
+async fn handshake(
+    req: &request::Parts,
+    admitted: &Admitted<'_>,
+    fwd: &Forwarded<'_>,
+    backend: &str,
+) -> Result<Connected, Failure> {
+    let fail = |r: Rejection| Failure::Proxy(r, backend.to_owned());
+    let tcp = TcpStream::connect(backend).await.map_err(|e| {
+        tracing::debug!(backend, error = %e, "upstream connect failed");
+        fail(Rejection::UpstreamConnect)
+    })?;
+    let _ = tcp.set_nodelay(true);
+    let (mut sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(tcp))
+        .await
+        .map_err(|_| fail(Rejection::UpstreamConnect))?;
+    // Driven in its own task: it must run while we await the response, and keep running to
+    // stream a refusal's body back to the client.
+    tokio::spawn(async move {
+        if let Err(e) = conn.with_upgrades().await {
+            tracing::debug!(error = %e, "upstream handshake connection ended");
+        }
+    });
+    let request = upstream_request(req, admitted, fwd).map_err(|_| fail(Rejection::BadUpgrade))?;
+    let mut resp = sender.send_request(request).await.map_err(|e| {
+        tracing::debug!(backend, error = %e, "upstream handshake failed");
+        fail(Rejection::UpstreamConnect)
+    })?;
+    if resp.status() != StatusCode::SWITCHING_PROTOCOLS {
+        return Err(Failure::Status(resp, backend.to_owned()));
+    }
+    let extensions = check_101(req, admitted, resp.headers()).map_err(|why| {
+        tracing::warn!(backend, why, "upstream sent an invalid 101");
+        fail(Rejection::UpstreamConnect)
+    })?;
+    let response_headers = end_to_end(resp.headers());
+    let upgraded = hyper::upgrade::on(&mut resp)
+        .await
+        .map_err(|_| fail(Rejection::UpstreamConnect))?;
+    let parts = upgraded
+        .downcast::<TokioIo<TcpStream>>()
+        .map_err(|_| fail(Rejection::UpstreamConnect))?;
+    Ok(Connected {
+        stream: parts.io.into_inner(),
+        early: parts.read_buf,
+        backend: backend.to_owned(),
+        response_headers,
+        extensions,
+    })
+}
+
+/// The request sent upstream: the client's end-to-end headers, minus the ones the proxy
+/// sets, plus the upgrade and `X-Forwarded-*` headers (SPEC §3).
+fn upstream_request(
+    req: &request::Parts,
+    admitted: &Admitted<'_>,
+    fwd: &Forwarded<'_>,
+) -> Result<Request<Empty<Bytes>>, http::Error> {
+    let mut out = Request::new(Empty::new());
+    *out.uri_mut() = admitted.upstream_target.parse()?;
+    *out.version_mut() = Version::HTTP_11;
+    let headers = out.headers_mut();
+    *headers = end_to_end(&req.headers);
+    for name in PROXY_SET {
+        headers.remove(name);
+    }
+    headers.remove(header::SEC_WEBSOCKET_PROTOCOL);
+    if let Some(p) = &admitted.protocols {
+        headers.insert(header::SEC_WEBSOCKET_PROTOCOL, HeaderValue::from_str(p)?);
+    }
+    headers.insert(header::CONNECTION, HeaderValue::from_static("Upgrade"));
+    headers.insert(header::UPGRADE, HeaderValue::from_static("websocket"));
+    headers.insert(
+        "x-forwarded-for",
+        HeaderValue::from_str(&fwd.client_ip.to_string())?,
+    );
+    headers.insert(
+        "x-forwarded-proto",
+        HeaderValue::from_static(if fwd.tls { "https" } else { "http" }),
+    );
+    headers.insert("x-forwarded-host", HeaderValue::from_str(&admitted.host)?);
+    headers.insert("x-request-id", HeaderValue::from_str(fwd.conn_id)?);
+    Ok(out)
+}
+
+/// Copies headers except hop-by-hop ones and those the `Connection` header names.
+pub fn end_to_end(src: &HeaderMap) -> HeaderMap {
+    let named: Vec<HeaderName> = src
+        .get_all(header::CONNECTION)
+        .iter()
+        .flat_map(|v| v.to_str().unwrap_or("").split(','))
+        .filter_map(|t| HeaderName::from_bytes(t.trim().as_bytes()).ok())
+        .collect();
+    let mut out = HeaderMap::with_capacity(src.len());
+    for (name, value) in src {
+        if HOP_BY_HOP.contains(&name.as_str()) || named.contains(name) {
+            continue;
+        }
+        out.append(name.clone(), value.clone());
+    }
+    out
+}
+
+/// Checks the upstream's 101 against what the client asked for (RFC 6455 §4.1) and
+/// returns the negotiated extensions.
+fn check_101(
+    req: &request::Parts,
+    admitted: &Admitted<'_>,
+    h: &HeaderMap,
+) -> Result<String, &'static str> {
+    if !has_token(h, &header::UPGRADE, "websocket") || !has_token(h, &header::CONNECTION, "upgrade")
+    {
+        return Err("missing Upgrade/Connection");
+    }
+    let key = req
+        .headers
+        .get(header::SEC_WEBSOCKET_KEY)
+        .map(HeaderValue::as_bytes)
+        .unwrap_or_default();
+    let accept = tungstenite::handshake::derive_accept_key(key);
+    if h.get(header::SEC_WEBSOCKET_ACCEPT)
+        .map(HeaderValue::as_bytes)
+        != Some(accept.as_bytes())
+    {
+        return Err("wrong Sec-WebSocket-Accept");
+    }
+    if let Some(chosen) = h.get(header::SEC_WEBSOCKET_PROTOCOL) {
+        let chosen = chosen.to_str().map_err(|_| "bad subprotocol")?.trim();
+        let offered = admitted.protocols.as_deref().unwrap_or("");
+        if !offered.split(',').any(|o| o.trim() == chosen) {
+            return Err("subprotocol not offered");
+        }
+    }
+    let offered: Vec<String> = req
+        .headers
+        .get_all(header::SEC_WEBSOCKET_EXTENSIONS)
+        .iter()
+        .flat_map(|v| v.to_str().unwrap_or("").split(','))
+        .map(|e| ext_name(e).to_ascii_lowercase())
+        .collect();
+    let mut accepted = Vec::new();
+    for v in h.get_all(header::SEC_WEBSOCKET_EXTENSIONS) {
+        let v = v.to_str().map_err(|_| "bad extensions")?;
+        for ext in v.split(',').filter(|e| !e.trim().is_empty()) {
+            if !offered
+                .iter()
+                .any(|o| o.eq_ignore_ascii_case(ext_name(ext)))
+            {
+                return Err("extension not offered");
+            }
+        }
+        accepted.push(v.to_owned());
+    }
+    Ok(accepted.join(", "))
+}
+
+fn ext_name(ext: &str) -> &str {
+    ext.split(';').next().unwrap_or("").trim()
+}

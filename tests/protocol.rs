@@ -1,0 +1,177 @@
+//! Every protocol-violation row of SPEC §5, with exact bytes: the offender gets its code,
+//! the other side gets 1001 (client offender) or 1002/1009 (upstream offender), and the
+//! access log names the reason.
+
+mod support;
+
+use support::*;
+use tokio::io::AsyncWriteExt;
+use tokio::net::TcpStream;
+
+/// A gateway in front of a raw backend, one connection through it: (client, upstream, gw).
+async fn pair(limits: &str) -> (TcpStream, TcpStream, TestGateway) {
+    let (backend, mut accepted) = raw_backend().await;
+    let gw = spawn_gateway(&config_for(backend, limits)).await;
+    let (client, head) = raw_upgrade(gw.addr(), "/", "").await;
+    assert!(head.starts_with("HTTP/1.1 101"), "{head}");
+    let (up, _) = tokio::time::timeout(PATIENCE, accepted.recv())
+        .await
+        .ok()
+        .flatten()
+        .unwrap_or_else(|| panic!("no backend"));
+    (client, up, gw)
+}
+
+async fn client_violation(bytes: &[u8], to_client: u16, reason: &str) {
+    let (mut client, mut up, gw) = pair("max_frame_size: 1KiB, max_message_size: 2KiB").await;
+    client
+        .write_all(bytes)
+        .await
+        .unwrap_or_else(|e| panic!("{e}"));
+    assert_eq!(
+        read_close_code(&mut client).await,
+        Some(to_client),
+        "to client for {bytes:02x?}"
+    );
+    // Frames before the offending one were relayed; then comes the proxy's close.
+    assert_eq!(read_close_code(&mut up).await, Some(1001));
+    // The client answers the close; both TCP connections are then closed by the proxy.
+    client
+        .write_all(&client_frame(0x88, &close_payload(to_client, "")))
+        .await
+        .unwrap_or_else(|e| panic!("{e}"));
+    up.write_all(&server_frame(0x88, &close_payload(1001, "")))
+        .await
+        .unwrap_or_else(|e| panic!("{e}"));
+    drop(up);
+    assert!(closes_tcp(&mut client).await);
+    drop(client);
+    let line = gw.log_line(|l| l["event"] == "ws_close").await;
+    assert_eq!(line["close"]["code"], to_client);
+    assert_eq!(line["close"]["by"], "proxy");
+    assert_eq!(line["proxy_reason"], reason);
+}
+
+#[tokio::test]
+async fn unmasked_client_frame_is_1002() {
+    client_violation(&server_frame(0x81, b"hi"), 1002, "protocol").await;
+}
+
+#[tokio::test]
+async fn reserved_opcode_is_1002() {
+    client_violation(&client_frame(0x83, b"x"), 1002, "protocol").await;
+    client_violation(&client_frame(0x8B, b"x"), 1002, "protocol").await;
+}
+
+#[tokio::test]
+async fn rsv_bits_without_extension_are_1002() {
+    client_violation(&client_frame(0xC1, b"x"), 1002, "protocol").await;
+}
+
+#[tokio::test]
+async fn oversized_control_frame_is_1002() {
+    client_violation(&client_frame(0x89, &[0u8; 126]), 1002, "protocol").await;
+}
+
+#[tokio::test]
+async fn fragmented_control_frame_is_1002() {
+    client_violation(&client_frame(0x09, b"x"), 1002, "protocol").await;
+}
+
+#[tokio::test]
+async fn continuation_without_start_is_1002() {
+    client_violation(&client_frame(0x80, b"x"), 1002, "protocol").await;
+}
+
+#[tokio::test]
+async fn length_with_top_bit_set_is_1002() {
+    let mut f = vec![0x82, 0xFF, 0x80, 0, 0, 0, 0, 0, 0, 0];
+    f.extend_from_slice(&[1, 2, 3, 4]);
+    client_violation(&f, 1002, "protocol").await;
+}
+
+#[tokio::test]
+async fn invalid_close_reason_is_1007() {
+    client_violation(
+        &client_frame(0x88, &[0x03, 0xE8, 0xFF, 0xFE]),
+        1007,
+        "protocol",
+    )
+    .await;
+}
+
+#[tokio::test]
+async fn invalid_close_code_is_1002() {
+    client_violation(
+        &client_frame(0x88, &close_payload(1005, "")),
+        1002,
+        "protocol",
+    )
+    .await;
+}
+
+#[tokio::test]
+async fn frame_over_limit_is_1009() {
+    client_violation(&client_frame(0x82, &[7u8; 1025]), 1009, "too_big").await;
+}
+
+#[tokio::test]
+async fn message_over_limit_is_1009() {
+    let mut bytes = client_frame(0x02, &[1u8; 1024]);
+    bytes.extend(client_frame(0x00, &[1u8; 1024]));
+    bytes.extend(client_frame(0x80, &[1u8; 1]));
+    client_violation(&bytes, 1009, "too_big").await;
+}
+
+async fn upstream_violation(bytes: &[u8], to_upstream: u16, reason: &str) {
+    let (mut client, mut up, gw) = pair("max_frame_size: 1KiB").await;
+    up.write_all(bytes).await.unwrap_or_else(|e| panic!("{e}"));
+    assert_eq!(read_close_code(&mut client).await, Some(1014));
+    assert_eq!(read_close_code(&mut up).await, Some(to_upstream));
+    client
+        .write_all(&client_frame(0x88, &close_payload(1014, "")))
+        .await
+        .unwrap_or_else(|e| panic!("{e}"));
+    up.write_all(&server_frame(0x88, &close_payload(to_upstream, "")))
+        .await
+        .unwrap_or_else(|e| panic!("{e}"));
+    drop(up);
+    assert!(closes_tcp(&mut client).await);
+    drop(client);
+    let line = gw.log_line(|l| l["event"] == "ws_close").await;
+    assert_eq!(line["close"]["code"], 1014);
+    assert_eq!(line["proxy_reason"], reason);
+}
+
+#[tokio::test]
+async fn masked_upstream_frame_is_1014_and_1002() {
+    upstream_violation(&client_frame(0x81, b"hi"), 1002, "protocol").await;
+}
+
+#[tokio::test]
+async fn oversized_upstream_frame_is_1014_and_1009() {
+    upstream_violation(&server_frame(0x82, &[0u8; 2048]), 1009, "too_big").await;
+}
+
+#[tokio::test]
+async fn upstream_vanishing_gives_the_client_1014() {
+    let (mut client, up, gw) = pair("").await;
+    drop(up);
+    assert_eq!(read_close_code(&mut client).await, Some(1014));
+    let line = gw.log_line(|l| l["event"] == "ws_close").await;
+    assert_eq!(line["close"]["by"], "upstream");
+}
+
+#[tokio::test]
+async fn client_vanishing_gives_the_upstream_1001() {
+    let (client, mut up, gw) = pair("").await;
+    drop(client);
+    let (b0, payload) = read_frame(&mut up)
+        .await
+        .unwrap_or_else(|| panic!("upstream got nothing"));
+    assert_eq!(b0, 0x88);
+    assert_eq!(&payload[..2], &1001u16.to_be_bytes());
+    let line = gw.log_line(|l| l["event"] == "ws_close").await;
+    assert_eq!(line["close"]["by"], "client");
+    assert_eq!(line["close"]["code"], 1006);
+}

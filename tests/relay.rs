@@ -1,0 +1,173 @@
+//! Frames relayed end to end through wsgate: echo of every length class, fragmentation
+//! with interleaved control frames, and close frames relayed unchanged both ways.
+
+mod support;
+
+use futures_util::{SinkExt, StreamExt};
+use support::*;
+use tokio::io::AsyncWriteExt;
+use tokio_tungstenite::tungstenite::Message;
+use tokio_tungstenite::tungstenite::protocol::CloseFrame;
+use tokio_tungstenite::tungstenite::protocol::frame::coding::CloseCode;
+
+const LIMITS: &str = "max_frame_size: 32MiB, max_message_size: 32MiB";
+
+async fn next_message(ws: &mut Client) -> Message {
+    match tokio::time::timeout(PATIENCE, ws.next()).await {
+        Ok(Some(Ok(m))) => m,
+        other => panic!("expected a message, got {other:?}"),
+    }
+}
+
+#[tokio::test]
+async fn text_and_binary_echo_at_every_length_boundary() {
+    let gw = gateway_with_echo(LIMITS).await;
+    let mut ws = connect(&gw.url("/echo")).await;
+    for len in [0usize, 125, 126, 65535, 65536, 1 << 20, 16 << 20] {
+        let bin: Vec<u8> = (0..len).map(|i| (i * 31 % 251) as u8).collect();
+        ws.send(Message::binary(bin.clone()))
+            .await
+            .unwrap_or_else(|e| panic!("{e}"));
+        assert_eq!(
+            next_message(&mut ws).await.into_data().as_ref(),
+            bin.as_slice(),
+            "binary {len}"
+        );
+        let text = "é".repeat(len / 2);
+        ws.send(Message::text(text.clone()))
+            .await
+            .unwrap_or_else(|e| panic!("{e}"));
+        assert_eq!(
+            next_message(&mut ws).await.to_text().ok(),
+            Some(text.as_str()),
+            "text {len}"
+        );
+    }
+    ws.close(None).await.unwrap_or_else(|e| panic!("{e}"));
+    let line = gw.log_line(|l| l["event"] == "ws_close").await;
+    assert_eq!(line["c2u"]["messages"], 14);
+    assert_eq!(line["u2c"]["messages"], 14);
+    assert_eq!(line["status"], 101);
+    assert_eq!(line["close"]["by"], "client");
+}
+
+#[tokio::test]
+async fn fragmented_message_with_interleaved_pings_is_relayed_frame_by_frame() {
+    let (backend, mut accepted) = raw_backend().await;
+    let gw = spawn_gateway(&config_for(backend, "")).await;
+    let (mut client, head) = raw_upgrade(gw.addr(), "/", "").await;
+    assert!(head.starts_with("HTTP/1.1 101"), "{head}");
+    let (mut up, _) = tokio::time::timeout(PATIENCE, accepted.recv())
+        .await
+        .ok()
+        .flatten()
+        .unwrap_or_else(|| panic!("no backend conn"));
+    let frames = [
+        client_frame(0x01, b"hel"),
+        client_frame(0x89, b"ping-1"),
+        client_frame(0x00, b"lo "),
+        client_frame(0x8A, b"unsolicited pong"),
+        client_frame(0x80, b"world"),
+    ];
+    for f in &frames {
+        client.write_all(f).await.unwrap_or_else(|e| panic!("{e}"));
+    }
+    // Same frames, same order, same masks: the relay does not reframe.
+    let expected: Vec<(u8, &[u8])> = vec![
+        (0x01, b"hel"),
+        (0x89, b"ping-1"),
+        (0x00, b"lo "),
+        (0x8A, b"unsolicited pong"),
+        (0x80, b"world"),
+    ];
+    for (b0, payload) in expected {
+        assert_eq!(read_frame(&mut up).await, Some((b0, payload.to_vec())));
+    }
+    // And the other way: upstream fragments with a ping in between.
+    for f in [
+        server_frame(0x02, b"ab"),
+        server_frame(0x89, b"up-ping"),
+        server_frame(0x80, b"cd"),
+    ] {
+        up.write_all(&f).await.unwrap_or_else(|e| panic!("{e}"));
+    }
+    assert_eq!(read_frame(&mut client).await, Some((0x02, b"ab".to_vec())));
+    assert_eq!(
+        read_frame(&mut client).await,
+        Some((0x89, b"up-ping".to_vec()))
+    );
+    assert_eq!(read_frame(&mut client).await, Some((0x80, b"cd".to_vec())));
+}
+
+#[tokio::test]
+async fn client_close_code_and_reason_reach_the_upstream_and_back() {
+    let (backend, mut accepted) = ws_backend().await;
+    let gw = spawn_gateway(&config_for(backend, "")).await;
+    let mut ws = connect(&gw.url("/chat")).await;
+    let mut up = tokio::time::timeout(PATIENCE, accepted.recv())
+        .await
+        .ok()
+        .flatten()
+        .unwrap_or_else(|| panic!("no backend"));
+    ws.send(Message::Close(Some(CloseFrame {
+        code: CloseCode::Library(4321),
+        reason: "bye now".into(),
+    })))
+    .await
+    .unwrap_or_else(|e| panic!("{e}"));
+    match next_message_backend(&mut up).await {
+        Message::Close(Some(f)) => {
+            assert_eq!(u16::from(f.code), 4321);
+            assert_eq!(f.reason.as_str(), "bye now");
+        }
+        other => panic!("backend got {other:?}"),
+    }
+    // Polling the backend again flushes tungstenite's automatic close reply.
+    tokio::spawn(async move { while let Some(Ok(_)) = up.next().await {} });
+    match next_message(&mut ws).await {
+        Message::Close(Some(f)) => assert_eq!(u16::from(f.code), 4321),
+        other => panic!("client got {other:?}"),
+    }
+    let line = gw.log_line(|l| l["event"] == "ws_close").await;
+    assert_eq!(line["close"]["code"], 4321);
+    assert_eq!(line["close"]["reason"], "bye now");
+    assert_eq!(line["close"]["by"], "client");
+    assert_eq!(line["proxy_reason"], serde_json::Value::Null);
+}
+
+#[tokio::test]
+async fn upstream_close_reaches_the_client() {
+    let (backend, mut accepted) = ws_backend().await;
+    let gw = spawn_gateway(&config_for(backend, "")).await;
+    let mut ws = connect(&gw.url("/chat")).await;
+    let mut up = tokio::time::timeout(PATIENCE, accepted.recv())
+        .await
+        .ok()
+        .flatten()
+        .unwrap_or_else(|| panic!("no backend"));
+    up.send(Message::Close(Some(CloseFrame {
+        code: CloseCode::Again,
+        reason: "later".into(),
+    })))
+    .await
+    .unwrap_or_else(|e| panic!("{e}"));
+    match next_message(&mut ws).await {
+        Message::Close(Some(f)) => {
+            assert_eq!(u16::from(f.code), 1013);
+            assert_eq!(f.reason.as_str(), "later");
+        }
+        other => panic!("client got {other:?}"),
+    }
+    // The client's automatic reply goes back to the backend, completing the handshake.
+    let _ = tokio::time::timeout(PATIENCE, ws.next()).await;
+    let line = gw.log_line(|l| l["event"] == "ws_close").await;
+    assert_eq!(line["close"]["code"], 1013);
+    assert_eq!(line["close"]["by"], "upstream");
+}
+
+async fn next_message_backend(ws: &mut Backend) -> Message {
+    match tokio::time::timeout(PATIENCE, ws.next()).await {
+        Ok(Some(Ok(m))) => m,
+        other => panic!("expected a message, got {other:?}"),
+    }
+}

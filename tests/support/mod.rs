@@ -1,0 +1,336 @@
+//! Shared helpers for integration tests: an in-process gateway on ephemeral ports, real
+//! WebSocket backends (tokio-tungstenite and raw TCP), clients, and raw frame tools.
+//! Every wait is bounded; nothing binds outside 127.0.0.1.
+#![allow(dead_code)]
+
+use std::net::SocketAddr;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use futures_util::{SinkExt, StreamExt};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::mpsc;
+use tokio_tungstenite::tungstenite::protocol::WebSocketConfig;
+use tokio_tungstenite::{MaybeTlsStream, WebSocketStream};
+use wsgate::config::Config;
+use wsgate::observe::access_log::Sink;
+
+pub type Client = WebSocketStream<MaybeTlsStream<TcpStream>>;
+pub type Backend = WebSocketStream<TcpStream>;
+
+/// Upper bound on any single wait in tests.
+pub const PATIENCE: Duration = Duration::from_secs(10);
+
+pub struct TestGateway {
+    pub gw: wsgate::Gateway,
+    pub logs: Arc<Mutex<Vec<String>>>,
+}
+
+impl TestGateway {
+    pub fn addr(&self) -> SocketAddr {
+        self.gw.addr()
+    }
+
+    pub fn url(&self, path: &str) -> String {
+        format!("ws://{}{}", self.addr(), path)
+    }
+
+    /// Access-log lines so far, parsed.
+    pub fn log_lines(&self) -> Vec<serde_json::Value> {
+        let lines = self.logs.lock().map(|l| l.clone()).unwrap_or_default();
+        lines
+            .iter()
+            .filter_map(|l| serde_json::from_str(l).ok())
+            .collect()
+    }
+
+    /// Waits for the first access-log line matching `pred`.
+    pub async fn log_line(&self, pred: impl Fn(&serde_json::Value) -> bool) -> serde_json::Value {
+        let deadline = tokio::time::Instant::now() + PATIENCE;
+        loop {
+            if let Some(line) = self.log_lines().into_iter().find(|l| pred(l)) {
+                return line;
+            }
+            assert!(
+                tokio::time::Instant::now() < deadline,
+                "no matching access-log line in {:?}",
+                self.log_lines()
+            );
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+    }
+}
+
+/// Starts wsgate in-process from YAML (listeners should bind 127.0.0.1:0).
+pub async fn spawn_gateway(yaml: &str) -> TestGateway {
+    let config = Config::from_yaml_str_with_env(yaml, "test.yaml", &|_| None)
+        .unwrap_or_else(|e| panic!("config: {e}"));
+    let logs = Arc::new(Mutex::new(Vec::new()));
+    let gw = wsgate::start(config, Sink::Memory(logs.clone()))
+        .await
+        .unwrap_or_else(|e| panic!("start: {e}"));
+    TestGateway { gw, logs }
+}
+
+/// A config with one listener and one route `/` → `backend`, plus extra `limits` YAML.
+pub fn config_for(backend: SocketAddr, limits: &str) -> String {
+    format!(
+        r#"
+listeners: [{{ name: public, bind: "127.0.0.1:0" }}]
+limits: {{ {limits} }}
+upstreams:
+  app: {{ backends: [{{ addr: "{backend}" }}], connect_timeout: 2s }}
+routes:
+  - {{ name: app, match: {{ path_prefix: / }}, upstream: app }}
+"#
+    )
+}
+
+/// Gateway in front of a fresh echo backend.
+pub async fn gateway_with_echo(limits: &str) -> TestGateway {
+    let backend = echo_backend().await;
+    spawn_gateway(&config_for(backend, limits)).await
+}
+
+fn big_config() -> WebSocketConfig {
+    WebSocketConfig::default()
+        .max_message_size(Some(64 << 20))
+        .max_frame_size(Some(64 << 20))
+}
+
+/// A tokio-tungstenite echo server.
+pub async fn echo_backend() -> SocketAddr {
+    let (addr, mut rx) = ws_backend().await;
+    tokio::spawn(async move {
+        while let Some(mut ws) = rx.recv().await {
+            tokio::spawn(async move {
+                while let Some(Ok(msg)) = ws.next().await {
+                    if (msg.is_text() || msg.is_binary()) && ws.send(msg).await.is_err() {
+                        break;
+                    }
+                }
+            });
+        }
+    });
+    addr
+}
+
+/// A tokio-tungstenite backend that hands each accepted WebSocket to the test.
+pub async fn ws_backend() -> (SocketAddr, mpsc::Receiver<Backend>) {
+    let listener = TcpListener::bind("127.0.0.1:0")
+        .await
+        .unwrap_or_else(|e| panic!("{e}"));
+    let addr = listener.local_addr().unwrap_or_else(|e| panic!("{e}"));
+    let (tx, rx) = mpsc::channel(16);
+    tokio::spawn(async move {
+        while let Ok((s, _)) = listener.accept().await {
+            let tx = tx.clone();
+            tokio::spawn(async move {
+                if let Ok(ws) =
+                    tokio_tungstenite::accept_async_with_config(s, Some(big_config())).await
+                {
+                    let _ = tx.send(ws).await;
+                }
+            });
+        }
+    });
+    (addr, rx)
+}
+
+/// A raw backend: completes the handshake by hand, then hands the TCP stream and the
+/// request head to the test, for exact bytes (e.g. masked frames from a server).
+pub async fn raw_backend() -> (SocketAddr, mpsc::Receiver<(TcpStream, String)>) {
+    let listener = TcpListener::bind("127.0.0.1:0")
+        .await
+        .unwrap_or_else(|e| panic!("{e}"));
+    let addr = listener.local_addr().unwrap_or_else(|e| panic!("{e}"));
+    let (tx, rx) = mpsc::channel(16);
+    tokio::spawn(async move {
+        while let Ok((mut s, _)) = listener.accept().await {
+            let tx = tx.clone();
+            tokio::spawn(async move {
+                let head = read_head(&mut s).await;
+                let key = header_value(&head, "sec-websocket-key").unwrap_or_default();
+                let accept =
+                    tokio_tungstenite::tungstenite::handshake::derive_accept_key(key.as_bytes());
+                let resp = format!(
+                    "HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\nConnection: Upgrade\r\nSec-WebSocket-Accept: {accept}\r\n\r\n"
+                );
+                if s.write_all(resp.as_bytes()).await.is_ok() {
+                    let _ = tx.send((s, head)).await;
+                }
+            });
+        }
+    });
+    (addr, rx)
+}
+
+/// Reads an HTTP head (up to the blank line), bounded in size and time.
+pub async fn read_head(s: &mut TcpStream) -> String {
+    let mut head = Vec::new();
+    let mut byte = [0u8; 1];
+    let read = async {
+        while !head.ends_with(b"\r\n\r\n") && head.len() < 64 * 1024 {
+            match s.read(&mut byte).await {
+                Ok(1) => head.push(byte[0]),
+                _ => break,
+            }
+        }
+    };
+    let _ = tokio::time::timeout(PATIENCE, read).await;
+    String::from_utf8_lossy(&head).into_owned()
+}
+
+/// A header's value from a raw head (first occurrence, case-insensitive name).
+pub fn header_value(head: &str, name: &str) -> Option<String> {
+    head.lines().find_map(|l| {
+        let (n, v) = l.split_once(':')?;
+        n.trim()
+            .eq_ignore_ascii_case(name)
+            .then(|| v.trim().to_owned())
+    })
+}
+
+/// Connects a tokio-tungstenite client.
+pub async fn connect(url: &str) -> Client {
+    let fut = tokio_tungstenite::connect_async_with_config(url, Some(big_config()), false);
+    match tokio::time::timeout(PATIENCE, fut).await {
+        Ok(Ok((ws, _))) => ws,
+        Ok(Err(e)) => panic!("connect {url}: {e}"),
+        Err(_) => panic!("connect {url}: timed out"),
+    }
+}
+
+/// Sends a raw upgrade request and returns the stream after reading the response head.
+pub async fn raw_upgrade(addr: SocketAddr, path: &str, extra_headers: &str) -> (TcpStream, String) {
+    let mut s = TcpStream::connect(addr)
+        .await
+        .unwrap_or_else(|e| panic!("{e}"));
+    let req = format!(
+        "GET {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: Upgrade\r\nUpgrade: websocket\r\nSec-WebSocket-Version: 13\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n{extra_headers}\r\n"
+    );
+    s.write_all(req.as_bytes())
+        .await
+        .unwrap_or_else(|e| panic!("{e}"));
+    let head = read_head(&mut s).await;
+    (s, head)
+}
+
+/// Sends raw bytes as a request and reads the whole response until EOF.
+pub async fn raw_request(addr: SocketAddr, request: &[u8]) -> String {
+    let mut s = TcpStream::connect(addr)
+        .await
+        .unwrap_or_else(|e| panic!("{e}"));
+    s.write_all(request).await.unwrap_or_else(|e| panic!("{e}"));
+    let mut out = Vec::new();
+    let _ = tokio::time::timeout(PATIENCE, s.read_to_end(&mut out)).await;
+    String::from_utf8_lossy(&out).into_owned()
+}
+
+/// A frame as a client sends it (masked with a fixed key).
+pub fn client_frame(first_byte: u8, payload: &[u8]) -> Vec<u8> {
+    frame(first_byte, payload, Some([0x11, 0x22, 0x33, 0x44]))
+}
+
+/// A frame as a server sends it (unmasked).
+pub fn server_frame(first_byte: u8, payload: &[u8]) -> Vec<u8> {
+    frame(first_byte, payload, None)
+}
+
+pub fn frame(first_byte: u8, payload: &[u8], mask: Option<[u8; 4]>) -> Vec<u8> {
+    let mut out = vec![first_byte];
+    let m = if mask.is_some() { 0x80 } else { 0 };
+    match payload.len() {
+        n if n < 126 => out.push(m | n as u8),
+        n if n < 65536 => {
+            out.push(m | 126);
+            out.extend_from_slice(&(n as u16).to_be_bytes());
+        }
+        n => {
+            out.push(m | 127);
+            out.extend_from_slice(&(n as u64).to_be_bytes());
+        }
+    }
+    match mask {
+        Some(k) => {
+            out.extend_from_slice(&k);
+            out.extend(payload.iter().enumerate().map(|(i, b)| b ^ k[i % 4]));
+        }
+        None => out.extend_from_slice(payload),
+    }
+    out
+}
+
+/// A close payload: code and reason.
+pub fn close_payload(code: u16, reason: &str) -> Vec<u8> {
+    let mut p = code.to_be_bytes().to_vec();
+    p.extend_from_slice(reason.as_bytes());
+    p
+}
+
+/// One frame read from a raw stream: (first byte, unmasked payload). `None` on EOF/timeout.
+pub async fn read_frame(s: &mut TcpStream) -> Option<(u8, Vec<u8>)> {
+    let fut = async {
+        let mut h = [0u8; 2];
+        s.read_exact(&mut h).await.ok()?;
+        let len = match h[1] & 0x7F {
+            126 => {
+                let mut b = [0u8; 2];
+                s.read_exact(&mut b).await.ok()?;
+                u64::from(u16::from_be_bytes(b))
+            }
+            127 => {
+                let mut b = [0u8; 8];
+                s.read_exact(&mut b).await.ok()?;
+                u64::from_be_bytes(b)
+            }
+            n => u64::from(n),
+        };
+        let mask = if h[1] & 0x80 != 0 {
+            let mut m = [0u8; 4];
+            s.read_exact(&mut m).await.ok()?;
+            Some(m)
+        } else {
+            None
+        };
+        let mut payload = vec![0u8; usize::try_from(len).ok()?];
+        s.read_exact(&mut payload).await.ok()?;
+        if let Some(m) = mask {
+            for (i, b) in payload.iter_mut().enumerate() {
+                *b ^= m[i % 4];
+            }
+        }
+        Some((h[0], payload))
+    };
+    tokio::time::timeout(PATIENCE, fut).await.ok().flatten()
+}
+
+/// Reads frames until a close frame and returns its code (None if the stream ended first).
+pub async fn read_close_code(s: &mut TcpStream) -> Option<u16> {
+    for _ in 0..1000 {
+        let (b0, payload) = read_frame(s).await?;
+        if b0 & 0x0F == 0x8 {
+            return Some(
+                payload
+                    .get(..2)
+                    .map_or(1005, |c| u16::from_be_bytes([c[0], c[1]])),
+            );
+        }
+    }
+    None
+}
+
+/// True when the peer closes the TCP connection (EOF or reset) within the patience.
+pub async fn closes_tcp(s: &mut TcpStream) -> bool {
+    let mut buf = [0u8; 4096];
+    let fut = async {
+        loop {
+            match s.read(&mut buf).await {
+                Ok(0) | Err(_) => return true,
+                Ok(_) => {}
+            }
+        }
+    };
+    tokio::time::timeout(PATIENCE, fut).await.unwrap_or(false)
+}
