@@ -28,22 +28,35 @@ async fn client_violation(bytes: &[u8], to_client: u16, reason: &str) {
         .write_all(bytes)
         .await
         .unwrap_or_else(|e| panic!("{e}"));
+    // Frames before the offending one were relayed; then comes the proxy's 1001.
     assert_eq!(
-        read_close_code(&mut client).await,
-        Some(to_client),
-        "to client for {bytes:02x?}"
+        read_close_code(&mut up).await,
+        Some(1001),
+        "to upstream for {bytes:02x?}"
     );
-    // Frames before the offending one were relayed; then comes the proxy's close.
-    assert_eq!(read_close_code(&mut up).await, Some(1001));
-    // The client answers the close; both TCP connections are then closed by the proxy.
-    client
-        .write_all(&client_frame(0x88, &close_payload(to_client, "")))
+    // The client's code takes the place of the upstream's close reply, so anything the
+    // upstream sent before it still reaches the client first.
+    up.write_all(&server_frame(0x82, b"late reply"))
         .await
         .unwrap_or_else(|e| panic!("{e}"));
     up.write_all(&server_frame(0x88, &close_payload(1001, "")))
         .await
         .unwrap_or_else(|e| panic!("{e}"));
+    assert_eq!(
+        read_frame(&mut client).await,
+        Some((0x82, b"late reply".to_vec()))
+    );
+    assert_eq!(
+        read_close_code(&mut client).await,
+        Some(to_client),
+        "to client for {bytes:02x?}"
+    );
     drop(up);
+    // The client answers the close; the proxy then closes the TCP connection.
+    client
+        .write_all(&client_frame(0x88, &close_payload(to_client, "")))
+        .await
+        .unwrap_or_else(|e| panic!("{e}"));
     assert!(closes_tcp(&mut client).await);
     drop(client);
     let line = gw.log_line(|l| l["event"] == "ws_close").await;
@@ -98,6 +111,20 @@ async fn invalid_close_reason_is_1007() {
         "protocol",
     )
     .await;
+}
+
+#[tokio::test]
+async fn invalid_utf8_text_is_1007_when_its_frame_ends() {
+    client_violation(
+        &client_frame(0x81, &[b'o', b'k', 0xED, 0xA0, 0x80]),
+        1007,
+        "protocol",
+    )
+    .await;
+    let mut split = client_frame(0x01, &[b'a', 0xF0, 0x9F]);
+    split.extend(client_frame(0x89, b"ping between fragments"));
+    split.extend(client_frame(0x80, &[0x98])); // the sequence never completes
+    client_violation(&split, 1007, "protocol").await;
 }
 
 #[tokio::test]
@@ -158,6 +185,12 @@ async fn upstream_vanishing_gives_the_client_1014() {
     let (mut client, up, gw) = pair("").await;
     drop(up);
     assert_eq!(read_close_code(&mut client).await, Some(1014));
+    client
+        .write_all(&client_frame(0x88, &close_payload(1014, "")))
+        .await
+        .unwrap_or_else(|e| panic!("{e}"));
+    assert!(closes_tcp(&mut client).await);
+    drop(client);
     let line = gw.log_line(|l| l["event"] == "ws_close").await;
     assert_eq!(line["close"]["by"], "upstream");
 }
@@ -166,11 +199,15 @@ async fn upstream_vanishing_gives_the_client_1014() {
 async fn client_vanishing_gives_the_upstream_1001() {
     let (client, mut up, gw) = pair("").await;
     drop(client);
-    let (b0, payload) = read_frame(&mut up)
+    assert_eq!(read_close_code(&mut up).await, Some(1001));
+    up.write_all(&server_frame(0x88, &close_payload(1001, "")))
         .await
-        .unwrap_or_else(|| panic!("upstream got nothing"));
-    assert_eq!(b0, 0x88);
-    assert_eq!(&payload[..2], &1001u16.to_be_bytes());
+        .unwrap_or_else(|e| panic!("{e}"));
+    assert!(
+        closes_tcp(&mut up).await,
+        "the proxy half-closes after the close handshake"
+    );
+    drop(up);
     let line = gw.log_line(|l| l["event"] == "ws_close").await;
     assert_eq!(line["close"]["by"], "client");
     assert_eq!(line["close"]["code"], 1006);

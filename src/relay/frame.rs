@@ -61,8 +61,8 @@ pub struct Header {
 pub enum Violation {
     /// Any breach of RFC 6455 framing rules.
     Protocol(&'static str),
-    /// A close frame whose reason is not UTF-8 (1007 when the client sent it).
-    InvalidCloseReason,
+    /// A text message or close reason that is not UTF-8 (1007 when the client sent it).
+    InvalidUtf8,
     /// Frame or message larger than the configured limit (1009).
     TooBig,
 }
@@ -72,7 +72,7 @@ impl Violation {
     pub fn proxy_reason(self) -> &'static str {
         match self {
             Violation::TooBig => "too_big",
-            Violation::Protocol(_) | Violation::InvalidCloseReason => "protocol",
+            Violation::Protocol(_) | Violation::InvalidUtf8 => "protocol",
         }
     }
 }
@@ -274,6 +274,58 @@ impl Validator {
     }
 }
 
+/// Incremental UTF-8 check of a text message arriving in pieces (a sequence may be split
+/// across reads and frames). Client text is checked because a proxy that forwarded invalid
+/// text would leave the upstream to drop the connection, which the client would only see
+/// as the upstream vanishing; checking here gives the client its 1007.
+#[derive(Clone, Copy, Debug, Default)]
+pub struct Utf8Check {
+    carry: [u8; 4],
+    carry_len: usize,
+    bad: bool,
+}
+
+impl Utf8Check {
+    /// Feeds the next (unmasked) bytes of the message.
+    pub fn feed(&mut self, mut data: &[u8]) {
+        while self.carry_len > 0 && !data.is_empty() && !self.bad {
+            self.carry[self.carry_len] = data[0];
+            self.carry_len += 1;
+            data = &data[1..];
+            match std::str::from_utf8(&self.carry[..self.carry_len]) {
+                Ok(_) => self.carry_len = 0,
+                Err(e) if e.error_len().is_none() && self.carry_len < 4 => {}
+                Err(_) => self.bad = true,
+            }
+        }
+        if self.bad || data.is_empty() {
+            return;
+        }
+        if let Err(e) = std::str::from_utf8(data) {
+            match e.error_len() {
+                Some(_) => self.bad = true,
+                None => {
+                    let tail = &data[e.valid_up_to()..];
+                    self.carry[..tail.len()].copy_from_slice(tail);
+                    self.carry_len = tail.len();
+                }
+            }
+        }
+    }
+
+    /// True once an invalid sequence has been seen.
+    pub fn is_bad(&self) -> bool {
+        self.bad
+    }
+
+    /// Ends the message: valid only if nothing was bad and no sequence is left open.
+    pub fn finish(&mut self) -> bool {
+        let ok = !self.bad && self.carry_len == 0;
+        *self = Utf8Check::default();
+        ok
+    }
+}
+
 /// Checks a close frame's (unmasked) payload and returns its code and reason.
 pub fn parse_close(payload: &[u8]) -> Result<(u16, &str), Violation> {
     match payload {
@@ -286,7 +338,7 @@ pub fn parse_close(payload: &[u8]) -> Result<(u16, &str), Violation> {
             }
             std::str::from_utf8(reason)
                 .map(|r| (code, r))
-                .map_err(|_| Violation::InvalidCloseReason)
+                .map_err(|_| Violation::InvalidUtf8)
         }
     }
 }
@@ -569,8 +621,30 @@ mod tests {
         assert!(matches!(parse_close(&[0x03, 0xF6]), Ok((1014, "")))); // 1014
         assert_eq!(
             parse_close(&[0x03, 0xE8, 0xFF]),
-            Err(Violation::InvalidCloseReason)
+            Err(Violation::InvalidUtf8)
         );
+    }
+
+    #[test]
+    fn utf8_check_handles_sequences_split_anywhere() {
+        let text = "aé€😀z".as_bytes();
+        for split in 0..=text.len() {
+            let mut c = Utf8Check::default();
+            c.feed(&text[..split]);
+            c.feed(&text[split..]);
+            assert!(c.finish(), "split at {split}");
+        }
+        let mut c = Utf8Check::default();
+        c.feed(&[0xF0, 0x9F]);
+        assert!(!c.is_bad());
+        assert!(!c.finish(), "an open sequence at the end is invalid");
+        let mut c = Utf8Check::default();
+        c.feed(&[0xCE, 0xBA, 0xED, 0xA0, 0x80]); // a surrogate
+        assert!(c.is_bad());
+        let mut c = Utf8Check::default();
+        c.feed(&[0xF4]);
+        c.feed(&[0x90, 0x80, 0x80]); // > U+10FFFF
+        assert!(c.is_bad());
     }
 
     #[test]

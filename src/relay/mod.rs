@@ -201,10 +201,10 @@ where
             Event::Violation(v) => {
                 let (code, reason) = match v {
                     Violation::Protocol(_) => (1002, "protocol error"),
-                    Violation::InvalidCloseReason => (1007, "invalid close reason"),
+                    Violation::InvalidUtf8 => (1007, "invalid UTF-8"),
                     Violation::TooBig => (1009, "message too big"),
                 };
-                self.proxy_close(v.proxy_reason(), code, reason, 1001);
+                self.client_violation(v.proxy_reason(), code, reason);
             }
             Event::SrcEnded(_) if self.c2u.src_close.is_some() => {}
             Event::SrcEnded(_) => self.client_gone(By::Client, None),
@@ -230,6 +230,24 @@ where
             Event::SrcEnded(_) => self.upstream_gone(By::Upstream, None),
             Event::DstFailed(_) => self.client_gone(By::Client, None),
         }
+    }
+
+    /// The client broke a rule: 1001 to the upstream at once, and the client's close code
+    /// in place of the upstream's close reply, so replies to what the client sent before
+    /// the offending frame still reach it first (as they would from the upstream itself).
+    fn client_violation(&mut self, proxy_reason: &'static str, code: u16, reason: &str) {
+        record(&mut self.report, code, reason, By::Proxy);
+        self.report.proxy_reason.get_or_insert(proxy_reason);
+        let frame = ControlFrame::close(code, reason, None);
+        let mask = self.next_mask();
+        self.c2u
+            .send_close(ControlFrame::close(1001, "", Some(mask)));
+        if self.upstream_dead || self.u2c.src_eof || self.u2c.src_close.is_some() {
+            self.u2c.send_close(frame);
+        } else {
+            self.u2c.close_reply = Some(frame);
+        }
+        self.start_close_wait();
     }
 
     /// The proxy ends the connection itself: `to_client` to the client, `to_upstream`
@@ -291,7 +309,9 @@ where
             self.report.proxy_reason.get_or_insert(r);
         }
         if self.u2c.at_boundary() {
-            self.u2c.send_close(ControlFrame::close(code, "", None));
+            let reply = self.u2c.close_reply.take();
+            self.u2c
+                .send_close(reply.unwrap_or_else(|| ControlFrame::close(code, "", None)));
         } else {
             self.u2c.abandon_dst();
             self.client_dead = true;

@@ -14,7 +14,8 @@ use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::time::Instant;
 
 use super::frame::{
-    ControlFrame, Kind, MAX_HEADER_LEN, RawHeader, Rules, Validator, Violation, parse_raw,
+    ControlFrame, Dir, Kind, MAX_HEADER_LEN, RawHeader, Rules, Utf8Check, Validator, Violation,
+    apply_mask, parse_raw,
 };
 use super::pool;
 
@@ -83,6 +84,9 @@ pub struct Pump {
     out_sent: usize,
     /// The proxy's own close frame, waiting for a frame boundary.
     inject: Option<ControlFrame>,
+    /// Sent to the destination in place of the source's close when that arrives (the
+    /// proxy answers a peer for the other one, after everything the source sent before).
+    pub close_reply: Option<ControlFrame>,
     needs_flush: bool,
     /// Frames from the source still go to the destination.
     forward: bool,
@@ -93,6 +97,16 @@ pub struct Pump {
     pub src_close: Option<(u16, String)>,
     /// A close frame (relayed or the proxy's own) has been fully written to the destination.
     pub dst_close_sent: bool,
+    /// Client text is checked for UTF-8 (unless an extension such as deflate transforms
+    /// payloads); these track the frame being checked.
+    check_text: bool,
+    text: Utf8Check,
+    in_text: bool,
+    frame_mask: Option<[u8; 4]>,
+    frame_offset: u64,
+    frame_fin: bool,
+    /// The frame being forwarded is part of a checked text message (not a control frame).
+    frame_is_text: bool,
     /// When the destination stopped accepting writes (for `send_timeout`).
     pub stalled_since: Option<Instant>,
     pub stats: Stats,
@@ -115,6 +129,7 @@ impl Pump {
             out: ControlFrame::default(),
             out_sent: 0,
             inject: None,
+            close_reply: None,
             needs_flush: false,
             forward: true,
             dst_dead: false,
@@ -122,6 +137,13 @@ impl Pump {
             src_close: None,
             dst_close_sent: false,
             stalled_since: None,
+            check_text: rules.dir == Dir::ClientToUpstream && rules.rsv_first == 0,
+            text: Utf8Check::default(),
+            in_text: false,
+            frame_mask: None,
+            frame_offset: 0,
+            frame_fin: false,
+            frame_is_text: false,
             stats: Stats::default(),
         }
     }
@@ -289,14 +311,24 @@ impl Pump {
             let step = match self.phase {
                 Phase::Forward(rem) => {
                     let n = clamp(rem, avail.len());
+                    if self.frame_is_text {
+                        feed_unmasked(
+                            &mut self.text,
+                            &avail[..n],
+                            self.frame_mask,
+                            self.frame_offset,
+                        );
+                        self.frame_offset += n as u64;
+                    }
                     self.pos += n;
                     self.stats.bytes += n as u64;
-                    self.phase = if rem == n as u64 {
-                        Phase::Header
+                    if rem == n as u64 {
+                        self.phase = Phase::Header;
+                        self.frame_done()
                     } else {
-                        Phase::Forward(rem - n as u64)
-                    };
-                    Step::Go
+                        self.phase = Phase::Forward(rem - n as u64);
+                        Step::Go
+                    }
                 }
                 Phase::Discard(rem) => {
                     let n = clamp(rem, avail.len());
@@ -368,13 +400,50 @@ impl Pump {
                 self.stats.bytes += raw.len as u64;
                 if kind == Kind::Start {
                     self.stats.messages += 1;
+                    self.in_text = self.check_text && raw.opcode == 0x1;
                 }
-                if raw.payload_len > 0 {
-                    self.phase = Phase::Forward(raw.payload_len);
-                }
-                Step::Go
+                // Control frames inside a text message are not part of its text.
+                let text = self.in_text && matches!(kind, Kind::Start | Kind::Continuation);
+                self.start_payload(raw, text)
             }
         }
+    }
+
+    /// Starts forwarding a frame's payload; `text` frames are also UTF-8 checked.
+    fn start_payload(&mut self, raw: &RawHeader, text: bool) -> Step {
+        self.frame_is_text = text;
+        if text {
+            self.frame_mask = raw.mask;
+            self.frame_offset = 0;
+            self.frame_fin = raw.fin;
+        }
+        if raw.payload_len > 0 {
+            self.phase = Phase::Forward(raw.payload_len);
+            return Step::Go;
+        }
+        if text { self.frame_done() } else { Step::Go }
+    }
+
+    /// End of a forwarded frame's payload: judge the text at frame granularity (as
+    /// tungstenite does), so a bad sequence fails the connection when its frame ends.
+    fn frame_done(&mut self) -> Step {
+        if !self.frame_is_text {
+            return Step::Go;
+        }
+        self.frame_is_text = false;
+        let ok = if self.frame_fin {
+            self.in_text = false;
+            self.text.finish()
+        } else {
+            !self.text.is_bad()
+        };
+        if ok {
+            return Step::Go;
+        }
+        self.in_text = false;
+        self.text = Utf8Check::default();
+        self.forward = false;
+        Step::Report(Event::Violation(Violation::InvalidUtf8))
     }
 
     /// After a violation or a close, frames are only walked (to find the peer's close),
@@ -383,12 +452,18 @@ impl Pump {
         if self.sent < self.pos && !self.dst_dead {
             return Step::Stop;
         }
-        if raw.opcode == 0x8 && raw.payload_len <= 125 && self.src_close.is_none() {
+        let is_close = raw.opcode == 0x8 && self.src_close.is_none();
+        if is_close && raw.payload_len <= 125 {
             return self.start_close(raw);
         }
         self.skip(raw.len);
         if raw.payload_len > 0 {
             self.phase = Phase::Discard(raw.payload_len);
+        }
+        if is_close {
+            // An oversized close is still the peer's close: it will send nothing more.
+            self.src_close = Some((1005, String::new()));
+            return Step::Report(Event::CloseReceived);
         }
         Step::Go
     }
@@ -420,14 +495,18 @@ impl Pump {
             Ok(info) => {
                 self.src_close = Some(info);
                 if was_forwarding && !self.dst_dead {
-                    self.out = self.ctl;
+                    self.out = self.close_reply.take().unwrap_or(self.ctl);
                     self.out_sent = 0;
                     self.stats.frames += 1;
                     self.stats.bytes += self.out.as_bytes().len() as u64;
                 }
                 Step::Report(Event::CloseReceived)
             }
-            Err(v) if was_forwarding => Step::Report(Event::Violation(v)),
+            Err(v) if was_forwarding => {
+                // Malformed, but still the peer's close: it will send nothing more.
+                self.src_close = Some((1005, String::new()));
+                Step::Report(Event::Violation(v))
+            }
             Err(_) => {
                 // A malformed close after we stopped forwarding still ends the peer's side
                 // of the handshake.
@@ -585,6 +664,24 @@ enum Step {
 enum WriteSrc {
     Out,
     Run,
+}
+
+/// Feeds client bytes (masked on the wire) to the UTF-8 check, unmasking a copy in
+/// stack-sized pieces; the forwarded bytes stay untouched.
+fn feed_unmasked(check: &mut Utf8Check, data: &[u8], mask: Option<[u8; 4]>, offset: u64) {
+    let Some(mask) = mask else {
+        check.feed(data);
+        return;
+    };
+    let mut scratch = [0u8; 512];
+    let mut at = (offset & 3) as usize;
+    for piece in data.chunks(scratch.len()) {
+        let plain = &mut scratch[..piece.len()];
+        plain.copy_from_slice(piece);
+        apply_mask(plain, mask, at);
+        at = (at + piece.len()) & 3;
+        check.feed(plain);
+    }
 }
 
 /// `min(rem, avail)` as a usize.
