@@ -269,3 +269,14 @@ async fn upstream_subprotocol_choice_reaches_the_client() {
         Some(accept.as_str())
     );
 }
+
+#[tokio::test]
+async fn beyond_max_connections_is_503_capacity() {
+    let backend = echo_backend().await;
+    let yaml = ROUTED
+        .replace("BACKEND", &backend.to_string())
+        .replace("upstreams:", "limits: { max_connections: 1 }\nupstreams:");
+    let gw = spawn_gateway(&yaml).await;
+    let _first = connect(&gw.url("/chat")).await;
+    assert_refused(&gw, &upgrade_request("/chat", ""), 503, "capacity").await;
+}

@@ -44,7 +44,10 @@ pub fn validate(file: FileConfig) -> Result<Config, Vec<Issue>> {
     let admin = file.admin.and_then(|admin| {
         let path = root.key("admin").key("bind");
         let bind = v.socket_addr(&admin.bind, &path)?;
-        if let Some(i) = listeners.iter().position(|l| l.bind == bind) {
+        if let Some(i) = listeners
+            .iter()
+            .position(|l| l.bind == bind && bind.port() != 0)
+        {
             v.issue(
                 &path,
                 format!(
@@ -212,7 +215,8 @@ impl Validator {
                 },
                 None => (bind.to_string(), path.key("bind")),
             };
-            if let Some(first) = binds.get(&bind) {
+            // Port 0 asks the OS for a fresh port, so it never collides.
+            if let Some(first) = binds.get(&bind).filter(|_| bind.port() != 0) {
                 self.issue(
                     &path.key("bind"),
                     format!("bind address {bind} is already used by listeners[{first}]; each listener needs its own address"),

@@ -1,0 +1,148 @@
+//! The `wsgate` binary itself: `--check` exit codes and located errors, and a real run of
+//! the default configuration serving the built-in echo demo.
+
+mod support;
+
+use std::io::{BufRead, BufReader};
+use std::path::PathBuf;
+use std::process::{Command, Stdio};
+use std::time::Duration;
+
+use futures_util::{SinkExt, StreamExt};
+use tokio_tungstenite::tungstenite::Message;
+
+const BIN: &str = env!("CARGO_BIN_EXE_wsgate");
+
+fn temp_config(name: &str, text: &str) -> PathBuf {
+    let path = std::env::temp_dir().join(format!("wsgate-test-{}-{name}.yaml", std::process::id()));
+    std::fs::write(&path, text).unwrap_or_else(|e| panic!("{e}"));
+    path
+}
+
+fn run(args: &[&str]) -> (i32, String, String) {
+    let out = Command::new(BIN)
+        .args(args)
+        .output()
+        .unwrap_or_else(|e| panic!("{e}"));
+    (
+        out.status.code().unwrap_or(-1),
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
+#[test]
+fn shipped_configs_pass_check() {
+    for file in ["conf/wsgate.yaml", "conf/example-full.yaml"] {
+        let (code, out, err) = run(&["--check", "--config", file]);
+        assert_eq!(code, 0, "{file}: {out}{err}");
+        assert!(out.contains("is valid"), "{out}");
+    }
+}
+
+#[test]
+fn check_reports_every_error_with_file_line_column_and_key_path() {
+    let path = temp_config(
+        "bad",
+        "listeners: [{ name: a, bind: \"127.0.0.1:0\" }]\nupstreams:\n  e: { builtin: echo }\nroutes:\n  - name: r\n    match: { path_prefx: /x }\n    upstream: e\n",
+    );
+    let (code, _, err) = run(&["--check", "--config", path.to_str().unwrap_or_default()]);
+    assert_eq!(code, 1, "{err}");
+    let want = format!("{}:6:14: routes[0].match", path.display());
+    assert!(err.contains(&want), "want {want:?} in {err}");
+    assert!(err.contains("path_prefx"), "{err}");
+    // Running (not checking) with it is a usage error.
+    let (code, _, _) = run(&["--config", path.to_str().unwrap_or_default()]);
+    assert_eq!(code, 64);
+    let _ = std::fs::remove_file(path);
+}
+
+#[test]
+fn not_yet_built_features_are_refused_not_ignored() {
+    let path = temp_config(
+        "auth",
+        "listeners: [{ name: a, bind: \"127.0.0.1:0\" }]\nupstreams:\n  e: { builtin: echo }\nroutes:\n  - name: r\n    match: { path_prefix: /x }\n    upstream: e\n    auth: { api_keys: { header: X-Key, keys_file: k.txt } }\n",
+    );
+    let (code, _, err) = run(&["--check", "--config", path.to_str().unwrap_or_default()]);
+    assert_eq!(code, 1, "{err}");
+    assert!(
+        err.contains("routes[0].auth") && err.contains("not supported yet"),
+        "{err}"
+    );
+    let _ = std::fs::remove_file(path);
+}
+
+#[test]
+fn version_and_unknown_flags() {
+    let (code, out, _) = run(&["--version"]);
+    assert_eq!(code, 0);
+    assert!(out.starts_with("wsgate "), "{out}");
+    let (code, _, err) = run(&["--frobnicate"]);
+    assert_eq!(code, 64);
+    assert!(err.contains("unknown argument"), "{err}");
+}
+
+#[tokio::test]
+async fn default_config_serves_the_echo_demo() {
+    let text = std::fs::read_to_string("conf/wsgate.yaml").unwrap_or_else(|e| panic!("{e}"));
+    let text = text
+        .replace("127.0.0.1:8080", "127.0.0.1:0")
+        .replace("127.0.0.1:9090", "127.0.0.1:0");
+    let path = temp_config("default", &text);
+    let mut child = Command::new(BIN)
+        .args(["--config", path.to_str().unwrap_or_default()])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap_or_else(|e| panic!("{e}"));
+    let stderr = child.stderr.take().unwrap_or_else(|| panic!("no stderr"));
+    // Keep draining stderr after the listener line so the child never writes to a closed pipe.
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        for line in BufReader::new(stderr).lines().map_while(Result::ok) {
+            if let Some(addr) = line
+                .split("listening (ws://)")
+                .nth(1)
+                .and_then(|rest| rest.split("addr=").nth(1))
+            {
+                let _ = tx.send(addr.split_whitespace().next().unwrap_or("").to_owned());
+            }
+        }
+    });
+    let addr = rx
+        .recv_timeout(Duration::from_secs(20))
+        .unwrap_or_else(|_| panic!("wsgate did not report its listener"));
+    let mut ws = support::connect(&format!("ws://{addr}/echo")).await;
+    ws.send(Message::text("hello demo"))
+        .await
+        .unwrap_or_else(|e| panic!("{e}"));
+    let reply = tokio::time::timeout(support::PATIENCE, ws.next()).await;
+    assert!(
+        matches!(reply, Ok(Some(Ok(Message::Text(ref t)))) if t.as_str() == "hello demo"),
+        "{reply:?}"
+    );
+    ws.close(None).await.unwrap_or_else(|e| panic!("{e}"));
+    let _ = tokio::time::timeout(support::PATIENCE, ws.next()).await;
+    drop(ws);
+    // The access log (stdout by default) gets its line once the connection has ended.
+    let stdout = child.stdout.take().unwrap_or_else(|| panic!("no stdout"));
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        for line in BufReader::new(stdout).lines().map_while(Result::ok) {
+            let _ = tx.send(line);
+        }
+    });
+    let line = rx
+        .recv_timeout(Duration::from_secs(20))
+        .unwrap_or_else(|_| panic!("no access-log line"));
+    let line: serde_json::Value =
+        serde_json::from_str(&line).unwrap_or_else(|e| panic!("{e}: {line}"));
+    assert_eq!(line["event"], "ws_close");
+    assert_eq!(line["route"], "echo");
+    assert_eq!(line["close"]["code"], 1005, "a close frame without a code is logged as 1005");
+    let pid = child.id().to_string();
+    let _ = Command::new("kill").args(["-TERM", &pid]).status();
+    let status = child.wait().unwrap_or_else(|e| panic!("{e}"));
+    assert!(status.success(), "exit: {status:?}");
+    let _ = std::fs::remove_file(path);
+}
