@@ -90,9 +90,12 @@ impl RequestInfo {
     }
 }
 
-/// What the handshake leaves for the relay.
+/// What the handshake leaves for the relay. Nothing here may borrow hyper's read buffers
+/// (header values do): they would pin 8 KiB per connection for its whole life.
 struct Established {
-    upstream: Connected,
+    upstream: TcpStream,
+    upstream_early: Bytes,
+    backend: String,
     settings: Settings,
     info: RequestInfo,
 }
@@ -133,13 +136,23 @@ async fn serve(shared: Arc<Shared>, listener: Arc<str>, stream: TcpStream, peer:
         head_seen: AtomicBool::new(false),
         established: Mutex::new(None),
     });
+    // The handshake (hyper's connection, its buffers, the timers) lives in its own
+    // allocation, freed before the relay starts: a long-lived connection keeps only the
+    // relay's small state.
+    if let Some((client, early, est)) = Box::pin(handshake(&conn, stream)).await {
+        run_relay(&conn, client, early, est).await;
+    }
+}
+
+/// Serves the one HTTP request of the connection. Returns the client socket, any bytes
+/// read past the head, and what the relay needs, when the upgrade succeeded.
+async fn handshake(conn: &Arc<Conn>, stream: TcpStream) -> Option<(TcpStream, Bytes, Established)> {
     let mut http = hyper::server::conn::http1::Builder::new();
     // Keep-alive stays on: every response of ours says `Connection: close`, and hyper would
     // otherwise append `close` to the 101 as well.
     http.header_read_timeout(None).max_buf_size(MAX_HEAD);
     let mut http = http.serve_connection(TokioIo::new(stream), Service(conn.clone()));
-    let handshake_timeout = shared.config.limits.handshake_timeout;
-    let deadline = tokio::time::sleep(handshake_timeout);
+    let deadline = tokio::time::sleep(conn.shared.config.limits.handshake_timeout);
     tokio::pin!(deadline);
     let mut deadline_live = true;
     let served = loop {
@@ -163,12 +176,14 @@ async fn serve(shared: Arc<Shared>, listener: Arc<str>, stream: TcpStream, peer:
                 let _ = tokio::time::timeout(Duration::from_secs(1), io.write_all(REQUEST_TIMEOUT))
                     .await;
             }
+            let status = if partial_head { 408 } else { 0 };
             conn.log_reject(
                 &RequestInfo::default(),
                 Rejection::HandshakeTimeout,
-                if partial_head { 408 } else { 0 },
+                status,
                 None,
             );
+            None
         }
         Some(Err(e)) => {
             if e.is_parse() || e.is_parse_too_large() {
@@ -177,14 +192,12 @@ async fn serve(shared: Arc<Shared>, listener: Arc<str>, stream: TcpStream, peer:
             } else {
                 tracing::debug!(conn_id = %conn.conn_id, error = %e, "connection ended during the handshake");
             }
+            None
         }
         Some(Ok(())) => {
-            let established = conn.established.lock().ok().and_then(|mut e| e.take());
-            if let Some(est) = established {
-                let parts = http.into_parts();
-                drop(parts.service);
-                run_relay(&conn, parts.io.into_inner(), parts.read_buf, est).await;
-            }
+            let est = conn.established.lock().ok().and_then(|mut e| e.take())?;
+            let parts = http.into_parts();
+            Some((parts.io.into_inner(), parts.read_buf, est))
         }
     }
 }
@@ -195,18 +208,12 @@ const REQUEST_TIMEOUT: &[u8] = b"HTTP/1.1 408 Request Timeout\r\ncontent-type: t
 async fn run_relay(conn: &Conn, client: TcpStream, client_early: Bytes, est: Established) {
     let Established {
         upstream,
+        upstream_early,
+        backend,
         settings,
         info,
     } = est;
-    let backend = upstream.backend;
-    let report = relay::relay(
-        client,
-        client_early,
-        upstream.stream,
-        upstream.early,
-        &settings,
-    )
-    .await;
+    let report = relay::relay(client, client_early, upstream, upstream_early, &settings).await;
     let mut record = conn.record("ws_close", &info, 101, Some(&backend));
     Record::set_report(&mut record, &report);
     conn.shared.access.log(&record);
@@ -239,23 +246,31 @@ impl Conn {
         };
         match upstream::connect(&parts, &admitted, &fwd, self.shared.echo_addr).await {
             Ok(up) => {
+                let Connected {
+                    stream,
+                    early,
+                    backend,
+                    response_headers,
+                    extensions,
+                } = up;
                 let limits = &admitted.route.limits;
                 let settings = Settings {
                     buffer_size: limits.buffer_size,
                     send_timeout: limits.send_timeout,
                     max_frame_size: limits.max_frame_size,
                     max_message_size: limits.max_message_size,
-                    extensions: up.extensions.clone(),
+                    extensions,
                 };
-                let resp = switching_protocols(&up);
                 if let Ok(mut slot) = self.established.lock() {
                     *slot = Some(Established {
-                        upstream: up,
+                        upstream: stream,
+                        upstream_early: early,
+                        backend,
                         settings,
                         info,
                     });
                 }
-                resp
+                switching_protocols(response_headers)
             }
             Err(Failure::Proxy(r, backend)) => self.refuse(&info, r, Some(&backend)),
             Err(Failure::Status(resp, backend)) => {
@@ -317,10 +332,10 @@ impl Conn {
 }
 
 /// The 101 for the client: the upstream's end-to-end headers plus the upgrade pair.
-fn switching_protocols(up: &Connected) -> Response<Body> {
+fn switching_protocols(headers: http::HeaderMap) -> Response<Body> {
     let mut resp = Response::new(Either::Left(Full::new(Bytes::new())));
     *resp.status_mut() = StatusCode::SWITCHING_PROTOCOLS;
-    *resp.headers_mut() = up.response_headers.clone();
+    *resp.headers_mut() = headers;
     let h = resp.headers_mut();
     h.insert(header::CONNECTION, HeaderValue::from_static("Upgrade"));
     h.insert(header::UPGRADE, HeaderValue::from_static("websocket"));

@@ -139,7 +139,10 @@ async fn default_config_serves_the_echo_demo() {
         serde_json::from_str(&line).unwrap_or_else(|e| panic!("{e}: {line}"));
     assert_eq!(line["event"], "ws_close");
     assert_eq!(line["route"], "echo");
-    assert_eq!(line["close"]["code"], 1005, "a close frame without a code is logged as 1005");
+    assert_eq!(
+        line["close"]["code"], 1005,
+        "a close frame without a code is logged as 1005"
+    );
     let pid = child.id().to_string();
     let _ = Command::new("kill").args(["-TERM", &pid]).status();
     let status = child.wait().unwrap_or_else(|e| panic!("{e}"));

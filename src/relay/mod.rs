@@ -245,7 +245,7 @@ where
         if self.upstream_dead || self.u2c.src_eof || self.u2c.src_close.is_some() {
             self.u2c.send_close(frame);
         } else {
-            self.u2c.close_reply = Some(frame);
+            self.u2c.close_reply = Some(Box::new(frame));
         }
         self.start_close_wait();
     }
@@ -311,7 +311,7 @@ where
         if self.u2c.at_boundary() {
             let reply = self.u2c.close_reply.take();
             self.u2c
-                .send_close(reply.unwrap_or_else(|| ControlFrame::close(code, "", None)));
+                .send_close(reply.map_or_else(|| ControlFrame::close(code, "", None), |b| *b));
         } else {
             self.u2c.abandon_dst();
             self.client_dead = true;
@@ -430,3 +430,4 @@ fn mask_seed() -> u64 {
     static COUNTER: AtomicU64 = AtomicU64::new(0);
     RandomState::new().hash_one(COUNTER.fetch_add(1, Ordering::Relaxed))
 }
+

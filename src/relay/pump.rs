@@ -77,16 +77,18 @@ pub struct Pump {
     stash: [u8; MAX_HEADER_LEN],
     stash_len: usize,
     phase: Phase,
+    // Close frames happen about once per connection, so they live on the heap only while
+    // needed: an idle pump is a few dozen bytes plus its counters.
     /// A close frame being collected, then written out once checked.
-    ctl: ControlFrame,
-    /// Bytes of `out` already written; `out` is pending while `out_len > out_sent`.
-    out: ControlFrame,
+    ctl: Option<Box<ControlFrame>>,
+    /// A close frame being written; `out_sent` bytes of it are out.
+    out: Option<Box<ControlFrame>>,
     out_sent: usize,
     /// The proxy's own close frame, waiting for a frame boundary.
-    inject: Option<ControlFrame>,
+    inject: Option<Box<ControlFrame>>,
     /// Sent to the destination in place of the source's close when that arrives (the
     /// proxy answers a peer for the other one, after everything the source sent before).
-    pub close_reply: Option<ControlFrame>,
+    pub close_reply: Option<Box<ControlFrame>>,
     needs_flush: bool,
     /// Frames from the source still go to the destination.
     forward: bool,
@@ -125,8 +127,8 @@ impl Pump {
             stash: [0; MAX_HEADER_LEN],
             stash_len: 0,
             phase: Phase::Header,
-            ctl: ControlFrame::default(),
-            out: ControlFrame::default(),
+            ctl: None,
+            out: None,
             out_sent: 0,
             inject: None,
             close_reply: None,
@@ -177,9 +179,9 @@ impl Pump {
     /// Queues the proxy's own close frame for the destination; it goes out at the next
     /// frame boundary, after which nothing more is forwarded.
     pub fn send_close(&mut self, frame: ControlFrame) {
-        let close_in_flight = !self.out.as_bytes().is_empty();
+        let close_in_flight = self.out.is_some();
         if !self.dst_dead && !self.dst_close_sent && !close_in_flight && self.inject.is_none() {
-            self.inject = Some(frame);
+            self.inject = Some(Box::new(frame));
         }
         self.forward = false;
     }
@@ -189,7 +191,7 @@ impl Pump {
         self.dst_dead = true;
         self.forward = false;
         self.inject = None;
-        self.out.clear();
+        self.out = None;
         self.out_sent = 0;
         self.stalled_since = None;
     }
@@ -211,7 +213,7 @@ impl Pump {
     }
 
     fn has_output(&self) -> bool {
-        self.out_sent < self.out.as_bytes().len() || self.sent < self.pos
+        self.out.is_some() || self.sent < self.pos
     }
 
     /// Drives the pump until it must wait for I/O (`Pending`, wakers registered) or has
@@ -229,7 +231,7 @@ impl Pump {
             if self.dst_dead {
                 // Keep consuming the source so its close (or EOF) is seen.
                 self.sent = self.pos;
-            } else if self.out_sent < self.out.as_bytes().len() {
+            } else if self.out.is_some() {
                 if let Err(e) = ready!(self.poll_write_out(cx, dst)) {
                     return Poll::Ready(Event::DstFailed(e));
                 }
@@ -241,7 +243,7 @@ impl Pump {
                 continue;
             } else if self.inject.is_some() && self.at_boundary() {
                 if let Some(frame) = self.inject.take().filter(|_| !self.dst_close_sent) {
-                    self.out = frame;
+                    self.out = Some(frame);
                     self.out_sent = 0;
                 }
                 continue;
@@ -351,7 +353,9 @@ impl Pump {
                     mask,
                 } => {
                     let n = clamp(remaining, avail.len());
-                    self.ctl.extend(&avail[..n]);
+                    if let Some(ctl) = self.ctl.as_mut() {
+                        ctl.extend(&avail[..n]);
+                    }
                     self.skip(n);
                     if remaining == n as u64 {
                         self.phase = Phase::Header;
@@ -470,9 +474,10 @@ impl Pump {
 
     /// Starts collecting a close frame (header now, payload as it arrives).
     fn start_close(&mut self, raw: &RawHeader) -> Step {
-        self.ctl.clear();
+        let ctl = self.ctl.get_or_insert_with(Box::default);
+        ctl.clear();
         if let Some(buf) = self.buf.as_deref() {
-            self.ctl.extend(&buf[self.pos..self.pos + raw.len]);
+            ctl.extend(&buf[self.pos..self.pos + raw.len]);
         }
         self.skip(raw.len);
         if raw.payload_len == 0 {
@@ -488,17 +493,21 @@ impl Pump {
 
     /// A whole close frame is in `ctl`: check it, then forward it unchanged.
     fn close_collected(&mut self, header_len: usize, mask: Option<[u8; 4]>) -> Step {
-        let info = self.ctl.close_info(header_len, mask);
+        let Some(ctl) = self.ctl.take() else {
+            return Step::Go;
+        };
+        let info = ctl.close_info(header_len, mask);
         let was_forwarding = self.forward;
         self.forward = false;
         match info {
             Ok(info) => {
                 self.src_close = Some(info);
                 if was_forwarding && !self.dst_dead {
-                    self.out = self.close_reply.take().unwrap_or(self.ctl);
-                    self.out_sent = 0;
+                    let out = self.close_reply.take().unwrap_or(ctl);
                     self.stats.frames += 1;
-                    self.stats.bytes += self.out.as_bytes().len() as u64;
+                    self.stats.bytes += out.as_bytes().len() as u64;
+                    self.out = Some(out);
+                    self.out_sent = 0;
                 }
                 Step::Report(Event::CloseReceived)
             }
@@ -527,12 +536,16 @@ impl Pump {
         cx: &mut Context<'_>,
         dst: &mut W,
     ) -> Poll<io::Result<()>> {
-        while self.out_sent < self.out.as_bytes().len() {
+        while self
+            .out
+            .as_ref()
+            .is_some_and(|o| self.out_sent < o.as_bytes().len())
+        {
             let n = ready!(self.poll_write_some(cx, dst, WriteSrc::Out))?;
             self.out_sent += n;
         }
         // `out` only ever holds a close frame, relayed or our own.
-        self.out.clear();
+        self.out = None;
         self.out_sent = 0;
         self.dst_close_sent = true;
         Poll::Ready(Ok(()))
@@ -555,7 +568,10 @@ impl Pump {
         what: WriteSrc,
     ) -> Poll<io::Result<usize>> {
         let bytes = match what {
-            WriteSrc::Out => &self.out.as_bytes()[self.out_sent..],
+            WriteSrc::Out => match self.out.as_deref() {
+                Some(out) => &out.as_bytes()[self.out_sent..],
+                None => &[],
+            },
             WriteSrc::Run => match self.buf.as_deref() {
                 Some(buf) => &buf[self.sent..self.pos],
                 None => &[],
