@@ -13,10 +13,12 @@
 //! - [`admin`]: `/healthz`, `/readyz`.
 //! - [`echo`]: the built-in demo echo upstream.
 //! - [`ids`]: connection ids.
+//! - [`fuzzing`]: entry points for the fuzz targets and their corpus replay.
 
 pub mod admin;
 pub mod config;
 pub mod echo;
+pub mod fuzzing;
 pub mod handshake;
 pub mod ids;
 pub mod listener;
