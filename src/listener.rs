@@ -253,14 +253,8 @@ impl Conn {
                     response_headers,
                     extensions,
                 } = up;
-                let limits = &admitted.route.limits;
-                let settings = Settings {
-                    buffer_size: limits.buffer_size,
-                    send_timeout: limits.send_timeout,
-                    max_frame_size: limits.max_frame_size,
-                    max_message_size: limits.max_message_size,
-                    extensions,
-                };
+                let config = &self.shared.config;
+                let settings = Settings::new(&admitted.route.limits, &config.keepalive, extensions);
                 if let Ok(mut slot) = self.established.lock() {
                     *slot = Some(Established {
                         upstream: stream,
@@ -327,6 +321,9 @@ impl Conn {
             u2c: Counts::default(),
             close: None,
             proxy_reason: None,
+            pings: 0,
+            rtt_ms: None,
+            rate_limited: 0,
         }
     }
 }

@@ -18,6 +18,12 @@ fn settings() -> Settings {
         max_frame_size: 1 << 20,
         max_message_size: 1 << 20,
         extensions: String::new(),
+        messages: None,
+        fragment_timeout: Duration::ZERO,
+        idle_timeout: Duration::ZERO,
+        ping_interval: Duration::ZERO,
+        pong_timeout: Duration::from_secs(10),
+        upstream_ping_interval: Duration::ZERO,
     }
 }
 

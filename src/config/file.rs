@@ -29,6 +29,22 @@ pub const DEFAULT_MAX_MESSAGE_SIZE: u64 = 4 << 20;
 pub const DEFAULT_SEND_TIMEOUT: Duration = Duration::from_secs(30);
 /// `limits.buffer_size`: relay buffer per direction per connection (16 KiB).
 pub const DEFAULT_BUFFER_SIZE: usize = 16 << 10;
+/// Client→upstream data messages allowed per `per` (SPEC §2 `limits.messages`).
+pub const DEFAULT_MESSAGE_RATE: u32 = 100;
+/// Refill period of the message rate.
+pub const DEFAULT_MESSAGE_PER: Duration = Duration::from_secs(1);
+/// Message burst allowance.
+pub const DEFAULT_MESSAGE_BURST: u32 = 200;
+/// A fragmented client message must complete within this (0 = off).
+pub const DEFAULT_FRAGMENT_TIMEOUT: Duration = Duration::from_secs(10);
+/// No data frames either way for this long closes the connection (0 = off).
+pub const DEFAULT_IDLE_TIMEOUT: Duration = Duration::ZERO;
+/// Proxy → client ping period, counted from the last frame sent to the client (0 = off).
+pub const DEFAULT_PING_INTERVAL: Duration = Duration::from_secs(20);
+/// A proxy ping unanswered this long marks the peer dead.
+pub const DEFAULT_PONG_TIMEOUT: Duration = Duration::from_secs(10);
+/// Proxy → upstream ping period (0 = off).
+pub const DEFAULT_UPSTREAM_PING_INTERVAL: Duration = Duration::ZERO;
 /// `upstreams.*.connect_timeout`: TCP connect plus upstream handshake budget.
 pub const DEFAULT_CONNECT_TIMEOUT: Duration = Duration::from_secs(3);
 /// `upstreams.*.backends[].weight`: relative share of a backend.
@@ -142,11 +158,11 @@ pub struct FileLimits {
     pub max_frame_size: Option<SizeValue>,
     /// Largest message; default 4MiB; at least max_frame_size.
     pub max_message_size: Option<SizeValue>,
-    /// Client→upstream message rate (not supported yet).
+    /// Client→upstream data-message rate; default 100 per 1s, burst 200, `close`.
     pub messages: Option<FileMessageRate>,
-    /// Deadline for a fragmented message (not supported yet).
+    /// Deadline for a fragmented client message; default 10s; `0s` = off.
     pub fragment_timeout: Option<DurationValue>,
-    /// Close after this long without data frames (not supported yet unless `0s`).
+    /// Close after this long without data frames either way; default `0s` = off.
     pub idle_timeout: Option<DurationValue>,
     /// Slow-consumer write stall limit; default 30s; must be > 0.
     pub send_timeout: Option<DurationValue>,
@@ -181,11 +197,11 @@ pub struct FileMessageRate {
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct FileKeepalive {
-    /// Proxy → client ping period (not supported yet unless `0s`).
+    /// Proxy → client ping period after the last frame sent; default 20s; `0s` = off.
     pub ping_interval: Option<DurationValue>,
-    /// Dead-peer deadline for a proxy ping (accepted, unused until pings exist).
+    /// A proxy ping unanswered this long means a dead peer; default 10s; > 0.
     pub pong_timeout: Option<DurationValue>,
-    /// Proxy → upstream ping period (not supported yet unless `0s`).
+    /// Proxy → upstream ping period; default `0s` = off.
     pub upstream_ping_interval: Option<DurationValue>,
 }
 

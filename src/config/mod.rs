@@ -30,6 +30,7 @@ pub struct Config {
     pub log: Log,
     /// Top-level limits with defaults applied; routes start from these.
     pub limits: Limits,
+    pub keepalive: Keepalive,
     /// Upstreams by name; routes hold clones of the same `Arc`s.
     pub upstreams: BTreeMap<String, Arc<Upstream>>,
     /// Routes in file order; the first match wins.
@@ -85,6 +86,40 @@ pub struct Limits {
     pub send_timeout: Duration,
     /// Relay buffer bytes per direction per connection; 1 KiB..=1 MiB.
     pub buffer_size: usize,
+    /// Client→upstream data-message rate (a fragmented message counts once).
+    pub messages: MessageRate,
+    /// A fragmented client message must complete within this; zero = off.
+    pub fragment_timeout: Duration,
+    /// No data frame either way for this long → close 1000; zero = off.
+    pub idle_timeout: Duration,
+}
+
+/// A token bucket: `rate` messages per `per`, holding up to `burst`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct MessageRate {
+    pub rate: std::num::NonZeroU32,
+    pub per: Duration,
+    pub burst: std::num::NonZeroU32,
+    pub on_exceed: OnExceed,
+}
+
+/// What exceeding the message rate does.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum OnExceed {
+    /// Close 1008 `rate limit`.
+    Close,
+    /// Stop reading from the client until a token is free (TCP backpressure).
+    Throttle,
+}
+
+/// Proxy pings (SPEC §2 `keepalive`), process-wide.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Keepalive {
+    /// Zero = off.
+    pub ping_interval: Duration,
+    pub pong_timeout: Duration,
+    /// Zero = off.
+    pub upstream_ping_interval: Duration,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]

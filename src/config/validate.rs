@@ -10,16 +10,22 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use super::file::{
-    DEFAULT_BUFFER_SIZE, DEFAULT_CONNECT_TIMEOUT, DEFAULT_HANDSHAKE_TIMEOUT, DEFAULT_LOG_ACCESS,
-    DEFAULT_LOG_FORMAT, DEFAULT_MAX_CONNECTIONS, DEFAULT_MAX_FRAME_SIZE, DEFAULT_MAX_MESSAGE_SIZE,
-    DEFAULT_SEND_TIMEOUT, DEFAULT_WEIGHT, FileBackend, FileConfig, FileLimits, FileListener,
-    FileRoute, FileUpstream,
+    DEFAULT_BUFFER_SIZE, DEFAULT_CONNECT_TIMEOUT, DEFAULT_FRAGMENT_TIMEOUT,
+    DEFAULT_HANDSHAKE_TIMEOUT, DEFAULT_IDLE_TIMEOUT, DEFAULT_LOG_ACCESS, DEFAULT_LOG_FORMAT,
+    DEFAULT_MAX_CONNECTIONS, DEFAULT_MAX_FRAME_SIZE, DEFAULT_MAX_MESSAGE_SIZE,
+    DEFAULT_MESSAGE_BURST, DEFAULT_MESSAGE_PER, DEFAULT_MESSAGE_RATE, DEFAULT_PING_INTERVAL,
+    DEFAULT_PONG_TIMEOUT, DEFAULT_SEND_TIMEOUT, DEFAULT_UPSTREAM_PING_INTERVAL, DEFAULT_WEIGHT,
+    FileBackend, FileConfig, FileLimits, FileListener, FileMessageRate, FileRoute, FileUpstream,
 };
 use super::units::{DurationValue, Text, fmt_duration, fmt_size};
 use super::{
-    AccessTarget, Admin, Backend, Config, KeyPath, Limits, Listener, Log, LogFormat, Route,
-    Upstream, UpstreamKind,
+    AccessTarget, Admin, Backend, Config, Keepalive, KeyPath, Limits, Listener, Log, LogFormat,
+    MessageRate, OnExceed, Route, Upstream, UpstreamKind,
 };
+
+fn nonzero(n: u32) -> std::num::NonZeroU32 {
+    std::num::NonZeroU32::new(n).unwrap_or(std::num::NonZeroU32::MIN)
+}
 
 /// Smallest relay buffer: below this a relay spends its time in syscalls.
 pub const MIN_BUFFER_SIZE: u64 = 1 << 10;
@@ -71,15 +77,7 @@ pub fn validate(file: FileConfig) -> Result<Config, Vec<Issue>> {
             "`trusted_proxies` is not supported yet; remove it or set it to []",
         );
     }
-    if let Some(keepalive) = file.keepalive {
-        let path = root.key("keepalive");
-        v.zero_only(keepalive.ping_interval, &path.key("ping_interval"));
-        v.zero_only(
-            keepalive.upstream_ping_interval,
-            &path.key("upstream_ping_interval"),
-        );
-        // pong_timeout is accepted: it only matters once pings exist.
-    }
+    let keepalive = v.keepalive(file.keepalive, &root.key("keepalive"));
 
     let defaults = Limits {
         max_connections: DEFAULT_MAX_CONNECTIONS,
@@ -88,6 +86,14 @@ pub fn validate(file: FileConfig) -> Result<Config, Vec<Issue>> {
         max_message_size: DEFAULT_MAX_MESSAGE_SIZE,
         send_timeout: DEFAULT_SEND_TIMEOUT,
         buffer_size: DEFAULT_BUFFER_SIZE,
+        messages: MessageRate {
+            rate: nonzero(DEFAULT_MESSAGE_RATE),
+            per: DEFAULT_MESSAGE_PER,
+            burst: nonzero(DEFAULT_MESSAGE_BURST),
+            on_exceed: OnExceed::Close,
+        },
+        fragment_timeout: DEFAULT_FRAGMENT_TIMEOUT,
+        idle_timeout: DEFAULT_IDLE_TIMEOUT,
     };
     let limits = v.limits(&defaults, file.limits.as_ref(), &root.key("limits"), true);
 
@@ -115,6 +121,7 @@ pub fn validate(file: FileConfig) -> Result<Config, Vec<Issue>> {
             admin,
             log,
             limits,
+            keepalive,
             upstreams,
             routes,
         })
@@ -141,18 +148,6 @@ impl Validator {
     }
 
     /// A key whose only accepted value for now is `0s` (off).
-    fn zero_only(&mut self, value: Option<DurationValue>, path: &KeyPath) {
-        if value.is_some_and(|d| !d.0.is_zero()) {
-            self.issue(
-                path,
-                format!(
-                    "`{}` other than 0s is not supported yet; set it to 0s or remove it",
-                    last_key(path)
-                ),
-            );
-        }
-    }
-
     fn socket_addr(&mut self, text: &Text, path: &KeyPath) -> Option<SocketAddr> {
         match text.value.trim().parse::<SocketAddr>() {
             Ok(addr) => Some(addr),
@@ -307,8 +302,6 @@ impl Validator {
                 "max_connections_per_ip",
             ),
             (file.handshakes_per_ip.is_some(), "handshakes_per_ip"),
-            (file.messages.is_some(), "messages"),
-            (file.fragment_timeout.is_some(), "fragment_timeout"),
         ] {
             if set {
                 self.issue(
@@ -317,7 +310,17 @@ impl Validator {
                 );
             }
         }
-        self.zero_only(file.idle_timeout, &path.key("idle_timeout"));
+        if let Some(d) = file.idle_timeout {
+            limits.idle_timeout = d.0;
+        }
+        if let Some(d) = file.fragment_timeout {
+            limits.fragment_timeout = d.0;
+        }
+        if let Some(m) = &file.messages
+            && let Some(rate) = self.message_rate(m, &path.key("messages"))
+        {
+            limits.messages = rate;
+        }
 
         if let Some(d) = file.handshake_timeout {
             limits.handshake_timeout = self.positive(d, &path.key("handshake_timeout"));
@@ -376,6 +379,65 @@ impl Validator {
             );
         }
         limits
+    }
+
+    /// `limits.messages`: rate ≥ 1, per > 0, burst ≥ 1 (default: rate), on_exceed.
+    fn message_rate(&mut self, m: &FileMessageRate, path: &KeyPath) -> Option<MessageRate> {
+        let before = self.issues.len();
+        let rate = std::num::NonZeroU32::new(m.rate);
+        if rate.is_none() {
+            self.issue(
+                &path.key("rate"),
+                "rate must be at least 1; to allow more, raise it".into(),
+            );
+        }
+        let per = self.positive(m.per, &path.key("per"));
+        let burst = std::num::NonZeroU32::new(m.burst.unwrap_or(m.rate));
+        if burst.is_none() {
+            self.issue(&path.key("burst"), "burst must be at least 1".into());
+        }
+        let on_exceed = match m.on_exceed.as_ref().map(|t| t.value.trim()) {
+            None | Some("close") => OnExceed::Close,
+            Some("throttle") => OnExceed::Throttle,
+            Some(_) => {
+                self.issue(
+                    &path.key("on_exceed"),
+                    "on_exceed must be `close` (1008) or `throttle` (stop reading until a token is free)".into(),
+                );
+                OnExceed::Close
+            }
+        };
+        match (rate, burst) {
+            (Some(rate), Some(burst)) if self.issues.len() == before => Some(MessageRate {
+                rate,
+                per,
+                burst,
+                on_exceed,
+            }),
+            _ => None,
+        }
+    }
+
+    /// `keepalive`: process-wide ping settings.
+    fn keepalive(&mut self, file: Option<super::file::FileKeepalive>, path: &KeyPath) -> Keepalive {
+        let mut k = Keepalive {
+            ping_interval: DEFAULT_PING_INTERVAL,
+            pong_timeout: DEFAULT_PONG_TIMEOUT,
+            upstream_ping_interval: DEFAULT_UPSTREAM_PING_INTERVAL,
+        };
+        let Some(file) = file else {
+            return k;
+        };
+        if let Some(d) = file.ping_interval {
+            k.ping_interval = d.0;
+        }
+        if let Some(d) = file.upstream_ping_interval {
+            k.upstream_ping_interval = d.0;
+        }
+        if let Some(d) = file.pong_timeout {
+            k.pong_timeout = self.positive(d, &path.key("pong_timeout"));
+        }
+        k
     }
 
     fn positive(&mut self, d: DurationValue, path: &KeyPath) -> Duration {
@@ -813,8 +875,24 @@ routes:
             max_message_size: 4 << 20,
             send_timeout: Duration::from_secs(30),
             buffer_size: 16 << 10,
+            messages: MessageRate {
+                rate: std::num::NonZeroU32::new(100).unwrap(),
+                per: Duration::from_secs(1),
+                burst: std::num::NonZeroU32::new(200).unwrap(),
+                on_exceed: OnExceed::Close,
+            },
+            fragment_timeout: Duration::from_secs(10),
+            idle_timeout: Duration::ZERO,
         };
         assert_eq!(config.limits, want);
+        assert_eq!(
+            config.keepalive,
+            Keepalive {
+                ping_interval: Duration::from_secs(20),
+                pong_timeout: Duration::from_secs(10),
+                upstream_ping_interval: Duration::ZERO,
+            }
+        );
         assert_eq!(config.routes[0].limits, want);
         let upstream = &config.upstreams["echo"];
         assert_eq!(upstream.kind, UpstreamKind::BuiltinEcho);
@@ -869,9 +947,6 @@ routes:
                 "drain",
                 "limits.max_connections_per_ip",
                 "limits.handshakes_per_ip",
-                "limits.messages",
-                "limits.fragment_timeout",
-                "keepalive.ping_interval",
                 "upstreams.chat.backends[1]",
                 "upstreams.chat.sticky",
                 "upstreams.chat.balance",
@@ -1096,18 +1171,43 @@ routes:
     }
 
     #[test]
+    fn frame_policy_keys_parse_and_routes_override_them() {
+        let text = with(
+            "limits: { messages: { rate: 5, per: 2s, on_exceed: throttle }, fragment_timeout: 0s, idle_timeout: 5m }\nkeepalive: { ping_interval: 15s, pong_timeout: 5s, upstream_ping_interval: 30s }\n",
+        );
+        let config = load(&text).unwrap();
+        let m = config.limits.messages;
+        assert_eq!(
+            (m.rate.get(), m.per, m.burst.get()),
+            (5, Duration::from_secs(2), 5)
+        );
+        assert_eq!(m.on_exceed, OnExceed::Throttle);
+        assert_eq!(config.limits.fragment_timeout, Duration::ZERO);
+        assert_eq!(config.limits.idle_timeout, Duration::from_secs(300));
+        assert_eq!(config.keepalive.ping_interval, Duration::from_secs(15));
+        assert_eq!(
+            config.keepalive.upstream_ping_interval,
+            Duration::from_secs(30)
+        );
+        assert_eq!(config.routes[0].limits.messages, m);
+        let bad = with("limits: { messages: { rate: 0, per: 1s, on_exceed: drop } }\n");
+        let mut paths: Vec<String> = errors_of(&bad).iter().map(|e| e.path.clone()).collect();
+        paths.sort();
+        assert_eq!(
+            paths,
+            [
+                "limits.messages.burst",
+                "limits.messages.on_exceed",
+                "limits.messages.rate"
+            ]
+        );
+    }
+
+    #[test]
     fn not_yet_supported_keys_are_refused_everywhere() {
         let cases = [
             ("drain: { spread: 10s }\n", "drain"),
             ("trusted_proxies: [10.0.0.0/8]\n", "trusted_proxies"),
-            (
-                "keepalive: { ping_interval: 20s }\n",
-                "keepalive.ping_interval",
-            ),
-            (
-                "keepalive: { upstream_ping_interval: 5s }\n",
-                "keepalive.upstream_ping_interval",
-            ),
             (
                 "limits: { max_connections_per_ip: 64 }\n",
                 "limits.max_connections_per_ip",
@@ -1116,15 +1216,6 @@ routes:
                 "limits: { handshakes_per_ip: { rate: 10, per: 1s } }\n",
                 "limits.handshakes_per_ip",
             ),
-            (
-                "limits: { messages: { rate: 1, per: 1s, on_exceed: close } }\n",
-                "limits.messages",
-            ),
-            (
-                "limits: { fragment_timeout: 10s }\n",
-                "limits.fragment_timeout",
-            ),
-            ("limits: { idle_timeout: 1m }\n", "limits.idle_timeout"),
         ];
         for (extra, path) in cases {
             let errors = errors_of(&with(extra));
@@ -1191,11 +1282,6 @@ routes:
                 "    upstream: echo",
                 "    upstream: echo\n    limits: { max_connections_per_ip: 16 }",
                 "routes[0].limits.max_connections_per_ip",
-            ),
-            (
-                "    upstream: echo",
-                "    upstream: echo\n    limits: { idle_timeout: 5m }",
-                "routes[0].limits.idle_timeout",
             ),
         ];
         for (from, to, path) in cases {

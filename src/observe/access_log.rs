@@ -15,7 +15,7 @@ use serde::Serialize;
 
 use crate::config::AccessTarget;
 use crate::relay::pump::Stats;
-use crate::relay::{CloseInfo, Report};
+use crate::relay::{CloseInfo, Report, Rtt};
 
 /// Lines that may wait for the writer; beyond this they are dropped (and counted).
 const QUEUE_LINES: usize = 16 * 1024;
@@ -124,6 +124,30 @@ pub struct Record<'a> {
     pub u2c: Counts,
     pub close: Option<Close<'a>>,
     pub proxy_reason: Option<&'a str>,
+    /// Proxy pings sent to the client.
+    pub pings: u64,
+    /// Round trips of those pings; `null` when none was answered.
+    pub rtt_ms: Option<RttMs>,
+    /// Times the client exceeded its message budget (closed or throttled).
+    pub rate_limited: u64,
+}
+
+#[derive(Debug, Serialize)]
+pub struct RttMs {
+    pub min: f64,
+    pub avg: f64,
+    pub max: f64,
+}
+
+impl RttMs {
+    fn from(rtt: &Rtt) -> Option<RttMs> {
+        let ms = |d: Duration| (d.as_secs_f64() * 10_000.0).round() / 10.0;
+        (rtt.count > 0).then(|| RttMs {
+            min: ms(rtt.min),
+            avg: ms(rtt.avg()),
+            max: ms(rtt.max),
+        })
+    }
 }
 
 #[derive(Debug, Default, Serialize)]
@@ -167,6 +191,9 @@ impl Record<'_> {
         record.u2c = report.u2c.into();
         record.close = report.close.as_ref().map(Close::from);
         record.proxy_reason = report.proxy_reason;
+        record.pings = report.pings;
+        record.rtt_ms = RttMs::from(&report.rtt);
+        record.rate_limited = report.c2u.rate_limited;
     }
 }
 
@@ -252,6 +279,9 @@ mod tests {
             u2c: Counts::default(),
             close: None,
             proxy_reason: Some("no_route"),
+            pings: 0,
+            rtt_ms: None,
+            rate_limited: 0,
         };
         log.log(&rec);
         log.log(&rec);

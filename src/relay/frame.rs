@@ -401,6 +401,40 @@ impl ControlFrame {
         f
     }
 
+    /// A ping with `payload` (≤ 125 bytes), masked when it goes to the upstream.
+    pub fn ping(payload: &[u8], mask: Option<[u8; 4]>) -> ControlFrame {
+        let payload = &payload[..payload.len().min(MAX_CONTROL_PAYLOAD)];
+        let mut f = ControlFrame::default();
+        f.bytes[0] = 0x89;
+        // payload.len() <= 125, so it fits the 7-bit length.
+        f.bytes[1] = payload.len() as u8 | if mask.is_some() { 0x80 } else { 0 };
+        let mut at = 2;
+        if let Some(m) = mask {
+            f.bytes[2..6].copy_from_slice(&m);
+            at = 6;
+        }
+        f.bytes[at..at + payload.len()].copy_from_slice(payload);
+        if let Some(m) = mask {
+            apply_mask(&mut f.bytes[at..at + payload.len()], m, 0);
+        }
+        f.len = at + payload.len();
+        f
+    }
+
+    /// The unmasked payload of a collected frame, when it is exactly `N` bytes long.
+    pub fn payload_unmasked<const N: usize>(
+        &self,
+        header_len: usize,
+        mask: Option<[u8; 4]>,
+    ) -> Option<[u8; N]> {
+        let payload = self.bytes.get(header_len..self.len)?;
+        let mut out: [u8; N] = payload.try_into().ok()?;
+        if let Some(m) = mask {
+            apply_mask(&mut out, m, 0);
+        }
+        Some(out)
+    }
+
     pub fn as_bytes(&self) -> &[u8] {
         &self.bytes[..self.len]
     }

@@ -7,6 +7,7 @@
 //! while a write is stalled or a close is in progress.
 
 pub mod frame;
+pub mod limits;
 pub mod pool;
 pub mod pump;
 
@@ -20,7 +21,10 @@ use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::time::{Instant, Sleep};
 
 use frame::{ControlFrame, Dir, Rules, Violation};
-use pump::{Event, Pump, Stats};
+use limits::MessageGate;
+use pump::{Event, PING_LEN, Pump, Stats};
+
+use crate::config::{Keepalive, Limits, MessageRate};
 
 /// How long the proxy waits for a peer to answer a close (its own or a relayed one), and
 /// for the TCP close after it, before dropping the socket (SPEC §5).
@@ -35,6 +39,61 @@ pub struct Settings {
     pub max_message_size: u64,
     /// `Sec-WebSocket-Extensions` as accepted by the upstream ("" when none).
     pub extensions: String,
+    /// Client→upstream message budget; `None` = unlimited.
+    pub messages: Option<MessageRate>,
+    /// Zero = off, for each of these.
+    pub fragment_timeout: Duration,
+    pub idle_timeout: Duration,
+    pub ping_interval: Duration,
+    pub pong_timeout: Duration,
+    pub upstream_ping_interval: Duration,
+}
+
+impl Settings {
+    /// A route's limits and the process's keepalive, for one connection.
+    pub fn new(limits: &Limits, keepalive: &Keepalive, extensions: String) -> Settings {
+        Settings {
+            buffer_size: limits.buffer_size,
+            send_timeout: limits.send_timeout,
+            max_frame_size: limits.max_frame_size,
+            max_message_size: limits.max_message_size,
+            extensions,
+            messages: Some(limits.messages),
+            fragment_timeout: limits.fragment_timeout,
+            idle_timeout: limits.idle_timeout,
+            ping_interval: keepalive.ping_interval,
+            pong_timeout: keepalive.pong_timeout,
+            upstream_ping_interval: keepalive.upstream_ping_interval,
+        }
+    }
+}
+
+/// Round-trip times of the proxy's pings to the client (SPEC §6 `rtt_ms`).
+#[derive(Clone, Copy, Debug, Default, PartialEq)]
+pub struct Rtt {
+    pub count: u64,
+    pub min: Duration,
+    pub max: Duration,
+    pub total: Duration,
+}
+
+impl Rtt {
+    fn record(&mut self, rtt: Duration) {
+        self.min = if self.count == 0 {
+            rtt
+        } else {
+            self.min.min(rtt)
+        };
+        self.max = self.max.max(rtt);
+        self.total += rtt;
+        self.count += 1;
+    }
+
+    pub fn avg(&self) -> Duration {
+        u32::try_from(self.count).map_or(Duration::ZERO, |n| {
+            self.total.checked_div(n).unwrap_or_default()
+        })
+    }
 }
 
 /// Who ended the connection (SPEC §6 `close.by`).
@@ -71,6 +130,9 @@ pub struct Report {
     pub proxy_reason: Option<&'static str>,
     pub c2u: Stats,
     pub u2c: Stats,
+    /// Proxy pings sent to the client.
+    pub pings: u64,
+    pub rtt: Rtt,
 }
 
 /// Relays frames between `client` and `upstream` until both sides are closed.
@@ -100,12 +162,35 @@ where
     c2u.seed(&client_early);
     u2c.seed(&upstream_early);
     drop((client_early, upstream_early));
+    let now = Instant::now();
+    if let Some(rate) = &settings.messages {
+        c2u.set_gate(MessageGate::new(rate));
+    }
+    if !settings.fragment_timeout.is_zero() {
+        c2u.track_fragments();
+    }
+    let every = |d: Duration| (!d.is_zero()).then(|| now + d);
+    if !settings.ping_interval.is_zero() {
+        u2c.track_writes();
+    }
+    if !settings.upstream_ping_interval.is_zero() {
+        c2u.track_writes();
+    }
     let mut session = Session {
         client,
         upstream,
         c2u,
         u2c,
         send_timeout: settings.send_timeout,
+        fragment_timeout: settings.fragment_timeout,
+        idle_timeout: settings.idle_timeout,
+        ping_interval: settings.ping_interval,
+        pong_timeout: settings.pong_timeout,
+        upstream_ping_interval: settings.upstream_ping_interval,
+        ping_check: every(settings.ping_interval),
+        upstream_ping_check: every(settings.upstream_ping_interval),
+        idle_check: every(settings.idle_timeout),
+        last_data: now,
         timer: None,
         close_deadline: None,
         client_dead: false,
@@ -130,7 +215,19 @@ struct Session<C, U> {
     c2u: Pump,
     u2c: Pump,
     send_timeout: Duration,
-    /// Armed only while a write stalls or a close is under way; `None` on a healthy socket.
+    fragment_timeout: Duration,
+    idle_timeout: Duration,
+    ping_interval: Duration,
+    pong_timeout: Duration,
+    upstream_ping_interval: Duration,
+    // Periodic checks are re-armed lazily: each is a time at which to *look* (is a ping
+    // due? has the connection been idle?), moved only when the timer fires, so traffic
+    // never touches the timer wheel.
+    ping_check: Option<Instant>,
+    upstream_ping_check: Option<Instant>,
+    idle_check: Option<Instant>,
+    last_data: Instant,
+    /// The connection's one timer, armed at the earliest deadline; created on first use.
     timer: Option<(Pin<Box<Sleep>>, Instant)>,
     close_deadline: Option<Instant>,
     client_dead: bool,
@@ -161,16 +258,24 @@ where
                 self.on_upstream_event(event);
                 progress = true;
             }
+            if self.c2u.saw_data || self.u2c.saw_data {
+                self.c2u.saw_data = false;
+                self.u2c.saw_data = false;
+                if self.idle_check.is_some() {
+                    self.last_data = Instant::now();
+                }
+            }
             if self.finished() {
                 self.lingering = true;
                 self.start_close_wait();
                 continue;
             }
             if self.poll_timer(cx).is_ready() {
-                if self.close_deadline.is_some_and(|d| d <= Instant::now()) {
+                let now = Instant::now();
+                if self.close_deadline.is_some_and(|d| d <= now) {
                     return Poll::Ready(());
                 }
-                self.on_stall_timeout();
+                self.on_timer(now);
                 progress = true;
             }
             if !progress {
@@ -209,6 +314,14 @@ where
             Event::SrcEnded(_) if self.c2u.src_close.is_some() => {}
             Event::SrcEnded(_) => self.client_gone(By::Client, None),
             Event::DstFailed(_) => self.upstream_gone(By::Upstream, None),
+            Event::PongReceived => {
+                let now = Instant::now();
+                if let Some(sent) = self.u2c.ping_sent_at.take() {
+                    self.report.rtt.record(now.saturating_duration_since(sent));
+                }
+                self.ping_check = Some(now + self.ping_interval);
+            }
+            Event::RateLimited => self.client_violation("rate_limit", 1008, "rate limit"),
         }
     }
 
@@ -229,6 +342,12 @@ where
             Event::SrcEnded(_) if self.u2c.src_close.is_some() => {}
             Event::SrcEnded(_) => self.upstream_gone(By::Upstream, None),
             Event::DstFailed(_) => self.client_gone(By::Client, None),
+            Event::PongReceived => {
+                self.c2u.ping_sent_at = None;
+                self.upstream_ping_check = Some(Instant::now() + self.upstream_ping_interval);
+            }
+            // Only the client side has a message budget.
+            Event::RateLimited => {}
         }
     }
 
@@ -319,9 +438,110 @@ where
         self.start_close_wait();
     }
 
+    /// The timer fired: find what is due. Periodic checks that are not due yet move to
+    /// their real due time (lazy re-arming).
+    fn on_timer(&mut self, now: Instant) {
+        self.on_stall_timeout(now);
+        if self.c2u.throttled_until.is_some_and(|t| t <= now) {
+            self.c2u.throttled_until = None;
+        }
+        if self.close_deadline.is_some() {
+            return;
+        }
+        let pong_due = |sent: Option<Instant>, waiting: bool| {
+            waiting && sent.is_some_and(|s| s + self.pong_timeout <= now)
+        };
+        if pong_due(self.u2c.ping_sent_at, self.c2u.expect_pong.is_some()) {
+            self.client_gone(By::Proxy, Some("dead_peer"));
+            return;
+        }
+        if pong_due(self.c2u.ping_sent_at, self.u2c.expect_pong.is_some()) {
+            self.upstream_gone(By::Proxy, Some("dead_peer"));
+            return;
+        }
+        if self.ping_check.is_some_and(|t| t <= now) {
+            self.ping_check = self.ping_client(now);
+        }
+        if self.upstream_ping_check.is_some_and(|t| t <= now) {
+            self.upstream_ping_check = self.ping_upstream(now);
+        }
+        if self.idle_check.is_some_and(|t| t <= now) {
+            let due = self.last_data + self.idle_timeout;
+            if due <= now {
+                self.idle_check = None;
+                self.idle_close();
+                return;
+            }
+            self.idle_check = Some(due);
+        }
+        if self.fragment_due().is_some_and(|t| t <= now) {
+            self.c2u.fragment_since = None;
+            self.client_violation("fragment_timeout", 1008, "fragment timeout");
+        }
+    }
+
+    /// Pings the client if nothing was sent to it for `ping_interval`; returns when to look
+    /// again (`None` while a pong is awaited).
+    fn ping_client(&mut self, now: Instant) -> Option<Instant> {
+        if self.c2u.expect_pong.is_some() {
+            return None;
+        }
+        let due = self.u2c.last_write.unwrap_or(now) + self.ping_interval;
+        if due > now {
+            return Some(due);
+        }
+        let payload = self.next_ping_payload();
+        if self.u2c.send_ping(payload, None) {
+            self.c2u.expect_pong = Some(payload);
+            self.report.pings += 1;
+        }
+        None
+    }
+
+    /// The same towards the upstream (masked, as a client must).
+    fn ping_upstream(&mut self, now: Instant) -> Option<Instant> {
+        if self.u2c.expect_pong.is_some() {
+            return None;
+        }
+        let due = self.c2u.last_write.unwrap_or(now) + self.upstream_ping_interval;
+        if due > now {
+            return Some(due);
+        }
+        let payload = self.next_ping_payload();
+        let mask = self.next_mask();
+        if self.c2u.send_ping(payload, Some(mask)) {
+            self.u2c.expect_pong = Some(payload);
+        }
+        None
+    }
+
+    /// No data frame either way for `idle_timeout`: 1000 `idle` to both (SPEC §5).
+    fn idle_close(&mut self) {
+        record(&mut self.report, 1000, "idle", By::Proxy);
+        self.report.proxy_reason.get_or_insert("idle");
+        self.u2c.send_close(ControlFrame::close(1000, "idle", None));
+        let mask = self.next_mask();
+        self.c2u
+            .send_close(ControlFrame::close(1000, "idle", Some(mask)));
+        self.start_close_wait();
+    }
+
+    fn fragment_due(&self) -> Option<Instant> {
+        self.c2u
+            .fragment_since
+            .map(|s| s + self.fragment_timeout)
+            .filter(|_| !self.fragment_timeout.is_zero())
+    }
+
+    /// Payloads that tell the proxy's pings from the peers': 8 random-looking bytes.
+    fn next_ping_payload(&mut self) -> [u8; PING_LEN] {
+        let a = self.next_mask();
+        let b = self.next_mask();
+        [a[0], a[1], a[2], a[3], b[0], b[1], b[2], b[3]]
+    }
+
     /// A write stalled past `send_timeout`: that peer is a slow consumer and is cut off.
-    fn on_stall_timeout(&mut self) {
-        let now = Instant::now();
+    fn on_stall_timeout(&mut self, now: Instant) {
         let limit = self.send_timeout;
         let expired = |since: Option<Instant>| since.is_some_and(|s| s + limit <= now);
         if expired(self.u2c.stalled_since) && !self.client_dead {
@@ -342,10 +562,21 @@ where
     /// writes' deadlines.
     fn poll_timer(&mut self, cx: &mut Context<'_>) -> Poll<()> {
         let stall = |since: Option<Instant>| since.map(|s| s + self.send_timeout);
+        let pong = |sent: Option<Instant>, waiting: bool| {
+            sent.filter(|_| waiting).map(|s| s + self.pong_timeout)
+        };
+        let live = self.close_deadline.is_none();
         let due = [
             self.close_deadline,
             stall(self.c2u.stalled_since),
             stall(self.u2c.stalled_since),
+            self.c2u.throttled_until,
+            self.ping_check.filter(|_| live),
+            self.upstream_ping_check.filter(|_| live),
+            self.idle_check.filter(|_| live),
+            self.fragment_due().filter(|_| live),
+            pong(self.u2c.ping_sent_at, self.c2u.expect_pong.is_some()).filter(|_| live),
+            pong(self.c2u.ping_sent_at, self.u2c.expect_pong.is_some()).filter(|_| live),
         ]
         .into_iter()
         .flatten()
@@ -430,4 +661,3 @@ fn mask_seed() -> u64 {
     static COUNTER: AtomicU64 = AtomicU64::new(0);
     RandomState::new().hash_one(COUNTER.fetch_add(1, Ordering::Relaxed))
 }
-

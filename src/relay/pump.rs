@@ -17,7 +17,11 @@ use super::frame::{
     ControlFrame, Dir, Kind, MAX_HEADER_LEN, RawHeader, Rules, Utf8Check, Validator, Violation,
     apply_mask, parse_raw,
 };
+use super::limits::{MessageGate, Verdict};
 use super::pool;
+
+/// Payload length of the proxy's own pings; pongs of this length are checked against it.
+pub const PING_LEN: usize = 8;
 
 /// Reads per poll before yielding, so one busy connection cannot starve its worker
 /// thread. 32 reads of 16 KiB is 512 KiB per turn: large enough to amortise the wake-up.
@@ -35,6 +39,10 @@ pub enum Event {
     SrcEnded(Option<io::Error>),
     /// Writing to the destination failed.
     DstFailed(io::Error),
+    /// The source answered the proxy's ping (the pong was consumed).
+    PongReceived,
+    /// The source exceeded its message budget with `on_exceed: close`.
+    RateLimited,
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -45,11 +53,13 @@ enum Phase {
     Forward(u64),
     /// Dropping this many more payload bytes.
     Discard(u64),
-    /// Collecting a close frame's payload (this many bytes still to come).
-    Close {
+    /// Collecting a close frame's payload, or a pong's that may answer our ping (this many
+    /// bytes still to come).
+    Control {
         remaining: u64,
         header_len: usize,
         mask: Option<[u8; 4]>,
+        pong: bool,
     },
     /// Framing is lost: drop everything.
     DiscardAll,
@@ -61,6 +71,17 @@ pub struct Stats {
     pub frames: u64,
     pub messages: u64,
     pub bytes: u64,
+    /// Times the message budget was exceeded (closed or throttled).
+    pub rate_limited: u64,
+}
+
+/// What `out` holds, which decides what writing it means.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum OutKind {
+    Close,
+    OwnPing,
+    /// A peer's pong that turned out not to answer our ping.
+    Relayed,
 }
 
 /// One direction's relay state. Bytes `[sent, pos)` of `buf` are parsed and due to be
@@ -81,9 +102,27 @@ pub struct Pump {
     // needed: an idle pump is a few dozen bytes plus its counters.
     /// A close frame being collected, then written out once checked.
     ctl: Option<Box<ControlFrame>>,
-    /// A close frame being written; `out_sent` bytes of it are out.
+    /// A control frame being written; `out_sent` bytes of it are out.
     out: Option<Box<ControlFrame>>,
+    out_kind: OutKind,
     out_sent: usize,
+    /// The proxy's own ping, waiting for a frame boundary.
+    ping: Option<Box<ControlFrame>>,
+    /// Pongs carrying this payload answer the proxy's ping: consumed, never forwarded.
+    pub expect_pong: Option<[u8; PING_LEN]>,
+    /// When the proxy's last ping was written.
+    pub ping_sent_at: Option<Instant>,
+    /// When bytes last went to the destination; kept only when pings are on (`Some`).
+    pub last_write: Option<Instant>,
+    /// A data frame passed since the session last looked (idle timeout).
+    pub saw_data: bool,
+    /// When the open fragmented message began (fragment timeout), if tracked.
+    pub fragment_since: Option<Instant>,
+    track_fragments: bool,
+    /// The source's message budget (client side only).
+    gate: Option<Box<MessageGate>>,
+    /// `on_exceed: throttle`: nothing is parsed or read before then.
+    pub throttled_until: Option<Instant>,
     /// The proxy's own close frame, waiting for a frame boundary.
     inject: Option<Box<ControlFrame>>,
     /// Sent to the destination in place of the source's close when that arrives (the
@@ -129,7 +168,17 @@ impl Pump {
             phase: Phase::Header,
             ctl: None,
             out: None,
+            out_kind: OutKind::Close,
             out_sent: 0,
+            ping: None,
+            expect_pong: None,
+            ping_sent_at: None,
+            last_write: None,
+            saw_data: false,
+            fragment_since: None,
+            track_fragments: false,
+            gate: None,
+            throttled_until: None,
             inject: None,
             close_reply: None,
             needs_flush: false,
@@ -148,6 +197,32 @@ impl Pump {
             frame_is_text: false,
             stats: Stats::default(),
         }
+    }
+
+    /// Applies the source's message budget (client side).
+    pub fn set_gate(&mut self, gate: MessageGate) {
+        self.gate = Some(Box::new(gate));
+    }
+
+    /// Records when fragmented messages start, for `fragment_timeout`.
+    pub fn track_fragments(&mut self) {
+        self.track_fragments = true;
+    }
+
+    /// Keeps `last_write` up to date, for ping scheduling.
+    pub fn track_writes(&mut self) {
+        self.last_write = Some(Instant::now());
+    }
+
+    /// Queues the proxy's ping for the next frame boundary (the session tells the other
+    /// pump which pong to consume). Returns false when the destination is closing.
+    pub fn send_ping(&mut self, payload: [u8; PING_LEN], mask: Option<[u8; 4]>) -> bool {
+        if self.dst_dead || self.dst_close_sent || self.inject.is_some() {
+            return false;
+        }
+        self.ping = Some(Box::new(ControlFrame::ping(&payload, mask)));
+        self.ping_sent_at = None;
+        true
     }
 
     /// Bytes that arrived with the handshake (read by the HTTP layer past the head).
@@ -191,6 +266,7 @@ impl Pump {
         self.dst_dead = true;
         self.forward = false;
         self.inject = None;
+        self.ping = None;
         self.out = None;
         self.out_sent = 0;
         self.stalled_since = None;
@@ -242,9 +318,14 @@ impl Pump {
                 }
                 continue;
             } else if self.inject.is_some() && self.at_boundary() {
+                self.ping = None;
                 if let Some(frame) = self.inject.take().filter(|_| !self.dst_close_sent) {
-                    self.out = Some(frame);
-                    self.out_sent = 0;
+                    self.start_out(frame, OutKind::Close);
+                }
+                continue;
+            } else if self.ping.is_some() && self.at_boundary() {
+                if let Some(frame) = self.ping.take().filter(|_| !self.dst_close_sent) {
+                    self.start_out(frame, OutKind::OwnPing);
                 }
                 continue;
             }
@@ -254,7 +335,8 @@ impl Pump {
             {
                 return Poll::Ready(Event::DstFailed(e));
             }
-            if self.src_eof {
+            if self.src_eof || self.throttled_until.is_some() {
+                // Throttled: the session's timer lifts it; TCP backpressure slows the client.
                 return Poll::Pending;
             }
             if reads == READS_PER_POLL {
@@ -347,10 +429,11 @@ impl Pump {
                     self.skip(n);
                     Step::Go
                 }
-                Phase::Close {
+                Phase::Control {
                     remaining,
                     header_len,
                     mask,
+                    pong,
                 } => {
                     let n = clamp(remaining, avail.len());
                     if let Some(ctl) = self.ctl.as_mut() {
@@ -359,12 +442,17 @@ impl Pump {
                     self.skip(n);
                     if remaining == n as u64 {
                         self.phase = Phase::Header;
-                        self.close_collected(header_len, mask)
+                        if pong {
+                            self.pong_collected(header_len, mask)
+                        } else {
+                            self.close_collected(header_len, mask)
+                        }
                     } else {
-                        self.phase = Phase::Close {
+                        self.phase = Phase::Control {
                             remaining: remaining - n as u64,
                             header_len,
                             mask,
+                            pong,
                         };
                         Step::Go
                     }
@@ -389,6 +477,11 @@ impl Pump {
         if !self.forward {
             return self.on_header_discarding(raw);
         }
+        // The budget is asked before validation: a throttled header is parsed again later,
+        // and validation advances the message state.
+        if let Some(step) = self.gate_check(raw) {
+            return step;
+        }
         match self.validator.check(&self.rules, raw) {
             // Not consumed here: the next pass skips it as a discarded frame, once the bytes
             // before it are written.
@@ -396,12 +489,25 @@ impl Pump {
                 self.forward = false;
                 Step::Report(Event::Violation(v))
             }
-            Ok(Kind::Close) if self.sent < self.pos => Step::Stop,
-            Ok(Kind::Close) => self.start_close(raw),
+            Ok(Kind::Close) if !self.ready_for_control() => Step::Stop,
+            Ok(Kind::Close) => self.start_control(raw, false),
+            Ok(Kind::Pong) if self.expect_pong.is_some() && raw.payload_len == PING_LEN as u64 => {
+                if self.ready_for_control() {
+                    self.start_control(raw, true)
+                } else {
+                    Step::Stop
+                }
+            }
             Ok(kind) => {
                 self.pos += raw.len;
                 self.stats.frames += 1;
                 self.stats.bytes += raw.len as u64;
+                if matches!(kind, Kind::Start | Kind::Continuation) {
+                    self.saw_data = true;
+                    if self.track_fragments {
+                        self.note_fragment(kind, raw.fin);
+                    }
+                }
                 if kind == Kind::Start {
                     self.stats.messages += 1;
                     self.in_text = self.check_text && raw.opcode == 0x1;
@@ -410,6 +516,46 @@ impl Pump {
                 let text = self.in_text && matches!(kind, Kind::Start | Kind::Continuation);
                 self.start_payload(raw, text)
             }
+        }
+    }
+
+    /// Nothing is waiting to be written, so a control frame may be taken aside.
+    fn ready_for_control(&self) -> bool {
+        self.sent == self.pos && self.out.is_none()
+    }
+
+    /// Asks the source's message budget about this header; `None` lets it through.
+    fn gate_check(&mut self, raw: &RawHeader) -> Option<Step> {
+        let gate = self.gate.as_ref()?;
+        let verdict = match raw.opcode {
+            0x1 | 0x2 => gate.message(),
+            0x9 | 0xA => gate.control(),
+            _ => Verdict::Pass,
+        };
+        match verdict {
+            Verdict::Pass => {
+                self.throttled_until = None;
+                None
+            }
+            Verdict::Close => {
+                self.stats.rate_limited += 1;
+                self.forward = false;
+                Some(Step::Report(Event::RateLimited))
+            }
+            Verdict::WaitUntil(at) => {
+                self.stats.rate_limited += 1;
+                self.throttled_until = Some(at);
+                Some(Step::Stop)
+            }
+        }
+    }
+
+    /// Tracks when an open fragmented message began.
+    fn note_fragment(&mut self, kind: Kind, fin: bool) {
+        match (kind, fin) {
+            (Kind::Start, false) => self.fragment_since = Some(Instant::now()),
+            (_, true) => self.fragment_since = None,
+            _ => {}
         }
     }
 
@@ -458,7 +604,7 @@ impl Pump {
         }
         let is_close = raw.opcode == 0x8 && self.src_close.is_none();
         if is_close && raw.payload_len <= 125 {
-            return self.start_close(raw);
+            return self.start_control(raw, false);
         }
         self.skip(raw.len);
         if raw.payload_len > 0 {
@@ -472,23 +618,48 @@ impl Pump {
         Step::Go
     }
 
-    /// Starts collecting a close frame (header now, payload as it arrives).
-    fn start_close(&mut self, raw: &RawHeader) -> Step {
+    /// Starts collecting a close or pong frame (header now, payload as it arrives).
+    fn start_control(&mut self, raw: &RawHeader, pong: bool) -> Step {
         let ctl = self.ctl.get_or_insert_with(Box::default);
         ctl.clear();
         if let Some(buf) = self.buf.as_deref() {
             ctl.extend(&buf[self.pos..self.pos + raw.len]);
         }
         self.skip(raw.len);
-        if raw.payload_len == 0 {
+        if raw.payload_len == 0 && !pong {
             return self.close_collected(raw.len, raw.mask);
         }
-        self.phase = Phase::Close {
+        self.phase = Phase::Control {
             remaining: raw.payload_len,
             header_len: raw.len,
             mask: raw.mask,
+            pong,
         };
         Step::Go
+    }
+
+    /// A whole pong is in `ctl`: consumed if it answers our ping, forwarded otherwise.
+    fn pong_collected(&mut self, header_len: usize, mask: Option<[u8; 4]>) -> Step {
+        let Some(ctl) = self.ctl.take() else {
+            return Step::Go;
+        };
+        if self.expect_pong.is_some() && ctl.payload_unmasked(header_len, mask) == self.expect_pong
+        {
+            self.expect_pong = None;
+            return Step::Report(Event::PongReceived);
+        }
+        self.stats.frames += 1;
+        self.stats.bytes += ctl.as_bytes().len() as u64;
+        if !self.dst_dead {
+            self.start_out(ctl, OutKind::Relayed);
+        }
+        Step::Go
+    }
+
+    fn start_out(&mut self, frame: Box<ControlFrame>, kind: OutKind) {
+        self.out = Some(frame);
+        self.out_kind = kind;
+        self.out_sent = 0;
     }
 
     /// A whole close frame is in `ctl`: check it, then forward it unchanged.
@@ -506,8 +677,7 @@ impl Pump {
                     let out = self.close_reply.take().unwrap_or(ctl);
                     self.stats.frames += 1;
                     self.stats.bytes += out.as_bytes().len() as u64;
-                    self.out = Some(out);
-                    self.out_sent = 0;
+                    self.start_out(out, OutKind::Close);
                 }
                 Step::Report(Event::CloseReceived)
             }
@@ -544,10 +714,13 @@ impl Pump {
             let n = ready!(self.poll_write_some(cx, dst, WriteSrc::Out))?;
             self.out_sent += n;
         }
-        // `out` only ever holds a close frame, relayed or our own.
         self.out = None;
         self.out_sent = 0;
-        self.dst_close_sent = true;
+        match self.out_kind {
+            OutKind::Close => self.dst_close_sent = true,
+            OutKind::OwnPing => self.ping_sent_at = Some(Instant::now()),
+            OutKind::Relayed => {}
+        }
         Poll::Ready(Ok(()))
     }
 
@@ -588,6 +761,9 @@ impl Pump {
             Poll::Ready(Ok(n)) => {
                 self.stalled_since = None;
                 self.needs_flush = true;
+                if self.last_write.is_some() {
+                    self.last_write = Some(Instant::now());
+                }
                 Poll::Ready(Ok(n))
             }
             Poll::Ready(Err(e)) => Poll::Ready(Err(e)),

@@ -1,0 +1,314 @@
+//! Frame policy and liveness through real sockets (SPEC §2 `limits`/`keepalive`, §4, §5):
+//! message rate (close and throttle), fragment and idle timeouts, proxy pings with RTT,
+//! dead peers, and upstream pings.
+
+mod support;
+
+use std::time::{Duration, Instant};
+
+use futures_util::{SinkExt, StreamExt};
+use support::*;
+use tokio::io::AsyncWriteExt;
+use tokio::net::TcpStream;
+use tokio_tungstenite::tungstenite::Message;
+
+/// A gateway in front of a raw backend with extra config, and one connection through it.
+async fn pair(extra: &str) -> (TcpStream, TcpStream, TestGateway) {
+    let (backend, mut accepted) = raw_backend().await;
+    let gw = spawn_gateway(&with_extra(backend, extra)).await;
+    let (client, head) = raw_upgrade(gw.addr(), "/", "").await;
+    assert!(head.starts_with("HTTP/1.1 101"), "{head}");
+    let (up, _) = tokio::time::timeout(PATIENCE, accepted.recv())
+        .await
+        .ok()
+        .flatten()
+        .unwrap_or_else(|| panic!("no backend"));
+    (client, up, gw)
+}
+
+/// `config_for` with top-level YAML blocks appended (`keepalive:` and `limits:` overrides).
+fn with_extra(backend: std::net::SocketAddr, extra: &str) -> String {
+    let base = config_for(backend, "");
+    match extra.strip_prefix("limits: ") {
+        Some(limits) => base.replace("limits: {  }", &format!("limits: {}", limits.trim())),
+        None => format!("{base}{extra}\n"),
+    }
+}
+
+async fn next_text(ws: &mut Client) -> String {
+    match tokio::time::timeout(PATIENCE, ws.next()).await {
+        Ok(Some(Ok(Message::Text(t)))) => t.to_string(),
+        other => panic!("expected text, got {other:?}"),
+    }
+}
+
+#[tokio::test]
+async fn message_rate_close_gives_1008_and_1001() {
+    let (mut client, mut up, gw) =
+        pair("limits: { messages: { rate: 1, per: 10s, burst: 3, on_exceed: close } }").await;
+    for i in 0..5u8 {
+        client
+            .write_all(&client_frame(0x81, &[b'0' + i]))
+            .await
+            .unwrap_or_else(|e| panic!("{e}"));
+    }
+    for i in 0..3u8 {
+        assert_eq!(
+            read_frame(&mut up).await,
+            Some((0x81, vec![b'0' + i])),
+            "within the burst"
+        );
+    }
+    assert_eq!(read_close_code(&mut up).await, Some(1001));
+    up.write_all(&server_frame(0x88, &close_payload(1001, "")))
+        .await
+        .unwrap_or_else(|e| panic!("{e}"));
+    let (b0, payload) = read_frame(&mut client)
+        .await
+        .unwrap_or_else(|| panic!("no close"));
+    assert_eq!(b0, 0x88);
+    assert_eq!(&payload[..2], &1008u16.to_be_bytes());
+    assert_eq!(&payload[2..], b"rate limit");
+    drop((client, up));
+    let line = gw.log_line(|l| l["event"] == "ws_close").await;
+    assert_eq!(line["proxy_reason"], "rate_limit");
+    assert_eq!(line["close"]["code"], 1008);
+    assert_eq!(line["rate_limited"], 1);
+}
+
+#[tokio::test]
+async fn message_rate_throttle_delays_but_delivers_everything_in_order() {
+    let backend = echo_backend().await;
+    let gw = spawn_gateway(&with_extra(
+        backend,
+        "limits: { messages: { rate: 10, per: 1s, burst: 1, on_exceed: throttle } }",
+    ))
+    .await;
+    let mut ws = connect(&gw.url("/")).await;
+    let started = Instant::now();
+    // 10x the rate: 20 messages at once against 10/s with no burst to speak of.
+    for i in 0..20 {
+        ws.send(Message::text(format!("m{i}")))
+            .await
+            .unwrap_or_else(|e| panic!("{e}"));
+    }
+    for i in 0..20 {
+        assert_eq!(next_text(&mut ws).await, format!("m{i}"));
+    }
+    let took = started.elapsed();
+    // 19 messages beyond the first token at 10/s cannot take less than 1.9 s.
+    assert!(
+        took >= Duration::from_millis(1800),
+        "throttled delivery took only {took:?}"
+    );
+    ws.close(None).await.unwrap_or_else(|e| panic!("{e}"));
+    let line = gw.log_line(|l| l["event"] == "ws_close").await;
+    assert_eq!(line["c2u"]["messages"], 20);
+    assert!(line["rate_limited"].as_u64().unwrap_or(0) >= 10, "{line}");
+    assert_eq!(line["proxy_reason"], serde_json::Value::Null);
+}
+
+#[tokio::test]
+async fn unfinished_fragmented_message_is_closed_1008_after_fragment_timeout() {
+    let (mut client, mut up, gw) = pair("limits: { fragment_timeout: 300ms }").await;
+    client
+        .write_all(&client_frame(0x01, b"part one"))
+        .await
+        .unwrap_or_else(|e| panic!("{e}"));
+    assert_eq!(
+        read_frame(&mut up).await,
+        Some((0x01, b"part one".to_vec()))
+    );
+    assert_eq!(read_close_code(&mut up).await, Some(1001));
+    up.write_all(&server_frame(0x88, &close_payload(1001, "")))
+        .await
+        .unwrap_or_else(|e| panic!("{e}"));
+    let (_, payload) = read_frame(&mut client)
+        .await
+        .unwrap_or_else(|| panic!("no close"));
+    assert_eq!(&payload[..2], &1008u16.to_be_bytes());
+    assert_eq!(&payload[2..], b"fragment timeout");
+    drop((client, up));
+    let line = gw.log_line(|l| l["event"] == "ws_close").await;
+    assert_eq!(line["proxy_reason"], "fragment_timeout");
+}
+
+#[tokio::test]
+async fn idle_connection_is_closed_1000_both_ways() {
+    let (mut client, mut up, gw) = pair("limits: { idle_timeout: 300ms }").await;
+    // Traffic keeps it open for a while.
+    for _ in 0..3 {
+        tokio::time::sleep(Duration::from_millis(150)).await;
+        client
+            .write_all(&client_frame(0x82, b"x"))
+            .await
+            .unwrap_or_else(|e| panic!("{e}"));
+        assert_eq!(read_frame(&mut up).await, Some((0x82, b"x".to_vec())));
+    }
+    let (b0, payload) = read_frame(&mut client)
+        .await
+        .unwrap_or_else(|| panic!("no close"));
+    assert_eq!(
+        (b0, &payload[..]),
+        (0x88, &[0x03, 0xE8, b'i', b'd', b'l', b'e'][..])
+    );
+    assert_eq!(read_close_code(&mut up).await, Some(1000));
+    let line_pending = gw.log_lines().is_empty();
+    assert!(
+        line_pending,
+        "the connection ends only after the close handshake"
+    );
+    client
+        .write_all(&client_frame(0x88, &close_payload(1000, "")))
+        .await
+        .unwrap_or_else(|e| panic!("{e}"));
+    up.write_all(&server_frame(0x88, &close_payload(1000, "")))
+        .await
+        .unwrap_or_else(|e| panic!("{e}"));
+    drop((client, up));
+    let line = gw.log_line(|l| l["event"] == "ws_close").await;
+    assert_eq!(line["proxy_reason"], "idle");
+    assert_eq!(line["close"]["code"], 1000);
+}
+
+#[tokio::test]
+async fn proxy_pings_reach_the_client_not_the_upstream_and_pongs_are_consumed() {
+    let (mut client, mut up, gw) =
+        pair("keepalive: { ping_interval: 200ms, pong_timeout: 2s }").await;
+    for round in 0..2 {
+        let started = Instant::now();
+        let (b0, payload) = read_frame(&mut client)
+            .await
+            .unwrap_or_else(|| panic!("no ping"));
+        assert_eq!(b0, 0x89, "round {round}");
+        assert_eq!(payload.len(), 8);
+        assert!(started.elapsed() < Duration::from_secs(2));
+        client
+            .write_all(&client_frame(0x8A, &payload))
+            .await
+            .unwrap_or_else(|e| panic!("{e}"));
+    }
+    // The upstream sees neither the pings nor the pongs, only real traffic.
+    client
+        .write_all(&client_frame(0x82, b"after"))
+        .await
+        .unwrap_or_else(|e| panic!("{e}"));
+    assert_eq!(read_frame(&mut up).await, Some((0x82, b"after".to_vec())));
+    // A pong that answers no proxy ping is the client's own business: relayed.
+    client
+        .write_all(&client_frame(0x8A, b"12345678"))
+        .await
+        .unwrap_or_else(|e| panic!("{e}"));
+    assert_eq!(
+        read_frame(&mut up).await,
+        Some((0x8A, b"12345678".to_vec()))
+    );
+    client
+        .write_all(&client_frame(0x88, &close_payload(1000, "")))
+        .await
+        .unwrap_or_else(|e| panic!("{e}"));
+    assert_eq!(read_close_code(&mut up).await, Some(1000));
+    up.write_all(&server_frame(0x88, &close_payload(1000, "")))
+        .await
+        .unwrap_or_else(|e| panic!("{e}"));
+    drop(up);
+    assert!(closes_tcp(&mut client).await);
+    drop(client);
+    let line = gw.log_line(|l| l["event"] == "ws_close").await;
+    assert!(line["pings"].as_u64().unwrap_or(0) >= 2, "{line}");
+    assert!(line["rtt_ms"]["max"].as_f64().is_some(), "{line}");
+}
+
+#[tokio::test]
+async fn client_that_never_answers_pings_is_cut_and_upstream_gets_1001() {
+    let (mut client, mut up, gw) =
+        pair("keepalive: { ping_interval: 200ms, pong_timeout: 300ms }").await;
+    let started = Instant::now();
+    assert_eq!(read_frame(&mut client).await.map(|f| f.0), Some(0x89));
+    assert_eq!(read_close_code(&mut up).await, Some(1001));
+    let cut = started.elapsed();
+    assert!(
+        cut < Duration::from_secs(3),
+        "dead peer found after {cut:?}"
+    );
+    // No close frame for the client: its TCP is just closed.
+    assert!(closes_tcp(&mut client).await);
+    up.write_all(&server_frame(0x88, &close_payload(1001, "")))
+        .await
+        .unwrap_or_else(|e| panic!("{e}"));
+    drop(up);
+    let line = gw.log_line(|l| l["event"] == "ws_close").await;
+    assert_eq!(line["proxy_reason"], "dead_peer");
+    assert_eq!(line["close"]["by"], "proxy");
+}
+
+#[tokio::test]
+async fn upstream_pings_are_masked_and_their_pongs_consumed() {
+    let (mut client, mut up, _gw) =
+        pair("keepalive: { ping_interval: 0s, upstream_ping_interval: 200ms }").await;
+    let mut head = [0u8; 2];
+    use tokio::io::AsyncReadExt;
+    tokio::time::timeout(PATIENCE, up.read_exact(&mut head))
+        .await
+        .ok()
+        .and_then(Result::ok)
+        .unwrap_or_else(|| panic!("no ping"));
+    assert_eq!(head, [0x89, 0x80 | 8], "a masked 8-byte ping");
+    let mut rest = [0u8; 12];
+    up.read_exact(&mut rest)
+        .await
+        .unwrap_or_else(|e| panic!("{e}"));
+    let payload: Vec<u8> = rest[4..]
+        .iter()
+        .enumerate()
+        .map(|(i, b)| b ^ rest[i % 4])
+        .collect();
+    up.write_all(&server_frame(0x8A, &payload))
+        .await
+        .unwrap_or_else(|e| panic!("{e}"));
+    // The client never sees that pong; it sees the next real frame.
+    up.write_all(&server_frame(0x81, b"data"))
+        .await
+        .unwrap_or_else(|e| panic!("{e}"));
+    assert_eq!(
+        read_frame(&mut client).await,
+        Some((0x81, b"data".to_vec()))
+    );
+}
+
+#[tokio::test]
+async fn pings_wait_for_the_end_of_a_slowly_streamed_frame() {
+    let (mut client, mut up, _gw) =
+        pair("keepalive: { ping_interval: 100ms, pong_timeout: 5s }").await;
+    // Answer the first ping so the connection stays healthy, then stream a frame slowly:
+    // a ping falls due in the middle of it and must wait for its last byte.
+    let (_, first) = read_frame(&mut client)
+        .await
+        .unwrap_or_else(|| panic!("no ping"));
+    client
+        .write_all(&client_frame(0x8A, &first))
+        .await
+        .unwrap_or_else(|e| panic!("{e}"));
+    let total = 4 * 1024;
+    let mut header = vec![0x82, 126];
+    header.extend_from_slice(&(total as u16).to_be_bytes());
+    up.write_all(&header)
+        .await
+        .unwrap_or_else(|e| panic!("{e}"));
+    for i in 0..4u8 {
+        tokio::time::sleep(Duration::from_millis(250)).await;
+        up.write_all(&vec![i; 1024])
+            .await
+            .unwrap_or_else(|e| panic!("{e}"));
+    }
+    let (b0, payload) = read_frame(&mut client)
+        .await
+        .unwrap_or_else(|| panic!("no frame"));
+    assert_eq!(b0, 0x82);
+    let want: Vec<u8> = (0..4u8).flat_map(|i| vec![i; 1024]).collect();
+    assert_eq!(payload, want, "the frame arrives whole and uncorrupted");
+    let (b0, _) = read_frame(&mut client)
+        .await
+        .unwrap_or_else(|| panic!("no ping after the frame"));
+    assert_eq!(b0, 0x89);
+}
