@@ -1,12 +1,16 @@
 #!/usr/bin/env python3
-"""Memory per idle relayed connection: RSS growth of a wsgate process per connection.
+"""Memory and CPU per idle relayed connection of a wsgate process.
 
 Starts a raw WebSocket backend (in this script), starts wsgate (release build) in front
 of it, opens N WebSocket connections through wsgate, exchanges one message on each so
 every relay buffer has been used once, lets them go idle, and reports
-(RSS after - RSS before) / N from /proc/PID/status. Plain ws:// only for now.
+(RSS after - RSS before) / N from /proc/PID/status. With --hold S it then keeps them
+open S seconds, answering the proxy's pings (keepalive default: every 20 s), and reports
+wsgate's CPU time over that window (utime+stime from /proc/PID/stat): the cost of
+keeping idle connections alive. Plain ws:// only for now.
 
     cargo build --release && python3 bench/idle_rss.py --connections 1000
+    python3 bench/idle_rss.py --connections 9000 --batch 100 --hold 60
 """
 import argparse
 import asyncio
@@ -19,6 +23,31 @@ import tempfile
 import time
 
 GUID = b"258EAFA5-E914-47DA-95CA-C5AB0DC85B11"
+
+
+def cpu_seconds(pid):
+    with open(f"/proc/{pid}/stat") as f:
+        fields = f.read().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+async def answer_pings(reader, writer, counter):
+    """Reads server frames; answers pings with a masked pong of the same payload."""
+    try:
+        while True:
+            hdr = await reader.readexactly(2)
+            n = hdr[1] & 0x7F
+            if n == 126:
+                n = int.from_bytes(await reader.readexactly(2), "big")
+            elif n == 127:
+                n = int.from_bytes(await reader.readexactly(8), "big")
+            payload = await reader.readexactly(n)
+            if hdr[0] & 0x0F == 0x9:
+                mask = os.urandom(4)
+                writer.write(bytes([0x8A, 0x80 | n]) + mask + bytes(b ^ mask[i % 4] for i, b in enumerate(payload)))
+                counter[0] += 1
+    except (asyncio.IncompleteReadError, ConnectionError, asyncio.CancelledError):
+        pass
 
 
 def rss_kib(pid):
@@ -75,6 +104,7 @@ async def main(args):
     cfg.write(f"""
 listeners: [{{ name: bench, bind: "127.0.0.1:{args.port}" }}]
 log: {{ access: /dev/null }}
+{args.extra}
 upstreams:
   b: {{ backends: [{{ addr: "127.0.0.1:{bport}" }}] }}
 routes:
@@ -95,6 +125,16 @@ routes:
         after = rss_kib(proc.pid)
         per = (after - before) / args.connections
         print(f"connections={args.connections} rss_before_kib={before} rss_after_kib={after} kib_per_idle_connection={per:.2f}")
+        if args.hold > 0:
+            pongs = [0]
+            tasks = [asyncio.create_task(answer_pings(r, w, pongs)) for r, w in conns]
+            cpu0, t0 = cpu_seconds(proc.pid), time.monotonic()
+            await asyncio.sleep(args.hold)
+            cpu1, t1 = cpu_seconds(proc.pid), time.monotonic()
+            used = cpu1 - cpu0
+            print(f"hold_s={t1 - t0:.1f} pongs_sent={pongs[0]} wsgate_cpu_s={used:.3f} cpu_pct_of_one_core={100 * used / (t1 - t0):.3f} rss_end_kib={rss_kib(proc.pid)}")
+            for t in tasks:
+                t.cancel()
         for _, w in conns + warm:
             w.close()
         server.close()
@@ -109,6 +149,8 @@ if __name__ == "__main__":
     p.add_argument("--connections", type=int, default=1000)
     p.add_argument("--port", type=int, default=18080)
     p.add_argument("--batch", type=int, default=50, help="handshakes in flight at once")
+    p.add_argument("--extra", default="", help="extra top-level YAML, e.g. 'keepalive: { ping_interval: 0s }'")
+    p.add_argument("--hold", type=float, default=0, help="seconds to hold the idle connections, answering pings")
     p.add_argument("--binary", default="target/release/wsgate")
     p.add_argument("--wrap", default="", help="command prefix for wsgate, e.g. 'valgrind --tool=massif'")
     asyncio.run(main(p.parse_args()))

@@ -110,7 +110,7 @@ struct Conn {
     over_capacity: bool,
     /// The request head has arrived: `handshake_timeout` no longer applies.
     head_seen: AtomicBool,
-    established: Mutex<Option<Established>>,
+    established: Mutex<Option<Box<Established>>>,
 }
 
 /// Counts a connection towards `max_connections` for as long as it lives.
@@ -197,7 +197,7 @@ async fn handshake(conn: &Arc<Conn>, stream: TcpStream) -> Option<(TcpStream, By
         Some(Ok(())) => {
             let est = conn.established.lock().ok().and_then(|mut e| e.take())?;
             let parts = http.into_parts();
-            Some((parts.io.into_inner(), parts.read_buf, est))
+            Some((parts.io.into_inner(), parts.read_buf, *est))
         }
     }
 }
@@ -213,7 +213,10 @@ async fn run_relay(conn: &Conn, client: TcpStream, client_early: Bytes, est: Est
         settings,
         info,
     } = est;
-    let report = relay::relay(client, client_early, upstream, upstream_early, &settings).await;
+    // The settings are only read at the start; they must not live on in this task.
+    let relayed = relay::relay(client, client_early, upstream, upstream_early, &settings);
+    drop(settings);
+    let report = relayed.await;
     let mut record = conn.record("ws_close", &info, 101, Some(&backend));
     Record::set_report(&mut record, &report);
     conn.shared.access.log(&record);
@@ -256,13 +259,13 @@ impl Conn {
                 let config = &self.shared.config;
                 let settings = Settings::new(&admitted.route.limits, &config.keepalive, extensions);
                 if let Ok(mut slot) = self.established.lock() {
-                    *slot = Some(Established {
+                    *slot = Some(Box::new(Established {
                         upstream: stream,
                         upstream_early: early,
                         backend,
                         settings,
                         info,
-                    });
+                    }));
                 }
                 switching_protocols(response_headers)
             }

@@ -137,76 +137,28 @@ pub struct Report {
 
 /// Relays frames between `client` and `upstream` until both sides are closed.
 /// `client_early`/`upstream_early` are bytes already read past each handshake.
-pub async fn relay<C, U>(
+pub fn relay<C, U>(
     client: C,
     client_early: bytes::Bytes,
     upstream: U,
     upstream_early: bytes::Bytes,
     settings: &Settings,
-) -> Report
+) -> impl Future<Output = Report> + use<C, U>
 where
     C: AsyncRead + AsyncWrite + Unpin,
     U: AsyncRead + AsyncWrite + Unpin,
 {
-    let rules = |dir| {
-        Rules::new(
-            dir,
-            settings.max_frame_size,
-            settings.max_message_size,
-            &settings.extensions,
-        )
-    };
-    let mut c2u = Pump::new(rules(Dir::ClientToUpstream), settings.buffer_size);
-    let mut u2c = Pump::new(rules(Dir::UpstreamToClient), settings.buffer_size);
-    // Seeded, then dropped: the early bytes may pin the HTTP layer's whole read buffer.
-    c2u.seed(&client_early);
-    u2c.seed(&upstream_early);
-    drop((client_early, upstream_early));
-    let now = Instant::now();
-    if let Some(rate) = &settings.messages {
-        c2u.set_gate(MessageGate::new(rate));
+    // Built eagerly, outside the async block, so the future holds the session and nothing
+    // else: a long-lived idle connection's task is this future.
+    let mut session = Session::start(client, client_early, upstream, upstream_early, settings);
+    async move {
+        poll_fn(|cx| session.poll(cx)).await;
+        session.c2u.release();
+        session.u2c.release();
+        session.report.c2u = session.c2u.stats;
+        session.report.u2c = session.u2c.stats;
+        session.report
     }
-    if !settings.fragment_timeout.is_zero() {
-        c2u.track_fragments();
-    }
-    let every = |d: Duration| (!d.is_zero()).then(|| now + d);
-    if !settings.ping_interval.is_zero() {
-        u2c.track_writes();
-    }
-    if !settings.upstream_ping_interval.is_zero() {
-        c2u.track_writes();
-    }
-    let mut session = Session {
-        client,
-        upstream,
-        c2u,
-        u2c,
-        send_timeout: settings.send_timeout,
-        fragment_timeout: settings.fragment_timeout,
-        idle_timeout: settings.idle_timeout,
-        ping_interval: settings.ping_interval,
-        pong_timeout: settings.pong_timeout,
-        upstream_ping_interval: settings.upstream_ping_interval,
-        ping_check: every(settings.ping_interval),
-        upstream_ping_check: every(settings.upstream_ping_interval),
-        idle_check: every(settings.idle_timeout),
-        last_data: now,
-        timer: None,
-        close_deadline: None,
-        client_dead: false,
-        upstream_dead: false,
-        lingering: false,
-        shut_client: false,
-        shut_upstream: false,
-        mask_state: mask_seed(),
-        report: Report::default(),
-    };
-    poll_fn(|cx| session.poll(cx)).await;
-    session.c2u.release();
-    session.u2c.release();
-    session.report.c2u = session.c2u.stats;
-    session.report.u2c = session.u2c.stats;
-    session.report
 }
 
 struct Session<C, U> {
@@ -244,6 +196,68 @@ where
     C: AsyncRead + AsyncWrite + Unpin,
     U: AsyncRead + AsyncWrite + Unpin,
 {
+    fn start(
+        client: C,
+        client_early: bytes::Bytes,
+        upstream: U,
+        upstream_early: bytes::Bytes,
+        settings: &Settings,
+    ) -> Self {
+        let rules = |dir| {
+            Rules::new(
+                dir,
+                settings.max_frame_size,
+                settings.max_message_size,
+                &settings.extensions,
+            )
+        };
+        let mut c2u = Pump::new(rules(Dir::ClientToUpstream), settings.buffer_size);
+        let mut u2c = Pump::new(rules(Dir::UpstreamToClient), settings.buffer_size);
+        // Seeded, then dropped: the early bytes may pin the HTTP layer's whole read buffer.
+        c2u.seed(&client_early);
+        u2c.seed(&upstream_early);
+        drop((client_early, upstream_early));
+        let now = Instant::now();
+        if let Some(rate) = &settings.messages {
+            c2u.set_gate(MessageGate::new(rate));
+        }
+        if !settings.fragment_timeout.is_zero() {
+            c2u.track_fragments();
+        }
+        let every = |d: Duration| (!d.is_zero()).then(|| now + d);
+        if !settings.ping_interval.is_zero() {
+            u2c.track_writes();
+        }
+        if !settings.upstream_ping_interval.is_zero() {
+            c2u.track_writes();
+        }
+        Session {
+            client,
+            upstream,
+            c2u,
+            u2c,
+            send_timeout: settings.send_timeout,
+            fragment_timeout: settings.fragment_timeout,
+            idle_timeout: settings.idle_timeout,
+            ping_interval: settings.ping_interval,
+            pong_timeout: settings.pong_timeout,
+            upstream_ping_interval: settings.upstream_ping_interval,
+            ping_check: every(settings.ping_interval),
+            upstream_ping_check: every(settings.upstream_ping_interval),
+            idle_check: every(settings.idle_timeout),
+            last_data: now,
+            timer: None,
+            close_deadline: None,
+            client_dead: false,
+            upstream_dead: false,
+            lingering: false,
+            shut_client: false,
+            shut_upstream: false,
+            mask_state: mask_seed(),
+            report: Report::default(),
+        }
+    }
+
     fn poll(&mut self, cx: &mut Context<'_>) -> Poll<()> {
         loop {
             if self.lingering {
