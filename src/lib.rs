@@ -24,6 +24,7 @@ pub mod ids;
 pub mod listener;
 pub mod observe;
 pub mod relay;
+pub mod tls;
 pub mod upstream;
 
 use std::net::SocketAddr;
@@ -74,12 +75,33 @@ pub struct Gateway {
     pub admin: Option<SocketAddr>,
     pub shared: Arc<Shared>,
     shutdown: watch::Sender<bool>,
+    /// Each TLS listener's swappable configuration, by listener name.
+    tls_slots: Vec<(String, Arc<listener::TlsSlot>)>,
 }
 
 impl Gateway {
     /// The first listener's address.
     pub fn addr(&self) -> SocketAddr {
         self.listeners[0].1
+    }
+
+    /// Puts the certificates of a freshly loaded (hence valid) config in service for new
+    /// connections; established ones keep theirs. Returns the listeners updated. This is
+    /// the certificate half of SIGHUP reload; other changes still need a restart.
+    pub fn reload_certificates(&self, config: &Config) -> Vec<String> {
+        let mut updated = Vec::new();
+        for (name, slot) in &self.tls_slots {
+            let fresh = config
+                .listeners
+                .iter()
+                .find(|l| &l.name == name)
+                .and_then(|l| l.tls.as_ref());
+            if let Some(tls) = fresh {
+                slot.set(tls.server.clone());
+                updated.push(name.clone());
+            }
+        }
+        updated
     }
 
     /// Stops accepting new connections; established ones run on.
@@ -106,7 +128,11 @@ pub async fn start(config: Config, sink: Sink) -> Result<Gateway, StartError> {
             addr: l.bind,
             source,
         })?;
-        bound.push((l.name.clone(), addr, listener));
+        let tls = l
+            .tls
+            .as_ref()
+            .map(|t| Arc::new(listener::TlsSlot::new(t.server.clone())));
+        bound.push((l.name.clone(), addr, listener, tls));
     }
     let admin = match &config.admin {
         Some(a) => {
@@ -143,13 +169,22 @@ pub async fn start(config: Config, sink: Sink) -> Result<Gateway, StartError> {
         ready: ready.clone(),
     });
     let (shutdown, rx) = watch::channel(false);
+    for warning in &shared.config.warnings {
+        tracing::warn!("{warning}");
+    }
     let mut listeners = Vec::with_capacity(bound.len());
-    for (name, addr, listener) in bound {
-        tracing::info!(listener = %name, %addr, "listening (ws://)");
+    let mut tls_slots = Vec::new();
+    for (name, addr, listener, tls) in bound {
+        let scheme = if tls.is_some() { "wss://" } else { "ws://" };
+        tracing::info!(listener = %name, %addr, "listening ({scheme})");
+        if let Some(slot) = &tls {
+            tls_slots.push((name.clone(), slot.clone()));
+        }
         tokio::spawn(listener::accept_loop(
             shared.clone(),
             listener,
             name.as_str().into(),
+            tls,
             rx.clone(),
         ));
         listeners.push((name, addr));
@@ -165,5 +200,6 @@ pub async fn start(config: Config, sink: Sink) -> Result<Gateway, StartError> {
         admin,
         shared,
         shutdown,
+        tls_slots,
     })
 }

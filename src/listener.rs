@@ -1,15 +1,16 @@
 //! Accepting connections and taking each one through its life: the HTTP/1.1 upgrade
 //! (hyper), admission, the upstream handshake, the relay, and the access-log line.
 //!
-//! One task per accepted connection does all of it; the relay runs in that same task,
-//! so ending the task ends both sockets and frees every resource in one place.
+//! One task per accepted connection does all of it (TLS handshake included, never in the
+//! accept loop); the relay runs in that same task, so ending the task ends both sockets
+//! and frees every resource in one place.
 
 use std::convert::Infallible;
 use std::future::{Future, poll_fn};
 use std::net::SocketAddr;
 use std::pin::Pin;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, RwLock};
 use std::time::Duration;
 
 use bytes::Bytes;
@@ -18,7 +19,7 @@ use http::{Request, Response, StatusCode, request};
 use http_body_util::{Either, Full};
 use hyper::body::Incoming;
 use hyper_util::rt::TokioIo;
-use tokio::io::AsyncWriteExt;
+use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::watch;
 use tokio::time::Instant;
@@ -26,7 +27,8 @@ use tokio::time::Instant;
 use crate::handshake::{self, Rejection};
 use crate::observe::access_log::{Counts, Record, now_rfc3339};
 use crate::relay::{self, Settings};
-use crate::upstream::{self, Connected, Failure, Forwarded};
+use crate::tls::TlsInfo;
+use crate::upstream::{self, Connected, Failure, Forwarded, UpstreamStream};
 use crate::{Shared, ids};
 
 /// Largest request head hyper will buffer (hyper's floor is 8 KiB); beyond → 431.
@@ -37,11 +39,32 @@ const ACCEPT_BACKOFF: Duration = Duration::from_millis(100);
 
 type Body = Either<Full<Bytes>, Incoming>;
 
+/// A listener's current TLS configuration; certificate reloads swap it, and connections
+/// already established keep the one they started with.
+pub struct TlsSlot(RwLock<Arc<rustls::ServerConfig>>);
+
+impl TlsSlot {
+    pub fn new(config: Arc<rustls::ServerConfig>) -> TlsSlot {
+        TlsSlot(RwLock::new(config))
+    }
+
+    fn get(&self) -> Option<Arc<rustls::ServerConfig>> {
+        self.0.read().ok().map(|c| c.clone())
+    }
+
+    pub fn set(&self, config: Arc<rustls::ServerConfig>) {
+        if let Ok(mut slot) = self.0.write() {
+            *slot = config;
+        }
+    }
+}
+
 /// Accepts until `shutdown` flips, spawning one task per connection.
 pub async fn accept_loop(
     shared: Arc<Shared>,
     listener: TcpListener,
     name: Arc<str>,
+    tls: Option<Arc<TlsSlot>>,
     mut shutdown: watch::Receiver<bool>,
 ) {
     loop {
@@ -51,7 +74,13 @@ pub async fn accept_loop(
         };
         match accepted {
             Ok((stream, peer)) => {
-                tokio::spawn(serve(shared.clone(), name.clone(), stream, peer));
+                tokio::spawn(serve(
+                    shared.clone(),
+                    name.clone(),
+                    stream,
+                    peer,
+                    tls.clone(),
+                ));
             }
             Err(e) => {
                 tracing::warn!(listener = %name, error = %e, "accept failed; backing off");
@@ -93,7 +122,7 @@ impl RequestInfo {
 /// What the handshake leaves for the relay. Nothing here may borrow hyper's read buffers
 /// (header values do): they would pin 8 KiB per connection for its whole life.
 struct Established {
-    upstream: TcpStream,
+    upstream: UpstreamStream,
     upstream_early: Bytes,
     backend: String,
     settings: Settings,
@@ -108,6 +137,7 @@ struct Conn {
     conn_id: String,
     started: Instant,
     over_capacity: bool,
+    tls: Option<TlsInfo>,
     /// The request head has arrived: `handshake_timeout` no longer applies.
     head_seen: AtomicBool,
     established: Mutex<Option<Box<Established>>>,
@@ -122,37 +152,90 @@ impl Drop for ActiveGuard<'_> {
     }
 }
 
-async fn serve(shared: Arc<Shared>, listener: Arc<str>, stream: TcpStream, peer: SocketAddr) {
+async fn serve(
+    shared: Arc<Shared>,
+    listener: Arc<str>,
+    stream: TcpStream,
+    peer: SocketAddr,
+    tls: Option<Arc<TlsSlot>>,
+) {
     let _ = stream.set_nodelay(true);
     let active = shared.active.fetch_add(1, Ordering::Relaxed) + 1;
     let _guard = ActiveGuard(&shared.active);
-    let conn = Arc::new(Conn {
-        over_capacity: active > shared.config.limits.max_connections,
-        shared: shared.clone(),
-        listener,
-        peer,
-        conn_id: ids::next(),
-        started: Instant::now(),
-        head_seen: AtomicBool::new(false),
-        established: Mutex::new(None),
-    });
+    let started = Instant::now();
+    // One deadline covers the TLS handshake and the request head (slowloris guard).
+    let deadline = started + shared.config.limits.handshake_timeout;
+    let conn = |tls: Option<TlsInfo>| {
+        Arc::new(Conn {
+            over_capacity: active > shared.config.limits.max_connections,
+            shared: shared.clone(),
+            listener: listener.clone(),
+            peer,
+            conn_id: ids::next(),
+            started,
+            tls,
+            head_seen: AtomicBool::new(false),
+            established: Mutex::new(None),
+        })
+    };
+    match tls.and_then(|slot| slot.get()) {
+        None => serve_http(conn(None), stream, deadline).await,
+        Some(config) => {
+            let accepted = tokio::time::timeout_at(
+                deadline,
+                tokio_rustls::TlsAcceptor::from(config).accept(stream),
+            );
+            let stream = match Box::pin(accepted).await {
+                Ok(Ok(stream)) => stream,
+                Ok(Err(e)) => return crate::tls::log_handshake_failure(peer, &e),
+                Err(_) => return crate::tls::log_handshake_failure(peer, &"timed out"),
+            };
+            let info = tls_info(stream.get_ref().1);
+            serve_http(conn(Some(info)), stream, deadline).await
+        }
+    }
+}
+
+fn tls_info(session: &rustls::ServerConnection) -> TlsInfo {
+    TlsInfo {
+        version: crate::tls::version_label(session.protocol_version()),
+        sni: session.server_name().map(str::to_owned),
+        client_subject: session
+            .peer_certificates()
+            .and_then(|c| c.first())
+            .and_then(crate::tls::subject_of),
+    }
+}
+
+/// The HTTP upgrade, then the relay, over a plain or TLS client stream.
+async fn serve_http<S>(conn: Arc<Conn>, stream: S, deadline: Instant)
+where
+    S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+{
     // The handshake (hyper's connection, its buffers, the timers) lives in its own
     // allocation, freed before the relay starts: a long-lived connection keeps only the
     // relay's small state.
-    if let Some((client, early, est)) = Box::pin(handshake(&conn, stream)).await {
+    if let Some((client, early, est)) = Box::pin(handshake(&conn, stream, deadline)).await {
         run_relay(&conn, client, early, est).await;
     }
 }
 
 /// Serves the one HTTP request of the connection. Returns the client socket, any bytes
 /// read past the head, and what the relay needs, when the upgrade succeeded.
-async fn handshake(conn: &Arc<Conn>, stream: TcpStream) -> Option<(TcpStream, Bytes, Established)> {
+async fn handshake<S>(
+    conn: &Arc<Conn>,
+    stream: S,
+    deadline: Instant,
+) -> Option<(S, Bytes, Established)>
+where
+    S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+{
     let mut http = hyper::server::conn::http1::Builder::new();
     // Keep-alive stays on: every response of ours says `Connection: close`, and hyper would
     // otherwise append `close` to the 101 as well.
     http.header_read_timeout(None).max_buf_size(MAX_HEAD);
     let mut http = http.serve_connection(TokioIo::new(stream), Service(conn.clone()));
-    let deadline = tokio::time::sleep(conn.shared.config.limits.handshake_timeout);
+    let deadline = tokio::time::sleep_until(deadline);
     tokio::pin!(deadline);
     let mut deadline_live = true;
     let served = loop {
@@ -205,7 +288,10 @@ async fn handshake(conn: &Arc<Conn>, stream: TcpStream) -> Option<(TcpStream, By
 /// Sent when the head did not arrive within `handshake_timeout` (a slowloris guard).
 const REQUEST_TIMEOUT: &[u8] = b"HTTP/1.1 408 Request Timeout\r\ncontent-type: text/plain; charset=utf-8\r\ncontent-length: 18\r\nconnection: close\r\n\r\nhandshake_timeout\n";
 
-async fn run_relay(conn: &Conn, client: TcpStream, client_early: Bytes, est: Established) {
+async fn run_relay<S>(conn: &Conn, client: S, client_early: Bytes, est: Established)
+where
+    S: AsyncRead + AsyncWrite + Unpin,
+{
     let Established {
         upstream,
         upstream_early,
@@ -244,7 +330,7 @@ impl Conn {
         info.route = Some(admitted.route.name.clone());
         let fwd = Forwarded {
             client_ip: self.peer.ip(),
-            tls: false,
+            tls: self.tls.is_some(),
             conn_id: &self.conn_id,
         };
         match upstream::connect(&parts, &admitted, &fwd, self.shared.echo_addr).await {
@@ -313,6 +399,7 @@ impl Conn {
             route: info.route.as_deref(),
             client_ip: self.peer.ip().to_string(),
             client_port: self.peer.port(),
+            tls: self.tls.as_ref(),
             host: info.host.as_deref(),
             path: info.path.as_deref(),
             origin: info.origin.as_deref(),

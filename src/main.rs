@@ -64,6 +64,9 @@ fn main() -> ExitCode {
         }
     };
     if args.check {
+        for warning in &config.warnings {
+            eprintln!("warning: {warning}");
+        }
         println!("wsgate: configuration {} is valid", args.config.display());
         return ExitCode::SUCCESS;
     }
@@ -75,10 +78,10 @@ fn main() -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
-    runtime.block_on(serve(config))
+    runtime.block_on(serve(config, args.config))
 }
 
-async fn serve(config: Config) -> ExitCode {
+async fn serve(config: Config, path: PathBuf) -> ExitCode {
     let sink = Sink::Target(config.log.access.clone());
     let gateway = match wsgate::start(config, sink).await {
         Ok(g) => g,
@@ -87,24 +90,52 @@ async fn serve(config: Config) -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
-    wait_for_signal().await;
+    run_until_stopped(&gateway, &path).await;
     // Graceful drain (SPEC §8) is not built yet: stop accepting and exit.
     tracing::info!("shutting down");
     gateway.stop_accepting();
     ExitCode::SUCCESS
 }
 
-async fn wait_for_signal() {
+/// Waits for SIGTERM/SIGINT, reloading certificates on each SIGHUP meanwhile.
+async fn run_until_stopped(gateway: &wsgate::Gateway, path: &std::path::Path) {
     use tokio::signal::unix::{SignalKind, signal};
-    let (Ok(mut term), Ok(mut int)) = (
+    let (Ok(mut term), Ok(mut int), Ok(mut hup)) = (
         signal(SignalKind::terminate()),
         signal(SignalKind::interrupt()),
+        signal(SignalKind::hangup()),
     ) else {
-        // Without signal handlers, run until killed.
+        tracing::error!("cannot install signal handlers; running until killed");
         return std::future::pending().await;
     };
-    tokio::select! {
-        _ = term.recv() => {}
-        _ = int.recv() => {}
+    loop {
+        tokio::select! {
+            _ = term.recv() => return,
+            _ = int.recv() => return,
+            _ = hup.recv() => reload(gateway, path),
+        }
+    }
+}
+
+/// SIGHUP: re-reads the config, certificates included. A config that does not load
+/// changes nothing: the old certificates stay in service.
+fn reload(gateway: &wsgate::Gateway, path: &std::path::Path) {
+    match Config::load(path) {
+        Ok(config) => {
+            for warning in &config.warnings {
+                tracing::warn!("{warning}");
+            }
+            let updated = gateway.reload_certificates(&config);
+            tracing::info!(listeners = ?updated, "reloaded certificates; other configuration changes need a restart for now");
+        }
+        Err(errors) => {
+            for e in &errors.0 {
+                tracing::error!("{e}");
+            }
+            tracing::error!(
+                "reload refused: {} is invalid; the running configuration and certificates stay in service",
+                path.display()
+            );
+        }
     }
 }

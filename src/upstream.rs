@@ -12,6 +12,11 @@ use http::{Request, Response, StatusCode, Version, request};
 use http_body_util::Empty;
 use hyper::body::Incoming;
 use hyper_util::rt::TokioIo;
+use std::io;
+use std::pin::Pin;
+use std::task::{Context, Poll};
+
+use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::TcpStream;
 
 use crate::config::{Upstream, UpstreamKind};
@@ -47,7 +52,7 @@ pub struct Forwarded<'a> {
 
 /// An upstream WebSocket ready to relay.
 pub struct Connected {
-    pub stream: TcpStream,
+    pub stream: UpstreamStream,
     /// Bytes the upstream sent right after its 101 (already read by the HTTP layer).
     pub early: Bytes,
     pub backend: String,
@@ -103,7 +108,24 @@ async fn handshake(
         fail(Rejection::UpstreamConnect)
     })?;
     let _ = tcp.set_nodelay(true);
-    let (mut sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(tcp))
+    let stream = match &admitted.route.upstream.tls {
+        None => UpstreamStream::Plain(tcp),
+        Some(tls) => {
+            let name = tls
+                .sni
+                .clone()
+                .unwrap_or_else(|| host_of(backend).to_owned());
+            let name = rustls_pki_types::ServerName::try_from(name)
+                .map_err(|_| fail(Rejection::UpstreamConnect))?;
+            let connector = tokio_rustls::TlsConnector::from(tls.client.clone());
+            let stream = connector.connect(name, tcp).await.map_err(|e| {
+                tracing::warn!(backend, error = %e, "upstream TLS handshake failed");
+                fail(Rejection::UpstreamConnect)
+            })?;
+            UpstreamStream::Tls(Box::new(stream))
+        }
+    };
+    let (mut sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(stream))
         .await
         .map_err(|_| fail(Rejection::UpstreamConnect))?;
     // Driven in its own task: it must run while we await the response, and keep running to
@@ -130,7 +152,7 @@ async fn handshake(
         .await
         .map_err(|_| fail(Rejection::UpstreamConnect))?;
     let parts = upgraded
-        .downcast::<TokioIo<TcpStream>>()
+        .downcast::<TokioIo<UpstreamStream>>()
         .map_err(|_| fail(Rejection::UpstreamConnect))?;
     Ok(Connected {
         stream: parts.io.into_inner(),
@@ -248,4 +270,57 @@ fn check_101(
 
 fn ext_name(ext: &str) -> &str {
     ext.split(';').next().unwrap_or("").trim()
+}
+
+/// The host part of `host:port` (brackets stripped for IPv6), for SNI.
+fn host_of(addr: &str) -> &str {
+    let host = addr.rsplit_once(':').map_or(addr, |(h, _)| h);
+    host.trim_start_matches('[').trim_end_matches(']')
+}
+
+/// A connection to a backend: plain TCP, or TLS (boxed: rustls's state is large and most
+/// upstreams are plain).
+pub enum UpstreamStream {
+    Plain(TcpStream),
+    Tls(Box<tokio_rustls::client::TlsStream<TcpStream>>),
+}
+
+impl AsyncRead for UpstreamStream {
+    fn poll_read(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
+        match self.get_mut() {
+            UpstreamStream::Plain(s) => Pin::new(s).poll_read(cx, buf),
+            UpstreamStream::Tls(s) => Pin::new(s.as_mut()).poll_read(cx, buf),
+        }
+    }
+}
+
+impl AsyncWrite for UpstreamStream {
+    fn poll_write(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<io::Result<usize>> {
+        match self.get_mut() {
+            UpstreamStream::Plain(s) => Pin::new(s).poll_write(cx, buf),
+            UpstreamStream::Tls(s) => Pin::new(s.as_mut()).poll_write(cx, buf),
+        }
+    }
+
+    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        match self.get_mut() {
+            UpstreamStream::Plain(s) => Pin::new(s).poll_flush(cx),
+            UpstreamStream::Tls(s) => Pin::new(s.as_mut()).poll_flush(cx),
+        }
+    }
+
+    fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        match self.get_mut() {
+            UpstreamStream::Plain(s) => Pin::new(s).poll_shutdown(cx),
+            UpstreamStream::Tls(s) => Pin::new(s.as_mut()).poll_shutdown(cx),
+        }
+    }
 }

@@ -87,6 +87,7 @@ async fn default_config_serves_the_echo_demo() {
     let text = std::fs::read_to_string("conf/wsgate.yaml").unwrap_or_else(|e| panic!("{e}"));
     let text = text
         .replace("127.0.0.1:8080", "127.0.0.1:0")
+        .replace("127.0.0.1:8443", "127.0.0.1:0")
         .replace("127.0.0.1:9090", "127.0.0.1:0");
     let path = temp_config("default", &text);
     let mut child = Command::new(BIN)

@@ -91,7 +91,7 @@ pub struct FileListener {
     pub name: Option<Text>,
     /// `IP:port` to listen on, e.g. `0.0.0.0:8080`, `[::]:8080`.
     pub bind: Text,
-    /// TLS termination (not supported yet); absent → plain ws://.
+    /// TLS termination; absent → plain ws://.
     pub tls: Option<FileListenerTls>,
     /// Expect a PROXY v1/v2 header (not supported yet; default false).
     pub proxy_protocol: Option<bool>,
@@ -100,8 +100,10 @@ pub struct FileListener {
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct FileListenerTls {
-    /// Certificate/key pairs; SNI picks by SAN.
+    /// Certificate/key pairs; SNI picks by SAN; the first is the default.
     pub certificates: Option<Vec<FileCertificate>>,
+    /// Generate an in-memory certificate for localhost at start (development only).
+    pub self_signed: Option<bool>,
     /// Lowest TLS version: "1.2" | "1.3".
     pub min_version: Option<Text>,
     /// CA bundle to require client certificates (mTLS).
@@ -236,10 +238,12 @@ pub struct FileBackend {
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct FileUpstreamTls {
-    /// CA bundle for the upstream certificate.
+    /// CA bundle for the upstream certificate; absent → bundled webpki roots.
     pub ca: Option<Text>,
-    /// SNI name sent upstream.
+    /// SNI name sent upstream (and verified); default: the backend's host.
     pub sni: Option<Text>,
+    /// Client certificate for upstream mTLS.
+    pub client_cert: Option<FileCertificate>,
 }
 
 #[derive(Debug, Deserialize)]

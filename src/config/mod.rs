@@ -31,17 +31,41 @@ pub struct Config {
     /// Top-level limits with defaults applied; routes start from these.
     pub limits: Limits,
     pub keepalive: Keepalive,
+    /// Things that work but deserve attention (certificates about to expire, a generated
+    /// development certificate); shown by `--check` and logged at start.
+    pub warnings: Vec<String>,
     /// Upstreams by name; routes hold clones of the same `Arc`s.
     pub upstreams: BTreeMap<String, Arc<Upstream>>,
     /// Routes in file order; the first match wins.
     pub routes: Vec<Route>,
 }
 
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone)]
 pub struct Listener {
     /// Label for logs and metrics; defaults to the bind address.
     pub name: String,
     pub bind: SocketAddr,
+    /// `None` → plain ws://.
+    pub tls: Option<ListenerTls>,
+}
+
+/// A listener's TLS, with its certificates already loaded and checked.
+#[derive(Debug, Clone)]
+pub struct ListenerTls {
+    pub server: Arc<rustls::ServerConfig>,
+    pub certificates: Vec<crate::tls::LoadedCert>,
+    /// Serves a generated localhost certificate (development only).
+    pub self_signed: bool,
+    /// Client certificates are required and verified (mTLS).
+    pub mtls: bool,
+}
+
+/// TLS towards an upstream's backends (wss://).
+#[derive(Debug, Clone)]
+pub struct UpstreamTls {
+    pub client: Arc<rustls::ClientConfig>,
+    /// Name sent as SNI and verified; default: the backend's host.
+    pub sni: Option<String>,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -122,10 +146,11 @@ pub struct Keepalive {
     pub upstream_ping_interval: Duration,
 }
 
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone)]
 pub struct Upstream {
     pub name: String,
     pub kind: UpstreamKind,
+    pub tls: Option<UpstreamTls>,
     /// Budget for TCP connect plus the upstream WebSocket handshake; > 0.
     pub connect_timeout: Duration,
 }

@@ -1,0 +1,372 @@
+//! TLS with rustls and its `ring` provider (a pure-Rust/asm build: no cmake or C toolchain
+//! beyond the one Rust needs). Owns loading certificates and keys from PEM (or generating a
+//! localhost certificate in memory), picking a certificate by SNI, building the listener
+//! and upstream configurations, and logging handshake failures without letting a scanner
+//! flood the log. It does no socket I/O of its own.
+
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::path::Path;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, LazyLock};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use rustls::crypto::CryptoProvider;
+use rustls::server::{ClientHello, ResolvesServerCert, WebPkiClientVerifier};
+use rustls::sign::CertifiedKey;
+use rustls::{ClientConfig, RootCertStore, ServerConfig};
+use rustls_pki_types::pem::PemObject;
+use rustls_pki_types::{CertificateDer, PrivateKeyDer};
+
+/// Certificates expiring within this window produce a warning at load (`--check` too).
+pub const EXPIRY_WARNING: Duration = Duration::from_secs(14 * 24 * 3600);
+
+/// ALPN: WebSocket upgrades ride HTTP/1.1 only.
+const ALPN_HTTP11: &[u8] = b"http/1.1";
+
+pub fn provider() -> Arc<CryptoProvider> {
+    static PROVIDER: LazyLock<Arc<CryptoProvider>> =
+        LazyLock::new(|| Arc::new(rustls::crypto::ring::default_provider()));
+    PROVIDER.clone()
+}
+
+/// A certificate chain with its key, and what SNI selection and `--check` need to know.
+#[derive(Clone, Debug)]
+pub struct LoadedCert {
+    pub key: Arc<CertifiedKey>,
+    /// DNS names and IP addresses of the leaf (SANs, else the subject CN), lower-cased;
+    /// wildcards kept as `*.example.com`.
+    pub names: Vec<String>,
+    pub not_after: SystemTime,
+}
+
+impl LoadedCert {
+    /// A warning if the certificate expires within [`EXPIRY_WARNING`].
+    pub fn expiry_warning(&self) -> Option<String> {
+        let left = self
+            .not_after
+            .duration_since(SystemTime::now())
+            .unwrap_or(Duration::ZERO);
+        (left < EXPIRY_WARNING).then(|| {
+            format!(
+                "certificate for {} expires in {} days",
+                self.names.join(", "),
+                left.as_secs() / 86_400
+            )
+        })
+    }
+}
+
+/// Loads a PEM chain (leaf first, intermediates after) and its PEM key (PKCS#8, PKCS#1 or
+/// SEC1: RSA, ECDSA, Ed25519). Refuses an expired certificate or a key that is not the
+/// leaf's.
+pub fn load_pair(cert_path: &Path, key_path: &Path) -> Result<LoadedCert, String> {
+    let chain = CertificateDer::pem_file_iter(cert_path)
+        .and_then(|it| it.collect::<Result<Vec<_>, _>>())
+        .map_err(|e| format!("cannot read certificates from {}: {e}", cert_path.display()))?;
+    if chain.is_empty() {
+        return Err(format!("{} holds no PEM certificate", cert_path.display()));
+    }
+    let key = PrivateKeyDer::from_pem_file(key_path)
+        .map_err(|e| format!("cannot read a private key from {}: {e}", key_path.display()))?;
+    let loaded = certified(chain, key)?;
+    if loaded.not_after < SystemTime::now() {
+        return Err(format!("certificate {} has expired", cert_path.display()));
+    }
+    Ok(loaded)
+}
+
+/// A self-signed certificate for `localhost`, `127.0.0.1` and `::1`, generated in memory
+/// (nothing is written to disk); for development only.
+pub fn self_signed() -> Result<LoadedCert, String> {
+    let names = vec![
+        "localhost".to_owned(),
+        "127.0.0.1".to_owned(),
+        "::1".to_owned(),
+    ];
+    let generated = rcgen::generate_simple_self_signed(names)
+        .map_err(|e| format!("cannot generate a certificate: {e}"))?;
+    let key =
+        PrivateKeyDer::try_from(generated.signing_key.serialize_der()).map_err(|e| e.to_owned())?;
+    certified(vec![generated.cert.der().clone()], key)
+}
+
+fn certified(
+    chain: Vec<CertificateDer<'static>>,
+    key: PrivateKeyDer<'static>,
+) -> Result<LoadedCert, String> {
+    let (names, not_after) = leaf_facts(&chain[0])?;
+    let key = CertifiedKey::from_der(chain, key, &provider()).map_err(|e| match e {
+        rustls::Error::InconsistentKeys(_) => {
+            "the private key does not match the certificate".to_owned()
+        }
+        e => format!("unusable private key: {e}"),
+    })?;
+    Ok(LoadedCert {
+        key: Arc::new(key),
+        names,
+        not_after,
+    })
+}
+
+/// SAN names (else the CN) and expiry of a leaf certificate.
+fn leaf_facts(der: &CertificateDer<'_>) -> Result<(Vec<String>, SystemTime), String> {
+    use x509_parser::extensions::GeneralName;
+    let (_, cert) = x509_parser::parse_x509_certificate(der.as_ref())
+        .map_err(|e| format!("not an X.509 certificate: {e}"))?;
+    let mut names = Vec::new();
+    if let Ok(Some(san)) = cert.subject_alternative_name() {
+        for name in &san.value.general_names {
+            match name {
+                GeneralName::DNSName(n) => names.push(n.to_ascii_lowercase()),
+                GeneralName::IPAddress(ip) => {
+                    if let Some(ip) = ip_from_bytes(ip) {
+                        names.push(ip.to_string());
+                    }
+                }
+                _ => {}
+            }
+        }
+    }
+    if names.is_empty()
+        && let Some(cn) = cert
+            .subject()
+            .iter_common_name()
+            .next()
+            .and_then(|cn| cn.as_str().ok())
+    {
+        names.push(cn.to_ascii_lowercase());
+    }
+    let secs = u64::try_from(cert.validity().not_after.timestamp()).unwrap_or(0);
+    Ok((names, UNIX_EPOCH + Duration::from_secs(secs)))
+}
+
+fn ip_from_bytes(b: &[u8]) -> Option<std::net::IpAddr> {
+    match b.len() {
+        4 => <[u8; 4]>::try_from(b).ok().map(std::net::IpAddr::from),
+        16 => <[u8; 16]>::try_from(b).ok().map(std::net::IpAddr::from),
+        _ => None,
+    }
+}
+
+/// Loads a PEM bundle of CA certificates.
+pub fn load_roots(path: &Path) -> Result<RootCertStore, String> {
+    let certs = CertificateDer::pem_file_iter(path)
+        .and_then(|it| it.collect::<Result<Vec<_>, _>>())
+        .map_err(|e| format!("cannot read CA certificates from {}: {e}", path.display()))?;
+    let mut roots = RootCertStore::empty();
+    let (added, _) = roots.add_parsable_certificates(certs);
+    if added == 0 {
+        return Err(format!("{} holds no usable CA certificate", path.display()));
+    }
+    Ok(roots)
+}
+
+/// Picks a certificate by SNI: exact names first, then `*.` wildcards (one label), then
+/// the first certificate (also for clients that send no SNI).
+#[derive(Debug)]
+pub struct SniResolver {
+    exact: HashMap<String, Arc<CertifiedKey>>,
+    wildcard: HashMap<String, Arc<CertifiedKey>>,
+    default: Arc<CertifiedKey>,
+}
+
+impl SniResolver {
+    pub fn new(certs: &[LoadedCert]) -> Option<SniResolver> {
+        let default = certs.first()?.key.clone();
+        let mut exact = HashMap::new();
+        let mut wildcard = HashMap::new();
+        for c in certs {
+            for name in &c.names {
+                match name.strip_prefix("*.") {
+                    Some(suffix) => wildcard
+                        .entry(suffix.to_owned())
+                        .or_insert_with(|| c.key.clone()),
+                    None => exact.entry(name.clone()).or_insert_with(|| c.key.clone()),
+                };
+            }
+        }
+        Some(SniResolver {
+            exact,
+            wildcard,
+            default,
+        })
+    }
+
+    fn pick(&self, sni: Option<&str>) -> Arc<CertifiedKey> {
+        let Some(name) = sni.map(str::to_ascii_lowercase) else {
+            return self.default.clone();
+        };
+        if let Some(k) = self.exact.get(&name) {
+            return k.clone();
+        }
+        let parent = name.split_once('.').map(|(_, rest)| rest);
+        parent
+            .and_then(|p| self.wildcard.get(p))
+            .unwrap_or(&self.default)
+            .clone()
+    }
+}
+
+impl ResolvesServerCert for SniResolver {
+    fn resolve(&self, hello: ClientHello<'_>) -> Option<Arc<CertifiedKey>> {
+        Some(self.pick(hello.server_name()))
+    }
+}
+
+/// Lowest TLS version a listener accepts.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum MinVersion {
+    Tls12,
+    Tls13,
+}
+
+/// A listener's rustls configuration: SNI resolver, ALPN `http/1.1`, optional mTLS.
+pub fn server_config(
+    certs: &[LoadedCert],
+    min: MinVersion,
+    client_ca: Option<&RootCertStore>,
+) -> Result<Arc<ServerConfig>, String> {
+    let resolver = SniResolver::new(certs).ok_or("no certificate configured")?;
+    let versions: &[&rustls::SupportedProtocolVersion] = match min {
+        MinVersion::Tls12 => &[&rustls::version::TLS13, &rustls::version::TLS12],
+        MinVersion::Tls13 => &[&rustls::version::TLS13],
+    };
+    let builder = ServerConfig::builder_with_provider(provider())
+        .with_protocol_versions(versions)
+        .map_err(|e| e.to_string())?;
+    let builder = match client_ca {
+        Some(roots) => {
+            let verifier =
+                WebPkiClientVerifier::builder_with_provider(Arc::new(roots.clone()), provider())
+                    .build()
+                    .map_err(|e| format!("client_ca: {e}"))?;
+            builder.with_client_cert_verifier(verifier)
+        }
+        None => builder.with_no_client_auth(),
+    };
+    let mut config = builder.with_cert_resolver(Arc::new(resolver));
+    config.alpn_protocols = vec![ALPN_HTTP11.to_vec()];
+    Ok(Arc::new(config))
+}
+
+/// A client certificate for upstream mTLS: the chain and its key, as rustls's client
+/// builder takes them (checked to match, like a listener's).
+pub type ClientIdentity = (Vec<CertificateDer<'static>>, PrivateKeyDer<'static>);
+
+pub fn load_client_identity(cert_path: &Path, key_path: &Path) -> Result<ClientIdentity, String> {
+    load_pair(cert_path, key_path)?;
+    let chain = CertificateDer::pem_file_iter(cert_path)
+        .and_then(|it| it.collect::<Result<Vec<_>, _>>())
+        .map_err(|e| format!("cannot read certificates from {}: {e}", cert_path.display()))?;
+    let key = PrivateKeyDer::from_pem_file(key_path)
+        .map_err(|e| format!("cannot read a private key from {}: {e}", key_path.display()))?;
+    Ok((chain, key))
+}
+
+/// An upstream's rustls configuration: its CA bundle (or the bundled webpki roots) and an
+/// optional client certificate.
+pub fn client_config(
+    roots: Option<RootCertStore>,
+    identity: Option<ClientIdentity>,
+) -> Result<Arc<ClientConfig>, String> {
+    let roots = roots.unwrap_or_else(|| RootCertStore {
+        roots: webpki_roots::TLS_SERVER_ROOTS.to_vec(),
+    });
+    let builder = ClientConfig::builder_with_provider(provider())
+        .with_safe_default_protocol_versions()
+        .map_err(|e| e.to_string())?
+        .with_root_certificates(roots);
+    let mut config = match identity {
+        Some((chain, key)) => builder
+            .with_client_auth_cert(chain, key)
+            .map_err(|e| format!("client certificate: {e}"))?,
+        None => builder.with_no_client_auth(),
+    };
+    config.alpn_protocols = vec![ALPN_HTTP11.to_vec()];
+    Ok(Arc::new(config))
+}
+
+/// Handshake failures since start (for metrics).
+pub static HANDSHAKE_FAILURES: AtomicU64 = AtomicU64::new(0);
+
+/// Counts a failed TLS handshake and logs it, at most about ten lines per second so a
+/// scanner cannot flood the log (the count stays exact).
+pub fn log_handshake_failure(peer: SocketAddr, reason: &dyn std::fmt::Display) {
+    use governor::{DefaultDirectRateLimiter, Quota, RateLimiter};
+    static LOG_BUDGET: LazyLock<DefaultDirectRateLimiter> = LazyLock::new(|| {
+        let ten = std::num::NonZeroU32::new(10).unwrap_or(std::num::NonZeroU32::MIN);
+        RateLimiter::direct(Quota::per_second(ten))
+    });
+    let total = HANDSHAKE_FAILURES.fetch_add(1, Ordering::Relaxed) + 1;
+    if LOG_BUDGET.check().is_ok() {
+        tracing::warn!(client_ip = %peer.ip(), client_port = peer.port(), %reason, failures_total = total, "TLS handshake failed");
+    }
+}
+
+/// TLS facts about a client connection, as the access log writes them (`tls` object).
+#[derive(Clone, Debug, Default, serde::Serialize)]
+pub struct TlsInfo {
+    pub version: Option<&'static str>,
+    pub sni: Option<String>,
+    /// Subject of the verified client certificate (mTLS).
+    pub client_subject: Option<String>,
+}
+
+/// Protocol version as the access log writes it.
+pub fn version_label(v: Option<rustls::ProtocolVersion>) -> Option<&'static str> {
+    match v? {
+        rustls::ProtocolVersion::TLSv1_3 => Some("1.3"),
+        rustls::ProtocolVersion::TLSv1_2 => Some("1.2"),
+        _ => Some("other"),
+    }
+}
+
+/// The subject of a verified client certificate, as `CN=…, O=…`.
+pub fn subject_of(cert: &CertificateDer<'_>) -> Option<String> {
+    let (_, parsed) = x509_parser::parse_x509_certificate(cert.as_ref()).ok()?;
+    Some(parsed.subject().to_string())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn cert_for(names: &[&str]) -> LoadedCert {
+        let names: Vec<String> = names.iter().map(|s| s.to_string()).collect();
+        let generated = rcgen::generate_simple_self_signed(names).unwrap();
+        let key = PrivateKeyDer::try_from(generated.signing_key.serialize_der()).unwrap();
+        certified(vec![generated.cert.der().clone()], key).unwrap()
+    }
+
+    #[test]
+    fn sni_picks_exact_then_wildcard_then_default() {
+        let a = cert_for(&["a.example.com"]);
+        let w = cert_for(&["*.example.org"]);
+        let r = SniResolver::new(&[a.clone(), w.clone()]).unwrap();
+        assert!(Arc::ptr_eq(&r.pick(Some("A.Example.com")), &a.key));
+        assert!(Arc::ptr_eq(&r.pick(Some("x.example.org")), &w.key));
+        assert!(
+            Arc::ptr_eq(&r.pick(Some("x.y.example.org")), &a.key),
+            "a wildcard covers one label only"
+        );
+        assert!(Arc::ptr_eq(&r.pick(None), &a.key));
+        assert!(Arc::ptr_eq(&r.pick(Some("unknown.test")), &a.key));
+    }
+
+    #[test]
+    fn self_signed_covers_localhost_and_loopback() {
+        let c = self_signed().unwrap();
+        assert_eq!(c.names, ["localhost", "127.0.0.1", "::1"]);
+        assert!(c.expiry_warning().is_none());
+    }
+
+    #[test]
+    fn mismatched_key_is_refused() {
+        let a = rcgen::generate_simple_self_signed(vec!["a".to_string()]).unwrap();
+        let b = rcgen::generate_simple_self_signed(vec!["b".to_string()]).unwrap();
+        let key = PrivateKeyDer::try_from(b.signing_key.serialize_der()).unwrap();
+        let err = certified(vec![a.cert.der().clone()], key).unwrap_err();
+        assert!(err.contains("does not match"), "{err}");
+    }
+}
