@@ -81,8 +81,11 @@ async def backend_conn(reader, writer, held):
         pass
 
 
-async def client_conn(port, i):
-    reader, writer = await asyncio.open_connection("127.0.0.1", port)
+async def client_conn(port, i, tls=None):
+    if tls:
+        reader, writer = await asyncio.open_connection("127.0.0.1", port, ssl=tls, server_hostname="localhost")
+    else:
+        reader, writer = await asyncio.open_connection("127.0.0.1", port)
     key = base64.b64encode(os.urandom(16))
     writer.write(b"GET /idle HTTP/1.1\r\nHost: bench\r\nConnection: Upgrade\r\nUpgrade: websocket\r\nSec-WebSocket-Version: 13\r\nSec-WebSocket-Key: " + key + b"\r\n\r\n")
     head = await read_head(reader)
@@ -100,9 +103,16 @@ async def main(args):
     held = []
     server = await asyncio.start_server(lambda r, w: backend_conn(r, w, held), "127.0.0.1", 0, backlog=4096)
     bport = server.sockets[0].getsockname()[1]
+    tls_block = ", tls: { self_signed: true }" if args.tls else ""
+    tls = None
+    if args.tls:
+        import ssl
+        tls = ssl.create_default_context()
+        tls.check_hostname = False
+        tls.verify_mode = ssl.CERT_NONE
     cfg = tempfile.NamedTemporaryFile("w", suffix=".yaml", delete=False)
     cfg.write(f"""
-listeners: [{{ name: bench, bind: "127.0.0.1:{args.port}" }}]
+listeners: [{{ name: bench, bind: "127.0.0.1:{args.port}"{tls_block} }}]
 log: {{ access: /dev/null }}
 {args.extra}
 upstreams:
@@ -114,13 +124,13 @@ routes:
     proc = subprocess.Popen(args.wrap.split() + [args.binary, "--config", cfg.name], stderr=subprocess.DEVNULL)
     try:
         await asyncio.sleep(3.0 if args.wrap else 0.5)
-        warm = [await client_conn(args.port, i) for i in range(20)]
+        warm = [await client_conn(args.port, i, tls) for i in range(20)]
         await asyncio.sleep(0.5)
         before = rss_kib(proc.pid)
         conns = []
         for start in range(0, args.connections, args.batch):
             batch = range(start, min(start + args.batch, args.connections))
-            conns += await asyncio.gather(*(client_conn(args.port, i) for i in batch))
+            conns += await asyncio.gather(*(client_conn(args.port, i, tls) for i in batch))
         await asyncio.sleep(5.0 if args.wrap else 1.0)
         after = rss_kib(proc.pid)
         per = (after - before) / args.connections
@@ -150,6 +160,7 @@ if __name__ == "__main__":
     p.add_argument("--port", type=int, default=18080)
     p.add_argument("--batch", type=int, default=50, help="handshakes in flight at once")
     p.add_argument("--extra", default="", help="extra top-level YAML, e.g. 'keepalive: { ping_interval: 0s }'")
+    p.add_argument("--tls", action="store_true", help="clients connect with TLS (self-signed listener)")
     p.add_argument("--hold", type=float, default=0, help="seconds to hold the idle connections, answering pings")
     p.add_argument("--binary", default="target/release/wsgate")
     p.add_argument("--wrap", default="", help="command prefix for wsgate, e.g. 'valgrind --tool=massif'")
