@@ -362,6 +362,32 @@ mod tests {
     }
 
     #[test]
+    fn certificates_close_to_expiry_warn_and_expired_ones_are_refused() {
+        let soon = time::OffsetDateTime::now_utc() + time::Duration::days(3);
+        let mut params = rcgen::CertificateParams::new(vec!["soon.test".to_string()]).unwrap();
+        params.not_after = soon;
+        let key = rcgen::KeyPair::generate().unwrap();
+        let cert = params.self_signed(&key).unwrap();
+        let der = PrivateKeyDer::try_from(key.serialize_der()).unwrap();
+        let loaded = certified(vec![cert.der().clone()], der).unwrap();
+        let warning = loaded.expiry_warning().unwrap();
+        assert!(
+            warning.contains("soon.test") && warning.contains("expires in 2 days"),
+            "{warning}"
+        );
+        let dir = std::env::temp_dir().join(format!("wsgate-expired-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        params.not_before = time::OffsetDateTime::now_utc() - time::Duration::days(10);
+        params.not_after = time::OffsetDateTime::now_utc() - time::Duration::days(1);
+        let old = params.self_signed(&key).unwrap();
+        std::fs::write(dir.join("c.pem"), old.pem()).unwrap();
+        std::fs::write(dir.join("k.pem"), key.serialize_pem()).unwrap();
+        let err = load_pair(&dir.join("c.pem"), &dir.join("k.pem")).unwrap_err();
+        assert!(err.contains("expired"), "{err}");
+        std::fs::remove_dir_all(dir).unwrap();
+    }
+
+    #[test]
     fn mismatched_key_is_refused() {
         let a = rcgen::generate_simple_self_signed(vec!["a".to_string()]).unwrap();
         let b = rcgen::generate_simple_self_signed(vec!["b".to_string()]).unwrap();

@@ -420,7 +420,8 @@ async fn reload_swaps_the_certificate_while_a_live_connection_keeps_relaying() {
         .await
         .unwrap_or_else(|e| panic!("{e}"));
     let new = pki.leaf("new", &["r.test"], &rcgen::PKCS_ED25519);
-    let text = tls_config(std::slice::from_ref(&new), "").replace("127.0.0.1:0", &gw.addr().to_string());
+    let text =
+        tls_config(std::slice::from_ref(&new), "").replace("127.0.0.1:0", &gw.addr().to_string());
     let config = wsgate::config::Config::from_yaml_str_with_env(&text, "reload.yaml", &|_| None)
         .unwrap_or_else(|e| panic!("{e}"));
     assert_eq!(gw.gw.reload_certificates(&config), ["secure"]);
@@ -480,16 +481,32 @@ routes:
     assert!(resp.starts_with("HTTP/1.1 502 "), "{resp}");
 }
 
-/// An echo server speaking wss with the given certificate.
+/// An echo server speaking wss with the given certificate; with `client_ca`, it requires
+/// client certificates from that CA.
 async fn tls_echo_backend(cert: &str, key: &str) -> std::net::SocketAddr {
-    let config = rustls::ServerConfig::builder_with_provider(Arc::new(
-        rustls::crypto::ring::default_provider(),
-    ))
-    .with_safe_default_protocol_versions()
-    .unwrap_or_else(|e| panic!("{e}"))
-    .with_no_client_auth()
-    .with_single_cert(read_chain(cert), read_key(key))
-    .unwrap_or_else(|e| panic!("{e}"));
+    tls_echo_backend_with(cert, key, None).await
+}
+
+async fn tls_echo_backend_with(
+    cert: &str,
+    key: &str,
+    client_ca: Option<RootCertStore>,
+) -> std::net::SocketAddr {
+    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    let builder = rustls::ServerConfig::builder_with_provider(provider.clone())
+        .with_safe_default_protocol_versions()
+        .unwrap_or_else(|e| panic!("{e}"));
+    let builder = match client_ca {
+        Some(roots) => builder.with_client_cert_verifier(
+            rustls::server::WebPkiClientVerifier::builder_with_provider(Arc::new(roots), provider)
+                .build()
+                .unwrap_or_else(|e| panic!("{e}")),
+        ),
+        None => builder.with_no_client_auth(),
+    };
+    let config = builder
+        .with_single_cert(read_chain(cert), read_key(key))
+        .unwrap_or_else(|e| panic!("{e}"));
     let acceptor = tokio_rustls::TlsAcceptor::from(Arc::new(config));
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
         .await
@@ -514,4 +531,41 @@ async fn tls_echo_backend(cert: &str, key: &str) -> std::net::SocketAddr {
         }
     });
     addr
+}
+
+#[tokio::test]
+async fn wss_upstream_with_a_client_certificate() {
+    let pki = Pki::new("upstream-mtls");
+    let (cert, key) = pki.leaf("backend", &["backend.test"], &rcgen::PKCS_ECDSA_P256_SHA256);
+    let (ccert, ckey) = pki.leaf("gateway", &["gateway-client"], &rcgen::PKCS_ED25519);
+    let backend = tls_echo_backend_with(&cert, &key, Some(pki.roots())).await;
+    let yaml = |client_cert: &str| {
+        format!(
+            r#"
+listeners: [{{ name: public, bind: "127.0.0.1:0" }}]
+upstreams:
+  secure: {{ backends: [{{ addr: "{backend}" }}], tls: {{ ca: "{}", sni: backend.test {client_cert} }} }}
+routes:
+  - {{ name: r, match: {{ path_prefix: / }}, upstream: secure }}
+"#,
+            pki.ca_path()
+        )
+    };
+    let gw = spawn_gateway(&yaml(&format!(
+        ", client_cert: {{ cert: \"{ccert}\", key: \"{ckey}\" }}"
+    )))
+    .await;
+    let mut ws = connect(&gw.url("/x")).await;
+    ws.send(Message::text("mutual"))
+        .await
+        .unwrap_or_else(|e| panic!("{e}"));
+    let got = tokio::time::timeout(PATIENCE, ws.next()).await;
+    assert!(
+        matches!(got, Ok(Some(Ok(Message::Text(ref t)))) if t.as_str() == "mutual"),
+        "{got:?}"
+    );
+    // Without the client certificate the backend refuses the TLS handshake: 502.
+    let bare = spawn_gateway(&yaml("")).await;
+    let resp = raw_request(bare.addr(), b"GET /x HTTP/1.1\r\nHost: h\r\nConnection: Upgrade\r\nUpgrade: websocket\r\nSec-WebSocket-Version: 13\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n\r\n").await;
+    assert!(resp.starts_with("HTTP/1.1 502 "), "{resp}");
 }
