@@ -22,7 +22,10 @@ fn main() -> ExitCode {
     }
     match make(&dir, names) {
         Ok(()) => {
-            println!("wrote {0}/ca.crt {0}/ca.key {0}/server.crt {0}/server.key", dir.display());
+            println!(
+                "wrote {0}/ca.crt {0}/ca.key {0}/server.crt {0}/server.key",
+                dir.display()
+            );
             ExitCode::SUCCESS
         }
         Err(e) => {
@@ -36,17 +39,22 @@ fn make(dir: &std::path::Path, names: Vec<String>) -> Result<(), Box<dyn std::er
     std::fs::create_dir_all(dir)?;
     let mut ca = CertificateParams::new(Vec::<String>::new())?;
     ca.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
-    ca.distinguished_name.push(DnType::CommonName, "wsgate local test CA");
+    ca.distinguished_name
+        .push(DnType::CommonName, "wsgate local test CA");
     let ca_key = KeyPair::generate()?;
     let ca_key_pem = ca_key.serialize_pem();
     let ca = CertifiedIssuer::self_signed(ca, ca_key)?;
     let key = KeyPair::generate()?;
     let mut leaf = CertificateParams::new(names.clone())?;
-    leaf.distinguished_name.push(DnType::CommonName, names[0].as_str());
+    leaf.distinguished_name
+        .push(DnType::CommonName, names[0].as_str());
     let cert = leaf.signed_by(&key, &ca)?;
     std::fs::write(dir.join("ca.crt"), ca.pem())?;
     std::fs::write(dir.join("ca.key"), ca_key_pem)?;
-    std::fs::write(dir.join("server.crt"), format!("{}{}", cert.pem(), ca.pem()))?;
+    std::fs::write(
+        dir.join("server.crt"),
+        format!("{}{}", cert.pem(), ca.pem()),
+    )?;
     std::fs::write(dir.join("server.key"), key.serialize_pem())?;
     Ok(())
 }

@@ -22,6 +22,24 @@ pub enum Rejection {
     /// The upstream answered with this status instead of 101; its response is relayed.
     UpstreamStatus(u16),
     HandshakeTimeout,
+    Origin,
+    Token,
+    IpCap,
+    /// Seconds for `Retry-After`.
+    IpRate(u64),
+}
+
+impl From<crate::admission::Refusal> for Rejection {
+    fn from(r: crate::admission::Refusal) -> Rejection {
+        use crate::admission::Refusal;
+        match r {
+            Refusal::Origin => Rejection::Origin,
+            Refusal::Token { .. } => Rejection::Token,
+            Refusal::IpCap => Rejection::IpCap,
+            Refusal::IpRate { retry_after_secs } => Rejection::IpRate(retry_after_secs),
+            Refusal::Capacity => Rejection::Capacity,
+        }
+    }
 }
 
 impl Rejection {
@@ -37,6 +55,9 @@ impl Rejection {
                 StatusCode::from_u16(s).unwrap_or(StatusCode::BAD_GATEWAY)
             }
             Rejection::HandshakeTimeout => StatusCode::REQUEST_TIMEOUT,
+            Rejection::Origin => StatusCode::FORBIDDEN,
+            Rejection::Token => StatusCode::UNAUTHORIZED,
+            Rejection::IpCap | Rejection::IpRate(_) => StatusCode::TOO_MANY_REQUESTS,
         }
     }
 
@@ -52,6 +73,10 @@ impl Rejection {
             Rejection::UpstreamTimeout => "upstream_timeout",
             Rejection::UpstreamStatus(_) => "upstream_status",
             Rejection::HandshakeTimeout => "handshake_timeout",
+            Rejection::Origin => "origin",
+            Rejection::Token => "token",
+            Rejection::IpCap => "ip_cap",
+            Rejection::IpRate(_) => "ip_rate",
         }
     }
 
@@ -76,6 +101,15 @@ impl Rejection {
             Rejection::UpgradeRequired => {
                 h.insert(header::UPGRADE, HeaderValue::from_static("websocket"));
             }
+            Rejection::Token => {
+                h.insert(
+                    header::WWW_AUTHENTICATE,
+                    HeaderValue::from_static("Bearer error=\"invalid_token\""),
+                );
+            }
+            Rejection::IpRate(secs) => {
+                h.insert(header::RETRY_AFTER, HeaderValue::from(secs.max(1)));
+            }
             _ => {}
         }
         resp
@@ -93,6 +127,10 @@ impl Rejection {
             Rejection::UpstreamTimeout => "upstream_timeout\n",
             Rejection::UpstreamStatus(_) => "upstream_status\n",
             Rejection::HandshakeTimeout => "handshake_timeout\n",
+            Rejection::Origin => "origin\n",
+            Rejection::Token => "token\n",
+            Rejection::IpCap => "ip_cap\n",
+            Rejection::IpRate(_) => "ip_rate\n",
         }
     }
 }
@@ -138,7 +176,14 @@ pub fn admit<'r>(req: &request::Parts, routes: &'r [Route]) -> Result<Admitted<'
     if has_body(h) {
         return Err(Rejection::BadUpgrade);
     }
-    let protocols = allowed_protocols(h, route.subprotocols.as_deref())?;
+    // With the token in the subprotocol list, the allowlist applies once the token's
+    // entries are taken out (see `listener`).
+    let allow = if route.admission.jwt.as_ref().is_some_and(|j| j.subprotocol) {
+        None
+    } else {
+        route.subprotocols.as_deref()
+    };
+    let protocols = allowed_protocols(h, allow)?;
     Ok(Admitted {
         route,
         upstream_target: upstream_target(route, req),
@@ -245,7 +290,10 @@ fn has_body(h: &HeaderMap) -> bool {
 }
 
 /// The client's offers filtered by the route's allowlist. Offers but none allowed → 400.
-fn allowed_protocols(h: &HeaderMap, allow: Option<&[String]>) -> Result<Option<String>, Rejection> {
+pub fn allowed_protocols(
+    h: &HeaderMap,
+    allow: Option<&[String]>,
+) -> Result<Option<String>, Rejection> {
     let offers: Vec<&str> = h
         .get_all(header::SEC_WEBSOCKET_PROTOCOL)
         .iter()

@@ -16,6 +16,7 @@
 //! - [`fuzzing`]: entry points for the fuzz targets and their corpus replay.
 
 pub mod admin;
+pub mod admission;
 pub mod config;
 pub mod echo;
 pub mod fuzzing;
@@ -45,6 +46,10 @@ pub struct Shared {
     pub echo_addr: Option<SocketAddr>,
     /// Connections in any phase, for `limits.max_connections`.
     pub active: AtomicU64,
+    /// Connections per client IP, for `limits.max_connections_per_ip`.
+    pub per_ip: Arc<admission::ip_limit::IpLimiter>,
+    /// Handshakes per client IP, for `limits.handshakes_per_ip`.
+    pub handshake_rate: admission::ip_limit::HandshakeRate,
     pub ready: Arc<AtomicBool>,
 }
 
@@ -66,6 +71,8 @@ pub enum StartError {
     AccessLog(std::io::Error),
     #[error("built-in echo upstream: {0}")]
     Echo(std::io::Error),
+    #[error("limits.handshakes_per_ip: {0}")]
+    Rate(String),
 }
 
 /// A running gateway: its bound addresses, and the switch that stops accepting.
@@ -109,6 +116,24 @@ impl Gateway {
         self.shared.ready.store(false, Ordering::Release);
         let _ = self.shutdown.send(true);
     }
+}
+
+/// How often idle per-IP rate state is reclaimed: a scan from many addresses leaves
+/// nothing behind for longer than this plus the bucket's refill time.
+const HOUSEKEEPING_EVERY: std::time::Duration = std::time::Duration::from_secs(10);
+
+/// Periodic upkeep of shared state; ends with the gateway.
+fn spawn_housekeeping(shared: std::sync::Weak<Shared>) {
+    tokio::spawn(async move {
+        let mut tick = tokio::time::interval(HOUSEKEEPING_EVERY);
+        loop {
+            tick.tick().await;
+            let Some(shared) = shared.upgrade() else {
+                return;
+            };
+            shared.handshake_rate.reclaim();
+        }
+    });
 }
 
 /// Binds every listener (all or nothing), starts the access log, the echo upstream and the
@@ -161,13 +186,18 @@ pub async fn start(config: Config, sink: Sink) -> Result<Gateway, StartError> {
     };
     let access = AccessLog::start(sink).map_err(StartError::AccessLog)?;
     let ready = Arc::new(AtomicBool::new(false));
+    let handshake_rate = admission::ip_limit::HandshakeRate::new(config.limits.handshakes_per_ip)
+        .map_err(StartError::Rate)?;
     let shared = Arc::new(Shared {
         config,
         access,
         echo_addr,
         active: AtomicU64::new(0),
+        per_ip: admission::ip_limit::IpLimiter::new(),
+        handshake_rate,
         ready: ready.clone(),
     });
+    spawn_housekeeping(Arc::downgrade(&shared));
     let (shutdown, rx) = watch::channel(false);
     for warning in &shared.config.warnings {
         tracing::warn!("{warning}");

@@ -24,6 +24,10 @@ use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::watch;
 use tokio::time::Instant;
 
+use crate::admission::client_ip::{self, IpKey};
+use crate::admission::ip_limit::IpPermit;
+use crate::admission::token;
+use crate::config::RouteAdmission;
 use crate::handshake::{self, Rejection};
 use crate::observe::access_log::{Counts, Record, now_rfc3339};
 use crate::relay::{self, Settings};
@@ -94,10 +98,17 @@ pub async fn accept_loop(
 #[derive(Default)]
 struct RequestInfo {
     host: Option<String>,
+    /// Path and query, token query values redacted once the route is known.
     path: Option<String>,
     origin: Option<String>,
     user_agent: Option<String>,
     route: Option<String>,
+    /// The real client (PROXY header or trusted `X-Forwarded-For`), when not the peer.
+    client_ip: Option<std::net::IpAddr>,
+    /// The token's `sub` claim.
+    subject: Option<String>,
+    /// The full path and query, kept until the route says what to redact.
+    query: Option<String>,
 }
 
 impl RequestInfo {
@@ -111,10 +122,26 @@ impl RequestInfo {
         };
         RequestInfo {
             host: text(header::HOST),
-            path: parts.uri.path_and_query().map(|p| p.as_str().to_owned()),
             origin: text(header::ORIGIN),
             user_agent: text(header::USER_AGENT),
-            route: None,
+            // Redacted in full until the route says which query values are secret.
+            path: Some(parts.uri.path().to_owned()),
+            ..RequestInfo::default()
+        }
+        .with_query(parts)
+    }
+
+    fn with_query(mut self, parts: &request::Parts) -> RequestInfo {
+        self.query = parts.uri.path_and_query().map(|p| p.as_str().to_owned());
+        self
+    }
+
+    /// Names the route and redacts its token query parameters from the logged path.
+    fn route_known(&mut self, route: &crate::config::Route) {
+        self.route = Some(route.name.clone());
+        if let Some(full) = self.query.take() {
+            let names = route.admission.secret_query_names();
+            self.path = Some(token::redact_query(&full, &names).into_owned());
         }
     }
 }
@@ -127,6 +154,8 @@ struct Established {
     backend: String,
     settings: Settings,
     info: RequestInfo,
+    /// Counts the connection against its client's per-IP cap until the task ends.
+    _permit: IpPermit,
 }
 
 /// Per-connection state shared between the hyper service and the connection task.
@@ -298,6 +327,7 @@ where
         backend,
         settings,
         info,
+        _permit,
     } = est;
     // The settings are only read at the start; they must not live on in this task.
     let relayed = relay::relay(client, client_early, upstream, upstream_early, &settings);
@@ -314,36 +344,79 @@ impl Conn {
         let (parts, _body) = req.into_parts();
         let mut info = RequestInfo::from_parts(&parts);
         let config = &self.shared.config;
+        let client_ip =
+            client_ip::client_ip(self.peer.ip(), &parts.headers, &config.trusted_proxies);
+        info.client_ip = Some(client_ip);
         if self.over_capacity {
             return self.refuse(&info, Rejection::Capacity, None);
         }
-        let admitted = match handshake::admit(&parts, &config.routes) {
+        let key = IpKey::new(client_ip, client_ip::DEFAULT_V6_PREFIX);
+        if let Err(refusal) = self.shared.handshake_rate.admit(key) {
+            return self.refuse(&info, refusal.into(), None);
+        }
+        let mut admitted = match handshake::admit(&parts, &config.routes) {
             Ok(a) => a,
             Err(r) => {
                 let host = info.host.as_deref().unwrap_or("");
                 let host = host.rsplit_once(':').map_or(host, |(h, _)| h);
-                info.route = handshake::find_route(&config.routes, host, parts.uri.path())
-                    .map(|r| r.name.clone());
+                if let Some(route) = handshake::find_route(&config.routes, host, parts.uri.path()) {
+                    info.route_known(route);
+                }
                 return self.refuse(&info, r, None);
             }
         };
-        info.route = Some(admitted.route.name.clone());
+        let route = admitted.route;
+        info.route_known(route);
+        let policy = &route.admission;
+        if let Err(refusal) = policy.origins.check_headers(&parts.headers) {
+            return self.refuse(&info, refusal.into(), None);
+        }
+        let pass = match authorize(policy, &parts) {
+            Ok(pass) => pass,
+            Err(refusal) => {
+                if let crate::admission::Refusal::Token { error } = refusal {
+                    tracing::debug!(conn_id = %self.conn_id, error, "token refused");
+                }
+                return self.refuse(&info, refusal.into(), None);
+            }
+        };
+        info.subject = pass.subject.clone();
+        let permit = match self
+            .shared
+            .per_ip
+            .admit(key, route.limits.max_connections_per_ip)
+        {
+            Ok(p) => p,
+            Err(refusal) => return self.refuse(&info, refusal.into(), None),
+        };
+        let upstream_parts = match pass.upstream_parts(&parts, &mut admitted) {
+            Ok(p) => p,
+            Err(r) => return self.refuse(&info, r, None),
+        };
         let fwd = Forwarded {
-            client_ip: self.peer.ip(),
+            client_ip,
             tls: self.tls.is_some(),
             conn_id: &self.conn_id,
         };
-        match upstream::connect(&parts, &admitted, &fwd, self.shared.echo_addr).await {
+        match upstream::connect(&upstream_parts, &admitted, &fwd, self.shared.echo_addr).await {
             Ok(up) => {
                 let Connected {
                     stream,
                     early,
                     backend,
-                    response_headers,
+                    mut response_headers,
                     extensions,
                 } = up;
-                let config = &self.shared.config;
-                let settings = Settings::new(&admitted.route.limits, &config.keepalive, extensions);
+                let mut settings = Settings::new(&route.limits, &config.keepalive, extensions);
+                settings.expires_at = pass.expires_at;
+                if pass.answer_bearer
+                    && !response_headers.contains_key(header::SEC_WEBSOCKET_PROTOCOL)
+                {
+                    response_headers.insert(
+                        header::SEC_WEBSOCKET_PROTOCOL,
+                        HeaderValue::from_static("bearer"),
+                    );
+                }
                 if let Ok(mut slot) = self.established.lock() {
                     *slot = Some(Box::new(Established {
                         upstream: stream,
@@ -351,6 +424,7 @@ impl Conn {
                         backend,
                         settings,
                         info,
+                        _permit: permit,
                     }));
                 }
                 switching_protocols(response_headers)
@@ -397,13 +471,14 @@ impl Conn {
             conn_id: &self.conn_id,
             listener: &self.listener,
             route: info.route.as_deref(),
-            client_ip: self.peer.ip().to_string(),
+            client_ip: info.client_ip.unwrap_or(self.peer.ip()).to_string(),
             client_port: self.peer.port(),
             tls: self.tls.as_ref(),
             host: info.host.as_deref(),
             path: info.path.as_deref(),
             origin: info.origin.as_deref(),
             user_agent: info.user_agent.as_deref(),
+            subject: info.subject.as_deref(),
             upstream: backend,
             status,
             duration_ms: self.started.elapsed().as_millis() as u64,
@@ -415,6 +490,117 @@ impl Conn {
             rtt_ms: None,
             rate_limited: 0,
         }
+    }
+}
+
+/// What admission learnt from the token (if the route wants one).
+#[derive(Default)]
+struct Pass {
+    subject: Option<String>,
+    /// `close_on_expiry`: when the live connection must end.
+    expires_at: Option<Instant>,
+    /// The client offered only `bearer, <token>`: answer `bearer`.
+    answer_bearer: bool,
+    /// Where the token was, when it must not reach the upstream.
+    strip: Option<token::Stripped>,
+    /// The bearer trick's entries are always taken out of the forwarded offers.
+    subprotocols: Option<Vec<String>>,
+    claims: Vec<(http::HeaderName, HeaderValue)>,
+    /// Headers the proxy sets from claims: the client's copies never pass.
+    claim_headers: Vec<http::HeaderName>,
+}
+
+/// Checks the route's JWT and API key (SPEC §2 `auth`).
+fn authorize(
+    policy: &RouteAdmission,
+    parts: &request::Parts,
+) -> Result<Pass, crate::admission::Refusal> {
+    let mut pass = Pass::default();
+    let query = parts.uri.query();
+    if let Some(jwt) = &policy.jwt {
+        pass.claim_headers = jwt.forward_claims.iter().map(|(_, h)| h.clone()).collect();
+        let authorized = jwt
+            .verifier
+            .check(&parts.headers, query, token::unix_now())?;
+        pass.subject = authorized
+            .claims
+            .get("sub")
+            .and_then(|s| s.as_str())
+            .map(str::to_owned);
+        for (claim, header) in &jwt.forward_claims {
+            if let Some(value) = token::claim_header_value(&authorized.claims, claim) {
+                pass.claims.push((header.clone(), value));
+            }
+        }
+        if jwt.close_on_expiry
+            && let Some(exp) = authorized.exp
+        {
+            let left = exp.saturating_sub(token::unix_now());
+            pass.expires_at =
+                Some(Instant::now() + Duration::from_secs(left) + jwt.verifier.leeway());
+        }
+        if let token::Stripped::Subprotocol {
+            remaining,
+            answer_bearer,
+        } = &authorized.stripped
+        {
+            pass.subprotocols = Some(remaining.clone());
+            pass.answer_bearer = *answer_bearer;
+        }
+        if jwt.strip_token {
+            pass.strip = Some(authorized.stripped);
+        }
+    }
+    if let Some(keys) = &policy.api_keys {
+        keys.check(&parts.headers, query)?;
+    }
+    Ok(pass)
+}
+
+impl Pass {
+    /// The request as the upstream must see it: claims set (client copies dropped), the
+    /// token taken out when `strip_token`, the bearer entries out of the offers.
+    fn upstream_parts(
+        &self,
+        parts: &request::Parts,
+        admitted: &mut handshake::Admitted<'_>,
+    ) -> Result<request::Parts, Rejection> {
+        let mut headers = parts.headers.clone();
+        for name in &self.claim_headers {
+            headers.remove(name);
+        }
+        for (name, value) in &self.claims {
+            headers.insert(name.clone(), value.clone());
+        }
+        if let Some(offers) = &self.subprotocols {
+            headers.remove(header::SEC_WEBSOCKET_PROTOCOL);
+            if let Ok(v) = HeaderValue::from_str(&offers.join(", "))
+                && !offers.is_empty()
+            {
+                headers.insert(header::SEC_WEBSOCKET_PROTOCOL, v);
+            }
+            admitted.protocols =
+                handshake::allowed_protocols(&headers, admitted.route.subprotocols.as_deref())?;
+        }
+        if let Some(strip) = &self.strip {
+            strip.apply_to_headers(&mut headers);
+            if let token::Stripped::Query(name) = strip {
+                let (path, query) = admitted
+                    .upstream_target
+                    .split_once('?')
+                    .unwrap_or((&admitted.upstream_target, ""));
+                admitted.upstream_target = match token::strip_query(query, &[name.as_str()]) {
+                    Some(q) => format!("{path}?{q}"),
+                    None => path.to_owned(),
+                };
+            }
+        }
+        let mut req = Request::new(());
+        *req.method_mut() = parts.method.clone();
+        *req.uri_mut() = parts.uri.clone();
+        *req.version_mut() = parts.version;
+        *req.headers_mut() = headers;
+        Ok(req.into_parts().0)
     }
 }
 

@@ -24,6 +24,7 @@ fn settings() -> Settings {
         ping_interval: Duration::ZERO,
         pong_timeout: Duration::from_secs(10),
         upstream_ping_interval: Duration::ZERO,
+        expires_at: None,
     }
 }
 

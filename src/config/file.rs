@@ -29,6 +29,12 @@ pub const DEFAULT_MAX_MESSAGE_SIZE: u64 = 4 << 20;
 pub const DEFAULT_SEND_TIMEOUT: Duration = Duration::from_secs(30);
 /// `limits.buffer_size`: relay buffer per direction per connection (16 KiB).
 pub const DEFAULT_BUFFER_SIZE: usize = 16 << 10;
+/// Connections per client IP (established + in handshake).
+pub const DEFAULT_MAX_CONNECTIONS_PER_IP: u32 = 64;
+/// Handshakes per client IP: `rate` per `per`, with `burst`.
+pub const DEFAULT_HANDSHAKE_RATE: u32 = 10;
+pub const DEFAULT_HANDSHAKE_PER: Duration = Duration::from_secs(1);
+pub const DEFAULT_HANDSHAKE_BURST: u32 = 20;
 /// Client→upstream data messages allowed per `per` (SPEC §2 `limits.messages`).
 pub const DEFAULT_MESSAGE_RATE: u32 = 100;
 /// Refill period of the message rate.
@@ -356,6 +362,8 @@ pub struct FileJwtKey {
 pub struct FileApiKeys {
     /// Header carrying the key.
     pub header: Option<Text>,
+    /// Query parameter carrying the key (instead of `header`).
+    pub query: Option<Text>,
     /// File of SHA-256 hex digests, one per line.
     pub keys_file: Option<Text>,
 }

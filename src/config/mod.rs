@@ -31,6 +31,8 @@ pub struct Config {
     /// Top-level limits with defaults applied; routes start from these.
     pub limits: Limits,
     pub keepalive: Keepalive,
+    /// Peers whose `X-Forwarded-For` is believed.
+    pub trusted_proxies: crate::admission::client_ip::TrustedProxies,
     /// Things that work but deserve attention (certificates about to expire, a generated
     /// development certificate); shown by `--check` and logged at start.
     pub warnings: Vec<String>,
@@ -116,6 +118,43 @@ pub struct Limits {
     pub fragment_timeout: Duration,
     /// No data frame either way for this long → close 1000; zero = off.
     pub idle_timeout: Duration,
+    /// Established + in-handshake connections per client IP (IPv6 by /64) → 429 `ip_cap`.
+    pub max_connections_per_ip: u32,
+    /// Handshakes per client IP → 429 `ip_rate` (process-wide; top level only).
+    pub handshakes_per_ip: crate::admission::ip_limit::RatePolicy,
+}
+
+/// A route's admission policy (SPEC §2 `origins`, `auth`), compiled at load.
+#[derive(Debug, Clone)]
+pub struct RouteAdmission {
+    pub origins: crate::admission::origin::OriginPolicy,
+    pub jwt: Option<JwtAuth>,
+    pub api_keys: Option<crate::admission::token::ApiKeyVerifier>,
+}
+
+/// `auth.jwt`, with its keys loaded.
+#[derive(Debug, Clone)]
+pub struct JwtAuth {
+    pub verifier: crate::admission::token::JwtVerifier,
+    pub close_on_expiry: bool,
+    /// Claim name → upstream request header.
+    pub forward_claims: Vec<(String, http::HeaderName)>,
+    pub strip_token: bool,
+    /// One of the sources is the `bearer, <token>` subprotocol trick.
+    pub subprotocol: bool,
+}
+
+impl RouteAdmission {
+    /// Query parameters that carry tokens on this route: redacted in logs.
+    pub fn secret_query_names(&self) -> Vec<&str> {
+        let mut names: Vec<&str> = self
+            .jwt
+            .iter()
+            .flat_map(|j| j.verifier.query_names())
+            .collect();
+        names.extend(self.api_keys.iter().filter_map(|k| k.query_name()));
+        names
+    }
 }
 
 /// A token bucket: `rate` messages per `per`, holding up to `burst`.
@@ -186,6 +225,8 @@ pub struct Route {
     pub subprotocols: Option<Vec<String>>,
     /// Top-level limits with this route's overrides applied.
     pub limits: Limits,
+    /// Who may use the route: Origin allowlist and token checks.
+    pub admission: Arc<RouteAdmission>,
 }
 
 // === errors ===

@@ -11,17 +11,26 @@ use std::time::Duration;
 
 use super::file::{
     DEFAULT_BUFFER_SIZE, DEFAULT_CONNECT_TIMEOUT, DEFAULT_FRAGMENT_TIMEOUT,
+    DEFAULT_HANDSHAKE_BURST, DEFAULT_HANDSHAKE_PER, DEFAULT_HANDSHAKE_RATE,
     DEFAULT_HANDSHAKE_TIMEOUT, DEFAULT_IDLE_TIMEOUT, DEFAULT_LOG_ACCESS, DEFAULT_LOG_FORMAT,
-    DEFAULT_MAX_CONNECTIONS, DEFAULT_MAX_FRAME_SIZE, DEFAULT_MAX_MESSAGE_SIZE,
-    DEFAULT_MESSAGE_BURST, DEFAULT_MESSAGE_PER, DEFAULT_MESSAGE_RATE, DEFAULT_PING_INTERVAL,
-    DEFAULT_PONG_TIMEOUT, DEFAULT_SEND_TIMEOUT, DEFAULT_UPSTREAM_PING_INTERVAL, DEFAULT_WEIGHT,
-    FileBackend, FileConfig, FileLimits, FileListener, FileListenerTls, FileMessageRate, FileRoute,
-    FileUpstream, FileUpstreamTls,
+    DEFAULT_MAX_CONNECTIONS, DEFAULT_MAX_CONNECTIONS_PER_IP, DEFAULT_MAX_FRAME_SIZE,
+    DEFAULT_MAX_MESSAGE_SIZE, DEFAULT_MESSAGE_BURST, DEFAULT_MESSAGE_PER, DEFAULT_MESSAGE_RATE,
+    DEFAULT_PING_INTERVAL, DEFAULT_PONG_TIMEOUT, DEFAULT_SEND_TIMEOUT,
+    DEFAULT_UPSTREAM_PING_INTERVAL, DEFAULT_WEIGHT, FileApiKeys, FileAuth, FileBackend, FileConfig,
+    FileJwt, FileLimits, FileListener, FileListenerTls, FileMessageRate, FileRoute, FileUpstream,
+    FileUpstreamTls,
 };
 use super::units::{DurationValue, Text, fmt_duration, fmt_size};
 use super::{
-    AccessTarget, Admin, Backend, Config, Keepalive, KeyPath, Limits, Listener, ListenerTls, Log,
-    LogFormat, MessageRate, OnExceed, Route, Upstream, UpstreamKind, UpstreamTls,
+    AccessTarget, Admin, Backend, Config, JwtAuth, Keepalive, KeyPath, Limits, Listener,
+    ListenerTls, Log, LogFormat, MessageRate, OnExceed, Route, RouteAdmission, Upstream,
+    UpstreamKind, UpstreamTls,
+};
+use crate::admission::client_ip::TrustedProxies;
+use crate::admission::ip_limit::RatePolicy;
+use crate::admission::origin::OriginPolicy;
+use crate::admission::token::{
+    ApiKeySource, ApiKeyVerifier, ApiKeys, JwtKeys, JwtRules, JwtVerifier, TokenSource,
 };
 use crate::tls::{self, MinVersion};
 use std::path::Path;
@@ -74,12 +83,16 @@ pub fn validate(file: FileConfig) -> Result<Config, Vec<Issue>> {
             "`drain` is not supported yet; remove the block",
         );
     }
-    if file.trusted_proxies.is_some_and(|list| !list.is_empty()) {
-        v.unsupported(
-            &root.key("trusted_proxies"),
-            "`trusted_proxies` is not supported yet; remove it or set it to []",
-        );
-    }
+    let proxies: Vec<String> = file
+        .trusted_proxies
+        .unwrap_or_default()
+        .iter()
+        .map(|t| t.value.trim().to_owned())
+        .collect();
+    let trusted_proxies = TrustedProxies::new(&proxies).unwrap_or_else(|e| {
+        v.issue(&root.key("trusted_proxies"), e);
+        TrustedProxies::default()
+    });
     let keepalive = v.keepalive(file.keepalive, &root.key("keepalive"));
 
     let defaults = Limits {
@@ -97,6 +110,12 @@ pub fn validate(file: FileConfig) -> Result<Config, Vec<Issue>> {
         },
         fragment_timeout: DEFAULT_FRAGMENT_TIMEOUT,
         idle_timeout: DEFAULT_IDLE_TIMEOUT,
+        max_connections_per_ip: DEFAULT_MAX_CONNECTIONS_PER_IP,
+        handshakes_per_ip: RatePolicy {
+            rate: DEFAULT_HANDSHAKE_RATE,
+            per: DEFAULT_HANDSHAKE_PER,
+            burst: DEFAULT_HANDSHAKE_BURST,
+        },
     };
     let limits = v.limits(&defaults, file.limits.as_ref(), &root.key("limits"), true);
 
@@ -125,6 +144,7 @@ pub fn validate(file: FileConfig) -> Result<Config, Vec<Issue>> {
             log,
             limits,
             keepalive,
+            trusted_proxies,
             warnings: v.warnings,
             upstreams,
             routes,
@@ -298,18 +318,29 @@ impl Validator {
                 limits.max_connections = n;
             }
         }
-        for (set, key) in [
-            (
-                file.max_connections_per_ip.is_some(),
-                "max_connections_per_ip",
-            ),
-            (file.handshakes_per_ip.is_some(), "handshakes_per_ip"),
-        ] {
-            if set {
-                self.issue(
-                    &path.key(key),
-                    format!("`{key}` is not supported yet; remove it"),
-                );
+        if let Some(n) = file.max_connections_per_ip {
+            match u32::try_from(n) {
+                Ok(n) if n >= 1 => limits.max_connections_per_ip = n,
+                _ => self.issue(
+                    &path.key("max_connections_per_ip"),
+                    "max_connections_per_ip must be between 1 and 4294967295".into(),
+                ),
+            }
+        }
+        if let Some(rate) = &file.handshakes_per_ip {
+            let at = path.key("handshakes_per_ip");
+            if !top {
+                self.issue(&at, "handshakes_per_ip is counted per client across the process; set it in the top-level `limits`, not in a route".into());
+            } else {
+                let policy = RatePolicy {
+                    rate: rate.rate,
+                    per: rate.per.0,
+                    burst: rate.burst.unwrap_or(rate.rate),
+                };
+                match policy.quota() {
+                    Ok(_) => limits.handshakes_per_ip = policy,
+                    Err(e) => self.issue(&at, e),
+                }
             }
         }
         if let Some(d) = file.idle_timeout {
@@ -440,6 +471,167 @@ impl Validator {
             k.pong_timeout = self.positive(d, &path.key("pong_timeout"));
         }
         k
+    }
+
+    // === admission ===
+
+    fn route_admission(
+        &mut self,
+        origins: Option<&[Text]>,
+        allow_missing: Option<bool>,
+        auth: Option<FileAuth>,
+        path: &KeyPath,
+    ) -> RouteAdmission {
+        let origins = match origins {
+            None => OriginPolicy::any(),
+            Some(list) => {
+                let list: Vec<String> = list.iter().map(|t| t.value.trim().to_owned()).collect();
+                OriginPolicy::new(&list, allow_missing.unwrap_or(false)).unwrap_or_else(|e| {
+                    self.issue(&path.key("origins"), e);
+                    OriginPolicy::any()
+                })
+            }
+        };
+        let (jwt, api_keys) = match auth {
+            None => (None, None),
+            Some(auth) => {
+                let jwt = auth
+                    .jwt
+                    .and_then(|j| self.jwt(j, &path.key("auth").key("jwt")));
+                let keys = auth
+                    .api_keys
+                    .and_then(|k| self.api_keys(k, &path.key("auth").key("api_keys")));
+                (jwt, keys)
+            }
+        };
+        RouteAdmission {
+            origins,
+            jwt,
+            api_keys,
+        }
+    }
+
+    fn jwt(&mut self, file: FileJwt, path: &KeyPath) -> Option<JwtAuth> {
+        let before = self.issues.len();
+        let from = file
+            .from
+            .unwrap_or_else(|| vec![Text::literal("header:Authorization")]);
+        let mut sources = Vec::new();
+        for (i, t) in from.iter().enumerate() {
+            match t.value.trim().parse::<TokenSource>() {
+                Ok(s) => sources.push(s),
+                Err(e) => self.issue(&path.key("from").index(i), e),
+            }
+        }
+        let mut keys = JwtKeys::new();
+        for (i, k) in file.keys.unwrap_or_default().iter().enumerate() {
+            let at = path.key("keys").index(i);
+            match (&k.secret, &k.jwks_file) {
+                (Some(secret), None) => {
+                    let alg = k.alg.as_ref().map_or("HS256", |a| a.value.trim());
+                    if let Err(e) = keys.add_secret(alg, secret.value.as_bytes()) {
+                        self.issue(&at, e);
+                    }
+                }
+                (None, Some(file)) => {
+                    let loaded = std::fs::read_to_string(file.value.trim())
+                        .map_err(|e| format!("cannot read JWKS file {}: {e}", file.value.trim()))
+                        .and_then(|json| keys.add_jwks(&json));
+                    match loaded {
+                        Ok(load) => {
+                            for skipped in load.skipped {
+                                self.warnings.push(format!("{at}: {skipped}"));
+                            }
+                        }
+                        Err(e) => self.issue(&at.key("jwks_file"), e),
+                    }
+                }
+                _ => self.issue(
+                    &at,
+                    "a key is either `{ alg, secret }` or `{ jwks_file }`".into(),
+                ),
+            }
+        }
+        if keys.is_empty() && self.issues.len() == before {
+            self.issue(&path.key("keys"), "jwt needs at least one key: `{ alg: HS256, secret: \"${JWT_SECRET}\" }` or `{ jwks_file: ... }`".into());
+        }
+        let rules = JwtRules {
+            issuer: file.issuer.map(|t| t.value.trim().to_owned()),
+            audience: file.audience.map(|t| t.value.trim().to_owned()),
+            leeway: file.leeway.map_or(Duration::ZERO, |d| d.0),
+            require_claims: file
+                .require_claims
+                .unwrap_or_default()
+                .into_iter()
+                .map(|(k, v)| (k, serde_json::Value::String(v.value)))
+                .collect(),
+            require_exp: true,
+        };
+        let mut forward_claims = Vec::new();
+        for (claim, header) in file.forward_claims.unwrap_or_default() {
+            match http::HeaderName::from_bytes(header.value.trim().as_bytes()) {
+                Ok(h) => forward_claims.push((claim, h)),
+                Err(_) => self.issue(
+                    &path.key("forward_claims").key(&claim),
+                    format!("{} is not a valid header name", header.shown()),
+                ),
+            }
+        }
+        if self.issues.len() != before {
+            return None;
+        }
+        let subprotocol = sources.contains(&TokenSource::Subprotocol);
+        match JwtVerifier::new(sources, keys, rules) {
+            Ok(verifier) => Some(JwtAuth {
+                subprotocol,
+                verifier,
+                close_on_expiry: file.close_on_expiry.unwrap_or(false),
+                forward_claims,
+                strip_token: file.strip_token.unwrap_or(false),
+            }),
+            Err(e) => {
+                self.issue(path, e);
+                None
+            }
+        }
+    }
+
+    fn api_keys(&mut self, file: FileApiKeys, path: &KeyPath) -> Option<ApiKeyVerifier> {
+        let source = match (&file.header, &file.query) {
+            (Some(h), None) => format!("header:{}", h.value.trim()),
+            (None, Some(q)) => format!("query:{}", q.value.trim()),
+            _ => {
+                self.issue(
+                    path,
+                    "api_keys needs exactly one of `header: NAME` or `query: NAME`".into(),
+                );
+                return None;
+            }
+        };
+        let source = match source.parse::<ApiKeySource>() {
+            Ok(s) => s,
+            Err(e) => {
+                self.issue(path, e);
+                return None;
+            }
+        };
+        let Some(file_path) = file.keys_file else {
+            self.issue(
+                &path.key("keys_file"),
+                "api_keys needs `keys_file`: one SHA-256 hex digest per line".into(),
+            );
+            return None;
+        };
+        let keys = std::fs::read_to_string(file_path.value.trim())
+            .map_err(|e| format!("cannot read {}: {e}", file_path.value.trim()))
+            .and_then(|text| ApiKeys::parse(&text));
+        match keys {
+            Ok(keys) => Some(ApiKeyVerifier::new(source, keys)),
+            Err(e) => {
+                self.issue(&path.key("keys_file"), e);
+                None
+            }
+        }
     }
 
     // === TLS ===
@@ -739,24 +931,12 @@ impl Validator {
                 .upstream_path
                 .as_ref()
                 .and_then(|p| self.starts_with_slash(p, &path.key("upstream_path")));
-            if route.origins.is_some() {
-                self.unsupported(
-                    &path.key("origins"),
-                    "`origins` is not supported yet (any Origin is admitted); remove it",
-                );
-            }
-            if route.allow_missing_origin == Some(true) {
-                self.unsupported(
-                    &path.key("allow_missing_origin"),
-                    "`allow_missing_origin: true` is not supported yet; set it to false or remove it",
-                );
-            }
-            if route.auth.is_some() {
-                self.unsupported(
-                    &path.key("auth"),
-                    "`auth` is not supported yet (no token checks); remove the block",
-                );
-            }
+            let admission = self.route_admission(
+                route.origins.as_deref(),
+                route.allow_missing_origin,
+                route.auth,
+                &path,
+            );
             let subprotocols = route.subprotocols.map(|list| {
                 let list_path = path.key("subprotocols");
                 list.iter()
@@ -788,6 +968,7 @@ impl Validator {
                     upstream,
                     upstream_path,
                     subprotocols,
+                    admission: Arc::new(admission),
                     limits: route_limits,
                 });
             }
@@ -1003,6 +1184,12 @@ routes:
             },
             fragment_timeout: Duration::from_secs(10),
             idle_timeout: Duration::ZERO,
+            max_connections_per_ip: 64,
+            handshakes_per_ip: RatePolicy {
+                rate: 10,
+                per: Duration::from_secs(1),
+                burst: 20,
+            },
         };
         assert_eq!(config.limits, want);
         assert_eq!(
@@ -1059,7 +1246,8 @@ routes:
         for e in &errors {
             let missing_cert = e
                 .message
-                .contains("cannot read certificates from certs/example.crt");
+                .contains("cannot read certificates from certs/example.crt")
+                || e.message.contains("cannot read JWKS file certs/jwks.json");
             assert!(
                 e.message.contains("not supported yet") || missing_cert,
                 "{e}"
@@ -1072,15 +1260,11 @@ routes:
             [
                 "listeners[0].tls.certificates[0].cert",
                 "drain",
-                "limits.max_connections_per_ip",
-                "limits.handshakes_per_ip",
                 "upstreams.chat.backends[1]",
                 "upstreams.chat.sticky",
                 "upstreams.chat.balance",
                 "upstreams.chat.health_check",
-                "routes[0].origins",
-                "routes[0].auth",
-                "routes[0].limits.max_connections_per_ip",
+                "routes[0].auth.jwt.keys[1].jwks_file",
             ]
         );
     }
@@ -1332,18 +1516,7 @@ routes:
 
     #[test]
     fn not_yet_supported_keys_are_refused_everywhere() {
-        let cases = [
-            ("drain: { spread: 10s }\n", "drain"),
-            ("trusted_proxies: [10.0.0.0/8]\n", "trusted_proxies"),
-            (
-                "limits: { max_connections_per_ip: 64 }\n",
-                "limits.max_connections_per_ip",
-            ),
-            (
-                "limits: { handshakes_per_ip: { rate: 10, per: 1s } }\n",
-                "limits.handshakes_per_ip",
-            ),
-        ];
+        let cases = [("drain: { spread: 10s }\n", "drain")];
         for (extra, path) in cases {
             let errors = errors_of(&with(extra));
             assert_eq!(errors.len(), 1, "{extra}: {errors:#?}");
@@ -1384,26 +1557,6 @@ routes:
                 "{ builtin: echo }",
                 "{ backends: [{ addr: \"a:1\" }, { addr: \"b:2\" }] }",
                 "upstreams.echo.backends[1]",
-            ),
-            (
-                "    upstream: echo",
-                "    upstream: echo\n    origins: [\"https://a\"]",
-                "routes[0].origins",
-            ),
-            (
-                "    upstream: echo",
-                "    upstream: echo\n    auth: { api_keys: { header: X-Key } }",
-                "routes[0].auth",
-            ),
-            (
-                "    upstream: echo",
-                "    upstream: echo\n    allow_missing_origin: true",
-                "routes[0].allow_missing_origin",
-            ),
-            (
-                "    upstream: echo",
-                "    upstream: echo\n    limits: { max_connections_per_ip: 16 }",
-                "routes[0].limits.max_connections_per_ip",
             ),
         ];
         for (from, to, path) in cases {

@@ -118,6 +118,8 @@ pub struct Record<'a> {
     pub path: Option<&'a str>,
     pub origin: Option<&'a str>,
     pub user_agent: Option<&'a str>,
+    /// The token's `sub` claim (never the token).
+    pub subject: Option<&'a str>,
     pub upstream: Option<&'a str>,
     pub status: u16,
     pub duration_ms: u64,
@@ -274,6 +276,7 @@ mod tests {
             path: None,
             origin: None,
             user_agent: None,
+            subject: None,
             upstream: None,
             status: 404,
             duration_ms: 0,

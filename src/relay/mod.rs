@@ -47,6 +47,8 @@ pub struct Settings {
     pub ping_interval: Duration,
     pub pong_timeout: Duration,
     pub upstream_ping_interval: Duration,
+    /// `close_on_expiry`: the token's `exp` (+ leeway); the connection closes 4001 then.
+    pub expires_at: Option<Instant>,
 }
 
 impl Settings {
@@ -64,6 +66,7 @@ impl Settings {
             ping_interval: keepalive.ping_interval,
             pong_timeout: keepalive.pong_timeout,
             upstream_ping_interval: keepalive.upstream_ping_interval,
+            expires_at: None,
         }
     }
 }
@@ -175,6 +178,8 @@ struct Session<C, U> {
     // Periodic checks are re-armed lazily: each is a time at which to *look* (is a ping
     // due? has the connection been idle?), moved only when the timer fires, so traffic
     // never touches the timer wheel.
+    /// `close_on_expiry`: the token's expiry.
+    expires_at: Option<Instant>,
     ping_check: Option<Instant>,
     upstream_ping_check: Option<Instant>,
     idle_check: Option<Instant>,
@@ -242,6 +247,7 @@ where
             ping_interval: settings.ping_interval,
             pong_timeout: settings.pong_timeout,
             upstream_ping_interval: settings.upstream_ping_interval,
+            expires_at: settings.expires_at,
             ping_check: every(settings.ping_interval),
             upstream_ping_check: every(settings.upstream_ping_interval),
             idle_check: every(settings.idle_timeout),
@@ -462,6 +468,11 @@ where
         if self.close_deadline.is_some() {
             return;
         }
+        if self.expires_at.is_some_and(|t| t <= now) {
+            self.expires_at = None;
+            self.proxy_close("token_expired", 4001, "token expired", 1001);
+            return;
+        }
         let pong_due = |sent: Option<Instant>, waiting: bool| {
             waiting && sent.is_some_and(|s| s + self.pong_timeout <= now)
         };
@@ -585,6 +596,7 @@ where
             stall(self.c2u.stalled_since),
             stall(self.u2c.stalled_since),
             self.c2u.throttled_until,
+            self.expires_at.filter(|_| live),
             self.ping_check.filter(|_| live),
             self.upstream_ping_check.filter(|_| live),
             self.idle_check.filter(|_| live),

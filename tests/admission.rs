@@ -1,0 +1,456 @@
+//! Admission control through real sockets (SPEC §2 `origins`, `auth`, per-IP limits,
+//! `trusted_proxies`; SPEC §3): each refusal is one HTTP response plus one access-log line,
+//! and what passes reaches the upstream with the token handled as configured.
+
+mod support;
+
+use std::time::{Duration, Instant};
+
+use futures_util::StreamExt;
+use jsonwebtoken::{EncodingKey, Header, encode};
+use support::*;
+use tokio::io::AsyncWriteExt;
+use tokio::net::TcpStream;
+
+const SECRET: &str = "test-secret-do-not-use";
+const KEY: &str = "dGhlIHNhbXBsZSBub25jZQ==";
+
+fn now() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_secs())
+        .unwrap_or(0)
+}
+
+fn jwt(claims: serde_json::Value) -> String {
+    encode(
+        &Header::default(),
+        &claims,
+        &EncodingKey::from_secret(SECRET.as_bytes()),
+    )
+    .unwrap_or_else(|e| panic!("{e}"))
+}
+
+fn good_token(sub: &str) -> String {
+    jwt(
+        serde_json::json!({ "sub": sub, "iss": "https://auth.test/", "aud": "chat", "exp": now() + 600, "scope": "chat read" }),
+    )
+}
+
+/// A gateway with the given route extras in front of a raw backend.
+async fn gateway(
+    route_extra: &str,
+    top_extra: &str,
+) -> (
+    TestGateway,
+    tokio::sync::mpsc::Receiver<(TcpStream, String)>,
+) {
+    let (backend, accepted) = raw_backend().await;
+    let yaml = format!(
+        r#"
+listeners: [{{ name: public, bind: "127.0.0.1:0" }}]
+{top_extra}
+upstreams:
+  app: {{ backends: [{{ addr: "{backend}" }}] }}
+routes:
+  - name: chat
+    match: {{ path_prefix: /chat }}
+    upstream: app
+{route_extra}
+"#
+    );
+    (spawn_gateway(&yaml).await, accepted)
+}
+
+fn upgrade(path: &str, extra: &str) -> Vec<u8> {
+    format!(
+        "GET {path} HTTP/1.1\r\nHost: gw.test\r\nConnection: Upgrade\r\nUpgrade: websocket\r\nSec-WebSocket-Version: 13\r\nSec-WebSocket-Key: {KEY}\r\n{extra}\r\n"
+    )
+    .into_bytes()
+}
+
+async fn refused(gw: &TestGateway, req: &[u8], status: u16, reason: &str) -> String {
+    let resp = raw_request(gw.addr(), req).await;
+    assert!(
+        resp.starts_with(&format!("HTTP/1.1 {status} ")),
+        "want {status}: {resp}"
+    );
+    assert!(resp.ends_with(&format!("{reason}\n")), "{resp}");
+    gw.log_line(|l| l["event"] == "ws_reject" && l["proxy_reason"] == reason)
+        .await;
+    resp
+}
+
+/// Upgrades and returns the head the upstream received.
+async fn admitted(
+    gw: &TestGateway,
+    accepted: &mut tokio::sync::mpsc::Receiver<(TcpStream, String)>,
+    req: &[u8],
+) -> (TcpStream, String, String) {
+    let mut s = TcpStream::connect(gw.addr())
+        .await
+        .unwrap_or_else(|e| panic!("{e}"));
+    s.write_all(req).await.unwrap_or_else(|e| panic!("{e}"));
+    let resp = read_head(&mut s).await;
+    assert!(resp.starts_with("HTTP/1.1 101 "), "{resp}");
+    let (_up, head) = tokio::time::timeout(PATIENCE, accepted.recv())
+        .await
+        .ok()
+        .flatten()
+        .unwrap_or_else(|| panic!("no backend"));
+    (s, resp, head)
+}
+
+const ORIGINS: &str = "    origins: [\"https://app.example.com\", \"https://*.example.com\"]";
+
+#[tokio::test]
+async fn origins_are_checked_per_route() {
+    let (gw, mut accepted) = gateway(ORIGINS, "").await;
+    admitted(
+        &gw,
+        &mut accepted,
+        &upgrade("/chat", "Origin: https://app.example.com\r\n"),
+    )
+    .await;
+    admitted(
+        &gw,
+        &mut accepted,
+        &upgrade("/chat", "Origin: https://A.B.Example.com\r\n"),
+    )
+    .await;
+    refused(
+        &gw,
+        &upgrade("/chat", "Origin: https://evil.test\r\n"),
+        403,
+        "origin",
+    )
+    .await;
+    refused(
+        &gw,
+        &upgrade("/chat", "Origin: http://app.example.com\r\n"),
+        403,
+        "origin",
+    )
+    .await;
+    refused(
+        &gw,
+        &upgrade("/chat", "Origin: https://example.com\r\n"),
+        403,
+        "origin",
+    )
+    .await;
+    refused(&gw, &upgrade("/chat", "Origin: null\r\n"), 403, "origin").await;
+    refused(&gw, &upgrade("/chat", ""), 403, "origin").await;
+    let (gw, mut accepted) =
+        gateway(&format!("{ORIGINS}\n    allow_missing_origin: true"), "").await;
+    admitted(&gw, &mut accepted, &upgrade("/chat", "")).await;
+}
+
+fn jwt_route(extra: &str) -> String {
+    format!(
+        r#"    auth:
+      jwt:
+        from: ["header:Authorization", "query:access_token", "cookie:token", "subprotocol"]
+        keys: [{{ alg: HS256, secret: "{SECRET}" }}]
+        issuer: "https://auth.test/"
+        audience: chat
+        require_claims: {{ scope: chat }}
+        forward_claims: {{ sub: X-User-Id }}
+        strip_token: true
+{extra}"#
+    )
+}
+
+#[tokio::test]
+async fn a_valid_jwt_passes_from_every_source_and_never_reaches_the_upstream() {
+    let (gw, mut accepted) = gateway(&jwt_route(""), "").await;
+    let token = good_token("user-42");
+    // Authorization header; a forged X-User-Id is replaced by the claim.
+    let (_, _, head) = admitted(
+        &gw,
+        &mut accepted,
+        &upgrade(
+            "/chat",
+            &format!("Authorization: Bearer {token}\r\nX-User-Id: admin\r\n"),
+        ),
+    )
+    .await;
+    assert_eq!(header_value(&head, "x-user-id").as_deref(), Some("user-42"));
+    assert_eq!(header_value(&head, "authorization"), None, "strip_token");
+    // Query parameter: stripped upstream, redacted in the log.
+    let (s, _, head) = admitted(
+        &gw,
+        &mut accepted,
+        &upgrade(&format!("/chat?room=1&access_token={token}"), ""),
+    )
+    .await;
+    assert!(head.starts_with("GET /chat?room=1 HTTP/1.1"), "{head}");
+    drop(s);
+    // Cookie, other cookies kept.
+    let (_, _, head) = admitted(
+        &gw,
+        &mut accepted,
+        &upgrade("/chat", &format!("Cookie: theme=dark; token={token}\r\n")),
+    )
+    .await;
+    assert_eq!(header_value(&head, "cookie").as_deref(), Some("theme=dark"));
+    // The browser trick: `bearer, <token>` offered, `bearer` answered, nothing forwarded.
+    let (_, resp, head) = admitted(
+        &gw,
+        &mut accepted,
+        &upgrade(
+            "/chat",
+            &format!("Sec-WebSocket-Protocol: bearer, {token}\r\n"),
+        ),
+    )
+    .await;
+    assert_eq!(
+        header_value(&resp, "sec-websocket-protocol").as_deref(),
+        Some("bearer")
+    );
+    assert_eq!(header_value(&head, "sec-websocket-protocol"), None);
+    // No log line holds the token.
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    let logs = gw.logs.lock().map(|l| l.join("\n")).unwrap_or_default();
+    assert!(!logs.contains(&token), "a token leaked into the access log");
+    assert!(
+        logs.contains("access_token=REDACTED")
+            || gw.log_lines().iter().all(|l| l["event"] != "ws_close"),
+        "{logs}"
+    );
+    let line = gw
+        .log_line(|l| {
+            l["event"] == "ws_close" && l["path"].as_str().is_some_and(|p| p.contains("room=1"))
+        })
+        .await;
+    assert_eq!(line["path"], "/chat?room=1&access_token=REDACTED");
+    assert_eq!(line["subject"], "user-42");
+}
+
+#[tokio::test]
+async fn bad_tokens_are_401_with_www_authenticate() {
+    let (gw, _accepted) = gateway(&jwt_route(""), "").await;
+    let base = serde_json::json!({ "sub": "u", "iss": "https://auth.test/", "aud": "chat", "exp": now() + 600, "scope": "chat" });
+    let with = |k: &str, v: serde_json::Value| {
+        let mut c = base.clone();
+        c[k] = v;
+        jwt(c)
+    };
+    let wrong_key = encode(
+        &Header::default(),
+        &base,
+        &EncodingKey::from_secret(b"another secret"),
+    )
+    .unwrap_or_default();
+    let none_alg = {
+        use base64::Engine;
+        let b64 = base64::engine::general_purpose::URL_SAFE_NO_PAD;
+        format!(
+            "{}.{}.",
+            b64.encode(br#"{"alg":"none","typ":"JWT"}"#),
+            b64.encode(base.to_string())
+        )
+    };
+    let cases = [
+        ("missing", String::new()),
+        ("expired", with("exp", (now() - 3600).into())),
+        ("not yet valid", with("nbf", (now() + 3600).into())),
+        ("wrong issuer", with("iss", "https://evil.test/".into())),
+        ("wrong audience", with("aud", "other".into())),
+        ("claim mismatch", with("scope", "read".into())),
+        ("bad signature", wrong_key),
+        ("alg none", none_alg),
+    ];
+    for (what, token) in cases {
+        let auth = if token.is_empty() {
+            String::new()
+        } else {
+            format!("Authorization: Bearer {token}\r\n")
+        };
+        let resp = refused(&gw, &upgrade("/chat", &auth), 401, "token").await;
+        assert!(
+            resp.contains("www-authenticate: Bearer error=\"invalid_token\""),
+            "{what}: {resp}"
+        );
+    }
+}
+
+#[tokio::test]
+async fn close_on_expiry_closes_a_live_connection_4001() {
+    let (gw, mut accepted) = gateway(&jwt_route("        close_on_expiry: true"), "").await;
+    let token = jwt(
+        serde_json::json!({ "sub": "u", "iss": "https://auth.test/", "aud": "chat", "exp": now() + 2, "scope": "chat" }),
+    );
+    let mut client = TcpStream::connect(gw.addr())
+        .await
+        .unwrap_or_else(|e| panic!("{e}"));
+    client
+        .write_all(&upgrade(
+            "/chat",
+            &format!("Authorization: Bearer {token}\r\n"),
+        ))
+        .await
+        .unwrap_or_else(|e| panic!("{e}"));
+    assert!(read_head(&mut client).await.starts_with("HTTP/1.1 101"));
+    let (mut up, _) = tokio::time::timeout(PATIENCE, accepted.recv())
+        .await
+        .ok()
+        .flatten()
+        .unwrap_or_else(|| panic!("no backend"));
+    let started = Instant::now();
+    assert_eq!(read_close_code(&mut client).await, Some(4001));
+    assert!(started.elapsed() < Duration::from_secs(5));
+    assert_eq!(read_close_code(&mut up).await, Some(1001));
+    client
+        .write_all(&client_frame(0x88, &close_payload(4001, "")))
+        .await
+        .unwrap_or_else(|e| panic!("{e}"));
+    up.write_all(&server_frame(0x88, &close_payload(1001, "")))
+        .await
+        .unwrap_or_else(|e| panic!("{e}"));
+    drop((client, up));
+    let line = gw.log_line(|l| l["event"] == "ws_close").await;
+    assert_eq!(line["proxy_reason"], "token_expired");
+    assert_eq!(line["close"]["code"], 4001);
+}
+
+#[tokio::test]
+async fn api_keys_are_compared_by_hash() {
+    use sha2::Digest;
+    let dir = std::env::temp_dir().join(format!("wsgate-keys-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap_or_else(|e| panic!("{e}"));
+    let file = dir.join("keys.txt");
+    let digest: String = sha2::Sha256::digest(b"k-123")
+        .iter()
+        .map(|b| format!("{b:02x}"))
+        .collect();
+    std::fs::write(&file, format!("# one per line\n{digest}\n")).unwrap_or_else(|e| panic!("{e}"));
+    let extra = format!(
+        "    auth: {{ api_keys: {{ header: X-Api-Key, keys_file: \"{}\" }} }}",
+        file.display()
+    );
+    let (gw, mut accepted) = gateway(&extra, "").await;
+    admitted(
+        &gw,
+        &mut accepted,
+        &upgrade("/chat", "X-Api-Key: k-123\r\n"),
+    )
+    .await;
+    refused(&gw, &upgrade("/chat", "X-Api-Key: k-124\r\n"), 401, "token").await;
+    refused(&gw, &upgrade("/chat", ""), 401, "token").await;
+    let _ = std::fs::remove_dir_all(dir);
+}
+
+#[tokio::test]
+async fn per_ip_cap_counts_and_releases_across_many_cycles() {
+    let (gw, mut accepted) = gateway("    limits: { max_connections_per_ip: 2 }", "").await;
+    let a = admitted(&gw, &mut accepted, &upgrade("/chat", "")).await;
+    let b = admitted(&gw, &mut accepted, &upgrade("/chat", "")).await;
+    refused(&gw, &upgrade("/chat", ""), 429, "ip_cap").await;
+    drop((a, b));
+    // Many cycles against a roomy cap and rate, to see every permit come back.
+    let (gw, mut accepted) = gateway(
+        "    limits: { max_connections_per_ip: 1000 }",
+        "limits: { handshakes_per_ip: { rate: 100000, per: 1s } }",
+    )
+    .await;
+    // Abort cycles: after the 101, and in the middle of the head; every permit comes back.
+    for i in 0..200 {
+        let mut s = TcpStream::connect(gw.addr())
+            .await
+            .unwrap_or_else(|e| panic!("{e}"));
+        if i % 2 == 0 {
+            s.write_all(&upgrade("/chat", ""))
+                .await
+                .unwrap_or_else(|e| panic!("{e}"));
+            let head = read_head(&mut s).await;
+            assert!(head.starts_with("HTTP/1.1 101"), "cycle {i}: {head}");
+            let _ = tokio::time::timeout(PATIENCE, accepted.recv()).await;
+        } else {
+            s.write_all(b"GET /chat HTTP/1.1\r\nHost: x\r\n")
+                .await
+                .unwrap_or_else(|e| panic!("{e}"));
+        }
+        drop(s);
+    }
+    let key = wsgate::admission::client_ip::IpKey::new(
+        "127.0.0.1".parse().unwrap_or_else(|e| panic!("{e}")),
+        64,
+    );
+    let deadline = Instant::now() + PATIENCE;
+    while gw.gw.shared.per_ip.count(key) > 0 {
+        assert!(
+            Instant::now() < deadline,
+            "permits leaked: {}",
+            gw.gw.shared.per_ip.count(key)
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert!(
+        gw.gw.shared.per_ip.is_empty(),
+        "the per-IP table shrinks back to nothing"
+    );
+    admitted(&gw, &mut accepted, &upgrade("/chat", "")).await;
+}
+
+#[tokio::test]
+async fn handshake_rate_gives_429_with_retry_after() {
+    let (gw, mut accepted) = gateway(
+        "",
+        "limits: { handshakes_per_ip: { rate: 1, per: 10s, burst: 2 } }",
+    )
+    .await;
+    admitted(&gw, &mut accepted, &upgrade("/chat", "")).await;
+    admitted(&gw, &mut accepted, &upgrade("/chat", "")).await;
+    let resp = refused(&gw, &upgrade("/chat", ""), 429, "ip_rate").await;
+    let retry: u64 = header_value(&resp, "retry-after")
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(0);
+    assert!((1..=10).contains(&retry), "{resp}");
+}
+
+#[tokio::test]
+async fn trusted_proxies_make_x_forwarded_for_the_client() {
+    let (gw, mut accepted) = gateway("", "trusted_proxies: [127.0.0.0/8, 10.0.0.0/8]").await;
+    let (s, _, head) = admitted(
+        &gw,
+        &mut accepted,
+        &upgrade(
+            "/chat",
+            "X-Forwarded-For: 6.6.6.6, 203.0.113.7, 10.1.2.3\r\n",
+        ),
+    )
+    .await;
+    assert_eq!(
+        header_value(&head, "x-forwarded-for").as_deref(),
+        Some("203.0.113.7")
+    );
+    drop(s);
+    let line = gw.log_line(|l| l["event"] == "ws_close").await;
+    assert_eq!(line["client_ip"], "203.0.113.7");
+    // Without trust, the header is ignored.
+    let (gw, mut accepted) = gateway("", "").await;
+    let (_, _, head) = admitted(
+        &gw,
+        &mut accepted,
+        &upgrade("/chat", "X-Forwarded-For: 203.0.113.7\r\n"),
+    )
+    .await;
+    assert_eq!(
+        header_value(&head, "x-forwarded-for").as_deref(),
+        Some("127.0.0.1")
+    );
+    let _ = accepted.recv().now_or_never();
+}
+
+trait NowOrNever: std::future::Future + Sized {
+    fn now_or_never(self) -> Option<Self::Output> {
+        futures_util::FutureExt::now_or_never(self)
+    }
+}
+impl<F: std::future::Future> NowOrNever for F {}
+
+#[allow(dead_code)]
+async fn drain(ws: &mut Client) {
+    while let Ok(Some(_)) = tokio::time::timeout(Duration::from_millis(10), ws.next()).await {}
+}
