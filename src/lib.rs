@@ -157,7 +157,7 @@ pub async fn start(config: Config, sink: Sink) -> Result<Gateway, StartError> {
             .tls
             .as_ref()
             .map(|t| Arc::new(listener::TlsSlot::new(t.server.clone())));
-        bound.push((l.name.clone(), addr, listener, tls));
+        bound.push((l.name.clone(), addr, listener, tls, l.proxy_protocol));
     }
     let admin = match &config.admin {
         Some(a) => {
@@ -204,7 +204,7 @@ pub async fn start(config: Config, sink: Sink) -> Result<Gateway, StartError> {
     }
     let mut listeners = Vec::with_capacity(bound.len());
     let mut tls_slots = Vec::new();
-    for (name, addr, listener, tls) in bound {
+    for (name, addr, listener, tls, proxy_protocol) in bound {
         let scheme = if tls.is_some() { "wss://" } else { "ws://" };
         tracing::info!(listener = %name, %addr, "listening ({scheme})");
         if let Some(slot) = &tls {
@@ -215,6 +215,7 @@ pub async fn start(config: Config, sink: Sink) -> Result<Gateway, StartError> {
             listener,
             name.as_str().into(),
             tls,
+            proxy_protocol,
             rx.clone(),
         ));
         listeners.push((name, addr));

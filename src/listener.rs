@@ -69,6 +69,7 @@ pub async fn accept_loop(
     listener: TcpListener,
     name: Arc<str>,
     tls: Option<Arc<TlsSlot>>,
+    proxy_protocol: bool,
     mut shutdown: watch::Receiver<bool>,
 ) {
     loop {
@@ -78,13 +79,12 @@ pub async fn accept_loop(
         };
         match accepted {
             Ok((stream, peer)) => {
-                tokio::spawn(serve(
-                    shared.clone(),
-                    name.clone(),
-                    stream,
-                    peer,
-                    tls.clone(),
-                ));
+                let accepted = Accepted {
+                    listener: name.clone(),
+                    tls: tls.clone(),
+                    proxy_protocol,
+                };
+                tokio::spawn(serve(shared.clone(), accepted, stream, peer));
             }
             Err(e) => {
                 tracing::warn!(listener = %name, error = %e, "accept failed; backing off");
@@ -181,19 +181,41 @@ impl Drop for ActiveGuard<'_> {
     }
 }
 
-async fn serve(
-    shared: Arc<Shared>,
+/// What the accept loop knows about a new connection's listener.
+struct Accepted {
     listener: Arc<str>,
-    stream: TcpStream,
-    peer: SocketAddr,
     tls: Option<Arc<TlsSlot>>,
-) {
+    proxy_protocol: bool,
+}
+
+async fn serve(shared: Arc<Shared>, accepted: Accepted, stream: TcpStream, peer: SocketAddr) {
     let _ = stream.set_nodelay(true);
     let active = shared.active.fetch_add(1, Ordering::Relaxed) + 1;
     let _guard = ActiveGuard(&shared.active);
     let started = Instant::now();
-    // One deadline covers the TLS handshake and the request head (slowloris guard).
+    // One deadline covers the PROXY header, the TLS handshake and the request head
+    // (slowloris guard).
     let deadline = started + shared.config.limits.handshake_timeout;
+    let Accepted {
+        listener,
+        tls,
+        proxy_protocol,
+    } = accepted;
+    let (stream, peer) = if proxy_protocol {
+        match tokio::time::timeout_at(deadline, read_proxy_header(stream, peer)).await {
+            Ok(Ok(found)) => found,
+            Ok(Err(why)) => {
+                tracing::warn!(%peer, why, "connection refused: bad PROXY protocol header");
+                return;
+            }
+            Err(_) => {
+                tracing::warn!(%peer, "connection refused: no PROXY protocol header within handshake_timeout");
+                return;
+            }
+        }
+    } else {
+        (Prefixed::new(stream, Vec::new()), peer)
+    };
     let conn = |tls: Option<TlsInfo>| {
         Arc::new(Conn {
             over_capacity: active > shared.config.limits.max_connections,
@@ -233,6 +255,96 @@ fn tls_info(session: &rustls::ServerConnection) -> TlsInfo {
             .peer_certificates()
             .and_then(|c| c.first())
             .and_then(crate::tls::subject_of),
+    }
+}
+
+/// Reads the PROXY v1/v2 header a load balancer puts in front of the client's bytes.
+/// Returns the stream (with any bytes read past the header kept for the next layer) and
+/// the client address it names (the balancer's own health checks name none: then the peer).
+async fn read_proxy_header(
+    mut stream: TcpStream,
+    peer: SocketAddr,
+) -> Result<(Prefixed<TcpStream>, SocketAddr), &'static str> {
+    use crate::admission::proxy_protocol::{self, MAX_HEADER, Parse};
+    use tokio::io::AsyncReadExt;
+    let mut buf = Vec::with_capacity(256);
+    loop {
+        match proxy_protocol::parse(&buf) {
+            Parse::Header { len, client } => {
+                let rest = buf.split_off(len);
+                return Ok((Prefixed::new(stream, rest), client.unwrap_or(peer)));
+            }
+            Parse::Invalid => return Err("malformed"),
+            Parse::Incomplete if buf.len() >= MAX_HEADER => return Err("too long"),
+            Parse::Incomplete => {}
+        }
+        let mut chunk = [0u8; 512];
+        let n = stream.read(&mut chunk).await.map_err(|_| "read failed")?;
+        if n == 0 {
+            return Err("connection closed before the header");
+        }
+        buf.extend_from_slice(&chunk[..n]);
+    }
+}
+
+/// A stream with bytes already read in front of it (those past a PROXY header).
+pub struct Prefixed<S> {
+    prefix: Vec<u8>,
+    at: usize,
+    inner: S,
+}
+
+impl<S> Prefixed<S> {
+    fn new(inner: S, prefix: Vec<u8>) -> Prefixed<S> {
+        Prefixed {
+            prefix,
+            at: 0,
+            inner,
+        }
+    }
+}
+
+impl<S: AsyncRead + Unpin> AsyncRead for Prefixed<S> {
+    fn poll_read(
+        mut self: Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        buf: &mut tokio::io::ReadBuf<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        let this = &mut *self;
+        if this.at < this.prefix.len() {
+            let n = (this.prefix.len() - this.at).min(buf.remaining());
+            buf.put_slice(&this.prefix[this.at..this.at + n]);
+            this.at += n;
+            if this.at == this.prefix.len() {
+                // Free it: the prefix lives as long as the connection otherwise.
+                this.prefix = Vec::new();
+                this.at = 0;
+            }
+            return std::task::Poll::Ready(Ok(()));
+        }
+        Pin::new(&mut this.inner).poll_read(cx, buf)
+    }
+}
+
+impl<S: AsyncWrite + Unpin> AsyncWrite for Prefixed<S> {
+    fn poll_write(
+        mut self: Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        buf: &[u8],
+    ) -> std::task::Poll<std::io::Result<usize>> {
+        Pin::new(&mut self.inner).poll_write(cx, buf)
+    }
+    fn poll_flush(
+        mut self: Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        Pin::new(&mut self.inner).poll_flush(cx)
+    }
+    fn poll_shutdown(
+        mut self: Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        Pin::new(&mut self.inner).poll_shutdown(cx)
     }
 }
 

@@ -454,3 +454,47 @@ impl<F: std::future::Future> NowOrNever for F {}
 async fn drain(ws: &mut Client) {
     while let Ok(Some(_)) = tokio::time::timeout(Duration::from_millis(10), ws.next()).await {}
 }
+
+#[tokio::test]
+async fn proxy_protocol_v1_and_v2_name_the_client_and_garbage_is_refused() {
+    let (backend, mut accepted) = raw_backend().await;
+    let yaml = format!(
+        r#"
+listeners: [{{ name: lb, bind: "127.0.0.1:0", proxy_protocol: true }}]
+upstreams:
+  app: {{ backends: [{{ addr: "{backend}" }}] }}
+routes:
+  - {{ name: chat, match: {{ path_prefix: /chat }}, upstream: app }}
+"#
+    );
+    let gw = spawn_gateway(&yaml).await;
+    // v1, in the same packet as the upgrade.
+    let mut req = b"PROXY TCP4 203.0.113.9 10.0.0.1 5555 443\r\n".to_vec();
+    req.extend(upgrade("/chat", ""));
+    let (_s, _, head) = admitted(&gw, &mut accepted, &req).await;
+    assert_eq!(
+        header_value(&head, "x-forwarded-for").as_deref(),
+        Some("203.0.113.9")
+    );
+    // v2 (binary): PROXY, TCP over IPv4, 198.51.100.4:6000 → 10.0.0.1:443.
+    let mut v2 = b"\r\n\r\n\0\r\nQUIT\n".to_vec();
+    v2.extend_from_slice(&[
+        0x21, 0x11, 0x00, 12, 198, 51, 100, 4, 10, 0, 0, 1, 0x17, 0x70, 0x01, 0xBB,
+    ]);
+    v2.extend(upgrade("/chat", ""));
+    let (_s2, _, head) = admitted(&gw, &mut accepted, &v2).await;
+    assert_eq!(
+        header_value(&head, "x-forwarded-for").as_deref(),
+        Some("198.51.100.4")
+    );
+    // No header, or a broken one: closed without reaching HTTP.
+    for bad in [
+        upgrade("/chat", ""),
+        b"PROXY TCP4 999.1.1.1 x y z\r\n".to_vec(),
+    ] {
+        let resp = raw_request(gw.addr(), &bad).await;
+        assert!(!resp.contains("101"), "{resp}");
+    }
+    let line = gw.log_line(|l| l["client_ip"] == "203.0.113.9").await;
+    assert_eq!(line["route"], "chat");
+}

@@ -49,6 +49,8 @@ pub struct Listener {
     pub bind: SocketAddr,
     /// `None` → plain ws://.
     pub tls: Option<ListenerTls>,
+    /// Every connection starts with a PROXY v1/v2 header naming the real client.
+    pub proxy_protocol: bool,
 }
 
 /// A listener's TLS, with its certificates already loaded and checked.

@@ -216,12 +216,7 @@ impl Validator {
             let tls = listener
                 .tls
                 .and_then(|t| self.listener_tls(t, &path.key("tls")));
-            if listener.proxy_protocol == Some(true) {
-                self.unsupported(
-                    &path.key("proxy_protocol"),
-                    "`proxy_protocol: true` is not supported yet; set it to false or remove it",
-                );
-            }
+            let proxy_protocol = listener.proxy_protocol.unwrap_or(false);
             let Some(bind) = self.socket_addr(&listener.bind, &path.key("bind")) else {
                 continue;
             };
@@ -249,7 +244,12 @@ impl Validator {
             } else {
                 names.insert(name.clone(), i);
             }
-            listeners.push(Listener { name, bind, tls });
+            listeners.push(Listener {
+                name,
+                bind,
+                tls,
+                proxy_protocol,
+            });
         }
         listeners
     }
@@ -1533,11 +1533,6 @@ routes:
     #[test]
     fn not_yet_supported_listener_upstream_and_route_keys_are_refused() {
         let cases = [
-            (
-                "  - bind: 127.0.0.1:8080",
-                "  - { bind: 127.0.0.1:8080, proxy_protocol: true }",
-                "listeners[0].proxy_protocol",
-            ),
             (
                 "{ builtin: echo }",
                 "{ builtin: echo, sticky: { key: ip } }",
