@@ -14,16 +14,7 @@ use tokio_tungstenite::tungstenite::Message;
 
 /// A gateway in front of a raw backend with extra config, and one connection through it.
 async fn pair(extra: &str) -> (TcpStream, TcpStream, TestGateway) {
-    let (backend, mut accepted) = raw_backend().await;
-    let gw = spawn_gateway(&with_extra(backend, extra)).await;
-    let (client, head) = raw_upgrade(gw.addr(), "/", "").await;
-    assert!(head.starts_with("HTTP/1.1 101"), "{head}");
-    let (up, _) = tokio::time::timeout(PATIENCE, accepted.recv())
-        .await
-        .ok()
-        .flatten()
-        .unwrap_or_else(|| panic!("no backend"));
-    (client, up, gw)
+    pair_with(|b| with_extra(b, extra)).await
 }
 
 /// `config_for` with top-level YAML blocks appended (`keepalive:` and `limits:` overrides).

@@ -10,16 +10,7 @@ use tokio::net::TcpStream;
 
 /// A gateway in front of a raw backend, one connection through it: (client, upstream, gw).
 async fn pair(limits: &str) -> (TcpStream, TcpStream, TestGateway) {
-    let (backend, mut accepted) = raw_backend().await;
-    let gw = spawn_gateway(&config_for(backend, limits)).await;
-    let (client, head) = raw_upgrade(gw.addr(), "/", "").await;
-    assert!(head.starts_with("HTTP/1.1 101"), "{head}");
-    let (up, _) = tokio::time::timeout(PATIENCE, accepted.recv())
-        .await
-        .ok()
-        .flatten()
-        .unwrap_or_else(|| panic!("no backend"));
-    (client, up, gw)
+    pair_with(|b| config_for(b, limits)).await
 }
 
 async fn client_violation(bytes: &[u8], to_client: u16, reason: &str) {

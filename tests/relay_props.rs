@@ -7,7 +7,7 @@ mod support;
 use std::time::Duration;
 
 use proptest::prelude::*;
-use support::{client_frame, close_payload, frame, server_frame};
+use support::{client_frame, close_payload, frame, read_close_code, server_frame};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use wsgate::relay::{Settings, relay};
 
@@ -194,10 +194,10 @@ proptest! {
             // itself: text is judged when its frame ends), then the proxy's 1001.
             let got = read_split_exactly(&mut ur, good.len()).await;
             prop_assert_eq!(&got, &good);
-            let code = read_close_code_split(&mut ur).await;
+            let code = read_close_code(&mut ur).await;
             prop_assert_eq!(code, Some(1001));
             uw.write_all(&server_frame(0x88, &close_payload(1001, ""))).await.unwrap_or_else(|e| panic!("{e}"));
-            prop_assert_eq!(read_close_code_split(&mut cr).await, Some(bad.1));
+            prop_assert_eq!(read_close_code(&mut cr).await, Some(bad.1));
             let mut cw = writer.await.unwrap_or_else(|e| panic!("{e}"));
             cw.write_all(&client_frame(0x88, &close_payload(bad.1, ""))).await.unwrap_or_else(|e| panic!("{e}"));
             drop((cw, uw, cr, ur));
@@ -231,46 +231,4 @@ async fn read_split_exactly<R: AsyncReadExt + Unpin>(r: &mut R, n: usize) -> Vec
     let read = tokio::time::timeout(Duration::from_secs(10), r.read_exact(&mut buf)).await;
     assert!(matches!(read, Ok(Ok(_))), "wanted {n} bytes: {read:?}");
     buf
-}
-
-/// Reads frames until a close; returns its code.
-async fn read_close_code_split<R: AsyncReadExt + Unpin>(r: &mut R) -> Option<u16> {
-    for _ in 0..1000 {
-        let mut h = [0u8; 2];
-        tokio::time::timeout(Duration::from_secs(10), r.read_exact(&mut h))
-            .await
-            .ok()?
-            .ok()?;
-        let len = match h[1] & 0x7F {
-            126 => {
-                let mut b = [0u8; 2];
-                r.read_exact(&mut b).await.ok()?;
-                u64::from(u16::from_be_bytes(b))
-            }
-            127 => {
-                let mut b = [0u8; 8];
-                r.read_exact(&mut b).await.ok()?;
-                u64::from_be_bytes(b)
-            }
-            n => u64::from(n),
-        };
-        let mut mask = [0u8; 4];
-        if h[1] & 0x80 != 0 {
-            r.read_exact(&mut mask).await.ok()?;
-        }
-        let mut p = vec![0u8; usize::try_from(len).ok()?];
-        r.read_exact(&mut p).await.ok()?;
-        if h[1] & 0x80 != 0 {
-            for (i, b) in p.iter_mut().enumerate() {
-                *b ^= mask[i % 4];
-            }
-        }
-        if h[0] & 0x0F == 8 {
-            return Some(
-                p.get(..2)
-                    .map_or(1005, |c| u16::from_be_bytes([c[0], c[1]])),
-            );
-        }
-    }
-    None
 }

@@ -166,6 +166,23 @@ pub async fn raw_backend() -> (SocketAddr, mpsc::Receiver<(TcpStream, String)>) 
     (addr, rx)
 }
 
+/// A gateway (config from `yaml_for(backend address)`) in front of a raw backend, and one
+/// upgraded connection through it: (client, upstream, gateway).
+pub async fn pair_with(
+    yaml_for: impl FnOnce(SocketAddr) -> String,
+) -> (TcpStream, TcpStream, TestGateway) {
+    let (backend, mut accepted) = raw_backend().await;
+    let gw = spawn_gateway(&yaml_for(backend)).await;
+    let (client, head) = raw_upgrade(gw.addr(), "/", "").await;
+    assert!(head.starts_with("HTTP/1.1 101"), "{head}");
+    let (up, _) = tokio::time::timeout(PATIENCE, accepted.recv())
+        .await
+        .ok()
+        .flatten()
+        .unwrap_or_else(|| panic!("no backend"));
+    (client, up, gw)
+}
+
 /// Reads an HTTP head (up to the blank line), bounded in size and time.
 pub async fn read_head(s: &mut TcpStream) -> String {
     let mut head = Vec::new();
@@ -270,7 +287,7 @@ pub fn close_payload(code: u16, reason: &str) -> Vec<u8> {
 }
 
 /// One frame read from a raw stream: (first byte, unmasked payload). `None` on EOF/timeout.
-pub async fn read_frame(s: &mut TcpStream) -> Option<(u8, Vec<u8>)> {
+pub async fn read_frame<R: tokio::io::AsyncRead + Unpin>(s: &mut R) -> Option<(u8, Vec<u8>)> {
     let fut = async {
         let mut h = [0u8; 2];
         s.read_exact(&mut h).await.ok()?;
@@ -307,7 +324,7 @@ pub async fn read_frame(s: &mut TcpStream) -> Option<(u8, Vec<u8>)> {
 }
 
 /// Reads frames until a close frame and returns its code (None if the stream ended first).
-pub async fn read_close_code(s: &mut TcpStream) -> Option<u16> {
+pub async fn read_close_code<R: tokio::io::AsyncRead + Unpin>(s: &mut R) -> Option<u16> {
     for _ in 0..1000 {
         let (b0, payload) = read_frame(s).await?;
         if b0 & 0x0F == 0x8 {
