@@ -355,7 +355,7 @@ async fn per_ip_cap_counts_and_releases_across_many_cycles() {
     )
     .await;
     // Abort cycles: after the 101, and in the middle of the head; every permit comes back.
-    for i in 0..200 {
+    for i in 0..1000 {
         let mut s = TcpStream::connect(gw.addr())
             .await
             .unwrap_or_else(|e| panic!("{e}"));
