@@ -114,6 +114,8 @@ async def main(args):
     cfg.write(f"""
 listeners: [{{ name: bench, bind: "127.0.0.1:{args.port}"{tls_block} }}]
 log: {{ access: /dev/null }}
+# Every bench client comes from 127.0.0.1: per-IP limits would refuse them.
+limits: {{ max_connections_per_ip: 1000000, handshakes_per_ip: {{ rate: 1000000, per: 1s }} }}
 {args.extra}
 upstreams:
   b: {{ backends: [{{ addr: "127.0.0.1:{bport}" }}] }}

@@ -197,7 +197,12 @@ async fn serve(shared: Arc<Shared>, accepted: Accepted, stream: TcpStream, peer:
         proxy_protocol,
     } = accepted;
     let (stream, peer) = if proxy_protocol {
-        match tokio::time::timeout_at(deadline, read_proxy_header(stream, peer)).await {
+        match Box::pin(tokio::time::timeout_at(
+            deadline,
+            read_proxy_header(stream, peer),
+        ))
+        .await
+        {
             Ok(Ok(found)) => found,
             Ok(Err(why)) => {
                 tracing::warn!(%peer, why, "connection refused: bad PROXY protocol header");
@@ -224,22 +229,33 @@ async fn serve(shared: Arc<Shared>, accepted: Accepted, stream: TcpStream, peer:
             established: Mutex::new(None),
         })
     };
+    // Each branch's future is boxed: plain connections must not carry the size of a TLS
+    // session in their task (the task of an idle connection is mostly this future).
     match tls.and_then(|slot| slot.get()) {
-        None => serve_http(conn(None), stream, deadline).await,
-        Some(config) => {
-            let accepted = tokio::time::timeout_at(
-                deadline,
-                tokio_rustls::TlsAcceptor::from(config).accept(stream),
-            );
-            let stream = match Box::pin(accepted).await {
-                Ok(Ok(stream)) => stream,
-                Ok(Err(e)) => return crate::tls::log_handshake_failure(peer, &e),
-                Err(_) => return crate::tls::log_handshake_failure(peer, &"timed out"),
-            };
-            let info = tls_info(stream.get_ref().1);
-            serve_http(conn(Some(info)), stream, deadline).await
-        }
+        None => Box::pin(serve_http(conn(None), stream, deadline)).await,
+        Some(config) => Box::pin(serve_tls(config, stream, peer, deadline, conn)).await,
     }
+}
+
+/// The TLS handshake (within the handshake deadline), then HTTP and the relay over TLS.
+async fn serve_tls(
+    config: Arc<rustls::ServerConfig>,
+    stream: Prefixed<TcpStream>,
+    peer: SocketAddr,
+    deadline: Instant,
+    conn: impl FnOnce(Option<TlsInfo>) -> Arc<Conn>,
+) {
+    let accepted = tokio::time::timeout_at(
+        deadline,
+        tokio_rustls::TlsAcceptor::from(config).accept(stream),
+    );
+    let stream = match accepted.await {
+        Ok(Ok(stream)) => stream,
+        Ok(Err(e)) => return crate::tls::log_handshake_failure(peer, &e),
+        Err(_) => return crate::tls::log_handshake_failure(peer, &"timed out"),
+    };
+    let info = tls_info(stream.get_ref().1);
+    Box::pin(serve_http(conn(Some(info)), stream, deadline)).await
 }
 
 fn tls_info(session: &rustls::ServerConnection) -> TlsInfo {
@@ -351,8 +367,9 @@ where
     // The handshake (hyper's connection, its buffers, the timers) lives in its own
     // allocation, freed before the relay starts: a long-lived connection keeps only the
     // relay's small state.
-    if let Some((client, early, est)) = Box::pin(handshake(&conn, stream, deadline)).await {
-        run_relay(&conn, client, early, est).await;
+    let upgraded = Box::pin(handshake(&conn, stream, deadline)).await;
+    if let Some((client, early, est)) = upgraded {
+        run_relay(conn, client, early, est).await;
     }
 }
 
@@ -424,7 +441,14 @@ where
 /// Sent when the head did not arrive within `handshake_timeout` (a slowloris guard).
 const REQUEST_TIMEOUT: &[u8] = b"HTTP/1.1 408 Request Timeout\r\ncontent-type: text/plain; charset=utf-8\r\ncontent-length: 18\r\nconnection: close\r\n\r\nhandshake_timeout\n";
 
-async fn run_relay<S>(conn: &Conn, client: S, client_early: Bytes, est: Established)
+/// The relay and its access-log line. A plain function building the future, so that the
+/// long-lived state holds the relay session and the log facts, nothing else.
+fn run_relay<S>(
+    conn: Arc<Conn>,
+    client: S,
+    client_early: Bytes,
+    est: Established,
+) -> impl Future<Output = ()>
 where
     S: AsyncRead + AsyncWrite + Unpin,
 {
@@ -436,13 +460,14 @@ where
         info,
         _permit,
     } = est;
-    // The settings are only read at the start; they must not live on in this task.
     let relayed = relay::relay(client, client_early, upstream, upstream_early, &settings);
-    drop(settings);
-    let report = relayed.await;
-    let mut record = conn.record("ws_close", &info, 101, Some(&backend));
-    Record::set_report(&mut record, &report);
-    conn.shared.access.log(&record);
+    async move {
+        let report = relayed.await;
+        let mut record = conn.record("ws_close", &info, 101, Some(&backend));
+        Record::set_report(&mut record, &report);
+        conn.shared.access.log(&record);
+        drop(_permit);
+    }
 }
 
 impl Conn {
