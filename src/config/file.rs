@@ -517,10 +517,9 @@ fn parse_error(err: &serde_norway::Error, path: String) -> ParseError {
     let mut message = err.to_string();
     // serde_norway appends the position and prefixes its own path; both are reported
     // in their own fields, so drop them from the message.
-    if let Some((line, column)) = location
-        && let Some(stripped) = message.strip_suffix(&format!(" at line {line} column {column}"))
-    {
-        message = stripped.to_string();
+    if let Some((line, column)) = location {
+        // Scanner errors put the position in the middle: "… at line 2 column 1, while …".
+        message = message.replacen(&format!(" at line {line} column {column}"), "", 1);
     }
     // serde_norway's path may be `path` or an ancestor of it (before the failing key).
     let mut prefixes: Vec<&str> = path
