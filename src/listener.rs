@@ -165,6 +165,10 @@ struct Conn {
     /// The request head has arrived: `handshake_timeout` no longer applies.
     head_seen: AtomicBool,
     established: Mutex<Option<Box<Established>>>,
+    /// Taken at accept when the peer is the client (not a trusted proxy): handshakes in
+    /// progress count against the per-IP cap too. `None` with `ip_capped` = over the cap.
+    early_permit: Mutex<Option<IpPermit>>,
+    ip_capped: bool,
 }
 
 /// Counts a connection towards `max_connections` for as long as it lives.
@@ -216,8 +220,22 @@ async fn serve(shared: Arc<Shared>, accepted: Accepted, stream: TcpStream, peer:
     } else {
         (Prefixed::new(stream, Vec::new()), peer)
     };
+    // The per-IP cap counts from accept whenever the peer is the client; behind a trusted
+    // proxy the client is only known from the request head.
+    let limits = &shared.config.limits;
+    let early_permit = (!shared.config.trusted_proxies.contains(peer.ip()))
+        .then(|| IpKey::new(peer.ip(), limits.ipv6_prefix))
+        .map(|key| {
+            shared
+                .per_ip
+                .try_acquire(key, limits.max_connections_per_ip)
+        });
+    let ip_capped = matches!(early_permit, Some(None));
+    let early_permit = Mutex::new(early_permit.flatten());
     let conn = |tls: Option<TlsInfo>| {
         Arc::new(Conn {
+            early_permit,
+            ip_capped,
             over_capacity: active > shared.config.limits.max_connections,
             shared: shared.clone(),
             listener: listener.clone(),
@@ -482,7 +500,7 @@ impl Conn {
         if self.over_capacity {
             return self.refuse(&info, Rejection::Capacity, None);
         }
-        let key = IpKey::new(client_ip, client_ip::DEFAULT_V6_PREFIX);
+        let key = IpKey::new(client_ip, config.limits.ipv6_prefix);
         if let Err(refusal) = self.shared.handshake_rate.admit(key) {
             return self.refuse(&info, refusal.into(), None);
         }
@@ -513,13 +531,17 @@ impl Conn {
             }
         };
         info.subject = pass.subject.clone();
-        let permit = match self
-            .shared
-            .per_ip
-            .admit(key, route.limits.max_connections_per_ip)
-        {
-            Ok(p) => p,
-            Err(refusal) => return self.refuse(&info, refusal.into(), None),
+        let early = self.early_permit.lock().ok().and_then(|mut p| p.take());
+        let cap = route.limits.max_connections_per_ip;
+        let permit = match early {
+            // Counted since accept: only the route's own (possibly lower) cap is left to check.
+            Some(p) if p.key() == key && self.shared.per_ip.count(key) <= cap => p,
+            Some(_) => return self.refuse(&info, Rejection::IpCap, None),
+            None if self.ip_capped => return self.refuse(&info, Rejection::IpCap, None),
+            None => match self.shared.per_ip.admit(key, cap) {
+                Ok(p) => p,
+                Err(refusal) => return self.refuse(&info, refusal.into(), None),
+            },
         };
         let upstream_parts = match pass.upstream_parts(&parts, &mut admitted) {
             Ok(p) => p,

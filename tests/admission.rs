@@ -498,3 +498,86 @@ routes:
     let line = gw.log_line(|l| l["client_ip"] == "203.0.113.9").await;
     assert_eq!(line["route"], "chat");
 }
+
+#[tokio::test]
+async fn handshakes_in_progress_count_against_the_per_ip_cap_and_tls_aborts_release() {
+    let (gw, mut accepted) = gateway("", "limits: { max_connections_per_ip: 2 }").await;
+    // Two connections still sending their heads already hold the address's two places.
+    let mut slow = Vec::new();
+    for _ in 0..2 {
+        let mut s = TcpStream::connect(gw.addr())
+            .await
+            .unwrap_or_else(|e| panic!("{e}"));
+        s.write_all(b"GET /chat HTTP/1.1\r\n")
+            .await
+            .unwrap_or_else(|e| panic!("{e}"));
+        slow.push(s);
+    }
+    let key = wsgate::admission::client_ip::IpKey::new(
+        "127.0.0.1".parse().unwrap_or_else(|e| panic!("{e}")),
+        64,
+    );
+    let deadline = Instant::now() + PATIENCE;
+    while gw.gw.shared.per_ip.count(key) < 2 {
+        assert!(
+            Instant::now() < deadline,
+            "in-progress handshakes were not counted"
+        );
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    refused(&gw, &upgrade("/chat", ""), 429, "ip_cap").await;
+    // Another address is not starved by this one's flood.
+    let socket = tokio::net::TcpSocket::new_v4().unwrap_or_else(|e| panic!("{e}"));
+    socket
+        .bind("127.0.0.2:0".parse().unwrap_or_else(|e| panic!("{e}")))
+        .unwrap_or_else(|e| panic!("{e}"));
+    let mut other = socket
+        .connect(gw.addr())
+        .await
+        .unwrap_or_else(|e| panic!("{e}"));
+    other
+        .write_all(&upgrade("/chat", ""))
+        .await
+        .unwrap_or_else(|e| panic!("{e}"));
+    let head = read_head(&mut other).await;
+    assert!(head.starts_with("HTTP/1.1 101"), "{head}");
+    let _ = tokio::time::timeout(PATIENCE, accepted.recv()).await;
+    drop(other);
+    drop(slow);
+    let deadline = Instant::now() + PATIENCE;
+    while gw.gw.shared.per_ip.count(key) > 0 {
+        assert!(Instant::now() < deadline, "aborted heads kept their places");
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    admitted(&gw, &mut accepted, &upgrade("/chat", "")).await;
+
+    // Aborts in the middle of a TLS handshake release their place too.
+    let yaml = r#"
+listeners: [{ name: secure, bind: "127.0.0.1:0", tls: { self_signed: true } }]
+limits: { max_connections_per_ip: 1000, handshakes_per_ip: { rate: 100000, per: 1s } }
+upstreams:
+  echo: { builtin: echo }
+routes:
+  - { name: echo, match: { path_prefix: / }, upstream: echo }
+"#;
+    let tls_gw = spawn_gateway(yaml).await;
+    for _ in 0..300 {
+        let mut s = TcpStream::connect(tls_gw.addr())
+            .await
+            .unwrap_or_else(|e| panic!("{e}"));
+        // The start of a ClientHello record, then gone.
+        s.write_all(&[0x16, 0x03, 0x01, 0x02, 0x00, 0x01])
+            .await
+            .unwrap_or_else(|e| panic!("{e}"));
+        drop(s);
+    }
+    let deadline = Instant::now() + PATIENCE;
+    while tls_gw.gw.shared.per_ip.count(key) > 0 {
+        assert!(
+            Instant::now() < deadline,
+            "TLS aborts leaked {} places",
+            tls_gw.gw.shared.per_ip.count(key)
+        );
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+}

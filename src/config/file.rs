@@ -158,8 +158,10 @@ pub struct FileLimits {
     pub max_connections: Option<u64>,
     /// Per-client-IP connection cap (not supported yet).
     pub max_connections_per_ip: Option<u64>,
-    /// Per-IP handshake rate (not supported yet).
+    /// Per-IP handshake rate; default 10 per 1s, burst 20; top level only.
     pub handshakes_per_ip: Option<FileRate>,
+    /// IPv6 clients share per-IP limits by this prefix length; default 64; top level only.
+    pub ipv6_prefix: Option<u8>,
     /// Time for the full request head; default 10s; must be > 0.
     pub handshake_timeout: Option<DurationValue>,
     /// Largest frame; default 1MiB; at least 125B.

@@ -124,6 +124,9 @@ pub struct Limits {
     pub max_connections_per_ip: u32,
     /// Handshakes per client IP → 429 `ip_rate` (process-wide; top level only).
     pub handshakes_per_ip: crate::admission::ip_limit::RatePolicy,
+    /// IPv6 clients are counted per network of this prefix length (default /64); top
+    /// level only.
+    pub ipv6_prefix: u8,
 }
 
 /// A route's admission policy (SPEC §2 `origins`, `auth`), compiled at load.

@@ -111,6 +111,7 @@ pub fn validate(file: FileConfig) -> Result<Config, Vec<Issue>> {
         fragment_timeout: DEFAULT_FRAGMENT_TIMEOUT,
         idle_timeout: DEFAULT_IDLE_TIMEOUT,
         max_connections_per_ip: DEFAULT_MAX_CONNECTIONS_PER_IP,
+        ipv6_prefix: crate::admission::client_ip::DEFAULT_V6_PREFIX,
         handshakes_per_ip: RatePolicy {
             rate: DEFAULT_HANDSHAKE_RATE,
             per: DEFAULT_HANDSHAKE_PER,
@@ -325,6 +326,22 @@ impl Validator {
                     &path.key("max_connections_per_ip"),
                     "max_connections_per_ip must be between 1 and 4294967295".into(),
                 ),
+            }
+        }
+        if let Some(prefix) = file.ipv6_prefix {
+            let at = path.key("ipv6_prefix");
+            if !top {
+                self.issue(
+                    &at,
+                    "ipv6_prefix is process-wide; set it in the top-level `limits`".into(),
+                );
+            } else if (1..=128).contains(&prefix) {
+                limits.ipv6_prefix = prefix;
+            } else {
+                self.issue(
+                    &at,
+                    "ipv6_prefix must be between 1 and 128 (64 keys a client by its /64)".into(),
+                );
             }
         }
         if let Some(rate) = &file.handshakes_per_ip {
@@ -1185,6 +1202,7 @@ routes:
             fragment_timeout: Duration::from_secs(10),
             idle_timeout: Duration::ZERO,
             max_connections_per_ip: 64,
+            ipv6_prefix: 64,
             handshakes_per_ip: RatePolicy {
                 rate: 10,
                 per: Duration::from_secs(1),
@@ -1510,6 +1528,39 @@ routes:
                 "limits.messages.burst",
                 "limits.messages.on_exceed",
                 "limits.messages.rate"
+            ]
+        );
+    }
+
+    #[test]
+    fn per_ip_keys_parse_and_stay_top_level() {
+        let config = load(&with(
+            "limits: { max_connections_per_ip: 5, ipv6_prefix: 56 }\n",
+        ))
+        .unwrap();
+        assert_eq!(
+            (
+                config.limits.max_connections_per_ip,
+                config.limits.ipv6_prefix
+            ),
+            (5, 56)
+        );
+        let bad = errors_of(&with("limits: { ipv6_prefix: 0 }\n"));
+        assert_eq!(bad[0].path, "limits.ipv6_prefix");
+        let in_route = MINIMAL.replace(
+            "    upstream: echo\n",
+            "    upstream: echo\n    limits: { ipv6_prefix: 48, handshakes_per_ip: { rate: 1, per: 1s } }\n",
+        );
+        let mut paths: Vec<String> = errors_of(&in_route)
+            .iter()
+            .map(|e| e.path.clone())
+            .collect();
+        paths.sort();
+        assert_eq!(
+            paths,
+            [
+                "routes[0].limits.handshakes_per_ip",
+                "routes[0].limits.ipv6_prefix"
             ]
         );
     }
