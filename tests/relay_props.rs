@@ -8,7 +8,7 @@ use std::time::Duration;
 
 use proptest::prelude::*;
 use support::{client_frame, close_payload, frame, read_close_code, server_frame};
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::io::{AsyncReadExt, AsyncWriteExt, DuplexStream};
 use wsgate::relay::{Settings, relay};
 
 fn settings() -> Settings {
@@ -99,6 +99,28 @@ fn encode(msgs: &[Msg], masked: bool) -> Vec<u8> {
     out
 }
 
+/// A relay between two in-memory pipes: (client end, upstream end, the relay's task).
+fn spawn_relay() -> (
+    DuplexStream,
+    DuplexStream,
+    tokio::task::JoinHandle<wsgate::relay::Report>,
+) {
+    let (client, client_relay) = tokio::io::duplex(8192);
+    let (upstream_relay, upstream) = tokio::io::duplex(8192);
+    let s = settings();
+    let task = tokio::spawn(async move {
+        relay(
+            client_relay,
+            bytes::Bytes::new(),
+            upstream_relay,
+            bytes::Bytes::new(),
+            &s,
+        )
+        .await
+    });
+    (client, upstream, task)
+}
+
 fn runtime() -> tokio::runtime::Runtime {
     tokio::runtime::Builder::new_current_thread()
         .enable_all()
@@ -116,12 +138,7 @@ proptest! {
         chunks in proptest::collection::vec(1usize..3000, 1..8),
     ) {
         runtime().block_on(async {
-            let (client, client_relay) = tokio::io::duplex(8192);
-            let (upstream_relay, upstream) = tokio::io::duplex(8192);
-            let s = settings();
-            let relay_task = tokio::spawn(async move {
-                relay(client_relay, bytes::Bytes::new(), upstream_relay, bytes::Bytes::new(), &s).await
-            });
+            let (client, upstream, relay_task) = spawn_relay();
             let up_bytes = encode(&c2u, true);
             let down_bytes = encode(&u2c, false);
             let (up_len, down_len) = (up_bytes.len(), down_bytes.len());
@@ -175,12 +192,7 @@ proptest! {
         chunks in proptest::collection::vec(1usize..3000, 1..8),
     ) {
         runtime().block_on(async {
-            let (client, client_relay) = tokio::io::duplex(8192);
-            let (upstream_relay, upstream) = tokio::io::duplex(8192);
-            let s = settings();
-            let relay_task = tokio::spawn(async move {
-                relay(client_relay, bytes::Bytes::new(), upstream_relay, bytes::Bytes::new(), &s).await
-            });
+            let (client, upstream, relay_task) = spawn_relay();
             let good = encode(&prefix, true);
             let mut wire = good.clone();
             wire.extend_from_slice(&bad.0);
