@@ -332,18 +332,20 @@ pub fn subject_of(cert: &CertificateDer<'_>) -> Option<String> {
 mod tests {
     use super::*;
 
-    fn cert_for(names: &[&str]) -> LoadedCert {
+    type Result<T = ()> = std::result::Result<T, Box<dyn std::error::Error>>;
+
+    fn cert_for(names: &[&str]) -> Result<LoadedCert> {
         let names: Vec<String> = names.iter().map(|s| s.to_string()).collect();
-        let generated = rcgen::generate_simple_self_signed(names).unwrap();
-        let key = PrivateKeyDer::try_from(generated.signing_key.serialize_der()).unwrap();
-        certified(vec![generated.cert.der().clone()], key).unwrap()
+        let generated = rcgen::generate_simple_self_signed(names)?;
+        let key = PrivateKeyDer::try_from(generated.signing_key.serialize_der())?;
+        Ok(certified(vec![generated.cert.der().clone()], key)?)
     }
 
     #[test]
-    fn sni_picks_exact_then_wildcard_then_default() {
-        let a = cert_for(&["a.example.com"]);
-        let w = cert_for(&["*.example.org"]);
-        let r = SniResolver::new(&[a.clone(), w.clone()]).unwrap();
+    fn sni_picks_exact_then_wildcard_then_default() -> Result {
+        let a = cert_for(&["a.example.com"])?;
+        let w = cert_for(&["*.example.org"])?;
+        let r = SniResolver::new(&[a.clone(), w.clone()]).ok_or("no resolver")?;
         assert!(Arc::ptr_eq(&r.pick(Some("A.Example.com")), &a.key));
         assert!(Arc::ptr_eq(&r.pick(Some("x.example.org")), &w.key));
         assert!(
@@ -352,47 +354,55 @@ mod tests {
         );
         assert!(Arc::ptr_eq(&r.pick(None), &a.key));
         assert!(Arc::ptr_eq(&r.pick(Some("unknown.test")), &a.key));
+        Ok(())
     }
 
     #[test]
-    fn self_signed_covers_localhost_and_loopback() {
-        let c = self_signed().unwrap();
+    fn self_signed_covers_localhost_and_loopback() -> Result {
+        let c = self_signed()?;
         assert_eq!(c.names, ["localhost", "127.0.0.1", "::1"]);
         assert!(c.expiry_warning().is_none());
+        Ok(())
     }
 
     #[test]
-    fn certificates_close_to_expiry_warn_and_expired_ones_are_refused() {
+    fn certificates_close_to_expiry_warn_and_expired_ones_are_refused() -> Result {
         let soon = time::OffsetDateTime::now_utc() + time::Duration::days(3);
-        let mut params = rcgen::CertificateParams::new(vec!["soon.test".to_string()]).unwrap();
+        let mut params = rcgen::CertificateParams::new(vec!["soon.test".to_string()])?;
         params.not_after = soon;
-        let key = rcgen::KeyPair::generate().unwrap();
-        let cert = params.self_signed(&key).unwrap();
-        let der = PrivateKeyDer::try_from(key.serialize_der()).unwrap();
-        let loaded = certified(vec![cert.der().clone()], der).unwrap();
-        let warning = loaded.expiry_warning().unwrap();
+        let key = rcgen::KeyPair::generate()?;
+        let cert = params.self_signed(&key)?;
+        let der = PrivateKeyDer::try_from(key.serialize_der())?;
+        let loaded = certified(vec![cert.der().clone()], der)?;
+        let warning = loaded.expiry_warning().ok_or("no warning")?;
         assert!(
             warning.contains("soon.test") && warning.contains("expires in 2 days"),
             "{warning}"
         );
         let dir = std::env::temp_dir().join(format!("wsgate-expired-{}", std::process::id()));
-        std::fs::create_dir_all(&dir).unwrap();
+        std::fs::create_dir_all(&dir)?;
         params.not_before = time::OffsetDateTime::now_utc() - time::Duration::days(10);
         params.not_after = time::OffsetDateTime::now_utc() - time::Duration::days(1);
-        let old = params.self_signed(&key).unwrap();
-        std::fs::write(dir.join("c.pem"), old.pem()).unwrap();
-        std::fs::write(dir.join("k.pem"), key.serialize_pem()).unwrap();
-        let err = load_pair(&dir.join("c.pem"), &dir.join("k.pem")).unwrap_err();
+        let old = params.self_signed(&key)?;
+        std::fs::write(dir.join("c.pem"), old.pem())?;
+        std::fs::write(dir.join("k.pem"), key.serialize_pem())?;
+        let err = load_pair(&dir.join("c.pem"), &dir.join("k.pem"))
+            .err()
+            .ok_or("an expired certificate loaded")?;
         assert!(err.contains("expired"), "{err}");
-        std::fs::remove_dir_all(dir).unwrap();
+        std::fs::remove_dir_all(dir)?;
+        Ok(())
     }
 
     #[test]
-    fn mismatched_key_is_refused() {
-        let a = rcgen::generate_simple_self_signed(vec!["a".to_string()]).unwrap();
-        let b = rcgen::generate_simple_self_signed(vec!["b".to_string()]).unwrap();
-        let key = PrivateKeyDer::try_from(b.signing_key.serialize_der()).unwrap();
-        let err = certified(vec![a.cert.der().clone()], key).unwrap_err();
+    fn mismatched_key_is_refused() -> Result {
+        let a = rcgen::generate_simple_self_signed(vec!["a".to_string()])?;
+        let b = rcgen::generate_simple_self_signed(vec!["b".to_string()])?;
+        let key = PrivateKeyDer::try_from(b.signing_key.serialize_der())?;
+        let err = certified(vec![a.cert.der().clone()], key)
+            .err()
+            .ok_or("a foreign key was accepted")?;
         assert!(err.contains("does not match"), "{err}");
+        Ok(())
     }
 }
