@@ -197,20 +197,15 @@ impl<'a> Plan<'a> {
 
         Plan {
             settings: Settings {
-                buffer_size: 1024,
-                // Far beyond the deadline: the test ends always read, so nothing may stall.
-                send_timeout: Duration::from_secs(30),
-                max_frame_size: SIZE_LIMITS[usize::from((options >> 2) & 0b11)].0,
-                max_message_size: SIZE_LIMITS[usize::from((options >> 2) & 0b11)].1,
                 extensions: EXTENSIONS[usize::from(flags & 0b11)].to_owned(),
                 messages: message_budget(options),
-                // Timers stay off: the fuzzer explores bytes, not time.
-                fragment_timeout: Duration::ZERO,
-                idle_timeout: Duration::ZERO,
-                ping_interval: Duration::ZERO,
-                pong_timeout: Duration::from_secs(10),
-                upstream_ping_interval: Duration::ZERO,
-                expires_at: None,
+                // Far beyond the deadline: the test ends always read, so nothing may stall.
+                ..Settings::without_timers(
+                    1024,
+                    Duration::from_secs(30),
+                    SIZE_LIMITS[usize::from((options >> 2) & 0b11)].0,
+                    SIZE_LIMITS[usize::from((options >> 2) & 0b11)].1,
+                )
             },
             capacity: PIPE_CAPACITY[usize::from((flags >> 2) & 0b11)],
             client,

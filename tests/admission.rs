@@ -301,13 +301,8 @@ async fn close_on_expiry_closes_a_live_connection_4001() {
     assert_eq!(read_close_code(&mut client).await, Some(4001));
     assert!(started.elapsed() < Duration::from_secs(5));
     assert_eq!(read_close_code(&mut up).await, Some(1001));
-    client
-        .write_all(&client_frame(0x88, &close_payload(4001, "")))
-        .await
-        .unwrap_or_else(|e| panic!("{e}"));
-    up.write_all(&server_frame(0x88, &close_payload(1001, "")))
-        .await
-        .unwrap_or_else(|e| panic!("{e}"));
+    send_client_close(&mut client, 4001).await;
+    send_server_close(&mut up, 1001).await;
     drop((client, up));
     let line = gw.log_line(|l| l["event"] == "ws_close").await;
     assert_eq!(line["proxy_reason"], "token_expired");

@@ -51,9 +51,7 @@ async fn message_rate_close_gives_1008_and_1001() {
         );
     }
     assert_eq!(read_close_code(&mut up).await, Some(1001));
-    up.write_all(&server_frame(0x88, &close_payload(1001, "")))
-        .await
-        .unwrap_or_else(|e| panic!("{e}"));
+    send_server_close(&mut up, 1001).await;
     let (b0, payload) = read_frame(&mut client)
         .await
         .unwrap_or_else(|| panic!("no close"));
@@ -111,9 +109,7 @@ async fn unfinished_fragmented_message_is_closed_1008_after_fragment_timeout() {
         Some((0x01, b"part one".to_vec()))
     );
     assert_eq!(read_close_code(&mut up).await, Some(1001));
-    up.write_all(&server_frame(0x88, &close_payload(1001, "")))
-        .await
-        .unwrap_or_else(|e| panic!("{e}"));
+    send_server_close(&mut up, 1001).await;
     let (_, payload) = read_frame(&mut client)
         .await
         .unwrap_or_else(|| panic!("no close"));
@@ -149,13 +145,8 @@ async fn idle_connection_is_closed_1000_both_ways() {
         line_pending,
         "the connection ends only after the close handshake"
     );
-    client
-        .write_all(&client_frame(0x88, &close_payload(1000, "")))
-        .await
-        .unwrap_or_else(|e| panic!("{e}"));
-    up.write_all(&server_frame(0x88, &close_payload(1000, "")))
-        .await
-        .unwrap_or_else(|e| panic!("{e}"));
+    send_client_close(&mut client, 1000).await;
+    send_server_close(&mut up, 1000).await;
     drop((client, up));
     let line = gw.log_line(|l| l["event"] == "ws_close").await;
     assert_eq!(line["proxy_reason"], "idle");
@@ -194,14 +185,9 @@ async fn proxy_pings_reach_the_client_not_the_upstream_and_pongs_are_consumed() 
         read_frame(&mut up).await,
         Some((0x8A, b"12345678".to_vec()))
     );
-    client
-        .write_all(&client_frame(0x88, &close_payload(1000, "")))
-        .await
-        .unwrap_or_else(|e| panic!("{e}"));
+    send_client_close(&mut client, 1000).await;
     assert_eq!(read_close_code(&mut up).await, Some(1000));
-    up.write_all(&server_frame(0x88, &close_payload(1000, "")))
-        .await
-        .unwrap_or_else(|e| panic!("{e}"));
+    send_server_close(&mut up, 1000).await;
     drop(up);
     assert!(closes_tcp(&mut client).await);
     drop(client);
@@ -224,9 +210,7 @@ async fn client_that_never_answers_pings_is_cut_and_upstream_gets_1001() {
     );
     // No close frame for the client: its TCP is just closed.
     assert!(closes_tcp(&mut client).await);
-    up.write_all(&server_frame(0x88, &close_payload(1001, "")))
-        .await
-        .unwrap_or_else(|e| panic!("{e}"));
+    send_server_close(&mut up, 1001).await;
     drop(up);
     let line = gw.log_line(|l| l["event"] == "ws_close").await;
     assert_eq!(line["proxy_reason"], "dead_peer");

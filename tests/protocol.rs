@@ -30,9 +30,7 @@ async fn client_violation(bytes: &[u8], to_client: u16, reason: &str) {
     up.write_all(&server_frame(0x82, b"late reply"))
         .await
         .unwrap_or_else(|e| panic!("{e}"));
-    up.write_all(&server_frame(0x88, &close_payload(1001, "")))
-        .await
-        .unwrap_or_else(|e| panic!("{e}"));
+    send_server_close(&mut up, 1001).await;
     assert_eq!(
         read_frame(&mut client).await,
         Some((0x82, b"late reply".to_vec()))
@@ -44,10 +42,7 @@ async fn client_violation(bytes: &[u8], to_client: u16, reason: &str) {
     );
     drop(up);
     // The client answers the close; the proxy then closes the TCP connection.
-    client
-        .write_all(&client_frame(0x88, &close_payload(to_client, "")))
-        .await
-        .unwrap_or_else(|e| panic!("{e}"));
+    send_client_close(&mut client, to_client).await;
     assert!(closes_tcp(&mut client).await);
     drop(client);
     let line = gw.log_line(|l| l["event"] == "ws_close").await;
@@ -146,13 +141,8 @@ async fn upstream_violation(bytes: &[u8], to_upstream: u16, reason: &str) {
     up.write_all(bytes).await.unwrap_or_else(|e| panic!("{e}"));
     assert_eq!(read_close_code(&mut client).await, Some(1014));
     assert_eq!(read_close_code(&mut up).await, Some(to_upstream));
-    client
-        .write_all(&client_frame(0x88, &close_payload(1014, "")))
-        .await
-        .unwrap_or_else(|e| panic!("{e}"));
-    up.write_all(&server_frame(0x88, &close_payload(to_upstream, "")))
-        .await
-        .unwrap_or_else(|e| panic!("{e}"));
+    send_client_close(&mut client, 1014).await;
+    send_server_close(&mut up, to_upstream).await;
     drop(up);
     assert!(closes_tcp(&mut client).await);
     drop(client);
@@ -176,10 +166,7 @@ async fn upstream_vanishing_gives_the_client_1014() {
     let (mut client, up, gw) = pair("").await;
     drop(up);
     assert_eq!(read_close_code(&mut client).await, Some(1014));
-    client
-        .write_all(&client_frame(0x88, &close_payload(1014, "")))
-        .await
-        .unwrap_or_else(|e| panic!("{e}"));
+    send_client_close(&mut client, 1014).await;
     assert!(closes_tcp(&mut client).await);
     drop(client);
     let line = gw.log_line(|l| l["event"] == "ws_close").await;
@@ -191,9 +178,7 @@ async fn client_vanishing_gives_the_upstream_1001() {
     let (client, mut up, gw) = pair("").await;
     drop(client);
     assert_eq!(read_close_code(&mut up).await, Some(1001));
-    up.write_all(&server_frame(0x88, &close_payload(1001, "")))
-        .await
-        .unwrap_or_else(|e| panic!("{e}"));
+    send_server_close(&mut up, 1001).await;
     assert!(
         closes_tcp(&mut up).await,
         "the proxy half-closes after the close handshake"

@@ -12,20 +12,7 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt, DuplexStream};
 use wsgate::relay::{Settings, relay};
 
 fn settings() -> Settings {
-    Settings {
-        buffer_size: 1024,
-        send_timeout: Duration::from_secs(5),
-        max_frame_size: 1 << 20,
-        max_message_size: 1 << 20,
-        extensions: String::new(),
-        messages: None,
-        fragment_timeout: Duration::ZERO,
-        idle_timeout: Duration::ZERO,
-        ping_interval: Duration::ZERO,
-        pong_timeout: Duration::from_secs(10),
-        upstream_ping_interval: Duration::ZERO,
-        expires_at: None,
-    }
+    Settings::without_timers(1024, Duration::from_secs(5), 1 << 20, 1 << 20)
 }
 
 /// One message: its fragments (payloads) and control frames to slip between them.

@@ -69,6 +69,30 @@ impl Settings {
             expires_at: None,
         }
     }
+
+    /// Byte-level relaying only: no budget, no pings, no timeouts but `send_timeout`
+    /// (for tests and the fuzzer, which explore bytes, not time).
+    pub fn without_timers(
+        buffer_size: usize,
+        send_timeout: Duration,
+        max_frame_size: u64,
+        max_message_size: u64,
+    ) -> Settings {
+        Settings {
+            buffer_size,
+            send_timeout,
+            max_frame_size,
+            max_message_size,
+            extensions: String::new(),
+            messages: None,
+            fragment_timeout: Duration::ZERO,
+            idle_timeout: Duration::ZERO,
+            ping_interval: Duration::ZERO,
+            pong_timeout: Duration::from_secs(10),
+            upstream_ping_interval: Duration::ZERO,
+            expires_at: None,
+        }
+    }
 }
 
 /// Round-trip times of the proxy's pings to the client (SPEC §6 `rtt_ms`).

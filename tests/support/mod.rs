@@ -286,6 +286,20 @@ pub fn close_payload(code: u16, reason: &str) -> Vec<u8> {
     p
 }
 
+/// Sends a close frame as a client would (masked).
+pub async fn send_client_close(s: &mut TcpStream, code: u16) {
+    s.write_all(&client_frame(0x88, &close_payload(code, "")))
+        .await
+        .unwrap_or_else(|e| panic!("{e}"));
+}
+
+/// Sends a close frame as a server would (unmasked).
+pub async fn send_server_close(s: &mut TcpStream, code: u16) {
+    s.write_all(&server_frame(0x88, &close_payload(code, "")))
+        .await
+        .unwrap_or_else(|e| panic!("{e}"));
+}
+
 /// One frame read from a raw stream: (first byte, unmasked payload). `None` on EOF/timeout.
 pub async fn read_frame<R: tokio::io::AsyncRead + Unpin>(s: &mut R) -> Option<(u8, Vec<u8>)> {
     let fut = async {
