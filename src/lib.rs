@@ -9,8 +9,9 @@
 //! - [`upstream`]: connecting to a backend and completing its handshake before the 101.
 //! - [`relay`]: the frame-aware, unbuffered relay of SPEC §4/§5 ([`relay::frame`] parses
 //!   and validates headers; [`relay::pump`] moves one direction's bytes).
-//! - [`observe`]: the JSON access log and tracing setup.
-//! - [`admin`]: `/healthz`, `/readyz`.
+//! - [`observe`]: the JSON access log, Prometheus metrics and tracing setup.
+//! - [`admin`]: `/healthz`, `/readyz`, `/metrics`, `/connections`.
+//! - [`ops`]: the registry of live connections, drain and hot reload (SPEC §8).
 //! - [`echo`]: the built-in demo echo upstream.
 //! - [`ids`]: connection ids.
 //! - [`fuzzing`]: entry points for the fuzz targets and their corpus replay.
@@ -24,33 +25,45 @@ pub mod handshake;
 pub mod ids;
 pub mod listener;
 pub mod observe;
+pub mod ops;
 pub mod relay;
 pub mod tls;
 pub mod upstream;
 
 use std::net::SocketAddr;
-use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, OnceLock};
+use std::time::Duration;
 
-use tokio::net::TcpListener;
-use tokio::sync::watch;
+use arc_swap::ArcSwap;
 
+use admission::ip_limit::HandshakeRate;
 use config::{Config, UpstreamKind};
 use observe::access_log::{AccessLog, Sink};
+use observe::metrics::Metrics;
+use ops::registry::Registry;
 
 /// State every connection task reads.
 pub struct Shared {
-    pub config: Config,
+    /// The configuration new connections use; a reload swaps it, and connections keep the
+    /// `Arc` they started with.
+    pub config: ArcSwap<Config>,
     pub access: AccessLog,
-    /// Address of the built-in echo upstream, when a route uses it.
-    pub echo_addr: Option<SocketAddr>,
+    pub metrics: Metrics,
+    /// Relayed connections, for `/connections` and drains.
+    pub registry: Arc<Registry>,
+    /// Address of the built-in echo upstream, once a route uses it.
+    pub echo_addr: OnceLock<SocketAddr>,
     /// Connections in any phase, for `limits.max_connections`.
     pub active: AtomicU64,
     /// Connections per client IP, for `limits.max_connections_per_ip`.
     pub per_ip: Arc<admission::ip_limit::IpLimiter>,
-    /// Handshakes per client IP, for `limits.handshakes_per_ip`.
-    pub handshake_rate: admission::ip_limit::HandshakeRate,
+    /// Handshakes per client IP, for `limits.handshakes_per_ip`; replaced by a reload only
+    /// when the policy changes, so counts survive other reloads.
+    pub handshake_rate: ArcSwap<HandshakeRate>,
     pub ready: Arc<AtomicBool>,
+    /// Shutting down: new handshakes get 503 `draining`.
+    pub draining: AtomicBool,
 }
 
 /// A failure to start serving.
@@ -75,15 +88,14 @@ pub enum StartError {
     Rate(String),
 }
 
-/// A running gateway: its bound addresses, and the switch that stops accepting.
+/// A running gateway: its bound addresses, and the switches that reload and stop it.
 pub struct Gateway {
-    /// (listener name, bound address), in config order; port 0 in config becomes real here.
+    /// (listener name, bound address) at start, in config order; port 0 in config becomes
+    /// real here. [`Gateway::bound`] has the current set after reloads.
     pub listeners: Vec<(String, SocketAddr)>,
     pub admin: Option<SocketAddr>,
     pub shared: Arc<Shared>,
-    shutdown: watch::Sender<bool>,
-    /// Each TLS listener's swappable configuration, by listener name.
-    tls_slots: Vec<(String, Arc<listener::TlsSlot>)>,
+    running: Mutex<Vec<listener::Running>>,
 }
 
 impl Gateway {
@@ -92,35 +104,55 @@ impl Gateway {
         self.listeners[0].1
     }
 
-    /// Puts the certificates of a freshly loaded (hence valid) config in service for new
-    /// connections; established ones keep theirs. Returns the listeners updated. This is
-    /// the certificate half of SIGHUP reload; other changes still need a restart.
-    pub fn reload_certificates(&self, config: &Config) -> Vec<String> {
-        let mut updated = Vec::new();
-        for (name, slot) in &self.tls_slots {
-            let fresh = config
-                .listeners
-                .iter()
-                .find(|l| &l.name == name)
-                .and_then(|l| l.tls.as_ref());
-            if let Some(tls) = fresh {
-                slot.set(tls.server.clone());
-                updated.push(name.clone());
-            }
-        }
-        updated
+    /// (listener name, bound address) of the listeners accepting now.
+    pub fn bound(&self) -> Vec<(String, SocketAddr)> {
+        self.running
+            .lock()
+            .map(|r| r.iter().map(|l| (l.name.to_string(), l.addr)).collect())
+            .unwrap_or_default()
     }
 
-    /// Stops accepting new connections; established ones run on.
+    /// Stops accepting new connections (listeners closed at once); `/readyz` turns 503.
+    /// Established connections run on.
     pub fn stop_accepting(&self) {
         self.shared.ready.store(false, Ordering::Release);
-        let _ = self.shutdown.send(true);
+        if let Ok(mut running) = self.running.lock() {
+            running.clear();
+        }
+    }
+
+    /// Graceful shutdown (SPEC §8): stop accepting, refuse handshakes in progress with
+    /// `draining`, close relayed connections with 1012 spread over `drain.spread`, and
+    /// return once all are gone or `drain.timeout` has passed.
+    pub async fn drain(&self) {
+        let drain = self.shared.config.load().drain;
+        self.stop_accepting();
+        self.shared.draining.store(true, Ordering::Release);
+        let picked = self.shared.registry.drain_all(drain.spread);
+        tracing::info!(
+            connections = picked,
+            spread = ?drain.spread,
+            timeout = ?drain.timeout,
+            "draining"
+        );
+        let deadline = tokio::time::Instant::now() + drain.timeout;
+        while self.shared.active.load(Ordering::Acquire) > 0 {
+            if tokio::time::Instant::now() >= deadline {
+                tracing::warn!(
+                    left = self.shared.active.load(Ordering::Acquire),
+                    "drain timeout: closing the rest"
+                );
+                return;
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        tracing::info!("drained");
     }
 }
 
 /// How often idle per-IP rate state is reclaimed: a scan from many addresses leaves
 /// nothing behind for longer than this plus the bucket's refill time.
-const HOUSEKEEPING_EVERY: std::time::Duration = std::time::Duration::from_secs(10);
+const HOUSEKEEPING_EVERY: Duration = Duration::from_secs(10);
 
 /// Periodic upkeep of shared state; ends with the gateway.
 fn spawn_housekeeping(shared: std::sync::Weak<Shared>) {
@@ -131,9 +163,22 @@ fn spawn_housekeeping(shared: std::sync::Weak<Shared>) {
             let Some(shared) = shared.upgrade() else {
                 return;
             };
-            shared.handshake_rate.reclaim();
+            shared.handshake_rate.load().reclaim();
         }
     });
+}
+
+/// Starts the built-in echo upstream if a route of `config` uses it and it is not running.
+async fn ensure_echo(shared: &Shared, config: &Config) -> Result<(), StartError> {
+    let uses_echo = config
+        .upstreams
+        .values()
+        .any(|u| matches!(u.kind, UpstreamKind::BuiltinEcho));
+    if uses_echo && shared.echo_addr.get().is_none() {
+        let addr = echo::start().await.map_err(StartError::Echo)?;
+        let _ = shared.echo_addr.set(addr);
+    }
+    Ok(())
 }
 
 /// Binds every listener (all or nothing), starts the access log, the echo upstream and the
@@ -141,88 +186,51 @@ fn spawn_housekeeping(shared: std::sync::Weak<Shared>) {
 pub async fn start(config: Config, sink: Sink) -> Result<Gateway, StartError> {
     let mut bound = Vec::with_capacity(config.listeners.len());
     for l in &config.listeners {
-        let listener = TcpListener::bind(l.bind)
-            .await
-            .map_err(|source| StartError::Bind {
-                name: l.name.clone(),
-                addr: l.bind,
-                source,
-            })?;
-        let addr = listener.local_addr().map_err(|source| StartError::Bind {
-            name: l.name.clone(),
-            addr: l.bind,
-            source,
-        })?;
-        let tls = l
-            .tls
-            .as_ref()
-            .map(|t| Arc::new(listener::TlsSlot::new(t.server.clone())));
-        bound.push((l.name.clone(), addr, listener, tls, l.proxy_protocol));
+        bound.push((l.clone(), listener::bind(l)?));
     }
     let admin = match &config.admin {
         Some(a) => {
-            let l = TcpListener::bind(a.bind)
-                .await
-                .map_err(|source| StartError::AdminBind {
+            Some(
+                listener::bind_reuseport(a.bind).map_err(|source| StartError::AdminBind {
                     addr: a.bind,
                     source,
-                })?;
-            let addr = l.local_addr().map_err(|source| StartError::AdminBind {
-                addr: a.bind,
-                source,
-            })?;
-            Some((l, addr))
+                })?,
+            )
         }
         None => None,
     };
-    let uses_echo = config
-        .upstreams
-        .values()
-        .any(|u| matches!(u.kind, UpstreamKind::BuiltinEcho));
-    let echo_addr = if uses_echo {
-        Some(echo::start().await.map_err(StartError::Echo)?)
-    } else {
-        None
-    };
     let access = AccessLog::start(sink).map_err(StartError::AccessLog)?;
     let ready = Arc::new(AtomicBool::new(false));
-    let handshake_rate = admission::ip_limit::HandshakeRate::new(config.limits.handshakes_per_ip)
-        .map_err(StartError::Rate)?;
-    let shared = Arc::new(Shared {
-        config,
-        access,
-        echo_addr,
-        active: AtomicU64::new(0),
-        per_ip: admission::ip_limit::IpLimiter::new(),
-        handshake_rate,
-        ready: ready.clone(),
-    });
-    spawn_housekeeping(Arc::downgrade(&shared));
-    let (shutdown, rx) = watch::channel(false);
-    for warning in &shared.config.warnings {
+    let handshake_rate =
+        HandshakeRate::new(config.limits.handshakes_per_ip).map_err(StartError::Rate)?;
+    let metrics = Metrics::new();
+    metrics.watch_log_drops(access.dropped_counter());
+    for warning in &config.warnings {
         tracing::warn!("{warning}");
     }
+    let shared = Arc::new(Shared {
+        config: ArcSwap::from_pointee(config),
+        access,
+        metrics,
+        registry: Registry::new(),
+        echo_addr: OnceLock::new(),
+        active: AtomicU64::new(0),
+        per_ip: admission::ip_limit::IpLimiter::new(),
+        handshake_rate: ArcSwap::from_pointee(handshake_rate),
+        ready: ready.clone(),
+        draining: AtomicBool::new(false),
+    });
+    ensure_echo(&shared, &shared.config.load()).await?;
+    spawn_housekeeping(Arc::downgrade(&shared));
     let mut listeners = Vec::with_capacity(bound.len());
-    let mut tls_slots = Vec::new();
-    for (name, addr, listener, tls, proxy_protocol) in bound {
-        let scheme = if tls.is_some() { "wss://" } else { "ws://" };
-        tracing::info!(listener = %name, %addr, "listening ({scheme})");
-        if let Some(slot) = &tls {
-            tls_slots.push((name.clone(), slot.clone()));
-        }
-        tokio::spawn(listener::accept_loop(
-            shared.clone(),
-            listener,
-            name.as_str().into(),
-            tls,
-            proxy_protocol,
-            rx.clone(),
-        ));
-        listeners.push((name, addr));
+    let mut running = Vec::with_capacity(bound.len());
+    for (config, (tcp, addr)) in bound {
+        listeners.push((config.name.clone(), addr));
+        running.push(listener::Running::launch(&shared, &config, tcp, addr));
     }
     let admin = admin.map(|(l, addr)| {
         tracing::info!(%addr, "admin listening");
-        admin::spawn(l, ready.clone());
+        admin::spawn(l, shared.clone());
         addr
     });
     ready.store(true, Ordering::Release);
@@ -230,7 +238,6 @@ pub async fn start(config: Config, sink: Sink) -> Result<Gateway, StartError> {
         listeners,
         admin,
         shared,
-        shutdown,
-        tls_slots,
+        running: Mutex::new(running),
     })
 }

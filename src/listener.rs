@@ -10,7 +10,7 @@ use std::future::{Future, poll_fn};
 use std::net::SocketAddr;
 use std::pin::Pin;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::{Arc, Mutex, RwLock};
+use std::sync::{Arc, Mutex, RwLock, Weak};
 use std::time::Duration;
 
 use bytes::Bytes;
@@ -27,9 +27,10 @@ use tokio::time::Instant;
 use crate::admission::client_ip::{self, IpKey};
 use crate::admission::ip_limit::IpPermit;
 use crate::admission::token;
-use crate::config::RouteAdmission;
+use crate::config::{Config, Listener, RouteAdmission};
 use crate::handshake::{self, Rejection};
 use crate::observe::access_log::{Counts, Record, now_rfc3339};
+use crate::ops::registry::{Entry, unix_ms};
 use crate::relay::{self, Settings};
 use crate::tls::TlsInfo;
 use crate::upstream::{self, Connected, Failure, Forwarded, UpstreamStream};
@@ -63,31 +64,108 @@ impl TlsSlot {
     }
 }
 
-/// Accepts until `shutdown` flips, spawning one task per connection.
-pub async fn accept_loop(
-    shared: Arc<Shared>,
+/// Listen backlog: the kernel caps it at `net.core.somaxconn`.
+const BACKLOG: u32 = 4096;
+
+/// Binds with SO_REUSEPORT (and SO_REUSEADDR), so a new wsgate process, or a reload moving
+/// a listener, can bind the same address before the old socket closes (SPEC §8).
+pub fn bind_reuseport(addr: SocketAddr) -> std::io::Result<(TcpListener, SocketAddr)> {
+    let socket = if addr.is_ipv4() {
+        tokio::net::TcpSocket::new_v4()?
+    } else {
+        tokio::net::TcpSocket::new_v6()?
+    };
+    socket.set_reuseaddr(true)?;
+    socket.set_reuseport(true)?;
+    socket.bind(addr)?;
+    let listener = socket.listen(BACKLOG)?;
+    let local = listener.local_addr()?;
+    Ok((listener, local))
+}
+
+/// Binds one configured listener.
+pub fn bind(l: &Listener) -> Result<(TcpListener, SocketAddr), crate::StartError> {
+    bind_reuseport(l.bind).map_err(|source| crate::StartError::Bind {
+        name: l.name.clone(),
+        addr: l.bind,
+        source,
+    })
+}
+
+/// A listener accepting connections; dropping it closes the socket (established
+/// connections are not affected).
+pub struct Running {
+    pub name: Arc<str>,
+    /// The configured address (port 0 stays 0 here) and the bound one.
+    pub bind: SocketAddr,
+    pub addr: SocketAddr,
+    pub proxy_protocol: bool,
+    pub tls: Option<Arc<TlsSlot>>,
+    _stop: watch::Sender<()>,
+}
+
+impl Running {
+    /// Starts accepting on `tcp` for the listener `l`.
+    pub fn launch(
+        shared: &Arc<Shared>,
+        l: &Listener,
+        tcp: TcpListener,
+        addr: SocketAddr,
+    ) -> Running {
+        let (stop, stopped) = watch::channel(());
+        let tls = l
+            .tls
+            .as_ref()
+            .map(|t| Arc::new(TlsSlot::new(t.server.clone())));
+        let name: Arc<str> = l.name.as_str().into();
+        let scheme = if tls.is_some() { "wss://" } else { "ws://" };
+        tracing::info!(listener = %name, %addr, "listening ({scheme})");
+        let accepted = Accepted {
+            listener: name.clone(),
+            tls: tls.clone(),
+            proxy_protocol: l.proxy_protocol,
+        };
+        tokio::spawn(accept_loop(Arc::downgrade(shared), tcp, accepted, stopped));
+        Running {
+            name,
+            bind: l.bind,
+            addr,
+            proxy_protocol: l.proxy_protocol,
+            tls,
+            _stop: stop,
+        }
+    }
+
+    /// Whether `l` can be served by this socket as it is (else it must be re-bound).
+    pub fn serves(&self, l: &Listener) -> bool {
+        *self.name == *l.name
+            && (self.bind == l.bind || self.addr == l.bind)
+            && self.proxy_protocol == l.proxy_protocol
+            && self.tls.is_some() == l.tls.is_some()
+    }
+}
+
+/// Accepts until the listener's [`Running`] is dropped, spawning one task per connection.
+async fn accept_loop(
+    shared: Weak<Shared>,
     listener: TcpListener,
-    name: Arc<str>,
-    tls: Option<Arc<TlsSlot>>,
-    proxy_protocol: bool,
-    mut shutdown: watch::Receiver<bool>,
+    accepted: Accepted,
+    mut stopped: watch::Receiver<()>,
 ) {
     loop {
-        let accepted = tokio::select! {
+        let next = tokio::select! {
             a = listener.accept() => a,
-            _ = shutdown.changed() => return,
+            _ = stopped.changed() => return,
         };
-        match accepted {
+        let Some(shared) = shared.upgrade() else {
+            return;
+        };
+        match next {
             Ok((stream, peer)) => {
-                let accepted = Accepted {
-                    listener: name.clone(),
-                    tls: tls.clone(),
-                    proxy_protocol,
-                };
-                tokio::spawn(serve(shared.clone(), accepted, stream, peer));
+                tokio::spawn(serve(shared, accepted.clone(), stream, peer));
             }
             Err(e) => {
-                tracing::warn!(listener = %name, error = %e, "accept failed; backing off");
+                tracing::warn!(listener = %accepted.listener, error = %e, "accept failed; backing off");
                 tokio::time::sleep(ACCEPT_BACKOFF).await;
             }
         }
@@ -109,6 +187,10 @@ struct RequestInfo {
     subject: Option<String>,
     /// The full path and query, kept until the route says what to redact.
     query: Option<String>,
+    /// The client's own `X-Request-Id`, when syntactically valid.
+    request_id: Option<String>,
+    /// The route's upstream name.
+    upstream: Option<String>,
 }
 
 impl RequestInfo {
@@ -134,6 +216,7 @@ impl RequestInfo {
     /// Names the route and redacts its token query parameters from the logged path.
     fn route_known(&mut self, route: &crate::config::Route) {
         self.route = Some(route.name.clone());
+        self.upstream = Some(route.upstream.name.clone());
         if let Some(full) = self.query.take() {
             let names = route.admission.secret_query_names();
             self.path = Some(token::redact_query(&full, &names).into_owned());
@@ -156,6 +239,7 @@ struct Established {
 /// Per-connection state shared between the hyper service and the connection task.
 struct Conn {
     shared: Arc<Shared>,
+    config: Arc<Config>,
     listener: Arc<str>,
     peer: SocketAddr,
     conn_id: String,
@@ -181,6 +265,7 @@ impl Drop for ActiveGuard<'_> {
 }
 
 /// What the accept loop knows about a new connection's listener.
+#[derive(Clone)]
 struct Accepted {
     listener: Arc<str>,
     tls: Option<Arc<TlsSlot>>,
@@ -192,9 +277,11 @@ async fn serve(shared: Arc<Shared>, accepted: Accepted, stream: TcpStream, peer:
     let active = shared.active.fetch_add(1, Ordering::Relaxed) + 1;
     let _guard = ActiveGuard(&shared.active);
     let started = Instant::now();
+    // The config of this connection for its whole life: a reload affects new ones only.
+    let config = shared.config.load_full();
     // One deadline covers the PROXY header, the TLS handshake and the request head
     // (slowloris guard).
-    let deadline = started + shared.config.limits.handshake_timeout;
+    let deadline = started + config.limits.handshake_timeout;
     let Accepted {
         listener,
         tls,
@@ -222,8 +309,8 @@ async fn serve(shared: Arc<Shared>, accepted: Accepted, stream: TcpStream, peer:
     };
     // The per-IP cap counts from accept whenever the peer is the client; behind a trusted
     // proxy the client is only known from the request head.
-    let limits = &shared.config.limits;
-    let early_permit = (!shared.config.trusted_proxies.contains(peer.ip()))
+    let limits = &config.limits;
+    let early_permit = (!config.trusted_proxies.contains(peer.ip()))
         .then(|| IpKey::new(peer.ip(), limits.ipv6_prefix))
         .map(|key| {
             shared
@@ -236,7 +323,8 @@ async fn serve(shared: Arc<Shared>, accepted: Accepted, stream: TcpStream, peer:
         Arc::new(Conn {
             early_permit,
             ip_capped,
-            over_capacity: active > shared.config.limits.max_connections,
+            over_capacity: active > limits.max_connections,
+            config: config.clone(),
             shared: shared.clone(),
             listener: listener.clone(),
             peer,
@@ -474,13 +562,31 @@ where
         upstream,
         upstream_early,
         backend,
-        settings,
+        mut settings,
         info,
         _permit,
     } = est;
+    let route = info.route.as_deref().unwrap_or("");
+    let metrics = conn.shared.metrics.route(route);
+    let active = metrics.opened();
+    let control = Arc::new(relay::Control::default());
+    let registration = conn.shared.registry.register(Entry {
+        conn_id: conn.conn_id.as_str().into(),
+        route: route.into(),
+        upstream: info.upstream.as_deref().unwrap_or("").into(),
+        backend: backend.as_str().into(),
+        client_ip: info.client_ip.unwrap_or(conn.peer.ip()),
+        since_ms: unix_ms(),
+        control: control.clone(),
+    });
+    settings.control = Some(control);
+    settings.metrics = Some(metrics.clone());
     let relayed = relay::relay(client, client_early, upstream, upstream_early, &settings);
     async move {
         let report = relayed.await;
+        drop(registration);
+        metrics.closed(&report);
+        drop(active);
         let mut record = conn.record("ws_close", &info, 101, Some(&backend));
         Record::set_report(&mut record, &report);
         conn.shared.access.log(&record);
@@ -488,20 +594,32 @@ where
     }
 }
 
+/// A client's `X-Request-Id`, kept for the log when it is short and plain (the proxy's own
+/// id still goes upstream): at most 128 bytes of letters, digits and `-_.:/+=`.
+fn request_id(headers: &http::HeaderMap) -> Option<String> {
+    let v = headers.get("x-request-id")?.to_str().ok()?;
+    let plain = |c: char| c.is_ascii_alphanumeric() || "-_.:/+=".contains(c);
+    (!v.is_empty() && v.len() <= 128 && v.chars().all(plain)).then(|| v.to_owned())
+}
+
 impl Conn {
     async fn handle(self: Arc<Self>, req: Request<Incoming>) -> Response<Body> {
         self.head_seen.store(true, Ordering::Release);
         let (parts, _body) = req.into_parts();
         let mut info = RequestInfo::from_parts(&parts);
-        let config = &self.shared.config;
+        let config = &*self.config;
         let client_ip =
             client_ip::client_ip(self.peer.ip(), &parts.headers, &config.trusted_proxies);
         info.client_ip = Some(client_ip);
+        info.request_id = request_id(&parts.headers);
+        if self.shared.draining.load(Ordering::Acquire) {
+            return self.refuse(&info, Rejection::Draining, None);
+        }
         if self.over_capacity {
             return self.refuse(&info, Rejection::Capacity, None);
         }
         let key = IpKey::new(client_ip, config.limits.ipv6_prefix);
-        if let Err(refusal) = self.shared.handshake_rate.admit(key) {
+        if let Err(refusal) = self.shared.handshake_rate.load().admit(key) {
             return self.refuse(&info, refusal.into(), None);
         }
         let mut admitted = match handshake::admit(&parts, &config.routes) {
@@ -552,7 +670,8 @@ impl Conn {
             tls: self.tls.is_some(),
             conn_id: &self.conn_id,
         };
-        match upstream::connect(&upstream_parts, &admitted, &fwd, self.shared.echo_addr).await {
+        let echo = self.shared.echo_addr.get().copied();
+        match upstream::connect(&upstream_parts, &admitted, &fwd, echo).await {
             Ok(up) => {
                 let Connected {
                     stream,
@@ -607,6 +726,9 @@ impl Conn {
     }
 
     fn log_reject(&self, info: &RequestInfo, r: Rejection, status: u16, backend: Option<&str>) {
+        self.shared
+            .metrics
+            .rejected(info.route.as_deref(), r.reason());
         let mut record = self.record("ws_reject", info, status, backend);
         record.proxy_reason = Some(r.reason());
         self.shared.access.log(&record);
@@ -623,6 +745,7 @@ impl Conn {
             ts: now_rfc3339(),
             event,
             conn_id: &self.conn_id,
+            request_id: info.request_id.as_deref(),
             listener: &self.listener,
             route: info.route.as_deref(),
             client_ip: info.client_ip.unwrap_or(self.peer.ip()).to_string(),

@@ -90,50 +90,94 @@ async fn serve(config: Config, path: PathBuf) -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
-    run_until_stopped(&gateway, &path).await;
-    // Graceful drain (SPEC §8) is not built yet: stop accepting and exit.
-    tracing::info!("shutting down");
-    gateway.stop_accepting();
-    ExitCode::SUCCESS
-}
-
-/// Waits for SIGTERM/SIGINT, reloading certificates on each SIGHUP meanwhile.
-async fn run_until_stopped(gateway: &wsgate::Gateway, path: &std::path::Path) {
-    use tokio::signal::unix::{SignalKind, signal};
-    let (Ok(mut term), Ok(mut int), Ok(mut hup)) = (
-        signal(SignalKind::terminate()),
-        signal(SignalKind::interrupt()),
-        signal(SignalKind::hangup()),
-    ) else {
+    let Some(mut signals) = Signals::install() else {
         tracing::error!("cannot install signal handlers; running until killed");
         return std::future::pending().await;
     };
     loop {
+        match signals.next().await {
+            Signal::Stop => break,
+            Signal::Reload => reload(&gateway, &path).await,
+            Signal::Reopen => gateway.shared.access.reopen(),
+        }
+    }
+    // A second SIGTERM/SIGINT during the drain means "now".
+    tokio::select! {
+        _ = gateway.drain() => {}
+        _ = signals.stop() => tracing::warn!("second stop signal: exiting without waiting"),
+    }
+    tracing::info!("exiting");
+    ExitCode::SUCCESS
+}
+
+enum Signal {
+    Stop,
+    Reload,
+    Reopen,
+}
+
+struct Signals {
+    term: tokio::signal::unix::Signal,
+    int: tokio::signal::unix::Signal,
+    hup: tokio::signal::unix::Signal,
+    usr1: tokio::signal::unix::Signal,
+}
+
+impl Signals {
+    fn install() -> Option<Signals> {
+        use tokio::signal::unix::{SignalKind, signal};
+        Some(Signals {
+            term: signal(SignalKind::terminate()).ok()?,
+            int: signal(SignalKind::interrupt()).ok()?,
+            hup: signal(SignalKind::hangup()).ok()?,
+            usr1: signal(SignalKind::user_defined1()).ok()?,
+        })
+    }
+
+    async fn next(&mut self) -> Signal {
         tokio::select! {
-            _ = term.recv() => return,
-            _ = int.recv() => return,
-            _ = hup.recv() => reload(gateway, path),
+            _ = self.term.recv() => Signal::Stop,
+            _ = self.int.recv() => Signal::Stop,
+            _ = self.hup.recv() => Signal::Reload,
+            _ = self.usr1.recv() => Signal::Reopen,
+        }
+    }
+
+    async fn stop(&mut self) {
+        tokio::select! {
+            _ = self.term.recv() => {}
+            _ = self.int.recv() => {}
         }
     }
 }
 
-/// SIGHUP: re-reads the config, certificates included. A config that does not load
-/// changes nothing: the old certificates stay in service.
-fn reload(gateway: &wsgate::Gateway, path: &std::path::Path) {
+/// SIGHUP: re-reads and validates the config, certificates included, then applies it. A
+/// config that does not load changes nothing.
+async fn reload(gateway: &wsgate::Gateway, path: &std::path::Path) {
     match Config::load(path) {
         Ok(config) => {
             for warning in &config.warnings {
                 tracing::warn!("{warning}");
             }
-            let updated = gateway.reload_certificates(&config);
-            tracing::info!(listeners = ?updated, "reloaded certificates; other configuration changes need a restart for now");
+            let done = gateway.reload(config).await;
+            tracing::info!(
+                bound = ?done.bound,
+                closed = ?done.closed,
+                certificates = ?done.certificates,
+                drained = done.drained,
+                "configuration reloaded"
+            );
+            if !done.need_restart.is_empty() {
+                tracing::warn!(keys = ?done.need_restart, "these settings changed but apply only after a restart");
+            }
         }
         Err(errors) => {
+            gateway.shared.metrics.reload_failed();
             for e in &errors.0 {
                 tracing::error!("{e}");
             }
             tracing::error!(
-                "reload refused: {} is invalid; the running configuration and certificates stay in service",
+                "reload refused: {} is invalid; the running configuration stays in service",
                 path.display()
             );
         }

@@ -424,7 +424,9 @@ async fn reload_swaps_the_certificate_while_a_live_connection_keeps_relaying() {
         tls_config(std::slice::from_ref(&new), "").replace("127.0.0.1:0", &gw.addr().to_string());
     let config = wsgate::config::Config::from_yaml_str_with_env(&text, "reload.yaml", &|_| None)
         .unwrap_or_else(|e| panic!("{e}"));
-    assert_eq!(gw.gw.reload_certificates(&config), ["secure"]);
+    let reloaded = gw.gw.reload(config.clone()).await;
+    assert_eq!(reloaded.certificates, ["secure"]);
+    assert!(reloaded.bound.is_empty() && reloaded.closed.is_empty());
     assert_eq!(served_leaf(gw.addr(), "r.test").await, der_of(&new.0));
     echo_once(&mut live, "after")
         .await

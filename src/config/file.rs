@@ -51,6 +51,10 @@ pub const DEFAULT_PING_INTERVAL: Duration = Duration::from_secs(20);
 pub const DEFAULT_PONG_TIMEOUT: Duration = Duration::from_secs(10);
 /// Proxy → upstream ping period (0 = off).
 pub const DEFAULT_UPSTREAM_PING_INTERVAL: Duration = Duration::ZERO;
+/// SPEC §8: drain closes are spread over this window.
+pub const DEFAULT_DRAIN_SPREAD: Duration = Duration::from_secs(10);
+/// SPEC §8: whatever is still open this long after SIGTERM is closed.
+pub const DEFAULT_DRAIN_TIMEOUT: Duration = Duration::from_secs(30);
 /// `upstreams.*.connect_timeout`: TCP connect plus upstream handshake budget.
 pub const DEFAULT_CONNECT_TIMEOUT: Duration = Duration::from_secs(3);
 /// `upstreams.*.backends[].weight`: relative share of a backend.
@@ -76,7 +80,7 @@ pub struct FileConfig {
     pub admin: Option<FileAdmin>,
     /// Access and operational logs.
     pub log: Option<FileLog>,
-    /// Shutdown drain (not supported yet).
+    /// Shutdown and reload drain (SPEC §8).
     pub drain: Option<FileDrain>,
     /// CIDRs whose X-Forwarded-For is believed (not supported yet unless empty).
     pub trusted_proxies: Option<Vec<Text>>,

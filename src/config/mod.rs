@@ -28,6 +28,7 @@ pub struct Config {
     /// Admin listener; `None` when the file has no `admin` block.
     pub admin: Option<Admin>,
     pub log: Log,
+    pub drain: Drain,
     /// Top-level limits with defaults applied; routes start from these.
     pub limits: Limits,
     pub keepalive: Keepalive,
@@ -70,6 +71,13 @@ pub struct UpstreamTls {
     pub client: Arc<rustls::ClientConfig>,
     /// Name sent as SNI and verified; default: the backend's host.
     pub sni: Option<String>,
+}
+
+/// SPEC §8: closes with 1012 spread over `spread`; the rest is cut at `timeout`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Drain {
+    pub spread: Duration,
+    pub timeout: Duration,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]

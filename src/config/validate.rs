@@ -10,19 +10,19 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use super::file::{
-    DEFAULT_BUFFER_SIZE, DEFAULT_CONNECT_TIMEOUT, DEFAULT_FRAGMENT_TIMEOUT,
-    DEFAULT_HANDSHAKE_BURST, DEFAULT_HANDSHAKE_PER, DEFAULT_HANDSHAKE_RATE,
-    DEFAULT_HANDSHAKE_TIMEOUT, DEFAULT_IDLE_TIMEOUT, DEFAULT_LOG_ACCESS, DEFAULT_LOG_FORMAT,
-    DEFAULT_MAX_CONNECTIONS, DEFAULT_MAX_CONNECTIONS_PER_IP, DEFAULT_MAX_FRAME_SIZE,
-    DEFAULT_MAX_MESSAGE_SIZE, DEFAULT_MESSAGE_BURST, DEFAULT_MESSAGE_PER, DEFAULT_MESSAGE_RATE,
-    DEFAULT_PING_INTERVAL, DEFAULT_PONG_TIMEOUT, DEFAULT_SEND_TIMEOUT,
+    DEFAULT_BUFFER_SIZE, DEFAULT_CONNECT_TIMEOUT, DEFAULT_DRAIN_SPREAD, DEFAULT_DRAIN_TIMEOUT,
+    DEFAULT_FRAGMENT_TIMEOUT, DEFAULT_HANDSHAKE_BURST, DEFAULT_HANDSHAKE_PER,
+    DEFAULT_HANDSHAKE_RATE, DEFAULT_HANDSHAKE_TIMEOUT, DEFAULT_IDLE_TIMEOUT, DEFAULT_LOG_ACCESS,
+    DEFAULT_LOG_FORMAT, DEFAULT_MAX_CONNECTIONS, DEFAULT_MAX_CONNECTIONS_PER_IP,
+    DEFAULT_MAX_FRAME_SIZE, DEFAULT_MAX_MESSAGE_SIZE, DEFAULT_MESSAGE_BURST, DEFAULT_MESSAGE_PER,
+    DEFAULT_MESSAGE_RATE, DEFAULT_PING_INTERVAL, DEFAULT_PONG_TIMEOUT, DEFAULT_SEND_TIMEOUT,
     DEFAULT_UPSTREAM_PING_INTERVAL, DEFAULT_WEIGHT, FileApiKeys, FileAuth, FileBackend, FileConfig,
     FileJwt, FileLimits, FileListener, FileListenerTls, FileMessageRate, FileRoute, FileUpstream,
     FileUpstreamTls,
 };
 use super::units::{DurationValue, Text, fmt_duration, fmt_size};
 use super::{
-    AccessTarget, Admin, Backend, Config, JwtAuth, Keepalive, KeyPath, Limits, Listener,
+    AccessTarget, Admin, Backend, Config, Drain, JwtAuth, Keepalive, KeyPath, Limits, Listener,
     ListenerTls, Log, LogFormat, MessageRate, OnExceed, Route, RouteAdmission, Upstream,
     UpstreamKind, UpstreamTls,
 };
@@ -77,12 +77,7 @@ pub fn validate(file: FileConfig) -> Result<Config, Vec<Issue>> {
     });
     let log = v.log(file.log, &root.key("log"));
 
-    if file.drain.is_some() {
-        v.unsupported(
-            &root.key("drain"),
-            "`drain` is not supported yet; remove the block",
-        );
-    }
+    let drain = v.drain(file.drain, &root.key("drain"));
     let proxies: Vec<String> = file
         .trusted_proxies
         .unwrap_or_default()
@@ -143,6 +138,7 @@ pub fn validate(file: FileConfig) -> Result<Config, Vec<Issue>> {
             listeners,
             admin,
             log,
+            drain,
             limits,
             keepalive,
             trusted_proxies,
@@ -169,11 +165,6 @@ impl Validator {
         });
     }
 
-    fn unsupported(&mut self, path: &KeyPath, message: &str) {
-        self.issue(path, message.to_string());
-    }
-
-    /// A key whose only accepted value for now is `0s` (off).
     fn socket_addr(&mut self, text: &Text, path: &KeyPath) -> Option<SocketAddr> {
         match text.value.trim().parse::<SocketAddr>() {
             Ok(addr) => Some(addr),
@@ -466,6 +457,34 @@ impl Validator {
             }),
             _ => None,
         }
+    }
+
+    /// `drain`: how shutdown and reload close connections (SPEC §8).
+    fn drain(&mut self, file: Option<super::file::FileDrain>, path: &KeyPath) -> Drain {
+        let mut d = Drain {
+            spread: DEFAULT_DRAIN_SPREAD,
+            timeout: DEFAULT_DRAIN_TIMEOUT,
+        };
+        let Some(file) = file else {
+            return d;
+        };
+        if let Some(spread) = file.spread {
+            d.spread = spread.0;
+        }
+        if let Some(timeout) = file.timeout {
+            d.timeout = self.positive(timeout, &path.key("timeout"));
+        }
+        if d.spread > d.timeout {
+            self.issue(
+                &path.key("spread"),
+                format!(
+                    "`spread` ({}) must not exceed `timeout` ({}): closes scheduled after the timeout would never be sent",
+                    fmt_duration(d.spread),
+                    fmt_duration(d.timeout)
+                ),
+            );
+        }
+        d
     }
 
     /// `keepalive`: process-wide ping settings.
@@ -1277,7 +1296,6 @@ routes:
             paths,
             [
                 "listeners[0].tls.certificates[0].cert",
-                "drain",
                 "upstreams.chat.backends[1]",
                 "upstreams.chat.sticky",
                 "upstreams.chat.balance",
@@ -1566,19 +1584,17 @@ routes:
     }
 
     #[test]
-    fn not_yet_supported_keys_are_refused_everywhere() {
-        let cases = [("drain: { spread: 10s }\n", "drain")];
-        for (extra, path) in cases {
-            let errors = errors_of(&with(extra));
-            assert_eq!(errors.len(), 1, "{extra}: {errors:#?}");
-            assert_eq!(errors[0].path, path);
-            assert!(
-                errors[0].message.contains("not supported yet"),
-                "{}",
-                errors[0]
-            );
-            assert!(errors[0].line >= 9, "{}", errors[0]);
-        }
+    fn drain_defaults_and_bounds() {
+        let config = load(&with("")).unwrap_or_else(|e| panic!("{e}"));
+        assert_eq!(config.drain.spread, Duration::from_secs(10));
+        assert_eq!(config.drain.timeout, Duration::from_secs(30));
+        let config =
+            load(&with("drain: { spread: 2s, timeout: 5s }\n")).unwrap_or_else(|e| panic!("{e}"));
+        assert_eq!(config.drain.spread, Duration::from_secs(2));
+        let errors = errors_of(&with("drain: { spread: 20s, timeout: 5s }\n"));
+        assert_eq!(errors.len(), 1, "{errors:#?}");
+        assert_eq!(errors[0].path, "drain.spread");
+        assert!(errors[0].line >= 9, "{}", errors[0]);
     }
 
     #[test]

@@ -6,7 +6,7 @@
 
 use std::fs::OpenOptions;
 use std::io::{self, Write};
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::mpsc::{Receiver, SyncSender, TrySendError, sync_channel};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
@@ -32,26 +32,37 @@ pub enum Sink {
 pub struct AccessLog {
     tx: SyncSender<String>,
     dropped: Arc<AtomicU64>,
+    /// Set by SIGUSR1: the writer reopens its file before the next line (logrotate).
+    reopen: Arc<AtomicBool>,
 }
 
 impl AccessLog {
     /// Opens the sink and starts the writer thread.
     pub fn start(sink: Sink) -> io::Result<AccessLog> {
         let (tx, rx) = sync_channel(QUEUE_LINES);
+        let path = match &sink {
+            Sink::Target(AccessTarget::File(path)) => Some(path.clone()),
+            _ => None,
+        };
         let out: Box<dyn Write + Send> = match sink {
             Sink::Target(AccessTarget::Stdout) => Box::new(io::stdout()),
             Sink::Target(AccessTarget::Stderr) => Box::new(io::stderr()),
-            Sink::Target(AccessTarget::File(path)) => {
-                Box::new(OpenOptions::new().create(true).append(true).open(path)?)
-            }
+            Sink::Target(AccessTarget::File(path)) => Box::new(open(&path)?),
             Sink::Memory(lines) => Box::new(MemoryWriter(lines)),
+        };
+        let reopen = Arc::new(AtomicBool::new(false));
+        let writer = Writer {
+            out: io::BufWriter::new(out),
+            path,
+            reopen: reopen.clone(),
         };
         std::thread::Builder::new()
             .name("wsgate-access-log".into())
-            .spawn(move || write_loop(rx, out))?;
+            .spawn(move || writer.run(rx))?;
         Ok(AccessLog {
             tx,
             dropped: Arc::new(AtomicU64::new(0)),
+            reopen,
         })
     }
 
@@ -68,21 +79,70 @@ impl AccessLog {
         }
     }
 
+    /// Reopens a file sink (after logrotate moved it away); a no-op for stdout/stderr.
+    pub fn reopen(&self) {
+        self.reopen.store(true, Ordering::Release);
+        // An empty line only wakes the writer; if the queue is full it is awake anyway.
+        let _ = self.tx.try_send(String::new());
+    }
+
     /// Lines dropped because the writer fell behind.
     pub fn dropped(&self) -> u64 {
         self.dropped.load(Ordering::Relaxed)
     }
+
+    /// The drop counter itself, for the metrics scrape.
+    pub fn dropped_counter(&self) -> Arc<AtomicU64> {
+        self.dropped.clone()
+    }
 }
 
-fn write_loop(rx: Receiver<String>, out: Box<dyn Write + Send>) {
-    let mut out = io::BufWriter::new(out);
-    while let Ok(line) = rx.recv() {
-        let _ = writeln!(out, "{line}");
-        // Batch what is already queued, then flush so lines are visible promptly.
-        while let Ok(line) = rx.try_recv() {
-            let _ = writeln!(out, "{line}");
+fn open(path: &std::path::Path) -> io::Result<std::fs::File> {
+    OpenOptions::new().create(true).append(true).open(path)
+}
+
+struct Writer {
+    out: io::BufWriter<Box<dyn Write + Send>>,
+    path: Option<std::path::PathBuf>,
+    reopen: Arc<AtomicBool>,
+}
+
+impl Writer {
+    fn run(mut self, rx: Receiver<String>) {
+        while let Ok(line) = rx.recv() {
+            self.reopen_if_asked();
+            self.write(&line);
+            // Batch what is already queued, then flush so lines are visible promptly.
+            while let Ok(line) = rx.try_recv() {
+                self.write(&line);
+            }
+            let _ = self.out.flush();
         }
-        let _ = out.flush();
+    }
+
+    fn write(&mut self, line: &str) {
+        if !line.is_empty() {
+            let _ = writeln!(self.out, "{line}");
+        }
+    }
+
+    fn reopen_if_asked(&mut self) {
+        if !self.reopen.swap(false, Ordering::AcqRel) {
+            return;
+        }
+        let Some(path) = &self.path else {
+            return;
+        };
+        let _ = self.out.flush();
+        match open(path) {
+            Ok(file) => {
+                self.out = io::BufWriter::new(Box::new(file));
+                tracing::info!(path = %path.display(), "access log reopened");
+            }
+            Err(e) => {
+                tracing::error!(path = %path.display(), error = %e, "cannot reopen the access log; writing on to the old file");
+            }
+        }
     }
 }
 
@@ -109,6 +169,8 @@ pub struct Record<'a> {
     pub ts: String,
     pub event: &'static str,
     pub conn_id: &'a str,
+    /// The client's own `X-Request-Id` when it sent a plain one (`conn_id` goes upstream).
+    pub request_id: Option<&'a str>,
     pub listener: &'a str,
     pub route: Option<&'a str>,
     pub client_ip: String,
@@ -262,11 +324,13 @@ mod tests {
         let log = AccessLog {
             tx,
             dropped: Arc::new(AtomicU64::new(0)),
+            reopen: Arc::new(AtomicBool::new(false)),
         };
         let rec = Record {
             ts: now_rfc3339(),
             event: "ws_reject",
             conn_id: "x",
+            request_id: None,
             listener: "l",
             route: None,
             client_ip: "127.0.0.1".into(),

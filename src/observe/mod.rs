@@ -1,7 +1,8 @@
-//! What operators read: the structured access log (SPEC §6) and operational logs via
-//! `tracing` on stderr.
+//! What operators read: the structured access log (SPEC §6), Prometheus metrics (SPEC §7)
+//! and operational logs via `tracing` on stderr.
 
 pub mod access_log;
+pub mod metrics;
 
 use std::io::IsTerminal;
 

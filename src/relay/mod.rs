@@ -13,6 +13,7 @@ pub mod pump;
 
 use std::future::{Future, poll_fn};
 use std::pin::Pin;
+use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::task::{Context, Poll};
 use std::time::Duration;
@@ -25,6 +26,8 @@ use limits::MessageGate;
 use pump::{Event, PING_LEN, Pump, Stats};
 
 use crate::config::{Keepalive, Limits, MessageRate};
+use crate::observe::metrics::{Flow, RouteMetrics};
+pub use crate::ops::registry::Control;
 
 /// How long the proxy waits for a peer to answer a close (its own or a relayed one), and
 /// for the TCP close after it, before dropping the socket (SPEC §5).
@@ -49,6 +52,10 @@ pub struct Settings {
     pub upstream_ping_interval: Duration,
     /// `close_on_expiry`: the token's `exp` (+ leeway); the connection closes 4001 then.
     pub expires_at: Option<Instant>,
+    /// Where drains ask this connection to close (1012).
+    pub control: Option<Arc<Control>>,
+    /// The route's counters, fed as the relay goes.
+    pub metrics: Option<Arc<RouteMetrics>>,
 }
 
 impl Settings {
@@ -67,6 +74,8 @@ impl Settings {
             pong_timeout: keepalive.pong_timeout,
             upstream_ping_interval: keepalive.upstream_ping_interval,
             expires_at: None,
+            control: None,
+            metrics: None,
         }
     }
 
@@ -91,6 +100,8 @@ impl Settings {
             pong_timeout: Duration::from_secs(10),
             upstream_ping_interval: Duration::ZERO,
             expires_at: None,
+            control: None,
+            metrics: None,
         }
     }
 }
@@ -204,6 +215,12 @@ struct Session<C, U> {
     // never touches the timer wheel.
     /// `close_on_expiry`: the token's expiry.
     expires_at: Option<Instant>,
+    control: Option<Arc<Control>>,
+    /// When a drain wants this connection closed.
+    drain_at: Option<Instant>,
+    metrics: Option<Arc<RouteMetrics>>,
+    /// What `metrics` has been told so far.
+    flushed: Flow,
     ping_check: Option<Instant>,
     upstream_ping_check: Option<Instant>,
     idle_check: Option<Instant>,
@@ -272,6 +289,10 @@ where
             pong_timeout: settings.pong_timeout,
             upstream_ping_interval: settings.upstream_ping_interval,
             expires_at: settings.expires_at,
+            control: settings.control.clone(),
+            drain_at: None,
+            metrics: settings.metrics.clone(),
+            flushed: Flow::default(),
             ping_check: every(settings.ping_interval),
             upstream_ping_check: every(settings.upstream_ping_interval),
             idle_check: every(settings.idle_timeout),
@@ -289,6 +310,34 @@ where
     }
 
     fn poll(&mut self, cx: &mut Context<'_>) -> Poll<()> {
+        if self.drain_at.is_none()
+            && let Some(control) = &self.control
+        {
+            self.drain_at = control.poll_drain(cx);
+        }
+        let done = self.poll_session(cx);
+        self.flush_metrics();
+        done
+    }
+
+    /// Tells the route's counters what was relayed since the last wake.
+    fn flush_metrics(&mut self) {
+        let Some(metrics) = &self.metrics else {
+            return;
+        };
+        let now = Flow {
+            c2u_messages: self.c2u.stats.messages,
+            c2u_bytes: self.c2u.stats.bytes,
+            u2c_messages: self.u2c.stats.messages,
+            u2c_bytes: self.u2c.stats.bytes,
+        };
+        if now != self.flushed {
+            metrics.add_flow(&now, &self.flushed);
+            self.flushed = now;
+        }
+    }
+
+    fn poll_session(&mut self, cx: &mut Context<'_>) -> Poll<()> {
         loop {
             if self.lingering {
                 return self.poll_linger(cx);
@@ -361,7 +410,11 @@ where
             Event::PongReceived => {
                 let now = Instant::now();
                 if let Some(sent) = self.u2c.ping_sent_at.take() {
-                    self.report.rtt.record(now.saturating_duration_since(sent));
+                    let rtt = now.saturating_duration_since(sent);
+                    self.report.rtt.record(rtt);
+                    if let Some(m) = &self.metrics {
+                        m.ping_answered(rtt);
+                    }
                 }
                 self.ping_check = Some(now + self.ping_interval);
             }
@@ -492,6 +545,10 @@ where
         if self.close_deadline.is_some() {
             return;
         }
+        if self.drain_at.is_some_and(|t| t <= now) {
+            self.proxy_close("drain", 1012, "service restart", 1001);
+            return;
+        }
         if self.expires_at.is_some_and(|t| t <= now) {
             self.expires_at = None;
             self.proxy_close("token_expired", 4001, "token expired", 1001);
@@ -543,6 +600,9 @@ where
         if self.u2c.send_ping(payload, None) {
             self.c2u.expect_pong = Some(payload);
             self.report.pings += 1;
+            if let Some(m) = &self.metrics {
+                m.ping_sent();
+            }
         }
         None
     }
@@ -621,6 +681,7 @@ where
             stall(self.u2c.stalled_since),
             self.c2u.throttled_until,
             self.expires_at.filter(|_| live),
+            self.drain_at.filter(|_| live),
             self.ping_check.filter(|_| live),
             self.upstream_ping_check.filter(|_| live),
             self.idle_check.filter(|_| live),

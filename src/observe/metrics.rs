@@ -1,0 +1,566 @@
+//! Prometheus metrics (SPEC §7), served as text on the admin listener's `/metrics`.
+//!
+//! Owns the registry and every metric's name and labels. Label values come only from the
+//! config (route and upstream names, backend addresses) or from small fixed sets (reasons,
+//! close codes bucketed into the known ones plus `other`, directions): never client IPs or
+//! paths, so cardinality is bounded by the config.
+//!
+//! The hot path never looks up a label set: each route's handles are resolved once
+//! ([`Metrics::route`]) and a connection keeps an `Arc` to them, adding its counts with
+//! relaxed atomics when its relay wakes.
+
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use prometheus_client::collector::Collector;
+use prometheus_client::encoding::{DescriptorEncoder, EncodeLabelSet, EncodeMetric};
+use prometheus_client::metrics::counter::{ConstCounter, Counter};
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::{ConstGauge, Gauge};
+use prometheus_client::metrics::histogram::{Histogram, exponential_buckets};
+use prometheus_client::registry::Registry;
+
+use crate::relay::{By, Report};
+
+/// The `Content-Type` of [`Metrics::encode`]'s output.
+pub const CONTENT_TYPE: &str = "application/openmetrics-text; version=1.0.0; charset=utf-8";
+
+/// Close codes that get their own label value; any other code is counted as `other`.
+const KNOWN_CODES: [u16; 16] = [
+    1000, 1001, 1002, 1003, 1005, 1006, 1007, 1008, 1009, 1010, 1011, 1012, 1013, 1014, 4000, 4001,
+];
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct RouteLabel {
+    route: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct RejectLabels {
+    route: String,
+    reason: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct CloseLabels {
+    route: String,
+    code: String,
+    by: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct DirLabels {
+    route: String,
+    direction: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct BackendLabels {
+    upstream: String,
+    backend: String,
+}
+
+/// One backend's state at scrape time (`wsgate_backend_*`).
+#[derive(Clone, Debug)]
+pub struct BackendSample {
+    pub upstream: String,
+    pub backend: String,
+    pub up: bool,
+    pub connections: u64,
+    pub connect_errors: u64,
+}
+
+/// Something that can list backends at scrape time (the upstream pools).
+pub trait BackendSource: Send + Sync + 'static {
+    fn backend_samples(&self) -> Vec<BackendSample>;
+}
+
+/// Counts that live elsewhere and are read at scrape time.
+#[derive(Default)]
+struct Sources {
+    log_dropped: Option<Arc<AtomicU64>>,
+    backends: Option<Arc<dyn BackendSource>>,
+}
+
+/// The process's metrics.
+pub struct Metrics {
+    registry: Registry,
+    active: Family<RouteLabel, Gauge>,
+    connections: Family<RouteLabel, Counter>,
+    rejected: Family<RejectLabels, Counter>,
+    closes: Family<CloseLabels, Counter>,
+    messages: Family<DirLabels, Counter>,
+    bytes: Family<DirLabels, Counter>,
+    rate_limited: Family<RouteLabel, Counter>,
+    dead_peers: Family<RouteLabel, Counter>,
+    pings: Counter,
+    ping_rtt: Histogram,
+    reload_failures: Counter,
+    routes: Mutex<HashMap<String, Arc<RouteMetrics>>>,
+    sources: Arc<Mutex<Sources>>,
+}
+
+impl Default for Metrics {
+    fn default() -> Self {
+        Metrics::new()
+    }
+}
+
+impl Metrics {
+    pub fn new() -> Metrics {
+        let mut registry = Registry::default();
+        let active = Family::<RouteLabel, Gauge>::default();
+        let connections = Family::<RouteLabel, Counter>::default();
+        let rejected = Family::<RejectLabels, Counter>::default();
+        let closes = Family::<CloseLabels, Counter>::default();
+        let messages = Family::<DirLabels, Counter>::default();
+        let bytes = Family::<DirLabels, Counter>::default();
+        let rate_limited = Family::<RouteLabel, Counter>::default();
+        let dead_peers = Family::<RouteLabel, Counter>::default();
+        let pings = Counter::default();
+        // 0.5 ms … 8 s: loopback to intercontinental mobile links.
+        let ping_rtt = Histogram::new(exponential_buckets(0.0005, 2.0, 15));
+        let reload_failures = Counter::default();
+        let sources = Arc::new(Mutex::new(Sources::default()));
+        registry.register(
+            "wsgate_connections_active",
+            "WebSocket connections being relayed",
+            active.clone(),
+        );
+        registry.register(
+            "wsgate_connections",
+            "WebSocket connections upgraded (101 sent)",
+            connections.clone(),
+        );
+        registry.register(
+            "wsgate_handshake_rejected",
+            "Handshakes refused, by SPEC reason",
+            rejected.clone(),
+        );
+        registry.register(
+            "wsgate_closes",
+            "Relayed connections ended, by close code sent to the client and who closed",
+            closes.clone(),
+        );
+        registry.register(
+            "wsgate_messages",
+            "Data messages relayed, by direction (c2u = client to upstream)",
+            messages.clone(),
+        );
+        registry.register(
+            "wsgate_bytes",
+            "Bytes relayed (frames on the wire), by direction",
+            bytes.clone(),
+        );
+        registry.register(
+            "wsgate_rate_limited",
+            "Client messages over the route's message rate (closed or throttled)",
+            rate_limited.clone(),
+        );
+        registry.register(
+            "wsgate_pings",
+            "Keepalive pings the proxy sent to clients",
+            pings.clone(),
+        );
+        registry.register(
+            "wsgate_ping_rtt_seconds",
+            "Round trip of the proxy's pings to clients",
+            ping_rtt.clone(),
+        );
+        registry.register(
+            "wsgate_dead_peers",
+            "Connections closed because a peer stopped answering pings",
+            dead_peers.clone(),
+        );
+        registry.register(
+            "wsgate_reload_failures",
+            "SIGHUP reloads refused because the new configuration was invalid",
+            reload_failures.clone(),
+        );
+        registry.register_collector(Box::new(ScrapeTime(sources.clone())));
+        Metrics {
+            registry,
+            active,
+            connections,
+            rejected,
+            closes,
+            messages,
+            bytes,
+            rate_limited,
+            dead_peers,
+            pings,
+            ping_rtt,
+            reload_failures,
+            routes: Mutex::new(HashMap::new()),
+            sources,
+        }
+    }
+
+    /// Reads the access log's drop counter at scrape time.
+    pub fn watch_log_drops(&self, dropped: Arc<AtomicU64>) {
+        if let Ok(mut s) = self.sources.lock() {
+            s.log_dropped = Some(dropped);
+        }
+    }
+
+    /// Lists backends at scrape time.
+    pub fn watch_backends(&self, source: Arc<dyn BackendSource>) {
+        if let Ok(mut s) = self.sources.lock() {
+            s.backends = Some(source);
+        }
+    }
+
+    /// The handles of one route (resolved once per route, then shared by its connections).
+    pub fn route(&self, route: &str) -> Arc<RouteMetrics> {
+        let Ok(mut routes) = self.routes.lock() else {
+            return Arc::new(self.resolve(route));
+        };
+        routes
+            .entry(route.to_owned())
+            .or_insert_with(|| Arc::new(self.resolve(route)))
+            .clone()
+    }
+
+    fn resolve(&self, route: &str) -> RouteMetrics {
+        let r = RouteLabel {
+            route: route.to_owned(),
+        };
+        let dir = |family: &Family<DirLabels, Counter>, direction: &str| {
+            family
+                .get_or_create(&DirLabels {
+                    route: route.to_owned(),
+                    direction: direction.to_owned(),
+                })
+                .clone()
+        };
+        RouteMetrics {
+            route: route.to_owned(),
+            active: self.active.get_or_create(&r).clone(),
+            connections: self.connections.get_or_create(&r).clone(),
+            c2u_messages: dir(&self.messages, "c2u"),
+            c2u_bytes: dir(&self.bytes, "c2u"),
+            u2c_messages: dir(&self.messages, "u2c"),
+            u2c_bytes: dir(&self.bytes, "u2c"),
+            rate_limited: self.rate_limited.get_or_create(&r).clone(),
+            dead_peers: self.dead_peers.get_or_create(&r).clone(),
+            pings: self.pings.clone(),
+            ping_rtt: self.ping_rtt.clone(),
+            closes: self.closes.clone(),
+        }
+    }
+
+    /// A refused handshake; `route` is empty when no route matched (yet).
+    pub fn rejected(&self, route: Option<&str>, reason: &str) {
+        self.rejected
+            .get_or_create(&RejectLabels {
+                route: route.unwrap_or("").to_owned(),
+                reason: reason.to_owned(),
+            })
+            .inc();
+    }
+
+    pub fn reload_failed(&self) {
+        self.reload_failures.inc();
+    }
+
+    /// The exposition text (OpenMetrics, which Prometheus scrapes natively).
+    pub fn encode(&self) -> String {
+        let mut out = String::with_capacity(8 * 1024);
+        if prometheus_client::encoding::text::encode(&mut out, &self.registry).is_err() {
+            out.clear();
+        }
+        out
+    }
+}
+
+/// One route's metric handles. Cloning a handle shares its atomic.
+#[derive(Debug)]
+pub struct RouteMetrics {
+    route: String,
+    active: Gauge,
+    connections: Counter,
+    c2u_messages: Counter,
+    c2u_bytes: Counter,
+    u2c_messages: Counter,
+    u2c_bytes: Counter,
+    rate_limited: Counter,
+    dead_peers: Counter,
+    pings: Counter,
+    ping_rtt: Histogram,
+    closes: Family<CloseLabels, Counter>,
+}
+
+/// What the relay adds as it goes: messages and bytes per direction.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Flow {
+    pub c2u_messages: u64,
+    pub c2u_bytes: u64,
+    pub u2c_messages: u64,
+    pub u2c_bytes: u64,
+}
+
+impl RouteMetrics {
+    /// A connection was upgraded; the returned guard counts it active until dropped.
+    pub fn opened(self: &Arc<Self>) -> ActiveConnection {
+        self.connections.inc();
+        self.active.inc();
+        ActiveConnection(self.clone())
+    }
+
+    /// Adds what was relayed since the last call (`now - before`, per field).
+    pub fn add_flow(&self, now: &Flow, before: &Flow) {
+        let add = |c: &Counter, n: u64, b: u64| {
+            if n > b {
+                c.inc_by(n - b);
+            }
+        };
+        add(&self.c2u_messages, now.c2u_messages, before.c2u_messages);
+        add(&self.c2u_bytes, now.c2u_bytes, before.c2u_bytes);
+        add(&self.u2c_messages, now.u2c_messages, before.u2c_messages);
+        add(&self.u2c_bytes, now.u2c_bytes, before.u2c_bytes);
+    }
+
+    pub fn ping_sent(&self) {
+        self.pings.inc();
+    }
+
+    pub fn ping_answered(&self, rtt: Duration) {
+        self.ping_rtt.observe(rtt.as_secs_f64());
+    }
+
+    /// The connection's end: close code and side, rate limiting, dead peers.
+    pub fn closed(&self, report: &Report) {
+        let (code, by) = report
+            .close
+            .as_ref()
+            .map_or((1006, By::Proxy), |c| (c.code, c.by));
+        self.closes
+            .get_or_create(&CloseLabels {
+                route: self.route.clone(),
+                code: code_label(code),
+                by: by.as_str().to_owned(),
+            })
+            .inc();
+        if report.c2u.rate_limited > 0 {
+            self.rate_limited.inc_by(report.c2u.rate_limited);
+        }
+        if report.proxy_reason == Some("dead_peer") {
+            self.dead_peers.inc();
+        }
+    }
+}
+
+/// Keeps `wsgate_connections_active` up for as long as it lives.
+#[derive(Debug)]
+pub struct ActiveConnection(Arc<RouteMetrics>);
+
+impl Drop for ActiveConnection {
+    fn drop(&mut self) {
+        self.0.active.dec();
+    }
+}
+
+fn code_label(code: u16) -> String {
+    if KNOWN_CODES.contains(&code) {
+        code.to_string()
+    } else {
+        "other".to_owned()
+    }
+}
+
+/// Metrics read at scrape time: log drops, TLS failures, backends, the process.
+struct ScrapeTime(Arc<Mutex<Sources>>);
+
+impl std::fmt::Debug for ScrapeTime {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("ScrapeTime")
+    }
+}
+
+impl Collector for ScrapeTime {
+    fn encode(&self, mut enc: DescriptorEncoder) -> Result<(), std::fmt::Error> {
+        let (dropped, backends) = match self.0.lock() {
+            Ok(s) => (
+                s.log_dropped.as_ref().map(|d| d.load(Ordering::Relaxed)),
+                s.backends.clone(),
+            ),
+            Err(_) => (None, None),
+        };
+        counter(
+            &mut enc,
+            "wsgate_log_dropped",
+            "Access-log lines dropped because the writer fell behind",
+            dropped.unwrap_or(0),
+        )?;
+        counter(
+            &mut enc,
+            "wsgate_tls_handshake_failures",
+            "TLS handshakes that failed (never reached HTTP)",
+            crate::tls::HANDSHAKE_FAILURES.load(Ordering::Relaxed),
+        )?;
+        if let Some(source) = backends {
+            encode_backends(&mut enc, &source.backend_samples())?;
+        }
+        encode_process(&mut enc)
+    }
+}
+
+fn counter(
+    enc: &mut DescriptorEncoder,
+    name: &str,
+    help: &str,
+    value: u64,
+) -> Result<(), std::fmt::Error> {
+    let c = ConstCounter::new(value);
+    c.encode(enc.encode_descriptor(name, help, None, c.metric_type())?)
+}
+
+fn gauge(
+    enc: &mut DescriptorEncoder,
+    name: &str,
+    help: &str,
+    value: i64,
+) -> Result<(), std::fmt::Error> {
+    let g = ConstGauge::new(value);
+    g.encode(enc.encode_descriptor(name, help, None, g.metric_type())?)
+}
+
+fn encode_backends(
+    enc: &mut DescriptorEncoder,
+    samples: &[BackendSample],
+) -> Result<(), std::fmt::Error> {
+    let labels = |s: &BackendSample| BackendLabels {
+        upstream: s.upstream.clone(),
+        backend: s.backend.clone(),
+    };
+    let mut family = enc.encode_descriptor(
+        "wsgate_backend_up",
+        "1 when the backend takes new connections (healthy, not drained)",
+        None,
+        prometheus_client::metrics::MetricType::Gauge,
+    )?;
+    for s in samples {
+        let g = ConstGauge::new(i64::from(s.up));
+        g.encode(family.encode_family(&labels(s))?)?;
+    }
+    let mut family = enc.encode_descriptor(
+        "wsgate_backend_connections",
+        "Connections being relayed to the backend",
+        None,
+        prometheus_client::metrics::MetricType::Gauge,
+    )?;
+    for s in samples {
+        let g = ConstGauge::new(i64::try_from(s.connections).unwrap_or(i64::MAX));
+        g.encode(family.encode_family(&labels(s))?)?;
+    }
+    let mut family = enc.encode_descriptor(
+        "wsgate_upstream_connect_errors",
+        "Failed connects or upstream handshakes, by backend",
+        None,
+        prometheus_client::metrics::MetricType::Counter,
+    )?;
+    for s in samples {
+        let c = ConstCounter::new(s.connect_errors);
+        c.encode(family.encode_family(&labels(s))?)?;
+    }
+    Ok(())
+}
+
+/// Process metrics from /proc (Linux); absent elsewhere.
+fn encode_process(enc: &mut DescriptorEncoder) -> Result<(), std::fmt::Error> {
+    if let Some(fds) = open_fds() {
+        gauge(enc, "process_open_fds", "Open file descriptors", fds)?;
+    }
+    if let Some(rss) = resident_bytes() {
+        gauge(
+            enc,
+            "process_resident_memory_bytes",
+            "Resident memory size in bytes",
+            rss,
+        )?;
+    }
+    Ok(())
+}
+
+fn open_fds() -> Option<i64> {
+    let n = std::fs::read_dir("/proc/self/fd").ok()?.count();
+    i64::try_from(n).ok()
+}
+
+fn resident_bytes() -> Option<i64> {
+    let status = std::fs::read_to_string("/proc/self/status").ok()?;
+    let kib: i64 = status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmRSS:"))?
+        .trim()
+        .trim_end_matches("kB")
+        .trim()
+        .parse()
+        .ok()?;
+    Some(kib * 1024)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::relay::CloseInfo;
+
+    #[test]
+    fn unknown_codes_share_one_label() {
+        assert_eq!(code_label(1000), "1000");
+        assert_eq!(code_label(4001), "4001");
+        assert_eq!(code_label(3999), "other");
+        assert_eq!(code_label(0), "other");
+    }
+
+    #[test]
+    fn route_handles_are_shared_and_counted() {
+        let m = Metrics::new();
+        let a = m.route("chat");
+        let b = m.route("chat");
+        assert!(Arc::ptr_eq(&a, &b));
+        let guard = a.opened();
+        a.add_flow(
+            &Flow {
+                c2u_messages: 3,
+                c2u_bytes: 30,
+                u2c_messages: 1,
+                u2c_bytes: 10,
+            },
+            &Flow::default(),
+        );
+        let text = m.encode();
+        assert!(
+            text.contains("wsgate_connections_active{route=\"chat\"} 1"),
+            "{text}"
+        );
+        assert!(text.contains("wsgate_messages_total{route=\"chat\",direction=\"c2u\"} 3"));
+        drop(guard);
+        let report = Report {
+            close: Some(CloseInfo {
+                code: 3001,
+                reason: String::new(),
+                by: By::Upstream,
+            }),
+            ..Report::default()
+        };
+        a.closed(&report);
+        let text = m.encode();
+        assert!(text.contains("wsgate_connections_active{route=\"chat\"} 0"));
+        assert!(
+            text.contains("wsgate_closes_total{route=\"chat\",code=\"other\",by=\"upstream\"} 1"),
+            "{text}"
+        );
+    }
+
+    #[test]
+    fn scrape_time_metrics_are_listed() {
+        let m = Metrics::new();
+        m.watch_log_drops(Arc::new(AtomicU64::new(7)));
+        let text = m.encode();
+        assert!(text.contains("wsgate_log_dropped_total 7"), "{text}");
+        assert!(text.contains("# TYPE wsgate_tls_handshake_failures counter"));
+    }
+}

@@ -1,0 +1,312 @@
+//! The registry of relayed connections: what `/connections` lists, and the handle through
+//! which drains (shutdown, removed routes, drained backends) ask a relay to close.
+//!
+//! A connection registers when its relay starts and leaves when its task ends (RAII). The
+//! lock is taken twice per connection and once per drain or admin request, never per
+//! frame. A drain does not arm timers of its own: it writes each chosen connection's close
+//! time into its [`Control`] and wakes it; the relay's one timer does the rest.
+
+use std::collections::HashMap;
+use std::hash::{BuildHasher, RandomState};
+use std::net::IpAddr;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, LazyLock, Mutex, Weak};
+use std::task::Context;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use futures_util::task::AtomicWaker;
+use serde::Serialize;
+use tokio::time::Instant;
+
+/// All drain times are milliseconds after this instant (so they fit in one atomic).
+static EPOCH: LazyLock<std::time::Instant> = LazyLock::new(std::time::Instant::now);
+
+/// A relay's mailbox for "close with 1012 at this time".
+#[derive(Debug, Default)]
+pub struct Control {
+    /// 0 = no drain; otherwise 1 + milliseconds after [`EPOCH`].
+    drain_at: AtomicU64,
+    waker: AtomicWaker,
+}
+
+impl Control {
+    /// Asks for a drain close at `at` (an earlier request wins) and wakes the relay.
+    pub fn drain_at(&self, at: Instant) {
+        let ms = at
+            .into_std()
+            .saturating_duration_since(*EPOCH)
+            .as_millis()
+            .min(u128::from(u64::MAX - 1)) as u64
+            + 1;
+        let _ = self
+            .drain_at
+            .fetch_update(Ordering::AcqRel, Ordering::Acquire, |old| {
+                (old == 0 || ms < old).then_some(ms)
+            });
+        self.waker.wake();
+    }
+
+    /// Registers the relay's waker; returns when it must close, if a drain asked.
+    pub fn poll_drain(&self, cx: &Context<'_>) -> Option<Instant> {
+        self.waker.register(cx.waker());
+        match self.drain_at.load(Ordering::Acquire) {
+            0 => None,
+            ms => Some(Instant::from_std(*EPOCH + Duration::from_millis(ms - 1))),
+        }
+    }
+}
+
+/// What the registry knows about one connection.
+#[derive(Debug)]
+pub struct Entry {
+    pub conn_id: Box<str>,
+    pub route: Arc<str>,
+    pub upstream: Arc<str>,
+    pub backend: Arc<str>,
+    pub client_ip: IpAddr,
+    /// Unix milliseconds of the upgrade.
+    pub since_ms: u64,
+    pub control: Arc<Control>,
+}
+
+/// The live connections.
+#[derive(Debug, Default)]
+pub struct Registry {
+    next: AtomicU64,
+    live: Mutex<HashMap<u64, Entry>>,
+    /// Set once a process-wide drain began: its end, so late upgrades drain too.
+    draining_until: Mutex<Option<Instant>>,
+}
+
+/// Keeps a connection listed until dropped.
+pub struct Registration {
+    registry: Weak<Registry>,
+    id: u64,
+}
+
+impl Drop for Registration {
+    fn drop(&mut self) {
+        if let Some(r) = self.registry.upgrade()
+            && let Ok(mut live) = r.live.lock()
+        {
+            live.remove(&self.id);
+        }
+    }
+}
+
+impl Registry {
+    pub fn new() -> Arc<Registry> {
+        Arc::new(Registry::default())
+    }
+
+    /// Lists a connection. During a process-wide drain it is scheduled to close at once
+    /// (with jitter), since it was upgraded after the drain began.
+    pub fn register(self: &Arc<Self>, entry: Entry) -> Registration {
+        let id = self.next.fetch_add(1, Ordering::Relaxed);
+        let late = self.draining_until.lock().ok().and_then(|d| *d);
+        if let Some(until) = late {
+            let left = until.saturating_duration_since(Instant::now());
+            entry
+                .control
+                .drain_at(Instant::now() + left.mul_f64(jitter(id)));
+        }
+        if let Ok(mut live) = self.live.lock() {
+            live.insert(id, entry);
+        }
+        Registration {
+            registry: Arc::downgrade(self),
+            id,
+        }
+    }
+
+    pub fn len(&self) -> usize {
+        self.live.lock().map_or(0, |l| l.len())
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    /// Closes every connection `select` picks with 1012, spread evenly over `spread` with
+    /// random jitter (slot i of n closes in [i/n, (i+1)/n) of the window), so clients do
+    /// not reconnect in one wave. Returns how many were picked.
+    pub fn drain(&self, select: impl Fn(&Entry) -> bool, spread: Duration) -> usize {
+        let picked: Vec<Arc<Control>> = match self.live.lock() {
+            Ok(live) => live
+                .values()
+                .filter(|e| select(e))
+                .map(|e| e.control.clone())
+                .collect(),
+            Err(_) => return 0,
+        };
+        let start = Instant::now();
+        let n = picked.len();
+        for (i, control) in picked.iter().enumerate() {
+            let slot = (i as f64 + jitter(i as u64)) / n as f64;
+            control.drain_at(start + spread.mul_f64(slot));
+        }
+        n
+    }
+
+    /// Drains everything, including connections upgraded from now on (shutdown).
+    pub fn drain_all(&self, spread: Duration) -> usize {
+        if let Ok(mut d) = self.draining_until.lock() {
+            d.get_or_insert(Instant::now() + spread);
+        }
+        self.drain(|_| true, spread)
+    }
+
+    /// Counts per route and per backend, and the `oldest` longest-lived connections.
+    pub fn view(&self, oldest: usize) -> View {
+        let Ok(live) = self.live.lock() else {
+            return View::default();
+        };
+        let mut view = View {
+            total: live.len(),
+            ..View::default()
+        };
+        for e in live.values() {
+            *view.routes.entry(e.route.to_string()).or_default() += 1;
+            *view
+                .backends
+                .entry(format!("{}/{}", e.upstream, e.backend))
+                .or_default() += 1;
+        }
+        let mut by_age: Vec<&Entry> = live.values().collect();
+        by_age.sort_by_key(|e| e.since_ms);
+        let now = unix_ms();
+        view.oldest = by_age
+            .into_iter()
+            .take(oldest)
+            .map(|e| Oldest {
+                conn_id: e.conn_id.to_string(),
+                route: e.route.to_string(),
+                upstream: e.upstream.to_string(),
+                backend: e.backend.to_string(),
+                client_ip: e.client_ip.to_string(),
+                age_s: now.saturating_sub(e.since_ms) / 1000,
+            })
+            .collect();
+        view
+    }
+}
+
+/// The `/connections` document.
+#[derive(Debug, Default, Serialize)]
+pub struct View {
+    pub total: usize,
+    pub routes: std::collections::BTreeMap<String, usize>,
+    /// Keyed `upstream/backend`.
+    pub backends: std::collections::BTreeMap<String, usize>,
+    pub oldest: Vec<Oldest>,
+}
+
+#[derive(Debug, Serialize)]
+pub struct Oldest {
+    pub conn_id: String,
+    pub route: String,
+    pub upstream: String,
+    pub backend: String,
+    pub client_ip: String,
+    pub age_s: u64,
+}
+
+pub fn unix_ms() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() as u64)
+}
+
+/// A uniform value in [0, 1), different for every call.
+fn jitter(salt: u64) -> f64 {
+    static STATE: LazyLock<RandomState> = LazyLock::new(RandomState::new);
+    static COUNTER: AtomicU64 = AtomicU64::new(0);
+    let n = COUNTER.fetch_add(1, Ordering::Relaxed);
+    let bits = STATE.hash_one((n, salt)) >> 11;
+    bits as f64 / (1u64 << 53) as f64
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn entry(route: &str, control: &Arc<Control>) -> Entry {
+        Entry {
+            conn_id: "c".into(),
+            route: route.into(),
+            upstream: "u".into(),
+            backend: "b".into(),
+            client_ip: IpAddr::from([127, 0, 0, 1]),
+            since_ms: unix_ms(),
+            control: control.clone(),
+        }
+    }
+
+    fn deadline(c: &Control) -> Option<Instant> {
+        c.poll_drain(&Context::from_waker(std::task::Waker::noop()))
+    }
+
+    #[test]
+    fn drain_spreads_closes_across_the_window() {
+        let registry = Registry::new();
+        let controls: Vec<Arc<Control>> = (0..100).map(|_| Arc::default()).collect();
+        let _regs: Vec<Registration> = controls
+            .iter()
+            .map(|c| registry.register(entry("a", c)))
+            .collect();
+        let start = Instant::now();
+        assert_eq!(registry.drain(|_| true, Duration::from_secs(10)), 100);
+        let mut offsets: Vec<Duration> = controls
+            .iter()
+            .map(|c| deadline(c).map(|d| d.saturating_duration_since(start)))
+            .collect::<Option<_>>()
+            .unwrap_or_default();
+        assert_eq!(offsets.len(), 100);
+        offsets.sort();
+        // One close per tenth of a second on average: each decile holds about ten.
+        for decile in 0..10 {
+            let lo = Duration::from_secs(decile);
+            let hi = Duration::from_secs(decile + 1);
+            let n = offsets.iter().filter(|o| **o >= lo && **o < hi).count();
+            assert!((8..=12).contains(&n), "decile {decile}: {n}");
+        }
+    }
+
+    #[test]
+    fn drain_picks_only_what_is_selected_and_leaving_unlists() {
+        let registry = Registry::new();
+        let a: Arc<Control> = Arc::default();
+        let b: Arc<Control> = Arc::default();
+        let ra = registry.register(entry("a", &a));
+        let _rb = registry.register(entry("b", &b));
+        assert_eq!(registry.drain(|e| &*e.route == "b", Duration::ZERO), 1);
+        assert!(deadline(&a).is_none());
+        assert!(deadline(&b).is_some());
+        assert_eq!(registry.view(10).routes.get("a"), Some(&1));
+        drop(ra);
+        assert_eq!(registry.len(), 1);
+    }
+
+    #[test]
+    fn late_upgrades_during_a_drain_are_drained_too() {
+        let registry = Registry::new();
+        registry.drain_all(Duration::from_secs(1));
+        let c: Arc<Control> = Arc::default();
+        let _r = registry.register(entry("a", &c));
+        let at = deadline(&c);
+        assert!(at.is_some_and(|t| t <= Instant::now() + Duration::from_secs(1)));
+    }
+
+    #[test]
+    fn an_earlier_drain_request_wins() {
+        let c = Control::default();
+        let now = Instant::now();
+        c.drain_at(now + Duration::from_secs(5));
+        c.drain_at(now + Duration::from_secs(1));
+        c.drain_at(now + Duration::from_secs(9));
+        let at = deadline(&c).map(|d| d.saturating_duration_since(now));
+        assert!(
+            at.is_some_and(|d| d >= Duration::from_millis(999) && d <= Duration::from_millis(1001))
+        );
+    }
+}

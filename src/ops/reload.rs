@@ -1,0 +1,114 @@
+//! Hot reload (SPEC §8): a new, already validated configuration is put in service for new
+//! connections while established ones keep the configuration they started with.
+//!
+//! Order matters: listeners are (re)bound first, so a failure to bind leaves the old
+//! listener serving; then the config is swapped atomically; only then are connections of
+//! removed routes drained. Per-IP connection counts always survive; handshake-rate state
+//! survives unless its policy changed.
+
+use std::sync::Arc;
+
+use crate::admission::ip_limit::HandshakeRate;
+use crate::config::Config;
+use crate::listener::{self, Running};
+use crate::{Gateway, ensure_echo};
+
+/// What a reload changed.
+#[derive(Debug, Default)]
+pub struct Reloaded {
+    /// Listeners bound anew (added, or moved to another address or mode).
+    pub bound: Vec<String>,
+    /// Listeners closed.
+    pub closed: Vec<String>,
+    /// Listeners whose certificates were swapped in place.
+    pub certificates: Vec<String>,
+    /// Connections on removed routes, now draining.
+    pub drained: usize,
+    /// Settings that only a restart applies.
+    pub need_restart: Vec<&'static str>,
+}
+
+impl Gateway {
+    /// Applies `config` (already validated). A listener that cannot be bound is reported,
+    /// and the old one on that name keeps serving.
+    pub async fn reload(&self, config: Config) -> Reloaded {
+        let mut done = Reloaded::default();
+        let old = self.shared.config.load_full();
+        done.need_restart = restart_only(&old, &config);
+        if let Err(e) = ensure_echo(&self.shared, &config).await {
+            tracing::error!("reload: {e}");
+        }
+        self.reload_listeners(&config, &mut done);
+        if old.limits.handshakes_per_ip != config.limits.handshakes_per_ip {
+            match HandshakeRate::new(config.limits.handshakes_per_ip) {
+                Ok(rate) => self.shared.handshake_rate.store(Arc::new(rate)),
+                Err(e) => tracing::error!("reload: limits.handshakes_per_ip: {e}"),
+            }
+        }
+        let config = Arc::new(config);
+        self.shared.config.store(config.clone());
+        let removed: Vec<&str> = old
+            .routes
+            .iter()
+            .map(|r| r.name.as_str())
+            .filter(|name| !config.routes.iter().any(|r| r.name == *name))
+            .collect();
+        if !removed.is_empty() {
+            done.drained = self
+                .shared
+                .registry
+                .drain(|e| removed.contains(&&*e.route), config.drain.spread);
+        }
+        done
+    }
+
+    fn reload_listeners(&self, config: &Config, done: &mut Reloaded) {
+        let Ok(mut running) = self.running.lock() else {
+            return;
+        };
+        if !self.shared.ready.load(std::sync::atomic::Ordering::Acquire) {
+            // Shutting down: nothing is to accept again.
+            return;
+        }
+        let mut next: Vec<Running> = Vec::with_capacity(config.listeners.len());
+        for l in &config.listeners {
+            let current = running.iter().position(|r| r.serves(l));
+            if let Some(i) = current {
+                let kept = running.swap_remove(i);
+                if let (Some(slot), Some(tls)) = (&kept.tls, &l.tls) {
+                    slot.set(tls.server.clone());
+                    done.certificates.push(l.name.clone());
+                }
+                next.push(kept);
+                continue;
+            }
+            match listener::bind(l) {
+                Ok((tcp, addr)) => {
+                    next.push(Running::launch(&self.shared, l, tcp, addr));
+                    done.bound.push(l.name.clone());
+                }
+                Err(e) => {
+                    tracing::error!("reload: {e}; keeping the old listener `{}`", l.name);
+                    if let Some(i) = running.iter().position(|r| *r.name == *l.name) {
+                        next.push(running.swap_remove(i));
+                    }
+                }
+            }
+        }
+        done.closed = running.iter().map(|r| r.name.to_string()).collect();
+        // Dropping what is left closes those sockets.
+        *running = next;
+    }
+}
+
+/// Settings read once at start.
+fn restart_only(old: &Config, new: &Config) -> Vec<&'static str> {
+    let mut keys = Vec::new();
+    if old.admin != new.admin {
+        keys.push("admin");
+    }
+    if old.log != new.log {
+        keys.push("log");
+    }
+    keys
+}
