@@ -62,8 +62,6 @@ pub struct Shared {
     /// when the policy changes, so counts survive other reloads.
     pub handshake_rate: ArcSwap<HandshakeRate>,
     pub ready: Arc<AtomicBool>,
-    /// Shutting down: new handshakes get 503 `draining`.
-    pub draining: AtomicBool,
 }
 
 /// A failure to start serving.
@@ -121,13 +119,14 @@ impl Gateway {
         }
     }
 
-    /// Graceful shutdown (SPEC §8): stop accepting, refuse handshakes in progress with
-    /// `draining`, close relayed connections with 1012 spread over `drain.spread`, and
-    /// return once all are gone or `drain.timeout` has passed.
+    /// Graceful shutdown (SPEC §8): stop accepting, close relayed connections with 1012
+    /// spread over `drain.spread`, and return once all are gone or `drain.timeout` has
+    /// passed. Handshakes already accepted complete and are drained in the same window
+    /// (a client that raced the shutdown gets a working socket, then 1012, not an error);
+    /// after the window they get 503 `draining`.
     pub async fn drain(&self) {
         let drain = self.shared.config.load().drain;
         self.stop_accepting();
-        self.shared.draining.store(true, Ordering::Release);
         let picked = self.shared.registry.drain_all(drain.spread);
         tracing::info!(
             connections = picked,
@@ -218,7 +217,6 @@ pub async fn start(config: Config, sink: Sink) -> Result<Gateway, StartError> {
         per_ip: admission::ip_limit::IpLimiter::new(),
         handshake_rate: ArcSwap::from_pointee(handshake_rate),
         ready: ready.clone(),
-        draining: AtomicBool::new(false),
     });
     ensure_echo(&shared, &shared.config.load()).await?;
     spawn_housekeeping(Arc::downgrade(&shared));

@@ -155,7 +155,7 @@ async fn accept_loop(
     loop {
         let next = tokio::select! {
             a = listener.accept() => a,
-            _ = stopped.changed() => return,
+            _ = stopped.changed() => return serve_backlog(&shared, &listener, &accepted),
         };
         let Some(shared) = shared.upgrade() else {
             return;
@@ -168,6 +168,24 @@ async fn accept_loop(
                 tracing::warn!(listener = %accepted.listener, error = %e, "accept failed; backing off");
                 tokio::time::sleep(ACCEPT_BACKOFF).await;
             }
+        }
+    }
+}
+
+/// Serves what the kernel already accepted into the backlog before the socket closes:
+/// closing a listener resets those connections, which would turn a zero-downtime restart
+/// into refused clients.
+fn serve_backlog(shared: &Weak<Shared>, listener: &TcpListener, accepted: &Accepted) {
+    use futures_util::FutureExt;
+    let Some(shared) = shared.upgrade() else {
+        return;
+    };
+    for _ in 0..BACKLOG {
+        match listener.accept().now_or_never() {
+            Some(Ok((stream, peer))) => {
+                tokio::spawn(serve(shared.clone(), accepted.clone(), stream, peer));
+            }
+            _ => return,
         }
     }
 }
@@ -612,7 +630,7 @@ impl Conn {
             client_ip::client_ip(self.peer.ip(), &parts.headers, &config.trusted_proxies);
         info.client_ip = Some(client_ip);
         info.request_id = request_id(&parts.headers);
-        if self.shared.draining.load(Ordering::Acquire) {
+        if self.shared.registry.past_drain_window() {
             return self.refuse(&info, Rejection::Draining, None);
         }
         if self.over_capacity {

@@ -119,6 +119,12 @@ impl Registry {
         }
     }
 
+    /// A process-wide drain began and its spread window is over: too late to upgrade.
+    pub fn past_drain_window(&self) -> bool {
+        let until = self.draining_until.lock().ok().and_then(|d| *d);
+        until.is_some_and(|u| Instant::now() >= u)
+    }
+
     pub fn len(&self) -> usize {
         self.live.lock().map_or(0, |l| l.len())
     }
