@@ -219,7 +219,7 @@ struct Proc {
 }
 
 impl Proc {
-    fn start(config: &PathBuf) -> Proc {
+    fn start(config: &std::path::Path) -> Proc {
         let child = Command::new(BIN)
             .args(["--config", &config.to_string_lossy()])
             .stdout(Stdio::null())
