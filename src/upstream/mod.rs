@@ -4,6 +4,8 @@
 //! Owns backend choice (one backend per upstream for now; pools slot in at
 //! [`pick_backend`]), the forwarded request headers, and the checks on the upstream's 101.
 
+pub mod hash;
+
 use std::net::SocketAddr;
 
 use bytes::Bytes;
