@@ -17,6 +17,8 @@ pub enum Rejection {
     NoRoute,
     Subprotocol,
     Capacity,
+    /// Every backend of the upstream is down or draining (or none resolved).
+    NoBackend,
     UpstreamConnect,
     UpstreamTimeout,
     /// The upstream answered with this status instead of 101; its response is relayed.
@@ -48,7 +50,7 @@ impl Rejection {
             Rejection::BadUpgrade | Rejection::Subprotocol => StatusCode::BAD_REQUEST,
             Rejection::BadVersion | Rejection::UpgradeRequired => StatusCode::UPGRADE_REQUIRED,
             Rejection::NoRoute => StatusCode::NOT_FOUND,
-            Rejection::Capacity => StatusCode::SERVICE_UNAVAILABLE,
+            Rejection::Capacity | Rejection::NoBackend => StatusCode::SERVICE_UNAVAILABLE,
             Rejection::UpstreamConnect => StatusCode::BAD_GATEWAY,
             Rejection::UpstreamTimeout => StatusCode::GATEWAY_TIMEOUT,
             Rejection::UpstreamStatus(s) => {
@@ -69,6 +71,7 @@ impl Rejection {
             Rejection::NoRoute => "no_route",
             Rejection::Subprotocol => "subprotocol",
             Rejection::Capacity => "capacity",
+            Rejection::NoBackend => "no_backend",
             Rejection::UpstreamConnect => "upstream_connect",
             Rejection::UpstreamTimeout => "upstream_timeout",
             Rejection::UpstreamStatus(_) => "upstream_status",
@@ -123,6 +126,7 @@ impl Rejection {
             Rejection::NoRoute => "no_route\n",
             Rejection::Subprotocol => "subprotocol\n",
             Rejection::Capacity => "capacity\n",
+            Rejection::NoBackend => "no_backend\n",
             Rejection::UpstreamConnect => "upstream_connect\n",
             Rejection::UpstreamTimeout => "upstream_timeout\n",
             Rejection::UpstreamStatus(_) => "upstream_status\n",

@@ -6,11 +6,12 @@
 //! - [`listener`]: accept loop; one task per connection runs the HTTP/1.1 upgrade, the
 //!   upstream handshake, the relay and the access-log line.
 //! - [`handshake`]: route matching and the upgrade checks of SPEC §3 (pure).
-//! - [`upstream`]: connecting to a backend and completing its handshake before the 101.
+//! - [`upstream`]: backend pools (sticky rendezvous hashing, health, DNS, drain) and
+//!   connecting to a backend, completing its handshake before the 101.
 //! - [`relay`]: the frame-aware, unbuffered relay of SPEC §4/§5 ([`relay::frame`] parses
 //!   and validates headers; [`relay::pump`] moves one direction's bytes).
 //! - [`observe`]: the JSON access log and tracing setup.
-//! - [`admin`]: `/healthz`, `/readyz`.
+//! - [`admin`]: `/healthz`, `/readyz`, backend drain (`/upstreams/...`).
 //! - [`echo`]: the built-in demo echo upstream.
 //! - [`ids`]: connection ids.
 //! - [`fuzzing`]: entry points for the fuzz targets and their corpus replay.
@@ -44,6 +45,9 @@ pub struct Shared {
     pub access: AccessLog,
     /// Address of the built-in echo upstream, when a route uses it.
     pub echo_addr: Option<SocketAddr>,
+    /// Every upstream's live backends (health, drain, load); reload calls
+    /// [`upstream::pool::Pools::reconcile`].
+    pub pools: Arc<upstream::pool::Pools>,
     /// Connections in any phase, for `limits.max_connections`.
     pub active: AtomicU64,
     /// Connections per client IP, for `limits.max_connections_per_ip`.
@@ -139,6 +143,16 @@ fn spawn_housekeeping(shared: std::sync::Weak<Shared>) {
 /// Binds every listener (all or nothing), starts the access log, the echo upstream and the
 /// admin listener, and begins accepting.
 pub async fn start(config: Config, sink: Sink) -> Result<Gateway, StartError> {
+    start_with(config, sink, upstream::pool::PoolOptions::default()).await
+}
+
+/// [`start`] with pool options that are not in the config file (a test resolver, the DNS
+/// refresh period).
+pub async fn start_with(
+    config: Config,
+    sink: Sink,
+    pool_options: upstream::pool::PoolOptions,
+) -> Result<Gateway, StartError> {
     let mut bound = Vec::with_capacity(config.listeners.len());
     for l in &config.listeners {
         let listener = TcpListener::bind(l.bind)
@@ -185,6 +199,7 @@ pub async fn start(config: Config, sink: Sink) -> Result<Gateway, StartError> {
         None
     };
     let access = AccessLog::start(sink).map_err(StartError::AccessLog)?;
+    let pools = upstream::pool::Pools::start(&config, echo_addr, pool_options).await;
     let ready = Arc::new(AtomicBool::new(false));
     let handshake_rate = admission::ip_limit::HandshakeRate::new(config.limits.handshakes_per_ip)
         .map_err(StartError::Rate)?;
@@ -192,6 +207,7 @@ pub async fn start(config: Config, sink: Sink) -> Result<Gateway, StartError> {
         config,
         access,
         echo_addr,
+        pools: pools.clone(),
         active: AtomicU64::new(0),
         per_ip: admission::ip_limit::IpLimiter::new(),
         handshake_rate,
@@ -222,7 +238,7 @@ pub async fn start(config: Config, sink: Sink) -> Result<Gateway, StartError> {
     }
     let admin = admin.map(|(l, addr)| {
         tracing::info!(%addr, "admin listening");
-        admin::spawn(l, ready.clone());
+        admin::spawn(l, ready.clone(), Arc::downgrade(&pools));
         addr
     });
     ready.store(true, Ordering::Release);

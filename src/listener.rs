@@ -32,7 +32,8 @@ use crate::handshake::{self, Rejection};
 use crate::observe::access_log::{Counts, Record, now_rfc3339};
 use crate::relay::{self, Settings};
 use crate::tls::TlsInfo;
-use crate::upstream::{self, Connected, Failure, Forwarded, UpstreamStream};
+use crate::upstream::pool::Lease;
+use crate::upstream::{self, Connected, Failure, Forwarded, UpstreamStream, sticky};
 use crate::{Shared, ids};
 
 /// Largest request head hyper will buffer (hyper's floor is 8 KiB); beyond → 431.
@@ -109,6 +110,8 @@ struct RequestInfo {
     subject: Option<String>,
     /// The full path and query, kept until the route says what to redact.
     query: Option<String>,
+    /// The sticky key's kind and whether it fell back to the client IP.
+    sticky: Option<sticky::KeyLog>,
 }
 
 impl RequestInfo {
@@ -151,6 +154,8 @@ struct Established {
     info: RequestInfo,
     /// Counts the connection against its client's per-IP cap until the task ends.
     _permit: IpPermit,
+    /// Counts the connection on its backend (bounded load, metrics) until the task ends.
+    _lease: Lease,
 }
 
 /// Per-connection state shared between the hyper service and the connection task.
@@ -477,6 +482,7 @@ where
         settings,
         info,
         _permit,
+        _lease,
     } = est;
     let relayed = relay::relay(client, client_early, upstream, upstream_early, &settings);
     async move {
@@ -485,6 +491,7 @@ where
         Record::set_report(&mut record, &report);
         conn.shared.access.log(&record);
         drop(_permit);
+        drop(_lease);
     }
 }
 
@@ -521,7 +528,11 @@ impl Conn {
         if let Err(refusal) = policy.origins.check_headers(&parts.headers) {
             return self.refuse(&info, refusal.into(), None);
         }
-        let pass = match authorize(policy, &parts) {
+        let sticky_claim = match &route.upstream.sticky {
+            crate::config::StickyKey::Claim(name) => Some(name.as_str()),
+            _ => None,
+        };
+        let pass = match authorize(policy, &parts, sticky_claim) {
             Ok(pass) => pass,
             Err(refusal) => {
                 if let crate::admission::Refusal::Token { error } = refusal {
@@ -552,7 +563,17 @@ impl Conn {
             tls: self.tls.is_some(),
             conn_id: &self.conn_id,
         };
-        match upstream::connect(&upstream_parts, &admitted, &fwd, self.shared.echo_addr).await {
+        let key = sticky::key(
+            &route.upstream.sticky,
+            &parts,
+            pass.sticky_claim.as_deref(),
+            client_ip,
+        );
+        info.sticky = Some(key.log);
+        let Some(pool) = self.shared.pools.get(&route.upstream.name) else {
+            return self.refuse(&info, Rejection::NoBackend, None);
+        };
+        match upstream::connect(&upstream_parts, &admitted, &fwd, &pool, &key.bytes).await {
             Ok(up) => {
                 let Connected {
                     stream,
@@ -560,6 +581,7 @@ impl Conn {
                     backend,
                     mut response_headers,
                     extensions,
+                    lease,
                 } = up;
                 let mut settings = Settings::new(&route.limits, &config.keepalive, extensions);
                 settings.expires_at = pass.expires_at;
@@ -579,11 +601,14 @@ impl Conn {
                         settings,
                         info,
                         _permit: permit,
+                        _lease: lease,
                     }));
                 }
                 switching_protocols(response_headers)
             }
-            Err(Failure::Proxy(r, backend)) => self.refuse(&info, r, Some(&backend)),
+            Err(Failure::Proxy(r, backend)) => {
+                self.refuse(&info, r, Some(backend.as_str()).filter(|b| !b.is_empty()))
+            }
             Err(Failure::Status(resp, backend)) => {
                 let status = resp.status().as_u16();
                 self.log_reject(
@@ -634,6 +659,7 @@ impl Conn {
             user_agent: info.user_agent.as_deref(),
             subject: info.subject.as_deref(),
             upstream: backend,
+            sticky: info.sticky,
             status,
             duration_ms: self.started.elapsed().as_millis() as u64,
             c2u: Counts::default(),
@@ -662,12 +688,15 @@ struct Pass {
     claims: Vec<(http::HeaderName, HeaderValue)>,
     /// Headers the proxy sets from claims: the client's copies never pass.
     claim_headers: Vec<http::HeaderName>,
+    /// The upstream's `claim:NAME` sticky key, when the token has it.
+    sticky_claim: Option<String>,
 }
 
 /// Checks the route's JWT and API key (SPEC §2 `auth`).
 fn authorize(
     policy: &RouteAdmission,
     parts: &request::Parts,
+    sticky_claim: Option<&str>,
 ) -> Result<Pass, crate::admission::Refusal> {
     let mut pass = Pass::default();
     let query = parts.uri.query();
@@ -681,6 +710,7 @@ fn authorize(
             .get("sub")
             .and_then(|s| s.as_str())
             .map(str::to_owned);
+        pass.sticky_claim = sticky_claim.and_then(|c| sticky::claim_text(&authorized.claims, c));
         for (claim, header) in &jwt.forward_claims {
             if let Some(value) = token::claim_header_value(&authorized.claims, claim) {
                 pass.claims.push((header.clone(), value));
