@@ -633,9 +633,10 @@ pub struct UpstreamSnapshot {
     pub backends: Vec<BackendSnapshot>,
 }
 
-/// One backend's state: `wsgate_backend_up` is `up && !draining`-agnostic (`up` alone),
-/// `wsgate_backend_connections` is `active`, `wsgate_upstream_connect_errors_total` is
-/// `connect_errors` (a counter; it restarts if the backend leaves and comes back).
+/// One backend's state. For SPEC §7: `wsgate_backend_up` is `up` (health only; a
+/// draining backend is still up), `wsgate_backend_connections` is `active`, and
+/// `wsgate_upstream_connect_errors_total` is `connect_errors` (a counter that restarts
+/// when a backend leaves the pool and comes back).
 #[derive(Debug, Clone, Serialize)]
 pub struct BackendSnapshot {
     /// Resolved `ip:port` (the metric's `backend` label).
