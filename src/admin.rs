@@ -2,7 +2,9 @@
 //! - `GET /healthz` → 200 while the process runs;
 //! - `GET /readyz` → 200 while listening and not draining, else 503;
 //! - `GET /metrics` → Prometheus metrics (OpenMetrics text);
-//! - `GET /connections` → JSON: live connections per route and backend, and the oldest ones.
+//! - `GET /connections` → JSON: live connections per route and backend, and the oldest ones;
+//! - `/upstreams...` → backend state, drain and undrain ([`crate::upstream::pool::admin`]);
+//!   a drain with `close_within` closes the backend's connections with 1012, spread.
 
 use std::convert::Infallible;
 use std::sync::Arc;
@@ -17,6 +19,7 @@ use hyper_util::rt::TokioIo;
 use tokio::net::TcpListener;
 
 use crate::Shared;
+use crate::upstream::pool;
 
 /// How many of the longest-lived connections `/connections` lists.
 const OLDEST: usize = 20;
@@ -50,6 +53,22 @@ pub fn spawn(listener: TcpListener, shared: Arc<Shared>) {
 }
 
 fn route(req: &Request<Incoming>, shared: &Shared) -> Response<Full<Bytes>> {
+    let uri = req.uri();
+    if let Some(reply) = pool::admin(req.method(), uri.path(), uri.query(), &shared.pools) {
+        if let Some(order) = &reply.drain
+            && let Some(window) = order.close_within
+        {
+            let closing = shared.registry.drain(
+                |e| {
+                    *e.upstream == *order.upstream
+                        && order.backends.iter().any(|b| *b == *e.backend)
+                },
+                window,
+            );
+            tracing::info!(upstream = %order.upstream, backends = ?order.backends, connections = closing, ?window, "backend drain: closing its connections");
+        }
+        return reply.into_response();
+    }
     if req.method() != Method::GET {
         return text(StatusCode::METHOD_NOT_ALLOWED, "method not allowed\n");
     }

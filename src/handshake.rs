@@ -19,6 +19,8 @@ pub enum Rejection {
     Capacity,
     /// Shutting down (SPEC §8).
     Draining,
+    /// Every backend of the upstream is down or draining (or none resolved).
+    NoBackend,
     UpstreamConnect,
     UpstreamTimeout,
     /// The upstream answered with this status instead of 101; its response is relayed.
@@ -50,7 +52,9 @@ impl Rejection {
             Rejection::BadUpgrade | Rejection::Subprotocol => StatusCode::BAD_REQUEST,
             Rejection::BadVersion | Rejection::UpgradeRequired => StatusCode::UPGRADE_REQUIRED,
             Rejection::NoRoute => StatusCode::NOT_FOUND,
-            Rejection::Capacity | Rejection::Draining => StatusCode::SERVICE_UNAVAILABLE,
+            Rejection::Capacity | Rejection::Draining | Rejection::NoBackend => {
+                StatusCode::SERVICE_UNAVAILABLE
+            }
             Rejection::UpstreamConnect => StatusCode::BAD_GATEWAY,
             Rejection::UpstreamTimeout => StatusCode::GATEWAY_TIMEOUT,
             Rejection::UpstreamStatus(s) => {
@@ -72,6 +76,7 @@ impl Rejection {
             Rejection::Subprotocol => "subprotocol",
             Rejection::Capacity => "capacity",
             Rejection::Draining => "draining",
+            Rejection::NoBackend => "no_backend",
             Rejection::UpstreamConnect => "upstream_connect",
             Rejection::UpstreamTimeout => "upstream_timeout",
             Rejection::UpstreamStatus(_) => "upstream_status",
@@ -127,6 +132,7 @@ impl Rejection {
             Rejection::Subprotocol => "subprotocol\n",
             Rejection::Capacity => "capacity\n",
             Rejection::Draining => "draining\n",
+            Rejection::NoBackend => "no_backend\n",
             Rejection::UpstreamConnect => "upstream_connect\n",
             Rejection::UpstreamTimeout => "upstream_timeout\n",
             Rejection::UpstreamStatus(_) => "upstream_status\n",

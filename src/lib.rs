@@ -6,11 +6,13 @@
 //! - [`listener`]: accept loop; one task per connection runs the HTTP/1.1 upgrade, the
 //!   upstream handshake, the relay and the access-log line.
 //! - [`handshake`]: route matching and the upgrade checks of SPEC §3 (pure).
-//! - [`upstream`]: connecting to a backend and completing its handshake before the 101.
+//! - [`upstream`]: backend pools (sticky rendezvous hashing, health, DNS, drain) and
+//!   connecting to a backend, completing its handshake before the 101.
 //! - [`relay`]: the frame-aware, unbuffered relay of SPEC §4/§5 ([`relay::frame`] parses
 //!   and validates headers; [`relay::pump`] moves one direction's bytes).
 //! - [`observe`]: the JSON access log, Prometheus metrics and tracing setup.
-//! - [`admin`]: `/healthz`, `/readyz`, `/metrics`, `/connections`.
+//! - [`admin`]: `/healthz`, `/readyz`, `/metrics`, `/connections`, backend drain
+//!   (`/upstreams/...`).
 //! - [`ops`]: the registry of live connections, drain and hot reload (SPEC §8).
 //! - [`echo`]: the built-in demo echo upstream.
 //! - [`ids`]: connection ids.
@@ -32,7 +34,7 @@ pub mod upstream;
 
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::{Arc, Mutex, OnceLock};
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use arc_swap::ArcSwap;
@@ -52,8 +54,9 @@ pub struct Shared {
     pub metrics: Metrics,
     /// Relayed connections, for `/connections` and drains.
     pub registry: Arc<Registry>,
-    /// Address of the built-in echo upstream, once a route uses it.
-    pub echo_addr: OnceLock<SocketAddr>,
+    /// Every upstream's live backends (health, drain, load) and the built-in echo server;
+    /// reload calls [`upstream::pool::Pools::reconcile`].
+    pub pools: Arc<upstream::pool::Pools>,
     /// Connections in any phase, for `limits.max_connections`.
     pub active: AtomicU64,
     /// Connections per client IP, for `limits.max_connections_per_ip`.
@@ -168,14 +171,14 @@ fn spawn_housekeeping(shared: std::sync::Weak<Shared>) {
 }
 
 /// Starts the built-in echo upstream if a route of `config` uses it and it is not running.
-async fn ensure_echo(shared: &Shared, config: &Config) -> Result<(), StartError> {
+async fn ensure_echo(pools: &upstream::pool::Pools, config: &Config) -> Result<(), StartError> {
     let uses_echo = config
         .upstreams
         .values()
         .any(|u| matches!(u.kind, UpstreamKind::BuiltinEcho));
-    if uses_echo && shared.echo_addr.get().is_none() {
+    if uses_echo && pools.builtin().is_none() {
         let addr = echo::start().await.map_err(StartError::Echo)?;
-        let _ = shared.echo_addr.set(addr);
+        pools.set_builtin(addr);
     }
     Ok(())
 }
@@ -183,6 +186,16 @@ async fn ensure_echo(shared: &Shared, config: &Config) -> Result<(), StartError>
 /// Binds every listener (all or nothing), starts the access log, the echo upstream and the
 /// admin listener, and begins accepting.
 pub async fn start(config: Config, sink: Sink) -> Result<Gateway, StartError> {
+    start_with(config, sink, upstream::pool::PoolOptions::default()).await
+}
+
+/// [`start`] with pool options that are not in the config file (a test resolver, the DNS
+/// refresh period).
+pub async fn start_with(
+    config: Config,
+    sink: Sink,
+    pool_options: upstream::pool::PoolOptions,
+) -> Result<Gateway, StartError> {
     let mut bound = Vec::with_capacity(config.listeners.len());
     for l in &config.listeners {
         bound.push((l.clone(), listener::bind(l)?));
@@ -199,11 +212,21 @@ pub async fn start(config: Config, sink: Sink) -> Result<Gateway, StartError> {
         None => None,
     };
     let access = AccessLog::start(sink).map_err(StartError::AccessLog)?;
+    let echo_addr = match config
+        .upstreams
+        .values()
+        .any(|u| matches!(u.kind, UpstreamKind::BuiltinEcho))
+    {
+        true => Some(echo::start().await.map_err(StartError::Echo)?),
+        false => None,
+    };
+    let pools = upstream::pool::Pools::start(&config, echo_addr, pool_options).await;
     let ready = Arc::new(AtomicBool::new(false));
     let handshake_rate =
         HandshakeRate::new(config.limits.handshakes_per_ip).map_err(StartError::Rate)?;
     let metrics = Metrics::new();
     metrics.watch_log_drops(access.dropped_counter());
+    metrics.watch_backends(pools.clone());
     for warning in &config.warnings {
         tracing::warn!("{warning}");
     }
@@ -212,13 +235,12 @@ pub async fn start(config: Config, sink: Sink) -> Result<Gateway, StartError> {
         access,
         metrics,
         registry: Registry::new(),
-        echo_addr: OnceLock::new(),
+        pools,
         active: AtomicU64::new(0),
         per_ip: admission::ip_limit::IpLimiter::new(),
         handshake_rate: ArcSwap::from_pointee(handshake_rate),
         ready: ready.clone(),
     });
-    ensure_echo(&shared, &shared.config.load()).await?;
     spawn_housekeeping(Arc::downgrade(&shared));
     let mut listeners = Vec::with_capacity(bound.len());
     let mut running = Vec::with_capacity(bound.len());

@@ -33,7 +33,8 @@ use crate::observe::access_log::{Counts, Record, now_rfc3339};
 use crate::ops::registry::{Entry, unix_ms};
 use crate::relay::{self, Settings};
 use crate::tls::TlsInfo;
-use crate::upstream::{self, Connected, Failure, Forwarded, UpstreamStream};
+use crate::upstream::pool::Lease;
+use crate::upstream::{self, Connected, Failure, Forwarded, UpstreamStream, sticky};
 use crate::{Shared, ids};
 
 /// Largest request head hyper will buffer (hyper's floor is 8 KiB); beyond → 431.
@@ -209,6 +210,8 @@ struct RequestInfo {
     request_id: Option<String>,
     /// The route's upstream name.
     upstream: Option<String>,
+    /// The sticky key's kind and whether it fell back to the client IP.
+    sticky: Option<sticky::KeyLog>,
 }
 
 impl RequestInfo {
@@ -252,6 +255,8 @@ struct Established {
     info: RequestInfo,
     /// Counts the connection against its client's per-IP cap until the task ends.
     _permit: IpPermit,
+    /// Counts the connection on its backend (bounded load, metrics) until the task ends.
+    _lease: Lease,
 }
 
 /// Per-connection state shared between the hyper service and the connection task.
@@ -583,6 +588,7 @@ where
         mut settings,
         info,
         _permit,
+        _lease,
     } = est;
     let route = info.route.as_deref().unwrap_or("");
     let metrics = conn.shared.metrics.route(route);
@@ -609,6 +615,7 @@ where
         Record::set_report(&mut record, &report);
         conn.shared.access.log(&record);
         drop(_permit);
+        drop(_lease);
     }
 }
 
@@ -657,7 +664,11 @@ impl Conn {
         if let Err(refusal) = policy.origins.check_headers(&parts.headers) {
             return self.refuse(&info, refusal.into(), None);
         }
-        let pass = match authorize(policy, &parts) {
+        let sticky_claim = match &route.upstream.sticky {
+            crate::config::StickyKey::Claim(name) => Some(name.as_str()),
+            _ => None,
+        };
+        let pass = match authorize(policy, &parts, sticky_claim) {
             Ok(pass) => pass,
             Err(refusal) => {
                 if let crate::admission::Refusal::Token { error } = refusal {
@@ -688,8 +699,17 @@ impl Conn {
             tls: self.tls.is_some(),
             conn_id: &self.conn_id,
         };
-        let echo = self.shared.echo_addr.get().copied();
-        match upstream::connect(&upstream_parts, &admitted, &fwd, echo).await {
+        let key = sticky::key(
+            &route.upstream.sticky,
+            &parts,
+            pass.sticky_claim.as_deref(),
+            client_ip,
+        );
+        info.sticky = Some(key.log);
+        let Some(pool) = self.shared.pools.get(&route.upstream.name) else {
+            return self.refuse(&info, Rejection::NoBackend, None);
+        };
+        match upstream::connect(&upstream_parts, &admitted, &fwd, &pool, &key.bytes).await {
             Ok(up) => {
                 let Connected {
                     stream,
@@ -697,6 +717,7 @@ impl Conn {
                     backend,
                     mut response_headers,
                     extensions,
+                    lease,
                 } = up;
                 let mut settings = Settings::new(&route.limits, &config.keepalive, extensions);
                 settings.expires_at = pass.expires_at;
@@ -716,11 +737,14 @@ impl Conn {
                         settings,
                         info,
                         _permit: permit,
+                        _lease: lease,
                     }));
                 }
                 switching_protocols(response_headers)
             }
-            Err(Failure::Proxy(r, backend)) => self.refuse(&info, r, Some(&backend)),
+            Err(Failure::Proxy(r, backend)) => {
+                self.refuse(&info, r, Some(backend.as_str()).filter(|b| !b.is_empty()))
+            }
             Err(Failure::Status(resp, backend)) => {
                 let status = resp.status().as_u16();
                 self.log_reject(
@@ -775,6 +799,7 @@ impl Conn {
             user_agent: info.user_agent.as_deref(),
             subject: info.subject.as_deref(),
             upstream: backend,
+            sticky: info.sticky,
             status,
             duration_ms: self.started.elapsed().as_millis() as u64,
             c2u: Counts::default(),
@@ -803,12 +828,15 @@ struct Pass {
     claims: Vec<(http::HeaderName, HeaderValue)>,
     /// Headers the proxy sets from claims: the client's copies never pass.
     claim_headers: Vec<http::HeaderName>,
+    /// The upstream's `claim:NAME` sticky key, when the token has it.
+    sticky_claim: Option<String>,
 }
 
 /// Checks the route's JWT and API key (SPEC §2 `auth`).
 fn authorize(
     policy: &RouteAdmission,
     parts: &request::Parts,
+    sticky_claim: Option<&str>,
 ) -> Result<Pass, crate::admission::Refusal> {
     let mut pass = Pass::default();
     let query = parts.uri.query();
@@ -822,6 +850,7 @@ fn authorize(
             .get("sub")
             .and_then(|s| s.as_str())
             .map(str::to_owned);
+        pass.sticky_claim = sticky_claim.and_then(|c| sticky::claim_text(&authorized.claims, c));
         for (claim, header) in &jwt.forward_claims {
             if let Some(value) = token::claim_header_value(&authorized.claims, claim) {
                 pass.claims.push((header.clone(), value));

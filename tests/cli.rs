@@ -58,15 +58,15 @@ fn check_reports_every_error_with_file_line_column_and_key_path() {
 }
 
 #[test]
-fn not_yet_built_features_are_refused_not_ignored() {
+fn bad_sticky_key_is_refused_with_its_path() {
     let path = temp_config(
         "sticky",
-        "listeners: [{ name: a, bind: \"127.0.0.1:0\" }]\nupstreams:\n  e: { backends: [{ addr: \"127.0.0.1:9\" }], sticky: { key: ip } }\nroutes:\n  - name: r\n    match: { path_prefix: /x }\n    upstream: e\n",
+        "listeners: [{ name: a, bind: \"127.0.0.1:0\" }]\nupstreams:\n  e: { backends: [{ addr: \"127.0.0.1:9\" }], sticky: { key: ipv4 } }\nroutes:\n  - name: r\n    match: { path_prefix: /x }\n    upstream: e\n",
     );
     let (code, _, err) = run(&["--check", "--config", path.to_str().unwrap_or_default()]);
     assert_eq!(code, 1, "{err}");
     assert!(
-        err.contains("upstreams.e.sticky") && err.contains("not supported yet"),
+        err.contains("upstreams.e.sticky.key") && err.contains("not a sticky key"),
         "{err}"
     );
     let _ = std::fs::remove_file(path);

@@ -238,7 +238,7 @@ fn bearer_subprotocol(headers: &HeaderMap) -> Option<(String, Vec<String>)> {
 // ---------------------------------------------------------------------------------------
 
 /// The value of cookie `name` across all `Cookie` header lines.
-fn cookie<'h>(headers: &'h HeaderMap, name: &str) -> Option<&'h str> {
+pub fn cookie<'h>(headers: &'h HeaderMap, name: &str) -> Option<&'h str> {
     headers
         .get_all(header::COOKIE)
         .iter()
@@ -318,7 +318,7 @@ pub fn strip_query(query: &str, names: &[&str]) -> Option<String> {
 }
 
 /// `%XX` decoding; malformed escapes stay as they are, invalid UTF-8 becomes U+FFFD.
-fn percent_decode(s: &str) -> Cow<'_, str> {
+pub fn percent_decode(s: &str) -> Cow<'_, str> {
     if !s.contains('%') {
         return Cow::Borrowed(s);
     }

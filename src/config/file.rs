@@ -59,6 +59,14 @@ pub const DEFAULT_DRAIN_TIMEOUT: Duration = Duration::from_secs(30);
 pub const DEFAULT_CONNECT_TIMEOUT: Duration = Duration::from_secs(3);
 /// `upstreams.*.backends[].weight`: relative share of a backend.
 pub const DEFAULT_WEIGHT: u32 = 1;
+/// `upstreams.*.health_check.interval`: time between two checks of a backend.
+pub const DEFAULT_HEALTH_INTERVAL: Duration = Duration::from_secs(5);
+/// `upstreams.*.health_check.timeout`: budget of one check.
+pub const DEFAULT_HEALTH_TIMEOUT: Duration = Duration::from_secs(2);
+/// `upstreams.*.health_check.unhealthy_after`: consecutive failures that mark a backend down.
+pub const DEFAULT_UNHEALTHY_AFTER: u32 = 3;
+/// `upstreams.*.health_check.healthy_after`: consecutive successes that mark it up again.
+pub const DEFAULT_HEALTHY_AFTER: u32 = 2;
 /// `log.access`: where access-log JSON lines go.
 pub const DEFAULT_LOG_ACCESS: &str = "stdout";
 /// `log.format`: format of operational logs on stderr.
@@ -222,19 +230,19 @@ pub struct FileKeepalive {
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct FileUpstream {
-    /// Backends (exactly one for now); exclusive with `builtin`.
+    /// Backends of the pool; exclusive with `builtin`.
     pub backends: Option<Vec<FileBackend>>,
     /// wsgate-specific: `echo` runs an in-process echo server; exclusive with `backends`.
     pub builtin: Option<Text>,
-    /// TLS to the upstream (not supported yet).
+    /// TLS to the upstream (wss://).
     pub tls: Option<FileUpstreamTls>,
-    /// Sticky key (not supported yet).
+    /// Sticky key; default `ip`.
     pub sticky: Option<FileSticky>,
-    /// Bounded-load balancing (not supported yet).
+    /// Bounded-load balancing; default off.
     pub balance: Option<FileBalance>,
     /// Connect + upstream handshake budget; default 3s; must be > 0.
     pub connect_timeout: Option<DurationValue>,
-    /// Active health checks (not supported yet).
+    /// Active health checks; absent → passive detection only.
     pub health_check: Option<FileHealthCheck>,
 }
 
@@ -268,22 +276,22 @@ pub struct FileSticky {
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct FileBalance {
-    /// Cap a backend at this multiple of the mean load.
+    /// Cap a backend at this multiple (≥ 1) of its weighted share of the mean load.
     pub bounded_load: Option<f64>,
 }
 
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct FileHealthCheck {
-    /// Time between checks.
+    /// Time between checks; default 5s; > 0.
     pub interval: Option<DurationValue>,
-    /// Per-check timeout.
+    /// Per-check timeout; default 2s; at most `interval`.
     pub timeout: Option<DurationValue>,
-    /// HTTP path; absent → TCP connect check.
+    /// HTTP path (GET, 2xx = healthy); absent → TCP connect check.
     pub path: Option<Text>,
-    /// Consecutive failures before marking down.
+    /// Consecutive failures before marking down; default 3; 1..=100.
     pub unhealthy_after: Option<u32>,
-    /// Consecutive successes before marking up.
+    /// Consecutive successes before marking up; default 2; 1..=100.
     pub healthy_after: Option<u32>,
 }
 

@@ -203,13 +203,61 @@ pub struct Upstream {
     pub name: String,
     pub kind: UpstreamKind,
     pub tls: Option<UpstreamTls>,
-    /// Budget for TCP connect plus the upstream WebSocket handshake; > 0.
+    /// Budget for TCP connect plus the upstream WebSocket handshake, per backend tried; > 0.
     pub connect_timeout: Duration,
+    /// Where a connection's sticky key comes from (`sticky.key`); default the client IP.
+    pub sticky: StickyKey,
+    /// `balance.bounded_load`: a backend holding `c` × its weighted share of the mean is
+    /// skipped; `None` = plain rendezvous. Always ≥ 1 (so some backend always has room).
+    pub bounded_load: Option<f64>,
+    /// Active checks; `None` = only passive failure detection.
+    pub health_check: Option<HealthCheck>,
+}
+
+/// SPEC §2 `sticky.key`. A missing value falls back to the client IP.
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub enum StickyKey {
+    #[default]
+    Ip,
+    Header(http::HeaderName),
+    Cookie(String),
+    Query(String),
+    /// A claim of the route's validated JWT; validation requires `auth.jwt` on every route
+    /// using the upstream.
+    Claim(String),
+}
+
+impl StickyKey {
+    /// The key's kind for the access log (never its value).
+    pub fn kind(&self) -> &'static str {
+        match self {
+            StickyKey::Ip => "ip",
+            StickyKey::Header(_) => "header",
+            StickyKey::Cookie(_) => "cookie",
+            StickyKey::Query(_) => "query",
+            StickyKey::Claim(_) => "claim",
+        }
+    }
+}
+
+/// SPEC §2 `health_check`, defaults applied.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct HealthCheck {
+    /// Time between two checks of a backend; > 0.
+    pub interval: Duration,
+    /// Budget of one check (connect, and the GET when `path` is set); 0 < timeout ≤ interval.
+    pub timeout: Duration,
+    /// `Some` → HTTP GET expecting 2xx; `None` → TCP connect.
+    pub path: Option<String>,
+    /// Consecutive failures that mark an up backend down; 1..=100.
+    pub unhealthy_after: u32,
+    /// Consecutive successes that mark a down backend up; 1..=100.
+    pub healthy_after: u32,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum UpstreamKind {
-    /// Exactly one backend for now (pools arrive later).
+    /// A pool: each entry may be a name that resolves to several addresses.
     Backends(Vec<Backend>),
     /// wsgate's in-process echo server (`builtin: echo`), for demos and tests.
     BuiltinEcho,
@@ -218,7 +266,7 @@ pub enum UpstreamKind {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Backend {
     /// `host:port`: a non-empty host (IPv6 in brackets) and a port 1..=65535. Names are
-    /// resolved at connect time, not here.
+    /// resolved by the pool (and re-resolved periodically), not here.
     pub addr: String,
     /// ≥ 1.
     pub weight: u32,

@@ -12,19 +12,20 @@ use std::time::Duration;
 use super::file::{
     DEFAULT_BUFFER_SIZE, DEFAULT_CONNECT_TIMEOUT, DEFAULT_DRAIN_SPREAD, DEFAULT_DRAIN_TIMEOUT,
     DEFAULT_FRAGMENT_TIMEOUT, DEFAULT_HANDSHAKE_BURST, DEFAULT_HANDSHAKE_PER,
-    DEFAULT_HANDSHAKE_RATE, DEFAULT_HANDSHAKE_TIMEOUT, DEFAULT_IDLE_TIMEOUT, DEFAULT_LOG_ACCESS,
+    DEFAULT_HANDSHAKE_RATE, DEFAULT_HANDSHAKE_TIMEOUT, DEFAULT_HEALTH_INTERVAL,
+    DEFAULT_HEALTH_TIMEOUT, DEFAULT_HEALTHY_AFTER, DEFAULT_IDLE_TIMEOUT, DEFAULT_LOG_ACCESS,
     DEFAULT_LOG_FORMAT, DEFAULT_MAX_CONNECTIONS, DEFAULT_MAX_CONNECTIONS_PER_IP,
     DEFAULT_MAX_FRAME_SIZE, DEFAULT_MAX_MESSAGE_SIZE, DEFAULT_MESSAGE_BURST, DEFAULT_MESSAGE_PER,
     DEFAULT_MESSAGE_RATE, DEFAULT_PING_INTERVAL, DEFAULT_PONG_TIMEOUT, DEFAULT_SEND_TIMEOUT,
-    DEFAULT_UPSTREAM_PING_INTERVAL, DEFAULT_WEIGHT, FileApiKeys, FileAuth, FileBackend, FileConfig,
-    FileJwt, FileLimits, FileListener, FileListenerTls, FileMessageRate, FileRoute, FileUpstream,
-    FileUpstreamTls,
+    DEFAULT_UNHEALTHY_AFTER, DEFAULT_UPSTREAM_PING_INTERVAL, DEFAULT_WEIGHT, FileApiKeys, FileAuth,
+    FileBackend, FileBalance, FileConfig, FileHealthCheck, FileJwt, FileLimits, FileListener,
+    FileListenerTls, FileMessageRate, FileRoute, FileSticky, FileUpstream, FileUpstreamTls,
 };
 use super::units::{DurationValue, Text, fmt_duration, fmt_size};
 use super::{
-    AccessTarget, Admin, Backend, Config, Drain, JwtAuth, Keepalive, KeyPath, Limits, Listener,
-    ListenerTls, Log, LogFormat, MessageRate, OnExceed, Route, RouteAdmission, Upstream,
-    UpstreamKind, UpstreamTls,
+    AccessTarget, Admin, Backend, Config, Drain, HealthCheck, JwtAuth, Keepalive, KeyPath, Limits,
+    Listener, ListenerTls, Log, LogFormat, MessageRate, OnExceed, Route, RouteAdmission, StickyKey,
+    Upstream, UpstreamKind, UpstreamTls,
 };
 use crate::admission::client_ip::TrustedProxies;
 use crate::admission::ip_limit::RatePolicy;
@@ -798,18 +799,16 @@ impl Validator {
         if name.trim().is_empty() {
             self.issue(path, "upstream name must not be empty".into());
         }
-        for (set, key, what) in [
-            (file.sticky.is_some(), "sticky", "sticky selection"),
-            (file.balance.is_some(), "balance", "bounded-load balancing"),
-            (file.health_check.is_some(), "health_check", "health checks"),
-        ] {
-            if set {
-                self.issue(
-                    &path.key(key),
-                    format!("`{key}` ({what}) is not supported yet; remove it"),
-                );
-            }
-        }
+        let sticky = file
+            .sticky
+            .map(|st| self.sticky(st, &path.key("sticky").key("key")))
+            .unwrap_or_default();
+        let bounded_load = file
+            .balance
+            .and_then(|b| self.balance(b, &path.key("balance").key("bounded_load")));
+        let health_check = file
+            .health_check
+            .map(|h| self.health_check(h, &path.key("health_check")));
         let connect_timeout = match file.connect_timeout {
             Some(d) => self.positive(d, &path.key("connect_timeout")),
             None => DEFAULT_CONNECT_TIMEOUT,
@@ -859,7 +858,86 @@ impl Validator {
             kind,
             tls,
             connect_timeout,
+            sticky,
+            bounded_load,
+            health_check,
         })
+    }
+
+    fn sticky(&mut self, file: FileSticky, path: &KeyPath) -> StickyKey {
+        match parse_sticky(file.key.value.trim()) {
+            Ok(key) => key,
+            Err(rule) => {
+                self.issue(
+                    path,
+                    format!(
+                        "{} is not a sticky key: {rule}; write `ip`, `header:NAME`, `cookie:NAME`, `query:NAME` or `claim:NAME`",
+                        file.key.shown()
+                    ),
+                );
+                StickyKey::Ip
+            }
+        }
+    }
+
+    fn balance(&mut self, file: FileBalance, path: &KeyPath) -> Option<f64> {
+        let c = file.bounded_load?;
+        if !c.is_finite() || !(1.0..=100.0).contains(&c) {
+            self.issue(
+                path,
+                format!("bounded_load {c} is out of range: it must be between 1 and 100 (1.25 is usual); below 1 no backend could take the next connection"),
+            );
+            return None;
+        }
+        Some(c)
+    }
+
+    fn health_check(&mut self, file: FileHealthCheck, path: &KeyPath) -> HealthCheck {
+        let interval = match file.interval {
+            Some(d) => self.positive(d, &path.key("interval")),
+            None => DEFAULT_HEALTH_INTERVAL,
+        };
+        let timeout = match file.timeout {
+            Some(d) => self.positive(d, &path.key("timeout")),
+            None => DEFAULT_HEALTH_TIMEOUT.min(interval),
+        };
+        if timeout > interval {
+            self.issue(
+                &path.key("timeout"),
+                format!(
+                    "timeout ({}) must not exceed interval ({}); a check must end before the next begins",
+                    fmt_duration(timeout),
+                    fmt_duration(interval)
+                ),
+            );
+        }
+        let path_value = file
+            .path
+            .as_ref()
+            .and_then(|p| self.starts_with_slash(p, &path.key("path")));
+        let mut threshold = |value: Option<u32>, default: u32, key: &str| {
+            let n = value.unwrap_or(default);
+            if !(1..=100).contains(&n) {
+                self.issue(
+                    &path.key(key),
+                    format!("`{key}` must be in 1..=100, got {n}"),
+                );
+            }
+            n
+        };
+        let unhealthy_after = threshold(
+            file.unhealthy_after,
+            DEFAULT_UNHEALTHY_AFTER,
+            "unhealthy_after",
+        );
+        let healthy_after = threshold(file.healthy_after, DEFAULT_HEALTHY_AFTER, "healthy_after");
+        HealthCheck {
+            interval,
+            timeout,
+            path: path_value,
+            unhealthy_after,
+            healthy_after,
+        }
     }
 
     fn backends(&mut self, file: Vec<FileBackend>, path: &KeyPath) -> Option<UpstreamKind> {
@@ -871,19 +949,23 @@ impl Validator {
             );
             return None;
         }
-        if file.len() > 1 {
-            self.issue(
-                &path.index(1),
-                "more than one backend is not supported yet (pools arrive later); configure one backend".into(),
-            );
-        }
-        let mut backends = Vec::new();
+        let mut backends: Vec<Backend> = Vec::new();
         for (i, backend) in file.into_iter().enumerate() {
             let path = path.index(i);
             let addr = self.backend_addr(&backend.addr, &path.key("addr"));
             let weight = backend.weight.unwrap_or(DEFAULT_WEIGHT);
             if weight == 0 {
                 self.issue(&path.key("weight"), "weight must be at least 1".into());
+            }
+            if let Some(first) = addr
+                .as_ref()
+                .and_then(|a| backends.iter().position(|b| &b.addr == a))
+            {
+                self.issue(
+                    &path.key("addr"),
+                    format!("this address is already backends[{first}]; list each backend once (use `weight` for a bigger share)"),
+                );
+                continue;
             }
             if let Some(addr) = addr {
                 backends.push(Backend { addr, weight });
@@ -991,6 +1073,14 @@ impl Validator {
                     })
                     .collect()
             });
+            if let Some(StickyKey::Claim(claim)) = upstream.as_ref().map(|u| &u.sticky)
+                && admission.jwt.is_none()
+            {
+                self.issue(
+                    &path.key("upstream"),
+                    format!("upstream {} is sticky by `claim:{claim}`, which needs a validated token: add `auth.jwt` to this route or use another sticky key", route.upstream.shown()),
+                );
+            }
             let route_limits =
                 self.limits(limits, route.limits.as_ref(), &path.key("limits"), false);
             if self.issues.len() != before {
@@ -1110,6 +1200,30 @@ fn check_host_port(addr: &str) -> Result<(), &'static str> {
     match port.parse::<u16>() {
         Ok(0) | Err(_) => Err("the port must be a number in 1..=65535"),
         Ok(_) => Ok(()),
+    }
+}
+
+/// `ip` | `header:NAME` | `cookie:NAME` | `query:NAME` | `claim:NAME`.
+fn parse_sticky(text: &str) -> Result<StickyKey, &'static str> {
+    if text == "ip" {
+        return Ok(StickyKey::Ip);
+    }
+    let Some((kind, name)) = text.split_once(':') else {
+        return Err("unknown kind");
+    };
+    if name.is_empty() {
+        return Err("the NAME after `:` is missing");
+    }
+    match kind {
+        "header" => http::HeaderName::from_bytes(name.as_bytes())
+            .map(StickyKey::Header)
+            .map_err(|_| "not a valid header name"),
+        "cookie" if is_token(name) => Ok(StickyKey::Cookie(name.to_owned())),
+        "cookie" => Err("a cookie name is an RFC 7230 token"),
+        "query" if !name.contains(['&', '=', '#', ' ']) => Ok(StickyKey::Query(name.to_owned())),
+        "query" => Err("a query parameter name cannot contain `&`, `=`, `#` or spaces"),
+        "claim" => Ok(StickyKey::Claim(name.to_owned())),
+        _ => Err("unknown kind"),
     }
 }
 
@@ -1296,10 +1410,6 @@ routes:
             paths,
             [
                 "listeners[0].tls.certificates[0].cert",
-                "upstreams.chat.backends[1]",
-                "upstreams.chat.sticky",
-                "upstreams.chat.balance",
-                "upstreams.chat.health_check",
                 "routes[0].auth.jwt.keys[1].jwks_file",
             ]
         );
@@ -1598,40 +1708,159 @@ routes:
     }
 
     #[test]
-    fn not_yet_supported_listener_upstream_and_route_keys_are_refused() {
-        let cases = [
+    fn pools_with_sticky_balance_and_health_checks_load() {
+        let text = MINIMAL.replace(
+            "{ builtin: echo }",
+            "{ backends: [{ addr: \"a:1\", weight: 2 }, { addr: \"[::1]:2\" }], sticky: { key: \"cookie:sid\" }, balance: { bounded_load: 1.25 }, health_check: { interval: 1s, path: /health, healthy_after: 1 } }",
+        );
+        let config = load(&text).unwrap();
+        let up = &config.upstreams["echo"];
+        assert_eq!(
+            up.kind,
+            UpstreamKind::Backends(vec![
+                Backend {
+                    addr: "a:1".into(),
+                    weight: 2
+                },
+                Backend {
+                    addr: "[::1]:2".into(),
+                    weight: 1
+                }
+            ])
+        );
+        assert_eq!(up.sticky, StickyKey::Cookie("sid".into()));
+        assert_eq!(up.bounded_load, Some(1.25));
+        assert_eq!(
+            up.health_check,
+            Some(HealthCheck {
+                interval: Duration::from_secs(1),
+                timeout: Duration::from_secs(1),
+                path: Some("/health".into()),
+                unhealthy_after: 3,
+                healthy_after: 1,
+            })
+        );
+        let plain = load(MINIMAL).unwrap();
+        let up = &plain.upstreams["echo"];
+        assert_eq!(
+            (&up.sticky, up.bounded_load, &up.health_check),
+            (&StickyKey::Ip, None, &None)
+        );
+    }
+
+    #[test]
+    fn sticky_keys_parse_every_kind_and_refuse_the_rest() {
+        let ok = [
+            ("ip", StickyKey::Ip),
             (
-                "{ builtin: echo }",
-                "{ builtin: echo, sticky: { key: ip } }",
-                "upstreams.echo.sticky",
+                "header:X-User",
+                StickyKey::Header(http::HeaderName::from_static("x-user")),
             ),
-            (
-                "{ builtin: echo }",
-                "{ builtin: echo, balance: { bounded_load: 1.25 } }",
-                "upstreams.echo.balance",
-            ),
-            (
-                "{ builtin: echo }",
-                "{ builtin: echo, health_check: { interval: 5s } }",
-                "upstreams.echo.health_check",
-            ),
-            (
-                "{ builtin: echo }",
-                "{ backends: [{ addr: \"a:1\" }, { addr: \"b:2\" }] }",
-                "upstreams.echo.backends[1]",
-            ),
+            ("cookie:sid", StickyKey::Cookie("sid".into())),
+            ("query:room", StickyKey::Query("room".into())),
+            ("claim:sub", StickyKey::Claim("sub".into())),
         ];
-        for (from, to, path) in cases {
-            let errors = errors_of(&MINIMAL.replace(from, to));
-            assert_eq!(errors.len(), 1, "{to}: {errors:#?}");
-            assert_eq!(errors[0].path, path);
+        for (text, want) in ok {
+            assert_eq!(parse_sticky(text), Ok(want), "{text}");
+        }
+        for bad in [
+            "",
+            "ipv6",
+            "header:",
+            "header:a b",
+            "cookie:a;b",
+            "query:a=b",
+            "path:x",
+            "claim:",
+        ] {
+            let text = MINIMAL.replace(
+                "{ builtin: echo }",
+                &format!("{{ builtin: echo, sticky: {{ key: \"{bad}\" }} }}"),
+            );
+            let errors = errors_of(&text);
+            assert_eq!(errors.len(), 1, "{bad}: {errors:#?}");
+            assert_eq!(errors[0].path, "upstreams.echo.sticky.key", "{bad}");
             assert!(
-                errors[0].message.contains("not supported yet"),
+                errors[0].message.contains("not a sticky key"),
                 "{}",
                 errors[0]
             );
+            assert!(errors[0].line > 0);
+        }
+    }
+
+    #[test]
+    fn claim_stickiness_needs_jwt_on_the_route() {
+        let text = MINIMAL.replace(
+            "{ builtin: echo }",
+            "{ builtin: echo, sticky: { key: \"claim:sub\" } }",
+        );
+        assert_one_error(
+            &text,
+            "routes[0].upstream",
+            8,
+            15,
+            "needs a validated token",
+        );
+    }
+
+    #[test]
+    fn balance_and_health_check_ranges_are_checked() {
+        let cases = [
+            (
+                "balance: { bounded_load: 0.5 }",
+                "upstreams.echo.balance.bounded_load",
+            ),
+            (
+                "balance: { bounded_load: .nan }",
+                "upstreams.echo.balance.bounded_load",
+            ),
+            (
+                "health_check: { interval: 0s }",
+                "upstreams.echo.health_check.interval",
+            ),
+            (
+                "health_check: { interval: 1s, timeout: 2s }",
+                "upstreams.echo.health_check.timeout",
+            ),
+            (
+                "health_check: { path: health }",
+                "upstreams.echo.health_check.path",
+            ),
+            (
+                "health_check: { unhealthy_after: 0 }",
+                "upstreams.echo.health_check.unhealthy_after",
+            ),
+            (
+                "health_check: { healthy_after: 101 }",
+                "upstreams.echo.health_check.healthy_after",
+            ),
+        ];
+        for (extra, path) in cases {
+            let text = MINIMAL.replace(
+                "{ builtin: echo }",
+                &format!("{{ builtin: echo, {extra} }}"),
+            );
+            let errors = errors_of(&text);
+            assert_eq!(errors.len(), 1, "{extra}: {errors:#?}");
+            assert_eq!(errors[0].path, path, "{extra}");
             assert!(errors[0].line > 0, "{}", errors[0]);
         }
+        // `balance: {}` is plain rendezvous.
+        let text = MINIMAL.replace("{ builtin: echo }", "{ builtin: echo, balance: {} }");
+        assert_eq!(load(&text).unwrap().upstreams["echo"].bounded_load, None);
+    }
+
+    #[test]
+    fn a_backend_listed_twice_is_refused() {
+        let text = MINIMAL.replace(
+            "{ builtin: echo }",
+            "{ backends: [{ addr: \"a:1\" }, { addr: \"a:1\" }] }",
+        );
+        let errors = errors_of(&text);
+        assert_eq!(errors.len(), 1, "{errors:#?}");
+        assert_eq!(errors[0].path, "upstreams.echo.backends[1].addr");
+        assert!(errors[0].message.contains("already backends[0]"));
     }
 
     #[test]

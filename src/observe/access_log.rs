@@ -183,6 +183,9 @@ pub struct Record<'a> {
     /// The token's `sub` claim (never the token).
     pub subject: Option<&'a str>,
     pub upstream: Option<&'a str>,
+    /// Where the sticky key came from and whether it fell back to the client IP (never
+    /// the key itself); `null` before a backend was chosen.
+    pub sticky: Option<crate::upstream::sticky::KeyLog>,
     pub status: u16,
     pub duration_ms: u64,
     pub c2u: Counts,
@@ -342,6 +345,7 @@ mod tests {
             user_agent: None,
             subject: None,
             upstream: None,
+            sticky: None,
             status: 404,
             duration_ms: 0,
             c2u: Counts::default(),

@@ -437,7 +437,7 @@ fn encode_backends(
     };
     let mut family = enc.encode_descriptor(
         "wsgate_backend_up",
-        "1 when the backend takes new connections (healthy, not drained)",
+        "1 while the backend is considered healthy (a drained backend stays up)",
         None,
         prometheus_client::metrics::MetricType::Gauge,
     )?;

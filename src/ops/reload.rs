@@ -35,9 +35,11 @@ impl Gateway {
         let mut done = Reloaded::default();
         let old = self.shared.config.load_full();
         done.need_restart = restart_only(&old, &config);
-        if let Err(e) = ensure_echo(&self.shared, &config).await {
+        if let Err(e) = ensure_echo(&self.shared.pools, &config).await {
             tracing::error!("reload: {e}");
         }
+        // Health, drain flags and connection counts of backends that stay are kept.
+        self.shared.pools.reconcile(&config).await;
         self.reload_listeners(&config, &mut done);
         if old.limits.handshakes_per_ip != config.limits.handshakes_per_ip {
             match HandshakeRate::new(config.limits.handshakes_per_ip) {

@@ -1,8 +1,15 @@
 //! Connecting to a route's upstream and completing its WebSocket handshake *before* the
 //! client gets its 101 (SPEC §3), so upstream refusals reach the client as HTTP.
 //!
-//! Owns backend choice (one backend per upstream for now; pools slot in at
-//! [`pick_backend`]), the forwarded request headers, and the checks on the upstream's 101.
+//! Owns the connect loop (the key's backend, then failover in rendezvous order before any
+//! 101), the forwarded request headers, and the checks on the upstream's 101. Pools,
+//! hashing, health, DNS and sticky keys live in the submodules.
+
+pub mod hash;
+mod health;
+pub mod pool;
+pub mod resolve;
+pub mod sticky;
 
 use std::net::SocketAddr;
 
@@ -19,8 +26,9 @@ use std::task::{Context, Poll};
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::TcpStream;
 
-use crate::config::{Upstream, UpstreamKind};
+use crate::config::UpstreamTls;
 use crate::handshake::{Admitted, Rejection, has_token};
+use pool::{Lease, Pool};
 
 /// Headers that describe one hop, never forwarded (RFC 9110 §7.6.1), besides those the
 /// `Connection` header names.
@@ -60,6 +68,8 @@ pub struct Connected {
     pub response_headers: HeaderMap,
     /// Negotiated `Sec-WebSocket-Extensions` ("" when none).
     pub extensions: String,
+    /// Counts this connection on its backend; hold it for the whole relay.
+    pub lease: Lease,
 }
 
 /// Why the upstream handshake failed.
@@ -70,61 +80,87 @@ pub enum Failure {
     Status(Response<Incoming>, String),
 }
 
-/// The backend for this connection. One per upstream today; sticky pools replace this.
-fn pick_backend(upstream: &Upstream, builtin_echo: Option<SocketAddr>) -> Option<String> {
-    match &upstream.kind {
-        UpstreamKind::Backends(list) => list.first().map(|b| b.addr.clone()),
-        UpstreamKind::BuiltinEcho => builtin_echo.map(|a| a.to_string()),
-    }
-}
+/// Backends tried per client handshake: the key's own, then the next ones in its
+/// rendezvous order (each with the full `connect_timeout`), before the client gets a
+/// 502/504. Three bounds the wait at 3 × `connect_timeout` while riding out one or two
+/// dead backends that health checks have not caught yet.
+pub const MAX_ATTEMPTS: usize = 3;
 
-/// Connects and upgrades, all within the upstream's `connect_timeout`.
+/// Connects and upgrades to the key's backend, failing over (before any 101) to the next
+/// backends in rendezvous order when a connect or handshake fails. Each attempt has the
+/// upstream's `connect_timeout`.
 pub async fn connect(
     req: &request::Parts,
     admitted: &Admitted<'_>,
     fwd: &Forwarded<'_>,
-    builtin_echo: Option<SocketAddr>,
+    pool: &Pool,
+    key: &[u8],
 ) -> Result<Connected, Failure> {
     let upstream = &admitted.route.upstream;
-    let Some(backend) = pick_backend(upstream, builtin_echo) else {
-        return Err(Failure::Proxy(Rejection::UpstreamConnect, String::new()));
-    };
-    let timeout = upstream.connect_timeout;
-    match tokio::time::timeout(timeout, handshake(req, admitted, fwd, &backend)).await {
-        Ok(result) => result,
-        Err(_) => Err(Failure::Proxy(Rejection::UpstreamTimeout, backend)),
+    let mut candidates = pool.candidates(key, upstream.bounded_load);
+    let mut last = Failure::Proxy(Rejection::NoBackend, String::new());
+    for _ in 0..MAX_ATTEMPTS {
+        let Some(lease) = candidates.next() else {
+            break;
+        };
+        let backend = lease.backend().clone();
+        let attempt = handshake(req, admitted, fwd, lease);
+        let failure = match tokio::time::timeout(upstream.connect_timeout, attempt).await {
+            Ok(Ok(connected)) => {
+                pool.connect_succeeded(&backend);
+                return Ok(connected);
+            }
+            // The backend answered: it is reachable, and its answer is the client's.
+            Ok(Err(f @ Failure::Status(..))) => {
+                pool.connect_succeeded(&backend);
+                return Err(f);
+            }
+            // Our own request could not be built: no other backend would take it either.
+            Ok(Err(f @ Failure::Proxy(Rejection::BadUpgrade, _))) => return Err(f),
+            Ok(Err(f)) => f,
+            Err(_) => Failure::Proxy(Rejection::UpstreamTimeout, backend.identity.clone()),
+        };
+        pool.connect_failed(&backend);
+        tracing::debug!(upstream = %upstream.name, backend = %backend.identity, "backend failed; trying the key's next backend");
+        last = failure;
     }
+    Err(last)
+}
+
+/// A stream to `addr`: TCP, then TLS when the upstream has `tls` (SNI: the configured
+/// `sni`, else the backend's configured host).
+pub(crate) async fn open(
+    addr: SocketAddr,
+    host: &str,
+    tls: Option<&UpstreamTls>,
+) -> io::Result<UpstreamStream> {
+    let tcp = TcpStream::connect(addr).await?;
+    let _ = tcp.set_nodelay(true);
+    let Some(tls) = tls else {
+        return Ok(UpstreamStream::Plain(tcp));
+    };
+    let name = tls.sni.clone().unwrap_or_else(|| host.to_owned());
+    let name = rustls_pki_types::ServerName::try_from(name)
+        .map_err(|e| io::Error::new(io::ErrorKind::InvalidInput, e))?;
+    let connector = tokio_rustls::TlsConnector::from(tls.client.clone());
+    let stream = connector.connect(name, tcp).await?;
+    Ok(UpstreamStream::Tls(Box::new(stream)))
 }
 
 async fn handshake(
     req: &request::Parts,
     admitted: &Admitted<'_>,
     fwd: &Forwarded<'_>,
-    backend: &str,
+    lease: Lease,
 ) -> Result<Connected, Failure> {
+    let b = lease.backend().clone();
+    let backend = b.identity.as_str();
     let fail = |r: Rejection| Failure::Proxy(r, backend.to_owned());
-    let tcp = TcpStream::connect(backend).await.map_err(|e| {
+    let tls = admitted.route.upstream.tls.as_ref();
+    let stream = open(b.addr, &b.host, tls).await.map_err(|e| {
         tracing::debug!(backend, error = %e, "upstream connect failed");
         fail(Rejection::UpstreamConnect)
     })?;
-    let _ = tcp.set_nodelay(true);
-    let stream = match &admitted.route.upstream.tls {
-        None => UpstreamStream::Plain(tcp),
-        Some(tls) => {
-            let name = tls
-                .sni
-                .clone()
-                .unwrap_or_else(|| host_of(backend).to_owned());
-            let name = rustls_pki_types::ServerName::try_from(name)
-                .map_err(|_| fail(Rejection::UpstreamConnect))?;
-            let connector = tokio_rustls::TlsConnector::from(tls.client.clone());
-            let stream = connector.connect(name, tcp).await.map_err(|e| {
-                tracing::warn!(backend, error = %e, "upstream TLS handshake failed");
-                fail(Rejection::UpstreamConnect)
-            })?;
-            UpstreamStream::Tls(Box::new(stream))
-        }
-    };
     let (mut sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(stream))
         .await
         .map_err(|_| fail(Rejection::UpstreamConnect))?;
@@ -160,6 +196,7 @@ async fn handshake(
         backend: backend.to_owned(),
         response_headers,
         extensions,
+        lease,
     })
 }
 
@@ -270,12 +307,6 @@ fn check_101(
 
 fn ext_name(ext: &str) -> &str {
     ext.split(';').next().unwrap_or("").trim()
-}
-
-/// The host part of `host:port` (brackets stripped for IPv6), for SNI.
-fn host_of(addr: &str) -> &str {
-    let host = addr.rsplit_once(':').map_or(addr, |(h, _)| h);
-    host.trim_start_matches('[').trim_end_matches(']')
 }
 
 /// A connection to a backend: plain TCP, or TLS (boxed: rustls's state is large and most

@@ -365,3 +365,89 @@ pub async fn closes_tcp(s: &mut TcpStream) -> bool {
     };
     tokio::time::timeout(PATIENCE, fut).await.unwrap_or(false)
 }
+
+/// A backend that says who it is: each upgraded connection first receives one text frame
+/// holding its name, then is held (a close frame is answered) until the peer goes or
+/// `PATIENCE` passes idle; any other request (a health check) gets `200 ok`. `kill()`
+/// closes the listener and every connection at once, like a crashed process.
+pub struct NamedBackend {
+    pub addr: SocketAddr,
+    pub name: String,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl NamedBackend {
+    pub async fn start(name: &str) -> NamedBackend {
+        let listener = TcpListener::bind("127.0.0.1:0")
+            .await
+            .unwrap_or_else(|e| panic!("{e}"));
+        NamedBackend::serve(name, listener)
+    }
+
+    /// On a given address (e.g. `127.0.0.2:PORT`, for DNS tests); `None` if it is taken.
+    pub async fn start_on(name: &str, addr: SocketAddr) -> Option<NamedBackend> {
+        let listener = TcpListener::bind(addr).await.ok()?;
+        Some(NamedBackend::serve(name, listener))
+    }
+
+    fn serve(name: &str, listener: TcpListener) -> NamedBackend {
+        let addr = listener.local_addr().unwrap_or_else(|e| panic!("{e}"));
+        let me = name.to_owned();
+        let task = tokio::spawn(async move {
+            // Owned by this task: aborting it aborts every connection.
+            let mut conns = tokio::task::JoinSet::new();
+            while let Ok((s, _)) = listener.accept().await {
+                conns.spawn(named_conn(s, me.clone()));
+                while conns.try_join_next().is_some() {}
+            }
+        });
+        NamedBackend {
+            addr,
+            name: name.to_owned(),
+            task,
+        }
+    }
+
+    pub fn kill(&self) {
+        self.task.abort();
+    }
+}
+
+impl Drop for NamedBackend {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}
+
+async fn named_conn(mut s: TcpStream, name: String) {
+    let head = read_head(&mut s).await;
+    let Some(key) = header_value(&head, "sec-websocket-key") else {
+        let _ = s
+            .write_all(b"HTTP/1.1 200 OK\r\ncontent-length: 3\r\nconnection: close\r\n\r\nok\n")
+            .await;
+        return;
+    };
+    let accept = tokio_tungstenite::tungstenite::handshake::derive_accept_key(key.as_bytes());
+    let resp = format!(
+        "HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\nConnection: Upgrade\r\nSec-WebSocket-Accept: {accept}\r\n\r\n"
+    );
+    if s.write_all(resp.as_bytes()).await.is_err()
+        || s.write_all(&server_frame(0x81, name.as_bytes()))
+            .await
+            .is_err()
+    {
+        return;
+    }
+    while let Some((b0, payload)) = read_frame(&mut s).await {
+        if b0 & 0x0F == 0x8 {
+            let _ = s.write_all(&server_frame(0x88, &payload)).await;
+            return;
+        }
+    }
+}
+
+/// An admin request over a fresh connection; returns the whole response.
+pub async fn admin_request(admin: SocketAddr, method: &str, path: &str) -> String {
+    let req = format!("{method} {path} HTTP/1.1\r\nHost: admin\r\nConnection: close\r\n\r\n");
+    raw_request(admin, req.as_bytes()).await
+}

@@ -1,0 +1,684 @@
+//! Upstream pools: the live backends of every upstream, their health, drain flags and
+//! active connections, and the choice of a backend for a sticky key (weighted rendezvous
+//! from [`super::hash`], skipping backends that are down, draining or — with
+//! `balance.bounded_load` — too loaded).
+//!
+//! Owns the per-pool background tasks (DNS refresh, active health checks), which hold only
+//! a `Weak` and end when the pools are dropped. Does not own the connection itself
+//! ([`super::connect`]) nor closing established connections of a drained backend (the
+//! connection registry does that from the [`DrainOrder`] the admin call returns).
+//!
+//! Health model:
+//! - with `health_check`: a backend starts up; `unhealthy_after` consecutive failures
+//!   (active checks and failed connects/handshakes alike) mark it down, and only
+//!   `healthy_after` consecutive passing *active* checks mark it up again;
+//! - without: failed connects/handshakes are still counted, and after
+//!   [`DEFAULT_UNHEALTHY_AFTER`] in a row the backend gets no new connections for
+//!   [`PASSIVE_COOLOFF`]; then the next connection tries it again.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, RwLock, Weak};
+use std::time::Duration;
+
+use serde::Serialize;
+use tokio::sync::watch;
+use tokio::time::Instant;
+
+mod admin;
+pub use admin::{AdminReply, DrainOrder, admin};
+
+use super::hash;
+use super::health;
+use super::resolve::{self, Entry, Resolver};
+use crate::config::file::DEFAULT_UNHEALTHY_AFTER;
+use crate::config::{Config, Upstream, UpstreamKind};
+
+/// Without active checks, a backend that failed this many times in a row is left alone
+/// this long before a connection tries it again.
+pub const PASSIVE_COOLOFF: Duration = Duration::from_secs(10);
+
+/// How long the health task sleeps when its pool has no `health_check` (it is woken
+/// early when a reload adds one).
+const NO_CHECK_SLEEP: Duration = Duration::from_secs(3600);
+
+/// Options that are not in the config file: the resolver (tests inject one) and how
+/// often names are looked up again.
+#[derive(Clone)]
+pub struct PoolOptions {
+    pub resolver: Arc<dyn Resolver>,
+    pub dns_refresh: Duration,
+}
+
+impl Default for PoolOptions {
+    fn default() -> Self {
+        PoolOptions {
+            resolver: Arc::new(resolve::SystemResolver),
+            dns_refresh: resolve::DEFAULT_REFRESH,
+        }
+    }
+}
+
+// === backends ===
+
+/// One resolved backend: an address of a configured entry. Shared by the pool's member
+/// list and every [`Lease`] on it, so counts survive re-resolution and reloads.
+#[derive(Debug)]
+pub struct BackendState {
+    pub addr: SocketAddr,
+    /// `addr` as text: the rendezvous identity, the metric label, the access-log value.
+    pub identity: String,
+    /// The configured `addr` it was resolved from (`chat-2.internal:9001`).
+    pub entry: String,
+    /// Host part of `entry`: SNI and `Host` header towards the backend.
+    pub host: String,
+    seed: u64,
+    weight: AtomicU32,
+    up: AtomicBool,
+    draining: AtomicBool,
+    active: AtomicU64,
+    connect_errors: AtomicU64,
+    /// Consecutive failures (checks or connects), reset by any success.
+    fails: AtomicU32,
+    /// Consecutive passing active checks, reset by any failure.
+    passes: AtomicU32,
+    /// Passive-only pools: milliseconds since the pool's epoch before which the backend
+    /// gets no new connections.
+    cool_until_ms: AtomicU64,
+}
+
+impl BackendState {
+    fn new(addr: SocketAddr, entry: &str, weight: u32) -> BackendState {
+        let identity = addr.to_string();
+        let host = entry
+            .rsplit_once(':')
+            .map_or(entry, |(h, _)| h)
+            .trim_start_matches('[')
+            .trim_end_matches(']')
+            .to_owned();
+        BackendState {
+            seed: hash::backend_seed(&identity),
+            addr,
+            identity,
+            entry: entry.to_owned(),
+            host,
+            weight: AtomicU32::new(weight),
+            up: AtomicBool::new(true),
+            draining: AtomicBool::new(false),
+            active: AtomicU64::new(0),
+            connect_errors: AtomicU64::new(0),
+            fails: AtomicU32::new(0),
+            passes: AtomicU32::new(0),
+            cool_until_ms: AtomicU64::new(0),
+        }
+    }
+
+    pub fn is_up(&self) -> bool {
+        self.up.load(Ordering::Acquire)
+    }
+
+    pub fn is_draining(&self) -> bool {
+        self.draining.load(Ordering::Acquire)
+    }
+
+    pub fn active(&self) -> u64 {
+        self.active.load(Ordering::Relaxed)
+    }
+
+    fn weight(&self) -> u32 {
+        self.weight.load(Ordering::Relaxed)
+    }
+
+    fn eligible(&self, now_ms: u64) -> bool {
+        self.is_up() && !self.is_draining() && self.cool_until_ms.load(Ordering::Relaxed) <= now_ms
+    }
+}
+
+/// Counts one connection on a backend while it lives (bounded load, metrics); the
+/// connection holds it from the choice until the relay ends.
+#[derive(Debug)]
+#[must_use]
+pub struct Lease(Arc<BackendState>);
+
+impl Lease {
+    fn new(backend: Arc<BackendState>) -> Lease {
+        backend.active.fetch_add(1, Ordering::Relaxed);
+        Lease(backend)
+    }
+
+    pub fn backend(&self) -> &Arc<BackendState> {
+        &self.0
+    }
+}
+
+impl Drop for Lease {
+    fn drop(&mut self) {
+        self.0.active.fetch_sub(1, Ordering::Relaxed);
+    }
+}
+
+// === one pool ===
+
+/// The member list, replaced whole (never edited) when DNS or config changes.
+#[derive(Debug, Default)]
+struct Members {
+    /// Sorted by identity (the rendezvous tie rule).
+    backends: Vec<Arc<BackendState>>,
+    /// (seed, weight) per backend, for [`hash::rank`].
+    keys: Vec<(u64, u32)>,
+}
+
+/// One upstream's live pool.
+pub struct Pool {
+    name: String,
+    spec: RwLock<Arc<Upstream>>,
+    members: RwLock<Arc<Members>>,
+    /// Identities and entries drained through the admin API; kept across rebuilds.
+    drained: Mutex<BTreeSet<String>>,
+    /// Last good addresses of each configured entry: a failed lookup keeps them.
+    resolved: Mutex<BTreeMap<String, Vec<SocketAddr>>>,
+    /// Where a builtin upstream listens (the echo server).
+    builtin: Option<SocketAddr>,
+    options: PoolOptions,
+    epoch: Instant,
+    /// Wakes the background tasks early when a reload changed the config; dropped with
+    /// the pool, which ends them (a closed channel is seen even by a task that was busy).
+    wake: watch::Sender<()>,
+}
+
+impl Pool {
+    fn new(upstream: Arc<Upstream>, builtin: Option<SocketAddr>, options: PoolOptions) -> Pool {
+        Pool {
+            name: upstream.name.clone(),
+            spec: RwLock::new(upstream),
+            members: RwLock::new(Arc::default()),
+            drained: Mutex::default(),
+            resolved: Mutex::default(),
+            builtin,
+            options,
+            epoch: Instant::now(),
+            wake: watch::Sender::new(()),
+        }
+    }
+
+    pub fn name(&self) -> &str {
+        &self.name
+    }
+
+    fn spec(&self) -> Arc<Upstream> {
+        match self.spec.read() {
+            Ok(s) => s.clone(),
+            Err(poisoned) => poisoned.into_inner().clone(),
+        }
+    }
+
+    fn members(&self) -> Arc<Members> {
+        match self.members.read() {
+            Ok(m) => m.clone(),
+            Err(poisoned) => poisoned.into_inner().clone(),
+        }
+    }
+
+    /// The backends now in the pool (sorted by identity).
+    pub fn backends(&self) -> Vec<Arc<BackendState>> {
+        self.members().backends.clone()
+    }
+
+    fn now_ms(&self) -> u64 {
+        u64::try_from(self.epoch.elapsed().as_millis()).unwrap_or(u64::MAX)
+    }
+
+    /// The key's backends in rendezvous order, to be taken one at a time.
+    pub fn candidates(&self, key: &[u8], bounded_load: Option<f64>) -> Candidates {
+        let members = self.members();
+        let order = hash::rank(key, &members.keys);
+        Candidates {
+            tried: vec![false; members.backends.len()],
+            members,
+            order,
+            bounded_load,
+            now_ms: self.now_ms(),
+        }
+    }
+
+    /// A failed connect or upstream handshake (passive health).
+    pub fn connect_failed(&self, b: &BackendState) {
+        b.connect_errors.fetch_add(1, Ordering::Relaxed);
+        b.passes.store(0, Ordering::Relaxed);
+        let fails = b.fails.fetch_add(1, Ordering::AcqRel).saturating_add(1);
+        match &self.spec().health_check {
+            Some(hc) if fails >= hc.unhealthy_after => self.mark_down(b, "connect failures"),
+            Some(_) => {}
+            None if fails >= DEFAULT_UNHEALTHY_AFTER => {
+                let until = self
+                    .now_ms()
+                    .saturating_add(PASSIVE_COOLOFF.as_millis() as u64);
+                let before = b.cool_until_ms.swap(until, Ordering::Relaxed);
+                if before <= self.now_ms() {
+                    tracing::warn!(upstream = %self.name, backend = %b.identity, fails, "backend failing; no new connections for {PASSIVE_COOLOFF:?}");
+                }
+            }
+            None => {}
+        }
+    }
+
+    /// A completed upstream handshake: the failure streak ends.
+    pub fn connect_succeeded(&self, b: &BackendState) {
+        b.fails.store(0, Ordering::Relaxed);
+        b.cool_until_ms.store(0, Ordering::Relaxed);
+    }
+
+    /// One active check's verdict, with hysteresis.
+    pub(crate) fn check_result(&self, b: &BackendState, ok: bool) {
+        let Some(hc) = self.spec().health_check.clone() else {
+            return;
+        };
+        if ok {
+            b.fails.store(0, Ordering::Relaxed);
+            let passes = b.passes.fetch_add(1, Ordering::AcqRel).saturating_add(1);
+            if passes >= hc.healthy_after && !b.up.swap(true, Ordering::AcqRel) {
+                tracing::info!(upstream = %self.name, backend = %b.identity, "backend up (health checks pass)");
+            }
+        } else {
+            b.passes.store(0, Ordering::Relaxed);
+            let fails = b.fails.fetch_add(1, Ordering::AcqRel).saturating_add(1);
+            if fails >= hc.unhealthy_after {
+                self.mark_down(b, "health checks fail");
+            }
+        }
+    }
+
+    fn mark_down(&self, b: &BackendState, why: &str) {
+        b.passes.store(0, Ordering::Relaxed);
+        if b.up.swap(false, Ordering::AcqRel) {
+            tracing::warn!(upstream = %self.name, backend = %b.identity, why, "backend down");
+        }
+    }
+
+    /// Looks names up again and rebuilds the member list; literal addresses need no
+    /// lookup. A failed lookup keeps the entry's previous addresses.
+    pub async fn refresh(&self) {
+        let spec = self.spec();
+        let entries: Vec<(String, u32)> = match &spec.kind {
+            UpstreamKind::Backends(list) => {
+                list.iter().map(|b| (b.addr.clone(), b.weight)).collect()
+            }
+            UpstreamKind::BuiltinEcho => self
+                .builtin
+                .map(|a| vec![(a.to_string(), 1)])
+                .unwrap_or_default(),
+        };
+        let mut fresh = Vec::with_capacity(entries.len());
+        for (entry, weight) in entries {
+            let addrs = self.resolve_entry(&entry).await;
+            fresh.push((entry, weight, addrs));
+        }
+        self.rebuild(&fresh);
+    }
+
+    async fn resolve_entry(&self, entry: &str) -> Vec<SocketAddr> {
+        let Some(parsed) = Entry::parse(entry) else {
+            return Vec::new();
+        };
+        let found = resolve::resolve(self.options.resolver.as_ref(), &parsed).await;
+        let Ok(mut resolved) = self.resolved.lock() else {
+            return Vec::new();
+        };
+        match found {
+            Ok(addrs) => {
+                let old = resolved.insert(entry.to_owned(), addrs.clone());
+                if matches!(parsed, Entry::Name { .. }) && old.as_ref() != Some(&addrs) {
+                    tracing::info!(upstream = %self.name, entry, ?addrs, "backend addresses changed");
+                }
+                addrs
+            }
+            Err(e) => {
+                let kept = resolved.get(entry).cloned().unwrap_or_default();
+                tracing::warn!(upstream = %self.name, entry, error = %e, kept = kept.len(), "backend lookup failed; keeping the previous addresses");
+                kept
+            }
+        }
+    }
+
+    /// Replaces the member list, reusing the state of backends that stay.
+    fn rebuild(&self, fresh: &[(String, u32, Vec<SocketAddr>)]) {
+        let old = self.members();
+        let mut by_addr: BTreeMap<SocketAddr, Arc<BackendState>> = BTreeMap::new();
+        for (entry, weight, addrs) in fresh {
+            for addr in addrs {
+                if by_addr.contains_key(addr) {
+                    continue; // two entries resolving to one address: the first wins
+                }
+                let state = match old.backends.iter().find(|b| b.addr == *addr) {
+                    Some(b) if b.entry == *entry => {
+                        b.weight.store(*weight, Ordering::Relaxed);
+                        b.clone()
+                    }
+                    _ => Arc::new(BackendState::new(*addr, entry, *weight)),
+                };
+                by_addr.insert(*addr, state);
+            }
+        }
+        let mut backends: Vec<Arc<BackendState>> = by_addr.into_values().collect();
+        backends.sort_by(|a, b| a.identity.as_bytes().cmp(b.identity.as_bytes()));
+        let keys = backends.iter().map(|b| (b.seed, b.weight())).collect();
+        let members = Arc::new(Members { backends, keys });
+        self.apply_drains(&members);
+        if let Ok(mut slot) = self.members.write() {
+            *slot = members;
+        }
+    }
+
+    fn apply_drains(&self, members: &Members) {
+        let Ok(drained) = self.drained.lock() else {
+            return;
+        };
+        for b in &members.backends {
+            let on = drained.contains(&b.identity) || drained.contains(&b.entry);
+            b.draining.store(on, Ordering::Release);
+        }
+    }
+
+    /// Drains (or undrains) the backends that `addr` names, by identity (`10.0.0.7:9001`)
+    /// or by configured entry (`chat-2.internal:9001`, every address of it). Returns the
+    /// backends named; empty when none is.
+    pub fn set_drain(&self, addr: &str, on: bool) -> Vec<Arc<BackendState>> {
+        let addr = normalize(addr);
+        let members = self.members();
+        let named: Vec<Arc<BackendState>> = members
+            .backends
+            .iter()
+            .filter(|b| b.identity == addr || b.entry == addr)
+            .cloned()
+            .collect();
+        if named.is_empty() {
+            return named;
+        }
+        if let Ok(mut drained) = self.drained.lock() {
+            if on {
+                drained.insert(addr.clone());
+            } else {
+                drained.remove(&addr);
+                for b in &named {
+                    drained.remove(&b.identity);
+                }
+            }
+        }
+        self.apply_drains(&members);
+        for b in &named {
+            tracing::info!(upstream = %self.name, backend = %b.identity, draining = b.is_draining(), "backend drain changed");
+        }
+        named
+    }
+
+    pub fn snapshot(&self) -> UpstreamSnapshot {
+        let now = self.now_ms();
+        UpstreamSnapshot {
+            upstream: self.name.clone(),
+            backends: self
+                .members()
+                .backends
+                .iter()
+                .map(|b| BackendSnapshot {
+                    addr: b.identity.clone(),
+                    entry: b.entry.clone(),
+                    weight: b.weight(),
+                    up: b.is_up() && b.cool_until_ms.load(Ordering::Relaxed) <= now,
+                    draining: b.is_draining(),
+                    active: b.active(),
+                    connect_errors: b.connect_errors.load(Ordering::Relaxed),
+                })
+                .collect(),
+        }
+    }
+}
+
+/// `[::1]:80` and `::1:80`-style spellings of one address compare equal.
+fn normalize(addr: &str) -> String {
+    addr.parse::<SocketAddr>()
+        .map_or_else(|_| addr.to_owned(), |a| a.to_string())
+}
+
+// === choosing ===
+
+/// A key's backends in rendezvous order; each call to [`Candidates::next`] leases the
+/// next eligible one (up, not draining, under the load bound if any).
+pub struct Candidates {
+    members: Arc<Members>,
+    order: Vec<usize>,
+    tried: Vec<bool>,
+    bounded_load: Option<f64>,
+    now_ms: u64,
+}
+
+impl Candidates {
+    /// The next backend to try; `None` when no eligible backend is left.
+    #[allow(clippy::should_implement_trait)] // not an Iterator: each item is a lease
+    pub fn next(&mut self) -> Option<Lease> {
+        let eligible: Vec<usize> = self
+            .order
+            .iter()
+            .copied()
+            .filter(|&i| !self.tried[i] && self.members.backends[i].eligible(self.now_ms))
+            .collect();
+        let pick = match self.bounded_load {
+            Some(c) => eligible
+                .iter()
+                .copied()
+                .find(|&i| !self.over_bound(i, c))
+                // The bound always leaves room somewhere (c ≥ 1), but failures may have
+                // used it up: then the rendezvous order alone decides.
+                .or(eligible.first().copied()),
+            None => eligible.first().copied(),
+        }?;
+        self.tried[pick] = true;
+        Some(Lease::new(self.members.backends[pick].clone()))
+    }
+
+    /// Consistent hashing with bounded loads (Mirrokni, Thorup, Zadimoghaddam), weighted:
+    /// over the eligible backends, with `T` their active connections and `W` their
+    /// weights, backend `b` may hold at most `ceil(c × (T + 1) × w_b / W)` including the
+    /// new one. The caps add up to at least `T + 1`, so some backend always has room.
+    fn over_bound(&self, i: usize, c: f64) -> bool {
+        let (mut total, mut weights) = (0u64, 0u64);
+        for b in &self.members.backends {
+            if b.eligible(self.now_ms) {
+                total += b.active();
+                weights += u64::from(b.weight());
+            }
+        }
+        let b = &self.members.backends[i];
+        if weights == 0 {
+            return false;
+        }
+        let cap = (c * (total + 1) as f64 * f64::from(b.weight()) / weights as f64).ceil();
+        b.active() as f64 >= cap
+    }
+}
+
+// === all pools ===
+
+/// Every upstream's pool, by name. Lives in [`crate::Shared`].
+pub struct Pools {
+    pools: RwLock<BTreeMap<String, Arc<Pool>>>,
+    /// The built-in echo server, once started (at start or by a reload that needs it).
+    builtin: std::sync::OnceLock<SocketAddr>,
+    options: PoolOptions,
+}
+
+impl Pools {
+    /// Builds the pools of `config`, resolves their names once (so the first connections
+    /// find backends), and starts their background tasks.
+    pub async fn start(
+        config: &Config,
+        builtin: Option<SocketAddr>,
+        options: PoolOptions,
+    ) -> Arc<Pools> {
+        let pools = Arc::new(Pools {
+            pools: RwLock::default(),
+            builtin: builtin.map(std::sync::OnceLock::from).unwrap_or_default(),
+            options,
+        });
+        pools.reconcile(config).await;
+        pools
+    }
+
+    /// Where the built-in echo server listens, if it runs.
+    pub fn builtin(&self) -> Option<SocketAddr> {
+        self.builtin.get().copied()
+    }
+
+    /// Records the built-in echo server started for a reload (before [`Pools::reconcile`]).
+    pub fn set_builtin(&self, addr: SocketAddr) {
+        let _ = self.builtin.set(addr);
+    }
+
+    /// The pool of upstream `name`.
+    pub fn get(&self, name: &str) -> Option<Arc<Pool>> {
+        self.pools.read().ok()?.get(name).cloned()
+    }
+
+    fn all(&self) -> Vec<Arc<Pool>> {
+        self.pools
+            .read()
+            .map(|p| p.values().cloned().collect())
+            .unwrap_or_default()
+    }
+
+    /// Brings the pools in line with a (new) config: pools of removed upstreams end
+    /// (their tasks stop; leases keep their backends alive until the connections end),
+    /// new ones start, and kept ones take the new settings and backend list while keeping
+    /// health, drain flags, error counts and active connections of backends that remain.
+    pub async fn reconcile(&self, config: &Config) {
+        let mut next = BTreeMap::new();
+        for (name, upstream) in &config.upstreams {
+            let (pool, fresh) = match self.get(name) {
+                Some(pool) => {
+                    if let Ok(mut spec) = pool.spec.write() {
+                        *spec = upstream.clone();
+                    }
+                    (pool, false)
+                }
+                None => {
+                    let builtin = self.builtin.get().copied();
+                    let pool = Pool::new(upstream.clone(), builtin, self.options.clone());
+                    (Arc::new(pool), true)
+                }
+            };
+            pool.refresh().await;
+            if fresh {
+                spawn_tasks(&pool);
+            } else {
+                pool.wake.send_replace(());
+            }
+            next.insert(name.clone(), pool);
+        }
+        // Pools left out are dropped here (or when their last connection attempt ends),
+        // which stops their tasks.
+        if let Ok(mut pools) = self.pools.write() {
+            *pools = next;
+        }
+    }
+
+    /// Every pool's backends and their state, for metrics and `GET /upstreams`.
+    pub fn snapshot(&self) -> Vec<UpstreamSnapshot> {
+        self.all().iter().map(|p| p.snapshot()).collect()
+    }
+}
+
+/// Starts the DNS refresh and health-check tasks of a new pool.
+fn spawn_tasks(pool: &Arc<Pool>) {
+    let weak = Arc::downgrade(pool);
+    let every = pool.options.dns_refresh;
+    tokio::spawn(refresh_loop(weak.clone(), pool.wake.subscribe(), every));
+    tokio::spawn(health_loop(weak, pool.wake.subscribe()));
+}
+
+/// Sleeps `wait`, or less when woken; `false` when the pool is gone.
+async fn pause(wait: Duration, wake: &mut watch::Receiver<()>) -> bool {
+    tokio::select! {
+        _ = tokio::time::sleep(wait) => true,
+        changed = wake.changed() => changed.is_ok(),
+    }
+}
+
+async fn refresh_loop(pool: Weak<Pool>, mut wake: watch::Receiver<()>, every: Duration) {
+    loop {
+        if !pause(every, &mut wake).await {
+            return;
+        }
+        let Some(pool) = pool.upgrade() else {
+            return;
+        };
+        pool.refresh().await;
+    }
+}
+
+async fn health_loop(pool: Weak<Pool>, mut wake: watch::Receiver<()>) {
+    loop {
+        let wait = {
+            let Some(pool) = pool.upgrade() else {
+                return;
+            };
+            let spec = pool.spec();
+            match &spec.health_check {
+                Some(hc) => {
+                    health::check_all(&pool, hc, spec.tls.as_ref()).await;
+                    hc.interval
+                }
+                None => NO_CHECK_SLEEP,
+            }
+        };
+        if !pause(wait, &mut wake).await {
+            return;
+        }
+    }
+}
+
+// === snapshots ===
+
+/// One upstream's backends, read at scrape time.
+#[derive(Debug, Clone, Serialize)]
+pub struct UpstreamSnapshot {
+    pub upstream: String,
+    pub backends: Vec<BackendSnapshot>,
+}
+
+/// One backend's state. For SPEC §7: `wsgate_backend_up` is `up` (health only; a
+/// draining backend is still up), `wsgate_backend_connections` is `active`, and
+/// `wsgate_upstream_connect_errors_total` is `connect_errors` (a counter that restarts
+/// when a backend leaves the pool and comes back).
+#[derive(Debug, Clone, Serialize)]
+pub struct BackendSnapshot {
+    /// Resolved `ip:port` (the metric's `backend` label).
+    pub addr: String,
+    /// The configured entry it came from.
+    pub entry: String,
+    pub weight: u32,
+    pub up: bool,
+    pub draining: bool,
+    pub active: u64,
+    pub connect_errors: u64,
+}
+
+impl crate::observe::metrics::BackendSource for Pools {
+    fn backend_samples(&self) -> Vec<crate::observe::metrics::BackendSample> {
+        let mut out = Vec::new();
+        for u in self.snapshot() {
+            for b in u.backends {
+                out.push(crate::observe::metrics::BackendSample {
+                    upstream: u.upstream.clone(),
+                    backend: b.addr,
+                    up: b.up,
+                    connections: b.active,
+                    connect_errors: b.connect_errors,
+                });
+            }
+        }
+        out
+    }
+}
+
+#[cfg(test)]
+mod tests;

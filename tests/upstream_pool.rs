@@ -1,0 +1,404 @@
+//! Sticky upstream pools end to end (SPEC §2 `upstreams`, issue 6): same key → same
+//! backend across connections and across gateway instances; active health checks move
+//! only a dead backend's keys; passive failover before the 101; `no_backend`; drain and
+//! undrain over the admin API; bounded load; DNS changes through an injected resolver.
+
+mod support;
+
+use std::collections::HashMap;
+use std::io;
+use std::net::{IpAddr, SocketAddr};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use support::*;
+use tokio::net::TcpStream;
+use tokio::time::Instant;
+use wsgate::config::Config;
+use wsgate::observe::access_log::Sink;
+use wsgate::upstream::pool::PoolOptions;
+use wsgate::upstream::resolve::{Lookup, Resolver};
+
+/// Keys used for placement checks.
+const KEYS: usize = 30;
+
+fn pool_config(backends: &[&str], extra: &str) -> String {
+    let list: Vec<String> = backends
+        .iter()
+        .map(|a| format!("{{ addr: \"{a}\" }}"))
+        .collect();
+    format!(
+        r#"
+listeners: [{{ name: public, bind: "127.0.0.1:0" }}]
+admin: {{ bind: "127.0.0.1:0" }}
+limits: {{ max_connections_per_ip: 1000, handshakes_per_ip: {{ rate: 10000, per: 1s, burst: 10000 }} }}
+upstreams:
+  app:
+    backends: [{}]
+    sticky: {{ key: "query:room" }}
+    connect_timeout: 1s
+{extra}
+routes:
+  - {{ name: app, match: {{ path_prefix: / }}, upstream: app }}
+"#,
+        list.join(", ")
+    )
+}
+
+async fn backends(n: usize) -> Vec<NamedBackend> {
+    let mut out = Vec::new();
+    for i in 0..n {
+        out.push(NamedBackend::start(&format!("b{i}")).await);
+    }
+    out
+}
+
+fn addrs(bs: &[NamedBackend]) -> Vec<String> {
+    bs.iter().map(|b| b.addr.to_string()).collect()
+}
+
+/// Connects with sticky key `room` (`None`: no key) and returns the backend's name and
+/// the live connection; `Err` with the response head when the gateway refused.
+async fn open(gw: SocketAddr, room: Option<&str>) -> Result<(String, TcpStream), String> {
+    let path = room.map_or("/".to_owned(), |r| format!("/?room={r}"));
+    let (mut s, head) = raw_upgrade(gw, &path, "").await;
+    if !head.starts_with("HTTP/1.1 101") {
+        return Err(head);
+    }
+    let (_, name) = read_frame(&mut s)
+        .await
+        .unwrap_or_else(|| panic!("no name frame"));
+    Ok((String::from_utf8_lossy(&name).into_owned(), s))
+}
+
+async fn who(gw: SocketAddr, room: &str) -> String {
+    match open(gw, Some(room)).await {
+        Ok((name, _)) => name,
+        Err(head) => panic!("refused: {head}"),
+    }
+}
+
+async fn placement(gw: SocketAddr) -> Vec<String> {
+    let mut out = Vec::new();
+    for i in 0..KEYS {
+        out.push(who(gw, &format!("room-{i}")).await);
+    }
+    out
+}
+
+/// Waits (bounded) until `pred` holds for upstream `app`'s snapshot.
+async fn eventually(
+    gw: &TestGateway,
+    what: &str,
+    pred: impl Fn(&[(String, bool, bool, u64)]) -> bool,
+) {
+    let deadline = Instant::now() + PATIENCE;
+    loop {
+        let state = state(gw);
+        if pred(&state) {
+            return;
+        }
+        assert!(Instant::now() < deadline, "{what}: {state:?}");
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+}
+
+/// (addr, up, draining, active) per backend of upstream `app`.
+fn state(gw: &TestGateway) -> Vec<(String, bool, bool, u64)> {
+    gw.gw
+        .shared
+        .pools
+        .snapshot()
+        .into_iter()
+        .filter(|u| u.upstream == "app")
+        .flat_map(|u| u.backends)
+        .map(|b| (b.addr, b.up, b.draining, b.active))
+        .collect()
+}
+
+#[tokio::test]
+async fn same_key_same_backend_across_connections_and_instances() {
+    let bs = backends(3).await;
+    let config = pool_config(
+        &addrs(&bs).iter().map(String::as_str).collect::<Vec<_>>(),
+        "",
+    );
+    let one = spawn_gateway(&config).await;
+    let two = spawn_gateway(&config).await;
+    let first = placement(one.addr()).await;
+    assert_eq!(placement(one.addr()).await, first);
+    assert_eq!(placement(two.addr()).await, first);
+    let used: std::collections::BTreeSet<&String> = first.iter().collect();
+    assert_eq!(
+        used.len(),
+        3,
+        "30 keys should reach all 3 backends: {first:?}"
+    );
+    // The access log names the chosen backend and the key's kind, never its value.
+    let (name, s) = open(one.addr(), Some("room-0"))
+        .await
+        .unwrap_or_else(|h| panic!("{h}"));
+    drop(s);
+    let addr = bs
+        .iter()
+        .find(|b| b.name == name)
+        .map(|b| b.addr.to_string());
+    let line = one
+        .log_line(|l| l["event"] == "ws_close" && l["path"] == "/?room=room-0")
+        .await;
+    assert_eq!(line["upstream"].as_str(), addr.as_deref());
+    assert_eq!(
+        line["sticky"],
+        serde_json::json!({"key": "query", "fallback": false})
+    );
+    // No key: the client IP is used, and the log says so.
+    drop(open(one.addr(), None).await);
+    let line = one
+        .log_line(|l| l["event"] == "ws_close" && l["path"] == "/")
+        .await;
+    assert_eq!(
+        line["sticky"],
+        serde_json::json!({"key": "query", "fallback": true})
+    );
+}
+
+#[tokio::test]
+async fn a_killed_backend_is_marked_down_in_time_and_only_its_keys_move() {
+    let bs = backends(3).await;
+    let interval_ms = 100;
+    let unhealthy_after = 2;
+    let extra = format!(
+        "    health_check: {{ interval: {interval_ms}ms, timeout: 100ms, unhealthy_after: {unhealthy_after}, healthy_after: 1 }}"
+    );
+    let config = pool_config(
+        &addrs(&bs).iter().map(String::as_str).collect::<Vec<_>>(),
+        &extra,
+    );
+    let gw = spawn_gateway(&config).await;
+    let before = placement(gw.addr()).await;
+    let victim = &bs[1];
+    assert!(before.contains(&victim.name), "{before:?}");
+    victim.kill();
+    let killed = Instant::now();
+    let addr = victim.addr.to_string();
+    eventually(&gw, "victim marked down", |s| {
+        s.iter().any(|(a, up, _, _)| *a == addr && !up)
+    })
+    .await;
+    // Checks run every interval; the bound allows one interval of phase plus scheduling
+    // slack on a busy machine.
+    let bound = Duration::from_millis(interval_ms * (unhealthy_after + 1)) + Duration::from_secs(1);
+    assert!(killed.elapsed() <= bound, "{:?}", killed.elapsed());
+    let after = placement(gw.addr()).await;
+    for (b, a) in before.iter().zip(&after) {
+        if *b == victim.name {
+            assert_ne!(*a, victim.name);
+        } else {
+            assert_eq!(a, b, "a key of a live backend moved");
+        }
+    }
+    // Back up (a new process on the same port) → its keys come home.
+    let revived = NamedBackend::start_on("b1", victim.addr).await;
+    if revived.is_some() {
+        eventually(&gw, "victim up again", |s| {
+            s.iter().all(|(_, up, _, _)| *up)
+        })
+        .await;
+        assert_eq!(placement(gw.addr()).await, before);
+    }
+}
+
+#[tokio::test]
+async fn passive_failover_when_a_backend_refuses() {
+    let live = NamedBackend::start("live").await;
+    let dead = NamedBackend::start("dead").await;
+    dead.kill();
+    tokio::task::yield_now().await;
+    let config = pool_config(&[&live.addr.to_string(), &dead.addr.to_string()], "");
+    let gw = spawn_gateway(&config).await;
+    // Every key gets a 101 from the live backend, including those whose first choice
+    // refuses (no health checks configured).
+    for i in 0..KEYS {
+        assert_eq!(who(gw.addr(), &format!("room-{i}")).await, "live");
+    }
+    let snap = gw.gw.shared.pools.snapshot();
+    let errors: u64 = snap[0]
+        .backends
+        .iter()
+        .filter(|b| b.addr == dead.addr.to_string())
+        .map(|b| b.connect_errors)
+        .sum();
+    assert!(errors >= 1, "{snap:?}");
+}
+
+#[tokio::test]
+async fn no_healthy_backend_is_503_no_backend() {
+    let bs = backends(2).await;
+    let extra =
+        "    health_check: { interval: 50ms, timeout: 50ms, unhealthy_after: 1, healthy_after: 1 }";
+    let config = pool_config(
+        &addrs(&bs).iter().map(String::as_str).collect::<Vec<_>>(),
+        extra,
+    );
+    let gw = spawn_gateway(&config).await;
+    for b in &bs {
+        b.kill();
+    }
+    eventually(&gw, "all down", |s| s.iter().all(|(_, up, _, _)| !up)).await;
+    let head = open(gw.addr(), Some("x")).await.err().unwrap_or_default();
+    assert!(head.starts_with("HTTP/1.1 503"), "{head}");
+    let line = gw.log_line(|l| l["event"] == "ws_reject").await;
+    assert_eq!(line["proxy_reason"], "no_backend");
+    assert_eq!(line["upstream"], serde_json::Value::Null);
+}
+
+#[tokio::test]
+async fn drain_and_undrain_over_the_admin_api() {
+    let bs = backends(3).await;
+    let config = pool_config(
+        &addrs(&bs).iter().map(String::as_str).collect::<Vec<_>>(),
+        "",
+    );
+    let gw = spawn_gateway(&config).await;
+    let admin = gw.gw.admin.unwrap_or_else(|| panic!("no admin"));
+    let before = placement(gw.addr()).await;
+    let target = bs
+        .iter()
+        .find(|b| before.contains(&b.name))
+        .unwrap_or_else(|| panic!("no backend used"));
+    // A connection on the target stays up through the drain (closing existing ones is
+    // not done by the pool).
+    let key = before.iter().position(|n| *n == target.name).unwrap_or(0);
+    let (_, mut held) = open(gw.addr(), Some(&format!("room-{key}")))
+        .await
+        .unwrap_or_else(|h| panic!("{h}"));
+    let path = format!(
+        "/upstreams/app/backends/{}/drain?close_within=30s",
+        target.addr
+    );
+    let resp = admin_request(admin, "POST", &path).await;
+    assert!(resp.starts_with("HTTP/1.1 200"), "{resp}");
+    assert!(resp.contains("\"close_within\":\"30s\""), "{resp}");
+    assert!(resp.contains("\"draining\":true"), "{resp}");
+    let during = placement(gw.addr()).await;
+    for (b, d) in before.iter().zip(&during) {
+        if *b == target.name {
+            assert_ne!(*d, target.name);
+        } else {
+            assert_eq!(d, b, "a key of another backend moved");
+        }
+    }
+    let listing = admin_request(admin, "GET", "/upstreams").await;
+    assert!(listing.contains("\"draining\":true"), "{listing}");
+    // The held connection still relays (its close is answered).
+    send_client_close(&mut held, 1000).await;
+    assert_eq!(read_close_code(&mut held).await, Some(1000));
+    let path = format!("/upstreams/app/backends/{}/undrain", target.addr);
+    let resp = admin_request(admin, "POST", &path).await;
+    assert!(resp.starts_with("HTTP/1.1 200"), "{resp}");
+    assert_eq!(placement(gw.addr()).await, before);
+    // Wrong method, unknown names, bad window.
+    let resp = admin_request(admin, "GET", &path).await;
+    assert!(resp.starts_with("HTTP/1.1 405"), "{resp}");
+    let resp = admin_request(admin, "POST", "/upstreams/nope/backends/1.2.3.4:5/drain").await;
+    assert!(resp.starts_with("HTTP/1.1 404"), "{resp}");
+    let resp = admin_request(admin, "POST", "/upstreams/app/backends/1.2.3.4:5/drain").await;
+    assert!(resp.starts_with("HTTP/1.1 404"), "{resp}");
+    let bad = format!(
+        "/upstreams/app/backends/{}/drain?close_within=soon",
+        target.addr
+    );
+    let resp = admin_request(admin, "POST", &bad).await;
+    assert!(resp.starts_with("HTTP/1.1 400"), "{resp}");
+}
+
+#[tokio::test]
+async fn bounded_load_caps_the_hottest_backend() {
+    let bs = backends(4).await;
+    let extra = "    balance: { bounded_load: 1.25 }";
+    let config = pool_config(
+        &addrs(&bs).iter().map(String::as_str).collect::<Vec<_>>(),
+        extra,
+    );
+    let gw = spawn_gateway(&config).await;
+    let mut held = Vec::new();
+    for _ in 0..40 {
+        held.push(
+            open(gw.addr(), Some("hot"))
+                .await
+                .unwrap_or_else(|h| panic!("{h}")),
+        );
+    }
+    let state = state(&gw);
+    let max = state.iter().map(|s| s.3).max().unwrap_or(0);
+    assert_eq!(state.iter().map(|s| s.3).sum::<u64>(), 40, "{state:?}");
+    // ceil(1.25 × 40 / 4) = 13
+    assert!(max <= 13, "{state:?}");
+    drop(held);
+    eventually(&gw, "leases released", |s| s.iter().all(|b| b.3 == 0)).await;
+}
+
+/// Names the test controls: `pool.test` → the IPs in the cell.
+struct TestDns(Mutex<Vec<IpAddr>>);
+
+impl Resolver for TestDns {
+    fn lookup<'a>(&'a self, host: &'a str, port: u16) -> Lookup<'a> {
+        let ips = self.0.lock().map(|v| v.clone()).unwrap_or_default();
+        Box::pin(async move {
+            if host != "pool.test" {
+                return Err(io::Error::other("unknown name"));
+            }
+            Ok(ips
+                .into_iter()
+                .map(|ip| SocketAddr::new(ip, port))
+                .collect())
+        })
+    }
+}
+
+#[tokio::test]
+async fn dns_re_resolution_picks_up_a_changed_record() {
+    let first = NamedBackend::start("first").await;
+    let port = first.addr.port();
+    let second_addr = SocketAddr::from(([127, 0, 0, 2], port));
+    let Some(second) = NamedBackend::start_on("second", second_addr).await else {
+        eprintln!("127.0.0.2:{port} is taken; skipping");
+        return;
+    };
+    let dns = Arc::new(TestDns(Mutex::new(vec![first.addr.ip()])));
+    let yaml = pool_config(&[&format!("pool.test:{port}")], "");
+    let config = Config::from_yaml_str_with_env(&yaml, "test.yaml", &|_| None)
+        .unwrap_or_else(|e| panic!("{e}"));
+    let options = PoolOptions {
+        resolver: dns.clone(),
+        dns_refresh: Duration::from_millis(50),
+    };
+    let logs = Arc::new(Mutex::new(Vec::new()));
+    let gw = wsgate::start_with(config, Sink::Memory(logs.clone()), options)
+        .await
+        .unwrap_or_else(|e| panic!("{e}"));
+    let gw = TestGateway { gw, logs };
+    assert_eq!(who(gw.addr(), "r").await, "first");
+    if let Ok(mut ips) = dns.0.lock() {
+        *ips = vec![second.addr.ip()];
+    }
+    let want = second.addr.to_string();
+    eventually(&gw, "new record in the pool", |s| {
+        s.len() == 1 && s[0].0 == want
+    })
+    .await;
+    assert_eq!(who(gw.addr(), "r").await, "second");
+    // Two records → two backends.
+    if let Ok(mut ips) = dns.0.lock() {
+        *ips = vec![first.addr.ip(), second.addr.ip()];
+    }
+    eventually(&gw, "both records in the pool", |s| s.len() == 2).await;
+    let names: HashMap<String, usize> = {
+        let mut m = HashMap::new();
+        for i in 0..KEYS {
+            *m.entry(who(gw.addr(), &format!("k{i}")).await).or_insert(0) += 1;
+        }
+        m
+    };
+    assert_eq!(names.len(), 2, "{names:?}");
+}
