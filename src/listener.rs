@@ -637,6 +637,12 @@ impl Conn {
             client_ip::client_ip(self.peer.ip(), &parts.headers, &config.trusted_proxies);
         info.client_ip = Some(client_ip);
         info.request_id = request_id(&parts.headers);
+        // Named before any refusal, so refusals are logged and counted per route.
+        let host = info.host.as_deref().unwrap_or("");
+        let host = host.rsplit_once(':').map_or(host, |(h, _)| h);
+        if let Some(route) = handshake::find_route(&config.routes, host, parts.uri.path()) {
+            info.route_known(route);
+        }
         if self.shared.registry.past_drain_window() {
             return self.refuse(&info, Rejection::Draining, None);
         }
@@ -649,17 +655,12 @@ impl Conn {
         }
         let mut admitted = match handshake::admit(&parts, &config.routes) {
             Ok(a) => a,
-            Err(r) => {
-                let host = info.host.as_deref().unwrap_or("");
-                let host = host.rsplit_once(':').map_or(host, |(h, _)| h);
-                if let Some(route) = handshake::find_route(&config.routes, host, parts.uri.path()) {
-                    info.route_known(route);
-                }
-                return self.refuse(&info, r, None);
-            }
+            Err(r) => return self.refuse(&info, r, None),
         };
         let route = admitted.route;
-        info.route_known(route);
+        if info.route.as_deref() != Some(route.name.as_str()) {
+            info.route_known(route);
+        }
         let policy = &route.admission;
         if let Err(refusal) = policy.origins.check_headers(&parts.headers) {
             return self.refuse(&info, refusal.into(), None);

@@ -515,12 +515,10 @@ where
             Some((code, _)) => *code,
             None => 1014,
         };
-        record(
-            &mut self.report,
-            if proxy_reason.is_some() { code } else { 1006 },
-            "",
-            by,
-        );
+        // The log names the code the client observes: ours when a close frame can still
+        // reach it, 1006 when it can only see the TCP close.
+        let observed = if self.u2c.at_boundary() { code } else { 1006 };
+        record(&mut self.report, observed, "", by);
         if let Some(r) = proxy_reason {
             self.report.proxy_reason.get_or_insert(r);
         }

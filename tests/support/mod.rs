@@ -451,3 +451,83 @@ pub async fn admin_request(admin: SocketAddr, method: &str, path: &str) -> Strin
     let req = format!("{method} {path} HTTP/1.1\r\nHost: admin\r\nConnection: close\r\n\r\n");
     raw_request(admin, req.as_bytes()).await
 }
+
+// === Observability helpers (admin endpoints, metrics, log-line shapes) ===
+
+/// `GET path` on the gateway's admin listener: (status code, body). Panics without admin.
+pub async fn admin_get(gw: &TestGateway, path: &str) -> (u16, String) {
+    let addr = gw
+        .gw
+        .admin
+        .unwrap_or_else(|| panic!("the config has no admin listener"));
+    let req = format!("GET {path} HTTP/1.1\r\nHost: admin\r\nConnection: close\r\n\r\n");
+    let resp = raw_request(addr, req.as_bytes()).await;
+    let status = resp
+        .split(' ')
+        .nth(1)
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(0);
+    let body = resp
+        .split_once("\r\n\r\n")
+        .map(|(_, b)| b.to_owned())
+        .unwrap_or_default();
+    (status, body)
+}
+
+/// `/metrics` as text, checked to be a 200.
+pub async fn metrics_text(gw: &TestGateway) -> String {
+    let (status, body) = admin_get(gw, "/metrics").await;
+    assert_eq!(status, 200, "/metrics: {body}");
+    body
+}
+
+/// `/metrics` parsed by a real Prometheus text parser.
+pub async fn scrape(gw: &TestGateway) -> prometheus_parse::Scrape {
+    let text = metrics_text(gw).await;
+    prometheus_parse::Scrape::parse(text.lines().map(|l| Ok(l.to_owned())))
+        .unwrap_or_else(|e| panic!("/metrics does not parse: {e}\n{text}"))
+}
+
+/// A sample's value whatever type the parser gave it (histograms: `None`).
+pub fn scalar(v: &prometheus_parse::Value) -> Option<f64> {
+    use prometheus_parse::Value;
+    match v {
+        Value::Counter(x) | Value::Gauge(x) | Value::Untyped(x) => Some(*x),
+        _ => None,
+    }
+}
+
+/// Sum of the samples named `name` whose labels include all of `labels` (0 when none).
+pub fn metric(scrape: &prometheus_parse::Scrape, name: &str, labels: &[(&str, &str)]) -> f64 {
+    scrape
+        .samples
+        .iter()
+        .filter(|s| s.metric == name)
+        .filter(|s| labels.iter().all(|(k, v)| s.labels.get(k) == Some(*v)))
+        .filter_map(|s| scalar(&s.value))
+        .sum()
+}
+
+/// Polls `/metrics` until `name{labels}` equals `want` (bounded by [`PATIENCE`]).
+pub async fn await_metric(gw: &TestGateway, name: &str, labels: &[(&str, &str)], want: f64) {
+    let deadline = tokio::time::Instant::now() + PATIENCE;
+    loop {
+        let got = metric(&scrape(gw).await, name, labels);
+        if got == want {
+            return;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "{name}{labels:?} = {got}, want {want}"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+/// A connection id as the log writes it: 26 Crockford base32 characters (ULID-shaped).
+pub fn is_conn_id(id: &str) -> bool {
+    id.len() == 26
+        && id
+            .bytes()
+            .all(|c| b"0123456789ABCDEFGHJKMNPQRSTVWXYZ".contains(&c))
+}
