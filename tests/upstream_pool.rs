@@ -266,19 +266,14 @@ async fn drain_and_undrain_over_the_admin_api() {
         .iter()
         .find(|b| before.contains(&b.name))
         .unwrap_or_else(|| panic!("no backend used"));
-    // A connection on the target stays up through the drain (closing existing ones is
-    // not done by the pool).
+    // Without `close_within`, a connection on the target stays up through the drain.
     let key = before.iter().position(|n| *n == target.name).unwrap_or(0);
     let (_, mut held) = open(gw.addr(), Some(&format!("room-{key}")))
         .await
         .unwrap_or_else(|h| panic!("{h}"));
-    let path = format!(
-        "/upstreams/app/backends/{}/drain?close_within=30s",
-        target.addr
-    );
+    let path = format!("/upstreams/app/backends/{}/drain", target.addr);
     let resp = admin_request(admin, "POST", &path).await;
     assert!(resp.starts_with("HTTP/1.1 200"), "{resp}");
-    assert!(resp.contains("\"close_within\":\"30s\""), "{resp}");
     assert!(resp.contains("\"draining\":true"), "{resp}");
     let during = placement(gw.addr()).await;
     for (b, d) in before.iter().zip(&during) {
@@ -310,6 +305,56 @@ async fn drain_and_undrain_over_the_admin_api() {
     );
     let resp = admin_request(admin, "POST", &bad).await;
     assert!(resp.starts_with("HTTP/1.1 400"), "{resp}");
+}
+
+/// `close_within` closes the drained backend's established connections with 1012 (1001
+/// upstream), spread over the window; connections to other backends are untouched.
+#[tokio::test]
+async fn drain_with_close_within_closes_only_that_backends_connections() {
+    let bs = backends(3).await;
+    let config = pool_config(
+        &addrs(&bs).iter().map(String::as_str).collect::<Vec<_>>(),
+        "",
+    );
+    let gw = spawn_gateway(&config).await;
+    let admin = gw.gw.admin.unwrap_or_else(|| panic!("no admin"));
+    let mut held = Vec::new();
+    for i in 0..30 {
+        held.push(
+            open(gw.addr(), Some(&format!("room-{i}")))
+                .await
+                .unwrap_or_else(|h| panic!("{h}")),
+        );
+    }
+    let target = held[0].0.clone();
+    let addr = bs
+        .iter()
+        .find(|b| b.name == target)
+        .map(|b| b.addr)
+        .unwrap_or_else(|| panic!("unknown backend {target}"));
+    let path = format!("/upstreams/app/backends/{addr}/drain?close_within=300ms");
+    let resp = admin_request(admin, "POST", &path).await;
+    assert!(resp.starts_with("HTTP/1.1 200"), "{resp}");
+    let (mut on_target, mut elsewhere) = (0, 0);
+    for (name, s) in &mut held {
+        if *name == target {
+            assert_eq!(read_close_code(s).await, Some(1012), "{name}");
+            on_target += 1;
+        } else {
+            // Still relaying: its own close is answered by the backend.
+            send_client_close(s, 1000).await;
+            assert_eq!(read_close_code(s).await, Some(1000), "{name}");
+            elsewhere += 1;
+        }
+    }
+    assert!(
+        on_target >= 1 && elsewhere >= 1,
+        "{on_target} / {elsewhere}"
+    );
+    let line = gw
+        .log_line(|l| l["event"] == "ws_close" && l["proxy_reason"] == "drain")
+        .await;
+    assert_eq!(line["upstream"], addr.to_string());
 }
 
 #[tokio::test]
