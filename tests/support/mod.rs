@@ -27,6 +27,20 @@ pub struct TestGateway {
     pub logs: Arc<Mutex<Vec<String>>>,
 }
 
+/// Every test's access log is checked for tokens when its gateway goes away: a JWT always
+/// starts with `eyJ` (base64 of `{"`), and none may ever be logged (SPEC §6).
+impl Drop for TestGateway {
+    fn drop(&mut self) {
+        if std::thread::panicking() {
+            return;
+        }
+        let lines = self.logs.lock().map(|l| l.clone()).unwrap_or_default();
+        if let Some(leak) = lines.iter().find(|l| l.contains("eyJ")) {
+            panic!("a token reached the access log: {leak}");
+        }
+    }
+}
+
 impl TestGateway {
     pub fn addr(&self) -> SocketAddr {
         self.gw.addr()
