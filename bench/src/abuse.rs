@@ -55,14 +55,28 @@ struct Counters {
     newcomers_refused: [AtomicU64; 2],
 }
 
-pub async fn run(target: Target, procs: Procs, label: &str, o: Options) -> Result<serde_json::Value> {
+pub async fn run(
+    target: Target,
+    procs: Procs,
+    label: &str,
+    o: Options,
+) -> Result<serde_json::Value> {
     if target.tls.is_some() {
         bail!("the abuse run is plain ws:// only");
     }
     if o.size < STAMP {
         bail!("--size must be at least {STAMP} bytes");
     }
-    let good = echo::connect_plain(&target, Sources { role: 5, per_addr: 1 }, o.clients, 0).await?;
+    let good = echo::connect_plain(
+        &target,
+        Sources {
+            role: 5,
+            per_addr: 1,
+        },
+        o.clients,
+        0,
+    )
+    .await?;
     let warmup = Duration::from_secs(1).min(o.quiet / 2);
     let plan = Plan {
         rate: o.client_rate * f64::from(o.clients),
@@ -74,7 +88,11 @@ pub async fn run(target: Target, procs: Procs, label: &str, o: Options) -> Resul
     let start = Instant::now();
     let (stop_tx, stop_rx) = watch::channel(false);
     let counters = Arc::new(Counters::default());
-    let rss_before = if procs.is_empty() { None } else { Some(procs.rss_kib()?) };
+    let rss_before = if procs.is_empty() {
+        None
+    } else {
+        Some(procs.rss_kib()?)
+    };
 
     // Peak RSS sampler.
     let sampler = {
@@ -92,27 +110,45 @@ pub async fn run(target: Target, procs: Procs, label: &str, o: Options) -> Resul
             }
         })
     };
-    // Newcomers, through both phases.
+    // Newcomers, through both phases: one every `newcomer_every`, each in its own task
+    // (at most 64 in flight), so slow answers do not thin out the attempts.
     let newcomers = {
-        let (target, counters, mut stop, every, quiet) =
-            (target.clone(), counters.clone(), stop_rx.clone(), o.newcomer_every, o.quiet);
+        let (target, counters, mut stop, every, quiet) = (
+            target.clone(),
+            counters.clone(),
+            stop_rx.clone(),
+            o.newcomer_every,
+            o.quiet,
+        );
         tokio::spawn(async move {
-            let src = Sources { role: 6, per_addr: 1 };
+            let src = Sources {
+                role: 6,
+                per_addr: 1,
+            };
+            let in_flight = Arc::new(Semaphore::new(64));
             let mut i = 0u32;
-            let mut rng = Rng::new(66);
             loop {
                 tokio::select! {
-                    _ = stop.changed() => return,
+                    _ = stop.changed() => break,
                     _ = tokio::time::sleep(every) => {}
                 }
+                let Ok(permit) = in_flight.clone().try_acquire_owned() else {
+                    continue;
+                };
                 let phase = usize::from(start.elapsed() >= quiet);
                 counters.newcomers[phase].fetch_add(1, Ordering::Relaxed);
-                let ok = newcomer(&target, src.addr(i), &mut rng).await;
-                if !ok {
-                    counters.newcomers_refused[phase].fetch_add(1, Ordering::Relaxed);
-                }
+                let (target, counters) = (target.clone(), counters.clone());
+                tokio::spawn(async move {
+                    let _permit = permit;
+                    let mut rng = Rng::new(u64::from(i) + 6600);
+                    if !newcomer(&target, src.addr(i), &mut rng).await {
+                        counters.newcomers_refused[phase].fetch_add(1, Ordering::Relaxed);
+                    }
+                });
                 i = i.wrapping_add(1);
             }
+            // Let the attempts in flight finish (each is bounded to 10 s).
+            let _ = in_flight.acquire_many(64).await;
         })
     };
     // The attack starts after the quiet phase.
@@ -135,10 +171,14 @@ pub async fn run(target: Target, procs: Procs, label: &str, o: Options) -> Resul
     let r = echo::open_loop(good, &plan).await?;
     let _ = stop_tx.send(true);
     let peak = sampler.await?;
-    let hwm = if procs.is_empty() { None } else { procs.hwm_kib().ok() };
+    let hwm = if procs.is_empty() {
+        None
+    } else {
+        procs.hwm_kib().ok()
+    };
     // Attackers and newcomers end promptly on the stop signal (their own waits are bounded).
     let _ = tokio::time::timeout(Duration::from_secs(10), attack).await;
-    let _ = tokio::time::timeout(Duration::from_secs(10), newcomers).await;
+    let _ = tokio::time::timeout(Duration::from_secs(11), newcomers).await;
     let quiet = hist::summary(&r.phases[0]);
     let under = hist::summary(&r.phases[1]);
     let ratio = |a: f64, b: f64| if b > 0.0 { Some(a / b) } else { None };
@@ -179,7 +219,13 @@ async fn newcomer(target: &Target, src: std::net::Ipv4Addr, rng: &mut Rng) -> bo
     };
     let mut io = conn.io;
     let mut frame = Vec::new();
-    ws::push_frame(&mut frame, true, ws::OP_BINARY, &[0u8; STAMP], Some(rng.mask()));
+    ws::push_frame(
+        &mut frame,
+        true,
+        ws::OP_BINARY,
+        &[0u8; STAMP],
+        Some(rng.mask()),
+    );
     let mut reader = FrameReader::new(conn.early, 256, 1 << 16);
     let echoed = async {
         io.write_all(&frame).await.ok()?;
@@ -210,8 +256,13 @@ async fn attack(target: Target, a: AttackPlan, c: Arc<Counters>, stop: watch::Re
     let spam_slots = Arc::new(Semaphore::new(a.spam_conns as usize));
     let mut tasks = Vec::new();
     for w in 0..a.flood_concurrency {
-        let (target, c, stop, held, spam_slots) =
-            (target.clone(), c.clone(), stop.clone(), held.clone(), spam_slots.clone());
+        let (target, c, stop, held, spam_slots) = (
+            target.clone(),
+            c.clone(),
+            stop.clone(),
+            held.clone(),
+            spam_slots.clone(),
+        );
         tasks.push(tokio::spawn(async move {
             let mut rng = Rng::new(u64::from(w) + 7000);
             while !*stop.borrow() {
@@ -245,7 +296,9 @@ async fn attack(target: Target, a: AttackPlan, c: Arc<Counters>, stop: watch::Re
     }
     for i in 0..a.slowloris {
         let (target, c, stop) = (target.clone(), c.clone(), stop.clone());
-        tasks.push(tokio::spawn(async move { slowloris(target, i, c, stop).await }));
+        tasks.push(tokio::spawn(
+            async move { slowloris(target, i, c, stop).await },
+        ));
     }
     for t in tasks {
         let _ = t.await;
@@ -285,7 +338,13 @@ async fn abuse_conn(
             tick.tick().await;
             batch.clear();
             for _ in 0..per_tick {
-                ws::push_frame(&mut batch, true, ws::OP_BINARY, &[1u8; 64], Some(rng.mask()));
+                ws::push_frame(
+                    &mut batch,
+                    true,
+                    ws::OP_BINARY,
+                    &[1u8; 64],
+                    Some(rng.mask()),
+                );
             }
             if wr.write_all(&batch).await.is_err() {
                 return;

@@ -67,7 +67,12 @@ async fn serve(mut stream: TcpStream, max_frame: usize) -> Result<()> {
 }
 
 /// Echoes frames until the peer closes. `buf[..end]` holds bytes already read.
-async fn echo_loop(mut stream: TcpStream, mut buf: Vec<u8>, mut end: usize, max: usize) -> Result<()> {
+async fn echo_loop(
+    mut stream: TcpStream,
+    mut buf: Vec<u8>,
+    mut end: usize,
+    max: usize,
+) -> Result<()> {
     // Idle connections keep only this small buffer; it grows for big frames and shrinks
     // back once they are gone.
     const SMALL: usize = 4096;

@@ -43,7 +43,12 @@ pub struct Options {
     pub duration: Duration,
 }
 
-pub async fn run(target: Target, procs: Procs, label: &str, o: Options) -> Result<serde_json::Value> {
+pub async fn run(
+    target: Target,
+    procs: Procs,
+    label: &str,
+    o: Options,
+) -> Result<serde_json::Value> {
     if o.size < STAMP {
         bail!("--size must be at least {STAMP} bytes (sequence number and timestamp)");
     }
@@ -54,8 +59,16 @@ pub async fn run(target: Target, procs: Procs, label: &str, o: Options) -> Resul
     }
 }
 
-async fn run_closed(target: Target, procs: Procs, label: &str, o: Options) -> Result<serde_json::Value> {
-    let src = Sources { role: 2, per_addr: 1 };
+async fn run_closed(
+    target: Target,
+    procs: Procs,
+    label: &str,
+    o: Options,
+) -> Result<serde_json::Value> {
+    let src = Sources {
+        role: 2,
+        per_addr: 1,
+    };
     let measuring = Arc::new(AtomicBool::new(false));
     let stop = Arc::new(AtomicBool::new(false));
     let base = Instant::now();
@@ -142,11 +155,19 @@ fn cpu_pct(a: Option<Duration>, b: Option<Duration>, secs: f64) -> Option<f64> {
     }
 }
 
-async fn run_open(target: Target, procs: Procs, label: &str, o: Options) -> Result<serde_json::Value> {
+async fn run_open(
+    target: Target,
+    procs: Procs,
+    label: &str,
+    o: Options,
+) -> Result<serde_json::Value> {
     if target.tls.is_some() {
         bail!("the open-loop run is plain ws:// only");
     }
-    let src = Sources { role: 3, per_addr: 1 };
+    let src = Sources {
+        role: 3,
+        per_addr: 1,
+    };
     let mut conns = Vec::new();
     let mut rng = Rng::new(3);
     for i in 0..o.conns {
@@ -265,7 +286,8 @@ pub async fn open_loop(streams: Vec<(TcpStream, Vec<u8>)>, plan: &Plan) -> Resul
             let mut stream = stream;
             let mut reader = FrameReader::new(early, size + 64, size.max(1 << 16));
             let mut phases = [hist::new()?, hist::new()?];
-            let (mut received, mut reordered, mut last, mut closed) = (0u64, 0u64, None::<u64>, false);
+            let (mut received, mut reordered, mut last, mut closed) =
+                (0u64, 0u64, None::<u64>, false);
             loop {
                 let frame = tokio::select! {
                     _ = stop_rx.changed() => break,
@@ -370,7 +392,10 @@ fn pace(
         if at > now {
             std::thread::sleep(at - now);
         }
-        hist::record(&mut late, base.elapsed().saturating_sub(at).as_nanos() as u64);
+        hist::record(
+            &mut late,
+            base.elapsed().saturating_sub(at).as_nanos() as u64,
+        );
         let c = (k % n as u64) as usize;
         k += 1;
         if dead[c] {
@@ -379,7 +404,13 @@ fn pace(
         payload[..8].copy_from_slice(&seqs[c].to_le_bytes());
         payload[8..16].copy_from_slice(&(at.as_nanos() as u64).to_le_bytes());
         seqs[c] += 1;
-        ws::push_frame(&mut pending[c], true, ws::OP_BINARY, &payload, Some(rng.mask()));
+        ws::push_frame(
+            &mut pending[c],
+            true,
+            ws::OP_BINARY,
+            &payload,
+            Some(rng.mask()),
+        );
         sent += 1;
         match writers[c].write(&pending[c]) {
             Ok(w) => {

@@ -21,7 +21,12 @@ pub struct Options {
     pub duration: Duration,
 }
 
-pub async fn run(target: Target, procs: Procs, label: &str, o: Options) -> Result<serde_json::Value> {
+pub async fn run(
+    target: Target,
+    procs: Procs,
+    label: &str,
+    o: Options,
+) -> Result<serde_json::Value> {
     let measuring = Arc::new(AtomicBool::new(false));
     let stop = Arc::new(AtomicBool::new(false));
     let done = Arc::new(AtomicU64::new(0));
@@ -29,7 +34,10 @@ pub async fn run(target: Target, procs: Procs, label: &str, o: Options) -> Resul
     let next = Arc::new(AtomicU32::new(0));
     let first_error = Arc::new(std::sync::Mutex::new(None::<String>));
     // 250 addresses, one new connection from each in turn.
-    let src = Sources { role: 4, per_addr: 1 };
+    let src = Sources {
+        role: 4,
+        per_addr: 1,
+    };
     let mut workers = Vec::new();
     for w in 0..o.concurrency.max(1) {
         let (target, measuring, stop, done, failed, next, first_error) = (
@@ -98,7 +106,13 @@ async fn once(target: &Target, src: std::net::Ipv4Addr, rng: &mut Rng) -> Result
         .map_err(|e| anyhow::anyhow!("{e}"))?;
     let mut io = conn.io;
     let mut frame = Vec::with_capacity(8);
-    ws::push_frame(&mut frame, true, ws::OP_CLOSE, &1000u16.to_be_bytes(), Some(rng.mask()));
+    ws::push_frame(
+        &mut frame,
+        true,
+        ws::OP_CLOSE,
+        &1000u16.to_be_bytes(),
+        Some(rng.mask()),
+    );
     io.write_all(&frame).await?;
     let mut reader = FrameReader::new(conn.early, 256, 1 << 16);
     let wait = async {
@@ -110,7 +124,10 @@ async fn once(target: &Target, src: std::net::Ipv4Addr, rng: &mut Rng) -> Result
             }
         }
     };
-    if tokio::time::timeout(Duration::from_secs(5), wait).await.is_err() {
+    if tokio::time::timeout(Duration::from_secs(5), wait)
+        .await
+        .is_err()
+    {
         anyhow::bail!("no close within 5 s");
     }
     Ok(())

@@ -31,10 +31,18 @@ pub struct Options {
     pub hold: Duration,
 }
 
-pub async fn run(target: Target, procs: Procs, label: &str, o: Options) -> Result<serde_json::Value> {
+pub async fn run(
+    target: Target,
+    procs: Procs,
+    label: &str,
+    o: Options,
+) -> Result<serde_json::Value> {
     let (stop_tx, stop_rx) = watch::channel(false);
     let pongs = Arc::new(AtomicU64::new(0));
-    let warm_src = Sources { role: 9, per_addr: 1000 };
+    let warm_src = Sources {
+        role: 9,
+        per_addr: 1000,
+    };
     let mut rng = Rng::new(1);
     for i in 0..o.warm {
         let conn = open_one(&target, warm_src, i, &mut rng).await;
@@ -46,7 +54,11 @@ pub async fn run(target: Target, procs: Procs, label: &str, o: Options) -> Resul
         }
     }
     tokio::time::sleep(Duration::from_millis(500)).await;
-    let rss_before = if procs.is_empty() { None } else { Some(procs.rss_kib()?) };
+    let rss_before = if procs.is_empty() {
+        None
+    } else {
+        Some(procs.rss_kib()?)
+    };
     let cpu_before = procs.cpu_opt()?;
 
     let started = Instant::now();
@@ -54,7 +66,10 @@ pub async fn run(target: Target, procs: Procs, label: &str, o: Options) -> Resul
     let opened = Arc::new(AtomicU32::new(0));
     let failed = Arc::new(AtomicU32::new(0));
     let first_error = Arc::new(std::sync::Mutex::new(None::<String>));
-    let src = Sources { role: 1, per_addr: o.per_addr };
+    let src = Sources {
+        role: 1,
+        per_addr: o.per_addr,
+    };
     let mut workers = Vec::new();
     for w in 0..o.concurrency.max(1) {
         let (target, next, opened, failed, stop_rx, pongs, first_error) = (
@@ -95,7 +110,11 @@ pub async fn run(target: Target, procs: Procs, label: &str, o: Options) -> Resul
     let open_secs = started.elapsed().as_secs_f64();
     let cpu_open = procs.cpu_opt()?;
     tokio::time::sleep(o.settle).await;
-    let rss_after = if procs.is_empty() { None } else { Some(procs.rss_kib()?) };
+    let rss_after = if procs.is_empty() {
+        None
+    } else {
+        Some(procs.rss_kib()?)
+    };
     let opened = opened.load(Ordering::Relaxed);
     let kib_per = match (rss_before, rss_after) {
         (Some(b), Some(a)) if opened > 0 => Some((a as f64 - b as f64) / f64::from(opened)),
@@ -107,7 +126,8 @@ pub async fn run(target: Target, procs: Procs, label: &str, o: Options) -> Resul
         let t0 = Instant::now();
         tokio::time::sleep(o.hold).await;
         if let (Some(c0), Some(c1)) = (c0, procs.cpu_opt()?) {
-            hold_cpu_pct = Some(100.0 * c1.saturating_sub(c0).as_secs_f64() / t0.elapsed().as_secs_f64());
+            hold_cpu_pct =
+                Some(100.0 * c1.saturating_sub(c0).as_secs_f64() / t0.elapsed().as_secs_f64());
         }
     }
     let handshake_cpu_us = crate::procfs::per_event_us(cpu_before, cpu_open, u64::from(opened));
@@ -144,7 +164,13 @@ async fn open_one(
         .map_err(|e| anyhow::anyhow!("connection {i} from {}: {e}", src.addr(i)))?;
     let mut io = conn.io;
     let mut frame = Vec::with_capacity(32);
-    ws::push_frame(&mut frame, true, ws::OP_BINARY, &u64::from(i).to_le_bytes(), Some(rng.mask()));
+    ws::push_frame(
+        &mut frame,
+        true,
+        ws::OP_BINARY,
+        &u64::from(i).to_le_bytes(),
+        Some(rng.mask()),
+    );
     io.write_all(&frame).await?;
     let mut reader = FrameReader::new(conn.early, 256, 1 << 16);
     let got = tokio::time::timeout(Duration::from_secs(30), async {

@@ -25,7 +25,10 @@ use anyhow::{Context, Result};
 use clap::{Args, Parser, Subcommand};
 
 #[derive(Parser)]
-#[command(version, about = "Load generator and echo backend for benchmarking wsgate")]
+#[command(
+    version,
+    about = "Load generator and echo backend for benchmarking wsgate"
+)]
 struct Cli {
     #[command(subcommand)]
     cmd: Cmd,

@@ -157,7 +157,11 @@ pub async fn ws_connect(
     }
 }
 
-async fn ws_connect_inner(target: &Target, src: Ipv4Addr, rng: &mut Rng) -> Result<WsConn, Refused> {
+async fn ws_connect_inner(
+    target: &Target,
+    src: Ipv4Addr,
+    rng: &mut Rng,
+) -> Result<WsConn, Refused> {
     let tcp = match tcp_connect(src, target.addr).await {
         Ok(t) => t,
         Err(e) => return Err(classify(e)),
@@ -197,7 +201,10 @@ async fn ws_connect_inner(target: &Target, src: Ipv4Addr, rng: &mut Rng) -> Resu
             return Ok(WsConn { io, early });
         }
         if buf.len() > ws::MAX_HEAD {
-            return Err(Refused::Other(anyhow!("response head over {} bytes", ws::MAX_HEAD)));
+            return Err(Refused::Other(anyhow!(
+                "response head over {} bytes",
+                ws::MAX_HEAD
+            )));
         }
     }
 }
@@ -209,7 +216,11 @@ fn classify(e: anyhow::Error) -> Refused {
             use std::io::ErrorKind::*;
             if matches!(
                 io.kind(),
-                ConnectionReset | ConnectionAborted | BrokenPipe | UnexpectedEof | ConnectionRefused
+                ConnectionReset
+                    | ConnectionAborted
+                    | BrokenPipe
+                    | UnexpectedEof
+                    | ConnectionRefused
             ) {
                 return Refused::Closed;
             }

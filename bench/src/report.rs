@@ -81,7 +81,8 @@ fn fmt(x: f64, d: usize) -> String {
 }
 
 pub fn run(input: &std::path::Path, json_out: Option<&std::path::Path>) -> Result<()> {
-    let text = std::fs::read_to_string(input).with_context(|| format!("read {}", input.display()))?;
+    let text =
+        std::fs::read_to_string(input).with_context(|| format!("read {}", input.display()))?;
     let mut runs = Vec::new();
     for (i, line) in text.lines().enumerate() {
         if line.trim().is_empty() {
@@ -93,10 +94,10 @@ pub fn run(input: &std::path::Path, json_out: Option<&std::path::Path>) -> Resul
     }
     let mut labels: Vec<String> = Vec::new();
     for r in &runs {
-        if let Some(l) = r.get("label").and_then(Value::as_str) {
-            if !labels.iter().any(|x| x == l) {
-                labels.push(l.to_string());
-            }
+        if let Some(l) = r.get("label").and_then(Value::as_str)
+            && !labels.iter().any(|x| x == l)
+        {
+            labels.push(l.to_string());
         }
     }
     let rows = rows(&runs);
@@ -129,8 +130,11 @@ pub fn run(input: &std::path::Path, json_out: Option<&std::path::Path>) -> Resul
                 (Some(_), true, _) if l == "direct" => "0 (baseline)".to_string(),
                 (Some(_), true, None) => "–".to_string(),
                 (Some(c), true, Some(d)) => {
-                    js.insert(l.clone(), json!({ "median": c.median - d.median, "n": c.n }));
-                    format!("{}", fmt(c.median - d.median, r.decimals))
+                    js.insert(
+                        l.clone(),
+                        json!({ "median": c.median - d.median, "n": c.n }),
+                    );
+                    fmt(c.median - d.median, r.decimals)
                 }
                 (Some(c), false, _) => {
                     js.insert(
@@ -170,7 +174,9 @@ fn rows(runs: &[Value]) -> Vec<Row> {
             &format!("proxy CPU µs per echoed {name} message (closed loop)"),
             1,
             Box::new(move |v| {
-                is(v, "scenario", json!("echo")) && is(v, "mode", json!("closed")) && is(v, "size", json!(size))
+                is(v, "scenario", json!("echo"))
+                    && is(v, "mode", json!("closed"))
+                    && is(v, "size", json!(size))
             }),
             m(&["cpu_us_per_msg"]),
         ));
@@ -178,7 +184,9 @@ fn rows(runs: &[Value]) -> Vec<Row> {
             &format!("echoes/s, {name} closed loop"),
             0,
             Box::new(move |v| {
-                is(v, "scenario", json!("echo")) && is(v, "mode", json!("closed")) && is(v, "size", json!(size))
+                is(v, "scenario", json!("echo"))
+                    && is(v, "mode", json!("closed"))
+                    && is(v, "size", json!(size))
             }),
             m(&["msgs_per_sec"]),
         ));
@@ -195,7 +203,9 @@ fn rows(runs: &[Value]) -> Vec<Row> {
         let kind = if tls { "TLS" } else { "plain" };
         for &n in &sizes {
             let f = move |v: &Value| {
-                is(v, "scenario", json!("idle")) && is(v, "tls", json!(tls)) && is(v, "connections", json!(n))
+                is(v, "scenario", json!("idle"))
+                    && is(v, "tls", json!(tls))
+                    && is(v, "connections", json!(n))
             };
             rows.push(row(
                 &format!("KiB RSS per idle {kind} connection, {n} connections"),
@@ -244,7 +254,12 @@ fn rows(runs: &[Value]) -> Vec<Row> {
     for tls in [false, true] {
         let kind = if tls { "TLS" } else { "plain" };
         let f = move |v: &Value| is(v, "scenario", json!("handshake")) && is(v, "tls", json!(tls));
-        rows.push(row(&format!("handshakes/s, {kind}"), 0, Box::new(f), m(&["per_sec"])));
+        rows.push(row(
+            &format!("handshakes/s, {kind}"),
+            0,
+            Box::new(f),
+            m(&["per_sec"]),
+        ));
         rows.push(row(
             &format!("proxy CPU µs per handshake, {kind}"),
             0,
@@ -253,20 +268,55 @@ fn rows(runs: &[Value]) -> Vec<Row> {
         ));
     }
     let ab = |v: &Value| is(v, "scenario", json!("abuse"));
-    rows.push(row("abuse: well-behaved p50 µs, quiet", 0, Box::new(ab), m(&["quiet", "p50_us"])));
-    rows.push(row("abuse: well-behaved p99 µs, quiet", 0, Box::new(ab), m(&["quiet", "p99_us"])));
-    rows.push(row("abuse: p50 under attack ÷ quiet", 2, Box::new(ab), m(&["p50_ratio"])));
-    rows.push(row("abuse: p99 under attack ÷ quiet", 2, Box::new(ab), m(&["p99_ratio"])));
+    rows.push(row(
+        "abuse: well-behaved p50 µs, quiet",
+        0,
+        Box::new(ab),
+        m(&["quiet", "p50_us"]),
+    ));
+    rows.push(row(
+        "abuse: well-behaved p99 µs, quiet",
+        0,
+        Box::new(ab),
+        m(&["quiet", "p99_us"]),
+    ));
+    rows.push(row(
+        "abuse: p50 under attack ÷ quiet",
+        2,
+        Box::new(ab),
+        m(&["p50_ratio"]),
+    ));
+    rows.push(row(
+        "abuse: p99 under attack ÷ quiet",
+        2,
+        Box::new(ab),
+        m(&["p99_ratio"]),
+    ));
     rows.push(row("abuse: messages lost", 0, Box::new(ab), m(&["lost"])));
-    rows.push(row("abuse: messages reordered", 0, Box::new(ab), m(&["reordered"])));
-    rows.push(row("abuse: well-behaved clients cut off", 0, Box::new(ab), m(&["clients_closed"])));
+    rows.push(row(
+        "abuse: messages reordered",
+        0,
+        Box::new(ab),
+        m(&["reordered"]),
+    ));
+    rows.push(row(
+        "abuse: well-behaved clients cut off",
+        0,
+        Box::new(ab),
+        m(&["clients_closed"]),
+    ));
     rows.push(row(
         "abuse: new clients refused during attack",
         0,
         Box::new(ab),
         m(&["newcomers_refused_attack"]),
     ));
-    rows.push(row("abuse: new clients tried during attack", 0, Box::new(ab), m(&["newcomers_attack"])));
+    rows.push(row(
+        "abuse: new clients tried during attack",
+        0,
+        Box::new(ab),
+        m(&["newcomers_attack"]),
+    ));
     rows.push(row(
         "abuse: attacker connections admitted",
         0,
