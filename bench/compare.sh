@@ -156,7 +156,7 @@ worker_processes 1;
 worker_rlimit_nofile $FD_LIMIT;
 pid $OUT/nginx.pid;
 error_log $OUT/nginx-error.log warn;
-events { worker_connections $FD_LIMIT; }
+events { worker_connections $((2 * FD_LIMIT)); }   # the fd limit, not this, is what binds
 http {
     access_log $OUT/nginx-access.log;
     client_body_temp_path $OUT/nginx-tmp/body;

@@ -168,7 +168,34 @@ pub async fn run(
         })
     };
 
+    // The proxy's CPU share in each phase.
+    let cpu_start = procs.cpu_opt()?;
+    let cpu_mid = {
+        let (procs, quiet) = (procs.clone(), o.quiet);
+        tokio::spawn(async move {
+            tokio::time::sleep(quiet).await;
+            (procs.cpu_opt(), Instant::now())
+        })
+    };
     let r = echo::open_loop(good, &plan).await?;
+    let cpu_end = procs.cpu_opt()?;
+    let attack_end = Instant::now();
+    let (cpu_mid, mid_at) = cpu_mid.await?;
+    let cpu_mid = cpu_mid?;
+    let pct = |a: Option<Duration>, b: Option<Duration>, secs: f64| match (a, b) {
+        (Some(a), Some(b)) if secs > 0.0 => Some(100.0 * b.saturating_sub(a).as_secs_f64() / secs),
+        _ => None,
+    };
+    let quiet_cpu_pct = pct(
+        cpu_start,
+        cpu_mid,
+        mid_at.duration_since(start).as_secs_f64(),
+    );
+    let attack_cpu_pct = pct(
+        cpu_mid,
+        cpu_end,
+        attack_end.duration_since(mid_at).as_secs_f64(),
+    );
     let _ = stop_tx.send(true);
     let peak = sampler.await?;
     let hwm = if procs.is_empty() {
@@ -206,6 +233,8 @@ pub async fn run(
         "attacker_spam_sent": c.spam_sent.load(Ordering::Relaxed),
         "attacker_fragments_open": c.fragments_open.load(Ordering::Relaxed),
         "attacker_slowloris_conns": c.slowloris_conns.load(Ordering::Relaxed),
+        "proxy_cpu_pct_quiet": quiet_cpu_pct,
+        "proxy_cpu_pct_attack": attack_cpu_pct,
         "rss_before_kib": rss_before,
         "rss_peak_kib": if procs.is_empty() { None } else { Some(peak) },
         "rss_hwm_kib": hwm,

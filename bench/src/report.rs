@@ -324,6 +324,24 @@ fn rows(runs: &[Value]) -> Vec<Row> {
         m(&["attacker_admitted"]),
     ));
     rows.push(row(
+        "abuse: attacker handshakes refused",
+        0,
+        Box::new(ab),
+        m(&["attacker_refused"]),
+    ));
+    rows.push(row(
+        "abuse: proxy CPU %, quiet",
+        0,
+        Box::new(ab),
+        m(&["proxy_cpu_pct_quiet"]),
+    ));
+    rows.push(row(
+        "abuse: proxy CPU %, attack",
+        0,
+        Box::new(ab),
+        m(&["proxy_cpu_pct_attack"]),
+    ));
+    rows.push(row(
         "abuse: proxy peak RSS MiB",
         1,
         Box::new(ab),
