@@ -249,6 +249,10 @@ start_proxy() { # NAME MODE
             PROXY_PID=$!; PIDS=$PROXY_PID ;;
     esac
     wait_port "${PLAIN_PORT[$name]}"
+    if ! kill -0 "$PROXY_PID" 2>/dev/null; then
+        echo "compare.sh: $name exited at start (see its log in $OUT)" >&2
+        exit 1
+    fi
     if [[ $name == nginx ]]; then
         # Master and worker: the worker does the work; the master's share is constant.
         PIDS="$PROXY_PID $(pgrep -P "$PROXY_PID" | tr '\n' ' ')"
@@ -276,9 +280,19 @@ cleanup() {
 }
 trap cleanup EXIT
 
+# A leftover listener on one of our ports would silently stand in for the process under
+# test (unpinned): refuse to start instead.
+for port in "$BACKEND_PORT" "${PLAIN_PORT[@]}" "${TLS_PORT[@]}"; do
+    if (exec 3<>"/dev/tcp/127.0.0.1/$port") 2>/dev/null; then
+        echo "compare.sh: port $port is already in use; stop whatever listens there" >&2
+        exit 1
+    fi
+done
+
 taskset -c 1 "$GEN" backend --bind "127.0.0.1:$BACKEND_PORT" >"$OUT/backend.out" 2>&1 &
 BACKEND_PID=$!
 wait_port "$BACKEND_PORT"
+kill -0 "$BACKEND_PID" 2>/dev/null || { echo "compare.sh: the backend exited (see $OUT/backend.out)" >&2; exit 1; }
 
 # gen SCENARIO NAME TLS ARGS...: runs the generator on core 1 against NAME's port.
 gen() {
