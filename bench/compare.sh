@@ -1,0 +1,366 @@
+#!/usr/bin/env bash
+# Side-by-side benchmark of wsgate, nginx and HAProxy (and the backend alone, "direct")
+# relaying the same echo backend on this machine: SPEC §9. See bench/README.md.
+#
+#   bench/compare.sh               # full run (3 repeats, ~10 min), table on stdout
+#   bench/compare.sh --quick       # one short repeat (< 2 min), for development
+#
+# Options: --repeats N, --targets "direct wsgate nginx haproxy",
+#          --scenarios "echo latency handshake idle abuse", --out DIR, --idle-max N,
+#          --key rsa|ecdsa (certificate key type, default rsa = RSA 2048).
+#
+# The proxy under test runs on core 0 (taskset -c 0), the load generator and the backend
+# on core 1. Nothing is installed: missing tools are reported with the command to get them.
+set -euo pipefail
+
+ROOT=$(cd "$(dirname "$0")/.." && pwd)
+BENCH_DIR="$ROOT/bench"
+REPEATS=3
+QUICK=0
+TARGETS="direct wsgate nginx haproxy"
+SCENARIOS="echo latency handshake idle abuse"
+OUT=""
+IDLE_MAX=""
+KEY=rsa
+
+while [[ $# -gt 0 ]]; do
+    case "$1" in
+        --quick) QUICK=1; REPEATS=1 ;;
+        --repeats) REPEATS=$2; shift ;;
+        --targets) TARGETS=$2; shift ;;
+        --scenarios) SCENARIOS=$2; shift ;;
+        --out) OUT=$2; shift ;;
+        --idle-max) IDLE_MAX=$2; shift ;;
+        --key) KEY=$2; shift ;;
+        -h|--help) sed -n '2,14p' "$0"; exit 0 ;;
+        *) echo "compare.sh: unknown option $1 (see --help)" >&2; exit 2 ;;
+    esac
+    shift
+done
+
+# Durations (seconds) of each run; --quick shortens them all.
+if [[ $QUICK == 1 ]]; then
+    WARM=0.5; ECHO_S=1.5; OPEN_S=2; HS_S=1.5; QUIET_S=3; ATTACK_S=4; SETTLE=1
+    IDLE_MAX=${IDLE_MAX:-2000}
+else
+    WARM=1; ECHO_S=2; OPEN_S=4; HS_S=2; QUIET_S=4; ATTACK_S=6; SETTLE=1.5
+    IDLE_MAX=${IDLE_MAX:-9900}
+fi
+OPEN_RATE=10000   # msg/s, SPEC §9's fixed rate
+OPEN_CONNS=50
+ECHO_CONNS=32
+
+# --- tools -----------------------------------------------------------------------------
+missing=()
+need() { command -v "$1" >/dev/null 2>&1 || missing+=("$1 ($2)"); }
+need taskset "apt-get install -y util-linux"
+need openssl "apt-get install -y openssl"
+need cargo "https://rustup.rs"
+[[ " $TARGETS " == *" nginx "* ]] && need nginx "apt-get install -y nginx   # Debian bookworm: 1.22"
+[[ " $TARGETS " == *" haproxy "* ]] && need haproxy "apt-get install -y haproxy   # Debian bookworm: 2.6"
+if [[ ${#missing[@]} -gt 0 ]]; then
+    echo "compare.sh: missing tools (nothing is installed for you):" >&2
+    printf '  %s\n' "${missing[@]}" >&2
+    echo "or leave those targets out, e.g. --targets \"direct wsgate\"" >&2
+    exit 1
+fi
+if [[ $(nproc) -lt 2 ]]; then
+    echo "compare.sh: needs 2 cores (proxy on core 0, load on core 1)" >&2
+    exit 1
+fi
+
+ulimit -n "$(ulimit -Hn)"
+FD_LIMIT=$(ulimit -n)
+
+# --- build -----------------------------------------------------------------------------
+echo "building wsgate and wsgate-bench (release)..." >&2
+(cd "$ROOT" && cargo build --release --quiet)
+(cd "$BENCH_DIR" && cargo build --release --quiet)
+WSGATE="$ROOT/target/release/wsgate"
+GEN="$BENCH_DIR/target/release/wsgate-bench"
+
+OUT=${OUT:-$(mktemp -d /tmp/wsgate-bench.XXXXXX)}
+mkdir -p "$OUT"
+RUNS="$OUT/runs.jsonl"
+: >"$RUNS"
+echo "results in $OUT" >&2
+
+# --- certificate -----------------------------------------------------------------------
+case "$KEY" in
+    rsa) KEYARGS=(-newkey rsa:2048) ;;
+    ecdsa) KEYARGS=(-newkey ec -pkeyopt ec_paramgen_curve:prime256v1) ;;
+    *) echo "compare.sh: --key rsa|ecdsa" >&2; exit 2 ;;
+esac
+openssl req -x509 "${KEYARGS[@]}" -nodes -days 30 -subj /CN=localhost \
+    -addext "subjectAltName=DNS:localhost,IP:127.0.0.1" \
+    -keyout "$OUT/key.pem" -out "$OUT/cert.pem" 2>/dev/null
+cat "$OUT/cert.pem" "$OUT/key.pem" >"$OUT/haproxy.pem"
+
+# --- ports -----------------------------------------------------------------------------
+BACKEND_PORT=19001
+declare -A PLAIN_PORT=([direct]=19001 [wsgate]=19101 [nginx]=19201 [haproxy]=19301)
+declare -A TLS_PORT=([wsgate]=19102 [nginx]=19202 [haproxy]=19302)
+
+# --- configs ---------------------------------------------------------------------------
+# Two of each: "bench" (no per-address limits: every scenario but abuse comes from the
+# generator's many addresses at rates no per-address limit should see) and "abuse"
+# (per-address limits: 64 connections, 10 handshakes/s with a burst of 20, 10 s for a
+# request head; wsgate also limits messages, which the tunnels cannot).
+write_configs() {
+    local mode
+    for mode in bench abuse; do
+        local limits
+        if [[ $mode == bench ]]; then
+            limits='limits:
+  max_connections: 1000000
+  max_connections_per_ip: 1000000
+  handshakes_per_ip: { rate: 1000000, per: 1s, burst: 1000000 }
+  messages: { rate: 100000, per: 1s, burst: 100000 }'
+        else
+            limits='limits:
+  max_connections_per_ip: 64
+  handshakes_per_ip: { rate: 10, per: 1s, burst: 20 }
+  handshake_timeout: 10s
+  messages: { rate: 100, per: 1s, burst: 200, on_exceed: close }
+  fragment_timeout: 10s'
+        fi
+        cat >"$OUT/wsgate-$mode.yaml" <<EOF
+listeners:
+  - { name: plain, bind: "127.0.0.1:${PLAIN_PORT[wsgate]}" }
+  - name: tls
+    bind: "127.0.0.1:${TLS_PORT[wsgate]}"
+    tls: { certificates: [{ cert: "$OUT/cert.pem", key: "$OUT/key.pem" }] }
+log: { access: "$OUT/wsgate-access.log" }
+$limits
+upstreams:
+  echo: { backends: [{ addr: "127.0.0.1:$BACKEND_PORT" }] }
+routes:
+  - { name: bench, match: { path_prefix: / }, upstream: echo }
+EOF
+
+        local nginx_http="" nginx_server=""
+        if [[ $mode == abuse ]]; then
+            nginx_http='limit_conn_zone $binary_remote_addr zone=perip:10m;
+    limit_req_zone $binary_remote_addr zone=handshakes:10m rate=10r/s;'
+            nginx_server='limit_conn perip 64;
+        limit_req zone=handshakes burst=20 nodelay;
+        limit_conn_status 429;
+        limit_req_status 429;
+        client_header_timeout 10s;'
+        fi
+        mkdir -p "$OUT/nginx-tmp"
+        cat >"$OUT/nginx-$mode.conf" <<EOF
+daemon off;
+master_process on;
+worker_processes 1;
+worker_rlimit_nofile $FD_LIMIT;
+pid $OUT/nginx.pid;
+error_log $OUT/nginx-error.log warn;
+events { worker_connections $((2 * FD_LIMIT)); }   # the fd limit, not this, is what binds
+http {
+    access_log $OUT/nginx-access.log;
+    client_body_temp_path $OUT/nginx-tmp/body;
+    proxy_temp_path $OUT/nginx-tmp/proxy;
+    fastcgi_temp_path $OUT/nginx-tmp/fastcgi;
+    uwsgi_temp_path $OUT/nginx-tmp/uwsgi;
+    scgi_temp_path $OUT/nginx-tmp/scgi;
+    map \$http_upgrade \$connection_upgrade { default upgrade; '' close; }
+    upstream echo { server 127.0.0.1:$BACKEND_PORT; }
+    $nginx_http
+    server {
+        listen 127.0.0.1:${PLAIN_PORT[nginx]} backlog=4096;
+        listen 127.0.0.1:${TLS_PORT[nginx]} ssl backlog=4096;
+        ssl_certificate $OUT/cert.pem;
+        ssl_certificate_key $OUT/key.pem;
+        ssl_protocols TLSv1.2 TLSv1.3;
+        $nginx_server
+        location / {
+            proxy_pass http://echo;
+            proxy_http_version 1.1;
+            proxy_set_header Upgrade \$http_upgrade;
+            proxy_set_header Connection \$connection_upgrade;
+            proxy_read_timeout 3600s;
+            proxy_send_timeout 3600s;
+        }
+    }
+}
+EOF
+
+        local hap_front=""
+        if [[ $mode == abuse ]]; then
+            hap_front='stick-table type ip size 100k expire 30s store conn_cur,http_req_rate(1s)
+    tcp-request connection track-sc0 src
+    tcp-request connection reject if { sc_conn_cur(0) gt 64 }
+    http-request deny deny_status 429 if { sc_http_req_rate(0) gt 20 }'
+        fi
+        cat >"$OUT/haproxy-$mode.cfg" <<EOF
+global
+    nbthread 1
+    log stdout format raw local0 info
+defaults
+    mode http
+    log global
+    option httplog
+    timeout connect 5s
+    timeout client 3600s
+    timeout server 3600s
+    timeout tunnel 3600s
+    timeout http-request 10s
+frontend ws
+    bind 127.0.0.1:${PLAIN_PORT[haproxy]} backlog 4096
+    bind 127.0.0.1:${TLS_PORT[haproxy]} ssl crt $OUT/haproxy.pem backlog 4096
+    $hap_front
+    default_backend echo
+backend echo
+    server b1 127.0.0.1:$BACKEND_PORT
+EOF
+    done
+}
+write_configs
+
+# --- processes -------------------------------------------------------------------------
+BACKEND_PID=""
+PROXY_PID=""
+PIDS=""
+
+wait_port() {
+    local port=$1 i
+    for i in $(seq 1 100); do
+        if (exec 3<>"/dev/tcp/127.0.0.1/$port") 2>/dev/null; then return 0; fi
+        sleep 0.05
+    done
+    echo "compare.sh: nothing listens on port $port" >&2
+    return 1
+}
+
+start_proxy() { # NAME MODE
+    local name=$1 mode=$2
+    PROXY_PID=""; PIDS=""
+    case "$name" in
+        direct) return 0 ;;
+        wsgate)
+            taskset -c 0 "$WSGATE" --config "$OUT/wsgate-$mode.yaml" 2>>"$OUT/wsgate-stderr.log" &
+            PROXY_PID=$!; PIDS=$PROXY_PID ;;
+        nginx)
+            taskset -c 0 nginx -p "$OUT" -c "$OUT/nginx-$mode.conf" 2>>"$OUT/nginx-stderr.log" &
+            PROXY_PID=$! ;;
+        haproxy)
+            taskset -c 0 haproxy -db -f "$OUT/haproxy-$mode.cfg" >>"$OUT/haproxy-access.log" 2>&1 &
+            PROXY_PID=$!; PIDS=$PROXY_PID ;;
+    esac
+    wait_port "${PLAIN_PORT[$name]}"
+    if ! kill -0 "$PROXY_PID" 2>/dev/null; then
+        echo "compare.sh: $name exited at start (see its log in $OUT)" >&2
+        exit 1
+    fi
+    if [[ $name == nginx ]]; then
+        # Master and worker: the worker does the work; the master's share is constant.
+        PIDS="$PROXY_PID $(pgrep -P "$PROXY_PID" | tr '\n' ' ')"
+    fi
+    sleep 0.2
+}
+
+stop_proxy() {
+    if [[ -n $PROXY_PID ]]; then
+        kill "$PROXY_PID" 2>/dev/null || true
+        wait "$PROXY_PID" 2>/dev/null || true
+        if [[ -n $PIDS ]]; then
+            local p
+            for p in $PIDS; do
+                while kill -0 "$p" 2>/dev/null; do sleep 0.05; done
+            done
+        fi
+    fi
+    PROXY_PID=""; PIDS=""
+}
+
+cleanup() {
+    stop_proxy
+    if [[ -n $BACKEND_PID ]]; then kill "$BACKEND_PID" 2>/dev/null || true; fi
+}
+trap cleanup EXIT
+
+# A leftover listener on one of our ports would silently stand in for the process under
+# test (unpinned): refuse to start instead.
+for port in "$BACKEND_PORT" "${PLAIN_PORT[@]}" "${TLS_PORT[@]}"; do
+    if (exec 3<>"/dev/tcp/127.0.0.1/$port") 2>/dev/null; then
+        echo "compare.sh: port $port is already in use; stop whatever listens there" >&2
+        exit 1
+    fi
+done
+
+taskset -c 1 "$GEN" backend --bind "127.0.0.1:$BACKEND_PORT" >"$OUT/backend.out" 2>&1 &
+BACKEND_PID=$!
+wait_port "$BACKEND_PORT"
+kill -0 "$BACKEND_PID" 2>/dev/null || { echo "compare.sh: the backend exited (see $OUT/backend.out)" >&2; exit 1; }
+
+# gen SCENARIO NAME TLS ARGS...: runs the generator on core 1 against NAME's port.
+gen() {
+    local scenario=$1 name=$2 tls=$3; shift 3
+    local port=${PLAIN_PORT[$name]} tlsarg=()
+    if [[ $tls == tls ]]; then port=${TLS_PORT[$name]}; tlsarg=(--tls); fi
+    local pidargs=() p
+    for p in $PIDS; do pidargs+=(--pid "$p"); done
+    local line
+    if line=$(taskset -c 1 "$GEN" "$scenario" --target "127.0.0.1:$port" --label "$name" \
+        "${tlsarg[@]}" "${pidargs[@]}" "$@" 2>>"$OUT/generator-stderr.log"); then
+        echo "$line" >>"$RUNS"
+        echo "  $name $scenario $tls $*: ok" >&2
+    else
+        echo "  $name $scenario $tls $*: FAILED (see $OUT/generator-stderr.log)" >&2
+    fi
+}
+
+has() { [[ " $SCENARIOS " == *" $1 "* ]]; }
+
+started=$(date +%s)
+for rep in $(seq 1 "$REPEATS"); do
+    echo "repeat $rep/$REPEATS" >&2
+    for name in $TARGETS; do
+        if has echo || has latency || has handshake; then
+            start_proxy "$name" bench
+            if has echo; then
+                gen echo "$name" plain --conns $ECHO_CONNS --size 64 --warmup $WARM --duration $ECHO_S
+                gen echo "$name" plain --conns 8 --size 16384 --warmup $WARM --duration $ECHO_S
+            fi
+            if has latency; then
+                gen echo "$name" plain --conns $OPEN_CONNS --size 64 --rate $OPEN_RATE \
+                    --warmup $WARM --duration $OPEN_S
+            fi
+            if has handshake; then
+                gen handshake "$name" plain --warmup $WARM --duration $HS_S
+                if [[ $name != direct ]]; then
+                    gen handshake "$name" tls --warmup $WARM --duration $HS_S
+                fi
+            fi
+            stop_proxy
+        fi
+    done
+    if has idle; then
+        for tls in plain tls; do
+            for n in 1000 "$IDLE_MAX"; do
+                for name in $TARGETS; do
+                    [[ $name == direct ]] && continue
+                    start_proxy "$name" bench
+                    gen idle "$name" "$tls" --connections "$n" --settle $SETTLE
+                    stop_proxy
+                done
+            done
+        done
+    fi
+    if has abuse; then
+        for name in $TARGETS; do
+            [[ $name == direct ]] && continue
+            start_proxy "$name" abuse
+            gen abuse "$name" plain --quiet $QUIET_S --attack $ATTACK_S
+            stop_proxy
+        done
+    fi
+done
+elapsed=$(( $(date +%s) - started ))
+
+{
+    echo "<!-- wsgate-bench $(date -u +%Y-%m-%dT%H:%MZ), $REPEATS repeat(s), ${elapsed}s, $(nproc) cores, $(uname -r), cert $KEY -->"
+    "$GEN" report "$RUNS" --json "$OUT/summary.json"
+} | tee "$OUT/table.md"
+echo "raw runs: $RUNS; summary: $OUT/summary.json; table: $OUT/table.md" >&2

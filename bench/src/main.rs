@@ -1,0 +1,282 @@
+//! `wsgate-bench`: the load generator and echo backend behind `bench/compare.sh`.
+//!
+//! Subcommands: `backend` (the echo server every target relays to), `idle`, `echo`,
+//! `handshake`, `abuse` (scenarios; each prints one JSON object on stdout) and `report`
+//! (folds those JSON lines into the comparison table). Scenarios read the proxy's CPU
+//! and memory from `/proc` for the PIDs given with `--pid`; with none (the `direct`
+//! target) those figures are null. See `bench/README.md`.
+
+mod abuse;
+mod backend;
+mod echo;
+mod handshake;
+mod hist;
+mod idle;
+mod net;
+mod procfs;
+mod report;
+mod ws;
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::time::Duration;
+
+use anyhow::{Context, Result};
+use clap::{Args, Parser, Subcommand};
+
+#[derive(Parser)]
+#[command(
+    version,
+    about = "Load generator and echo backend for benchmarking wsgate"
+)]
+struct Cli {
+    #[command(subcommand)]
+    cmd: Cmd,
+}
+
+#[derive(Subcommand)]
+enum Cmd {
+    /// Echo WebSocket backend (prints its address as JSON, serves until killed).
+    Backend {
+        #[arg(long, default_value = "127.0.0.1:0")]
+        bind: SocketAddr,
+        /// Largest frame payload echoed; bigger ends the connection.
+        #[arg(long, default_value_t = 1 << 20)]
+        max_frame: usize,
+    },
+    /// Hold N idle connections; report the proxy's RSS per connection.
+    Idle {
+        #[command(flatten)]
+        common: Common,
+        #[arg(long, default_value_t = 1000)]
+        connections: u32,
+        /// Handshakes in flight at once.
+        #[arg(long, default_value_t = 64)]
+        concurrency: u32,
+        /// Connections per source address.
+        #[arg(long, default_value_t = 100)]
+        per_addr: u32,
+        /// Connections opened (and counted in the baseline) before measuring.
+        #[arg(long, default_value_t = 20)]
+        warm: u32,
+        /// Seconds between the last connection and the second RSS reading.
+        #[arg(long, default_value_t = 2.0)]
+        settle: f64,
+        /// Seconds to hold the connections afterwards, measuring the proxy's CPU.
+        #[arg(long, default_value_t = 0.0)]
+        hold: f64,
+    },
+    /// C connections echoing messages: closed loop (--rate 0) or open loop at --rate msg/s.
+    Echo {
+        #[command(flatten)]
+        common: Common,
+        #[arg(long, default_value_t = 32)]
+        conns: u32,
+        /// Message payload bytes (at least 16).
+        #[arg(long, default_value_t = 64)]
+        size: usize,
+        /// Messages per second over all connections; 0 = closed loop.
+        #[arg(long, default_value_t = 0.0)]
+        rate: f64,
+        #[arg(long, default_value_t = 1.0)]
+        warmup: f64,
+        #[arg(long, default_value_t = 5.0)]
+        duration: f64,
+    },
+    /// Connect-upgrade-close as fast as possible.
+    Handshake {
+        #[command(flatten)]
+        common: Common,
+        #[arg(long, default_value_t = 16)]
+        concurrency: u32,
+        #[arg(long, default_value_t = 1.0)]
+        warmup: f64,
+        #[arg(long, default_value_t = 5.0)]
+        duration: f64,
+    },
+    /// Well-behaved clients through a quiet phase and an attack from one address.
+    Abuse {
+        #[command(flatten)]
+        common: Common,
+        #[arg(long, default_value_t = 50)]
+        clients: u32,
+        /// Messages per second per well-behaved client.
+        #[arg(long, default_value_t = 20.0)]
+        client_rate: f64,
+        #[arg(long, default_value_t = 64)]
+        size: usize,
+        #[arg(long, default_value_t = 5.0)]
+        quiet: f64,
+        #[arg(long, default_value_t = 10.0)]
+        attack: f64,
+        #[arg(long, default_value_t = 32)]
+        flood_concurrency: u32,
+        /// Most attacker connections held open at once.
+        #[arg(long, default_value_t = 2000)]
+        attack_conns: u32,
+        /// Most attacker connections spamming at once.
+        #[arg(long, default_value_t = 100)]
+        spam_conns: u32,
+        /// Messages per second on each spamming connection.
+        #[arg(long, default_value_t = 1000)]
+        spam_rate: u32,
+        #[arg(long, default_value_t = 200)]
+        slowloris: u32,
+        /// Milliseconds between newcomers.
+        #[arg(long, default_value_t = 200)]
+        newcomer_every_ms: u64,
+    },
+    /// Fold JSON lines of runs into the Markdown table (medians with min–max).
+    Report {
+        /// File of JSON lines written by the scenarios.
+        input: PathBuf,
+        /// Also write the table's numbers as JSON here.
+        #[arg(long)]
+        json: Option<PathBuf>,
+    },
+}
+
+/// What every scenario needs to know about the target.
+#[derive(Args, Clone)]
+struct Common {
+    /// Address of the proxy, or of the backend for the direct run.
+    #[arg(long)]
+    target: SocketAddr,
+    /// Request path of the upgrade.
+    #[arg(long, default_value = "/bench")]
+    path: String,
+    /// Connect with TLS (any certificate accepted, no session resumption).
+    #[arg(long)]
+    tls: bool,
+    /// Name of the target in the JSON output (direct, wsgate, nginx, haproxy).
+    #[arg(long, default_value = "target")]
+    label: String,
+    /// PID of a proxy process whose CPU and memory are measured (repeatable).
+    #[arg(long = "pid")]
+    pids: Vec<u32>,
+}
+
+impl Common {
+    fn parts(&self) -> Result<(net::Target, procfs::Procs)> {
+        Ok((
+            net::Target::new(self.target, &self.path, self.tls)?,
+            procfs::Procs(self.pids.clone()),
+        ))
+    }
+}
+
+fn secs(s: f64) -> Result<Duration> {
+    Duration::try_from_secs_f64(s).with_context(|| format!("{s} is not a duration in seconds"))
+}
+
+fn main() {
+    if let Err(e) = real_main() {
+        eprintln!("wsgate-bench: {e:#}");
+        std::process::exit(1);
+    }
+}
+
+fn real_main() -> Result<()> {
+    let cli = Cli::parse();
+    if let Cmd::Report { input, json } = &cli.cmd {
+        return report::run(input, json.as_deref());
+    }
+    // One thread: the generator and the backend share one core by design.
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .context("tokio runtime")?;
+    let out = rt.block_on(async {
+        match cli.cmd {
+            Cmd::Backend { bind, max_frame } => backend::run(bind, max_frame).await.map(|()| None),
+            Cmd::Idle {
+                common,
+                connections,
+                concurrency,
+                per_addr,
+                warm,
+                settle,
+                hold,
+            } => {
+                let (t, p) = common.parts()?;
+                let o = idle::Options {
+                    connections,
+                    concurrency,
+                    per_addr,
+                    warm,
+                    settle: secs(settle)?,
+                    hold: secs(hold)?,
+                };
+                idle::run(t, p, &common.label, o).await.map(Some)
+            }
+            Cmd::Echo {
+                common,
+                conns,
+                size,
+                rate,
+                warmup,
+                duration,
+            } => {
+                let (t, p) = common.parts()?;
+                let o = echo::Options {
+                    conns,
+                    size,
+                    rate,
+                    warmup: secs(warmup)?,
+                    duration: secs(duration)?,
+                };
+                echo::run(t, p, &common.label, o).await.map(Some)
+            }
+            Cmd::Handshake {
+                common,
+                concurrency,
+                warmup,
+                duration,
+            } => {
+                let (t, p) = common.parts()?;
+                let o = handshake::Options {
+                    concurrency,
+                    warmup: secs(warmup)?,
+                    duration: secs(duration)?,
+                };
+                handshake::run(t, p, &common.label, o).await.map(Some)
+            }
+            Cmd::Abuse {
+                common,
+                clients,
+                client_rate,
+                size,
+                quiet,
+                attack,
+                flood_concurrency,
+                attack_conns,
+                spam_conns,
+                spam_rate,
+                slowloris,
+                newcomer_every_ms,
+            } => {
+                let (t, p) = common.parts()?;
+                let o = abuse::Options {
+                    clients,
+                    client_rate,
+                    size,
+                    quiet: secs(quiet)?,
+                    attack: secs(attack)?,
+                    flood_concurrency,
+                    attack_conns,
+                    spam_conns,
+                    spam_rate,
+                    slowloris,
+                    newcomer_every: Duration::from_millis(newcomer_every_ms),
+                };
+                abuse::run(t, p, &common.label, o).await.map(Some)
+            }
+            Cmd::Report { .. } => Ok(None),
+        }
+    })?;
+    if let Some(v) = out {
+        println!("{v}");
+    }
+    // Connections still open are dropped with the process; no need to wait for them.
+    std::process::exit(0);
+}

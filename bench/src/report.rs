@@ -1,0 +1,351 @@
+//! `report`: folds the JSON lines of many runs into one Markdown table (median of the
+//! repeated runs, with their min–max spread) and one JSON summary.
+//!
+//! Columns are the targets in the order they first appear; rows are fixed below. A row
+//! whose runs are missing for a target shows "–". "Added" latency rows subtract the
+//! `direct` target's median from each proxy's.
+
+use std::collections::BTreeMap;
+
+use anyhow::{Context, Result};
+use serde_json::{Value, json};
+
+type Filter = Box<dyn Fn(&Value) -> bool>;
+type Metric = Box<dyn Fn(&Value) -> Option<f64>>;
+
+struct Row {
+    title: String,
+    filter: Filter,
+    metric: Metric,
+    /// Subtract the direct target's median (added latency).
+    minus_direct: bool,
+    decimals: usize,
+}
+
+fn row(title: &str, decimals: usize, filter: Filter, metric: Metric) -> Row {
+    Row {
+        title: title.to_string(),
+        filter,
+        metric,
+        minus_direct: false,
+        decimals,
+    }
+}
+
+fn num(v: &Value, path: &[&str]) -> Option<f64> {
+    let mut cur = v;
+    for p in path {
+        cur = cur.get(p)?;
+    }
+    cur.as_f64()
+}
+
+fn is(v: &Value, key: &str, want: Value) -> bool {
+    v.get(key) == Some(&want)
+}
+
+fn m(path: &'static [&'static str]) -> Metric {
+    Box::new(move |v| num(v, path))
+}
+
+/// Median and spread of one cell.
+#[derive(Clone, Copy, Debug)]
+struct Cell {
+    median: f64,
+    min: f64,
+    max: f64,
+    n: usize,
+}
+
+fn cell(mut xs: Vec<f64>) -> Option<Cell> {
+    if xs.is_empty() {
+        return None;
+    }
+    xs.sort_by(f64::total_cmp);
+    let n = xs.len();
+    let median = if n % 2 == 1 {
+        xs[n / 2]
+    } else {
+        (xs[n / 2 - 1] + xs[n / 2]) / 2.0
+    };
+    Some(Cell {
+        median,
+        min: xs[0],
+        max: xs[n - 1],
+        n,
+    })
+}
+
+fn fmt(x: f64, d: usize) -> String {
+    format!("{x:.d$}")
+}
+
+pub fn run(input: &std::path::Path, json_out: Option<&std::path::Path>) -> Result<()> {
+    let text =
+        std::fs::read_to_string(input).with_context(|| format!("read {}", input.display()))?;
+    let mut runs = Vec::new();
+    for (i, line) in text.lines().enumerate() {
+        if line.trim().is_empty() {
+            continue;
+        }
+        let v: Value = serde_json::from_str(line)
+            .with_context(|| format!("{}:{}: not JSON", input.display(), i + 1))?;
+        runs.push(v);
+    }
+    let mut labels: Vec<String> = Vec::new();
+    for r in &runs {
+        if let Some(l) = r.get("label").and_then(Value::as_str)
+            && !labels.iter().any(|x| x == l)
+        {
+            labels.push(l.to_string());
+        }
+    }
+    let rows = rows(&runs);
+    let mut out = String::new();
+    out.push_str(&format!("| metric | {} |\n", labels.join(" | ")));
+    out.push_str(&format!("|---|{}\n", "---|".repeat(labels.len())));
+    let mut summary = Vec::new();
+    for r in &rows {
+        let mut cells: BTreeMap<&str, Cell> = BTreeMap::new();
+        for l in &labels {
+            let xs: Vec<f64> = runs
+                .iter()
+                .filter(|v| v.get("label").and_then(Value::as_str) == Some(l.as_str()))
+                .filter(|v| (r.filter)(v))
+                .filter_map(|v| (r.metric)(v))
+                .collect();
+            if let Some(c) = cell(xs) {
+                cells.insert(l.as_str(), c);
+            }
+        }
+        if cells.is_empty() {
+            continue;
+        }
+        let direct = cells.get("direct").copied();
+        let mut line = format!("| {} |", r.title);
+        let mut js = serde_json::Map::new();
+        for l in &labels {
+            let text = match (cells.get(l.as_str()), r.minus_direct, direct) {
+                (None, _, _) => "–".to_string(),
+                (Some(_), true, _) if l == "direct" => "0 (baseline)".to_string(),
+                (Some(_), true, None) => "–".to_string(),
+                (Some(c), true, Some(d)) => {
+                    js.insert(
+                        l.clone(),
+                        json!({ "median": c.median - d.median, "n": c.n }),
+                    );
+                    fmt(c.median - d.median, r.decimals)
+                }
+                (Some(c), false, _) => {
+                    js.insert(
+                        l.clone(),
+                        json!({ "median": c.median, "min": c.min, "max": c.max, "n": c.n }),
+                    );
+                    if c.n > 1 {
+                        format!(
+                            "{} ({}–{})",
+                            fmt(c.median, r.decimals),
+                            fmt(c.min, r.decimals),
+                            fmt(c.max, r.decimals)
+                        )
+                    } else {
+                        fmt(c.median, r.decimals)
+                    }
+                }
+            };
+            line.push_str(&format!(" {text} |"));
+        }
+        out.push_str(&line);
+        out.push('\n');
+        summary.push(json!({ "metric": r.title, "values": js }));
+    }
+    print!("{out}");
+    if let Some(p) = json_out {
+        let body = serde_json::to_string_pretty(&summary).context("summary to JSON")?;
+        std::fs::write(p, body).with_context(|| format!("write {}", p.display()))?;
+    }
+    Ok(())
+}
+
+fn rows(runs: &[Value]) -> Vec<Row> {
+    let mut rows = Vec::new();
+    for (size, name) in [(64u64, "64 B"), (16384, "16 KiB")] {
+        rows.push(row(
+            &format!("proxy CPU µs per echoed {name} message (closed loop)"),
+            1,
+            Box::new(move |v| {
+                is(v, "scenario", json!("echo"))
+                    && is(v, "mode", json!("closed"))
+                    && is(v, "size", json!(size))
+            }),
+            m(&["cpu_us_per_msg"]),
+        ));
+        rows.push(row(
+            &format!("echoes/s, {name} closed loop"),
+            0,
+            Box::new(move |v| {
+                is(v, "scenario", json!("echo"))
+                    && is(v, "mode", json!("closed"))
+                    && is(v, "size", json!(size))
+            }),
+            m(&["msgs_per_sec"]),
+        ));
+    }
+    // Idle sizes present in the data, ascending.
+    let mut sizes: Vec<u64> = runs
+        .iter()
+        .filter(|v| is(v, "scenario", json!("idle")))
+        .filter_map(|v| v.get("connections").and_then(Value::as_u64))
+        .collect();
+    sizes.sort_unstable();
+    sizes.dedup();
+    for tls in [false, true] {
+        let kind = if tls { "TLS" } else { "plain" };
+        for &n in &sizes {
+            let f = move |v: &Value| {
+                is(v, "scenario", json!("idle"))
+                    && is(v, "tls", json!(tls))
+                    && is(v, "connections", json!(n))
+            };
+            rows.push(row(
+                &format!("KiB RSS per idle {kind} connection, {n} connections"),
+                1,
+                Box::new(f),
+                m(&["kib_per_conn"]),
+            ));
+            rows.push(row(
+                &format!("idle {kind} connections actually held (of {n})"),
+                0,
+                Box::new(f),
+                m(&["open"]),
+            ));
+        }
+    }
+    let open = |v: &Value| is(v, "scenario", json!("echo")) && is(v, "mode", json!("open"));
+    let rate = runs
+        .iter()
+        .find(|v| open(v))
+        .and_then(|v| num(v, &["rate"]))
+        .unwrap_or(0.0);
+    for (q, key) in [("p50", "p50_us"), ("p99", "p99_us"), ("p99.9", "p999_us")] {
+        rows.push(row(
+            &format!("{q} µs RTT at {rate:.0} msg/s (64 B, open loop)"),
+            0,
+            Box::new(open),
+            Box::new(move |v| num(v, &["latency", key])),
+        ));
+    }
+    for (q, key) in [("p50", "p50_us"), ("p99", "p99_us")] {
+        let mut r = row(
+            &format!("added {q} µs vs direct at {rate:.0} msg/s"),
+            0,
+            Box::new(open),
+            Box::new(move |v| num(v, &["latency", key])),
+        );
+        r.minus_direct = true;
+        rows.push(r);
+    }
+    rows.push(row(
+        &format!("proxy CPU µs per echoed message at {rate:.0} msg/s"),
+        1,
+        Box::new(open),
+        m(&["cpu_us_per_msg"]),
+    ));
+    for tls in [false, true] {
+        let kind = if tls { "TLS" } else { "plain" };
+        let f = move |v: &Value| is(v, "scenario", json!("handshake")) && is(v, "tls", json!(tls));
+        rows.push(row(
+            &format!("handshakes/s, {kind}"),
+            0,
+            Box::new(f),
+            m(&["per_sec"]),
+        ));
+        rows.push(row(
+            &format!("proxy CPU µs per handshake, {kind}"),
+            0,
+            Box::new(f),
+            m(&["cpu_us_per_handshake"]),
+        ));
+    }
+    let ab = |v: &Value| is(v, "scenario", json!("abuse"));
+    rows.push(row(
+        "abuse: well-behaved p50 µs, quiet",
+        0,
+        Box::new(ab),
+        m(&["quiet", "p50_us"]),
+    ));
+    rows.push(row(
+        "abuse: well-behaved p99 µs, quiet",
+        0,
+        Box::new(ab),
+        m(&["quiet", "p99_us"]),
+    ));
+    rows.push(row(
+        "abuse: p50 under attack ÷ quiet",
+        2,
+        Box::new(ab),
+        m(&["p50_ratio"]),
+    ));
+    rows.push(row(
+        "abuse: p99 under attack ÷ quiet",
+        2,
+        Box::new(ab),
+        m(&["p99_ratio"]),
+    ));
+    rows.push(row("abuse: messages lost", 0, Box::new(ab), m(&["lost"])));
+    rows.push(row(
+        "abuse: messages reordered",
+        0,
+        Box::new(ab),
+        m(&["reordered"]),
+    ));
+    rows.push(row(
+        "abuse: well-behaved clients cut off",
+        0,
+        Box::new(ab),
+        m(&["clients_closed"]),
+    ));
+    rows.push(row(
+        "abuse: new clients refused during attack",
+        0,
+        Box::new(ab),
+        m(&["newcomers_refused_attack"]),
+    ));
+    rows.push(row(
+        "abuse: new clients tried during attack",
+        0,
+        Box::new(ab),
+        m(&["newcomers_attack"]),
+    ));
+    rows.push(row(
+        "abuse: attacker connections admitted",
+        0,
+        Box::new(ab),
+        m(&["attacker_admitted"]),
+    ));
+    rows.push(row(
+        "abuse: attacker handshakes refused",
+        0,
+        Box::new(ab),
+        m(&["attacker_refused"]),
+    ));
+    rows.push(row(
+        "abuse: proxy CPU %, quiet",
+        0,
+        Box::new(ab),
+        m(&["proxy_cpu_pct_quiet"]),
+    ));
+    rows.push(row(
+        "abuse: proxy CPU %, attack",
+        0,
+        Box::new(ab),
+        m(&["proxy_cpu_pct_attack"]),
+    ));
+    rows.push(row(
+        "abuse: proxy peak RSS MiB",
+        1,
+        Box::new(ab),
+        Box::new(|v| num(v, &["rss_peak_kib"]).map(|k| k / 1024.0)),
+    ));
+    rows
+}
