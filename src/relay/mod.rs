@@ -714,11 +714,13 @@ where
     /// After both close frames: half-close our side and read until each peer closes, so
     /// no unread byte turns the close into a reset (SPEC §5).
     fn poll_linger(&mut self, cx: &mut Context<'_>) -> Poll<()> {
-        if !self.shut_client && !self.client_dead {
+        // A peer that already sent its FIN has nothing left to read: dropping the socket
+        // closes cleanly, and the shutdown(2) would be a wasted system call.
+        if !self.shut_client && !self.client_dead && !self.c2u.src_eof {
             let _ = std::task::ready!(Pin::new(&mut self.client).poll_shutdown(cx));
         }
         self.shut_client = true;
-        if !self.shut_upstream && !self.upstream_dead {
+        if !self.shut_upstream && !self.upstream_dead && !self.u2c.src_eof {
             let _ = std::task::ready!(Pin::new(&mut self.upstream).poll_shutdown(cx));
         }
         self.shut_upstream = true;

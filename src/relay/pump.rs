@@ -154,11 +154,13 @@ pub struct Pump {
 }
 
 impl Pump {
+    /// `buf_size` is the payload room (`limits.buffer_size`); the buffer gets one frame
+    /// header more, so a frame of exactly `buffer_size` moves in one read and one write.
     pub fn new(rules: Rules, buf_size: usize) -> Pump {
         Pump {
             rules,
             validator: Validator::default(),
-            buf_size,
+            buf_size: buf_size + MAX_HEADER_LEN,
             buf: None,
             sent: 0,
             pos: 0,
