@@ -6,8 +6,8 @@
 //!   64 frames per iteration, measured from the first write to the last byte read at the
 //!   upstream end.
 //!
-//! Rendezvous selection over 100 backends is to be added after pools land (see
-//! bench/README.md).
+//! - `rendezvous`: ranking 100 weighted backends for one sticky key
+//!   (`upstream::hash::rank`, what each handshake does before it connects).
 
 use std::hint::black_box;
 use std::time::{Duration, Instant};
@@ -102,5 +102,21 @@ fn relay_frames(c: &mut Criterion) {
     g.finish();
 }
 
-criterion_group!(benches, frame_header, relay_frames);
+/// Ranks 100 backends of mixed weights for a different key each iteration.
+fn rendezvous(c: &mut Criterion) {
+    use wsgate::upstream::hash::{backend_seed, rank};
+    let members: Vec<(u64, u32)> = (0..100u32)
+        .map(|i| (backend_seed(&format!("10.0.{}.{}:9001", i / 250, i % 250)), 1 + i % 3))
+        .collect();
+    let mut n = 0u64;
+    c.bench_function("rendezvous/rank_100_backends", |b| {
+        b.iter(|| {
+            n += 1;
+            let key = n.to_le_bytes();
+            black_box(rank(black_box(&key), &members))
+        })
+    });
+}
+
+criterion_group!(benches, frame_header, relay_frames, rendezvous);
 criterion_main!(benches);
