@@ -353,33 +353,47 @@ async fn serve(shared: Arc<Shared>, accepted: Accepted, stream: TcpStream, peer:
             established: Mutex::new(None),
         })
     };
-    // Each branch's future is boxed: plain connections must not carry the size of a TLS
-    // session in their task (the task of an idle connection is mostly this future).
-    match tls.and_then(|slot| slot.get()) {
+    // The handshake phases are boxed and freed once they end; the relay phase is boxed at
+    // its own size (a plain connection never carries the size of a TLS session), and the
+    // task itself keeps only this function's few locals.
+    let relay = match tls.and_then(|slot| slot.get()) {
         None => Box::pin(serve_http(conn(None), stream, deadline)).await,
         Some(config) => Box::pin(serve_tls(config, stream, peer, deadline, conn)).await,
+    };
+    if let Some(relay) = relay {
+        relay.await;
     }
 }
 
-/// The TLS handshake (within the handshake deadline), then HTTP and the relay over TLS.
+/// A connection's relay phase: the session and what its log line needs, nothing else.
+type RelayPhase = Pin<Box<dyn Future<Output = ()> + Send>>;
+
+/// The TLS handshake (within the handshake deadline), then HTTP over TLS; returns the
+/// relay phase once upgraded.
 async fn serve_tls(
     config: Arc<rustls::ServerConfig>,
     stream: Prefixed<TcpStream>,
     peer: SocketAddr,
     deadline: Instant,
     conn: impl FnOnce(Option<TlsInfo>) -> Arc<Conn>,
-) {
+) -> Option<RelayPhase> {
     let accepted = tokio::time::timeout_at(
         deadline,
         tokio_rustls::TlsAcceptor::from(config).accept(stream),
     );
     let stream = match accepted.await {
         Ok(Ok(stream)) => stream,
-        Ok(Err(e)) => return crate::tls::log_handshake_failure(peer, &e),
-        Err(_) => return crate::tls::log_handshake_failure(peer, &"timed out"),
+        Ok(Err(e)) => {
+            crate::tls::log_handshake_failure(peer, &e);
+            return None;
+        }
+        Err(_) => {
+            crate::tls::log_handshake_failure(peer, &"timed out");
+            return None;
+        }
     };
     let info = tls_info(stream.get_ref().1);
-    Box::pin(serve_http(conn(Some(info)), stream, deadline)).await
+    serve_http(conn(Some(info)), stream, deadline).await
 }
 
 fn tls_info(session: &rustls::ServerConnection) -> TlsInfo {
@@ -483,18 +497,15 @@ impl<S: AsyncWrite + Unpin> AsyncWrite for Prefixed<S> {
     }
 }
 
-/// The HTTP upgrade, then the relay, over a plain or TLS client stream.
-async fn serve_http<S>(conn: Arc<Conn>, stream: S, deadline: Instant)
+/// The HTTP upgrade over a plain or TLS client stream; returns the relay phase, in its own
+/// allocation, when the upgrade succeeded. The handshake's state (hyper's connection, its
+/// buffers, the timers) is freed before the relay starts.
+async fn serve_http<S>(conn: Arc<Conn>, stream: S, deadline: Instant) -> Option<RelayPhase>
 where
     S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
 {
-    // The handshake (hyper's connection, its buffers, the timers) lives in its own
-    // allocation, freed before the relay starts: a long-lived connection keeps only the
-    // relay's small state.
-    let upgraded = Box::pin(handshake(&conn, stream, deadline)).await;
-    if let Some((client, early, est)) = upgraded {
-        run_relay(conn, client, early, est).await;
-    }
+    let (client, early, est) = handshake(&conn, stream, deadline).await?;
+    Some(Box::pin(run_relay(conn, client, early, est)))
 }
 
 /// Serves the one HTTP request of the connection. Returns the client socket, any bytes
@@ -565,16 +576,17 @@ where
 /// Sent when the head did not arrive within `handshake_timeout` (a slowloris guard).
 const REQUEST_TIMEOUT: &[u8] = b"HTTP/1.1 408 Request Timeout\r\ncontent-type: text/plain; charset=utf-8\r\ncontent-length: 18\r\nconnection: close\r\n\r\nhandshake_timeout\n";
 
-/// The relay and its access-log line. A plain function building the future, so that the
-/// long-lived state holds the relay session and the log facts, nothing else.
+/// The relay and its access-log line. Built eagerly, as a plain struct (no async block,
+/// which would keep a second copy of the relay session beside the one being polled): the
+/// long-lived state is the relay session and the log facts, nothing else.
 fn run_relay<S>(
     conn: Arc<Conn>,
     client: S,
     client_early: Bytes,
     est: Established,
-) -> impl Future<Output = ()>
+) -> Relaying<impl Future<Output = relay::Report> + Unpin + Send>
 where
-    S: AsyncRead + AsyncWrite + Unpin,
+    S: AsyncRead + AsyncWrite + Unpin + Send,
 {
     let Established {
         upstream,
@@ -599,14 +611,72 @@ where
     });
     settings.control = Some(control);
     settings.metrics = Some(metrics.clone());
-    let relayed = relay::relay(client, client_early, upstream, upstream_early, &settings);
-    async move {
-        let report = relayed.await;
+    let relay = relay::relay(client, client_early, upstream, upstream_early, &settings);
+    Relaying {
+        relay: Some(relay),
+        tail: Some(RelayTail {
+            conn,
+            info,
+            backend,
+            metrics,
+            active,
+            registration,
+            _permit,
+        }),
+    }
+}
+
+/// The relay session, then (sockets closed) the connection's bookkeeping.
+struct Relaying<R> {
+    relay: Option<R>,
+    tail: Option<RelayTail>,
+}
+
+/// What a finished relay reports to: the registry, the route's metrics, the access log.
+struct RelayTail {
+    conn: Arc<Conn>,
+    info: RequestInfo,
+    backend: String,
+    metrics: Arc<crate::observe::metrics::RouteMetrics>,
+    active: crate::observe::metrics::ActiveConnection,
+    registration: crate::ops::registry::Registration,
+    /// Counts the connection against its client's per-IP cap until the log line is out.
+    _permit: IpPermit,
+}
+
+impl<R: Future<Output = relay::Report> + Unpin> Future for Relaying<R> {
+    type Output = ();
+
+    fn poll(mut self: Pin<&mut Self>, cx: &mut std::task::Context<'_>) -> std::task::Poll<()> {
+        let this = &mut *self;
+        let Some(relay) = this.relay.as_mut() else {
+            return std::task::Poll::Ready(());
+        };
+        let report = std::task::ready!(Pin::new(relay).poll(cx));
+        this.relay = None;
+        if let Some(tail) = this.tail.take() {
+            tail.finish(&report);
+        }
+        std::task::Poll::Ready(())
+    }
+}
+
+impl RelayTail {
+    fn finish(self, report: &relay::Report) {
+        let RelayTail {
+            conn,
+            info,
+            backend,
+            metrics,
+            active,
+            registration,
+            _permit,
+        } = self;
         drop(registration);
-        metrics.closed(&report);
+        metrics.closed(report);
         drop(active);
         let mut record = conn.record("ws_close", &info, 101, Some(&backend));
-        Record::set_report(&mut record, &report);
+        Record::set_report(&mut record, report);
         conn.shared.access.log(&record);
         drop(_permit);
     }
