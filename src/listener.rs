@@ -9,7 +9,7 @@ use std::convert::Infallible;
 use std::future::{Future, poll_fn};
 use std::net::SocketAddr;
 use std::pin::Pin;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, RwLock, Weak};
 use std::time::Duration;
 
@@ -162,7 +162,7 @@ async fn accept_loop(
         };
         match next {
             Ok((stream, peer)) => {
-                tokio::spawn(serve(shared, accepted.clone(), stream, peer));
+                tokio::spawn(ConnTask::new(shared, accepted.clone(), stream, peer));
             }
             Err(e) => {
                 tracing::warn!(listener = %accepted.listener, error = %e, "accept failed; backing off");
@@ -183,7 +183,12 @@ fn serve_backlog(shared: &Weak<Shared>, listener: &TcpListener, accepted: &Accep
     for _ in 0..BACKLOG {
         match listener.accept().now_or_never() {
             Some(Ok((stream, peer))) => {
-                tokio::spawn(serve(shared.clone(), accepted.clone(), stream, peer));
+                tokio::spawn(ConnTask::new(
+                    shared.clone(),
+                    accepted.clone(),
+                    stream,
+                    peer,
+                ));
             }
             _ => return,
         }
@@ -274,11 +279,58 @@ struct Conn {
 }
 
 /// Counts a connection towards `max_connections` for as long as it lives.
-struct ActiveGuard<'a>(&'a AtomicU64);
+struct ActiveGuard(Arc<Shared>);
 
-impl Drop for ActiveGuard<'_> {
+impl Drop for ActiveGuard {
     fn drop(&mut self) {
-        self.0.fetch_sub(1, Ordering::Relaxed);
+        self.0.active.fetch_sub(1, Ordering::Relaxed);
+    }
+}
+
+/// A connection's task. Its own state is a few words: each phase lives in its own
+/// allocation, the handshake's freed when the relay's begins, so what an idle connection
+/// keeps is the task header, this, and the relay phase.
+struct ConnTask {
+    phase: Phase,
+    _active: ActiveGuard,
+}
+
+enum Phase {
+    /// PROXY header, TLS, the HTTP upgrade and the upstream handshake ([`serve`]).
+    Handshake(Pin<Box<dyn Future<Output = Option<RelayPhase>> + Send>>),
+    Relay(RelayPhase),
+}
+
+impl ConnTask {
+    fn new(shared: Arc<Shared>, accepted: Accepted, stream: TcpStream, peer: SocketAddr) -> Self {
+        let active = shared.active.fetch_add(1, Ordering::Relaxed) + 1;
+        ConnTask {
+            phase: Phase::Handshake(Box::pin(serve(
+                shared.clone(),
+                accepted,
+                stream,
+                peer,
+                active,
+            ))),
+            _active: ActiveGuard(shared),
+        }
+    }
+}
+
+impl Future for ConnTask {
+    type Output = ();
+
+    fn poll(mut self: Pin<&mut Self>, cx: &mut std::task::Context<'_>) -> std::task::Poll<()> {
+        loop {
+            match &mut self.phase {
+                Phase::Handshake(handshake) => match std::task::ready!(handshake.as_mut().poll(cx))
+                {
+                    Some(relay) => self.phase = Phase::Relay(relay),
+                    None => return std::task::Poll::Ready(()),
+                },
+                Phase::Relay(relay) => return relay.as_mut().poll(cx),
+            }
+        }
     }
 }
 
@@ -290,10 +342,16 @@ struct Accepted {
     proxy_protocol: bool,
 }
 
-async fn serve(shared: Arc<Shared>, accepted: Accepted, stream: TcpStream, peer: SocketAddr) {
+/// A connection up to its upgrade; returns the relay phase when there is one. `active`
+/// counts this connection.
+async fn serve(
+    shared: Arc<Shared>,
+    accepted: Accepted,
+    stream: TcpStream,
+    peer: SocketAddr,
+    active: u64,
+) -> Option<RelayPhase> {
     let _ = stream.set_nodelay(true);
-    let active = shared.active.fetch_add(1, Ordering::Relaxed) + 1;
-    let _guard = ActiveGuard(&shared.active);
     let started = Instant::now();
     // The config of this connection for its whole life: a reload affects new ones only.
     let config = shared.config.load_full();
@@ -315,11 +373,11 @@ async fn serve(shared: Arc<Shared>, accepted: Accepted, stream: TcpStream, peer:
             Ok(Ok(found)) => found,
             Ok(Err(why)) => {
                 tracing::warn!(%peer, why, "connection refused: bad PROXY protocol header");
-                return;
+                return None;
             }
             Err(_) => {
                 tracing::warn!(%peer, "connection refused: no PROXY protocol header within handshake_timeout");
-                return;
+                return None;
             }
         }
     } else {
@@ -353,15 +411,11 @@ async fn serve(shared: Arc<Shared>, accepted: Accepted, stream: TcpStream, peer:
             established: Mutex::new(None),
         })
     };
-    // The handshake phases are boxed and freed once they end; the relay phase is boxed at
-    // its own size (a plain connection never carries the size of a TLS session), and the
-    // task itself keeps only this function's few locals.
-    let relay = match tls.and_then(|slot| slot.get()) {
-        None => Box::pin(serve_http(conn(None), stream, deadline)).await,
-        Some(config) => Box::pin(serve_tls(config, stream, peer, deadline, conn)).await,
-    };
-    if let Some(relay) = relay {
-        relay.await;
+    // The relay phase is boxed at its own size: a plain connection never carries the size
+    // of a TLS session.
+    match tls.and_then(|slot| slot.get()) {
+        None => serve_http(conn(None), stream, deadline).await,
+        Some(config) => serve_tls(config, stream, peer, deadline, conn).await,
     }
 }
 
