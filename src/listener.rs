@@ -664,15 +664,12 @@ where
         control: control.clone(),
     });
     settings.control = Some(control);
-    settings.metrics = Some(metrics.clone());
+    settings.metrics = Some(metrics);
     let relay = relay::relay(client, client_early, upstream, upstream_early, &settings);
     Relaying {
         relay: Some(relay),
         tail: Some(RelayTail {
-            conn,
-            info,
-            backend,
-            metrics,
+            log: LogFacts::new(&conn, &info, &backend),
             active,
             registration,
             _permit,
@@ -688,10 +685,7 @@ struct Relaying<R> {
 
 /// What a finished relay reports to: the registry, the route's metrics, the access log.
 struct RelayTail {
-    conn: Arc<Conn>,
-    info: RequestInfo,
-    backend: String,
-    metrics: Arc<crate::observe::metrics::RouteMetrics>,
+    log: LogFacts,
     active: crate::observe::metrics::ActiveConnection,
     registration: crate::ops::registry::Registration,
     /// Counts the connection against its client's per-IP cap until the log line is out.
@@ -718,21 +712,128 @@ impl<R: Future<Output = relay::Report> + Unpin> Future for Relaying<R> {
 impl RelayTail {
     fn finish(self, report: &relay::Report) {
         let RelayTail {
-            conn,
-            info,
-            backend,
-            metrics,
+            log,
             active,
             registration,
             _permit,
         } = self;
         drop(registration);
-        metrics.closed(report);
-        drop(active);
-        let mut record = conn.record("ws_close", &info, 101, Some(&backend));
+        active.closed(report);
+        let mut record = log.record("ws_close", 101);
         Record::set_report(&mut record, report);
-        conn.shared.access.log(&record);
+        log.shared.access.log(&record);
         drop(_permit);
+    }
+}
+
+/// The strings of a `ws_close` line, in [`LogFacts::text`] order.
+#[derive(Clone, Copy)]
+enum Text {
+    ConnId,
+    RequestId,
+    Route,
+    Host,
+    Path,
+    Origin,
+    UserAgent,
+    Subject,
+    Backend,
+}
+
+const TEXTS: usize = Text::Backend as usize + 1;
+
+/// What a relayed connection's `ws_close` line needs, frozen at the upgrade (the request,
+/// the connection, the backend). Every string sits in one allocation: an idle connection
+/// would otherwise keep a dozen small ones, each rounded up by the allocator, plus the
+/// handshake's whole [`Conn`].
+struct LogFacts {
+    shared: Arc<Shared>,
+    listener: Arc<str>,
+    /// The [`Text`] strings, back to back.
+    text: Box<str>,
+    /// Where each [`Text`] string ends in `text`.
+    ends: [u32; TEXTS],
+    /// Bit `i` set: [`Text`] `i` is present (an absent one is empty).
+    present: u16,
+    client_ip: std::net::IpAddr,
+    client_port: u16,
+    started: Instant,
+    tls: Option<Box<TlsInfo>>,
+}
+
+impl LogFacts {
+    fn new(conn: &Conn, info: &RequestInfo, backend: &str) -> LogFacts {
+        let texts: [Option<&str>; TEXTS] = [
+            Some(&conn.conn_id),
+            info.request_id.as_deref(),
+            info.route.as_deref(),
+            info.host.as_deref(),
+            info.path.as_deref(),
+            info.origin.as_deref(),
+            info.user_agent.as_deref(),
+            info.subject.as_deref(),
+            Some(backend),
+        ];
+        let mut text = String::with_capacity(texts.iter().flatten().map(|t| t.len()).sum());
+        let mut ends = [0; TEXTS];
+        let mut present = 0;
+        for (i, t) in texts.iter().enumerate() {
+            if let Some(t) = t {
+                text.push_str(t);
+                present |= 1 << i;
+            }
+            // Request heads are at most MAX_HEAD bytes and names come from the config.
+            ends[i] = u32::try_from(text.len()).unwrap_or(u32::MAX);
+        }
+        LogFacts {
+            shared: conn.shared.clone(),
+            listener: conn.listener.clone(),
+            text: text.into_boxed_str(),
+            ends,
+            present,
+            client_ip: info.client_ip.unwrap_or(conn.peer.ip()),
+            client_port: conn.peer.port(),
+            started: conn.started,
+            tls: conn.tls.clone().map(Box::new),
+        }
+    }
+
+    fn get(&self, t: Text) -> Option<&str> {
+        let i = t as usize;
+        if self.present & (1 << i) == 0 {
+            return None;
+        }
+        let start = if i == 0 { 0 } else { self.ends[i - 1] as usize };
+        self.text.get(start..self.ends[i] as usize)
+    }
+
+    fn record(&self, event: &'static str, status: u16) -> Record<'_> {
+        Record {
+            ts: now_rfc3339(),
+            event,
+            conn_id: self.get(Text::ConnId).unwrap_or_default(),
+            request_id: self.get(Text::RequestId),
+            listener: &self.listener,
+            route: self.get(Text::Route),
+            client_ip: self.client_ip.to_string(),
+            client_port: self.client_port,
+            tls: self.tls.as_deref(),
+            host: self.get(Text::Host),
+            path: self.get(Text::Path),
+            origin: self.get(Text::Origin),
+            user_agent: self.get(Text::UserAgent),
+            subject: self.get(Text::Subject),
+            upstream: self.get(Text::Backend),
+            status,
+            duration_ms: self.started.elapsed().as_millis() as u64,
+            c2u: Counts::default(),
+            u2c: Counts::default(),
+            close: None,
+            proxy_reason: None,
+            pings: 0,
+            rtt_ms: None,
+            rate_limited: 0,
+        }
     }
 }
 
