@@ -653,16 +653,16 @@ where
     let route = info.route.as_deref().unwrap_or("");
     let metrics = conn.shared.metrics.route(route);
     let active = metrics.opened();
-    let control = Arc::new(relay::Control::default());
-    let registration = conn.shared.registry.register(Entry {
+    let registry = &conn.shared.registry;
+    let control = Arc::new(relay::Control::new(Entry {
         conn_id: conn.conn_id.as_str().into(),
-        route: route.into(),
-        upstream: info.upstream.as_deref().unwrap_or("").into(),
-        backend: backend.as_str().into(),
+        route: registry.name(route),
+        upstream: registry.name(info.upstream.as_deref().unwrap_or("")),
+        backend: registry.name(&backend),
         client_ip: info.client_ip.unwrap_or(conn.peer.ip()),
         since_ms: unix_ms(),
-        control: control.clone(),
-    });
+    }));
+    let registration = registry.register(control.clone());
     settings.control = Some(control);
     settings.metrics = Some(metrics);
     let relay = relay::relay(client, client_early, upstream, upstream_early, &settings);
