@@ -9,7 +9,7 @@ use std::convert::Infallible;
 use std::future::{Future, poll_fn};
 use std::net::SocketAddr;
 use std::pin::Pin;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, RwLock, Weak};
 use std::time::Duration;
 
@@ -156,14 +156,14 @@ async fn accept_loop(
     loop {
         let next = tokio::select! {
             a = listener.accept() => a,
-            _ = stopped.changed() => return serve_backlog(&shared, &listener, &accepted),
+            _ = stopped.changed() => return serve_backlog(&shared, listener, &accepted),
         };
         let Some(shared) = shared.upgrade() else {
             return;
         };
         match next {
             Ok((stream, peer)) => {
-                tokio::spawn(serve(shared, accepted.clone(), stream, peer));
+                tokio::spawn(ConnTask::new(shared, accepted.clone(), stream, peer));
             }
             Err(e) => {
                 tracing::warn!(listener = %accepted.listener, error = %e, "accept failed; backing off");
@@ -175,18 +175,29 @@ async fn accept_loop(
 
 /// Serves what the kernel already accepted into the backlog before the socket closes:
 /// closing a listener resets those connections, which would turn a zero-downtime restart
-/// into refused clients.
-fn serve_backlog(shared: &Weak<Shared>, listener: &TcpListener, accepted: &Accepted) {
-    use futures_util::FutureExt;
+/// into refused clients. Asks the kernel directly (tokio's cached readiness may not know
+/// of a connection that has just arrived), until its queue is empty.
+fn serve_backlog(shared: &Weak<Shared>, listener: TcpListener, accepted: &Accepted) {
     let Some(shared) = shared.upgrade() else {
         return;
     };
+    let Ok(listener) = listener.into_std() else {
+        return;
+    };
     for _ in 0..BACKLOG {
-        match listener.accept().now_or_never() {
-            Some(Ok((stream, peer))) => {
-                tokio::spawn(serve(shared.clone(), accepted.clone(), stream, peer));
-            }
-            _ => return,
+        let Ok((stream, peer)) = listener.accept() else {
+            return;
+        };
+        let stream = stream
+            .set_nonblocking(true)
+            .and_then(|()| TcpStream::from_std(stream));
+        if let Ok(stream) = stream {
+            tokio::spawn(ConnTask::new(
+                shared.clone(),
+                accepted.clone(),
+                stream,
+                peer,
+            ));
         }
     }
 }
@@ -279,11 +290,58 @@ struct Conn {
 }
 
 /// Counts a connection towards `max_connections` for as long as it lives.
-struct ActiveGuard<'a>(&'a AtomicU64);
+struct ActiveGuard(Arc<Shared>);
 
-impl Drop for ActiveGuard<'_> {
+impl Drop for ActiveGuard {
     fn drop(&mut self) {
-        self.0.fetch_sub(1, Ordering::Relaxed);
+        self.0.active.fetch_sub(1, Ordering::Relaxed);
+    }
+}
+
+/// A connection's task. Its own state is a few words: each phase lives in its own
+/// allocation, the handshake's freed when the relay's begins, so what an idle connection
+/// keeps is the task header, this, and the relay phase.
+struct ConnTask {
+    phase: Phase,
+    _active: ActiveGuard,
+}
+
+enum Phase {
+    /// PROXY header, TLS, the HTTP upgrade and the upstream handshake ([`serve`]).
+    Handshake(Pin<Box<dyn Future<Output = Option<RelayPhase>> + Send>>),
+    Relay(RelayPhase),
+}
+
+impl ConnTask {
+    fn new(shared: Arc<Shared>, accepted: Accepted, stream: TcpStream, peer: SocketAddr) -> Self {
+        let active = shared.active.fetch_add(1, Ordering::Relaxed) + 1;
+        ConnTask {
+            phase: Phase::Handshake(Box::pin(serve(
+                shared.clone(),
+                accepted,
+                stream,
+                peer,
+                active,
+            ))),
+            _active: ActiveGuard(shared),
+        }
+    }
+}
+
+impl Future for ConnTask {
+    type Output = ();
+
+    fn poll(mut self: Pin<&mut Self>, cx: &mut std::task::Context<'_>) -> std::task::Poll<()> {
+        loop {
+            match &mut self.phase {
+                Phase::Handshake(handshake) => match std::task::ready!(handshake.as_mut().poll(cx))
+                {
+                    Some(relay) => self.phase = Phase::Relay(relay),
+                    None => return std::task::Poll::Ready(()),
+                },
+                Phase::Relay(relay) => return relay.as_mut().poll(cx),
+            }
+        }
     }
 }
 
@@ -295,10 +353,16 @@ struct Accepted {
     proxy_protocol: bool,
 }
 
-async fn serve(shared: Arc<Shared>, accepted: Accepted, stream: TcpStream, peer: SocketAddr) {
+/// A connection up to its upgrade; returns the relay phase when there is one. `active`
+/// counts this connection.
+async fn serve(
+    shared: Arc<Shared>,
+    accepted: Accepted,
+    stream: TcpStream,
+    peer: SocketAddr,
+    active: u64,
+) -> Option<RelayPhase> {
     let _ = stream.set_nodelay(true);
-    let active = shared.active.fetch_add(1, Ordering::Relaxed) + 1;
-    let _guard = ActiveGuard(&shared.active);
     let started = Instant::now();
     // The config of this connection for its whole life: a reload affects new ones only.
     let config = shared.config.load_full();
@@ -320,11 +384,11 @@ async fn serve(shared: Arc<Shared>, accepted: Accepted, stream: TcpStream, peer:
             Ok(Ok(found)) => found,
             Ok(Err(why)) => {
                 tracing::warn!(%peer, why, "connection refused: bad PROXY protocol header");
-                return;
+                return None;
             }
             Err(_) => {
                 tracing::warn!(%peer, "connection refused: no PROXY protocol header within handshake_timeout");
-                return;
+                return None;
             }
         }
     } else {
@@ -358,33 +422,43 @@ async fn serve(shared: Arc<Shared>, accepted: Accepted, stream: TcpStream, peer:
             established: Mutex::new(None),
         })
     };
-    // Each branch's future is boxed: plain connections must not carry the size of a TLS
-    // session in their task (the task of an idle connection is mostly this future).
+    // The relay phase is boxed at its own size: a plain connection never carries the size
+    // of a TLS session.
     match tls.and_then(|slot| slot.get()) {
-        None => Box::pin(serve_http(conn(None), stream, deadline)).await,
-        Some(config) => Box::pin(serve_tls(config, stream, peer, deadline, conn)).await,
+        None => serve_http(conn(None), stream, deadline).await,
+        Some(config) => serve_tls(config, stream, peer, deadline, conn).await,
     }
 }
 
-/// The TLS handshake (within the handshake deadline), then HTTP and the relay over TLS.
+/// A connection's relay phase: the session and what its log line needs, nothing else.
+type RelayPhase = Pin<Box<dyn Future<Output = ()> + Send>>;
+
+/// The TLS handshake (within the handshake deadline), then HTTP over TLS; returns the
+/// relay phase once upgraded.
 async fn serve_tls(
     config: Arc<rustls::ServerConfig>,
     stream: Prefixed<TcpStream>,
     peer: SocketAddr,
     deadline: Instant,
     conn: impl FnOnce(Option<TlsInfo>) -> Arc<Conn>,
-) {
+) -> Option<RelayPhase> {
     let accepted = tokio::time::timeout_at(
         deadline,
         tokio_rustls::TlsAcceptor::from(config).accept(stream),
     );
     let stream = match accepted.await {
         Ok(Ok(stream)) => stream,
-        Ok(Err(e)) => return crate::tls::log_handshake_failure(peer, &e),
-        Err(_) => return crate::tls::log_handshake_failure(peer, &"timed out"),
+        Ok(Err(e)) => {
+            crate::tls::log_handshake_failure(peer, &e);
+            return None;
+        }
+        Err(_) => {
+            crate::tls::log_handshake_failure(peer, &"timed out");
+            return None;
+        }
     };
     let info = tls_info(stream.get_ref().1);
-    Box::pin(serve_http(conn(Some(info)), stream, deadline)).await
+    serve_http(conn(Some(info)), stream, deadline).await
 }
 
 fn tls_info(session: &rustls::ServerConnection) -> TlsInfo {
@@ -488,18 +562,15 @@ impl<S: AsyncWrite + Unpin> AsyncWrite for Prefixed<S> {
     }
 }
 
-/// The HTTP upgrade, then the relay, over a plain or TLS client stream.
-async fn serve_http<S>(conn: Arc<Conn>, stream: S, deadline: Instant)
+/// The HTTP upgrade over a plain or TLS client stream; returns the relay phase, in its own
+/// allocation, when the upgrade succeeded. The handshake's state (hyper's connection, its
+/// buffers, the timers) is freed before the relay starts.
+async fn serve_http<S>(conn: Arc<Conn>, stream: S, deadline: Instant) -> Option<RelayPhase>
 where
     S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
 {
-    // The handshake (hyper's connection, its buffers, the timers) lives in its own
-    // allocation, freed before the relay starts: a long-lived connection keeps only the
-    // relay's small state.
-    let upgraded = Box::pin(handshake(&conn, stream, deadline)).await;
-    if let Some((client, early, est)) = upgraded {
-        run_relay(conn, client, early, est).await;
-    }
+    let (client, early, est) = handshake(&conn, stream, deadline).await?;
+    Some(Box::pin(run_relay(conn, client, early, est)))
 }
 
 /// Serves the one HTTP request of the connection. Returns the client socket, any bytes
@@ -570,16 +641,17 @@ where
 /// Sent when the head did not arrive within `handshake_timeout` (a slowloris guard).
 const REQUEST_TIMEOUT: &[u8] = b"HTTP/1.1 408 Request Timeout\r\ncontent-type: text/plain; charset=utf-8\r\ncontent-length: 18\r\nconnection: close\r\n\r\nhandshake_timeout\n";
 
-/// The relay and its access-log line. A plain function building the future, so that the
-/// long-lived state holds the relay session and the log facts, nothing else.
+/// The relay and its access-log line. Built eagerly, as a plain struct (no async block,
+/// which would keep a second copy of the relay session beside the one being polled): the
+/// long-lived state is the relay session and the log facts, nothing else.
 fn run_relay<S>(
     conn: Arc<Conn>,
     client: S,
     client_early: Bytes,
     est: Established,
-) -> impl Future<Output = ()>
+) -> Relaying<impl Future<Output = relay::Report> + Unpin + Send>
 where
-    S: AsyncRead + AsyncWrite + Unpin,
+    S: AsyncRead + AsyncWrite + Unpin + Send,
 {
     let Established {
         upstream,
@@ -593,29 +665,195 @@ where
     let route = info.route.as_deref().unwrap_or("");
     let metrics = conn.shared.metrics.route(route);
     let active = metrics.opened();
-    let control = Arc::new(relay::Control::default());
-    let registration = conn.shared.registry.register(Entry {
+    let registry = &conn.shared.registry;
+    let control = Arc::new(relay::Control::new(Entry {
         conn_id: conn.conn_id.as_str().into(),
-        route: route.into(),
-        upstream: info.upstream.as_deref().unwrap_or("").into(),
-        backend: backend.as_str().into(),
+        route: registry.name(route),
+        upstream: registry.name(info.upstream.as_deref().unwrap_or("")),
+        backend: registry.name(&backend),
         client_ip: info.client_ip.unwrap_or(conn.peer.ip()),
         since_ms: unix_ms(),
-        control: control.clone(),
-    });
+    }));
+    let registration = registry.register(control.clone());
     settings.control = Some(control);
-    settings.metrics = Some(metrics.clone());
-    let relayed = relay::relay(client, client_early, upstream, upstream_early, &settings);
-    async move {
-        let report = relayed.await;
+    settings.metrics = Some(metrics);
+    let relay = relay::relay(client, client_early, upstream, upstream_early, &settings);
+    Relaying {
+        relay: Some(relay),
+        tail: Some(RelayTail {
+            log: LogFacts::new(&conn, &info, &backend),
+            active,
+            registration,
+            _permit,
+            _lease,
+        }),
+    }
+}
+
+/// The relay session, then (sockets closed) the connection's bookkeeping.
+struct Relaying<R> {
+    relay: Option<R>,
+    tail: Option<RelayTail>,
+}
+
+/// What a finished relay reports to: the registry, the route's metrics, the access log.
+struct RelayTail {
+    log: LogFacts,
+    active: crate::observe::metrics::ActiveConnection,
+    registration: crate::ops::registry::Registration,
+    /// Counts the connection against its client's per-IP cap until the log line is out.
+    _permit: IpPermit,
+    /// Counts it on its backend (bounded load, `wsgate_backend_connections`).
+    _lease: Lease,
+}
+
+impl<R: Future<Output = relay::Report> + Unpin> Future for Relaying<R> {
+    type Output = ();
+
+    fn poll(mut self: Pin<&mut Self>, cx: &mut std::task::Context<'_>) -> std::task::Poll<()> {
+        let this = &mut *self;
+        let Some(relay) = this.relay.as_mut() else {
+            return std::task::Poll::Ready(());
+        };
+        let report = std::task::ready!(Pin::new(relay).poll(cx));
+        this.relay = None;
+        if let Some(tail) = this.tail.take() {
+            tail.finish(&report);
+        }
+        std::task::Poll::Ready(())
+    }
+}
+
+impl RelayTail {
+    fn finish(self, report: &relay::Report) {
+        let RelayTail {
+            log,
+            active,
+            registration,
+            _permit,
+            _lease,
+        } = self;
         drop(registration);
-        metrics.closed(&report);
-        drop(active);
-        let mut record = conn.record("ws_close", &info, 101, Some(&backend));
-        Record::set_report(&mut record, &report);
-        conn.shared.access.log(&record);
+        active.closed(report);
+        let mut record = log.record("ws_close", 101);
+        Record::set_report(&mut record, report);
+        log.shared.access.log(&record);
         drop(_permit);
         drop(_lease);
+    }
+}
+
+/// The strings of a `ws_close` line, in [`LogFacts::text`] order.
+#[derive(Clone, Copy)]
+enum Text {
+    ConnId,
+    RequestId,
+    Route,
+    Host,
+    Path,
+    Origin,
+    UserAgent,
+    Subject,
+    Backend,
+}
+
+const TEXTS: usize = Text::Backend as usize + 1;
+
+/// What a relayed connection's `ws_close` line needs, frozen at the upgrade (the request,
+/// the connection, the backend). Every string sits in one allocation: an idle connection
+/// would otherwise keep a dozen small ones, each rounded up by the allocator, plus the
+/// handshake's whole [`Conn`].
+struct LogFacts {
+    shared: Arc<Shared>,
+    listener: Arc<str>,
+    /// The [`Text`] strings, back to back.
+    text: Box<str>,
+    /// Where each [`Text`] string ends in `text`.
+    ends: [u32; TEXTS],
+    /// Bit `i` set: [`Text`] `i` is present (an absent one is empty).
+    present: u16,
+    client_ip: std::net::IpAddr,
+    client_port: u16,
+    started: Instant,
+    tls: Option<Box<TlsInfo>>,
+    sticky: Option<sticky::KeyLog>,
+}
+
+impl LogFacts {
+    fn new(conn: &Conn, info: &RequestInfo, backend: &str) -> LogFacts {
+        let texts: [Option<&str>; TEXTS] = [
+            Some(&conn.conn_id),
+            info.request_id.as_deref(),
+            info.route.as_deref(),
+            info.host.as_deref(),
+            info.path.as_deref(),
+            info.origin.as_deref(),
+            info.user_agent.as_deref(),
+            info.subject.as_deref(),
+            Some(backend),
+        ];
+        let mut text = String::with_capacity(texts.iter().flatten().map(|t| t.len()).sum());
+        let mut ends = [0; TEXTS];
+        let mut present = 0;
+        for (i, t) in texts.iter().enumerate() {
+            if let Some(t) = t {
+                text.push_str(t);
+                present |= 1 << i;
+            }
+            // Request heads are at most MAX_HEAD bytes and names come from the config.
+            ends[i] = u32::try_from(text.len()).unwrap_or(u32::MAX);
+        }
+        LogFacts {
+            shared: conn.shared.clone(),
+            listener: conn.listener.clone(),
+            text: text.into_boxed_str(),
+            ends,
+            present,
+            client_ip: info.client_ip.unwrap_or(conn.peer.ip()),
+            client_port: conn.peer.port(),
+            started: conn.started,
+            tls: conn.tls.clone().map(Box::new),
+            sticky: info.sticky,
+        }
+    }
+
+    fn get(&self, t: Text) -> Option<&str> {
+        let i = t as usize;
+        if self.present & (1 << i) == 0 {
+            return None;
+        }
+        let start = if i == 0 { 0 } else { self.ends[i - 1] as usize };
+        self.text.get(start..self.ends[i] as usize)
+    }
+
+    fn record(&self, event: &'static str, status: u16) -> Record<'_> {
+        Record {
+            ts: now_rfc3339(),
+            event,
+            conn_id: self.get(Text::ConnId).unwrap_or_default(),
+            request_id: self.get(Text::RequestId),
+            listener: &self.listener,
+            route: self.get(Text::Route),
+            client_ip: self.client_ip.to_string(),
+            client_port: self.client_port,
+            tls: self.tls.as_deref(),
+            host: self.get(Text::Host),
+            path: self.get(Text::Path),
+            origin: self.get(Text::Origin),
+            user_agent: self.get(Text::UserAgent),
+            subject: self.get(Text::Subject),
+            upstream: self.get(Text::Backend),
+            status,
+            duration_ms: self.started.elapsed().as_millis() as u64,
+            c2u: Counts::default(),
+            u2c: Counts::default(),
+            close: None,
+            proxy_reason: None,
+            pings: 0,
+            rtt_ms: None,
+            rate_limited: 0,
+            sticky: self.sticky,
+        }
     }
 }
 

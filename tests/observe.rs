@@ -497,6 +497,21 @@ routes:
     let first = connect(&gw.url("/chat")).await;
     assert_rejected(&gw, &upgrade("/chat", ""), 503, "capacity", Some("chat")).await;
     drop(first);
+    // The process cap frees its place once the relay has seen the client go.
+    let deadline = Instant::now() + PATIENCE;
+    while gw
+        .gw
+        .shared
+        .active
+        .load(std::sync::atomic::Ordering::Acquire)
+        > 0
+    {
+        assert!(
+            Instant::now() < deadline,
+            "the first connection never ended"
+        );
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
     assert_rejected(&gw, &upgrade("/chat", ""), 429, "ip_rate", Some("chat")).await;
 }
 

@@ -356,6 +356,13 @@ impl RouteMetrics {
 #[derive(Debug)]
 pub struct ActiveConnection(Arc<RouteMetrics>);
 
+impl ActiveConnection {
+    /// Counts the connection's close; it stops counting as active right after.
+    pub fn closed(self, report: &Report) {
+        self.0.closed(report);
+    }
+}
+
 impl Drop for ActiveConnection {
     fn drop(&mut self) {
         self.0.active.dec();

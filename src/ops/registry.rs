@@ -6,7 +6,7 @@
 //! frame. A drain does not arm timers of its own: it writes each chosen connection's close
 //! time into its [`Control`] and wakes it; the relay's one timer does the rest.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::hash::{BuildHasher, RandomState};
 use std::net::IpAddr;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -21,15 +21,25 @@ use tokio::time::Instant;
 /// All drain times are milliseconds after this instant (so they fit in one atomic).
 static EPOCH: LazyLock<std::time::Instant> = LazyLock::new(std::time::Instant::now);
 
-/// A relay's mailbox for "close with 1012 at this time".
-#[derive(Debug, Default)]
+/// A relay's mailbox for "close with 1012 at this time", and what the registry lists about
+/// its connection: one allocation per connection, shared by the registry and the relay.
+#[derive(Debug)]
 pub struct Control {
     /// 0 = no drain; otherwise 1 + milliseconds after [`EPOCH`].
     drain_at: AtomicU64,
     waker: AtomicWaker,
+    pub entry: Entry,
 }
 
 impl Control {
+    pub fn new(entry: Entry) -> Control {
+        Control {
+            drain_at: AtomicU64::new(0),
+            waker: AtomicWaker::new(),
+            entry,
+        }
+    }
+
     /// Asks for a drain close at `at` (an earlier request wins) and wakes the relay.
     pub fn drain_at(&self, at: Instant) {
         let ms = at
@@ -56,7 +66,8 @@ impl Control {
     }
 }
 
-/// What the registry knows about one connection.
+/// What the registry knows about one connection. The names are shared with every other
+/// connection of the same route, upstream and backend ([`Registry::name`]).
 #[derive(Debug)]
 pub struct Entry {
     pub conn_id: Box<str>,
@@ -66,14 +77,16 @@ pub struct Entry {
     pub client_ip: IpAddr,
     /// Unix milliseconds of the upgrade.
     pub since_ms: u64,
-    pub control: Arc<Control>,
 }
 
 /// The live connections.
 #[derive(Debug, Default)]
 pub struct Registry {
     next: AtomicU64,
-    live: Mutex<HashMap<u64, Entry>>,
+    /// One pointer per connection: the table's slack costs 8 bytes a slot, not an entry.
+    live: Mutex<HashMap<u64, Arc<Control>>>,
+    /// Route, upstream and backend names in use (they come from the config: few).
+    names: Mutex<HashSet<Arc<str>>>,
     /// Set once a process-wide drain began: its end, so late upgrades drain too.
     draining_until: Mutex<Option<Instant>>,
 }
@@ -99,19 +112,33 @@ impl Registry {
         Arc::new(Registry::default())
     }
 
+    /// The shared copy of a route, upstream or backend name, for an [`Entry`]: thousands of
+    /// connections to one backend keep one string, not thousands.
+    pub fn name(&self, name: &str) -> Arc<str> {
+        let Ok(mut names) = self.names.lock() else {
+            return name.into();
+        };
+        if let Some(known) = names.get(name) {
+            return known.clone();
+        }
+        // A new name (first use, or after a reload): forget those no connection uses.
+        names.retain(|n| Arc::strong_count(n) > 1);
+        let name: Arc<str> = name.into();
+        names.insert(name.clone());
+        name
+    }
+
     /// Lists a connection. During a process-wide drain it is scheduled to close at once
     /// (with jitter), since it was upgraded after the drain began.
-    pub fn register(self: &Arc<Self>, entry: Entry) -> Registration {
+    pub fn register(self: &Arc<Self>, control: Arc<Control>) -> Registration {
         let id = self.next.fetch_add(1, Ordering::Relaxed);
         let late = self.draining_until.lock().ok().and_then(|d| *d);
         if let Some(until) = late {
             let left = until.saturating_duration_since(Instant::now());
-            entry
-                .control
-                .drain_at(Instant::now() + left.mul_f64(jitter(id)));
+            control.drain_at(Instant::now() + left.mul_f64(jitter(id)));
         }
         if let Ok(mut live) = self.live.lock() {
-            live.insert(id, entry);
+            live.insert(id, control);
         }
         Registration {
             registry: Arc::downgrade(self),
@@ -140,8 +167,8 @@ impl Registry {
         let picked: Vec<Arc<Control>> = match self.live.lock() {
             Ok(live) => live
                 .values()
-                .filter(|e| select(e))
-                .map(|e| e.control.clone())
+                .filter(|c| select(&c.entry))
+                .cloned()
                 .collect(),
             Err(_) => return 0,
         };
@@ -171,14 +198,14 @@ impl Registry {
             total: live.len(),
             ..View::default()
         };
-        for e in live.values() {
+        for e in live.values().map(|c| &c.entry) {
             *view.routes.entry(e.route.to_string()).or_default() += 1;
             *view
                 .backends
                 .entry(format!("{}/{}", e.upstream, e.backend))
                 .or_default() += 1;
         }
-        let mut by_age: Vec<&Entry> = live.values().collect();
+        let mut by_age: Vec<&Entry> = live.values().map(|c| &c.entry).collect();
         by_age.sort_by_key(|e| e.since_ms);
         let now = unix_ms();
         view.oldest = by_age
@@ -236,16 +263,15 @@ fn jitter(salt: u64) -> f64 {
 mod tests {
     use super::*;
 
-    fn entry(route: &str, control: &Arc<Control>) -> Entry {
-        Entry {
+    fn control(route: &str) -> Arc<Control> {
+        Arc::new(Control::new(Entry {
             conn_id: "c".into(),
             route: route.into(),
             upstream: "u".into(),
             backend: "b".into(),
             client_ip: IpAddr::from([127, 0, 0, 1]),
             since_ms: unix_ms(),
-            control: control.clone(),
-        }
+        }))
     }
 
     fn deadline(c: &Control) -> Option<Instant> {
@@ -255,10 +281,10 @@ mod tests {
     #[test]
     fn drain_spreads_closes_across_the_window() {
         let registry = Registry::new();
-        let controls: Vec<Arc<Control>> = (0..100).map(|_| Arc::default()).collect();
+        let controls: Vec<Arc<Control>> = (0..100).map(|_| control("a")).collect();
         let _regs: Vec<Registration> = controls
             .iter()
-            .map(|c| registry.register(entry("a", c)))
+            .map(|c| registry.register(c.clone()))
             .collect();
         let start = Instant::now();
         assert_eq!(registry.drain(|_| true, Duration::from_secs(10)), 100);
@@ -281,10 +307,10 @@ mod tests {
     #[test]
     fn drain_picks_only_what_is_selected_and_leaving_unlists() {
         let registry = Registry::new();
-        let a: Arc<Control> = Arc::default();
-        let b: Arc<Control> = Arc::default();
-        let ra = registry.register(entry("a", &a));
-        let _rb = registry.register(entry("b", &b));
+        let a = control("a");
+        let b = control("b");
+        let ra = registry.register(a.clone());
+        let _rb = registry.register(b.clone());
         assert_eq!(registry.drain(|e| &*e.route == "b", Duration::ZERO), 1);
         assert!(deadline(&a).is_none());
         assert!(deadline(&b).is_some());
@@ -297,15 +323,27 @@ mod tests {
     fn late_upgrades_during_a_drain_are_drained_too() {
         let registry = Registry::new();
         registry.drain_all(Duration::from_secs(1));
-        let c: Arc<Control> = Arc::default();
-        let _r = registry.register(entry("a", &c));
+        let c = control("a");
+        let _r = registry.register(c.clone());
         let at = deadline(&c);
         assert!(at.is_some_and(|t| t <= Instant::now() + Duration::from_secs(1)));
     }
 
     #[test]
+    fn names_are_shared_while_in_use() {
+        let registry = Registry::new();
+        let a = registry.name("backend:1");
+        let b = registry.name("backend:1");
+        assert!(Arc::ptr_eq(&a, &b));
+        drop((a, b));
+        // Unused names are forgotten when a new one arrives.
+        let _c = registry.name("backend:2");
+        assert_eq!(registry.names.lock().map(|n| n.len()).unwrap_or(0), 1);
+    }
+
+    #[test]
     fn an_earlier_drain_request_wins() {
-        let c = Control::default();
+        let c = control("a");
         let now = Instant::now();
         c.drain_at(now + Duration::from_secs(5));
         c.drain_at(now + Duration::from_secs(1));

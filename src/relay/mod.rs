@@ -11,7 +11,7 @@ pub mod limits;
 pub mod pool;
 pub mod pump;
 
-use std::future::{Future, poll_fn};
+use std::future::Future;
 use std::pin::Pin;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -175,27 +175,53 @@ pub struct Report {
 
 /// Relays frames between `client` and `upstream` until both sides are closed.
 /// `client_early`/`upstream_early` are bytes already read past each handshake.
+///
+/// The future is the session itself (no async block around it, which would keep a second
+/// copy of the session beside the one being polled): a long-lived idle connection's state
+/// is this value. It is `Unpin`, so a caller can keep it in a plain struct.
 pub fn relay<C, U>(
     client: C,
     client_early: bytes::Bytes,
     upstream: U,
     upstream_early: bytes::Bytes,
     settings: &Settings,
-) -> impl Future<Output = Report> + use<C, U>
+) -> impl Future<Output = Report> + Unpin + use<C, U>
 where
     C: AsyncRead + AsyncWrite + Unpin,
     U: AsyncRead + AsyncWrite + Unpin,
 {
-    // Built eagerly, outside the async block, so the future holds the session and nothing
-    // else: a long-lived idle connection's task is this future.
-    let mut session = Session::start(client, client_early, upstream, upstream_early, settings);
-    async move {
-        poll_fn(|cx| session.poll(cx)).await;
+    Relay(Some(Session::start(
+        client,
+        client_early,
+        upstream,
+        upstream_early,
+        settings,
+    )))
+}
+
+/// A session until it ends; then (sockets dropped) its report.
+struct Relay<C, U>(Option<Session<C, U>>);
+
+impl<C, U> Future for Relay<C, U>
+where
+    C: AsyncRead + AsyncWrite + Unpin,
+    U: AsyncRead + AsyncWrite + Unpin,
+{
+    type Output = Report;
+
+    fn poll(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Report> {
+        let Some(session) = self.0.as_mut() else {
+            return Poll::Pending;
+        };
+        std::task::ready!(session.poll(cx));
+        let Some(mut session) = self.0.take() else {
+            return Poll::Pending;
+        };
         session.c2u.release();
         session.u2c.release();
         session.report.c2u = session.c2u.stats;
         session.report.u2c = session.u2c.stats;
-        session.report
+        Poll::Ready(session.report)
     }
 }
 
