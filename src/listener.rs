@@ -675,6 +675,12 @@ where
         since_ms: unix_ms(),
     }));
     let registration = registry.register(control.clone());
+    // A reload that removed this route while the upgrade was in flight scanned the
+    // registry before this connection was in it: drain it like the others.
+    let config = conn.shared.config.load();
+    if !config.routes.iter().any(|r| r.name == route) {
+        registry.drain_one(&control, config.drain.spread);
+    }
     settings.control = Some(control);
     settings.metrics = Some(metrics);
     let relay = relay::relay(client, client_early, upstream, upstream_early, &settings);
@@ -705,6 +711,25 @@ struct RelayTail {
     _permit: IpPermit,
     /// Counts it on its backend (bounded load, `wsgate_backend_connections`).
     _lease: Lease,
+}
+
+/// A relay cut before it finished (the runtime shutting down at `drain.timeout`) still
+/// gets its `ws_close` line: closed by the proxy, no close frame, reason `drain`.
+impl<R> Drop for Relaying<R> {
+    fn drop(&mut self) {
+        if let Some(tail) = self.tail.take() {
+            let report = relay::Report {
+                close: Some(relay::CloseInfo {
+                    code: 1006,
+                    reason: String::new(),
+                    by: relay::By::Proxy,
+                }),
+                proxy_reason: Some("drain"),
+                ..relay::Report::default()
+            };
+            tail.finish(&report);
+        }
+    }
 }
 
 impl<R: Future<Output = relay::Report> + Unpin> Future for Relaying<R> {

@@ -4,7 +4,10 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 
 use wsgate::config::Config;
-use wsgate::observe::{self, access_log::Sink};
+use wsgate::observe::{
+    self,
+    access_log::{AccessLog, Sink},
+};
 
 /// `EX_USAGE`: the configuration could not be used.
 const EXIT_CONFIG: u8 = 64;
@@ -78,8 +81,18 @@ fn main() -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
-    runtime.block_on(serve(config, args.config))
+    let (code, access) = runtime.block_on(serve(config, args.config));
+    // Connections still open at `drain.timeout` are cut here (each logs its line), then
+    // the access log is written out before the process ends.
+    runtime.shutdown_timeout(EXIT_GRACE);
+    if let Some(access) = access {
+        access.flush(EXIT_GRACE);
+    }
+    code
 }
+
+/// How long exit waits for cut connections and the access log.
+const EXIT_GRACE: std::time::Duration = std::time::Duration::from_secs(2);
 
 /// One worker per CPU this process may run on. Pinned to a single CPU, a current-thread
 /// runtime does the same work without the hand-offs between a worker and the I/O driver.
@@ -94,13 +107,13 @@ fn build_runtime() -> std::io::Result<tokio::runtime::Runtime> {
     }
 }
 
-async fn serve(config: Config, path: PathBuf) -> ExitCode {
+async fn serve(config: Config, path: PathBuf) -> (ExitCode, Option<AccessLog>) {
     let sink = Sink::Target(config.log.access.clone());
     let gateway = match wsgate::start(config, sink).await {
         Ok(g) => g,
         Err(e) => {
             tracing::error!("{e}");
-            return ExitCode::FAILURE;
+            return (ExitCode::FAILURE, None);
         }
     };
     let Some(mut signals) = Signals::install() else {
@@ -120,7 +133,7 @@ async fn serve(config: Config, path: PathBuf) -> ExitCode {
         _ = signals.stop() => tracing::warn!("second stop signal: exiting without waiting"),
     }
     tracing::info!("exiting");
-    ExitCode::SUCCESS
+    (ExitCode::SUCCESS, Some(gateway.shared.access.clone()))
 }
 
 enum Signal {

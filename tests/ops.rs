@@ -329,9 +329,14 @@ async fn sigterm_drains_200_connections_and_exits_0_within_the_timeout() {
     const N: usize = 200;
     let backend = echo_backend().await;
     let (port, admin) = (free_port(), free_port());
+    let log = std::env::temp_dir().join(format!("wsgate-ops-{}-sigterm.log", std::process::id()));
+    let _ = std::fs::remove_file(&log);
     let path = write_config(
         "sigterm",
-        &binary_config(port, admin, backend, "spread: 1s, timeout: 3s"),
+        &binary_config(port, admin, backend, "spread: 1s, timeout: 3s").replace(
+            "log: { access: stderr }",
+            &format!("log: {{ access: {} }}", log.display()),
+        ),
     );
     let mut proc = Proc::start(&path);
     let admin = SocketAddr::from(([127, 0, 0, 1], admin));
@@ -367,7 +372,21 @@ async fn sigterm_drains_200_connections_and_exits_0_within_the_timeout() {
         first = first.min(at.saturating_duration_since(signalled));
     }
     assert!(first < Duration::from_millis(500), "{first:?}");
+    // Every connection has its line, the ones cut at the timeout included, all written
+    // before the process ended.
+    let text = std::fs::read_to_string(&log).unwrap_or_else(|e| panic!("{e}"));
+    let closes: Vec<serde_json::Value> = text
+        .lines()
+        .filter_map(|l| serde_json::from_str(l).ok())
+        .filter(|l: &serde_json::Value| l["event"] == "ws_close")
+        .collect();
+    assert_eq!(closes.len(), N, "{text}");
+    assert!(
+        closes.iter().all(|l| l["proxy_reason"] == "drain"),
+        "{text}"
+    );
     let _ = std::fs::remove_file(path);
+    let _ = std::fs::remove_file(log);
 }
 
 #[tokio::test]

@@ -38,6 +38,8 @@ pub struct AccessLog {
     dropped: Arc<AtomicU64>,
     /// Set by SIGUSR1: the writer reopens its file before the next line (logrotate).
     reopen: Arc<AtomicBool>,
+    /// Lines queued and not yet written out (for [`AccessLog::flush`] at exit).
+    pending: Arc<AtomicU64>,
 }
 
 impl AccessLog {
@@ -55,10 +57,12 @@ impl AccessLog {
             Sink::Memory(lines) => Box::new(MemoryWriter(lines)),
         };
         let reopen = Arc::new(AtomicBool::new(false));
+        let pending = Arc::new(AtomicU64::new(0));
         let writer = Writer {
             out: io::BufWriter::new(out),
             path,
             reopen: reopen.clone(),
+            pending: pending.clone(),
         };
         std::thread::Builder::new()
             .name("wsgate-access-log".into())
@@ -67,6 +71,7 @@ impl AccessLog {
             tx,
             dropped: Arc::new(AtomicU64::new(0)),
             reopen,
+            pending,
         })
     }
 
@@ -75,9 +80,11 @@ impl AccessLog {
         let Ok(line) = serde_json::to_string(record) else {
             return;
         };
+        self.pending.fetch_add(1, Ordering::AcqRel);
         match self.tx.try_send(line) {
             Ok(()) => {}
             Err(TrySendError::Full(_) | TrySendError::Disconnected(_)) => {
+                self.pending.fetch_sub(1, Ordering::AcqRel);
                 self.dropped.fetch_add(1, Ordering::Relaxed);
             }
         }
@@ -88,6 +95,16 @@ impl AccessLog {
         self.reopen.store(true, Ordering::Release);
         // An empty line only wakes the writer; if the queue is full it is awake anyway.
         let _ = self.tx.try_send(String::new());
+    }
+
+    /// Waits (at most `within`) until every queued line is written: the last lines of a
+    /// drain must not die with the process.
+    pub fn flush(&self, within: Duration) {
+        let _ = self.tx.try_send(String::new());
+        let deadline = std::time::Instant::now() + within;
+        while self.pending.load(Ordering::Acquire) > 0 && std::time::Instant::now() < deadline {
+            std::thread::sleep(Duration::from_millis(5));
+        }
     }
 
     /// Lines dropped because the writer fell behind.
@@ -109,28 +126,33 @@ struct Writer {
     out: io::BufWriter<Box<dyn Write + Send>>,
     path: Option<std::path::PathBuf>,
     reopen: Arc<AtomicBool>,
+    pending: Arc<AtomicU64>,
 }
 
 impl Writer {
     fn run(mut self, rx: Receiver<String>) {
         while let Ok(line) = rx.recv() {
             self.reopen_if_asked();
-            self.write(&line);
+            let mut written = self.write(&line);
             // Batch what is already queued, then flush so lines are visible promptly.
             while let Ok(line) = rx.try_recv() {
-                self.write(&line);
+                written += self.write(&line);
             }
             let _ = self.out.flush();
+            self.pending.fetch_sub(written, Ordering::AcqRel);
             // Lines arriving meanwhile queue up without waking this thread: under load,
             // one wake-up and one write(2) per batch, not per line.
             std::thread::sleep(BATCH_PAUSE);
         }
     }
 
-    fn write(&mut self, line: &str) {
-        if !line.is_empty() {
-            let _ = writeln!(self.out, "{line}");
+    /// Writes a line (an empty one only wakes the writer); returns how many it wrote.
+    fn write(&mut self, line: &str) -> u64 {
+        if line.is_empty() {
+            return 0;
         }
+        let _ = writeln!(self.out, "{line}");
+        1
     }
 
     fn reopen_if_asked(&mut self) {
@@ -335,8 +357,27 @@ mod tests {
             tx,
             dropped: Arc::new(AtomicU64::new(0)),
             reopen: Arc::new(AtomicBool::new(false)),
+            pending: Arc::new(AtomicU64::new(0)),
         };
-        let rec = Record {
+        let rec = record();
+        log.log(&rec);
+        log.log(&rec);
+        assert_eq!(log.dropped(), 1);
+    }
+
+    #[test]
+    fn flush_waits_until_every_queued_line_is_written() {
+        let lines = Arc::new(Mutex::new(Vec::new()));
+        let log = AccessLog::start(Sink::Memory(lines.clone())).unwrap();
+        for _ in 0..500 {
+            log.log(&record());
+        }
+        log.flush(Duration::from_secs(5));
+        assert_eq!(lines.lock().map(|l| l.len()).unwrap_or(0), 500);
+    }
+
+    fn record() -> Record<'static> {
+        Record {
             ts: now_rfc3339(),
             event: "ws_reject",
             conn_id: "x",
@@ -362,9 +403,6 @@ mod tests {
             pings: 0,
             rtt_ms: None,
             rate_limited: 0,
-        };
-        log.log(&rec);
-        log.log(&rec);
-        assert_eq!(log.dropped(), 1);
+        }
     }
 }

@@ -132,18 +132,26 @@ impl Registry {
     /// (with jitter), since it was upgraded after the drain began.
     pub fn register(self: &Arc<Self>, control: Arc<Control>) -> Registration {
         let id = self.next.fetch_add(1, Ordering::Relaxed);
-        let late = self.draining_until.lock().ok().and_then(|d| *d);
-        if let Some(until) = late {
-            let left = until.saturating_duration_since(Instant::now());
-            control.drain_at(Instant::now() + left.mul_f64(jitter(id)));
-        }
+        // Under the `live` lock, which `drain_all` takes to start a drain: either this
+        // sees the drain, or the drain's scan sees this connection.
         if let Ok(mut live) = self.live.lock() {
+            let late = self.draining_until.lock().ok().and_then(|d| *d);
+            if let Some(until) = late {
+                let left = until.saturating_duration_since(Instant::now());
+                control.drain_at(Instant::now() + left.mul_f64(jitter(id)));
+            }
             live.insert(id, control);
         }
         Registration {
             registry: Arc::downgrade(self),
             id,
         }
+    }
+
+    /// Drains one connection at a random time within `spread` (one that registered on a
+    /// route a reload removed while it was upgrading).
+    pub fn drain_one(&self, control: &Control, spread: Duration) {
+        control.drain_at(Instant::now() + spread.mul_f64(jitter(0)));
     }
 
     /// A process-wide drain began and its spread window is over: too late to upgrade.
@@ -183,7 +191,9 @@ impl Registry {
 
     /// Drains everything, including connections upgraded from now on (shutdown).
     pub fn drain_all(&self, spread: Duration) -> usize {
-        if let Ok(mut d) = self.draining_until.lock() {
+        if let Ok(_live) = self.live.lock()
+            && let Ok(mut d) = self.draining_until.lock()
+        {
             d.get_or_insert(Instant::now() + spread);
         }
         self.drain(|_| true, spread)

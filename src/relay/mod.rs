@@ -336,10 +336,13 @@ where
     }
 
     fn poll(&mut self, cx: &mut Context<'_>) -> Poll<()> {
-        if self.drain_at.is_none()
+        // Every wake looks again: a later drain (shutdown after a slow backend drain) may
+        // ask for an earlier close.
+        if self.close_deadline.is_none()
             && let Some(control) = &self.control
+            && let Some(at) = control.poll_drain(cx)
         {
-            self.drain_at = control.poll_drain(cx);
+            self.drain_at = Some(self.drain_at.map_or(at, |d| d.min(at)));
         }
         let done = self.poll_session(cx);
         self.flush_metrics();
@@ -741,15 +744,19 @@ where
     /// no unread byte turns the close into a reset (SPEC §5).
     fn poll_linger(&mut self, cx: &mut Context<'_>) -> Poll<()> {
         // A peer that already sent its FIN has nothing left to read: dropping the socket
-        // closes cleanly, and the shutdown(2) would be a wasted system call.
+        // closes cleanly, and the shutdown(2) would be a wasted system call. A shutdown
+        // that cannot complete (a TLS close_notify towards a peer that reads nothing) must
+        // not outlast the close wait, so it never returns early.
         if !self.shut_client && !self.client_dead && !self.c2u.src_eof {
-            let _ = std::task::ready!(Pin::new(&mut self.client).poll_shutdown(cx));
+            self.shut_client = Pin::new(&mut self.client).poll_shutdown(cx).is_ready();
+        } else {
+            self.shut_client = true;
         }
-        self.shut_client = true;
         if !self.shut_upstream && !self.upstream_dead && !self.u2c.src_eof {
-            let _ = std::task::ready!(Pin::new(&mut self.upstream).poll_shutdown(cx));
+            self.shut_upstream = Pin::new(&mut self.upstream).poll_shutdown(cx).is_ready();
+        } else {
+            self.shut_upstream = true;
         }
-        self.shut_upstream = true;
         let client = if self.client_dead {
             Poll::Ready(())
         } else {
@@ -760,7 +767,8 @@ where
         } else {
             self.u2c.poll_drain(cx, &mut self.upstream)
         };
-        if client.is_ready() && upstream.is_ready() {
+        let shut = self.shut_client && self.shut_upstream;
+        if shut && client.is_ready() && upstream.is_ready() {
             return Poll::Ready(());
         }
         if self.poll_timer(cx).is_ready() {
