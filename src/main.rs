@@ -123,7 +123,11 @@ async fn serve(config: Config, path: PathBuf) -> (ExitCode, Option<AccessLog>) {
     loop {
         match signals.next().await {
             Signal::Stop => break,
-            Signal::Reload => reload(&gateway, &path).await,
+            // A reload waiting on DNS must not hold up a stop.
+            Signal::Reload => tokio::select! {
+                _ = reload(&gateway, &path) => {}
+                _ = signals.stop() => break,
+            },
             Signal::Reopen => gateway.shared.access.reopen(),
         }
     }

@@ -216,6 +216,11 @@ impl Registry {
                 .or_default() += 1;
         }
         let mut by_age: Vec<&Entry> = live.values().map(|c| &c.entry).collect();
+        // Only the oldest few are sorted: the lock is held, and there may be many.
+        if by_age.len() > oldest && oldest > 0 {
+            by_age.select_nth_unstable_by_key(oldest - 1, |e| e.since_ms);
+            by_age.truncate(oldest);
+        }
         by_age.sort_by_key(|e| e.since_ms);
         let now = unix_ms();
         view.oldest = by_age
