@@ -590,16 +590,23 @@ where
     let mut http = http.serve_connection(TokioIo::new(stream), Service(conn.clone()));
     let deadline = tokio::time::sleep_until(deadline);
     tokio::pin!(deadline);
-    let mut deadline_live = true;
+    let mut answering = false;
     let served = loop {
         tokio::select! {
             r = poll_fn(|cx| http.poll_without_shutdown(cx)) => break Some(r),
-            _ = &mut deadline, if deadline_live => {
-                if conn.head_seen.load(Ordering::Acquire) {
-                    deadline_live = false;
-                } else {
+            _ = &mut deadline => {
+                if answering {
+                    // The answer (an upstream's refusal body, relayed) never finished.
+                    tracing::debug!(conn_id = %conn.conn_id, "response not sent in time; closing");
+                    return None;
+                }
+                if !conn.head_seen.load(Ordering::Acquire) {
                     break None;
                 }
+                // The head is in: what is left (upstream connects with failover, then
+                // the answer) gets its own bound, so a trickling body cannot hold the task.
+                answering = true;
+                deadline.as_mut().reset(Instant::now() + answer_budget(&conn.config));
             }
         }
     };
@@ -636,6 +643,18 @@ where
             Some((parts.io.into_inner(), parts.read_buf, *est))
         }
     }
+}
+
+/// Time allowed after the request head for the rest of the handshake: up to three
+/// upstream attempts, then writing the answer (a relayed refusal body included).
+fn answer_budget(config: &Config) -> Duration {
+    let connect = config
+        .upstreams
+        .values()
+        .map(|u| u.connect_timeout)
+        .max()
+        .unwrap_or_default();
+    connect * 3 + config.limits.handshake_timeout
 }
 
 /// Sent when the head did not arrive within `handshake_timeout` (a slowloris guard).

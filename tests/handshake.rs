@@ -157,6 +157,46 @@ async fn upstream_refusal_is_relayed_with_its_status_and_body() {
     assert_eq!(line["status"], 403);
 }
 
+/// An upstream refusal whose body never finishes cannot hold the connection: the rest of
+/// the handshake after the head has a bound (3 × connect_timeout + handshake_timeout).
+#[tokio::test]
+async fn a_never_ending_upstream_refusal_body_is_cut() {
+    let refusing = TcpListener::bind("127.0.0.1:0")
+        .await
+        .unwrap_or_else(|e| panic!("{e}"));
+    let addr = refusing.local_addr().unwrap_or_else(|e| panic!("{e}"));
+    let held = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
+    let keep = held.clone();
+    tokio::spawn(async move {
+        while let Ok((mut s, _)) = refusing.accept().await {
+            let _ = read_head(&mut s).await;
+            let _ = s
+                .write_all(b"HTTP/1.1 403 Forbidden\r\nContent-Length: 1000\r\n\r\nonly the start")
+                .await;
+            // Never sends the rest, never closes.
+            if let Ok(mut k) = keep.lock() {
+                k.push(s);
+            }
+        }
+    });
+    let yaml = ROUTED.replace("BACKEND", &addr.to_string()).replace(
+        "upstreams:",
+        "limits: { handshake_timeout: 300ms }\nupstreams:",
+    );
+    let gw = spawn_gateway(&yaml).await;
+    let started = tokio::time::Instant::now();
+    let resp = raw_request(gw.addr(), &upgrade_request("/chat", "")).await;
+    assert!(resp.starts_with("HTTP/1.1 403 "), "{resp}");
+    assert!(resp.ends_with("only the start"), "{resp}");
+    // raw_request waits up to PATIENCE (10 s) for EOF; the bound is 0.3 + 3 × 0.5 + 0.3 s.
+    assert!(
+        started.elapsed() < Duration::from_secs(5),
+        "{:?}",
+        started.elapsed()
+    );
+    assert_eq!(held.lock().map(|h| h.len()).unwrap_or(0), 1);
+}
+
 #[tokio::test]
 async fn slow_head_gets_408_and_silent_connection_is_closed() {
     let yaml = ROUTED.replace("BACKEND", "127.0.0.1:9").replace(
