@@ -67,6 +67,12 @@ fn route(req: &Request<Incoming>, shared: &Shared) -> Response<Full<Bytes>> {
             );
             tracing::info!(upstream = %order.upstream, backends = ?order.backends, connections = closing, ?window, "backend drain: closing its connections");
         }
+        if let Some(order) = &reply.undrain {
+            let kept = shared.registry.undrain(|e| {
+                *e.upstream == *order.upstream && order.backends.iter().any(|b| *b == *e.backend)
+            });
+            tracing::info!(upstream = %order.upstream, backends = ?order.backends, connections = kept, "backend undrained");
+        }
         return reply.into_response();
     }
     if req.method() != Method::GET {

@@ -56,6 +56,12 @@ impl Control {
         self.waker.wake();
     }
 
+    /// Calls off a drain's close (an undrained backend) and wakes the relay.
+    pub fn cancel_drain(&self) {
+        self.drain_at.store(0, Ordering::Release);
+        self.waker.wake();
+    }
+
     /// Registers the relay's waker; returns when it must close, if a drain asked.
     pub fn poll_drain(&self, cx: &Context<'_>) -> Option<Instant> {
         self.waker.register(cx.waker());
@@ -187,6 +193,22 @@ impl Registry {
             control.drain_at(start + spread.mul_f64(slot));
         }
         n
+    }
+
+    /// Calls off the scheduled closes of the connections `select` picks (a backend was
+    /// undrained), unless the process itself is draining. Returns how many were picked.
+    pub fn undrain(&self, select: impl Fn(&Entry) -> bool) -> usize {
+        let Ok(live) = self.live.lock() else {
+            return 0;
+        };
+        if self.draining_until.lock().ok().and_then(|d| *d).is_some() {
+            return 0;
+        }
+        let picked: Vec<&Arc<Control>> = live.values().filter(|c| select(&c.entry)).collect();
+        for control in &picked {
+            control.cancel_drain();
+        }
+        picked.len()
     }
 
     /// Drains everything, including connections upgraded from now on (shutdown).
@@ -332,6 +354,20 @@ mod tests {
         assert_eq!(registry.view(10).routes.get("a"), Some(&1));
         drop(ra);
         assert_eq!(registry.len(), 1);
+    }
+
+    #[test]
+    fn undrain_calls_off_scheduled_closes_but_not_a_shutdown() {
+        let registry = Registry::new();
+        let c = control("a");
+        let _r = registry.register(c.clone());
+        registry.drain(|_| true, Duration::from_secs(60));
+        assert!(deadline(&c).is_some());
+        assert_eq!(registry.undrain(|e| &*e.route == "a"), 1);
+        assert!(deadline(&c).is_none());
+        registry.drain_all(Duration::from_secs(60));
+        assert_eq!(registry.undrain(|_| true), 0);
+        assert!(deadline(&c).is_some());
     }
 
     #[test]

@@ -337,12 +337,11 @@ where
 
     fn poll(&mut self, cx: &mut Context<'_>) -> Poll<()> {
         // Every wake looks again: a later drain (shutdown after a slow backend drain) may
-        // ask for an earlier close.
+        // ask for an earlier close, and an undrain may call it off.
         if self.close_deadline.is_none()
             && let Some(control) = &self.control
-            && let Some(at) = control.poll_drain(cx)
         {
-            self.drain_at = Some(self.drain_at.map_or(at, |d| d.min(at)));
+            self.drain_at = control.poll_drain(cx);
         }
         let done = self.poll_session(cx);
         self.flush_metrics();

@@ -38,6 +38,8 @@ pub struct AdminReply {
     pub body: String,
     /// Set on a successful drain.
     pub drain: Option<DrainOrder>,
+    /// Set on a successful undrain: closes a drain scheduled are called off.
+    pub undrain: Option<DrainOrder>,
     json: bool,
 }
 
@@ -47,6 +49,7 @@ impl AdminReply {
             status: StatusCode::OK,
             body: serde_json::to_string(body).unwrap_or_default() + "\n",
             drain: None,
+            undrain: None,
             json: true,
         }
     }
@@ -56,6 +59,7 @@ impl AdminReply {
             status,
             body: message + "\n",
             drain: None,
+            undrain: None,
             json: false,
         }
     }
@@ -165,12 +169,15 @@ fn drain(
         close_within: close_within.map(fmt_duration),
     };
     let mut reply = AdminReply::json(&body);
+    let order = DrainOrder {
+        upstream: name.to_owned(),
+        backends: named.iter().map(|b| b.identity.clone()).collect(),
+        close_within,
+    };
     if on {
-        reply.drain = Some(DrainOrder {
-            upstream: name.to_owned(),
-            backends: named.iter().map(|b| b.identity.clone()).collect(),
-            close_within,
-        });
+        reply.drain = Some(order);
+    } else {
+        reply.undrain = Some(order);
     }
     reply
 }
