@@ -29,7 +29,7 @@ use crate::admission::ip_limit::IpPermit;
 use crate::admission::token;
 use crate::config::{Config, Listener, RouteAdmission};
 use crate::handshake::{self, Rejection};
-use crate::observe::access_log::{Counts, Record, now_rfc3339};
+use crate::observe::access_log::{Record, now_rfc3339};
 use crate::ops::registry::{Entry, unix_ms};
 use crate::relay::{self, Settings};
 use crate::tls::TlsInfo;
@@ -889,14 +889,8 @@ impl LogFacts {
             upstream: self.get(Text::Backend),
             status,
             duration_ms: self.started.elapsed().as_millis() as u64,
-            c2u: Counts::default(),
-            u2c: Counts::default(),
-            close: None,
-            proxy_reason: None,
-            pings: 0,
-            rtt_ms: None,
-            rate_limited: 0,
             sticky: self.sticky,
+            ..Record::default()
         }
     }
 }
@@ -1085,13 +1079,7 @@ impl Conn {
             sticky: info.sticky,
             status,
             duration_ms: self.started.elapsed().as_millis() as u64,
-            c2u: Counts::default(),
-            u2c: Counts::default(),
-            close: None,
-            proxy_reason: None,
-            pings: 0,
-            rtt_ms: None,
-            rate_limited: 0,
+            ..Record::default()
         }
     }
 }

@@ -192,8 +192,9 @@ impl Write for MemoryWriter {
     }
 }
 
-/// One access-log line. Field names are SPEC §6's; absent facts are `null`.
-#[derive(Debug, Serialize)]
+/// One access-log line. Field names are SPEC §6's; absent facts are `null`. `Default` is
+/// a line with no relay half (a refusal, or a relay not yet reported).
+#[derive(Debug, Default, Serialize)]
 pub struct Record<'a> {
     pub ts: String,
     pub event: &'static str,
