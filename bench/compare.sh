@@ -1,11 +1,12 @@
 #!/usr/bin/env bash
-# Side-by-side benchmark of wsgate, nginx and HAProxy (and the backend alone, "direct")
-# relaying the same echo backend on this machine: SPEC §9. See bench/README.md.
+# Side-by-side benchmark of wsgate, nginx and HAProxy relaying the same echo backend on
+# this machine (SPEC §9), with two references: "direct" (the backend alone) and "tunnel"
+# (the cheapest possible byte relay, the floor for any proxy). See bench/README.md.
 #
 #   bench/compare.sh               # full run (3 repeats, ~10 min), table on stdout
 #   bench/compare.sh --quick       # one short repeat (< 2 min), for development
 #
-# Options: --repeats N, --targets "direct wsgate nginx haproxy",
+# Options: --repeats N, --targets "direct tunnel wsgate nginx haproxy",
 #          --scenarios "echo latency handshake idle abuse", --out DIR, --idle-max N,
 #          --key rsa|ecdsa (certificate key type, default rsa = RSA 2048).
 #
@@ -17,7 +18,7 @@ ROOT=$(cd "$(dirname "$0")/.." && pwd)
 BENCH_DIR="$ROOT/bench"
 REPEATS=3
 QUICK=0
-TARGETS="direct wsgate nginx haproxy"
+TARGETS="direct tunnel wsgate nginx haproxy"
 SCENARIOS="echo latency handshake idle abuse"
 OUT=""
 IDLE_MAX=""
@@ -98,7 +99,7 @@ cat "$OUT/cert.pem" "$OUT/key.pem" >"$OUT/haproxy.pem"
 
 # --- ports -----------------------------------------------------------------------------
 BACKEND_PORT=19001
-declare -A PLAIN_PORT=([direct]=19001 [wsgate]=19101 [nginx]=19201 [haproxy]=19301)
+declare -A PLAIN_PORT=([direct]=19001 [tunnel]=19401 [wsgate]=19101 [nginx]=19201 [haproxy]=19301)
 declare -A TLS_PORT=([wsgate]=19102 [nginx]=19202 [haproxy]=19302)
 
 # --- configs ---------------------------------------------------------------------------
@@ -238,6 +239,10 @@ start_proxy() { # NAME MODE
     PROXY_PID=""; PIDS=""
     case "$name" in
         direct) return 0 ;;
+        tunnel)
+            taskset -c 0 "$GEN" tunnel --bind "127.0.0.1:${PLAIN_PORT[tunnel]}" \
+                --upstream "127.0.0.1:$BACKEND_PORT" 2>>"$OUT/tunnel-stderr.log" &
+            PROXY_PID=$!; PIDS=$PROXY_PID ;;
         wsgate)
             taskset -c 0 "$WSGATE" --config "$OUT/wsgate-$mode.yaml" 2>>"$OUT/wsgate-stderr.log" &
             PROXY_PID=$!; PIDS=$PROXY_PID ;;
@@ -329,7 +334,7 @@ for rep in $(seq 1 "$REPEATS"); do
             fi
             if has handshake; then
                 gen handshake "$name" plain --warmup $WARM --duration $HS_S
-                if [[ $name != direct ]]; then
+                if [[ $name != direct && $name != tunnel ]]; then
                     gen handshake "$name" tls --warmup $WARM --duration $HS_S
                 fi
             fi
@@ -340,7 +345,7 @@ for rep in $(seq 1 "$REPEATS"); do
         for tls in plain tls; do
             for n in 1000 "$IDLE_MAX"; do
                 for name in $TARGETS; do
-                    [[ $name == direct ]] && continue
+                    [[ $name == direct || $name == tunnel ]] && continue
                     start_proxy "$name" bench
                     gen idle "$name" "$tls" --connections "$n" --settle $SETTLE
                     stop_proxy
@@ -350,7 +355,7 @@ for rep in $(seq 1 "$REPEATS"); do
     fi
     if has abuse; then
         for name in $TARGETS; do
-            [[ $name == direct ]] && continue
+            [[ $name == direct || $name == tunnel ]] && continue
             start_proxy "$name" abuse
             gen abuse "$name" plain --quiet $QUIET_S --attack $ATTACK_S
             stop_proxy

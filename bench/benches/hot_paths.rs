@@ -106,7 +106,12 @@ fn relay_frames(c: &mut Criterion) {
 fn rendezvous(c: &mut Criterion) {
     use wsgate::upstream::hash::{backend_seed, rank};
     let members: Vec<(u64, u32)> = (0..100u32)
-        .map(|i| (backend_seed(&format!("10.0.{}.{}:9001", i / 250, i % 250)), 1 + i % 3))
+        .map(|i| {
+            (
+                backend_seed(&format!("10.0.{}.{}:9001", i / 250, i % 250)),
+                1 + i % 3,
+            )
+        })
         .collect();
     let mut n = 0u64;
     c.bench_function("rendezvous/rank_100_backends", |b| {

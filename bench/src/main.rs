@@ -15,6 +15,7 @@ mod idle;
 mod net;
 mod procfs;
 mod report;
+mod tunnel;
 mod ws;
 
 use std::net::SocketAddr;
@@ -126,6 +127,16 @@ enum Cmd {
         #[arg(long, default_value_t = 200)]
         newcomer_every_ms: u64,
     },
+    /// The cheapest possible byte tunnel (a floor for proxies): epoll or io_uring.
+    Tunnel {
+        #[arg(long)]
+        bind: SocketAddr,
+        #[arg(long)]
+        upstream: SocketAddr,
+        /// epoll or uring
+        #[arg(long, default_value = "epoll")]
+        engine: String,
+    },
     /// Fold JSON lines of runs into the Markdown table (medians with min–max).
     Report {
         /// File of JSON lines written by the scenarios.
@@ -178,8 +189,14 @@ fn main() {
 
 fn real_main() -> Result<()> {
     let cli = Cli::parse();
-    if let Cmd::Report { input, json } = &cli.cmd {
-        return report::run(input, json.as_deref());
+    match &cli.cmd {
+        Cmd::Report { input, json } => return report::run(input, json.as_deref()),
+        Cmd::Tunnel {
+            bind,
+            upstream,
+            engine,
+        } => return tunnel::run(*bind, *upstream, engine),
+        _ => {}
     }
     // One thread: the generator and the backend share one core by design.
     let rt = tokio::runtime::Builder::new_current_thread()
@@ -271,7 +288,7 @@ fn real_main() -> Result<()> {
                 };
                 abuse::run(t, p, &common.label, o).await.map(Some)
             }
-            Cmd::Report { .. } => Ok(None),
+            Cmd::Report { .. } | Cmd::Tunnel { .. } => Ok(None),
         }
     })?;
     if let Some(v) = out {
