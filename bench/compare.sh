@@ -79,6 +79,10 @@ echo "building wsgate and wsgate-bench (release)..." >&2
 (cd "$BENCH_DIR" && cargo build --release --quiet)
 WSGATE="$ROOT/target/release/wsgate"
 GEN="$BENCH_DIR/target/release/wsgate-bench"
+# A fresh build leaves the kernel writing its output back for a while, which showed up as
+# a 20 % slower first run: let it settle first.
+sync
+sleep 3
 
 OUT=${OUT:-$(mktemp -d /tmp/wsgate-bench.XXXXXX)}
 mkdir -p "$OUT"

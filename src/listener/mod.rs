@@ -37,6 +37,10 @@ use crate::upstream::pool::Lease;
 use crate::upstream::{self, Connected, Failure, Forwarded, UpstreamStream, sticky};
 use crate::{Shared, ids};
 
+mod streams;
+use streams::OwnRefusals;
+pub use streams::Prefixed;
+
 /// Largest request head hyper will buffer (hyper's floor is 8 KiB); beyond → 431.
 const MAX_HEAD: usize = 16 * 1024;
 
@@ -501,67 +505,6 @@ async fn read_proxy_header(
     }
 }
 
-/// A stream with bytes already read in front of it (those past a PROXY header).
-pub struct Prefixed<S> {
-    prefix: Vec<u8>,
-    at: usize,
-    inner: S,
-}
-
-impl<S> Prefixed<S> {
-    fn new(inner: S, prefix: Vec<u8>) -> Prefixed<S> {
-        Prefixed {
-            prefix,
-            at: 0,
-            inner,
-        }
-    }
-}
-
-impl<S: AsyncRead + Unpin> AsyncRead for Prefixed<S> {
-    fn poll_read(
-        mut self: Pin<&mut Self>,
-        cx: &mut std::task::Context<'_>,
-        buf: &mut tokio::io::ReadBuf<'_>,
-    ) -> std::task::Poll<std::io::Result<()>> {
-        let this = &mut *self;
-        if this.at < this.prefix.len() {
-            let n = (this.prefix.len() - this.at).min(buf.remaining());
-            buf.put_slice(&this.prefix[this.at..this.at + n]);
-            this.at += n;
-            if this.at == this.prefix.len() {
-                // Free it: the prefix lives as long as the connection otherwise.
-                this.prefix = Vec::new();
-                this.at = 0;
-            }
-            return std::task::Poll::Ready(Ok(()));
-        }
-        Pin::new(&mut this.inner).poll_read(cx, buf)
-    }
-}
-
-impl<S: AsyncWrite + Unpin> AsyncWrite for Prefixed<S> {
-    fn poll_write(
-        mut self: Pin<&mut Self>,
-        cx: &mut std::task::Context<'_>,
-        buf: &[u8],
-    ) -> std::task::Poll<std::io::Result<usize>> {
-        Pin::new(&mut self.inner).poll_write(cx, buf)
-    }
-    fn poll_flush(
-        mut self: Pin<&mut Self>,
-        cx: &mut std::task::Context<'_>,
-    ) -> std::task::Poll<std::io::Result<()>> {
-        Pin::new(&mut self.inner).poll_flush(cx)
-    }
-    fn poll_shutdown(
-        mut self: Pin<&mut Self>,
-        cx: &mut std::task::Context<'_>,
-    ) -> std::task::Poll<std::io::Result<()>> {
-        Pin::new(&mut self.inner).poll_shutdown(cx)
-    }
-}
-
 /// The HTTP upgrade over a plain or TLS client stream; returns the relay phase, in its own
 /// allocation, when the upgrade succeeded. The handshake's state (hyper's connection, its
 /// buffers, the timers) is freed before the relay starts.
@@ -587,6 +530,7 @@ where
     // Keep-alive stays on: every response of ours says `Connection: close`, and hyper would
     // otherwise append `close` to the 101 as well.
     http.header_read_timeout(None).max_buf_size(MAX_HEAD);
+    let stream = OwnRefusals::new(stream, conn.clone());
     let mut http = http.serve_connection(TokioIo::new(stream), Service(conn.clone()));
     let deadline = tokio::time::sleep_until(deadline);
     tokio::pin!(deadline);
@@ -615,7 +559,7 @@ where
             let parts = http.into_parts();
             let partial_head = !parts.read_buf.is_empty();
             if partial_head {
-                let mut io = parts.io.into_inner();
+                let mut io = parts.io.into_inner().into_inner();
                 let _ = tokio::time::timeout(Duration::from_secs(1), io.write_all(REQUEST_TIMEOUT))
                     .await;
             }
@@ -630,7 +574,13 @@ where
         }
         Some(Err(e)) => {
             if e.is_parse() || e.is_parse_too_large() {
-                let status = if e.is_parse_too_large() { 431 } else { 400 };
+                let (status, answer) = if e.is_parse_too_large() {
+                    (431, HEAD_TOO_LARGE)
+                } else {
+                    (400, BAD_REQUEST)
+                };
+                let mut io = http.into_parts().io.into_inner().into_inner();
+                let _ = tokio::time::timeout(Duration::from_secs(1), io.write_all(answer)).await;
                 conn.log_reject(&RequestInfo::default(), Rejection::BadUpgrade, status, None);
             } else {
                 tracing::debug!(conn_id = %conn.conn_id, error = %e, "connection ended during the handshake");
@@ -640,7 +590,7 @@ where
         Some(Ok(())) => {
             let est = conn.established.lock().ok().and_then(|mut e| e.take())?;
             let parts = http.into_parts();
-            Some((parts.io.into_inner(), parts.read_buf, *est))
+            Some((parts.io.into_inner().into_inner(), parts.read_buf, *est))
         }
     }
 }
@@ -656,6 +606,12 @@ fn answer_budget(config: &Config) -> Duration {
         .unwrap_or_default();
     connect * 3 + config.limits.handshake_timeout
 }
+
+/// Sent for a head hyper could not parse.
+const BAD_REQUEST: &[u8] = b"HTTP/1.1 400 Bad Request\r\ncontent-type: text/plain; charset=utf-8\r\ncontent-length: 12\r\nconnection: close\r\n\r\nbad_upgrade\n";
+
+/// Sent for a head over `MAX_HEAD`.
+const HEAD_TOO_LARGE: &[u8] = b"HTTP/1.1 431 Request Header Fields Too Large\r\ncontent-type: text/plain; charset=utf-8\r\ncontent-length: 12\r\nconnection: close\r\n\r\nbad_upgrade\n";
 
 /// Sent when the head did not arrive within `handshake_timeout` (a slowloris guard).
 const REQUEST_TIMEOUT: &[u8] = b"HTTP/1.1 408 Request Timeout\r\ncontent-type: text/plain; charset=utf-8\r\ncontent-length: 18\r\nconnection: close\r\n\r\nhandshake_timeout\n";
