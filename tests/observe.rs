@@ -155,7 +155,11 @@ async fn assert_rejected(
         resp.starts_with(&format!("HTTP/1.1 {status} ")),
         "{reason}: want {status}, got {resp:?}"
     );
-    assert_eq!(resp.matches("HTTP/1.1 ").count(), 1, "one response: {resp:?}");
+    assert_eq!(
+        resp.matches("HTTP/1.1 ").count(),
+        1,
+        "one response: {resp:?}"
+    );
     if reason != "upstream_status" {
         assert!(resp.ends_with(&format!("{reason}\n")), "{resp:?}");
     }

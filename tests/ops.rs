@@ -168,6 +168,85 @@ routes:
     assert_eq!(line["proxy_reason"], "drain");
 }
 
+/// One route to one backend through an upstream called `upstream`.
+fn named_upstream(backend: SocketAddr, bind: &str, upstream: &str) -> String {
+    format!(
+        r#"
+listeners: [{{ name: public, bind: "{bind}" }}]
+admin: {{ bind: "127.0.0.1:0" }}
+keepalive: {{ ping_interval: 0s }}
+limits: {{ handshake_timeout: 1s }}
+upstreams:
+  {upstream}: {{ backends: [{{ addr: "{backend}" }}] }}
+routes:
+  - {{ name: a, match: {{ path_prefix: /a }}, upstream: {upstream} }}
+"#
+    )
+}
+
+/// A handshake accepted before a reload that renames its upstream still finds the old
+/// pool (it routes by the config it was accepted under), and the old pool is dropped once
+/// no handshake can be on the old config any more (its handshake_timeout, plus a second).
+#[tokio::test]
+async fn reload_that_renames_an_upstream_serves_handshakes_in_flight() {
+    let backend = echo_backend().await;
+    let gw = spawn_gateway(&named_upstream(backend, "127.0.0.1:0", "old")).await;
+    let mut early = tokio::net::TcpStream::connect(gw.addr())
+        .await
+        .unwrap_or_else(|e| panic!("{e}"));
+    let addr = gw.addr();
+    early
+        .write_all(format!("GET /a HTTP/1.1\r\nHost: {addr}\r\n").as_bytes())
+        .await
+        .unwrap_or_else(|e| panic!("{e}"));
+    // Let the gateway accept it (and so pick its config) before the reload.
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let renamed = named_upstream(backend, &addr.to_string(), "new");
+    let reloaded_at = Instant::now();
+    gw.gw.reload(load(&renamed)).await;
+    let rest = "Connection: Upgrade\r\nUpgrade: websocket\r\nSec-WebSocket-Version: 13\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n\r\n";
+    early
+        .write_all(rest.as_bytes())
+        .await
+        .unwrap_or_else(|e| panic!("{e}"));
+    let head = read_head(&mut early).await;
+    assert!(head.starts_with("HTTP/1.1 101"), "{head}");
+    echo_raw(&mut early, "old pool").await;
+    let mut late = upgraded(addr, "/a", "").await;
+    echo_raw(&mut late, "new pool").await;
+    let names = |body: &str| {
+        let v: serde_json::Value = serde_json::from_str(body).unwrap_or_default();
+        let mut names: Vec<String> = v
+            .as_array()
+            .map(|a| {
+                a.iter()
+                    .filter_map(|u| u["upstream"].as_str().map(String::from))
+                    .collect()
+            })
+            .unwrap_or_default();
+        names.sort();
+        names
+    };
+    assert_eq!(
+        names(&support::admin_get(&gw, "/upstreams").await.1),
+        ["new", "old"]
+    );
+    let deadline = reloaded_at + Duration::from_secs(5);
+    loop {
+        let now = names(&support::admin_get(&gw, "/upstreams").await.1);
+        if now == ["new"] {
+            break;
+        }
+        assert!(Instant::now() < deadline, "old pool still there: {now:?}");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert!(
+        reloaded_at.elapsed() >= Duration::from_secs(2),
+        "pruned before the grace"
+    );
+    echo_raw(&mut early, "a pruned pool keeps its connections").await;
+}
+
 #[tokio::test]
 async fn reload_adds_and_removes_listeners() {
     let backend = echo_backend().await;

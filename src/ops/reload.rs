@@ -7,6 +7,7 @@
 //! survives unless its policy changed.
 
 use std::sync::Arc;
+use std::time::Duration;
 
 use crate::admission::ip_limit::HandshakeRate;
 use crate::config::Config;
@@ -49,6 +50,7 @@ impl Gateway {
         }
         let config = Arc::new(config);
         self.shared.config.store(config.clone());
+        self.prune_pools_later(&old);
         let removed: Vec<&str> = old
             .routes
             .iter()
@@ -62,6 +64,26 @@ impl Gateway {
                 .drain(|e| removed.contains(&&*e.route), config.drain.spread);
         }
         done
+    }
+
+    /// Pools of removed upstreams are dropped once no handshake can still be on the old
+    /// config: connections accepted before the swap route by it for up to their
+    /// `handshake_timeout`. What is pruned is decided then, against the config in
+    /// service at that time (a later reload may have brought an upstream back).
+    fn prune_pools_later(&self, old: &Config) {
+        let grace = old
+            .routes
+            .iter()
+            .map(|r| r.limits.handshake_timeout)
+            .fold(old.limits.handshake_timeout, Duration::max)
+            + Duration::from_secs(1);
+        let shared = Arc::downgrade(&self.shared);
+        tokio::spawn(async move {
+            tokio::time::sleep(grace).await;
+            if let Some(shared) = shared.upgrade() {
+                shared.pools.prune(&shared.config.load());
+            }
+        });
     }
 
     fn reload_listeners(&self, config: &Config, done: &mut Reloaded) {

@@ -546,10 +546,10 @@ impl Pools {
             .unwrap_or_default()
     }
 
-    /// Brings the pools in line with a (new) config: pools of removed upstreams end
-    /// (their tasks stop; leases keep their backends alive until the connections end),
-    /// new ones start, and kept ones take the new settings and backend list while keeping
-    /// health, drain flags, error counts and active connections of backends that remain.
+    /// Brings the pools in line with a (new) config: new ones start, and kept ones take
+    /// the new settings and backend list while keeping health, drain flags, error counts
+    /// and active connections of backends that remain. Pools of removed upstreams stay
+    /// until [`Pools::prune`], so handshakes still routed by the old config find them.
     pub async fn reconcile(&self, config: &Config) {
         let mut next = BTreeMap::new();
         for (name, upstream) in &config.upstreams {
@@ -574,10 +574,16 @@ impl Pools {
             }
             next.insert(name.clone(), pool);
         }
-        // Pools left out are dropped here (or when their last connection attempt ends),
-        // which stops their tasks.
         if let Ok(mut pools) = self.pools.write() {
-            *pools = next;
+            pools.extend(next);
+        }
+    }
+
+    /// Drops the pools of upstreams `config` does not have (their tasks stop; leases keep
+    /// their backends alive until the connections end).
+    pub fn prune(&self, config: &Config) {
+        if let Ok(mut pools) = self.pools.write() {
+            pools.retain(|name, _| config.upstreams.contains_key(name));
         }
     }
 

@@ -331,10 +331,11 @@ async fn reconcile_keeps_the_state_of_backends_that_stay() {
     }
     assert!(pools.get("other").is_some());
     drop(lease);
-    // Removing an upstream drops its pool.
-    pools
-        .reconcile(&config("{ backends: [{ addr: \"10.0.0.1:9001\" }] }"))
-        .await;
+    // Removing an upstream keeps its pool until the prune that follows the config swap.
+    let without = config("{ backends: [{ addr: \"10.0.0.1:9001\" }] }");
+    pools.reconcile(&without).await;
+    assert!(pools.get("other").is_some());
+    pools.prune(&without);
     assert!(pools.get("other").is_none());
     assert_eq!(pools.snapshot().len(), 1);
 }
