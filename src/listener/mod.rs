@@ -24,7 +24,7 @@ use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::watch;
 use tokio::time::Instant;
 
-use crate::admission::client_ip::{self, IpKey};
+use crate::admission::client_ip::{self, IpKey, ip_text};
 use crate::admission::ip_limit::IpPermit;
 use crate::admission::token;
 use crate::config::{Config, Listener, RouteAdmission};
@@ -834,7 +834,7 @@ impl LogFacts {
             request_id: self.get(Text::RequestId),
             listener: &self.listener,
             route: self.get(Text::Route),
-            client_ip: self.client_ip.to_string(),
+            client_ip: ip_text(self.client_ip),
             client_port: self.client_port,
             tls: self.tls.as_deref(),
             host: self.get(Text::Host),
@@ -1023,7 +1023,7 @@ impl Conn {
             request_id: info.request_id.as_deref(),
             listener: &self.listener,
             route: info.route.as_deref(),
-            client_ip: info.client_ip.unwrap_or(self.peer.ip()).to_string(),
+            client_ip: ip_text(info.client_ip.unwrap_or(self.peer.ip())),
             client_port: self.peer.port(),
             tls: self.tls.as_ref(),
             host: info.host.as_deref(),

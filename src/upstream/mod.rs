@@ -26,6 +26,7 @@ use std::task::{Context, Poll};
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::TcpStream;
 
+use crate::admission::client_ip::{X_FORWARDED_FOR, ip_text};
 use crate::config::UpstreamTls;
 use crate::handshake::{Admitted, Rejection, has_token};
 use pool::{Lease, Pool};
@@ -44,12 +45,17 @@ const HOP_BY_HOP: [&str; 8] = [
 ];
 
 /// Headers the proxy sets itself; a client's copies are dropped so they cannot be forged.
-const PROXY_SET: [&str; 4] = [
-    "x-forwarded-for",
-    "x-forwarded-proto",
-    "x-forwarded-host",
-    "x-request-id",
+const PROXY_SET: [HeaderName; 4] = [
+    X_FORWARDED_FOR,
+    X_FORWARDED_PROTO,
+    X_FORWARDED_HOST,
+    X_REQUEST_ID,
 ];
+
+// Built at compile time: `from_static` at run time validates the name on every call.
+const X_FORWARDED_PROTO: HeaderName = HeaderName::from_static("x-forwarded-proto");
+const X_FORWARDED_HOST: HeaderName = HeaderName::from_static("x-forwarded-host");
+const X_REQUEST_ID: HeaderName = HeaderName::from_static("x-request-id");
 
 /// Facts about the client connection that go into the upstream request.
 pub struct Forwarded<'a> {
@@ -212,7 +218,7 @@ fn upstream_request(
     *out.version_mut() = Version::HTTP_11;
     let headers = out.headers_mut();
     *headers = end_to_end(&req.headers);
-    for name in PROXY_SET {
+    for name in &PROXY_SET {
         headers.remove(name);
     }
     headers.remove(header::SEC_WEBSOCKET_PROTOCOL);
@@ -222,15 +228,15 @@ fn upstream_request(
     headers.insert(header::CONNECTION, HeaderValue::from_static("Upgrade"));
     headers.insert(header::UPGRADE, HeaderValue::from_static("websocket"));
     headers.insert(
-        "x-forwarded-for",
-        HeaderValue::from_str(&fwd.client_ip.to_string())?,
+        X_FORWARDED_FOR,
+        HeaderValue::from_str(&ip_text(fwd.client_ip))?,
     );
     headers.insert(
-        "x-forwarded-proto",
+        X_FORWARDED_PROTO,
         HeaderValue::from_static(if fwd.tls { "https" } else { "http" }),
     );
-    headers.insert("x-forwarded-host", HeaderValue::from_str(&admitted.host)?);
-    headers.insert("x-request-id", HeaderValue::from_str(fwd.conn_id)?);
+    headers.insert(X_FORWARDED_HOST, HeaderValue::from_str(&admitted.host)?);
+    headers.insert(X_REQUEST_ID, HeaderValue::from_str(fwd.conn_id)?);
     Ok(out)
 }
 
