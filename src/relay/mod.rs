@@ -693,31 +693,38 @@ where
         }
     }
 
-    /// Polls the one timer, armed at the earliest of the close deadline and the stalled
-    /// writes' deadlines.
-    fn poll_timer(&mut self, cx: &mut Context<'_>) -> Poll<()> {
+    /// The earliest deadline of the session. Runs on every wake, so it folds the few
+    /// deadlines that are set instead of collecting all of them.
+    fn next_due(&self) -> Option<Instant> {
         let stall = |since: Option<Instant>| since.map(|s| s + self.send_timeout);
+        let mut due = earliest(self.close_deadline, self.c2u.throttled_until);
+        due = earliest(due, stall(self.c2u.stalled_since));
+        due = earliest(due, stall(self.u2c.stalled_since));
+        if self.close_deadline.is_some() {
+            return due;
+        }
+        due = earliest(due, self.expires_at);
+        due = earliest(due, self.drain_at);
+        due = earliest(due, self.ping_check);
+        due = earliest(due, self.upstream_ping_check);
+        due = earliest(due, self.idle_check);
+        due = earliest(due, self.fragment_due());
         let pong = |sent: Option<Instant>, waiting: bool| {
             sent.filter(|_| waiting).map(|s| s + self.pong_timeout)
         };
-        let live = self.close_deadline.is_none();
-        let due = [
-            self.close_deadline,
-            stall(self.c2u.stalled_since),
-            stall(self.u2c.stalled_since),
-            self.c2u.throttled_until,
-            self.expires_at.filter(|_| live),
-            self.drain_at.filter(|_| live),
-            self.ping_check.filter(|_| live),
-            self.upstream_ping_check.filter(|_| live),
-            self.idle_check.filter(|_| live),
-            self.fragment_due().filter(|_| live),
-            pong(self.u2c.ping_sent_at, self.c2u.expect_pong.is_some()).filter(|_| live),
-            pong(self.c2u.ping_sent_at, self.u2c.expect_pong.is_some()).filter(|_| live),
-        ]
-        .into_iter()
-        .flatten()
-        .min();
+        due = earliest(
+            due,
+            pong(self.u2c.ping_sent_at, self.c2u.expect_pong.is_some()),
+        );
+        earliest(
+            due,
+            pong(self.c2u.ping_sent_at, self.u2c.expect_pong.is_some()),
+        )
+    }
+
+    /// Polls the one timer, armed at [`Session::next_due`] (re-armed only when that moves).
+    fn poll_timer(&mut self, cx: &mut Context<'_>) -> Poll<()> {
+        let due = self.next_due();
         let Some(due) = due else {
             return Poll::Pending;
         };
@@ -804,4 +811,12 @@ fn mask_seed() -> u64 {
     use std::hash::{BuildHasher, RandomState};
     static COUNTER: AtomicU64 = AtomicU64::new(0);
     RandomState::new().hash_one(COUNTER.fetch_add(1, Ordering::Relaxed))
+}
+
+fn earliest(a: Option<Instant>, b: Option<Instant>) -> Option<Instant> {
+    match (a, b) {
+        (Some(a), Some(b)) => Some(a.min(b)),
+        (a, None) => a,
+        (None, b) => b,
+    }
 }
