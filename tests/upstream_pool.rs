@@ -357,6 +357,52 @@ async fn drain_with_close_within_closes_only_that_backends_connections() {
     assert_eq!(line["upstream"], addr.to_string());
 }
 
+/// An undrain calls off the closes a `close_within` drain scheduled and has not sent yet:
+/// after the window, the target's connections still relay.
+#[tokio::test]
+async fn undrain_calls_off_the_scheduled_closes() {
+    let bs = backends(2).await;
+    let config = pool_config(
+        &addrs(&bs).iter().map(String::as_str).collect::<Vec<_>>(),
+        "",
+    );
+    let gw = spawn_gateway(&config).await;
+    let admin = gw.gw.admin.unwrap_or_else(|| panic!("no admin"));
+    let mut held = Vec::new();
+    for i in 0..10 {
+        held.push(
+            open(gw.addr(), Some(&format!("room-{i}")))
+                .await
+                .unwrap_or_else(|h| panic!("{h}")),
+        );
+    }
+    let target = held[0].0.clone();
+    let addr = bs
+        .iter()
+        .find(|b| b.name == target)
+        .map(|b| b.addr)
+        .unwrap_or_else(|| panic!("unknown backend {target}"));
+    let drain = format!("/upstreams/app/backends/{addr}/drain?close_within=2s");
+    let resp = admin_request(admin, "POST", &drain).await;
+    assert!(resp.starts_with("HTTP/1.1 200"), "{resp}");
+    let undrain = format!("/upstreams/app/backends/{addr}/undrain");
+    let resp = admin_request(admin, "POST", &undrain).await;
+    assert!(resp.starts_with("HTTP/1.1 200"), "{resp}");
+    // Past the window (the closes are spread over it, with jitter).
+    tokio::time::sleep(Duration::from_millis(2500)).await;
+    let mut on_target = 0;
+    for (name, s) in &mut held {
+        send_client_close(s, 1000).await;
+        assert_eq!(
+            read_close_code(s).await,
+            Some(1000),
+            "{name}: still relaying"
+        );
+        on_target += usize::from(*name == target);
+    }
+    assert!(on_target >= 1, "no connection on the drained backend");
+}
+
 #[tokio::test]
 async fn bounded_load_caps_the_hottest_backend() {
     let bs = backends(4).await;
