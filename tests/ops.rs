@@ -175,7 +175,7 @@ fn named_upstream(backend: SocketAddr, bind: &str, upstream: &str) -> String {
 listeners: [{{ name: public, bind: "{bind}" }}]
 admin: {{ bind: "127.0.0.1:0" }}
 keepalive: {{ ping_interval: 0s }}
-limits: {{ handshake_timeout: 1s }}
+limits: {{ handshake_timeout: 2s }}
 upstreams:
   {upstream}: {{ backends: [{{ addr: "{backend}" }}] }}
 routes:
@@ -199,7 +199,8 @@ async fn reload_that_renames_an_upstream_serves_handshakes_in_flight() {
         .write_all(format!("GET /a HTTP/1.1\r\nHost: {addr}\r\n").as_bytes())
         .await
         .unwrap_or_else(|e| panic!("{e}"));
-    // Let the gateway accept it (and so pick its config) before the reload.
+    // Let the gateway accept it (and so pick its config) before the reload; were it
+    // too slow, the connection would take the new config and the test would not fail.
     tokio::time::sleep(Duration::from_millis(300)).await;
     let renamed = named_upstream(backend, &addr.to_string(), "new");
     let reloaded_at = Instant::now();
@@ -231,7 +232,7 @@ async fn reload_that_renames_an_upstream_serves_handshakes_in_flight() {
         names(&support::admin_get(&gw, "/upstreams").await.1),
         ["new", "old"]
     );
-    let deadline = reloaded_at + Duration::from_secs(5);
+    let deadline = reloaded_at + Duration::from_secs(8);
     loop {
         let now = names(&support::admin_get(&gw, "/upstreams").await.1);
         if now == ["new"] {
@@ -241,7 +242,7 @@ async fn reload_that_renames_an_upstream_serves_handshakes_in_flight() {
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
     assert!(
-        reloaded_at.elapsed() >= Duration::from_secs(2),
+        reloaded_at.elapsed() >= Duration::from_secs(3),
         "pruned before the grace"
     );
     echo_raw(&mut early, "a pruned pool keeps its connections").await;

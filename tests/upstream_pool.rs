@@ -358,7 +358,9 @@ async fn drain_with_close_within_closes_only_that_backends_connections() {
 }
 
 /// An undrain calls off the closes a `close_within` drain scheduled and has not sent yet:
-/// after the window, the target's connections still relay.
+/// after the window, the target's connections still relay. (The first close may fall
+/// within the few ms before the undrain lands, so one 1012 is tolerated; without the
+/// undrain all of them get one.)
 #[tokio::test]
 async fn undrain_calls_off_the_scheduled_closes() {
     let bs = backends(2).await;
@@ -369,7 +371,7 @@ async fn undrain_calls_off_the_scheduled_closes() {
     let gw = spawn_gateway(&config).await;
     let admin = gw.gw.admin.unwrap_or_else(|| panic!("no admin"));
     let mut held = Vec::new();
-    for i in 0..10 {
+    for i in 0..20 {
         held.push(
             open(gw.addr(), Some(&format!("room-{i}")))
                 .await
@@ -390,17 +392,25 @@ async fn undrain_calls_off_the_scheduled_closes() {
     assert!(resp.starts_with("HTTP/1.1 200"), "{resp}");
     // Past the window (the closes are spread over it, with jitter).
     tokio::time::sleep(Duration::from_millis(2500)).await;
-    let mut on_target = 0;
+    let (mut on_target, mut closed) = (0, 0);
     for (name, s) in &mut held {
         send_client_close(s, 1000).await;
-        assert_eq!(
-            read_close_code(s).await,
-            Some(1000),
-            "{name}: still relaying"
-        );
-        on_target += usize::from(*name == target);
+        let code = read_close_code(s).await;
+        if *name == target {
+            on_target += 1;
+            closed += usize::from(code == Some(1012));
+        } else {
+            assert_eq!(code, Some(1000), "{name}: still relaying");
+        }
     }
-    assert!(on_target >= 1, "no connection on the drained backend");
+    assert!(
+        on_target >= 2,
+        "{on_target} connection(s) on the drained backend"
+    );
+    assert!(
+        closed <= 1,
+        "{closed} of {on_target} closed after the undrain"
+    );
 }
 
 #[tokio::test]

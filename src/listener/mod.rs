@@ -19,7 +19,7 @@ use http::{Request, Response, StatusCode, request};
 use http_body_util::{Either, Full};
 use hyper::body::Incoming;
 use hyper_util::rt::TokioIo;
-use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt};
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::watch;
 use tokio::time::Instant;
@@ -559,9 +559,7 @@ where
             let parts = http.into_parts();
             let partial_head = !parts.read_buf.is_empty();
             if partial_head {
-                let mut io = parts.io.into_inner().into_inner();
-                let _ = tokio::time::timeout(Duration::from_secs(1), io.write_all(REQUEST_TIMEOUT))
-                    .await;
+                answer_and_close(parts.io.into_inner().into_inner(), REQUEST_TIMEOUT).await;
             }
             let status = if partial_head { 408 } else { 0 };
             conn.log_reject(
@@ -579,8 +577,7 @@ where
                 } else {
                     (400, BAD_REQUEST)
                 };
-                let mut io = http.into_parts().io.into_inner().into_inner();
-                let _ = tokio::time::timeout(Duration::from_secs(1), io.write_all(answer)).await;
+                answer_and_close(http.into_parts().io.into_inner().into_inner(), answer).await;
                 conn.log_reject(&RequestInfo::default(), Rejection::BadUpgrade, status, None);
             } else {
                 tracing::debug!(conn_id = %conn.conn_id, error = %e, "connection ended during the handshake");
@@ -593,6 +590,28 @@ where
             Some((parts.io.into_inner().into_inner(), parts.read_buf, *est))
         }
     }
+}
+
+/// Sends an answer of the proxy's own to a request hyper never handed over, then closes
+/// so that it is not lost to a reset: half-close, and read what the client still sends
+/// (the rest of a head too large, say) until it closes. Within a second and 64 KiB; past
+/// either, the socket is just dropped.
+async fn answer_and_close<S: AsyncRead + AsyncWrite + Unpin>(mut io: S, answer: &[u8]) {
+    let _ = tokio::time::timeout(Duration::from_secs(1), async {
+        io.write_all(answer).await?;
+        io.flush().await?;
+        io.shutdown().await?;
+        let mut sink = [0u8; 512];
+        let mut left: usize = 64 * 1024;
+        while left > 0 {
+            match io.read(&mut sink).await? {
+                0 => break,
+                n => left = left.saturating_sub(n),
+            }
+        }
+        Ok::<(), std::io::Error>(())
+    })
+    .await;
 }
 
 /// Time allowed after the request head for the rest of the handshake: up to three

@@ -50,7 +50,7 @@ impl Gateway {
         }
         let config = Arc::new(config);
         self.shared.config.store(config.clone());
-        self.prune_pools_later(&old);
+        self.prune_pools_later(&old, &config);
         let removed: Vec<&str> = old
             .routes
             .iter()
@@ -69,14 +69,21 @@ impl Gateway {
     /// Pools of removed upstreams are dropped once no handshake can still be on the old
     /// config: connections accepted before the swap route by it for up to their
     /// `handshake_timeout`. What is pruned is decided then, against the config in
-    /// service at that time (a later reload may have brought an upstream back).
-    fn prune_pools_later(&self, old: &Config) {
+    /// service at that time (a later reload may have brought an upstream back, or
+    /// removed another one, which then keeps its own grace).
+    fn prune_pools_later(&self, old: &Config, new: &Config) {
         let grace = old
             .routes
             .iter()
             .map(|r| r.limits.handshake_timeout)
             .fold(old.limits.handshake_timeout, Duration::max)
             + Duration::from_secs(1);
+        let removed = old
+            .upstreams
+            .keys()
+            .filter(|n| !new.upstreams.contains_key(*n));
+        let until = tokio::time::Instant::now() + grace;
+        self.shared.pools.retire(removed.map(String::as_str), until);
         let shared = Arc::downgrade(&self.shared);
         tokio::spawn(async move {
             tokio::time::sleep(grace).await;

@@ -16,7 +16,7 @@
 //!   [`DEFAULT_UNHEALTHY_AFTER`] in a row the backend gets no new connections for
 //!   [`PASSIVE_COOLOFF`]; then the next connection tries it again.
 
-use std::collections::{BTreeMap, BTreeSet};
+use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, RwLock, Weak};
@@ -502,6 +502,8 @@ impl Candidates {
 /// Every upstream's pool, by name. Lives in [`crate::Shared`].
 pub struct Pools {
     pools: RwLock<BTreeMap<String, Arc<Pool>>>,
+    /// Upstreams a reload removed, and when their pools may go ([`Pools::retire`]).
+    retiring: Mutex<HashMap<String, tokio::time::Instant>>,
     /// The built-in echo server, once started (at start or by a reload that needs it).
     builtin: std::sync::OnceLock<SocketAddr>,
     options: PoolOptions,
@@ -517,6 +519,7 @@ impl Pools {
     ) -> Arc<Pools> {
         let pools = Arc::new(Pools {
             pools: RwLock::default(),
+            retiring: Mutex::default(),
             builtin: builtin.map(std::sync::OnceLock::from).unwrap_or_default(),
             options,
         });
@@ -551,6 +554,9 @@ impl Pools {
     /// and active connections of backends that remain. Pools of removed upstreams stay
     /// until [`Pools::prune`], so handshakes still routed by the old config find them.
     pub async fn reconcile(&self, config: &Config) {
+        if let Ok(mut retiring) = self.retiring.lock() {
+            retiring.retain(|name, _| !config.upstreams.contains_key(name));
+        }
         let mut next = BTreeMap::new();
         for (name, upstream) in &config.upstreams {
             let (pool, fresh) = match self.get(name) {
@@ -579,11 +585,29 @@ impl Pools {
         }
     }
 
-    /// Drops the pools of upstreams `config` does not have (their tasks stop; leases keep
-    /// their backends alive until the connections end).
+    /// Keeps the pools of `removed` upstreams until `until` whatever [`Pools::prune`]
+    /// runs before then (a later reload's removal gets its own, later, deadline).
+    pub fn retire<'a>(&self, removed: impl Iterator<Item = &'a str>, until: tokio::time::Instant) {
+        if let Ok(mut retiring) = self.retiring.lock() {
+            for name in removed {
+                retiring.insert(name.to_owned(), until);
+            }
+        }
+    }
+
+    /// Drops the pools of upstreams `config` does not have, except those retiring until
+    /// later (their tasks stop; leases keep their backends alive until the connections
+    /// end).
     pub fn prune(&self, config: &Config) {
+        let now = tokio::time::Instant::now();
+        let Ok(mut retiring) = self.retiring.lock() else {
+            return;
+        };
+        retiring.retain(|_, until| *until > now);
         if let Ok(mut pools) = self.pools.write() {
-            pools.retain(|name, _| config.upstreams.contains_key(name));
+            pools.retain(|name, _| {
+                config.upstreams.contains_key(name) || retiring.contains_key(name)
+            });
         }
     }
 

@@ -339,3 +339,38 @@ async fn reconcile_keeps_the_state_of_backends_that_stay() {
     assert!(pools.get("other").is_none());
     assert_eq!(pools.snapshot().len(), 1);
 }
+
+/// A removed upstream's pool outlives prunes until its retirement deadline; a later
+/// reload that brings the upstream back calls the retirement off.
+#[tokio::test(start_paused = true)]
+async fn retiring_pools_outlive_prunes_until_their_deadline() {
+    let one = "{ backends: [{ addr: \"10.0.0.1:9001\" }] }";
+    let both = config(&format!("{one}\n  other: {one}"));
+    let without = config(one);
+    let pools = pools_for(&both, Arc::default()).await;
+    pools.reconcile(&without).await;
+    let until = tokio::time::Instant::now() + Duration::from_secs(10);
+    pools.retire(["other"].into_iter(), until);
+    // An earlier reload's prune, firing now, must not take it.
+    pools.prune(&without);
+    assert!(pools.get("other").is_some());
+    tokio::time::advance(Duration::from_secs(11)).await;
+    pools.prune(&without);
+    assert!(pools.get("other").is_none());
+    // Retired, then back before the deadline: kept by every later prune.
+    pools.reconcile(&both).await;
+    pools.reconcile(&without).await;
+    pools.retire(
+        ["other"].into_iter(),
+        tokio::time::Instant::now() + Duration::from_secs(10),
+    );
+    pools.reconcile(&both).await;
+    tokio::time::advance(Duration::from_secs(11)).await;
+    pools.prune(&both);
+    assert!(pools.get("other").is_some());
+    pools.prune(&without);
+    assert!(
+        pools.get("other").is_none(),
+        "not retiring any more: pruned at once"
+    );
+}
