@@ -8,6 +8,11 @@ const CROCKFORD: &[u8; 32] = b"0123456789ABCDEFGHJKMNPQRSTVWXYZ";
 
 static COUNTER: AtomicU64 = AtomicU64::new(0);
 
+/// How many ids were handed out (one per accepted connection).
+pub fn issued() -> u64 {
+    COUNTER.load(Ordering::Relaxed)
+}
+
 /// A new id: 48 bits of milliseconds, 16 random bits per process, 64 bits of counter.
 pub fn next() -> String {
     let ms = SystemTime::now()

@@ -242,6 +242,7 @@ pub async fn start_with(
         ready: ready.clone(),
     });
     spawn_housekeeping(Arc::downgrade(&shared));
+    ops::memory::spawn_trimmer(Arc::downgrade(&shared));
     let mut listeners = Vec::with_capacity(bound.len());
     let mut running = Vec::with_capacity(bound.len());
     for (config, (tcp, addr)) in bound {

@@ -347,6 +347,56 @@ impl Drop for Proc {
     }
 }
 
+/// VmRSS of a process, in KiB.
+fn rss_kib(pid: u32) -> u64 {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmRSS:"))
+        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+        .unwrap_or_else(|| panic!("no VmRSS for {pid}"))
+}
+
+/// What a burst of handshakes leaves in the allocator's free lists goes back to the OS
+/// within seconds once the connections are gone (`ops::memory`): RSS falls at least
+/// 512 KiB below its level right after the burst.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn memory_a_burst_leaves_behind_goes_back_to_the_os() {
+    let backend = echo_backend().await;
+    let (port, admin) = (free_port(), free_port());
+    let path = write_config(
+        "trim",
+        &binary_config(port, admin, backend, "spread: 1s, timeout: 3s"),
+    );
+    let proc = Proc::start(&path);
+    wait_ready(SocketAddr::from(([127, 0, 0, 1], admin)), 200).await;
+    let addr = SocketAddr::from(([127, 0, 0, 1], port));
+    let pid = proc.child.id();
+    // Quiet level: after start-up, once the first trim has run.
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    let quiet = rss_kib(pid);
+    let mut held = Vec::new();
+    for _ in 0..8 {
+        let batch = futures_util::future::join_all((0..50).map(|_| upgraded(addr, "/", ""))).await;
+        held.extend(batch);
+    }
+    let peak = rss_kib(pid);
+    drop(held);
+    // Without giving back, RSS goes on growing as the connections close (their closes
+    // allocate too); with it, it falls below what the burst left.
+    let goal = peak.saturating_sub(512);
+    let deadline = Instant::now() + Duration::from_secs(6);
+    let mut now = rss_kib(pid);
+    while now > goal {
+        assert!(
+            Instant::now() < deadline,
+            "RSS {now} KiB, quiet {quiet}, after the burst {peak}: not given back"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        now = rss_kib(pid);
+    }
+}
+
 fn write_config(name: &str, text: &str) -> PathBuf {
     let path = std::env::temp_dir().join(format!("wsgate-ops-{}-{name}.yaml", std::process::id()));
     std::fs::write(&path, text).unwrap_or_else(|e| panic!("{e}"));
