@@ -307,19 +307,30 @@ async fn drain_and_undrain_over_the_admin_api() {
     assert!(resp.starts_with("HTTP/1.1 400"), "{resp}");
 }
 
-/// `close_within` closes the drained backend's established connections with 1012 (1001
-/// upstream), spread over the window; connections to other backends are untouched.
-#[tokio::test]
-async fn drain_with_close_within_closes_only_that_backends_connections() {
-    let bs = backends(3).await;
+/// A gateway in front of `n` backends with `conns` connections spread over them by room;
+/// the target is the backend of the first connection.
+struct Spread {
+    gw: TestGateway,
+    admin: SocketAddr,
+    backends: Vec<NamedBackend>,
+    held: Vec<(String, TcpStream)>,
+    target: String,
+    addr: SocketAddr,
+}
+
+async fn spread(n: usize, conns: usize) -> Spread {
+    let backends = backends(n).await;
     let config = pool_config(
-        &addrs(&bs).iter().map(String::as_str).collect::<Vec<_>>(),
+        &addrs(&backends)
+            .iter()
+            .map(String::as_str)
+            .collect::<Vec<_>>(),
         "",
     );
     let gw = spawn_gateway(&config).await;
     let admin = gw.gw.admin.unwrap_or_else(|| panic!("no admin"));
     let mut held = Vec::new();
-    for i in 0..30 {
+    for i in 0..conns {
         held.push(
             open(gw.addr(), Some(&format!("room-{i}")))
                 .await
@@ -327,11 +338,33 @@ async fn drain_with_close_within_closes_only_that_backends_connections() {
         );
     }
     let target = held[0].0.clone();
-    let addr = bs
+    let addr = backends
         .iter()
         .find(|b| b.name == target)
         .map(|b| b.addr)
         .unwrap_or_else(|| panic!("unknown backend {target}"));
+    Spread {
+        gw,
+        admin,
+        backends,
+        held,
+        target,
+        addr,
+    }
+}
+
+/// `close_within` closes the drained backend's established connections with 1012 (1001
+/// upstream), spread over the window; connections to other backends are untouched.
+#[tokio::test]
+async fn drain_with_close_within_closes_only_that_backends_connections() {
+    let Spread {
+        gw,
+        admin,
+        backends: _bs,
+        mut held,
+        target,
+        addr,
+    } = spread(3, 30).await;
     let path = format!("/upstreams/app/backends/{addr}/drain?close_within=300ms");
     let resp = admin_request(admin, "POST", &path).await;
     assert!(resp.starts_with("HTTP/1.1 200"), "{resp}");
@@ -363,27 +396,14 @@ async fn drain_with_close_within_closes_only_that_backends_connections() {
 /// undrain all of them get one.)
 #[tokio::test]
 async fn undrain_calls_off_the_scheduled_closes() {
-    let bs = backends(2).await;
-    let config = pool_config(
-        &addrs(&bs).iter().map(String::as_str).collect::<Vec<_>>(),
-        "",
-    );
-    let gw = spawn_gateway(&config).await;
-    let admin = gw.gw.admin.unwrap_or_else(|| panic!("no admin"));
-    let mut held = Vec::new();
-    for i in 0..20 {
-        held.push(
-            open(gw.addr(), Some(&format!("room-{i}")))
-                .await
-                .unwrap_or_else(|h| panic!("{h}")),
-        );
-    }
-    let target = held[0].0.clone();
-    let addr = bs
-        .iter()
-        .find(|b| b.name == target)
-        .map(|b| b.addr)
-        .unwrap_or_else(|| panic!("unknown backend {target}"));
+    let Spread {
+        gw: _gw,
+        admin,
+        backends: _bs,
+        mut held,
+        target,
+        addr,
+    } = spread(2, 20).await;
     let drain = format!("/upstreams/app/backends/{addr}/drain?close_within=2s");
     let resp = admin_request(admin, "POST", &drain).await;
     assert!(resp.starts_with("HTTP/1.1 200"), "{resp}");

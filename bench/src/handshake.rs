@@ -11,7 +11,7 @@ use anyhow::Result;
 use serde_json::json;
 use tokio::io::AsyncWriteExt;
 
-use crate::net::{FrameReader, Sources, Target, ws_connect};
+use crate::net::{Failures, FrameReader, Sources, Target, ws_connect};
 use crate::procfs::{Procs, per_event_us};
 use crate::ws::{self, Rng};
 
@@ -30,9 +30,8 @@ pub async fn run(
     let measuring = Arc::new(AtomicBool::new(false));
     let stop = Arc::new(AtomicBool::new(false));
     let done = Arc::new(AtomicU64::new(0));
-    let failed = Arc::new(AtomicU64::new(0));
+    let failures = Arc::new(Failures::default());
     let next = Arc::new(AtomicU32::new(0));
-    let first_error = Arc::new(std::sync::Mutex::new(None::<String>));
     // 250 addresses, one new connection from each in turn.
     let src = Sources {
         role: 4,
@@ -40,14 +39,13 @@ pub async fn run(
     };
     let mut workers = Vec::new();
     for w in 0..o.concurrency.max(1) {
-        let (target, measuring, stop, done, failed, next, first_error) = (
+        let (target, measuring, stop, done, failures, next) = (
             target.clone(),
             measuring.clone(),
             stop.clone(),
             done.clone(),
-            failed.clone(),
+            failures.clone(),
             next.clone(),
-            first_error.clone(),
         );
         workers.push(tokio::spawn(async move {
             let mut rng = Rng::new(u64::from(w) + 500);
@@ -61,12 +59,7 @@ pub async fn run(
                     Ok(()) => {
                         done.fetch_add(1, Ordering::Relaxed);
                     }
-                    Err(e) => {
-                        failed.fetch_add(1, Ordering::Relaxed);
-                        if let Ok(mut slot) = first_error.lock() {
-                            slot.get_or_insert_with(|| format!("{e:#}"));
-                        }
-                    }
+                    Err(e) => failures.record(&e),
                 }
             }
         }));
@@ -84,15 +77,14 @@ pub async fn run(
     for w in workers {
         w.await?;
     }
-    let error = first_error.lock().ok().and_then(|e| e.clone());
     Ok(json!({
         "scenario": "handshake",
         "label": label,
         "tls": target.tls.is_some(),
         "concurrency": o.concurrency,
         "handshakes": n,
-        "failed": failed.load(Ordering::Relaxed),
-        "first_error": error,
+        "failed": failures.count(),
+        "first_error": failures.first(),
         "secs": secs,
         "per_sec": n as f64 / secs,
         "cpu_us_per_handshake": per_event_us(cpu0, cpu1, n),

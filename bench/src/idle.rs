@@ -18,7 +18,7 @@ use serde_json::json;
 use tokio::io::AsyncWriteExt;
 use tokio::sync::watch;
 
-use crate::net::{FrameReader, Sources, Stream, Target, ws_connect};
+use crate::net::{Failures, FrameReader, Sources, Stream, Target, ws_connect};
 use crate::procfs::Procs;
 use crate::ws::{self, Rng};
 
@@ -64,22 +64,20 @@ pub async fn run(
     let started = Instant::now();
     let next = Arc::new(AtomicU32::new(0));
     let opened = Arc::new(AtomicU32::new(0));
-    let failed = Arc::new(AtomicU32::new(0));
-    let first_error = Arc::new(std::sync::Mutex::new(None::<String>));
+    let failures = Arc::new(Failures::default());
     let src = Sources {
         role: 1,
         per_addr: o.per_addr,
     };
     let mut workers = Vec::new();
     for w in 0..o.concurrency.max(1) {
-        let (target, next, opened, failed, stop_rx, pongs, first_error) = (
+        let (target, next, opened, failures, stop_rx, pongs) = (
             target.clone(),
             next.clone(),
             opened.clone(),
-            failed.clone(),
+            failures.clone(),
             stop_rx.clone(),
             pongs.clone(),
-            first_error.clone(),
         );
         let n = o.connections;
         workers.push(tokio::spawn(async move {
@@ -94,12 +92,7 @@ pub async fn run(
                         opened.fetch_add(1, Ordering::Relaxed);
                         tokio::spawn(hold(io, reader, stop_rx.clone(), pongs.clone()));
                     }
-                    Err(e) => {
-                        failed.fetch_add(1, Ordering::Relaxed);
-                        if let Ok(mut slot) = first_error.lock() {
-                            slot.get_or_insert_with(|| format!("{e:#}"));
-                        }
-                    }
+                    Err(e) => failures.record(&e),
                 }
             }
         }));
@@ -132,15 +125,14 @@ pub async fn run(
     }
     let handshake_cpu_us = crate::procfs::per_event_us(cpu_before, cpu_open, u64::from(opened));
     let _ = stop_tx.send(true);
-    let error = first_error.lock().ok().and_then(|e| e.clone());
     Ok(json!({
         "scenario": "idle",
         "label": label,
         "tls": target.tls.is_some(),
         "connections": o.connections,
         "open": opened,
-        "failed": failed.load(Ordering::Relaxed),
-        "first_error": error,
+        "failed": failures.count(),
+        "first_error": failures.first(),
         "open_secs": open_secs,
         "rss_before_kib": rss_before,
         "rss_after_kib": rss_after,

@@ -104,6 +104,31 @@ impl Sources {
     }
 }
 
+/// Failed attempts of a scenario: how many, and the first one's error (for the JSON).
+#[derive(Default)]
+pub struct Failures {
+    count: std::sync::atomic::AtomicU64,
+    first: std::sync::Mutex<Option<String>>,
+}
+
+impl Failures {
+    pub fn record(&self, e: &anyhow::Error) {
+        self.count
+            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        if let Ok(mut slot) = self.first.lock() {
+            slot.get_or_insert_with(|| format!("{e:#}"));
+        }
+    }
+
+    pub fn count(&self) -> u64 {
+        self.count.load(std::sync::atomic::Ordering::Relaxed)
+    }
+
+    pub fn first(&self) -> Option<String> {
+        self.first.lock().ok().and_then(|e| e.clone())
+    }
+}
+
 /// A TCP connection from `src` (port chosen by the kernel) to `dst`, Nagle off.
 pub async fn tcp_connect(src: Ipv4Addr, dst: SocketAddr) -> Result<TcpStream> {
     let sock = TcpSocket::new_v4().context("socket")?;
