@@ -90,11 +90,11 @@ pub struct FileConfig {
     pub log: Option<FileLog>,
     /// Shutdown and reload drain (SPEC §8).
     pub drain: Option<FileDrain>,
-    /// CIDRs whose X-Forwarded-For is believed (not supported yet unless empty).
+    /// CIDRs whose X-Forwarded-For is believed.
     pub trusted_proxies: Option<Vec<Text>>,
     /// Defaults for every route.
     pub limits: Option<FileLimits>,
-    /// Proxy pings (not supported yet unless off).
+    /// Proxy pings to clients and upstreams, and the dead-peer timeout.
     pub keepalive: Option<FileKeepalive>,
     /// Upstreams by name, in file order.
     pub upstreams: Option<NamedMap<FileUpstream>>,
@@ -111,7 +111,7 @@ pub struct FileListener {
     pub bind: Text,
     /// TLS termination; absent → plain ws://.
     pub tls: Option<FileListenerTls>,
-    /// Expect a PROXY v1/v2 header (not supported yet; default false).
+    /// Expect a PROXY v1/v2 header (default false).
     pub proxy_protocol: Option<bool>,
 }
 
@@ -168,7 +168,7 @@ pub struct FileDrain {
 pub struct FileLimits {
     /// Whole-process connection cap (top level only); default 50000.
     pub max_connections: Option<u64>,
-    /// Per-client-IP connection cap (not supported yet).
+    /// Per-client-IP connection cap, handshakes in progress included.
     pub max_connections_per_ip: Option<u64>,
     /// Per-IP handshake rate; default 10 per 1s, burst 20; top level only.
     pub handshakes_per_ip: Option<FileRate>,
@@ -307,13 +307,13 @@ pub struct FileRoute {
     pub upstream: Text,
     /// Path sent upstream instead of the request path; starts with `/`.
     pub upstream_path: Option<Text>,
-    /// Allowed Origins (not supported yet).
+    /// Allowed Origins (absent: any).
     pub origins: Option<Vec<Text>>,
-    /// Admit requests without Origin (not supported yet unless false).
+    /// Admit requests without Origin (default false).
     pub allow_missing_origin: Option<bool>,
     /// Allowlist of subprotocols (RFC 7230 tokens); absent → any.
     pub subprotocols: Option<Vec<Text>>,
-    /// Token checks (not supported yet).
+    /// Token checks (absent: no token needed).
     pub auth: Option<FileAuth>,
     /// Per-route overrides of the top-level limits.
     pub limits: Option<FileLimits>,

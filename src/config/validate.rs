@@ -1383,10 +1383,10 @@ routes:
     }
 
     /// The SPEC §2 example uses every key. Every key must be recognised (no unknown-field
-    /// error), and the only complaints must be about features not built yet, and about
-    /// its certificate file, which this repository does not ship.
+    /// error), and the only complaints must be about its certificate and JWKS files, which
+    /// this repository does not ship.
     #[test]
-    fn spec_example_fails_only_on_not_yet_supported_features() {
+    fn spec_example_fails_only_on_files_this_repository_lacks() {
         let errors = Config::from_yaml_str_with_env(
             include_str!("testdata/spec-section-2.yaml"),
             "spec.yaml",
@@ -1395,14 +1395,11 @@ routes:
         .unwrap_err()
         .0;
         for e in &errors {
-            let missing_cert = e
+            let missing_file = e
                 .message
                 .contains("cannot read certificates from certs/example.crt")
                 || e.message.contains("cannot read JWKS file certs/jwks.json");
-            assert!(
-                e.message.contains("not supported yet") || missing_cert,
-                "{e}"
-            );
+            assert!(missing_file, "{e}");
             assert!(e.line > 0 && !e.to_string().contains("s3cret"), "{e}");
         }
         let paths: Vec<&str> = errors.iter().map(|e| e.path.as_str()).collect();

@@ -426,11 +426,11 @@ async fn serve(
             established: Mutex::new(None),
         })
     };
-    // The relay phase is boxed at its own size: a plain connection never carries the size
-    // of a TLS session.
+    // The TLS path is boxed, as is the relay phase: a plain connection never carries the
+    // size of a TLS session (this future is moved into its task's allocation whole).
     match tls.and_then(|slot| slot.get()) {
         None => serve_http(conn(None), stream, deadline).await,
-        Some(config) => serve_tls(config, stream, peer, deadline, conn).await,
+        Some(config) => Box::pin(serve_tls(config, stream, peer, deadline, conn)).await,
     }
 }
 
