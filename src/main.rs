@@ -108,17 +108,25 @@ fn build_runtime() -> std::io::Result<tokio::runtime::Runtime> {
 }
 
 async fn serve(config: Config, path: PathBuf) -> (ExitCode, Option<AccessLog>) {
-    let sink = Sink::Target(config.log.access.clone());
-    let gateway = match wsgate::start(config, sink).await {
-        Ok(g) => g,
-        Err(e) => {
-            tracing::error!("{e}");
-            return (ExitCode::FAILURE, None);
-        }
-    };
+    // Installed before start-up, which can wait seconds on DNS: a signal then must not
+    // meet its default action (a SIGHUP from a service manager would kill the process).
     let Some(mut signals) = Signals::install() else {
-        tracing::error!("cannot install signal handlers; running until killed");
-        return std::future::pending().await;
+        tracing::error!("cannot install signal handlers");
+        return (ExitCode::FAILURE, None);
+    };
+    let sink = Sink::Target(config.log.access.clone());
+    let gateway = tokio::select! {
+        started = wsgate::start(config, sink) => match started {
+            Ok(g) => g,
+            Err(e) => {
+                tracing::error!("{e}");
+                return (ExitCode::FAILURE, None);
+            }
+        },
+        _ = signals.stop() => {
+            tracing::info!("stop signal during start-up: exiting");
+            return (ExitCode::SUCCESS, None);
+        }
     };
     loop {
         match signals.next().await {

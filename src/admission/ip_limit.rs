@@ -195,6 +195,7 @@ impl RatePolicy {
     pub fn quota(self) -> Result<Quota, String> {
         let rate = NonZeroU32::new(self.rate).ok_or("rate must be at least 1")?;
         let burst = NonZeroU32::new(self.burst).ok_or("burst must be at least 1")?;
+        crate::config::check_refill_span(self.per, self.rate, self.burst)?;
         let period = self.per / rate.get();
         Quota::with_period(period)
             .map(|q| q.allow_burst(burst))

@@ -79,14 +79,16 @@ pub fn validate(file: FileConfig) -> Result<Config, Vec<Issue>> {
     let log = v.log(file.log, &root.key("log"));
 
     let drain = v.drain(file.drain, &root.key("drain"));
-    let proxies: Vec<String> = file
-        .trusted_proxies
-        .unwrap_or_default()
+    let proxy_texts = file.trusted_proxies.unwrap_or_default();
+    let proxies: Vec<String> = proxy_texts
         .iter()
         .map(|t| t.value.trim().to_owned())
         .collect();
-    let trusted_proxies = TrustedProxies::new(&proxies).unwrap_or_else(|e| {
-        v.issue(&root.key("trusted_proxies"), e);
+    let trusted_proxies = TrustedProxies::new(&proxies).unwrap_or_else(|(i, e)| {
+        v.issue(
+            &root.key("trusted_proxies").index(i),
+            format!("{}: {e}", proxy_texts[i].shown()),
+        );
         TrustedProxies::default()
     });
     let keepalive = v.keepalive(file.keepalive, &root.key("keepalive"));
@@ -438,6 +440,9 @@ impl Validator {
         if burst.is_none() {
             self.issue(&path.key("burst"), "burst must be at least 1".into());
         }
+        if let Err(e) = super::check_refill_span(m.per.0, m.rate, m.burst.unwrap_or(m.rate)) {
+            self.issue(path, e);
+        }
         let on_exceed = match m.on_exceed.as_ref().map(|t| t.value.trim()) {
             None | Some("close") => OnExceed::Close,
             Some("throttle") => OnExceed::Throttle,
@@ -758,12 +763,12 @@ impl Validator {
             .ok()
         });
         let sni = file.sni.as_ref().map(|s| s.value.trim().to_owned());
-        if let Some(name) = &sni
+        if let (Some(name), Some(text)) = (&sni, &file.sni)
             && rustls_pki_types::ServerName::try_from(name.as_str()).is_err()
         {
             self.issue(
                 &path.key("sni"),
-                format!("`{name}` is not a valid TLS server name"),
+                format!("{} is not a valid TLS server name", text.shown()),
             );
         }
         if self.issues.len() != before {
@@ -914,7 +919,7 @@ impl Validator {
         let path_value = file
             .path
             .as_ref()
-            .and_then(|p| self.starts_with_slash(p, &path.key("path")));
+            .and_then(|p| self.uri_path(p, &path.key("path")));
         let mut threshold = |value: Option<u32>, default: u32, key: &str| {
             let n = value.unwrap_or(default);
             if !(1..=100).contains(&n) {
@@ -1031,7 +1036,7 @@ impl Validator {
                 .as_ref()
                 .and_then(|host| self.host(host, &match_path.key("host")));
             let path_prefix =
-                self.starts_with_slash(&route.matcher.path_prefix, &match_path.key("path_prefix"));
+                self.uri_path(&route.matcher.path_prefix, &match_path.key("path_prefix"));
             if let Some(prefix) = &path_prefix {
                 let key = (host.clone(), prefix.clone());
                 if let Some(first) = matches.get(&key) {
@@ -1048,7 +1053,7 @@ impl Validator {
             let upstream_path = route
                 .upstream_path
                 .as_ref()
-                .and_then(|p| self.starts_with_slash(p, &path.key("upstream_path")));
+                .and_then(|p| self.uri_path(p, &path.key("upstream_path")));
             let admission = self.route_admission(
                 route.origins.as_deref(),
                 route.allow_missing_origin,
@@ -1154,10 +1159,21 @@ impl Validator {
         }
     }
 
-    fn starts_with_slash(&mut self, text: &Text, path: &KeyPath) -> Option<String> {
+    /// A path for a request line: starts with `/` and is a valid URI path (and query).
+    fn uri_path(&mut self, text: &Text, path: &KeyPath) -> Option<String> {
         let value = text.value.trim();
         if value.starts_with('/') {
-            Some(value.to_string())
+            if http::uri::PathAndQuery::try_from(value).is_ok() {
+                return Some(value.to_string());
+            }
+            self.issue(
+                path,
+                format!(
+                    "{} is not a valid URI path; percent-encode spaces and other special characters (e.g. `%20`)",
+                    text.shown()
+                ),
+            );
+            None
         } else {
             self.issue(
                 path,
@@ -1657,6 +1673,37 @@ routes:
         );
     }
 
+    /// governor keeps time in u64 nanoseconds: spans past that would panic at start-up
+    /// or in every connection, so they are config errors.
+    #[test]
+    fn rate_refill_spans_are_bounded() {
+        for (text, path) in [
+            (
+                "limits: { handshakes_per_ip: { rate: 1, per: 6000000h } }\n",
+                "limits.handshakes_per_ip",
+            ),
+            (
+                "limits: { messages: { rate: 1, per: 6000000h } }\n",
+                "limits.messages",
+            ),
+            (
+                "limits: { messages: { rate: 1, per: 24h, burst: 4000000000 } }\n",
+                "limits.messages",
+            ),
+        ] {
+            let errors = errors_of(&with(text));
+            assert_eq!(errors.len(), 1, "{text}: {errors:#?}");
+            assert_eq!(errors[0].path, path);
+            assert!(errors[0].message.contains("refill"), "{}", errors[0]);
+        }
+        let year = with(
+            "limits: { handshakes_per_ip: { rate: 1, per: 24h, burst: 365 }, messages: { rate: 1, per: 24h, burst: 365 } }\n",
+        );
+        let config = load(&year).unwrap_or_else(|e| panic!("{e}"));
+        let gate = crate::admission::ip_limit::HandshakeRate::new(config.limits.handshakes_per_ip);
+        assert!(gate.is_ok());
+    }
+
     #[test]
     fn per_ip_keys_parse_and_stay_top_level() {
         let config = load(&with(
@@ -1822,6 +1869,10 @@ routes:
             ),
             (
                 "health_check: { path: health }",
+                "upstreams.echo.health_check.path",
+            ),
+            (
+                "health_check: { path: \"/he alth\" }",
                 "upstreams.echo.health_check.path",
             ),
             (
@@ -2019,6 +2070,16 @@ routes:
             ),
             (
                 "    upstream: echo",
+                "    upstream: echo\n    upstream_path: \"/a b\"",
+                "routes[0].upstream_path",
+            ),
+            (
+                "path_prefix: /echo",
+                "path_prefix: \"/ec\\tho\"",
+                "routes[0].match.path_prefix",
+            ),
+            (
+                "    upstream: echo",
                 "    upstream: echo\n    subprotocols: [ok, \"not ok\"]",
                 "routes[0].subprotocols[1]",
             ),
@@ -2049,6 +2110,11 @@ routes:
             MINIMAL.replace("    upstream: echo", "    upstream: \"${SECRET}\""),
             MINIMAL.replace("path_prefix: /echo", "path_prefix: \"${SECRET}\""),
             with("log: { format: \"${SECRET}\" }\n"),
+            with("trusted_proxies: [10.0.0.0/8, \"${SECRET}\"]\n"),
+            MINIMAL.replace(
+                "echo: { builtin: echo }",
+                "echo: { backends: [{ addr: \"a:1\" }], tls: { sni: \"${SECRET} y\" } }",
+            ),
         ];
         for text in cases {
             let shown = load(&text).unwrap_err().to_string();

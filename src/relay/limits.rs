@@ -89,7 +89,10 @@ impl MessageGate {
 /// `rate` per `per` with `burst`; a period too short for governor saturates to the
 /// fastest quota it can express.
 fn quota(rate: &MessageRate) -> Quota {
-    let period = rate.per / rate.rate.get();
+    // Validation bounds the span; the clamp keeps governor's arithmetic from overflowing
+    // whatever a caller passes.
+    let period =
+        (rate.per / rate.rate.get()).min(crate::config::MAX_REFILL_SPAN / rate.burst.get());
     Quota::with_period(period)
         .unwrap_or_else(|| Quota::per_second(NonZeroU32::MAX))
         .allow_burst(rate.burst)
