@@ -163,6 +163,9 @@ pub struct Admitted<'r> {
 pub fn admit<'r>(req: &request::Parts, routes: &'r [Route]) -> Result<Admitted<'r>, Rejection> {
     let host = request_host(req).ok_or(Rejection::BadUpgrade)?;
     let path = req.uri.path();
+    if has_dot_segment(path) {
+        return Err(Rejection::BadUpgrade);
+    }
     let route = find_route(routes, host_without_port(&host), path).ok_or(Rejection::NoRoute)?;
     let h = &req.headers;
     let looks_websocket = h.contains_key(header::UPGRADE)
@@ -199,6 +202,25 @@ pub fn admit<'r>(req: &request::Parts, routes: &'r [Route]) -> Result<Admitted<'
         upstream_target: upstream_target(route, req),
         host,
         protocols,
+    })
+}
+
+/// The route a request would take, judged as [`admit`] judges it (the `Host` header, or
+/// an absolute-form target's authority); for naming refusals before the upgrade checks.
+pub fn route_of<'r>(req: &request::Parts, routes: &'r [Route]) -> Option<&'r Route> {
+    let host = request_host(req)?;
+    find_route(routes, host_without_port(&host), req.uri.path())
+}
+
+/// Whether the path has a `.` or `..` segment, as any upstream might read it: after
+/// percent-decoding, with `\` as a separator too, and a segment's `;` parameters left
+/// out (`..;` is `..` to some servers). Routes match the raw path, so such a path could
+/// be admitted by one route and served by another.
+fn has_dot_segment(path: &str) -> bool {
+    let decoded = crate::admission::token::percent_decode(path);
+    decoded.split(['/', '\\']).any(|segment| {
+        let name = segment.split(';').next().unwrap_or(segment);
+        name == "." || name == ".."
     })
 }
 
@@ -362,6 +384,48 @@ routes:
             Ok(r) => r.into_parts().0,
             Err(e) => panic!("{e}"),
         }
+    }
+
+    #[test]
+    fn paths_with_dot_segments_are_bad_upgrades() {
+        let routes = routes();
+        for path in [
+            "/ws/../admin",
+            "/ws/./x",
+            "/ws/..",
+            "/ws/%2e%2e/admin",
+            "/ws/%2E./admin",
+            "/ws/..;/admin",
+            "/ws/.%2e;x=1/admin",
+            "/ws/%2e%2e%2fadmin",
+            "/ws/..%5cadmin",
+        ] {
+            let refused = admit(&parts(upgrade("a", path)), &routes).err();
+            assert_eq!(refused.map(|r| r.reason()), Some("bad_upgrade"), "{path}");
+        }
+        for path in [
+            "/ws/...",
+            "/ws/.well-known",
+            "/ws/a..b",
+            "/ws/x.",
+            "/ws/%2e%2e%2e",
+        ] {
+            assert!(admit(&parts(upgrade("a", path)), &routes).is_ok(), "{path}");
+        }
+    }
+
+    /// The early guess that names a refusal's route reads the host as `admit` does.
+    #[test]
+    fn route_of_reads_an_absolute_form_target() {
+        let routes = routes();
+        let req = http::Request::get("http://chat.example.com/ws/x?t=1")
+            .header("upgrade", "websocket")
+            .body(())
+            .map(|r| r.into_parts().0);
+        let route = req
+            .ok()
+            .and_then(|p| route_of(&p, &routes).map(|r| r.name.clone()));
+        assert_eq!(route.as_deref(), Some("chat"));
     }
 
     #[test]

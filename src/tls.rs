@@ -293,13 +293,8 @@ pub static HANDSHAKE_FAILURES: AtomicU64 = AtomicU64::new(0);
 /// Counts a failed TLS handshake and logs it, at most about ten lines per second so a
 /// scanner cannot flood the log (the count stays exact).
 pub fn log_handshake_failure(peer: SocketAddr, reason: &dyn std::fmt::Display) {
-    use governor::{DefaultDirectRateLimiter, Quota, RateLimiter};
-    static LOG_BUDGET: LazyLock<DefaultDirectRateLimiter> = LazyLock::new(|| {
-        let ten = std::num::NonZeroU32::new(10).unwrap_or(std::num::NonZeroU32::MIN);
-        RateLimiter::direct(Quota::per_second(ten))
-    });
     let total = HANDSHAKE_FAILURES.fetch_add(1, Ordering::Relaxed) + 1;
-    if LOG_BUDGET.check().is_ok() {
+    if crate::observe::warn_budget() {
         tracing::warn!(client_ip = %peer.ip(), client_port = peer.port(), %reason, failures_total = total, "TLS handshake failed");
     }
 }

@@ -456,6 +456,7 @@ async fn proxy_protocol_v1_and_v2_name_the_client_and_garbage_is_refused() {
     let yaml = format!(
         r#"
 listeners: [{{ name: lb, bind: "127.0.0.1:0", proxy_protocol: true }}]
+admin: {{ bind: "127.0.0.1:0" }}
 upstreams:
   app: {{ backends: [{{ addr: "{backend}" }}] }}
 routes:
@@ -482,7 +483,12 @@ routes:
         header_value(&head, "x-forwarded-for").as_deref(),
         Some("198.51.100.4")
     );
-    // No header, or a broken one: closed without reaching HTTP.
+    // No header, or a broken one: closed without reaching HTTP, and counted.
+    let failures = || async {
+        let scrape = scrape(&gw).await;
+        metric(&scrape, "wsgate_proxy_protocol_failures_total", &[])
+    };
+    let before = failures().await;
     for bad in [
         upgrade("/chat", ""),
         b"PROXY TCP4 999.1.1.1 x y z\r\n".to_vec(),
@@ -490,6 +496,8 @@ routes:
         let resp = raw_request(gw.addr(), &bad).await;
         assert!(!resp.contains("101"), "{resp}");
     }
+    // The counter is process-wide (other tests' gateways add to it too).
+    assert!(failures().await >= before + 2.0);
     let line = gw.log_line(|l| l["client_ip"] == "203.0.113.9").await;
     assert_eq!(line["route"], "chat");
 }
@@ -575,4 +583,127 @@ routes:
         );
         tokio::time::sleep(Duration::from_millis(10)).await;
     }
+}
+
+/// With the `subprotocol` source configured, the offers lose their bearer entries and meet
+/// the allowlist wherever the token came from; hop-by-hop names cannot take out the claim
+/// headers; a credential given twice is refused; `strip_token` strips every source.
+#[tokio::test]
+async fn credentials_are_judged_once_and_never_forwarded_unverified() {
+    let route = format!("{}    subprotocols: [v1.chat]", jwt_route(""));
+    let (gw, mut accepted) = gateway(&route, "").await;
+    let token = good_token("user-42");
+    let auth = format!("Authorization: Bearer {token}\r\n");
+    refused(
+        &gw,
+        &upgrade(
+            "/chat",
+            &format!("{auth}Sec-WebSocket-Protocol: evil, bearer, forged\r\n"),
+        ),
+        400,
+        "subprotocol",
+    )
+    .await;
+    let (_s, _, head) = admitted(
+        &gw,
+        &mut accepted,
+        &upgrade(
+            "/chat",
+            &format!("{auth}Sec-WebSocket-Protocol: v1.chat, bearer, forged\r\n"),
+        ),
+    )
+    .await;
+    assert_eq!(
+        header_value(&head, "sec-websocket-protocol").as_deref(),
+        Some("v1.chat")
+    );
+    // `Connection` naming a claim header does not suppress it.
+    let req = upgrade("/chat", &auth)
+        .iter()
+        .map(|&b| b as char)
+        .collect::<String>();
+    let req = req.replace("Connection: Upgrade", "Connection: Upgrade, X-User-Id");
+    let (_s, _, head) = admitted(&gw, &mut accepted, req.as_bytes()).await;
+    assert_eq!(header_value(&head, "x-user-id").as_deref(), Some("user-42"));
+    // A verified token plus unverified ones elsewhere: none of them reaches the upstream.
+    let (_s, _, head) = admitted(
+        &gw,
+        &mut accepted,
+        &upgrade(
+            "/chat?room=1&access_token=forged",
+            &format!("{auth}Cookie: theme=dark; token=forged\r\n"),
+        ),
+    )
+    .await;
+    assert!(head.starts_with("GET /chat?room=1 HTTP/1.1"), "{head}");
+    assert_eq!(header_value(&head, "authorization"), None);
+    assert_eq!(header_value(&head, "cookie").as_deref(), Some("theme=dark"));
+    // The same source twice: only one could be verified.
+    for repeated in [
+        upgrade(
+            &format!("/chat?access_token={token}&access_token=forged"),
+            "",
+        ),
+        upgrade("/chat", &format!("{auth}Authorization: Bearer forged\r\n")),
+        upgrade("/chat", &format!("Cookie: token={token}; token=forged\r\n")),
+    ] {
+        refused(&gw, &repeated, 401, "token").await;
+    }
+}
+
+/// The route named in the log (and so the query values redacted) is the one the request
+/// takes, also for an absolute-form target without a `Host` header.
+#[tokio::test]
+async fn token_query_values_are_redacted_for_absolute_form_targets() {
+    let (backend, _accepted) = raw_backend().await;
+    let yaml = format!(
+        r#"
+listeners: [{{ name: public, bind: "127.0.0.1:0" }}]
+upstreams:
+  app: {{ backends: [{{ addr: "{backend}" }}] }}
+routes:
+  - name: secret
+    match: {{ host: gw.test, path_prefix: /chat }}
+    upstream: app
+{}
+  - {{ name: open, match: {{ path_prefix: / }}, upstream: app }}
+"#,
+        jwt_route("")
+    );
+    let gw = spawn_gateway(&yaml).await;
+    let req = format!(
+        "GET http://gw.test/chat?access_token=SUPERSECRETVALUE HTTP/1.1\r\nConnection: Upgrade\r\nUpgrade: websocket\r\nSec-WebSocket-Version: 13\r\nSec-WebSocket-Key: {KEY}\r\n\r\n"
+    );
+    let resp = raw_request(gw.addr(), req.as_bytes()).await;
+    assert!(resp.starts_with("HTTP/1.1 401 "), "{resp}");
+    let line = gw.log_line(|l| l["event"] == "ws_reject").await;
+    assert_eq!(line["route"], "secret");
+    assert_eq!(line["path"], "/chat?access_token=REDACTED");
+}
+
+/// A signed `exp` beyond what the clock can hold means no expiry, not a panic.
+#[tokio::test]
+async fn a_far_future_exp_with_close_on_expiry_is_admitted() {
+    let (gw, mut accepted) = gateway(&jwt_route("        close_on_expiry: true"), "").await;
+    let token = jwt(serde_json::json!({
+        "sub": "u", "iss": "https://auth.test/", "aud": "chat", "exp": 10_000_000_000_000_000_000u64, "scope": "chat"
+    }));
+    let auth = format!("Authorization: Bearer {token}\r\n");
+    admitted(&gw, &mut accepted, &upgrade("/chat", &auth)).await;
+    admitted(&gw, &mut accepted, &upgrade("/chat", &auth)).await;
+}
+
+/// A route may allow an address more connections than the top level does.
+#[tokio::test]
+async fn a_route_may_raise_the_per_ip_cap() {
+    let (gw, mut accepted) = gateway(
+        "    limits: { max_connections_per_ip: 4 }",
+        "limits: { max_connections_per_ip: 2 }",
+    )
+    .await;
+    let mut held = Vec::new();
+    for _ in 0..4 {
+        held.push(admitted(&gw, &mut accepted, &upgrade("/chat", "")).await);
+    }
+    refused(&gw, &upgrade("/chat", ""), 429, "ip_cap").await;
 }

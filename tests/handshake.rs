@@ -55,6 +55,9 @@ async fn malformed_upgrades_are_400_bad_upgrade() {
     assert_refused(&gw, post.as_bytes(), 400, "bad_upgrade").await;
     let no_key = b"GET /chat HTTP/1.1\r\nHost: h\r\nConnection: Upgrade\r\nUpgrade: websocket\r\nSec-WebSocket-Version: 13\r\n\r\n";
     assert_refused(&gw, no_key, 400, "bad_upgrade").await;
+    // A dot segment could reach another route's resources upstream.
+    let dots = upgrade_request("/chat/%2e%2e/admin", "");
+    assert_refused(&gw, &dots, 400, "bad_upgrade").await;
 }
 
 #[tokio::test]

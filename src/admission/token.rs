@@ -103,6 +103,38 @@ impl TokenSource {
         }
     }
 
+    /// Whether the request carries this source's credential more than once (two
+    /// `Authorization` lines, a repeated query parameter or cookie, two `bearer` offers):
+    /// only one of them would be verified, and an upstream that reads another one would
+    /// trust what nobody checked.
+    fn is_repeated(&self, headers: &HeaderMap, query: Option<&str>) -> bool {
+        match self {
+            TokenSource::Bearer => headers.get_all(header::AUTHORIZATION).iter().count() > 1,
+            TokenSource::Header(name) => headers.get_all(name).iter().count() > 1,
+            TokenSource::Query(name) => query.is_some_and(|q| query_param_count(q, name) > 1),
+            TokenSource::Cookie(name) => cookie_count(headers, name) > 1,
+            TokenSource::Subprotocol => {
+                protocol_offers(headers)
+                    .iter()
+                    .filter(|o| **o == BEARER_PROTOCOL)
+                    .count()
+                    > 1
+            }
+        }
+    }
+
+    /// What removes this source's credential from the upstream request (`strip_token`).
+    /// The subprotocol's entries are always removed (see [`offers_without_bearer`]).
+    fn stripped(&self) -> Option<Stripped> {
+        match self {
+            TokenSource::Bearer => Some(Stripped::Header(header::AUTHORIZATION)),
+            TokenSource::Header(name) => Some(Stripped::Header(name.clone())),
+            TokenSource::Query(name) => Some(Stripped::Query(name.clone())),
+            TokenSource::Cookie(name) => Some(Stripped::Cookie(name.clone())),
+            TokenSource::Subprotocol => None,
+        }
+    }
+
     /// The token this source finds in the request, if any.
     fn find(&self, headers: &HeaderMap, query: Option<&str>) -> Option<Found> {
         match self {
@@ -218,6 +250,19 @@ fn protocol_offers(headers: &HeaderMap) -> Vec<&str> {
         .collect()
 }
 
+/// The client's subprotocol offers without the bearer trick's entries (`bearer` and the
+/// token after it): what the allowlist judges and the upstream sees.
+pub fn offers_without_bearer(headers: &HeaderMap) -> Vec<String> {
+    match bearer_subprotocol(headers) {
+        Some((_, remaining)) => remaining,
+        None => protocol_offers(headers)
+            .into_iter()
+            .filter(|o| *o != BEARER_PROTOCOL)
+            .map(str::to_owned)
+            .collect(),
+    }
+}
+
 /// `bearer, <token>` among the offers (subprotocol names are case-sensitive, RFC 6455
 /// §11.3.4, so only lower-case `bearer`): the token and the other offers.
 fn bearer_subprotocol(headers: &HeaderMap) -> Option<(String, Vec<String>)> {
@@ -249,6 +294,18 @@ pub fn cookie<'h>(headers: &'h HeaderMap, name: &str) -> Option<&'h str> {
         .map(|(_, v)| v.trim().trim_matches('"'))
 }
 
+/// How many times cookie `name` appears across all `Cookie` header lines.
+fn cookie_count(headers: &HeaderMap, name: &str) -> usize {
+    headers
+        .get_all(header::COOKIE)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(';'))
+        .filter_map(|pair| pair.trim().split_once('='))
+        .filter(|(n, _)| n.trim() == name)
+        .count()
+}
+
 /// Rewrites the `Cookie` header without cookie `name` (all lines joined into one, as
 /// RFC 6265 §5.4 says a request carries; dropped entirely when nothing is left).
 pub fn strip_cookie(headers: &mut HeaderMap, name: &str) {
@@ -278,6 +335,15 @@ pub fn query_param<'q>(query: &'q str, name: &str) -> Option<Cow<'q, str>> {
         .filter_map(|pair| pair.split_once('='))
         .find(|(n, _)| percent_decode(n) == name)
         .map(|(_, v)| percent_decode(v))
+}
+
+/// How many times query parameter `name` appears.
+fn query_param_count(query: &str, name: &str) -> usize {
+    query
+        .split('&')
+        .filter_map(|pair| pair.split_once('='))
+        .filter(|(n, _)| percent_decode(n) == name)
+        .count()
 }
 
 /// The path with the values of the named query parameters replaced by `REDACTED`, for
@@ -605,6 +671,15 @@ impl JwtVerifier {
         self.rules.leeway
     }
 
+    /// What `strip_token` removes: every configured source, not only the one the token
+    /// was found in, so that no unverified credential reaches the upstream.
+    pub fn stripped_sources(&self) -> Vec<Stripped> {
+        self.sources
+            .iter()
+            .filter_map(TokenSource::stripped)
+            .collect()
+    }
+
     /// The query parameters that carry tokens, for [`redact_query`] / [`strip_query`].
     pub fn query_names(&self) -> Vec<&str> {
         self.sources
@@ -621,6 +696,9 @@ impl JwtVerifier {
         query: Option<&str>,
         now_unix: u64,
     ) -> Result<Authorized, Refusal> {
+        if self.sources.iter().any(|s| s.is_repeated(headers, query)) {
+            return Err(Refusal::Token { error: "repeated" });
+        }
         let found =
             find_token(&self.sources, headers, query).ok_or(Refusal::Token { error: "missing" })?;
         let claims = self
@@ -758,6 +836,13 @@ fn claim_matches(actual: &Value, expected: &Value) -> bool {
             ),
         },
         (Value::Bool(a), Value::Bool(e)) => a == e,
+        // The config's expected values are YAML scalars read as text: `tier: 2` and
+        // `email_verified: true` match a number claim by value and a bool claim by
+        // its JSON text.
+        (Value::Number(_), Value::String(e)) => e
+            .parse::<serde_json::Number>()
+            .is_ok_and(|n| claim_matches(actual, &Value::Number(n))),
+        (Value::Bool(a), Value::String(e)) => e == if *a { "true" } else { "false" },
         (Value::Array(items), e) => items.iter().any(|a| !a.is_array() && claim_matches(a, e)),
         _ => false,
     }
@@ -901,6 +986,13 @@ impl ApiKeyVerifier {
 
     /// Finds and checks the key; on success, where it was (to strip it upstream).
     pub fn check(&self, headers: &HeaderMap, query: Option<&str>) -> Result<Stripped, Refusal> {
+        let repeated = match &self.source {
+            ApiKeySource::Header(name) => headers.get_all(name).iter().count() > 1,
+            ApiKeySource::Query(name) => query.is_some_and(|q| query_param_count(q, name) > 1),
+        };
+        if repeated {
+            return Err(Refusal::Token { error: "repeated" });
+        }
         let (presented, stripped): (Cow<'_, [u8]>, Stripped) = match &self.source {
             ApiKeySource::Header(name) => {
                 let v = headers

@@ -219,8 +219,6 @@ struct RequestInfo {
     client_ip: Option<std::net::IpAddr>,
     /// The token's `sub` claim.
     subject: Option<String>,
-    /// The full path and query, kept until the route says what to redact.
-    query: Option<String>,
     /// The client's own `X-Request-Id`, when syntactically valid.
     request_id: Option<String>,
     /// The route's upstream name.
@@ -244,18 +242,19 @@ impl RequestInfo {
             user_agent: text(header::USER_AGENT),
             // The query is left out until the route says which of its values are secret.
             path: Some(parts.uri.path().to_owned()),
-            query: parts.uri.path_and_query().map(|p| p.as_str().to_owned()),
             ..RequestInfo::default()
         }
     }
 
-    /// Names the route and redacts its token query parameters from the logged path.
-    fn route_known(&mut self, route: &crate::config::Route) {
+    /// Names the route and logs the path with the query, its token parameters redacted.
+    /// Called again when the final route differs from the first guess, so the redaction
+    /// always follows the route that applies.
+    fn route_known(&mut self, route: &crate::config::Route, uri: &http::Uri) {
         self.route = Some(route.name.clone());
         self.upstream = Some(route.upstream.name.clone());
-        if let Some(full) = self.query.take() {
+        if let Some(full) = uri.path_and_query() {
             let names = route.admission.secret_query_names();
-            self.path = Some(token::redact_query(&full, &names).into_owned());
+            self.path = Some(token::redact_query(full.as_str(), &names).into_owned());
         }
     }
 }
@@ -387,11 +386,11 @@ async fn serve(
         {
             Ok(Ok(found)) => found,
             Ok(Err(why)) => {
-                tracing::warn!(%peer, why, "connection refused: bad PROXY protocol header");
+                log_proxy_header_failure(peer, why);
                 return None;
             }
             Err(_) => {
-                tracing::warn!(%peer, "connection refused: no PROXY protocol header within handshake_timeout");
+                log_proxy_header_failure(peer, "none within handshake_timeout");
                 return None;
             }
         }
@@ -401,13 +400,16 @@ async fn serve(
     // The per-IP cap counts from accept whenever the peer is the client; behind a trusted
     // proxy the client is only known from the request head.
     let limits = &config.limits;
+    // The route is not known yet: count against the highest cap any route allows; the
+    // route's own cap is checked at the head.
+    let widest_cap = config
+        .routes
+        .iter()
+        .map(|r| r.limits.max_connections_per_ip)
+        .fold(limits.max_connections_per_ip, |a, b| a.max(b));
     let early_permit = (!config.trusted_proxies.contains(peer.ip()))
         .then(|| IpKey::new(peer.ip(), limits.ipv6_prefix))
-        .map(|key| {
-            shared
-                .per_ip
-                .try_acquire(key, limits.max_connections_per_ip)
-        });
+        .map(|key| shared.per_ip.try_acquire(key, widest_cap));
     let ip_capped = matches!(early_permit, Some(None));
     let early_permit = Mutex::new(early_permit.flatten());
     let conn = |tls: Option<TlsInfo>| {
@@ -473,6 +475,19 @@ fn tls_info(session: &rustls::ServerConnection) -> TlsInfo {
             .peer_certificates()
             .and_then(|c| c.first())
             .and_then(crate::tls::subject_of),
+    }
+}
+
+/// Connections refused for a bad or missing PROXY header since start (for metrics).
+pub static PROXY_HEADER_FAILURES: std::sync::atomic::AtomicU64 =
+    std::sync::atomic::AtomicU64::new(0);
+
+/// Counts a refused PROXY header and logs it within the shared warning budget (a scanner
+/// reaching the listener directly must not flood stderr).
+fn log_proxy_header_failure(peer: SocketAddr, why: &str) {
+    let total = PROXY_HEADER_FAILURES.fetch_add(1, Ordering::Relaxed) + 1;
+    if crate::observe::warn_budget() {
+        tracing::warn!(%peer, why, failures_total = total, "connection refused: bad PROXY protocol header");
     }
 }
 
@@ -889,10 +904,8 @@ impl Conn {
         info.client_ip = Some(client_ip);
         info.request_id = request_id(&parts.headers);
         // Named before any refusal, so refusals are logged and counted per route.
-        let host = info.host.as_deref().unwrap_or("");
-        let host = host.rsplit_once(':').map_or(host, |(h, _)| h);
-        if let Some(route) = handshake::find_route(&config.routes, host, parts.uri.path()) {
-            info.route_known(route);
+        if let Some(route) = handshake::route_of(&parts, &config.routes) {
+            info.route_known(route, &parts.uri);
         }
         if self.shared.registry.past_drain_window() {
             return self.refuse(&info, Rejection::Draining, None);
@@ -910,7 +923,7 @@ impl Conn {
         };
         let route = admitted.route;
         if info.route.as_deref() != Some(route.name.as_str()) {
-            info.route_known(route);
+            info.route_known(route, &parts.uri);
         }
         let policy = &route.admission;
         if let Err(refusal) = policy.origins.check_headers(&parts.headers) {
@@ -1067,8 +1080,8 @@ struct Pass {
     expires_at: Option<Instant>,
     /// The client offered only `bearer, <token>`: answer `bearer`.
     answer_bearer: bool,
-    /// Where the token was, when it must not reach the upstream.
-    strip: Option<token::Stripped>,
+    /// Every place a token may be, when it must not reach the upstream (`strip_token`).
+    strip: Vec<token::Stripped>,
     /// The bearer trick's entries are always taken out of the forwarded offers.
     subprotocols: Option<Vec<String>>,
     claims: Vec<(http::HeaderName, HeaderValue)>,
@@ -1105,9 +1118,11 @@ fn authorize(
         if jwt.close_on_expiry
             && let Some(exp) = authorized.exp
         {
-            let left = exp.saturating_sub(token::unix_now());
-            pass.expires_at =
-                Some(Instant::now() + Duration::from_secs(left) + jwt.verifier.leeway());
+            // A signed `exp` centuries away must not overflow the clock: no expiry then.
+            let left = Duration::from_secs(exp.saturating_sub(token::unix_now()));
+            pass.expires_at = Instant::now()
+                .checked_add(left)
+                .and_then(|at| at.checked_add(jwt.verifier.leeway()));
         }
         if let token::Stripped::Subprotocol {
             remaining,
@@ -1116,9 +1131,13 @@ fn authorize(
         {
             pass.subprotocols = Some(remaining.clone());
             pass.answer_bearer = *answer_bearer;
+        } else if jwt.subprotocol {
+            // The token came from elsewhere: the offers still lose any bearer entries and
+            // still meet the allowlist.
+            pass.subprotocols = Some(token::offers_without_bearer(&parts.headers));
         }
         if jwt.strip_token {
-            pass.strip = Some(authorized.stripped);
+            pass.strip = jwt.verifier.stripped_sources();
         }
     }
     if let Some(keys) = &policy.api_keys {
@@ -1135,7 +1154,9 @@ impl Pass {
         parts: &request::Parts,
         admitted: &mut handshake::Admitted<'_>,
     ) -> Result<request::Parts, Rejection> {
-        let mut headers = parts.headers.clone();
+        // Hop-by-hop headers go first: a client's `Connection: X-User-Id` must not take
+        // out the claim headers set below.
+        let mut headers = upstream::end_to_end(&parts.headers);
         for name in &self.claim_headers {
             headers.remove(name);
         }
@@ -1152,18 +1173,24 @@ impl Pass {
             admitted.protocols =
                 handshake::allowed_protocols(&headers, admitted.route.subprotocols.as_deref())?;
         }
-        if let Some(strip) = &self.strip {
+        for strip in &self.strip {
             strip.apply_to_headers(&mut headers);
-            if let token::Stripped::Query(name) = strip {
-                let (path, query) = admitted
-                    .upstream_target
-                    .split_once('?')
-                    .unwrap_or((&admitted.upstream_target, ""));
-                admitted.upstream_target = match token::strip_query(query, &[name.as_str()]) {
-                    Some(q) => format!("{path}?{q}"),
-                    None => path.to_owned(),
-                };
-            }
+        }
+        let query_names: Vec<&str> = self
+            .strip
+            .iter()
+            .filter_map(|s| match s {
+                token::Stripped::Query(name) => Some(name.as_str()),
+                _ => None,
+            })
+            .collect();
+        if !query_names.is_empty()
+            && let Some((path, query)) = admitted.upstream_target.split_once('?')
+        {
+            admitted.upstream_target = match token::strip_query(query, &query_names) {
+                Some(q) => format!("{path}?{q}"),
+                None => path.to_owned(),
+            };
         }
         let mut req = Request::new(());
         *req.method_mut() = parts.method.clone();

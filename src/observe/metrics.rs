@@ -407,6 +407,12 @@ impl Collector for ScrapeTime {
             "TLS handshakes that failed (never reached HTTP)",
             crate::tls::HANDSHAKE_FAILURES.load(Ordering::Relaxed),
         )?;
+        counter(
+            &mut enc,
+            "wsgate_proxy_protocol_failures",
+            "Connections refused for a bad or missing PROXY protocol header",
+            crate::listener::PROXY_HEADER_FAILURES.load(Ordering::Relaxed),
+        )?;
         if let Some(source) = backends {
             encode_backends(&mut enc, &source.backend_samples())?;
         }

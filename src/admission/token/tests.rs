@@ -488,7 +488,13 @@ fn require_claims_matching() {
     assert!(m(&json!(42), &json!(42)));
     assert!(m(&json!(42.0), &json!(42.0)));
     assert!(m(&json!(u64::MAX), &json!(u64::MAX)));
-    assert!(!m(&json!(42), &json!("42")));
+    // Expected values from the config are text: a number claim matches by value, a bool by its text.
+    assert!(m(&json!(42), &json!("42")));
+    assert!(m(&json!(42), &json!("42.0")));
+    assert!(!m(&json!(42), &json!("43")));
+    assert!(m(&json!(true), &json!("true")));
+    assert!(!m(&json!(true), &json!("yes")));
+    assert!(!m(&json!("42"), &json!(42)));
     assert!(m(&json!(true), &json!(true)));
     assert!(!m(&json!(false), &json!(true)));
     assert!(!m(&json!({"a": 1}), &json!("a")));
