@@ -160,6 +160,47 @@ async fn upstream_refusal_is_relayed_with_its_status_and_body() {
     assert_eq!(line["status"], 403);
 }
 
+/// A backend that answers every handshake with `answer`, then closes.
+async fn answering(answer: Vec<u8>) -> std::net::SocketAddr {
+    let listener = TcpListener::bind("127.0.0.1:0")
+        .await
+        .unwrap_or_else(|e| panic!("{e}"));
+    let addr = listener.local_addr().unwrap_or_else(|e| panic!("{e}"));
+    tokio::spawn(async move {
+        while let Ok((mut s, _)) = listener.accept().await {
+            let _ = read_head(&mut s).await;
+            let _ = s.write_all(&answer).await;
+        }
+    });
+    addr
+}
+
+/// A chunked refusal body is decoded and passed on whole (re-framed for the client); a
+/// 100 Continue before it is skipped; an answer head that is not HTTP, or too large, is a
+/// 502 like any failed upstream handshake.
+#[tokio::test]
+async fn upstream_answers_are_framed_and_bounded() {
+    let chunked = answering(b"HTTP/1.1 100 Continue\r\n\r\nHTTP/1.1 503 Busy\r\nTransfer-Encoding: chunked\r\n\r\n5;x=y\r\ntry a\r\nb\r\ngain later\n\r\n0\r\nX-T: 1\r\n\r\n".to_vec()).await;
+    let gw = gateway(&chunked.to_string()).await;
+    let resp = raw_request(gw.addr(), &upgrade_request("/chat", "")).await;
+    assert!(resp.starts_with("HTTP/1.1 503 "), "{resp}");
+    let body = resp.split_once("\r\n\r\n").map(|(_, b)| b).unwrap_or("");
+    let decoded: String = body
+        .split("\r\n")
+        .enumerate()
+        .filter(|(i, _)| i % 2 == 1)
+        .map(|(_, part)| part)
+        .collect();
+    assert_eq!(decoded, "try again later\n", "{resp}");
+    for answer in [
+        b"SSH-2.0-OpenSSH_9.6\r\n\r\n".to_vec(),
+        format!("HTTP/1.1 101 OK\r\nX: {}\r\n\r\n", "a".repeat(20_000)).into_bytes(),
+    ] {
+        let gw = gateway(&answering(answer).await.to_string()).await;
+        assert_refused(&gw, &upgrade_request("/chat", ""), 502, "upstream_connect").await;
+    }
+}
+
 /// An upstream refusal whose body never finishes cannot hold the connection: the rest of
 /// the handshake after the head has a bound (3 × connect_timeout + handshake_timeout).
 #[tokio::test]

@@ -47,7 +47,7 @@ const MAX_HEAD: usize = 16 * 1024;
 /// Pause after a failed accept (e.g. out of file descriptors) so the loop does not spin.
 const ACCEPT_BACKOFF: Duration = Duration::from_millis(100);
 
-type Body = Either<Full<Bytes>, Incoming>;
+type Body = Either<Full<Bytes>, upstream::RefusalBody>;
 
 /// A listener's current TLS configuration; certificate reloads swap it, and connections
 /// already established keep the one they started with.

@@ -7,23 +7,21 @@
 
 pub mod hash;
 mod health;
+pub mod http1;
 pub mod pool;
 pub mod resolve;
 pub mod sticky;
 
 use std::net::SocketAddr;
 
-use bytes::Bytes;
+use bytes::{Bytes, BytesMut};
 use http::header::{self, HeaderMap, HeaderName, HeaderValue};
-use http::{Request, Response, StatusCode, Version, request};
-use http_body_util::Empty;
-use hyper::body::Incoming;
-use hyper_util::rt::TokioIo;
+use http::{Response, StatusCode, request};
 use std::io;
 use std::pin::Pin;
 use std::task::{Context, Poll};
 
-use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
+use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt, ReadBuf};
 use tokio::net::TcpStream;
 
 use crate::admission::client_ip::{X_FORWARDED_FOR, ip_text};
@@ -83,8 +81,11 @@ pub enum Failure {
     /// A refusal of the proxy's own (502/504).
     Proxy(Rejection, String),
     /// The upstream answered with a status other than 101: relayed as it is.
-    Status(Response<Incoming>, String),
+    Status(Response<RefusalBody>, String),
 }
+
+/// The body of an upstream's refusal, read from the backend as the client takes it.
+pub type RefusalBody = http1::RefusalBody<UpstreamStream>;
 
 /// Backends tried per client handshake: the key's own, then the next ones in its
 /// rendezvous order (each with the full `connect_timeout`), before the client gets a
@@ -162,98 +163,128 @@ async fn handshake(
     let b = lease.backend().clone();
     let backend = b.identity.as_str();
     let fail = |r: Rejection| Failure::Proxy(r, backend.to_owned());
+    let head = request_head(req, admitted, fwd).map_err(|why| {
+        tracing::debug!(backend, why, "upstream request cannot be built");
+        fail(Rejection::BadUpgrade)
+    })?;
     let tls = admitted.route.upstream.tls.as_ref();
-    let stream = open(b.addr, &b.host, tls).await.map_err(|e| {
+    let mut stream = open(b.addr, &b.host, tls).await.map_err(|e| {
         tracing::debug!(backend, error = %e, "upstream connect failed");
         fail(Rejection::UpstreamConnect)
     })?;
-    let (mut sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(stream))
-        .await
-        .map_err(|_| fail(Rejection::UpstreamConnect))?;
-    // Driven in its own task: it must run while we await the response, and keep running to
-    // stream a refusal's body back to the client.
-    tokio::spawn(async move {
-        if let Err(e) = conn.with_upgrades().await {
-            tracing::debug!(error = %e, "upstream handshake connection ended");
-        }
-    });
-    let request = upstream_request(req, admitted, fwd).map_err(|_| fail(Rejection::BadUpgrade))?;
-    let mut resp = sender.send_request(request).await.map_err(|e| {
+    let mut buf = BytesMut::new();
+    let answer = async {
+        stream.write_all(&head).await?;
+        stream.flush().await?;
+        http1::read_head(&mut stream, &mut buf).await
+    };
+    let answer = answer.await.map_err(|e| {
         tracing::debug!(backend, error = %e, "upstream handshake failed");
         fail(Rejection::UpstreamConnect)
     })?;
-    if resp.status() != StatusCode::SWITCHING_PROTOCOLS {
-        return Err(Failure::Status(resp, backend.to_owned()));
+    if answer.status != StatusCode::SWITCHING_PROTOCOLS {
+        let refusal = http1::refusal(answer, stream, buf).map_err(|e| {
+            tracing::debug!(backend, error = %e, "upstream refusal cannot be relayed");
+            fail(Rejection::UpstreamConnect)
+        })?;
+        return Err(Failure::Status(refusal, backend.to_owned()));
     }
-    let extensions = check_101(req, admitted, resp.headers()).map_err(|why| {
+    let extensions = check_101(req, admitted, &answer.headers).map_err(|why| {
         tracing::warn!(backend, why, "upstream sent an invalid 101");
         fail(Rejection::UpstreamConnect)
     })?;
-    let response_headers = end_to_end(resp.headers());
-    let upgraded = hyper::upgrade::on(&mut resp)
-        .await
-        .map_err(|_| fail(Rejection::UpstreamConnect))?;
-    let parts = upgraded
-        .downcast::<TokioIo<UpstreamStream>>()
-        .map_err(|_| fail(Rejection::UpstreamConnect))?;
     Ok(Connected {
-        stream: parts.io.into_inner(),
-        early: parts.read_buf,
+        stream,
+        early: buf.freeze(),
         backend: backend.to_owned(),
-        response_headers,
+        response_headers: end_to_end(&answer.headers),
         extensions,
         lease,
     })
 }
 
-/// The request sent upstream: the client's end-to-end headers, minus the ones the proxy
-/// sets, plus the upgrade and `X-Forwarded-*` headers (SPEC §3).
-fn upstream_request(
+/// The request head sent upstream, in one piece: the client's end-to-end headers, minus
+/// the ones the proxy sets, plus the upgrade and `X-Forwarded-*` headers (SPEC §3).
+fn request_head(
     req: &request::Parts,
     admitted: &Admitted<'_>,
     fwd: &Forwarded<'_>,
-) -> Result<Request<Empty<Bytes>>, http::Error> {
-    let mut out = Request::new(Empty::new());
-    *out.uri_mut() = admitted.upstream_target.parse()?;
-    *out.version_mut() = Version::HTTP_11;
-    let headers = out.headers_mut();
-    *headers = end_to_end(&req.headers);
-    for name in &PROXY_SET {
-        headers.remove(name);
+) -> Result<Vec<u8>, &'static str> {
+    let target = admitted.upstream_target.as_bytes();
+    if target.is_empty() || !target.iter().all(|&b| b > b' ' && b != 0x7f) {
+        return Err("invalid request target");
     }
-    headers.remove(header::SEC_WEBSOCKET_PROTOCOL);
+    let client_bytes: usize = req
+        .headers
+        .iter()
+        .map(|(n, v)| n.as_str().len() + v.len() + 4)
+        .sum();
+    let mut out = Vec::with_capacity(256 + target.len() + client_bytes);
+    out.extend_from_slice(b"GET ");
+    out.extend_from_slice(target);
+    out.extend_from_slice(b" HTTP/1.1\r\n");
+    let named = connection_named(&req.headers);
+    for (name, value) in &req.headers {
+        let ours = PROXY_SET.contains(name) || name == header::SEC_WEBSOCKET_PROTOCOL;
+        if !ours && !is_hop_by_hop(name, &named) {
+            put_header(&mut out, name.as_str(), value.as_bytes());
+        }
+    }
     if let Some(p) = &admitted.protocols {
-        headers.insert(header::SEC_WEBSOCKET_PROTOCOL, HeaderValue::from_str(p)?);
+        put_own_header(&mut out, "sec-websocket-protocol", p)?;
     }
-    headers.insert(header::CONNECTION, HeaderValue::from_static("Upgrade"));
-    headers.insert(header::UPGRADE, HeaderValue::from_static("websocket"));
-    headers.insert(
-        X_FORWARDED_FOR,
-        HeaderValue::from_str(&ip_text(fwd.client_ip))?,
-    );
-    headers.insert(
-        X_FORWARDED_PROTO,
-        HeaderValue::from_static(if fwd.tls { "https" } else { "http" }),
-    );
-    headers.insert(X_FORWARDED_HOST, HeaderValue::from_str(&admitted.host)?);
-    headers.insert(X_REQUEST_ID, HeaderValue::from_str(fwd.conn_id)?);
+    put_header(&mut out, "connection", b"Upgrade");
+    put_header(&mut out, "upgrade", b"websocket");
+    put_own_header(&mut out, "x-forwarded-for", &ip_text(fwd.client_ip))?;
+    let proto = if fwd.tls { "https" } else { "http" };
+    put_header(&mut out, "x-forwarded-proto", proto.as_bytes());
+    put_own_header(&mut out, "x-forwarded-host", &admitted.host)?;
+    put_own_header(&mut out, "x-request-id", fwd.conn_id)?;
+    out.extend_from_slice(b"\r\n");
     Ok(out)
+}
+
+fn put_header(out: &mut Vec<u8>, name: &str, value: &[u8]) {
+    out.extend_from_slice(name.as_bytes());
+    out.extend_from_slice(b": ");
+    out.extend_from_slice(value);
+    out.extend_from_slice(b"\r\n");
+}
+
+/// A header whose value the proxy composed (from client text): checked as `HeaderValue`
+/// checks text, so no CR or LF can split the head.
+fn put_own_header(out: &mut Vec<u8>, name: &str, value: &str) -> Result<(), &'static str> {
+    let valid = value
+        .bytes()
+        .all(|b| b == b'\t' || (b' '..0x7f).contains(&b));
+    if !valid {
+        return Err("invalid header value");
+    }
+    put_header(out, name, value.as_bytes());
+    Ok(())
+}
+
+/// The header names listed in `Connection` (hop-by-hop for this request only).
+fn connection_named(src: &HeaderMap) -> Vec<HeaderName> {
+    src.get_all(header::CONNECTION)
+        .iter()
+        .flat_map(|v| v.to_str().unwrap_or("").split(','))
+        .filter_map(|t| HeaderName::from_bytes(t.trim().as_bytes()).ok())
+        .collect()
+}
+
+fn is_hop_by_hop(name: &HeaderName, named: &[HeaderName]) -> bool {
+    HOP_BY_HOP.contains(&name.as_str()) || named.contains(name)
 }
 
 /// Copies headers except hop-by-hop ones and those the `Connection` header names.
 pub fn end_to_end(src: &HeaderMap) -> HeaderMap {
-    let named: Vec<HeaderName> = src
-        .get_all(header::CONNECTION)
-        .iter()
-        .flat_map(|v| v.to_str().unwrap_or("").split(','))
-        .filter_map(|t| HeaderName::from_bytes(t.trim().as_bytes()).ok())
-        .collect();
+    let named = connection_named(src);
     let mut out = HeaderMap::with_capacity(src.len());
     for (name, value) in src {
-        if HOP_BY_HOP.contains(&name.as_str()) || named.contains(name) {
-            continue;
+        if !is_hop_by_hop(name, &named) {
+            out.append(name.clone(), value.clone());
         }
-        out.append(name.clone(), value.clone());
     }
     out
 }
