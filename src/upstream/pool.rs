@@ -14,12 +14,14 @@
 //!   `healthy_after` consecutive passing *active* checks mark it up again;
 //! - without: failed connects/handshakes are still counted, and after
 //!   [`DEFAULT_UNHEALTHY_AFTER`] in a row the backend gets no new connections for
-//!   [`PASSIVE_COOLOFF`]; then the next connection tries it again.
+//!   [`PASSIVE_COOLOFF`]; then the next connection tries it again;
+//! - a reload that drops `health_check` marks every backend up and restarts its streaks
+//!   (nothing else would bring a backend it marked down back).
 
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
-use std::sync::{Arc, Mutex, RwLock, Weak};
+use std::sync::{Arc, Mutex, PoisonError, RwLock, Weak};
 use std::time::Duration;
 
 use serde::Serialize;
@@ -285,6 +287,24 @@ impl Pool {
             let fails = b.fails.fetch_add(1, Ordering::AcqRel).saturating_add(1);
             if fails >= hc.unhealthy_after {
                 self.mark_down(b, "health checks fail");
+            }
+        }
+    }
+
+    /// Takes a reload's settings. Without a `health_check` nothing would ever mark a
+    /// backend up again, so dropping the checks clears the verdicts they left.
+    fn set_spec(&self, upstream: Arc<Upstream>) {
+        let old = {
+            let mut spec = self.spec.write().unwrap_or_else(PoisonError::into_inner);
+            std::mem::replace(&mut *spec, upstream.clone())
+        };
+        if old.health_check.is_some() && upstream.health_check.is_none() {
+            for b in self.backends() {
+                b.fails.store(0, Ordering::Relaxed);
+                b.passes.store(0, Ordering::Relaxed);
+                if !b.up.swap(true, Ordering::AcqRel) {
+                    tracing::info!(upstream = %self.name, backend = %b.identity, "backend up (health checks removed)");
+                }
             }
         }
     }
@@ -561,9 +581,7 @@ impl Pools {
         for (name, upstream) in &config.upstreams {
             let (pool, fresh) = match self.get(name) {
                 Some(pool) => {
-                    if let Ok(mut spec) = pool.spec.write() {
-                        *spec = upstream.clone();
-                    }
+                    pool.set_spec(upstream.clone());
                     (pool, false)
                 }
                 None => {

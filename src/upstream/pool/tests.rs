@@ -374,3 +374,30 @@ async fn retiring_pools_outlive_prunes_until_their_deadline() {
         "not retiring any more: pruned at once"
     );
 }
+
+/// Without checks nothing marks a backend up again: a reload that drops `health_check`
+/// must not leave the backends it had marked down out of service for good.
+#[tokio::test]
+async fn removing_health_checks_brings_down_backends_back() {
+    let checked = five_backends(
+        ", health_check: { interval: 1h, timeout: 1s, unhealthy_after: 1, healthy_after: 3 }",
+    );
+    let pools = pools_for(&checked, Arc::default()).await;
+    let pool = pools.get("up").unwrap();
+    for b in pool.backends() {
+        pool.check_result(&b, true);
+        pool.check_result(&b, false);
+        assert!(!b.is_up());
+    }
+    assert!(pick(&pool, "k").is_none());
+    pools.reconcile(&five_backends("")).await;
+    assert!(pool.backends().iter().all(|b| b.is_up()));
+    assert!(pick(&pool, "k").is_some());
+    // The failure and pass streaks start afresh.
+    let b = pool.backends()[0].clone();
+    assert_eq!(b.fails.load(Ordering::Relaxed), 0);
+    assert_eq!(b.passes.load(Ordering::Relaxed), 0);
+    // Checks added back later start from "up", as on a fresh start.
+    pools.reconcile(&checked).await;
+    assert!(pool.backends().iter().all(|b| b.is_up()));
+}
