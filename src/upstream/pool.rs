@@ -21,7 +21,7 @@
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
-use std::sync::{Arc, Mutex, PoisonError, RwLock, Weak};
+use std::sync::{Arc, Mutex, OnceLock, PoisonError, RwLock, Weak};
 use std::time::Duration;
 
 use serde::Serialize;
@@ -180,8 +180,10 @@ pub struct Pool {
     drained: Mutex<BTreeSet<String>>,
     /// Last good addresses of each configured entry: a failed lookup keeps them.
     resolved: Mutex<BTreeMap<String, Vec<SocketAddr>>>,
-    /// Where a builtin upstream listens (the echo server).
-    builtin: Option<SocketAddr>,
+    /// Where a builtin upstream listens (the echo server): shared with [`Pools`], which
+    /// sets it when a reload first needs the echo server, so a pool switched to
+    /// `builtin: echo` finds it.
+    builtin: Arc<OnceLock<SocketAddr>>,
     options: PoolOptions,
     epoch: Instant,
     /// Wakes the background tasks early when a reload changed the config; dropped with
@@ -190,7 +192,11 @@ pub struct Pool {
 }
 
 impl Pool {
-    fn new(upstream: Arc<Upstream>, builtin: Option<SocketAddr>, options: PoolOptions) -> Pool {
+    fn new(
+        upstream: Arc<Upstream>,
+        builtin: Arc<OnceLock<SocketAddr>>,
+        options: PoolOptions,
+    ) -> Pool {
         Pool {
             name: upstream.name.clone(),
             spec: RwLock::new(upstream),
@@ -326,6 +332,7 @@ impl Pool {
             }
             UpstreamKind::BuiltinEcho => self
                 .builtin
+                .get()
                 .map(|a| vec![(a.to_string(), 1)])
                 .unwrap_or_default(),
         };
@@ -524,8 +531,9 @@ pub struct Pools {
     pools: RwLock<BTreeMap<String, Arc<Pool>>>,
     /// Upstreams a reload removed, and when their pools may go ([`Pools::retire`]).
     retiring: Mutex<HashMap<String, tokio::time::Instant>>,
-    /// The built-in echo server, once started (at start or by a reload that needs it).
-    builtin: std::sync::OnceLock<SocketAddr>,
+    /// The built-in echo server, once started (at start or by a reload that needs it);
+    /// every pool reads it from here.
+    builtin: Arc<OnceLock<SocketAddr>>,
     options: PoolOptions,
 }
 
@@ -540,7 +548,7 @@ impl Pools {
         let pools = Arc::new(Pools {
             pools: RwLock::default(),
             retiring: Mutex::default(),
-            builtin: builtin.map(std::sync::OnceLock::from).unwrap_or_default(),
+            builtin: Arc::new(builtin.map(OnceLock::from).unwrap_or_default()),
             options,
         });
         pools.reconcile(config).await;
@@ -585,7 +593,7 @@ impl Pools {
                     (pool, false)
                 }
                 None => {
-                    let builtin = self.builtin.get().copied();
+                    let builtin = self.builtin.clone();
                     let pool = Pool::new(upstream.clone(), builtin, self.options.clone());
                     (Arc::new(pool), true)
                 }

@@ -401,3 +401,19 @@ async fn removing_health_checks_brings_down_backends_back() {
     pools.reconcile(&checked).await;
     assert!(pool.backends().iter().all(|b| b.is_up()));
 }
+
+/// An upstream switched from `backends:` to `builtin: echo` by a reload (which starts the
+/// echo server first) must reach it, not be left with no backend.
+#[tokio::test]
+async fn a_reload_to_builtin_echo_finds_the_echo_server() {
+    let pools = pools_for(&five_backends(""), Arc::default()).await;
+    let pool = pools.get("up").unwrap();
+    let echo: SocketAddr = "127.0.0.1:4242".parse().unwrap();
+    pools.set_builtin(echo);
+    pools.reconcile(&config("{ builtin: echo }")).await;
+    let same = pools.get("up").unwrap();
+    assert!(Arc::ptr_eq(&pool, &same));
+    let now: Vec<SocketAddr> = same.backends().iter().map(|b| b.addr).collect();
+    assert_eq!(now, [echo]);
+    assert_eq!(pick_addr(&same, "k").as_deref(), Some("127.0.0.1:4242"));
+}
