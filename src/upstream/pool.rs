@@ -175,6 +175,9 @@ struct Members {
 pub struct Pool {
     name: String,
     spec: RwLock<Arc<Upstream>>,
+    /// Bumped with every new spec (under its lock): a refresh that read an older one
+    /// must not install the member list it computed (a reload ran meanwhile).
+    generation: AtomicU64,
     members: RwLock<Arc<Members>>,
     /// Identities and entries drained through the admin API; kept across rebuilds.
     drained: Mutex<BTreeSet<String>>,
@@ -200,6 +203,7 @@ impl Pool {
         Pool {
             name: upstream.name.clone(),
             spec: RwLock::new(upstream),
+            generation: AtomicU64::new(0),
             members: RwLock::new(Arc::default()),
             drained: Mutex::default(),
             resolved: Mutex::default(),
@@ -215,10 +219,13 @@ impl Pool {
     }
 
     fn spec(&self) -> Arc<Upstream> {
-        match self.spec.read() {
-            Ok(s) => s.clone(),
-            Err(poisoned) => poisoned.into_inner().clone(),
-        }
+        self.versioned_spec().0
+    }
+
+    /// The spec and its generation, read together.
+    fn versioned_spec(&self) -> (Arc<Upstream>, u64) {
+        let spec = self.spec.read().unwrap_or_else(PoisonError::into_inner);
+        (spec.clone(), self.generation.load(Ordering::Acquire))
     }
 
     fn members(&self) -> Arc<Members> {
@@ -302,6 +309,7 @@ impl Pool {
     fn set_spec(&self, upstream: Arc<Upstream>) {
         let old = {
             let mut spec = self.spec.write().unwrap_or_else(PoisonError::into_inner);
+            self.generation.fetch_add(1, Ordering::AcqRel);
             std::mem::replace(&mut *spec, upstream.clone())
         };
         if old.health_check.is_some() && upstream.health_check.is_none() {
@@ -323,9 +331,10 @@ impl Pool {
     }
 
     /// Looks names up again and rebuilds the member list; literal addresses need no
-    /// lookup. A failed lookup keeps the entry's previous addresses.
+    /// lookup. A failed lookup keeps the entry's previous addresses. Dropped if a reload
+    /// changed the spec while the lookups ran (the reload's own refresh applies it).
     pub async fn refresh(&self) {
-        let spec = self.spec();
+        let (spec, generation) = self.versioned_spec();
         let entries: Vec<(String, u32)> = match &spec.kind {
             UpstreamKind::Backends(list) => {
                 list.iter().map(|b| (b.addr.clone(), b.weight)).collect()
@@ -341,7 +350,7 @@ impl Pool {
             let addrs = self.resolve_entry(&entry).await;
             fresh.push((entry, weight, addrs));
         }
-        self.rebuild(&fresh);
+        self.rebuild(&fresh, generation);
     }
 
     async fn resolve_entry(&self, entry: &str) -> Vec<SocketAddr> {
@@ -368,9 +377,18 @@ impl Pool {
         }
     }
 
-    /// Replaces the member list, reusing the state of backends that stay.
-    fn rebuild(&self, fresh: &[(String, u32, Vec<SocketAddr>)]) {
-        let old = self.members();
+    /// Replaces the member list, reusing the state of backends that stay, unless the spec
+    /// is newer than `generation`. Rebuilds run one at a time, under the members lock, so
+    /// none works from a list another is replacing.
+    fn rebuild(&self, fresh: &[(String, u32, Vec<SocketAddr>)], generation: u64) {
+        let mut slot = self.members.write().unwrap_or_else(PoisonError::into_inner);
+        // A spec written after this check is followed by its own refresh, which waits
+        // for this lock.
+        if self.generation.load(Ordering::Acquire) != generation {
+            tracing::debug!(upstream = %self.name, "refresh from a replaced spec dropped");
+            return;
+        }
+        let old = slot.clone();
         let mut by_addr: BTreeMap<SocketAddr, Arc<BackendState>> = BTreeMap::new();
         for (entry, weight, addrs) in fresh {
             for addr in addrs {
@@ -392,9 +410,7 @@ impl Pool {
         let keys = backends.iter().map(|b| (b.seed, b.weight())).collect();
         let members = Arc::new(Members { backends, keys });
         self.apply_drains(&members);
-        if let Ok(mut slot) = self.members.write() {
-            *slot = members;
-        }
+        *slot = members;
     }
 
     fn apply_drains(&self, members: &Members) {

@@ -417,3 +417,71 @@ async fn a_reload_to_builtin_echo_finds_the_echo_server() {
     assert_eq!(now, [echo]);
     assert_eq!(pick_addr(&same, "k").as_deref(), Some("127.0.0.1:4242"));
 }
+
+/// [`FakeDns`], except that while `holding`, a lookup of `held` first signals `entered`
+/// and then waits for a permit of `gate`.
+struct GatedDns {
+    dns: FakeDns,
+    held: String,
+    holding: std::sync::atomic::AtomicBool,
+    entered: tokio::sync::Notify,
+    gate: tokio::sync::Semaphore,
+}
+
+impl Resolver for GatedDns {
+    fn lookup<'a>(&'a self, host: &'a str, port: u16) -> Lookup<'a> {
+        let hold = host == self.held && self.holding.load(Ordering::Acquire);
+        Box::pin(async move {
+            if hold {
+                self.entered.notify_one();
+                let _permit = self.gate.acquire().await;
+            }
+            self.dns.lookup(host, port).await
+        })
+    }
+}
+
+/// A refresh that read the spec before a reload and looked names up while the reload ran
+/// must not put the backends the reload removed back.
+#[tokio::test]
+async fn a_refresh_from_before_a_reload_does_not_undo_it() {
+    let dns = Arc::new(GatedDns {
+        dns: FakeDns::default(),
+        held: "svc.test".into(),
+        holding: false.into(),
+        entered: tokio::sync::Notify::new(),
+        gate: tokio::sync::Semaphore::new(0),
+    });
+    dns.dns.set("svc.test", &["10.4.0.1"]);
+    let before = config("{ backends: [{ addr: \"svc.test:80\" }, { addr: \"10.0.0.1:1\" }] }");
+    let options = PoolOptions {
+        resolver: dns.clone(),
+        dns_refresh: Duration::from_secs(3600),
+    };
+    let pools = Pools::start(&before, None, options).await;
+    let pool = pools.get("up").unwrap();
+    assert_eq!(pool.backends().len(), 2);
+    dns.holding.store(true, Ordering::Release);
+    let stale = tokio::spawn({
+        let pool = pool.clone();
+        async move { pool.refresh().await }
+    });
+    // The refresh has its spec and waits on the name: now the reload.
+    let within = Duration::from_secs(30);
+    tokio::time::timeout(within, dns.entered.notified())
+        .await
+        .expect("the refresh never looked the name up");
+    pools
+        .reconcile(&config("{ backends: [{ addr: \"10.0.0.2:1\" }] }"))
+        .await;
+    let addrs = |pool: &Pool| -> Vec<String> {
+        pool.backends().iter().map(|b| b.identity.clone()).collect()
+    };
+    assert_eq!(addrs(&pool), ["10.0.0.2:1"]);
+    dns.gate.add_permits(1);
+    tokio::time::timeout(within, stale)
+        .await
+        .expect("the refresh never ended")
+        .unwrap();
+    assert_eq!(addrs(&pool), ["10.0.0.2:1"]);
+}
