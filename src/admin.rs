@@ -19,6 +19,7 @@ use hyper_util::rt::TokioIo;
 use tokio::net::TcpListener;
 
 use crate::Shared;
+use crate::ops::registry::DrainKind;
 use crate::upstream::pool;
 
 /// How many of the longest-lived connections `/connections` lists.
@@ -64,6 +65,7 @@ fn route(req: &Request<Incoming>, shared: &Shared) -> Response<Full<Bytes>> {
                         && order.backends.iter().any(|b| *b == *e.backend)
                 },
                 window,
+                DrainKind::Backend,
             );
             tracing::info!(upstream = %order.upstream, backends = ?order.backends, connections = closing, ?window, "backend drain: closing its connections");
         }

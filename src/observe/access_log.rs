@@ -1,8 +1,9 @@
 //! The access log: one JSON line per finished connection and per refused handshake
 //! (SPEC §6), written by a dedicated thread so a slow disk never stalls the relay.
 //!
-//! Connections hand over finished lines through a bounded queue; when it is full, the line
-//! is dropped and counted rather than blocking anyone.
+//! Connections hand over finished lines through a queue bounded in lines and in bytes (a
+//! client shapes its lines: host, path, origin and user agent come from its request head);
+//! when either bound is reached, the line is dropped and counted rather than blocking anyone.
 
 use std::fs::OpenOptions;
 use std::io::{self, Write};
@@ -19,6 +20,10 @@ use crate::relay::{CloseInfo, Report, Rtt};
 
 /// Lines that may wait for the writer; beyond this they are dropped (and counted).
 const QUEUE_LINES: usize = 16 * 1024;
+
+/// Bytes those lines may hold: without it, 16,384 lines of escaped 16 KiB request heads
+/// would be hundreds of MiB when the writer falls behind.
+const QUEUE_BYTES: u64 = 16 * 1024 * 1024;
 
 /// The writer's pause after each batch: bounds how late a line appears, and lets the
 /// queue (room for 16,384 lines, i.e. 1.6 M lines/s) fill between batches.
@@ -40,6 +45,8 @@ pub struct AccessLog {
     reopen: Arc<AtomicBool>,
     /// Lines queued and not yet written out (for [`AccessLog::flush`] at exit).
     pending: Arc<AtomicU64>,
+    /// Heap bytes of those lines, held under [`QUEUE_BYTES`].
+    queued_bytes: Arc<AtomicU64>,
 }
 
 impl AccessLog {
@@ -56,23 +63,28 @@ impl AccessLog {
             Sink::Target(AccessTarget::File(path)) => Box::new(open(&path)?),
             Sink::Memory(lines) => Box::new(MemoryWriter(lines)),
         };
-        let reopen = Arc::new(AtomicBool::new(false));
-        let pending = Arc::new(AtomicU64::new(0));
+        let log = AccessLog::new(tx);
         let writer = Writer {
             out: io::BufWriter::new(out),
             path,
-            reopen: reopen.clone(),
-            pending: pending.clone(),
+            reopen: log.reopen.clone(),
+            pending: log.pending.clone(),
+            queued_bytes: log.queued_bytes.clone(),
         };
         std::thread::Builder::new()
             .name("wsgate-access-log".into())
             .spawn(move || writer.run(rx))?;
-        Ok(AccessLog {
+        Ok(log)
+    }
+
+    fn new(tx: SyncSender<String>) -> AccessLog {
+        AccessLog {
             tx,
-            dropped: Arc::new(AtomicU64::new(0)),
-            reopen,
-            pending,
-        })
+            dropped: Arc::default(),
+            reopen: Arc::default(),
+            pending: Arc::default(),
+            queued_bytes: Arc::default(),
+        }
     }
 
     /// Queues one record; never blocks.
@@ -80,11 +92,19 @@ impl AccessLog {
         let Ok(line) = serde_json::to_string(record) else {
             return;
         };
+        let bytes = line_bytes(&line);
+        let before = self.queued_bytes.fetch_add(bytes, Ordering::AcqRel);
+        if before.saturating_add(bytes) > QUEUE_BYTES {
+            self.queued_bytes.fetch_sub(bytes, Ordering::AcqRel);
+            self.dropped.fetch_add(1, Ordering::Relaxed);
+            return;
+        }
         self.pending.fetch_add(1, Ordering::AcqRel);
         match self.tx.try_send(line) {
             Ok(()) => {}
             Err(TrySendError::Full(_) | TrySendError::Disconnected(_)) => {
                 self.pending.fetch_sub(1, Ordering::AcqRel);
+                self.queued_bytes.fetch_sub(bytes, Ordering::AcqRel);
                 self.dropped.fetch_add(1, Ordering::Relaxed);
             }
         }
@@ -118,6 +138,12 @@ impl AccessLog {
     }
 }
 
+/// What a queued line holds on the heap: its capacity, which serde_json's growth may put
+/// above its length.
+fn line_bytes(line: &String) -> u64 {
+    line.capacity() as u64
+}
+
 fn open(path: &std::path::Path) -> io::Result<std::fs::File> {
     OpenOptions::new().create(true).append(true).open(path)
 }
@@ -127,6 +153,7 @@ struct Writer {
     path: Option<std::path::PathBuf>,
     reopen: Arc<AtomicBool>,
     pending: Arc<AtomicU64>,
+    queued_bytes: Arc<AtomicU64>,
 }
 
 impl Writer {
@@ -147,7 +174,10 @@ impl Writer {
     }
 
     /// Writes a line (an empty one only wakes the writer); returns how many it wrote.
-    fn write(&mut self, line: &str) -> u64 {
+    /// Its bytes leave the queue's budget here: it is in the `BufWriter` or out.
+    fn write(&mut self, line: &String) -> u64 {
+        self.queued_bytes
+            .fetch_sub(line_bytes(line), Ordering::AcqRel);
         if line.is_empty() {
             return 0;
         }
@@ -363,16 +393,34 @@ mod tests {
     #[test]
     fn full_queue_drops_and_counts_instead_of_blocking() {
         let (tx, _rx) = sync_channel(1);
-        let log = AccessLog {
-            tx,
-            dropped: Arc::new(AtomicU64::new(0)),
-            reopen: Arc::new(AtomicBool::new(false)),
-            pending: Arc::new(AtomicU64::new(0)),
-        };
+        let log = AccessLog::new(tx);
         let rec = record();
         log.log(&rec);
         log.log(&rec);
         assert_eq!(log.dropped(), 1);
+    }
+
+    /// Long request heads make long lines: behind a stalled writer, at most
+    /// [`QUEUE_BYTES`] of them wait, however few lines that is.
+    #[test]
+    fn the_queue_is_bounded_in_bytes_too() {
+        let (tx, _rx) = sync_channel(QUEUE_LINES);
+        let log = AccessLog::new(tx);
+        // 16 KiB of quotes escape to 32 KiB (held in up to 64 KiB): 256 to 512 lines fit.
+        let path = "\"".repeat(16 * 1024);
+        let rec = Record {
+            path: Some(&path),
+            ..record()
+        };
+        for _ in 0..1000 {
+            log.log(&rec);
+        }
+        let queued = log.queued_bytes.load(Ordering::Acquire);
+        assert!(queued <= QUEUE_BYTES, "{queued} bytes queued");
+        assert!(queued > QUEUE_BYTES / 2, "{queued} bytes queued");
+        let kept = 1000 - log.dropped();
+        assert!((256..512).contains(&kept), "{kept} lines kept");
+        assert_eq!(log.pending.load(Ordering::Acquire), kept);
     }
 
     #[test]
@@ -384,6 +432,7 @@ mod tests {
         }
         log.flush(Duration::from_secs(5));
         assert_eq!(lines.lock().map(|l| l.len()).unwrap_or(0), 500);
+        assert_eq!(log.queued_bytes.load(Ordering::Acquire), 0);
     }
 
     fn record() -> Record<'static> {

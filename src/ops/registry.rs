@@ -5,6 +5,9 @@
 //! lock is taken twice per connection and once per drain or admin request, never per
 //! frame. A drain does not arm timers of its own: it writes each chosen connection's close
 //! time into its [`Control`] and wakes it; the relay's one timer does the rest.
+//!
+//! Each close remembers its [`DrainKind`]: an undrained backend calls off only the closes
+//! its admin drain scheduled, never those of a removed route or of shutdown.
 
 use std::collections::{HashMap, HashSet};
 use std::hash::{BuildHasher, RandomState};
@@ -21,12 +24,24 @@ use tokio::time::Instant;
 /// All drain times are milliseconds after this instant (so they fit in one atomic).
 static EPOCH: LazyLock<std::time::Instant> = LazyLock::new(std::time::Instant::now);
 
+/// Why a drain closes a connection, which decides whether anything may call it off.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum DrainKind {
+    /// An admin drain of the connection's backend: undraining the backend calls it off.
+    Backend,
+    /// Its route was removed by a reload, or the process is shutting down: nothing calls
+    /// it off, and a backend drain can only bring it forward.
+    Final,
+}
+
 /// A relay's mailbox for "close with 1012 at this time", and what the registry lists about
 /// its connection: one allocation per connection, shared by the registry and the relay.
 #[derive(Debug)]
 pub struct Control {
-    /// 0 = no drain; otherwise 1 + milliseconds after [`EPOCH`].
-    drain_at: AtomicU64,
+    /// Close times per [`DrainKind`], kept apart so an undrain cannot cancel a final
+    /// close: 0 = none; otherwise 1 + milliseconds after [`EPOCH`].
+    backend_at: AtomicU64,
+    final_at: AtomicU64,
     waker: AtomicWaker,
     pub entry: Entry,
 }
@@ -34,14 +49,16 @@ pub struct Control {
 impl Control {
     pub fn new(entry: Entry) -> Control {
         Control {
-            drain_at: AtomicU64::new(0),
+            backend_at: AtomicU64::new(0),
+            final_at: AtomicU64::new(0),
             waker: AtomicWaker::new(),
             entry,
         }
     }
 
-    /// Asks for a drain close at `at` (an earlier request wins) and wakes the relay.
-    pub fn drain_at(&self, at: Instant) {
+    /// Asks for a drain close at `at` (an earlier request of the same kind wins) and wakes
+    /// the relay.
+    pub fn drain_at(&self, at: Instant, kind: DrainKind) {
         let ms = at
             .into_std()
             .saturating_duration_since(*EPOCH)
@@ -49,25 +66,37 @@ impl Control {
             .min(u128::from(u64::MAX - 1)) as u64
             + 1;
         let _ = self
-            .drain_at
+            .slot(kind)
             .fetch_update(Ordering::AcqRel, Ordering::Acquire, |old| {
                 (old == 0 || ms < old).then_some(ms)
             });
         self.waker.wake();
     }
 
-    /// Calls off a drain's close (an undrained backend) and wakes the relay.
+    /// Calls off a backend drain's close (an undrained backend) and wakes the relay; a
+    /// final close stays.
     pub fn cancel_drain(&self) {
-        self.drain_at.store(0, Ordering::Release);
+        self.backend_at.store(0, Ordering::Release);
         self.waker.wake();
     }
 
     /// Registers the relay's waker; returns when it must close, if a drain asked.
     pub fn poll_drain(&self, cx: &Context<'_>) -> Option<Instant> {
         self.waker.register(cx.waker());
-        match self.drain_at.load(Ordering::Acquire) {
+        let at = |slot: &AtomicU64| match slot.load(Ordering::Acquire) {
             0 => None,
             ms => Some(Instant::from_std(*EPOCH + Duration::from_millis(ms - 1))),
+        };
+        match (at(&self.backend_at), at(&self.final_at)) {
+            (Some(a), Some(b)) => Some(a.min(b)),
+            (a, b) => a.or(b),
+        }
+    }
+
+    fn slot(&self, kind: DrainKind) -> &AtomicU64 {
+        match kind {
+            DrainKind::Backend => &self.backend_at,
+            DrainKind::Final => &self.final_at,
         }
     }
 }
@@ -144,7 +173,7 @@ impl Registry {
             let late = self.draining_until.lock().ok().and_then(|d| *d);
             if let Some(until) = late {
                 let left = until.saturating_duration_since(Instant::now());
-                control.drain_at(Instant::now() + left.mul_f64(jitter(id)));
+                control.drain_at(Instant::now() + left.mul_f64(jitter(id)), DrainKind::Final);
             }
             live.insert(id, control);
         }
@@ -157,7 +186,7 @@ impl Registry {
     /// Drains one connection at a random time within `spread` (one that registered on a
     /// route a reload removed while it was upgrading).
     pub fn drain_one(&self, control: &Control, spread: Duration) {
-        control.drain_at(Instant::now() + spread.mul_f64(jitter(0)));
+        control.drain_at(Instant::now() + spread.mul_f64(jitter(0)), DrainKind::Final);
     }
 
     /// A process-wide drain began and its spread window is over: too late to upgrade.
@@ -177,7 +206,12 @@ impl Registry {
     /// Closes every connection `select` picks with 1012, spread evenly over `spread` with
     /// random jitter (slot i of n closes in [i/n, (i+1)/n) of the window), so clients do
     /// not reconnect in one wave. Returns how many were picked.
-    pub fn drain(&self, select: impl Fn(&Entry) -> bool, spread: Duration) -> usize {
+    pub fn drain(
+        &self,
+        select: impl Fn(&Entry) -> bool,
+        spread: Duration,
+        kind: DrainKind,
+    ) -> usize {
         let picked: Vec<Arc<Control>> = match self.live.lock() {
             Ok(live) => live
                 .values()
@@ -190,20 +224,18 @@ impl Registry {
         let n = picked.len();
         for (i, control) in picked.iter().enumerate() {
             let slot = (i as f64 + jitter(i as u64)) / n as f64;
-            control.drain_at(start + spread.mul_f64(slot));
+            control.drain_at(start + spread.mul_f64(slot), kind);
         }
         n
     }
 
-    /// Calls off the scheduled closes of the connections `select` picks (a backend was
-    /// undrained), unless the process itself is draining. Returns how many were picked.
+    /// Calls off the backend-drain closes of the connections `select` picks (a backend
+    /// was undrained); closes for a removed route or shutdown stay. Returns how many were
+    /// picked.
     pub fn undrain(&self, select: impl Fn(&Entry) -> bool) -> usize {
         let Ok(live) = self.live.lock() else {
             return 0;
         };
-        if self.draining_until.lock().ok().and_then(|d| *d).is_some() {
-            return 0;
-        }
         let picked: Vec<&Arc<Control>> = live.values().filter(|c| select(&c.entry)).collect();
         for control in &picked {
             control.cancel_drain();
@@ -218,7 +250,7 @@ impl Registry {
         {
             d.get_or_insert(Instant::now() + spread);
         }
-        self.drain(|_| true, spread)
+        self.drain(|_| true, spread, DrainKind::Final)
     }
 
     /// Counts per route and per backend, and the `oldest` longest-lived connections.
@@ -324,7 +356,10 @@ mod tests {
             .map(|c| registry.register(c.clone()))
             .collect();
         let start = Instant::now();
-        assert_eq!(registry.drain(|_| true, Duration::from_secs(10)), 100);
+        assert_eq!(
+            registry.drain(|_| true, Duration::from_secs(10), DrainKind::Final),
+            100
+        );
         let mut offsets: Vec<Duration> = controls
             .iter()
             .map(|c| deadline(c).map(|d| d.saturating_duration_since(start)))
@@ -348,7 +383,10 @@ mod tests {
         let b = control("b");
         let ra = registry.register(a.clone());
         let _rb = registry.register(b.clone());
-        assert_eq!(registry.drain(|e| &*e.route == "b", Duration::ZERO), 1);
+        assert_eq!(
+            registry.drain(|e| &*e.route == "b", Duration::ZERO, DrainKind::Final),
+            1
+        );
         assert!(deadline(&a).is_none());
         assert!(deadline(&b).is_some());
         assert_eq!(registry.view(10).routes.get("a"), Some(&1));
@@ -357,17 +395,48 @@ mod tests {
     }
 
     #[test]
-    fn undrain_calls_off_scheduled_closes_but_not_a_shutdown() {
+    fn undrain_calls_off_backend_drains_but_not_a_shutdown() {
         let registry = Registry::new();
         let c = control("a");
         let _r = registry.register(c.clone());
-        registry.drain(|_| true, Duration::from_secs(60));
+        registry.drain(|_| true, Duration::from_secs(60), DrainKind::Backend);
         assert!(deadline(&c).is_some());
         assert_eq!(registry.undrain(|e| &*e.route == "a"), 1);
         assert!(deadline(&c).is_none());
         registry.drain_all(Duration::from_secs(60));
-        assert_eq!(registry.undrain(|_| true), 0);
-        assert!(deadline(&c).is_some());
+        let at = deadline(&c);
+        assert!(at.is_some());
+        registry.undrain(|_| true);
+        assert_eq!(deadline(&c), at);
+    }
+
+    /// A connection whose route a reload removed must close whatever the admin API does
+    /// to its backend: an undrain neither cancels its close nor postpones it.
+    #[test]
+    fn a_removed_routes_close_survives_backend_drain_and_undrain() {
+        let registry = Registry::new();
+        let c = control("gone");
+        let _r = registry.register(c.clone());
+        let now = Instant::now();
+        c.drain_at(now + Duration::from_secs(5), DrainKind::Final);
+        let route_close = deadline(&c);
+        registry.undrain(|_| true);
+        assert_eq!(deadline(&c), route_close);
+        // A later backend drain: a later close does not postpone it, an earlier one
+        // brings it forward until the backend is undrained.
+        c.drain_at(now + Duration::from_secs(9), DrainKind::Backend);
+        assert_eq!(deadline(&c), route_close);
+        c.drain_at(now + Duration::from_secs(1), DrainKind::Backend);
+        let forward = deadline(&c).zip(route_close);
+        assert!(forward.is_some_and(|(at, route)| at < route));
+        registry.undrain(|_| true);
+        assert_eq!(deadline(&c), route_close);
+        // The same for a connection drained while it was upgrading.
+        let late = control("gone");
+        let _l = registry.register(late.clone());
+        registry.drain_one(&late, Duration::from_secs(5));
+        registry.undrain(|_| true);
+        assert!(deadline(&late).is_some());
     }
 
     #[test]
@@ -396,9 +465,9 @@ mod tests {
     fn an_earlier_drain_request_wins() {
         let c = control("a");
         let now = Instant::now();
-        c.drain_at(now + Duration::from_secs(5));
-        c.drain_at(now + Duration::from_secs(1));
-        c.drain_at(now + Duration::from_secs(9));
+        c.drain_at(now + Duration::from_secs(5), DrainKind::Final);
+        c.drain_at(now + Duration::from_secs(1), DrainKind::Final);
+        c.drain_at(now + Duration::from_secs(9), DrainKind::Final);
         let at = deadline(&c).map(|d| d.saturating_duration_since(now));
         assert!(
             at.is_some_and(|d| d >= Duration::from_millis(999) && d <= Duration::from_millis(1001))

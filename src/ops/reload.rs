@@ -12,6 +12,7 @@ use std::time::Duration;
 use crate::admission::ip_limit::HandshakeRate;
 use crate::config::Config;
 use crate::listener::{self, Running};
+use crate::ops::registry::DrainKind;
 use crate::{Gateway, ensure_echo};
 
 /// What a reload changed.
@@ -58,10 +59,11 @@ impl Gateway {
             .filter(|name| !config.routes.iter().any(|r| r.name == *name))
             .collect();
         if !removed.is_empty() {
-            done.drained = self
-                .shared
-                .registry
-                .drain(|e| removed.contains(&&*e.route), config.drain.spread);
+            done.drained = self.shared.registry.drain(
+                |e| removed.contains(&&*e.route),
+                config.drain.spread,
+                DrainKind::Final,
+            );
         }
         done
     }

@@ -14,12 +14,14 @@
 //!   `healthy_after` consecutive passing *active* checks mark it up again;
 //! - without: failed connects/handshakes are still counted, and after
 //!   [`DEFAULT_UNHEALTHY_AFTER`] in a row the backend gets no new connections for
-//!   [`PASSIVE_COOLOFF`]; then the next connection tries it again.
+//!   [`PASSIVE_COOLOFF`]; then the next connection tries it again;
+//! - a reload that drops `health_check` marks every backend up and restarts its streaks
+//!   (nothing else would bring a backend it marked down back).
 
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
-use std::sync::{Arc, Mutex, RwLock, Weak};
+use std::sync::{Arc, Mutex, OnceLock, PoisonError, RwLock, Weak};
 use std::time::Duration;
 
 use serde::Serialize;
@@ -173,13 +175,18 @@ struct Members {
 pub struct Pool {
     name: String,
     spec: RwLock<Arc<Upstream>>,
+    /// Bumped with every new spec (under its lock): a refresh that read an older one
+    /// must not install the member list it computed (a reload ran meanwhile).
+    generation: AtomicU64,
     members: RwLock<Arc<Members>>,
     /// Identities and entries drained through the admin API; kept across rebuilds.
     drained: Mutex<BTreeSet<String>>,
     /// Last good addresses of each configured entry: a failed lookup keeps them.
     resolved: Mutex<BTreeMap<String, Vec<SocketAddr>>>,
-    /// Where a builtin upstream listens (the echo server).
-    builtin: Option<SocketAddr>,
+    /// Where a builtin upstream listens (the echo server): shared with [`Pools`], which
+    /// sets it when a reload first needs the echo server, so a pool switched to
+    /// `builtin: echo` finds it.
+    builtin: Arc<OnceLock<SocketAddr>>,
     options: PoolOptions,
     epoch: Instant,
     /// Wakes the background tasks early when a reload changed the config; dropped with
@@ -188,10 +195,15 @@ pub struct Pool {
 }
 
 impl Pool {
-    fn new(upstream: Arc<Upstream>, builtin: Option<SocketAddr>, options: PoolOptions) -> Pool {
+    fn new(
+        upstream: Arc<Upstream>,
+        builtin: Arc<OnceLock<SocketAddr>>,
+        options: PoolOptions,
+    ) -> Pool {
         Pool {
             name: upstream.name.clone(),
             spec: RwLock::new(upstream),
+            generation: AtomicU64::new(0),
             members: RwLock::new(Arc::default()),
             drained: Mutex::default(),
             resolved: Mutex::default(),
@@ -207,10 +219,13 @@ impl Pool {
     }
 
     fn spec(&self) -> Arc<Upstream> {
-        match self.spec.read() {
-            Ok(s) => s.clone(),
-            Err(poisoned) => poisoned.into_inner().clone(),
-        }
+        self.versioned_spec().0
+    }
+
+    /// The spec and its generation, read together.
+    fn versioned_spec(&self) -> (Arc<Upstream>, u64) {
+        let spec = self.spec.read().unwrap_or_else(PoisonError::into_inner);
+        (spec.clone(), self.generation.load(Ordering::Acquire))
     }
 
     fn members(&self) -> Arc<Members> {
@@ -289,6 +304,25 @@ impl Pool {
         }
     }
 
+    /// Takes a reload's settings. Without a `health_check` nothing would ever mark a
+    /// backend up again, so dropping the checks clears the verdicts they left.
+    fn set_spec(&self, upstream: Arc<Upstream>) {
+        let old = {
+            let mut spec = self.spec.write().unwrap_or_else(PoisonError::into_inner);
+            self.generation.fetch_add(1, Ordering::AcqRel);
+            std::mem::replace(&mut *spec, upstream.clone())
+        };
+        if old.health_check.is_some() && upstream.health_check.is_none() {
+            for b in self.backends() {
+                b.fails.store(0, Ordering::Relaxed);
+                b.passes.store(0, Ordering::Relaxed);
+                if !b.up.swap(true, Ordering::AcqRel) {
+                    tracing::info!(upstream = %self.name, backend = %b.identity, "backend up (health checks removed)");
+                }
+            }
+        }
+    }
+
     fn mark_down(&self, b: &BackendState, why: &str) {
         b.passes.store(0, Ordering::Relaxed);
         if b.up.swap(false, Ordering::AcqRel) {
@@ -297,15 +331,17 @@ impl Pool {
     }
 
     /// Looks names up again and rebuilds the member list; literal addresses need no
-    /// lookup. A failed lookup keeps the entry's previous addresses.
+    /// lookup. A failed lookup keeps the entry's previous addresses. Dropped if a reload
+    /// changed the spec while the lookups ran (the reload's own refresh applies it).
     pub async fn refresh(&self) {
-        let spec = self.spec();
+        let (spec, generation) = self.versioned_spec();
         let entries: Vec<(String, u32)> = match &spec.kind {
             UpstreamKind::Backends(list) => {
                 list.iter().map(|b| (b.addr.clone(), b.weight)).collect()
             }
             UpstreamKind::BuiltinEcho => self
                 .builtin
+                .get()
                 .map(|a| vec![(a.to_string(), 1)])
                 .unwrap_or_default(),
         };
@@ -314,7 +350,7 @@ impl Pool {
             let addrs = self.resolve_entry(&entry).await;
             fresh.push((entry, weight, addrs));
         }
-        self.rebuild(&fresh);
+        self.rebuild(&fresh, generation);
     }
 
     async fn resolve_entry(&self, entry: &str) -> Vec<SocketAddr> {
@@ -341,9 +377,18 @@ impl Pool {
         }
     }
 
-    /// Replaces the member list, reusing the state of backends that stay.
-    fn rebuild(&self, fresh: &[(String, u32, Vec<SocketAddr>)]) {
-        let old = self.members();
+    /// Replaces the member list, reusing the state of backends that stay, unless the spec
+    /// is newer than `generation`. Rebuilds run one at a time, under the members lock, so
+    /// none works from a list another is replacing.
+    fn rebuild(&self, fresh: &[(String, u32, Vec<SocketAddr>)], generation: u64) {
+        let mut slot = self.members.write().unwrap_or_else(PoisonError::into_inner);
+        // A spec written after this check is followed by its own refresh, which waits
+        // for this lock.
+        if self.generation.load(Ordering::Acquire) != generation {
+            tracing::debug!(upstream = %self.name, "refresh from a replaced spec dropped");
+            return;
+        }
+        let old = slot.clone();
         let mut by_addr: BTreeMap<SocketAddr, Arc<BackendState>> = BTreeMap::new();
         for (entry, weight, addrs) in fresh {
             for addr in addrs {
@@ -365,9 +410,7 @@ impl Pool {
         let keys = backends.iter().map(|b| (b.seed, b.weight())).collect();
         let members = Arc::new(Members { backends, keys });
         self.apply_drains(&members);
-        if let Ok(mut slot) = self.members.write() {
-            *slot = members;
-        }
+        *slot = members;
     }
 
     fn apply_drains(&self, members: &Members) {
@@ -504,8 +547,9 @@ pub struct Pools {
     pools: RwLock<BTreeMap<String, Arc<Pool>>>,
     /// Upstreams a reload removed, and when their pools may go ([`Pools::retire`]).
     retiring: Mutex<HashMap<String, tokio::time::Instant>>,
-    /// The built-in echo server, once started (at start or by a reload that needs it).
-    builtin: std::sync::OnceLock<SocketAddr>,
+    /// The built-in echo server, once started (at start or by a reload that needs it);
+    /// every pool reads it from here.
+    builtin: Arc<OnceLock<SocketAddr>>,
     options: PoolOptions,
 }
 
@@ -520,7 +564,7 @@ impl Pools {
         let pools = Arc::new(Pools {
             pools: RwLock::default(),
             retiring: Mutex::default(),
-            builtin: builtin.map(std::sync::OnceLock::from).unwrap_or_default(),
+            builtin: Arc::new(builtin.map(OnceLock::from).unwrap_or_default()),
             options,
         });
         pools.reconcile(config).await;
@@ -561,13 +605,11 @@ impl Pools {
         for (name, upstream) in &config.upstreams {
             let (pool, fresh) = match self.get(name) {
                 Some(pool) => {
-                    if let Ok(mut spec) = pool.spec.write() {
-                        *spec = upstream.clone();
-                    }
+                    pool.set_spec(upstream.clone());
                     (pool, false)
                 }
                 None => {
-                    let builtin = self.builtin.get().copied();
+                    let builtin = self.builtin.clone();
                     let pool = Pool::new(upstream.clone(), builtin, self.options.clone());
                     (Arc::new(pool), true)
                 }

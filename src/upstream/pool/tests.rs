@@ -374,3 +374,114 @@ async fn retiring_pools_outlive_prunes_until_their_deadline() {
         "not retiring any more: pruned at once"
     );
 }
+
+/// Without checks nothing marks a backend up again: a reload that drops `health_check`
+/// must not leave the backends it had marked down out of service for good.
+#[tokio::test]
+async fn removing_health_checks_brings_down_backends_back() {
+    let checked = five_backends(
+        ", health_check: { interval: 1h, timeout: 1s, unhealthy_after: 1, healthy_after: 3 }",
+    );
+    let pools = pools_for(&checked, Arc::default()).await;
+    let pool = pools.get("up").unwrap();
+    for b in pool.backends() {
+        pool.check_result(&b, true);
+        pool.check_result(&b, false);
+        assert!(!b.is_up());
+    }
+    assert!(pick(&pool, "k").is_none());
+    pools.reconcile(&five_backends("")).await;
+    assert!(pool.backends().iter().all(|b| b.is_up()));
+    assert!(pick(&pool, "k").is_some());
+    // The failure and pass streaks start afresh.
+    let b = pool.backends()[0].clone();
+    assert_eq!(b.fails.load(Ordering::Relaxed), 0);
+    assert_eq!(b.passes.load(Ordering::Relaxed), 0);
+    // Checks added back later start from "up", as on a fresh start.
+    pools.reconcile(&checked).await;
+    assert!(pool.backends().iter().all(|b| b.is_up()));
+}
+
+/// An upstream switched from `backends:` to `builtin: echo` by a reload (which starts the
+/// echo server first) must reach it, not be left with no backend.
+#[tokio::test]
+async fn a_reload_to_builtin_echo_finds_the_echo_server() {
+    let pools = pools_for(&five_backends(""), Arc::default()).await;
+    let pool = pools.get("up").unwrap();
+    let echo: SocketAddr = "127.0.0.1:4242".parse().unwrap();
+    pools.set_builtin(echo);
+    pools.reconcile(&config("{ builtin: echo }")).await;
+    let same = pools.get("up").unwrap();
+    assert!(Arc::ptr_eq(&pool, &same));
+    let now: Vec<SocketAddr> = same.backends().iter().map(|b| b.addr).collect();
+    assert_eq!(now, [echo]);
+    assert_eq!(pick_addr(&same, "k").as_deref(), Some("127.0.0.1:4242"));
+}
+
+/// [`FakeDns`], except that while `holding`, a lookup of `held` first signals `entered`
+/// and then waits for a permit of `gate`.
+struct GatedDns {
+    dns: FakeDns,
+    held: String,
+    holding: std::sync::atomic::AtomicBool,
+    entered: tokio::sync::Notify,
+    gate: tokio::sync::Semaphore,
+}
+
+impl Resolver for GatedDns {
+    fn lookup<'a>(&'a self, host: &'a str, port: u16) -> Lookup<'a> {
+        let hold = host == self.held && self.holding.load(Ordering::Acquire);
+        Box::pin(async move {
+            if hold {
+                self.entered.notify_one();
+                let _permit = self.gate.acquire().await;
+            }
+            self.dns.lookup(host, port).await
+        })
+    }
+}
+
+/// A refresh that read the spec before a reload and looked names up while the reload ran
+/// must not put the backends the reload removed back.
+#[tokio::test]
+async fn a_refresh_from_before_a_reload_does_not_undo_it() {
+    let dns = Arc::new(GatedDns {
+        dns: FakeDns::default(),
+        held: "svc.test".into(),
+        holding: false.into(),
+        entered: tokio::sync::Notify::new(),
+        gate: tokio::sync::Semaphore::new(0),
+    });
+    dns.dns.set("svc.test", &["10.4.0.1"]);
+    let before = config("{ backends: [{ addr: \"svc.test:80\" }, { addr: \"10.0.0.1:1\" }] }");
+    let options = PoolOptions {
+        resolver: dns.clone(),
+        dns_refresh: Duration::from_secs(3600),
+    };
+    let pools = Pools::start(&before, None, options).await;
+    let pool = pools.get("up").unwrap();
+    assert_eq!(pool.backends().len(), 2);
+    dns.holding.store(true, Ordering::Release);
+    let stale = tokio::spawn({
+        let pool = pool.clone();
+        async move { pool.refresh().await }
+    });
+    // The refresh has its spec and waits on the name: now the reload.
+    let within = Duration::from_secs(30);
+    tokio::time::timeout(within, dns.entered.notified())
+        .await
+        .expect("the refresh never looked the name up");
+    pools
+        .reconcile(&config("{ backends: [{ addr: \"10.0.0.2:1\" }] }"))
+        .await;
+    let addrs = |pool: &Pool| -> Vec<String> {
+        pool.backends().iter().map(|b| b.identity.clone()).collect()
+    };
+    assert_eq!(addrs(&pool), ["10.0.0.2:1"]);
+    dns.gate.add_permits(1);
+    tokio::time::timeout(within, stale)
+        .await
+        .expect("the refresh never ended")
+        .unwrap();
+    assert_eq!(addrs(&pool), ["10.0.0.2:1"]);
+}
