@@ -13,7 +13,9 @@ use serde::de::{self, DeserializeSeed, Deserializer, IgnoredAny, MapAccess, SeqA
 use serde_norway::Value;
 
 use super::KeyPath;
-use super::units::{DurationValue, EnvScope, Piece, SizeValue, Text, split_template};
+use super::units::{
+    DurationValue, EnvScope, Piece, SizeValue, Text, opt_scalar, scalar, split_template,
+};
 
 // === defaults (SPEC §2) ===
 
@@ -112,6 +114,7 @@ pub struct FileListener {
     /// TLS termination; absent → plain ws://.
     pub tls: Option<FileListenerTls>,
     /// Expect a PROXY v1/v2 header (default false).
+    #[serde(default, deserialize_with = "opt_scalar")]
     pub proxy_protocol: Option<bool>,
 }
 
@@ -121,6 +124,7 @@ pub struct FileListenerTls {
     /// Certificate/key pairs; SNI picks by SAN; the first is the default.
     pub certificates: Option<Vec<FileCertificate>>,
     /// Generate an in-memory certificate for localhost at start (development only).
+    #[serde(default, deserialize_with = "opt_scalar")]
     pub self_signed: Option<bool>,
     /// Lowest TLS version: "1.2" | "1.3".
     pub min_version: Option<Text>,
@@ -167,8 +171,10 @@ pub struct FileDrain {
 #[serde(deny_unknown_fields)]
 pub struct FileLimits {
     /// Whole-process connection cap (top level only); default 50000.
+    #[serde(default, deserialize_with = "opt_scalar")]
     pub max_connections: Option<u64>,
     /// Per-client-IP connection cap, handshakes in progress included.
+    #[serde(default, deserialize_with = "opt_scalar")]
     pub max_connections_per_ip: Option<u64>,
     /// Per-IP handshake rate; default 10 per 1s, burst 20; top level only.
     pub handshakes_per_ip: Option<FileRate>,
@@ -196,10 +202,12 @@ pub struct FileLimits {
 #[serde(deny_unknown_fields)]
 pub struct FileRate {
     /// Tokens added per `per`.
+    #[serde(deserialize_with = "scalar")]
     pub rate: u32,
     /// Refill period.
     pub per: DurationValue,
     /// Bucket size; default `rate`.
+    #[serde(default, deserialize_with = "opt_scalar")]
     pub burst: Option<u32>,
 }
 
@@ -207,10 +215,12 @@ pub struct FileRate {
 #[serde(deny_unknown_fields)]
 pub struct FileMessageRate {
     /// Messages allowed per `per`.
+    #[serde(deserialize_with = "scalar")]
     pub rate: u32,
     /// Refill period.
     pub per: DurationValue,
     /// Bucket size; default `rate`.
+    #[serde(default, deserialize_with = "opt_scalar")]
     pub burst: Option<u32>,
     /// `close` | `throttle`.
     pub on_exceed: Option<Text>,
@@ -252,6 +262,7 @@ pub struct FileBackend {
     /// `host:port`; IPv6 in brackets.
     pub addr: Text,
     /// Relative share; default 1; at least 1.
+    #[serde(default, deserialize_with = "opt_scalar")]
     pub weight: Option<u32>,
 }
 
@@ -277,6 +288,7 @@ pub struct FileSticky {
 #[serde(deny_unknown_fields)]
 pub struct FileBalance {
     /// Cap a backend at this multiple (≥ 1) of its weighted share of the mean load.
+    #[serde(default, deserialize_with = "opt_scalar")]
     pub bounded_load: Option<f64>,
 }
 
@@ -290,8 +302,10 @@ pub struct FileHealthCheck {
     /// HTTP path (GET, 2xx = healthy); absent → TCP connect check.
     pub path: Option<Text>,
     /// Consecutive failures before marking down; default 3; 1..=100.
+    #[serde(default, deserialize_with = "opt_scalar")]
     pub unhealthy_after: Option<u32>,
     /// Consecutive successes before marking up; default 2; 1..=100.
+    #[serde(default, deserialize_with = "opt_scalar")]
     pub healthy_after: Option<u32>,
 }
 
@@ -310,6 +324,7 @@ pub struct FileRoute {
     /// Allowed Origins (absent: any).
     pub origins: Option<Vec<Text>>,
     /// Admit requests without Origin (default false).
+    #[serde(default, deserialize_with = "opt_scalar")]
     pub allow_missing_origin: Option<bool>,
     /// Allowlist of subprotocols (RFC 7230 tokens); absent → any.
     pub subprotocols: Option<Vec<Text>>,
@@ -353,10 +368,12 @@ pub struct FileJwt {
     /// Claim equality checks.
     pub require_claims: Option<BTreeMap<String, Text>>,
     /// Close the connection when `exp` passes.
+    #[serde(default, deserialize_with = "opt_scalar")]
     pub close_on_expiry: Option<bool>,
     /// Claim → upstream request header.
     pub forward_claims: Option<BTreeMap<String, Text>>,
     /// Do not pass the token upstream.
+    #[serde(default, deserialize_with = "opt_scalar")]
     pub strip_token: Option<bool>,
 }
 

@@ -415,6 +415,112 @@ impl<'de> Deserialize<'de> for DurationValue {
     }
 }
 
+/// A number or boolean leaf that may also be written as a string, so that `${NAME}` can
+/// supply it (`max_connections: "${MAX_CONNS}"`; SPEC §2 substitutes in every string).
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct Scalar<T>(pub T);
+
+/// The types a [`Scalar`] can hold, and how each is read from YAML's native scalars.
+pub trait ScalarKind: Sized + std::str::FromStr {
+    /// What a value of this kind is, for error messages.
+    const WHAT: &'static str;
+    fn from_u64(_: u64) -> Option<Self> {
+        None
+    }
+    fn from_i64(v: i64) -> Option<Self> {
+        u64::try_from(v).ok().and_then(Self::from_u64)
+    }
+    fn from_f64(_: f64) -> Option<Self> {
+        None
+    }
+    fn from_bool(_: bool) -> Option<Self> {
+        None
+    }
+}
+
+impl ScalarKind for u32 {
+    const WHAT: &'static str = "a whole number (0 to 4294967295)";
+    fn from_u64(v: u64) -> Option<u32> {
+        u32::try_from(v).ok()
+    }
+}
+
+impl ScalarKind for u64 {
+    const WHAT: &'static str = "a whole number";
+    fn from_u64(v: u64) -> Option<u64> {
+        Some(v)
+    }
+}
+
+impl ScalarKind for f64 {
+    const WHAT: &'static str = "a number";
+    fn from_u64(v: u64) -> Option<f64> {
+        Some(v as f64)
+    }
+    fn from_i64(v: i64) -> Option<f64> {
+        Some(v as f64)
+    }
+    fn from_f64(v: f64) -> Option<f64> {
+        Some(v)
+    }
+}
+
+impl ScalarKind for bool {
+    const WHAT: &'static str = "`true` or `false`";
+    fn from_bool(v: bool) -> Option<bool> {
+        Some(v)
+    }
+}
+
+impl<'de, T: ScalarKind> Deserialize<'de> for Scalar<T> {
+    fn deserialize<D: Deserializer<'de>>(deserializer: D) -> Result<Scalar<T>, D::Error> {
+        struct ScalarVisitor<T>(std::marker::PhantomData<T>);
+        impl<T: ScalarKind> ScalarVisitor<T> {
+            fn or_invalid<E: de::Error>(&self, v: Option<T>, got: Unexpected<'_>) -> Result<T, E> {
+                v.ok_or_else(|| E::invalid_value(got, self))
+            }
+        }
+        impl<T: ScalarKind> Visitor<'_> for ScalarVisitor<T> {
+            type Value = T;
+            fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+                f.write_str(T::WHAT)
+            }
+            fn visit_u64<E: de::Error>(self, v: u64) -> Result<T, E> {
+                self.or_invalid(T::from_u64(v), Unexpected::Unsigned(v))
+            }
+            fn visit_i64<E: de::Error>(self, v: i64) -> Result<T, E> {
+                self.or_invalid(T::from_i64(v), Unexpected::Signed(v))
+            }
+            fn visit_f64<E: de::Error>(self, v: f64) -> Result<T, E> {
+                self.or_invalid(T::from_f64(v), Unexpected::Float(v))
+            }
+            fn visit_bool<E: de::Error>(self, v: bool) -> Result<T, E> {
+                self.or_invalid(T::from_bool(v), Unexpected::Bool(v))
+            }
+            fn visit_str<E: de::Error>(self, v: &str) -> Result<T, E> {
+                let text = Text::from_raw::<E>(v)?;
+                text.value
+                    .trim()
+                    .parse()
+                    .map_err(|_| E::custom(format!("{} is not {}", text.shown(), T::WHAT)))
+            }
+        }
+        deserializer
+            .deserialize_any(ScalarVisitor(std::marker::PhantomData))
+            .map(Scalar)
+    }
+}
+
+/// `deserialize_with` for a number or boolean field (see [`Scalar`]).
+pub fn scalar<'de, D: Deserializer<'de>, T: ScalarKind>(d: D) -> Result<T, D::Error> {
+    Scalar::<T>::deserialize(d).map(|s| s.0)
+}
+
+/// `deserialize_with` for an optional number or boolean field (see [`Scalar`]).
+pub fn opt_scalar<'de, D: Deserializer<'de>, T: ScalarKind>(d: D) -> Result<Option<T>, D::Error> {
+    Option::<Scalar<T>>::deserialize(d).map(|o| o.map(|s| s.0))
+}
+
 /// A size leaf in bytes: an integer or a string with a unit (`64KiB`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct SizeValue(pub u64);

@@ -2101,6 +2101,52 @@ routes:
         assert_eq!(config.routes[0].upstream_path.as_deref(), Some("/ws"));
     }
 
+    /// SPEC §2: `${NAME}` works in every value, numbers and booleans written as strings
+    /// included; a bad one is reported by its template, never by the value.
+    #[test]
+    fn numbers_and_booleans_may_come_from_the_environment() {
+        let env = |name: &str| match name {
+            "CONNS" => Some("7".to_string()),
+            "PROXY" => Some(" true ".to_string()),
+            "LOAD" => Some("1.5".to_string()),
+            "SECRET" => Some("hunter2".to_string()),
+            _ => None,
+        };
+        let text = MINIMAL
+            .replace(
+                "  - bind: 127.0.0.1:8080",
+                "  - { bind: 127.0.0.1:8080, proxy_protocol: \"${PROXY}\" }",
+            )
+            .replace(
+                "echo: { builtin: echo }",
+                "echo: { backends: [{ addr: \"a:1\", weight: \"${CONNS}\" }], balance: { bounded_load: \"${LOAD}\" } }",
+            )
+            + "limits: { max_connections: \"${CONNS}\", messages: { rate: \"${CONNS}\", per: 1s } }\n";
+        let config = Config::from_yaml_str_with_env(&text, "test.yaml", &env)
+            .unwrap_or_else(|e| panic!("{e}"));
+        assert_eq!(config.limits.max_connections, 7);
+        assert_eq!(config.limits.messages.rate.get(), 7);
+        assert!(config.listeners[0].proxy_protocol);
+        assert_eq!(config.upstreams["echo"].bounded_load, Some(1.5));
+        for bad in [
+            with("limits: { max_connections: \"${SECRET}\" }\n"),
+            with("limits: { max_connections_per_ip: \"-${CONNS}\" }\n"),
+            MINIMAL.replace(
+                "  - bind: 127.0.0.1:8080",
+                "  - { bind: 127.0.0.1:8080, proxy_protocol: \"${SECRET}\" }",
+            ),
+        ] {
+            let shown = Config::from_yaml_str_with_env(&bad, "test.yaml", &env)
+                .err()
+                .map(|e| e.to_string())
+                .unwrap_or_default();
+            assert!(shown.contains("(from the environment) is not"), "{shown}");
+            assert!(!shown.contains("hunter2"), "{shown}");
+        }
+        let plain = errors_of(&with("limits: { max_connections: 1.5 }\n"));
+        assert_eq!(plain[0].path, "limits.max_connections");
+    }
+
     #[test]
     fn env_substituted_values_are_never_echoed() {
         let cases = [
