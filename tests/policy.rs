@@ -8,7 +8,7 @@ use std::time::{Duration, Instant};
 
 use futures_util::{SinkExt, StreamExt};
 use support::*;
-use tokio::io::AsyncWriteExt;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 use tokio_tungstenite::tungstenite::Message;
 
@@ -222,7 +222,6 @@ async fn upstream_pings_are_masked_and_their_pongs_consumed() {
     let (mut client, mut up, _gw) =
         pair("keepalive: { ping_interval: 0s, upstream_ping_interval: 200ms }").await;
     let mut head = [0u8; 2];
-    use tokio::io::AsyncReadExt;
     tokio::time::timeout(PATIENCE, up.read_exact(&mut head))
         .await
         .ok()
@@ -286,4 +285,83 @@ async fn pings_wait_for_the_end_of_a_slowly_streamed_frame() {
         .await
         .unwrap_or_else(|| panic!("no ping after the frame"));
     assert_eq!(b0, 0x89);
+}
+
+/// `pair` with pings off, or on at `keepalive`, plus `limits`.
+async fn pair_with_keepalive(limits: &str, keepalive: &str) -> (TcpStream, TcpStream, TestGateway) {
+    pair_with(|b| format!("{}keepalive: {keepalive}\n", with_extra(b, limits))).await
+}
+
+#[tokio::test]
+async fn a_throttled_message_is_counted_once_while_upstream_traffic_wakes_the_relay() {
+    let (mut client, mut up, gw) = pair_with_keepalive(
+        "limits: { messages: { rate: 1, per: 2s, burst: 1, on_exceed: throttle } }",
+        "{ ping_interval: 0s }",
+    )
+    .await;
+    let mut both = client_frame(0x81, b"one");
+    both.extend(client_frame(0x81, b"two"));
+    client
+        .write_all(&both)
+        .await
+        .unwrap_or_else(|e| panic!("{e}"));
+    assert_eq!(read_frame(&mut up).await, Some((0x81, b"one".to_vec())));
+    // "two" waits for a token while every upstream frame wakes the relay.
+    for i in 0..50u8 {
+        up.write_all(&server_frame(0x82, &[i]))
+            .await
+            .unwrap_or_else(|e| panic!("{e}"));
+        assert_eq!(read_frame(&mut client).await, Some((0x82, vec![i])));
+    }
+    assert_eq!(read_frame(&mut up).await, Some((0x81, b"two".to_vec())));
+    send_client_close(&mut client, 1000).await;
+    assert_eq!(read_close_code(&mut up).await, Some(1000));
+    send_server_close(&mut up, 1000).await;
+    drop(up);
+    assert!(closes_tcp(&mut client).await);
+    drop(client);
+    let line = gw.log_line(|l| l["event"] == "ws_close").await;
+    assert_eq!(line["rate_limited"], 1, "{line}");
+    assert_eq!(line["c2u"]["messages"], 2, "{line}");
+}
+
+/// A pong still arriving when the proxy closes (here: idle) is not relayed after the
+/// proxy's close: nothing follows a close frame (SPEC §5).
+#[tokio::test]
+async fn a_pong_completed_after_the_proxys_close_is_not_relayed() {
+    let (mut client, mut up, gw) = pair_with_keepalive(
+        "limits: { idle_timeout: 1s }",
+        "{ ping_interval: 100ms, pong_timeout: 10s }",
+    )
+    .await;
+    let (b0, ping) = read_frame(&mut client)
+        .await
+        .unwrap_or_else(|| panic!("no ping"));
+    assert_eq!(b0, 0x89);
+    // Half a pong that does not answer the ping (so it would be relayed)...
+    let wrong: Vec<u8> = ping.iter().map(|b| !b).collect();
+    let pong = client_frame(0x8A, &wrong);
+    client
+        .write_all(&pong[..8])
+        .await
+        .unwrap_or_else(|e| panic!("{e}"));
+    // ...then the idle close reaches both sides, then the rest of the pong.
+    assert_eq!(read_close_code(&mut client).await, Some(1000));
+    assert_eq!(read_close_code(&mut up).await, Some(1000));
+    client
+        .write_all(&pong[8..])
+        .await
+        .unwrap_or_else(|e| panic!("{e}"));
+    // The client never answers the close: whatever the proxy sends the upstream until it
+    // gives up (5 s) and closes TCP is collected.
+    send_server_close(&mut up, 1000).await;
+    let mut tail = Vec::new();
+    let _ = tokio::time::timeout(PATIENCE, up.read_to_end(&mut tail)).await;
+    assert!(
+        tail.is_empty(),
+        "after its close the upstream got {tail:02x?}"
+    );
+    drop((client, up));
+    let line = gw.log_line(|l| l["event"] == "ws_close").await;
+    assert_eq!(line["proxy_reason"], "idle");
 }

@@ -188,3 +188,36 @@ async fn client_vanishing_gives_the_upstream_1001() {
     assert_eq!(line["close"]["by"], "client");
     assert_eq!(line["close"]["code"], 1006);
 }
+
+/// A pong that answers no proxy ping is relayed; a violation right behind it in the same
+/// segment still gets both sides their close codes (a relayed pong is not a close).
+#[tokio::test]
+async fn a_violation_right_behind_a_relayed_pong_still_closes_both_sides() {
+    let (mut client, mut up, gw) = pair_with(|b| {
+        let keepalive = "keepalive: { ping_interval: 100ms, pong_timeout: 10s }";
+        format!("{}{keepalive}\n", config_for(b, ""))
+    })
+    .await;
+    let (b0, ping) = read_frame(&mut client)
+        .await
+        .unwrap_or_else(|| panic!("no ping"));
+    assert_eq!(b0, 0x89);
+    let wrong: Vec<u8> = ping.iter().map(|b| !b).collect();
+    let mut bytes = client_frame(0x8A, &wrong);
+    bytes.extend(server_frame(0x81, b"unmasked"));
+    client
+        .write_all(&bytes)
+        .await
+        .unwrap_or_else(|e| panic!("{e}"));
+    assert_eq!(read_frame(&mut up).await, Some((0x8A, wrong)));
+    assert_eq!(read_close_code(&mut up).await, Some(1001));
+    send_server_close(&mut up, 1001).await;
+    assert_eq!(read_close_code(&mut client).await, Some(1002));
+    send_client_close(&mut client, 1002).await;
+    assert!(closes_tcp(&mut client).await);
+    drop((client, up));
+    let line = gw.log_line(|l| l["event"] == "ws_close").await;
+    assert_eq!(line["close"]["code"], 1002);
+    assert_eq!(line["close"]["by"], "proxy");
+    assert_eq!(line["proxy_reason"], "protocol");
+}

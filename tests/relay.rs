@@ -6,6 +6,7 @@ mod support;
 use futures_util::{SinkExt, StreamExt};
 use support::*;
 use tokio::io::AsyncWriteExt;
+use tokio::net::{TcpListener, TcpStream};
 use tokio_tungstenite::tungstenite::Message;
 use tokio_tungstenite::tungstenite::protocol::CloseFrame;
 use tokio_tungstenite::tungstenite::protocol::frame::coding::CloseCode;
@@ -163,6 +164,93 @@ async fn upstream_close_reaches_the_client() {
     let line = gw.log_line(|l| l["event"] == "ws_close").await;
     assert_eq!(line["close"]["code"], 1013);
     assert_eq!(line["close"]["by"], "upstream");
+}
+
+/// A backend that answers the upgrade with its 101 and `first` in one write, so the
+/// gateway's handshake reads both: (address, the upgraded stream once accepted).
+async fn backend_sending_with_its_101(
+    first: Vec<u8>,
+) -> (
+    std::net::SocketAddr,
+    tokio::task::JoinHandle<Option<TcpStream>>,
+) {
+    let listener = TcpListener::bind("127.0.0.1:0")
+        .await
+        .unwrap_or_else(|e| panic!("{e}"));
+    let addr = listener.local_addr().unwrap_or_else(|e| panic!("{e}"));
+    let task = tokio::spawn(async move {
+        let (mut s, _) = listener.accept().await.ok()?;
+        let head = read_head(&mut s).await;
+        let key = header_value(&head, "sec-websocket-key")?;
+        let accept = tokio_tungstenite::tungstenite::handshake::derive_accept_key(key.as_bytes());
+        let mut out = format!(
+            "HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\nConnection: Upgrade\r\nSec-WebSocket-Accept: {accept}\r\n\r\n"
+        )
+        .into_bytes();
+        out.extend(first);
+        s.write_all(&out).await.ok()?;
+        Some(s)
+    });
+    (addr, task)
+}
+
+/// More than one relay buffer read with the upstream's 101 (a welcome message on a route
+/// with a small `buffer_size`) is relayed, and the connection goes on.
+#[tokio::test]
+async fn a_welcome_message_read_with_the_101_reaches_the_client_on_a_small_buffer() {
+    let welcome = vec![b'w'; 4000];
+    let (backend, accepted) = backend_sending_with_its_101(server_frame(0x82, &welcome)).await;
+    let gw = spawn_gateway(&config_for(backend, "buffer_size: 1KiB")).await;
+    let (mut client, head) = raw_upgrade(gw.addr(), "/", "").await;
+    assert!(head.starts_with("HTTP/1.1 101"), "{head}");
+    let mut up = tokio::time::timeout(PATIENCE, accepted)
+        .await
+        .ok()
+        .and_then(Result::ok)
+        .flatten()
+        .unwrap_or_else(|| panic!("no backend"));
+    assert_eq!(read_frame(&mut client).await, Some((0x82, welcome)));
+    send_server_close(&mut up, 1000).await;
+    assert_eq!(read_close_code(&mut client).await, Some(1000));
+    send_client_close(&mut client, 1000).await;
+    assert_eq!(read_close_code(&mut up).await, Some(1000));
+    drop(up);
+    assert!(closes_tcp(&mut client).await);
+}
+
+/// The same from the client: a frame pipelined behind the upgrade request, larger than
+/// the route's buffer, reaches the upstream.
+#[tokio::test]
+async fn a_frame_pipelined_behind_the_request_reaches_the_upstream_on_a_small_buffer() {
+    let (backend, mut accepted) = raw_backend().await;
+    let gw = spawn_gateway(&config_for(backend, "buffer_size: 1KiB")).await;
+    let addr = gw.addr();
+    let mut client = TcpStream::connect(addr)
+        .await
+        .unwrap_or_else(|e| panic!("{e}"));
+    let payload = vec![b'p'; 4000];
+    let mut bytes = format!(
+        "GET / HTTP/1.1\r\nHost: {addr}\r\nConnection: Upgrade\r\nUpgrade: websocket\r\nSec-WebSocket-Version: 13\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n\r\n"
+    )
+    .into_bytes();
+    bytes.extend(client_frame(0x82, &payload));
+    client
+        .write_all(&bytes)
+        .await
+        .unwrap_or_else(|e| panic!("{e}"));
+    let head = read_head(&mut client).await;
+    assert!(head.starts_with("HTTP/1.1 101"), "{head}");
+    let (mut up, _) = tokio::time::timeout(PATIENCE, accepted.recv())
+        .await
+        .ok()
+        .flatten()
+        .unwrap_or_else(|| panic!("no backend"));
+    assert_eq!(read_frame(&mut up).await, Some((0x82, payload)));
+    send_client_close(&mut client, 1000).await;
+    assert_eq!(read_close_code(&mut up).await, Some(1000));
+    send_server_close(&mut up, 1000).await;
+    drop(up);
+    assert!(closes_tcp(&mut client).await);
 }
 
 async fn next_message_backend(ws: &mut Backend) -> Message {

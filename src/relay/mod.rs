@@ -820,3 +820,175 @@ fn earliest(a: Option<Instant>, b: Option<Instant>) -> Option<Instant> {
         (None, b) => b,
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use std::task::{Context, Poll};
+
+    use bytes::Bytes;
+    use tokio::io::{AsyncReadExt, AsyncWriteExt, DuplexStream, ReadBuf, duplex};
+    use tokio::time::timeout;
+
+    use super::frame::apply_mask;
+    use super::*;
+
+    /// Far beyond anything a passing test waits for; with paused time, a wait that can
+    /// never end fails at once instead of hanging.
+    const PATIENCE: Duration = Duration::from_secs(60);
+    const KEY: Option<[u8; 4]> = Some([1, 2, 3, 4]);
+
+    /// A frame's wire bytes, masked with `mask` (as a client sends it) when given.
+    pub(super) fn frame(first_byte: u8, payload: &[u8], mask: Option<[u8; 4]>) -> Vec<u8> {
+        let mut out = vec![first_byte];
+        let m = if mask.is_some() { 0x80 } else { 0 };
+        match payload.len() {
+            n if n < 126 => out.push(m | n as u8),
+            n if n < 65536 => {
+                out.push(m | 126);
+                out.extend_from_slice(&(n as u16).to_be_bytes());
+            }
+            n => {
+                out.push(m | 127);
+                out.extend_from_slice(&(n as u64).to_be_bytes());
+            }
+        }
+        if let Some(k) = mask {
+            out.extend_from_slice(&k);
+        }
+        let at = out.len();
+        out.extend_from_slice(payload);
+        if let Some(k) = mask {
+            apply_mask(&mut out[at..], k, 0);
+        }
+        out
+    }
+
+    /// The next frame: first byte and unmasked payload; `None` at EOF or after `PATIENCE`.
+    async fn read_frame(s: &mut DuplexStream) -> Option<(u8, Vec<u8>)> {
+        let read = async {
+            let mut h = [0u8; 2];
+            s.read_exact(&mut h).await.ok()?;
+            let len = match h[1] & 0x7F {
+                126 => usize::from(s.read_u16().await.ok()?),
+                127 => usize::try_from(s.read_u64().await.ok()?).ok()?,
+                n => usize::from(n),
+            };
+            // An unmasked frame keeps the zero mask, which changes nothing.
+            let mut mask = [0u8; 4];
+            if h[1] & 0x80 != 0 {
+                s.read_exact(&mut mask).await.ok()?;
+            }
+            let mut payload = vec![0u8; len];
+            s.read_exact(&mut payload).await.ok()?;
+            apply_mask(&mut payload, mask, 0);
+            Some((h[0], payload))
+        };
+        timeout(PATIENCE, read).await.ok().flatten()
+    }
+
+    /// A close with `code` and no reason, as `read_frame` returns it.
+    fn close_frame(code: u16) -> (u8, Vec<u8>) {
+        (0x88, code.to_be_bytes().to_vec())
+    }
+
+    /// Takes every write but never finishes a flush, like tokio-rustls towards a peer
+    /// that stopped reading (the records wait in its own buffer).
+    struct StuckFlush(DuplexStream);
+
+    impl AsyncRead for StuckFlush {
+        fn poll_read(
+            mut self: Pin<&mut Self>,
+            cx: &mut Context<'_>,
+            buf: &mut ReadBuf<'_>,
+        ) -> Poll<std::io::Result<()>> {
+            Pin::new(&mut self.0).poll_read(cx, buf)
+        }
+    }
+
+    impl AsyncWrite for StuckFlush {
+        fn poll_write(
+            mut self: Pin<&mut Self>,
+            cx: &mut Context<'_>,
+            buf: &[u8],
+        ) -> Poll<std::io::Result<usize>> {
+            Pin::new(&mut self.0).poll_write(cx, buf)
+        }
+
+        fn poll_flush(self: Pin<&mut Self>, _: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+            Poll::Pending
+        }
+
+        fn poll_shutdown(
+            mut self: Pin<&mut Self>,
+            cx: &mut Context<'_>,
+        ) -> Poll<std::io::Result<()>> {
+            Pin::new(&mut self.0).poll_shutdown(cx)
+        }
+    }
+
+    fn settings() -> Settings {
+        Settings::without_timers(1024, Duration::from_millis(200), 1 << 20, 1 << 20)
+    }
+
+    async fn send(s: &mut DuplexStream, bytes: &[u8]) {
+        s.write_all(bytes).await.unwrap_or_else(|e| panic!("{e}"));
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_client_whose_flush_never_completes_is_a_slow_consumer() {
+        let (_client, client_relay) = duplex(1 << 16);
+        let (upstream_relay, mut upstream) = duplex(1 << 16);
+        let session = tokio::spawn(relay(
+            StuckFlush(client_relay),
+            Bytes::new(),
+            upstream_relay,
+            Bytes::new(),
+            &settings(),
+        ));
+        send(&mut upstream, &frame(0x82, b"for a slow client", None)).await;
+        // send_timeout after the flush stalled: the client is cut, the upstream gets 1001.
+        assert_eq!(read_frame(&mut upstream).await, Some(close_frame(1001)));
+        send(&mut upstream, &frame(0x88, &1001u16.to_be_bytes(), None)).await;
+        drop(upstream);
+        let report = timeout(PATIENCE, session)
+            .await
+            .unwrap_or_else(|_| panic!("the relay did not end"))
+            .unwrap_or_else(|e| panic!("{e}"));
+        assert_eq!(report.proxy_reason, Some("slow_consumer"));
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn handshake_bytes_beyond_one_buffer_reach_the_peer() {
+        let from_upstream = [frame(0x82, &[1; 3000], None), frame(0x81, b"hi", None)].concat();
+        let from_client = [frame(0x82, &[2; 5000], KEY), frame(0x81, b"yo", KEY)].concat();
+        let (mut client, client_relay) = duplex(1 << 16);
+        let (upstream_relay, mut upstream) = duplex(1 << 16);
+        let session = tokio::spawn(relay(
+            client_relay,
+            Bytes::from(from_client.clone()),
+            upstream_relay,
+            Bytes::from(from_upstream.clone()),
+            &settings(),
+        ));
+        let mut got = vec![0u8; from_upstream.len()];
+        let read = timeout(PATIENCE, client.read_exact(&mut got)).await;
+        assert!(matches!(read, Ok(Ok(_))), "client got {read:?}");
+        assert_eq!(got, from_upstream);
+        let mut got = vec![0u8; from_client.len()];
+        let read = timeout(PATIENCE, upstream.read_exact(&mut got)).await;
+        assert!(matches!(read, Ok(Ok(_))), "upstream got {read:?}");
+        assert_eq!(got, from_client);
+        // Both directions go on: the close handshake passes end to end.
+        send(&mut upstream, &frame(0x88, &1000u16.to_be_bytes(), None)).await;
+        assert_eq!(read_frame(&mut client).await, Some(close_frame(1000)));
+        send(&mut client, &frame(0x88, &1000u16.to_be_bytes(), KEY)).await;
+        assert_eq!(read_frame(&mut upstream).await, Some(close_frame(1000)));
+        drop((client, upstream));
+        let report = timeout(PATIENCE, session)
+            .await
+            .unwrap_or_else(|_| panic!("the relay did not end"))
+            .unwrap_or_else(|e| panic!("{e}"));
+        let close = report.close.unwrap_or_else(|| panic!("no close recorded"));
+        assert_eq!((close.code, close.by), (1000, By::Upstream));
+    }
+}

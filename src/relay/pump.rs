@@ -45,6 +45,21 @@ pub enum Event {
     RateLimited,
 }
 
+/// The source's message budget, and what it said about the header at `pos`.
+struct Gate {
+    budget: MessageGate,
+    mark: GateMark,
+}
+
+/// A header may be parsed again (throttled, or waiting for earlier bytes to be written):
+/// it is charged and counted only once.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum GateMark {
+    Unasked,
+    Passed,
+    Refused,
+}
+
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 enum Phase {
     /// Expecting a frame header at `pos`.
@@ -61,8 +76,6 @@ enum Phase {
         mask: Option<[u8; 4]>,
         pong: bool,
     },
-    /// Framing is lost: drop everything.
-    DiscardAll,
 }
 
 /// Frame, message and byte counts of one direction (SPEC §6 `c2u` / `u2c`).
@@ -94,9 +107,12 @@ pub struct Pump {
     sent: usize,
     pos: usize,
     end: usize,
-    /// A partial header kept while the buffer is back in the pool.
+    /// A partial header kept while the buffer is back in the pool (a byte's worth of
+    /// length: with `mask_at`, this keeps `early` from growing an idle pump).
     stash: [u8; MAX_HEADER_LEN],
-    stash_len: usize,
+    stash_len: u8,
+    /// Handshake bytes that did not fit the buffer; gone once read.
+    early: Option<Box<Early>>,
     phase: Phase,
     // Close frames happen about once per connection, so they live on the heap only while
     // needed: an idle pump is a few dozen bytes plus its counters.
@@ -120,7 +136,7 @@ pub struct Pump {
     pub fragment_since: Option<Instant>,
     track_fragments: bool,
     /// The source's message budget (client side only).
-    gate: Option<Box<MessageGate>>,
+    gate: Option<Box<Gate>>,
     /// `on_exceed: throttle`: nothing is parsed or read before then.
     pub throttled_until: Option<Instant>,
     /// The proxy's own close frame, waiting for a frame boundary.
@@ -144,7 +160,8 @@ pub struct Pump {
     text: Utf8Check,
     in_text: bool,
     frame_mask: Option<[u8; 4]>,
-    frame_offset: u64,
+    /// Where the frame's next payload byte falls in its mask (its offset mod 4).
+    mask_at: u8,
     frame_fin: bool,
     /// The frame being forwarded is part of a checked text message (not a control frame).
     frame_is_text: bool,
@@ -167,6 +184,7 @@ impl Pump {
             end: 0,
             stash: [0; MAX_HEADER_LEN],
             stash_len: 0,
+            early: None,
             phase: Phase::Header,
             ctl: None,
             out: None,
@@ -194,7 +212,7 @@ impl Pump {
             text: Utf8Check::default(),
             in_text: false,
             frame_mask: None,
-            frame_offset: 0,
+            mask_at: 0,
             frame_fin: false,
             frame_is_text: false,
             stats: Stats::default(),
@@ -203,7 +221,10 @@ impl Pump {
 
     /// Applies the source's message budget (client side).
     pub fn set_gate(&mut self, gate: MessageGate) {
-        self.gate = Some(Box::new(gate));
+        self.gate = Some(Box::new(Gate {
+            budget: gate,
+            mark: GateMark::Unasked,
+        }));
     }
 
     /// Records when fragmented messages start, for `fragment_timeout`.
@@ -232,31 +253,26 @@ impl Pump {
         if bytes.is_empty() {
             return;
         }
-        let mut rest = bytes;
-        while !rest.is_empty() {
-            // Seeds are at most one socket read; larger ones are parsed in buffer-sized steps
-            // by growing into a fresh buffer, which only happens before relaying starts.
-            let buf = self.buf.get_or_insert_with(|| pool::take(self.buf_size));
-            let room = buf.len() - self.end;
-            if room == 0 {
-                break;
-            }
-            let n = room.min(rest.len());
-            buf[self.end..self.end + n].copy_from_slice(&rest[..n]);
-            self.end += n;
-            rest = &rest[n..];
-        }
-        if !rest.is_empty() {
-            // More than a buffer arrived with the head: the client did not wait for 101.
-            self.phase = Phase::DiscardAll;
-            self.forward = false;
+        let buf = self.buf.get_or_insert_with(|| pool::take(self.buf_size));
+        let n = (buf.len() - self.end).min(bytes.len());
+        buf[self.end..self.end + n].copy_from_slice(&bytes[..n]);
+        self.end += n;
+        if n < bytes.len() {
+            // More than a buffer came with the head (a small `buffer_size`, a large 101, a
+            // client that did not wait): the rest is read before the socket, a buffer at a
+            // time. Copied, so the HTTP layer's read buffer is not kept alive with it.
+            self.early = Some(Box::new(Early {
+                bytes: bytes[n..].into(),
+                at: 0,
+            }));
         }
     }
 
     /// Queues the proxy's own close frame for the destination; it goes out at the next
-    /// frame boundary, after which nothing more is forwarded.
+    /// frame boundary (after a ping or pong already being written), after which nothing
+    /// more is forwarded.
     pub fn send_close(&mut self, frame: ControlFrame) {
-        let close_in_flight = self.out.is_some();
+        let close_in_flight = self.out.is_some() && self.out_kind == OutKind::Close;
         if !self.dst_dead && !self.dst_close_sent && !close_in_flight && self.inject.is_none() {
             self.inject = Some(Box::new(frame));
         }
@@ -383,6 +399,7 @@ impl Pump {
 
     /// Returns the buffer to the pool; called when the session ends.
     pub fn release(&mut self) {
+        self.early = None;
         if let Some(buf) = self.buf.take() {
             pool::give(buf);
         }
@@ -398,13 +415,12 @@ impl Pump {
                 Phase::Forward(rem) => {
                     let n = clamp(rem, avail.len());
                     if self.frame_is_text {
-                        feed_unmasked(
+                        self.mask_at = feed_unmasked(
                             &mut self.text,
                             &avail[..n],
                             self.frame_mask,
-                            self.frame_offset,
+                            self.mask_at,
                         );
-                        self.frame_offset += n as u64;
                     }
                     self.pos += n;
                     self.stats.bytes += n as u64;
@@ -424,11 +440,6 @@ impl Pump {
                     } else {
                         Phase::Discard(rem - n as u64)
                     };
-                    Step::Go
-                }
-                Phase::DiscardAll => {
-                    let n = avail.len();
-                    self.skip(n);
                     Step::Go
                 }
                 Phase::Control {
@@ -484,6 +495,20 @@ impl Pump {
         if let Some(step) = self.gate_check(raw) {
             return step;
         }
+        let step = self.on_admitted_header(raw);
+        if let Some(gate) = self.gate.as_mut() {
+            // Only a stop leaves this header to be parsed again, already charged.
+            gate.mark = if matches!(step, Step::Stop) {
+                GateMark::Passed
+            } else {
+                GateMark::Unasked
+            };
+        }
+        step
+    }
+
+    /// A forwarded header the message budget let through.
+    fn on_admitted_header(&mut self, raw: &RawHeader) -> Step {
         match self.validator.check(&self.rules, raw) {
             // Not consumed here: the next pass skips it as a discarded frame, once the bytes
             // before it are written.
@@ -528,10 +553,10 @@ impl Pump {
 
     /// Asks the source's message budget about this header; `None` lets it through.
     fn gate_check(&mut self, raw: &RawHeader) -> Option<Step> {
-        let gate = self.gate.as_ref()?;
+        let gate = self.gate.as_mut().filter(|g| g.mark != GateMark::Passed)?;
         let verdict = match raw.opcode {
-            0x1 | 0x2 => gate.message(),
-            0x9 | 0xA => gate.control(),
+            0x1 | 0x2 => gate.budget.message(),
+            0x9 | 0xA => gate.budget.control(),
             _ => Verdict::Pass,
         };
         match verdict {
@@ -545,7 +570,10 @@ impl Pump {
                 Some(Step::Report(Event::RateLimited))
             }
             Verdict::WaitUntil(at) => {
-                self.stats.rate_limited += 1;
+                if gate.mark != GateMark::Refused {
+                    self.stats.rate_limited += 1;
+                    gate.mark = GateMark::Refused;
+                }
                 self.throttled_until = Some(at);
                 Some(Step::Stop)
             }
@@ -566,7 +594,7 @@ impl Pump {
         self.frame_is_text = text;
         if text {
             self.frame_mask = raw.mask;
-            self.frame_offset = 0;
+            self.mask_at = 0;
             self.frame_fin = raw.fin;
         }
         if raw.payload_len > 0 {
@@ -650,9 +678,11 @@ impl Pump {
             self.expect_pong = None;
             return Step::Report(Event::PongReceived);
         }
-        self.stats.frames += 1;
-        self.stats.bytes += ctl.as_bytes().len() as u64;
-        if !self.dst_dead {
+        // `forward` is off once a close to this destination is queued or relayed (or it is
+        // gone), maybe while the pong was arriving: nothing may follow a close (SPEC §5).
+        if self.forward {
+            self.stats.frames += 1;
+            self.stats.bytes += ctl.as_bytes().len() as u64;
             self.start_out(ctl, OutKind::Relayed);
         }
         Step::Go
@@ -754,9 +784,7 @@ impl Pump {
         };
         match Pin::new(dst).poll_write(cx, bytes) {
             Poll::Pending => {
-                if self.stalled_since.is_none() {
-                    self.stalled_since = Some(Instant::now());
-                }
+                self.stalled_since.get_or_insert_with(Instant::now);
                 Poll::Pending
             }
             Poll::Ready(Ok(0)) => Poll::Ready(Err(io::ErrorKind::WriteZero.into())),
@@ -772,12 +800,19 @@ impl Pump {
         }
     }
 
+    /// A flush can stall too (TLS takes writes into its own buffer, then waits for the
+    /// peer in the flush), so it runs the `send_timeout` clock like a write.
     fn poll_flush<W: AsyncWrite + Unpin>(
         &mut self,
         cx: &mut Context<'_>,
         dst: &mut W,
     ) -> Poll<io::Result<()>> {
-        ready!(Pin::new(dst).poll_flush(cx))?;
+        let Poll::Ready(done) = Pin::new(dst).poll_flush(cx) else {
+            self.stalled_since.get_or_insert_with(Instant::now);
+            return Poll::Pending;
+        };
+        self.stalled_since = None;
+        done?;
         self.needs_flush = false;
         Poll::Ready(Ok(()))
     }
@@ -794,12 +829,21 @@ impl Pump {
             Some(buf) => buf,
             None => {
                 let mut buf = pool::take(self.buf_size);
-                buf[..self.stash_len].copy_from_slice(&self.stash[..self.stash_len]);
-                self.end = self.stash_len;
+                let stashed = usize::from(self.stash_len);
+                buf[..stashed].copy_from_slice(&self.stash[..stashed]);
+                self.end = stashed;
                 self.stash_len = 0;
                 self.buf.insert(buf)
             }
         };
+        if let Some(early) = self.early.as_mut() {
+            let n = early.read_into(&mut buf[self.end..]);
+            if early.at == early.bytes.len() {
+                self.early = None;
+            }
+            self.end += n;
+            return Poll::Ready(Ok(n));
+        }
         let mut rb = ReadBuf::new(&mut buf[self.end..]);
         match Pin::new(src).poll_read(cx, &mut rb) {
             Poll::Pending => {
@@ -837,12 +881,30 @@ impl Pump {
         if let Some(buf) = self.buf.take() {
             let tail = &buf[self.pos..self.end];
             self.stash[..tail.len()].copy_from_slice(tail);
-            self.stash_len = tail.len();
+            // At most a partial header (checked above), so it fits a byte.
+            self.stash_len = tail.len() as u8;
             self.sent = 0;
             self.pos = 0;
             self.end = 0;
             pool::give(buf);
         }
+    }
+}
+
+/// Handshake bytes beyond the first buffer, consumed from the front.
+struct Early {
+    bytes: Box<[u8]>,
+    at: usize,
+}
+
+impl Early {
+    /// Copies as much as fits into `out`; returns how much.
+    fn read_into(&mut self, out: &mut [u8]) -> usize {
+        let rest = &self.bytes[self.at..];
+        let n = rest.len().min(out.len());
+        out[..n].copy_from_slice(&rest[..n]);
+        self.at += n;
+        n
     }
 }
 
@@ -861,14 +923,15 @@ enum WriteSrc {
 }
 
 /// Feeds client bytes (masked on the wire) to the UTF-8 check, unmasking a copy in
-/// stack-sized pieces; the forwarded bytes stay untouched.
-fn feed_unmasked(check: &mut Utf8Check, data: &[u8], mask: Option<[u8; 4]>, offset: u64) {
+/// stack-sized pieces; the forwarded bytes stay untouched. `at` is where `data` starts in
+/// the mask; returns where the next bytes start.
+fn feed_unmasked(check: &mut Utf8Check, data: &[u8], mask: Option<[u8; 4]>, at: u8) -> u8 {
     let Some(mask) = mask else {
         check.feed(data);
-        return;
+        return at;
     };
     let mut scratch = [0u8; 512];
-    let mut at = (offset & 3) as usize;
+    let mut at = usize::from(at & 3);
     for piece in data.chunks(scratch.len()) {
         let plain = &mut scratch[..piece.len()];
         plain.copy_from_slice(piece);
@@ -876,6 +939,8 @@ fn feed_unmasked(check: &mut Utf8Check, data: &[u8], mask: Option<[u8; 4]>, offs
         at = (at + piece.len()) & 3;
         check.feed(plain);
     }
+    // Below 4, so it fits.
+    at as u8
 }
 
 /// `min(rem, avail)` as a usize.
@@ -886,5 +951,252 @@ fn clamp(rem: u64, avail: usize) -> usize {
 impl Drop for Pump {
     fn drop(&mut self) {
         self.release();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::collections::VecDeque;
+    use std::num::NonZeroU32;
+    use std::task::Waker;
+    use std::time::Duration;
+
+    use super::*;
+    use crate::config::{MessageRate, OnExceed};
+    use crate::relay::tests::frame;
+
+    /// Hands out queued chunks, then has nothing more for now (`Pending`).
+    #[derive(Default)]
+    struct Src(VecDeque<Vec<u8>>);
+
+    impl AsyncRead for Src {
+        fn poll_read(
+            mut self: Pin<&mut Self>,
+            _: &mut Context<'_>,
+            buf: &mut ReadBuf<'_>,
+        ) -> Poll<io::Result<()>> {
+            let Some(chunk) = self.0.front_mut() else {
+                return Poll::Pending;
+            };
+            let n = chunk.len().min(buf.remaining());
+            buf.put_slice(&chunk[..n]);
+            chunk.drain(..n);
+            if chunk.is_empty() {
+                self.0.pop_front();
+            }
+            Poll::Ready(Ok(()))
+        }
+    }
+
+    /// Takes up to `room` bytes, then blocks; a flush blocks while `flush_stuck`.
+    struct Dst {
+        out: Vec<u8>,
+        room: usize,
+        flush_stuck: bool,
+    }
+
+    impl Dst {
+        fn open() -> Dst {
+            Dst {
+                out: Vec::new(),
+                room: usize::MAX,
+                flush_stuck: false,
+            }
+        }
+    }
+
+    impl AsyncWrite for Dst {
+        fn poll_write(
+            mut self: Pin<&mut Self>,
+            _: &mut Context<'_>,
+            buf: &[u8],
+        ) -> Poll<io::Result<usize>> {
+            let n = buf.len().min(self.room);
+            if n == 0 {
+                return Poll::Pending;
+            }
+            self.room -= n;
+            self.out.extend_from_slice(&buf[..n]);
+            Poll::Ready(Ok(n))
+        }
+
+        fn poll_flush(self: Pin<&mut Self>, _: &mut Context<'_>) -> Poll<io::Result<()>> {
+            if self.flush_stuck {
+                Poll::Pending
+            } else {
+                Poll::Ready(Ok(()))
+            }
+        }
+
+        fn poll_shutdown(self: Pin<&mut Self>, _: &mut Context<'_>) -> Poll<io::Result<()>> {
+            Poll::Ready(Ok(()))
+        }
+    }
+
+    const KEY: Option<[u8; 4]> = Some([1, 2, 3, 4]);
+
+    fn pump(dir: Dir) -> Pump {
+        Pump::new(Rules::new(dir, 1 << 20, 1 << 20, ""), 1024)
+    }
+
+    fn src(chunks: &[&[u8]]) -> Src {
+        Src(chunks.iter().map(|c| c.to_vec()).collect())
+    }
+
+    /// One poll; the waker is never used, the test drives every step.
+    fn poll(p: &mut Pump, src: &mut Src, dst: &mut Dst) -> Poll<Event> {
+        p.poll(&mut Context::from_waker(Waker::noop()), src, dst)
+    }
+
+    /// A budget of `burst` messages (and control frames) that refills once an hour.
+    fn gate(burst: u32, on_exceed: OnExceed) -> MessageGate {
+        MessageGate::new(&MessageRate {
+            rate: NonZeroU32::MIN,
+            per: Duration::from_secs(3600),
+            burst: NonZeroU32::new(burst).unwrap_or(NonZeroU32::MIN),
+            on_exceed,
+        })
+    }
+
+    #[test]
+    fn own_close_goes_out_after_a_part_written_ping() {
+        let mut p = pump(Dir::UpstreamToClient);
+        let (mut src, mut dst) = (
+            Src::default(),
+            Dst {
+                room: 3,
+                ..Dst::open()
+            },
+        );
+        assert!(p.send_ping([7; PING_LEN], None));
+        assert!(poll(&mut p, &mut src, &mut dst).is_pending());
+        assert_eq!(dst.out.len(), 3, "the ping is part-written");
+        // A drain (or idle, or expiry) close while the client reads slowly.
+        let close = ControlFrame::close(1012, "service restart", None);
+        p.send_close(close);
+        dst.room = usize::MAX;
+        assert!(poll(&mut p, &mut src, &mut dst).is_pending());
+        let ping = ControlFrame::ping(&[7; PING_LEN], None);
+        assert_eq!(dst.out, [ping.as_bytes(), close.as_bytes()].concat());
+        assert!(p.dst_close_sent);
+    }
+
+    #[test]
+    fn own_close_goes_out_after_a_relayed_pong() {
+        let mut p = pump(Dir::ClientToUpstream);
+        p.expect_pong = Some([9; PING_LEN]);
+        let pong = frame(0x8A, &[1; PING_LEN], KEY);
+        let unmasked = frame(0x81, b"hi", None);
+        let mut src = src(&[&[pong.as_slice(), &unmasked].concat()]);
+        let mut dst = Dst::open();
+        let event = poll(&mut p, &mut src, &mut dst);
+        assert!(
+            matches!(event, Poll::Ready(Event::Violation(_))),
+            "{event:?}"
+        );
+        // The session's answer to a client violation: 1001 upstream.
+        let close = ControlFrame::close(1001, "", Some([5, 6, 7, 8]));
+        p.send_close(close);
+        assert!(poll(&mut p, &mut src, &mut dst).is_pending());
+        assert_eq!(dst.out, [pong.as_slice(), close.as_bytes()].concat());
+        assert!(p.dst_close_sent);
+    }
+
+    #[test]
+    fn a_pong_completed_after_our_close_is_not_forwarded() {
+        let mut p = pump(Dir::ClientToUpstream);
+        p.expect_pong = Some([9; PING_LEN]);
+        let pong = frame(0x8A, &[1; PING_LEN], KEY);
+        let (head, tail) = pong.split_at(8);
+        let (mut src, mut dst) = (src(&[head]), Dst::open());
+        assert!(poll(&mut p, &mut src, &mut dst).is_pending());
+        let close = ControlFrame::close(1000, "idle", Some([5, 6, 7, 8]));
+        p.send_close(close);
+        assert!(poll(&mut p, &mut src, &mut dst).is_pending());
+        assert_eq!(dst.out, close.as_bytes());
+        src.0.push_back(tail.to_vec());
+        assert!(poll(&mut p, &mut src, &mut dst).is_pending());
+        assert_eq!(dst.out, close.as_bytes(), "nothing after the close");
+    }
+
+    #[test]
+    fn a_throttled_message_is_counted_once_however_often_the_pump_wakes() {
+        let mut p = pump(Dir::ClientToUpstream);
+        p.set_gate(gate(1, OnExceed::Throttle));
+        let (one, two) = (frame(0x82, b"one", KEY), frame(0x82, b"two", KEY));
+        let (mut src, mut dst) = (src(&[&[one.as_slice(), &two].concat()]), Dst::open());
+        // Each poll stands for a wake-up, e.g. by upstream traffic.
+        for _ in 0..50 {
+            assert!(poll(&mut p, &mut src, &mut dst).is_pending());
+        }
+        assert_eq!(dst.out, one);
+        assert!(p.throttled_until.is_some());
+        assert_eq!(p.stats.rate_limited, 1);
+    }
+
+    #[test]
+    fn a_pong_waiting_for_earlier_bytes_is_charged_once() {
+        let mut p = pump(Dir::ClientToUpstream);
+        // Two control frames in the budget: charging the one pong thrice closes.
+        p.set_gate(gate(2, OnExceed::Close));
+        p.expect_pong = Some([9; PING_LEN]);
+        let data = frame(0x82, &[0; 100], KEY);
+        let pong = frame(0x8A, &[9; PING_LEN], KEY);
+        let mut src = src(&[&[data.as_slice(), &pong].concat()]);
+        let mut dst = Dst {
+            room: 10,
+            ..Dst::open()
+        };
+        for _ in 0..5 {
+            let event = poll(&mut p, &mut src, &mut dst);
+            assert!(event.is_pending(), "{event:?}");
+        }
+        dst.room = usize::MAX;
+        let event = poll(&mut p, &mut src, &mut dst);
+        assert!(
+            matches!(event, Poll::Ready(Event::PongReceived)),
+            "{event:?}"
+        );
+        assert_eq!(dst.out, data);
+        assert_eq!(p.stats.rate_limited, 0);
+    }
+
+    #[test]
+    fn a_flush_that_blocks_starts_the_stall_clock() {
+        let mut p = pump(Dir::UpstreamToClient);
+        let data = frame(0x82, b"hello", None);
+        let (mut src, mut dst) = (src(&[&data]), Dst::open());
+        dst.flush_stuck = true;
+        assert!(poll(&mut p, &mut src, &mut dst).is_pending());
+        assert_eq!(dst.out, data, "written, not flushed");
+        assert!(p.stalled_since.is_some());
+        dst.flush_stuck = false;
+        assert!(poll(&mut p, &mut src, &mut dst).is_pending());
+        assert!(p.stalled_since.is_none());
+    }
+
+    #[test]
+    fn early_bytes_beyond_one_buffer_are_relayed_in_order() {
+        let mut p = pump(Dir::UpstreamToClient);
+        let early: Vec<u8> = [
+            frame(0x82, &[1; 3000], None),
+            frame(0x81, b"welcome", None),
+            frame(0x88, &1000u16.to_be_bytes(), None),
+        ]
+        .concat();
+        p.seed(&early);
+        let (mut src, mut dst) = (Src::default(), Dst::open());
+        let mut closed = false;
+        for _ in 0..10 {
+            match poll(&mut p, &mut src, &mut dst) {
+                Poll::Ready(Event::CloseReceived) => closed = true,
+                Poll::Ready(event) => panic!("{event:?}"),
+                Poll::Pending => break,
+            }
+        }
+        assert!(closed, "the close in the early bytes was seen");
+        assert!(poll(&mut p, &mut src, &mut dst).is_pending());
+        assert_eq!(dst.out, early);
+        assert!(p.buf.is_none(), "an idle pump holds no buffer");
     }
 }
