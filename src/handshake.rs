@@ -166,7 +166,11 @@ pub fn admit<'r>(req: &request::Parts, routes: &'r [Route]) -> Result<Admitted<'
     if has_dot_segment(path) {
         return Err(Rejection::BadUpgrade);
     }
-    let route = find_route(routes, host_without_port(&host), path).ok_or(Rejection::NoRoute)?;
+    let name = host_without_port(&host);
+    let route = find_route(routes, name, path).ok_or(Rejection::NoRoute)?;
+    if !same_route_decoded(routes, name, path, route) {
+        return Err(Rejection::BadUpgrade);
+    }
     let h = &req.headers;
     let looks_websocket = h.contains_key(header::UPGRADE)
         || h.keys().any(|k| k.as_str().starts_with("sec-websocket-"));
@@ -222,6 +226,15 @@ fn has_dot_segment(path: &str) -> bool {
         let name = segment.split(';').next().unwrap_or(segment);
         name == "." || name == ".."
     })
+}
+
+/// Whether the percent-decoded path takes the same route as the path as sent. Routes
+/// match the raw path, and an upstream that decodes `/ws/%61dmin` or `/ws%2Fadmin` serves
+/// `/ws/admin`: such a path must not pass one route's checks to reach another's.
+fn same_route_decoded(routes: &[Route], host: &str, path: &str, route: &Route) -> bool {
+    let decoded = crate::admission::token::percent_decode(path);
+    decoded == path
+        || find_route(routes, host, &decoded).is_some_and(|other| std::ptr::eq(other, route))
 }
 
 /// First route whose host (if any) and path prefix match.
@@ -383,6 +396,30 @@ routes:
         match b.body(()) {
             Ok(r) => r.into_parts().0,
             Err(e) => panic!("{e}"),
+        }
+    }
+
+    /// A percent-encoded path must not take a route its decoded form would not.
+    #[test]
+    fn encoded_paths_cannot_switch_routes() {
+        let yaml = YAML.replace(
+            "  - { name: any, match: { path_prefix: /ws }, upstream: echo }",
+            "  - { name: admin, match: { path_prefix: /ws/admin }, upstream: echo }\n  - { name: any, match: { path_prefix: /ws }, upstream: echo }",
+        );
+        let routes = match Config::from_yaml_str(&yaml, "test.yaml") {
+            Ok(c) => c.routes,
+            Err(e) => panic!("{e}"),
+        };
+        for path in ["/ws/%61dmin", "/ws%2Fadmin", "/ws/%61dmin/x"] {
+            let refused = admit(&parts(upgrade("a", path)), &routes).err();
+            assert_eq!(refused.map(|r| r.reason()), Some("bad_upgrade"), "{path}");
+        }
+        for (path, route) in [("/ws/room%20one", "any"), ("/ws/admin/%61", "admin")] {
+            let admitted = admit(&parts(upgrade("a", path)), &routes);
+            assert_eq!(
+                admitted.map(|a| a.route.name.clone()).ok().as_deref(),
+                Some(route)
+            );
         }
     }
 

@@ -333,6 +333,14 @@ async fn api_keys_are_compared_by_hash() {
     .await;
     refused(&gw, &upgrade("/chat", "X-Api-Key: k-124\r\n"), 401, "token").await;
     refused(&gw, &upgrade("/chat", ""), 401, "token").await;
+    // Given twice, only one would be checked: refused.
+    refused(
+        &gw,
+        &upgrade("/chat", "X-Api-Key: k-123\r\nX-Api-Key: forged\r\n"),
+        401,
+        "token",
+    )
+    .await;
     let _ = std::fs::remove_dir_all(dir);
 }
 
@@ -646,6 +654,10 @@ async fn credentials_are_judged_once_and_never_forwarded_unverified() {
         ),
         upgrade("/chat", &format!("{auth}Authorization: Bearer forged\r\n")),
         upgrade("/chat", &format!("Cookie: token={token}; token=forged\r\n")),
+        upgrade(
+            "/chat",
+            &format!("Sec-WebSocket-Protocol: bearer, {token}, bearer, forged\r\n"),
+        ),
     ] {
         refused(&gw, &repeated, 401, "token").await;
     }
@@ -691,6 +703,33 @@ async fn a_far_future_exp_with_close_on_expiry_is_admitted() {
     let auth = format!("Authorization: Bearer {token}\r\n");
     admitted(&gw, &mut accepted, &upgrade("/chat", &auth)).await;
     admitted(&gw, &mut accepted, &upgrade("/chat", &auth)).await;
+}
+
+/// A route may allow an address more connections than the top level does, and another
+/// route fewer: connections count at accept against the highest cap, then at the head
+/// against their route's own.
+#[tokio::test]
+async fn a_route_may_lower_the_per_ip_cap_while_another_raises_it() {
+    let (backend, mut accepted) = raw_backend().await;
+    let yaml = format!(
+        r#"
+listeners: [{{ name: public, bind: "127.0.0.1:0" }}]
+limits: {{ max_connections_per_ip: 2 }}
+upstreams:
+  app: {{ backends: [{{ addr: "{backend}" }}] }}
+routes:
+  - {{ name: few, match: {{ path_prefix: /few }}, upstream: app, limits: {{ max_connections_per_ip: 1 }} }}
+  - {{ name: chat, match: {{ path_prefix: /chat }}, upstream: app, limits: {{ max_connections_per_ip: 4 }} }}
+"#
+    );
+    let gw = spawn_gateway(&yaml).await;
+    let first = admitted(&gw, &mut accepted, &upgrade("/few", "")).await;
+    refused(&gw, &upgrade("/few", ""), 429, "ip_cap").await;
+    let mut held = vec![first];
+    for _ in 0..3 {
+        held.push(admitted(&gw, &mut accepted, &upgrade("/chat", "")).await);
+    }
+    refused(&gw, &upgrade("/chat", ""), 429, "ip_cap").await;
 }
 
 /// A route may allow an address more connections than the top level does.

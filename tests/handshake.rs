@@ -192,6 +192,17 @@ async fn upstream_answers_are_framed_and_bounded() {
         .map(|(_, part)| part)
         .collect();
     assert_eq!(decoded, "try again later\n", "{resp}");
+    // `Transfer-Encoding` decides the framing; the backend's `Content-Length` is not
+    // repeated to the client (it would cut the body short).
+    let both = answering(b"HTTP/1.1 403 No\r\nContent-Length: 3\r\nTransfer-Encoding: chunked\r\n\r\nc\r\nnot for you!\r\n0\r\n\r\n".to_vec()).await;
+    let gw = gateway(&both.to_string()).await;
+    let resp = raw_request(gw.addr(), &upgrade_request("/chat", "")).await;
+    assert!(resp.starts_with("HTTP/1.1 403 "), "{resp}");
+    assert!(
+        !resp.to_ascii_lowercase().contains("content-length: 3"),
+        "{resp}"
+    );
+    assert!(resp.contains("not for you!"), "{resp}");
     for answer in [
         b"SSH-2.0-OpenSSH_9.6\r\n\r\n".to_vec(),
         format!("HTTP/1.1 101 OK\r\nX: {}\r\n\r\n", "a".repeat(20_000)).into_bytes(),

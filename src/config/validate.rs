@@ -919,7 +919,7 @@ impl Validator {
         let path_value = file
             .path
             .as_ref()
-            .and_then(|p| self.uri_path(p, &path.key("path")));
+            .and_then(|p| self.uri_path(p, &path.key("path"), true));
         let mut threshold = |value: Option<u32>, default: u32, key: &str| {
             let n = value.unwrap_or(default);
             if !(1..=100).contains(&n) {
@@ -1035,8 +1035,11 @@ impl Validator {
                 .host
                 .as_ref()
                 .and_then(|host| self.host(host, &match_path.key("host")));
-            let path_prefix =
-                self.uri_path(&route.matcher.path_prefix, &match_path.key("path_prefix"));
+            let path_prefix = self.uri_path(
+                &route.matcher.path_prefix,
+                &match_path.key("path_prefix"),
+                false,
+            );
             if let Some(prefix) = &path_prefix {
                 let key = (host.clone(), prefix.clone());
                 if let Some(first) = matches.get(&key) {
@@ -1053,7 +1056,7 @@ impl Validator {
             let upstream_path = route
                 .upstream_path
                 .as_ref()
-                .and_then(|p| self.uri_path(p, &path.key("upstream_path")));
+                .and_then(|p| self.uri_path(p, &path.key("upstream_path"), false));
             let admission = self.route_admission(
                 route.origins.as_deref(),
                 route.allow_missing_origin,
@@ -1159,18 +1162,21 @@ impl Validator {
         }
     }
 
-    /// A path for a request line: starts with `/` and is a valid URI path (and query).
-    fn uri_path(&mut self, text: &Text, path: &KeyPath) -> Option<String> {
+    /// A path for a request line: starts with `/` and is a valid URI path, with a query
+    /// only where one makes sense (`with_query`), never a fragment.
+    fn uri_path(&mut self, text: &Text, path: &KeyPath, with_query: bool) -> Option<String> {
         let value = text.value.trim();
         if value.starts_with('/') {
-            if http::uri::PathAndQuery::try_from(value).is_ok() {
+            let clean = !value.contains('#') && (with_query || !value.contains('?'));
+            if clean && http::uri::PathAndQuery::try_from(value).is_ok() {
                 return Some(value.to_string());
             }
             self.issue(
                 path,
                 format!(
-                    "{} is not a valid URI path; percent-encode spaces and other special characters (e.g. `%20`)",
-                    text.shown()
+                    "{} is not a valid URI path (no fragment{}); percent-encode spaces and other special characters (e.g. `%20`)",
+                    text.shown(),
+                    if with_query { "" } else { ", no query" }
                 ),
             );
             None
@@ -2072,6 +2078,16 @@ routes:
                 "    upstream: echo",
                 "    upstream: echo\n    upstream_path: \"/a b\"",
                 "routes[0].upstream_path",
+            ),
+            (
+                "    upstream: echo",
+                "    upstream: echo\n    upstream_path: \"/ws#x\"",
+                "routes[0].upstream_path",
+            ),
+            (
+                "path_prefix: /echo",
+                "path_prefix: \"/echo?a=1\"",
+                "routes[0].match.path_prefix",
             ),
             (
                 "path_prefix: /echo",

@@ -137,7 +137,8 @@ pub struct Pump {
     track_fragments: bool,
     /// The source's message budget (client side only).
     gate: Option<Box<Gate>>,
-    /// `on_exceed: throttle`: nothing is parsed or read before then.
+    /// `on_exceed: throttle`: nothing more is read from the source before then (the held
+    /// header is re-checked on wake-ups, but charged and counted once).
     pub throttled_until: Option<Instant>,
     /// The proxy's own close frame, waiting for a frame boundary.
     inject: Option<Box<ControlFrame>>,

@@ -153,10 +153,12 @@ impl Framing {
         }
         let mut length = None;
         for value in headers.get_all(header::CONTENT_LENGTH) {
-            let n = value
-                .to_str()
+            // Digits only: `u64::from_str` would take `+5`.
+            let digits = value.as_bytes().trim_ascii();
+            let n = std::str::from_utf8(digits)
                 .ok()
-                .and_then(|v| v.trim().parse::<u64>().ok())
+                .filter(|d| !d.is_empty() && d.bytes().all(|b| b.is_ascii_digit()))
+                .and_then(|d| d.parse::<u64>().ok())
                 .ok_or_else(|| bad("bad content-length"))?;
             if length.is_some_and(|l| l != n) {
                 return Err(bad("conflicting content-length"));
@@ -380,6 +382,9 @@ pub fn refusal<S: AsyncRead + Unpin>(
     let mut response = Response::new(body);
     *response.status_mut() = head.status;
     *response.headers_mut() = head.headers;
+    // The body is re-framed for the client from its size hint: the backend's length is
+    // not ours to repeat (it may even be overridden by a `Transfer-Encoding`).
+    response.headers_mut().remove(header::CONTENT_LENGTH);
     Ok(response)
 }
 

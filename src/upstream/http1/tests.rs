@@ -118,6 +118,7 @@ async fn broken_refusal_bodies_are_errors() {
         &b"HTTP/1.1 403 F\r\nContent-Length: 10\r\n\r\nshort"[..],
         b"HTTP/1.1 403 F\r\nContent-Length: 1\r\nContent-Length: 2\r\n\r\nab",
         b"HTTP/1.1 403 F\r\nContent-Length: -1\r\n\r\n",
+        b"HTTP/1.1 403 F\r\nContent-Length: +1\r\n\r\nx",
         b"HTTP/1.1 403 F\r\nTransfer-Encoding: chunked\r\n\r\nzz\r\n",
         b"HTTP/1.1 403 F\r\nTransfer-Encoding: chunked\r\n\r\n4\r\nabcdXX0\r\n\r\n",
         b"HTTP/1.1 403 F\r\nTransfer-Encoding: chunked\r\n\r\nffffffffffffffff\r\n",
