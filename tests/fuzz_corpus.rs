@@ -68,3 +68,8 @@ fn upgrade_request_inputs_replay_cleanly() {
 fn config_yaml_inputs_replay_cleanly() {
     replay("config_yaml", wsgate::fuzzing::config_yaml);
 }
+
+#[test]
+fn upstream_answer_inputs_replay_cleanly() {
+    replay("upstream_answer", wsgate::fuzzing::upstream_answer);
+}
