@@ -198,12 +198,7 @@ async fn a_violation_right_behind_a_relayed_pong_still_closes_both_sides() {
         format!("{}{keepalive}\n", config_for(b, ""))
     })
     .await;
-    let (b0, ping) = read_frame(&mut client)
-        .await
-        .unwrap_or_else(|| panic!("no ping"));
-    assert_eq!(b0, 0x89);
-    let wrong: Vec<u8> = ping.iter().map(|b| !b).collect();
-    let mut bytes = client_frame(0x8A, &wrong);
+    let (mut bytes, wrong) = pong_not_answering_next_ping(&mut client).await;
     bytes.extend(server_frame(0x81, b"unmasked"));
     client
         .write_all(&bytes)

@@ -282,28 +282,26 @@ fn bearer_subprotocol(headers: &HeaderMap) -> Option<(String, Vec<String>)> {
 // Cookies and query strings
 // ---------------------------------------------------------------------------------------
 
-/// The value of cookie `name` across all `Cookie` header lines.
-pub fn cookie<'h>(headers: &'h HeaderMap, name: &str) -> Option<&'h str> {
+/// The values of cookie `name`, in order, across all `Cookie` header lines.
+fn cookies_named<'h>(headers: &'h HeaderMap, name: &str) -> impl Iterator<Item = &'h str> {
     headers
         .get_all(header::COOKIE)
         .iter()
         .filter_map(|v| v.to_str().ok())
         .flat_map(|v| v.split(';'))
         .filter_map(|pair| pair.trim().split_once('='))
-        .find(|(n, _)| n.trim() == name)
+        .filter(move |(n, _)| n.trim() == name)
         .map(|(_, v)| v.trim().trim_matches('"'))
+}
+
+/// The value of cookie `name` across all `Cookie` header lines.
+pub fn cookie<'h>(headers: &'h HeaderMap, name: &str) -> Option<&'h str> {
+    cookies_named(headers, name).next()
 }
 
 /// How many times cookie `name` appears across all `Cookie` header lines.
 fn cookie_count(headers: &HeaderMap, name: &str) -> usize {
-    headers
-        .get_all(header::COOKIE)
-        .iter()
-        .filter_map(|v| v.to_str().ok())
-        .flat_map(|v| v.split(';'))
-        .filter_map(|pair| pair.trim().split_once('='))
-        .filter(|(n, _)| n.trim() == name)
-        .count()
+    cookies_named(headers, name).count()
 }
 
 /// Rewrites the `Cookie` header without cookie `name` (all lines joined into one, as
@@ -330,20 +328,21 @@ pub fn strip_cookie(headers: &mut HeaderMap, name: &str) {
 /// The first value of query parameter `name` (names and values percent-decoded; `+` is
 /// left alone because tokens never mean a space by it).
 pub fn query_param<'q>(query: &'q str, name: &str) -> Option<Cow<'q, str>> {
+    query_values(query, name).next().map(percent_decode)
+}
+
+/// The raw values of query parameter `name`, in order.
+fn query_values<'q>(query: &'q str, name: &str) -> impl Iterator<Item = &'q str> {
     query
         .split('&')
         .filter_map(|pair| pair.split_once('='))
-        .find(|(n, _)| percent_decode(n) == name)
-        .map(|(_, v)| percent_decode(v))
+        .filter(move |(n, _)| percent_decode(n) == name)
+        .map(|(_, v)| v)
 }
 
 /// How many times query parameter `name` appears.
 fn query_param_count(query: &str, name: &str) -> usize {
-    query
-        .split('&')
-        .filter_map(|pair| pair.split_once('='))
-        .filter(|(n, _)| percent_decode(n) == name)
-        .count()
+    query_values(query, name).count()
 }
 
 /// The path with the values of the named query parameters replaced by `REDACTED`, for

@@ -265,6 +265,17 @@ pub fn client_frame(first_byte: u8, payload: &[u8]) -> Vec<u8> {
 }
 
 /// A frame as a server sends it (unmasked).
+/// Reads the proxy's next ping and returns a client pong that does not answer it (so the
+/// proxy relays it upstream rather than consuming it): the frame, and its payload.
+pub async fn pong_not_answering_next_ping(client: &mut TcpStream) -> (Vec<u8>, Vec<u8>) {
+    let (b0, ping) = read_frame(client)
+        .await
+        .unwrap_or_else(|| panic!("no ping"));
+    assert_eq!(b0, 0x89);
+    let wrong: Vec<u8> = ping.iter().map(|b| !b).collect();
+    (client_frame(0x8A, &wrong), wrong)
+}
+
 pub fn server_frame(first_byte: u8, payload: &[u8]) -> Vec<u8> {
     frame(first_byte, payload, None)
 }
