@@ -3,14 +3,12 @@
 //! HTTP/1.1 `GET path` that must answer 2xx (over TLS when the upstream uses TLS). Only
 //! produces verdicts; the hysteresis lives in [`super::pool::Pool`].
 
-use bytes::Bytes;
-use http::{Request, header};
-use http_body_util::Empty;
-use hyper_util::rt::TokioIo;
+use bytes::BytesMut;
+use tokio::io::AsyncWriteExt;
 use tokio::net::TcpStream;
 
 use super::pool::{BackendState, Pool};
-use super::{UpstreamStream, open};
+use super::{UpstreamStream, http1, open, put_header, put_own_header};
 use crate::config::{HealthCheck, UpstreamTls};
 
 /// Probes every backend of `pool` once and records the verdicts.
@@ -38,32 +36,69 @@ async fn probe(b: &BackendState, path: Option<&str>, tls: Option<&UpstreamTls>) 
 }
 
 /// `GET path` with `Host: entry`; true on a 2xx status (the body is not read).
-async fn http_get(stream: UpstreamStream, path: &str, host: &str) -> bool {
-    let Ok((mut sender, conn)) = hyper::client::conn::http1::handshake(TokioIo::new(stream)).await
-    else {
+async fn http_get(mut stream: UpstreamStream, path: &str, host: &str) -> bool {
+    let mut head = Vec::with_capacity(128 + path.len() + host.len());
+    head.extend_from_slice(b"GET ");
+    head.extend_from_slice(path.as_bytes());
+    head.extend_from_slice(b" HTTP/1.1\r\n");
+    if put_own_header(&mut head, "host", host).is_err() {
         return false;
-    };
-    let mut req = Request::new(Empty::<Bytes>::new());
-    let Ok(uri) = path.parse() else {
-        return false;
-    };
-    *req.uri_mut() = uri;
-    let h = req.headers_mut();
-    if let Ok(v) = header::HeaderValue::from_str(host) {
-        h.insert(header::HOST, v);
     }
-    h.insert(
-        header::USER_AGENT,
-        header::HeaderValue::from_static("wsgate-health-check"),
-    );
-    h.insert(
-        header::CONNECTION,
-        header::HeaderValue::from_static("close"),
-    );
-    // The connection is driven here, not spawned: it ends with the probe.
-    tokio::pin!(conn);
-    tokio::select! {
-        resp = sender.send_request(req) => resp.is_ok_and(|r| r.status().is_success()),
-        _ = &mut conn => false,
+    put_header(&mut head, "user-agent", b"wsgate-health-check");
+    put_header(&mut head, "connection", b"close");
+    head.extend_from_slice(b"\r\n");
+    let mut buf = BytesMut::new();
+    let answer = async {
+        stream.write_all(&head).await?;
+        stream.flush().await?;
+        http1::read_head(&mut stream, &mut buf).await
+    };
+    answer.await.is_ok_and(|a| a.status.is_success())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use tokio::io::AsyncReadExt;
+    use tokio::net::TcpListener;
+
+    /// A server answering each connection by its request line: `GET /health` gets 200,
+    /// anything else 503. Returns its address and what it was sent.
+    async fn server() -> std::io::Result<(std::net::SocketAddr, tokio::sync::mpsc::Receiver<String>)>
+    {
+        let listener = TcpListener::bind("127.0.0.1:0").await?;
+        let addr = listener.local_addr()?;
+        let (tx, rx) = tokio::sync::mpsc::channel(8);
+        tokio::spawn(async move {
+            while let Ok((mut s, _)) = listener.accept().await {
+                let mut buf = vec![0u8; 1024];
+                let n = s.read(&mut buf).await.unwrap_or(0);
+                let head = String::from_utf8_lossy(&buf[..n]).into_owned();
+                let answer: &[u8] = if head.starts_with("GET /health ") {
+                    b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok"
+                } else {
+                    b"HTTP/1.1 503 Busy\r\nContent-Length: 0\r\n\r\n"
+                };
+                let _ = s.write_all(answer).await;
+                let _ = tx.send(head).await;
+            }
+        });
+        Ok((addr, rx))
+    }
+
+    #[tokio::test]
+    async fn http_probes_need_a_2xx_for_their_path() -> std::io::Result<()> {
+        let (addr, mut sent) = server().await?;
+        let stream = UpstreamStream::Plain(TcpStream::connect(addr).await?);
+        assert!(http_get(stream, "/health", "backend-1:9001").await);
+        let head = sent.recv().await.unwrap_or_default();
+        assert!(head.starts_with("GET /health HTTP/1.1\r\n"), "{head}");
+        assert!(head.contains("\r\nhost: backend-1:9001\r\n"), "{head}");
+        let stream = UpstreamStream::Plain(TcpStream::connect(addr).await?);
+        assert!(!http_get(stream, "/other", "backend-1:9001").await);
+        // A host that would split the head is never sent.
+        let stream = UpstreamStream::Plain(TcpStream::connect(addr).await?);
+        assert!(!http_get(stream, "/health", "a\r\nx: y").await);
+        Ok(())
     }
 }
