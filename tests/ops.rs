@@ -359,8 +359,7 @@ fn rss_kib(pid: u32) -> u64 {
 
 /// What a burst of handshakes leaves in the allocator's free lists goes back to the OS
 /// within seconds once the connections are gone (`ops::memory`): after 800 connections,
-/// RSS falls at least
-/// 512 KiB below its level right after the burst.
+/// RSS falls at least 512 KiB below its level right after the burst.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn memory_a_burst_leaves_behind_goes_back_to_the_os() {
     let backend = echo_backend().await;
