@@ -163,12 +163,17 @@ pub struct Admitted<'r> {
 pub fn admit<'r>(req: &request::Parts, routes: &'r [Route]) -> Result<Admitted<'r>, Rejection> {
     let host = request_host(req).ok_or(Rejection::BadUpgrade)?;
     let path = req.uri.path();
-    if has_dot_segment(path) {
+    // As an upstream may read the path: decoded once, for both checks below.
+    let decoded = crate::admission::token::percent_decode(path);
+    if has_dot_segment(&decoded) {
         return Err(Rejection::BadUpgrade);
     }
     let name = host_without_port(&host);
     let route = find_route(routes, name, path).ok_or(Rejection::NoRoute)?;
-    if !same_route_decoded(routes, name, path, route) {
+    // `/ws/%61dmin` must not pass route `/ws`'s checks to be served as `/ws/admin`.
+    if decoded != path
+        && !find_route(routes, name, &decoded).is_some_and(|r| std::ptr::eq(r, route))
+    {
         return Err(Rejection::BadUpgrade);
     }
     let h = &req.headers;
@@ -216,25 +221,15 @@ pub fn route_of<'r>(req: &request::Parts, routes: &'r [Route]) -> Option<&'r Rou
     find_route(routes, host_without_port(&host), req.uri.path())
 }
 
-/// Whether the path has a `.` or `..` segment, as any upstream might read it: after
-/// percent-decoding, with `\` as a separator too, and a segment's `;` parameters left
-/// out (`..;` is `..` to some servers). Routes match the raw path, so such a path could
-/// be admitted by one route and served by another.
-fn has_dot_segment(path: &str) -> bool {
-    let decoded = crate::admission::token::percent_decode(path);
+/// Whether a (percent-decoded) path has a `.` or `..` segment, as any upstream might read
+/// it: with `\` as a separator too, and a segment's `;` parameters left out (`..;` is `..`
+/// to some servers). Routes match the raw path, so such a path could be admitted by one
+/// route and served by another; so could one whose decoded form takes another route.
+fn has_dot_segment(decoded: &str) -> bool {
     decoded.split(['/', '\\']).any(|segment| {
         let name = segment.split(';').next().unwrap_or(segment);
         name == "." || name == ".."
     })
-}
-
-/// Whether the percent-decoded path takes the same route as the path as sent. Routes
-/// match the raw path, and an upstream that decodes `/ws/%61dmin` or `/ws%2Fadmin` serves
-/// `/ws/admin`: such a path must not pass one route's checks to reach another's.
-fn same_route_decoded(routes: &[Route], host: &str, path: &str, route: &Route) -> bool {
-    let decoded = crate::admission::token::percent_decode(path);
-    decoded == path
-        || find_route(routes, host, &decoded).is_some_and(|other| std::ptr::eq(other, route))
 }
 
 /// First route whose host (if any) and path prefix match.

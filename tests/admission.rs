@@ -93,11 +93,7 @@ async fn admitted(
     s.write_all(req).await.unwrap_or_else(|e| panic!("{e}"));
     let resp = read_head(&mut s).await;
     assert!(resp.starts_with("HTTP/1.1 101 "), "{resp}");
-    let (_up, head) = tokio::time::timeout(PATIENCE, accepted.recv())
-        .await
-        .ok()
-        .flatten()
-        .unwrap_or_else(|| panic!("no backend"));
+    let (_up, head) = next_accepted(accepted).await;
     (s, resp, head)
 }
 
@@ -292,11 +288,7 @@ async fn close_on_expiry_closes_a_live_connection_4001() {
         .await
         .unwrap_or_else(|e| panic!("{e}"));
     assert!(read_head(&mut client).await.starts_with("HTTP/1.1 101"));
-    let (mut up, _) = tokio::time::timeout(PATIENCE, accepted.recv())
-        .await
-        .ok()
-        .flatten()
-        .unwrap_or_else(|| panic!("no backend"));
+    let (mut up, _) = next_accepted(&mut accepted).await;
     let started = Instant::now();
     assert_eq!(read_close_code(&mut client).await, Some(4001));
     assert!(started.elapsed() < Duration::from_secs(5));

@@ -19,11 +19,7 @@ async fn first_bytes_of_a_16mib_frame_arrive_before_the_rest_is_sent() {
     .await;
     let (mut client, head) = raw_upgrade(gw.addr(), "/", "").await;
     assert!(head.starts_with("HTTP/1.1 101"), "{head}");
-    let (mut up, _) = tokio::time::timeout(PATIENCE, accepted.recv())
-        .await
-        .ok()
-        .flatten()
-        .unwrap_or_else(|| panic!("no backend"));
+    let (mut up, _) = next_accepted(&mut accepted).await;
     let total: usize = 16 << 20;
     let mut header = vec![0x82, 127];
     header.extend_from_slice(&(total as u64).to_be_bytes());
@@ -75,11 +71,7 @@ async fn a_client_that_stops_reading_blocks_the_upstream_then_is_cut_after_send_
     let gw = spawn_gateway(&config_for(backend, "send_timeout: 1s")).await;
     let (_client, head) = raw_upgrade(gw.addr(), "/", "").await;
     assert!(head.starts_with("HTTP/1.1 101"), "{head}");
-    let (mut up, _) = tokio::time::timeout(PATIENCE, accepted.recv())
-        .await
-        .ok()
-        .flatten()
-        .unwrap_or_else(|| panic!("no backend"));
+    let (mut up, _) = next_accepted(&mut accepted).await;
     // The client reads nothing. Each message is 64 KiB; the upstream's writes must stall
     // long before 256 MiB (kernel socket buffers plus one 16 KiB relay buffer).
     let msg = server_frame(0x82, &vec![1u8; 64 * 1024]);

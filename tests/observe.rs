@@ -98,11 +98,7 @@ async fn open_raw(
 ) -> (TcpStream, TcpStream, String) {
     let (client, head) = raw_upgrade(gw.addr(), path, extra).await;
     assert!(head.starts_with("HTTP/1.1 101"), "{path}: {head}");
-    let (up, up_head) = tokio::time::timeout(PATIENCE, accepted.recv())
-        .await
-        .ok()
-        .flatten()
-        .unwrap_or_else(|| panic!("no backend"));
+    let (up, up_head) = next_accepted(accepted).await;
     (client, up, up_head)
 }
 

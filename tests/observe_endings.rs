@@ -427,11 +427,7 @@ async fn token_expiry_is_logged_4001_token_expired_with_the_subject() {
     )
     .await;
     assert!(head.starts_with("HTTP/1.1 101"), "{head}");
-    let (mut up, _) = tokio::time::timeout(PATIENCE, accepted.recv())
-        .await
-        .ok()
-        .flatten()
-        .unwrap_or_else(|| panic!("no backend"));
+    let (mut up, _) = next_accepted(&mut accepted).await;
     assert_eq!(read_close_code(&mut client).await, Some(4001));
     assert_eq!(read_close_code(&mut up).await, Some(1001));
     send_client_close(&mut client, 4001).await;
@@ -672,11 +668,7 @@ async fn slow_consumer_is_logged_1006_by_proxy_slow_consumer() {
     let (backend, mut accepted) = raw_backend().await;
     let gw = spawn_gateway(&yaml(backend, "send_timeout: 300ms", NO_PINGS)).await;
     let client = small_window_client(gw.addr()).await;
-    let (mut up, _) = tokio::time::timeout(PATIENCE, accepted.recv())
-        .await
-        .ok()
-        .flatten()
-        .unwrap_or_else(|| panic!("no backend"));
+    let (mut up, _) = next_accepted(&mut accepted).await;
     let msg = server_frame(0x82, &vec![1u8; 60 * 1024]);
     for _ in 0..2048 {
         match tokio::time::timeout(Duration::from_millis(300), up.write_all(&msg)).await {

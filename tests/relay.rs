@@ -58,11 +58,7 @@ async fn fragmented_message_with_interleaved_pings_is_relayed_frame_by_frame() {
     let gw = spawn_gateway(&config_for(backend, "")).await;
     let (mut client, head) = raw_upgrade(gw.addr(), "/", "").await;
     assert!(head.starts_with("HTTP/1.1 101"), "{head}");
-    let (mut up, _) = tokio::time::timeout(PATIENCE, accepted.recv())
-        .await
-        .ok()
-        .flatten()
-        .unwrap_or_else(|| panic!("no backend conn"));
+    let (mut up, _) = next_accepted(&mut accepted).await;
     let frames = [
         client_frame(0x01, b"hel"),
         client_frame(0x89, b"ping-1"),
@@ -105,11 +101,7 @@ async fn client_close_code_and_reason_reach_the_upstream_and_back() {
     let (backend, mut accepted) = ws_backend().await;
     let gw = spawn_gateway(&config_for(backend, "")).await;
     let mut ws = connect(&gw.url("/chat")).await;
-    let mut up = tokio::time::timeout(PATIENCE, accepted.recv())
-        .await
-        .ok()
-        .flatten()
-        .unwrap_or_else(|| panic!("no backend"));
+    let mut up = next_accepted(&mut accepted).await;
     ws.send(Message::Close(Some(CloseFrame {
         code: CloseCode::Library(4321),
         reason: "bye now".into(),
@@ -141,11 +133,7 @@ async fn upstream_close_reaches_the_client() {
     let (backend, mut accepted) = ws_backend().await;
     let gw = spawn_gateway(&config_for(backend, "")).await;
     let mut ws = connect(&gw.url("/chat")).await;
-    let mut up = tokio::time::timeout(PATIENCE, accepted.recv())
-        .await
-        .ok()
-        .flatten()
-        .unwrap_or_else(|| panic!("no backend"));
+    let mut up = next_accepted(&mut accepted).await;
     up.send(Message::Close(Some(CloseFrame {
         code: CloseCode::Again,
         reason: "later".into(),
@@ -240,11 +228,7 @@ async fn a_frame_pipelined_behind_the_request_reaches_the_upstream_on_a_small_bu
         .unwrap_or_else(|e| panic!("{e}"));
     let head = read_head(&mut client).await;
     assert!(head.starts_with("HTTP/1.1 101"), "{head}");
-    let (mut up, _) = tokio::time::timeout(PATIENCE, accepted.recv())
-        .await
-        .ok()
-        .flatten()
-        .unwrap_or_else(|| panic!("no backend"));
+    let (mut up, _) = next_accepted(&mut accepted).await;
     assert_eq!(read_frame(&mut up).await, Some((0x82, payload)));
     send_client_close(&mut client, 1000).await;
     assert_eq!(read_close_code(&mut up).await, Some(1000));

@@ -265,6 +265,15 @@ pub fn client_frame(first_byte: u8, payload: &[u8]) -> Vec<u8> {
 }
 
 /// A frame as a server sends it (unmasked).
+/// The next connection a test backend accepted, within [`PATIENCE`].
+pub async fn next_accepted<T>(accepted: &mut mpsc::Receiver<T>) -> T {
+    tokio::time::timeout(PATIENCE, accepted.recv())
+        .await
+        .ok()
+        .flatten()
+        .unwrap_or_else(|| panic!("no backend connection"))
+}
+
 /// Reads the proxy's next ping and returns a client pong that does not answer it (so the
 /// proxy relays it upstream rather than consuming it): the frame, and its payload.
 pub async fn pong_not_answering_next_ping(client: &mut TcpStream) -> (Vec<u8>, Vec<u8>) {
