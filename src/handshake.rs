@@ -2,148 +2,11 @@
 //! SPEC §3. Pure functions over the parsed request head; no I/O, so every rule is unit
 //! tested and fuzzed without sockets.
 
-use http::header::{self, HeaderMap, HeaderName, HeaderValue};
-use http::{Method, Response, StatusCode, Version, request};
+use http::header::{self, HeaderMap, HeaderName};
+use http::{Method, Version, request};
 
 use crate::config::Route;
-
-/// Why a handshake was refused. The reason word is the same in the body, the access log
-/// and the metric label (SPEC §3).
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum Rejection {
-    BadUpgrade,
-    BadVersion,
-    UpgradeRequired,
-    NoRoute,
-    Subprotocol,
-    Capacity,
-    /// Shutting down (SPEC §8).
-    Draining,
-    /// Every backend of the upstream is down or draining (or none resolved).
-    NoBackend,
-    UpstreamConnect,
-    UpstreamTimeout,
-    /// The upstream answered with this status instead of 101; its response is relayed.
-    UpstreamStatus(u16),
-    HandshakeTimeout,
-    Origin,
-    Token,
-    IpCap,
-    /// Seconds for `Retry-After`.
-    IpRate(u64),
-}
-
-impl From<crate::admission::Refusal> for Rejection {
-    fn from(r: crate::admission::Refusal) -> Rejection {
-        use crate::admission::Refusal;
-        match r {
-            Refusal::Origin => Rejection::Origin,
-            Refusal::Token { .. } => Rejection::Token,
-            Refusal::IpCap => Rejection::IpCap,
-            Refusal::IpRate { retry_after_secs } => Rejection::IpRate(retry_after_secs),
-            Refusal::Capacity => Rejection::Capacity,
-        }
-    }
-}
-
-impl Rejection {
-    pub fn status(self) -> StatusCode {
-        match self {
-            Rejection::BadUpgrade | Rejection::Subprotocol => StatusCode::BAD_REQUEST,
-            Rejection::BadVersion | Rejection::UpgradeRequired => StatusCode::UPGRADE_REQUIRED,
-            Rejection::NoRoute => StatusCode::NOT_FOUND,
-            Rejection::Capacity | Rejection::Draining | Rejection::NoBackend => {
-                StatusCode::SERVICE_UNAVAILABLE
-            }
-            Rejection::UpstreamConnect => StatusCode::BAD_GATEWAY,
-            Rejection::UpstreamTimeout => StatusCode::GATEWAY_TIMEOUT,
-            Rejection::UpstreamStatus(s) => {
-                StatusCode::from_u16(s).unwrap_or(StatusCode::BAD_GATEWAY)
-            }
-            Rejection::HandshakeTimeout => StatusCode::REQUEST_TIMEOUT,
-            Rejection::Origin => StatusCode::FORBIDDEN,
-            Rejection::Token => StatusCode::UNAUTHORIZED,
-            Rejection::IpCap | Rejection::IpRate(_) => StatusCode::TOO_MANY_REQUESTS,
-        }
-    }
-
-    pub fn reason(self) -> &'static str {
-        match self {
-            Rejection::BadUpgrade => "bad_upgrade",
-            Rejection::BadVersion => "bad_version",
-            Rejection::UpgradeRequired => "upgrade_required",
-            Rejection::NoRoute => "no_route",
-            Rejection::Subprotocol => "subprotocol",
-            Rejection::Capacity => "capacity",
-            Rejection::Draining => "draining",
-            Rejection::NoBackend => "no_backend",
-            Rejection::UpstreamConnect => "upstream_connect",
-            Rejection::UpstreamTimeout => "upstream_timeout",
-            Rejection::UpstreamStatus(_) => "upstream_status",
-            Rejection::HandshakeTimeout => "handshake_timeout",
-            Rejection::Origin => "origin",
-            Rejection::Token => "token",
-            Rejection::IpCap => "ip_cap",
-            Rejection::IpRate(_) => "ip_rate",
-        }
-    }
-
-    /// The proxy's own refusal: the status, a one-word plain-text body, and the headers
-    /// RFC 6455 / RFC 9110 ask for. Never echoes request data.
-    pub fn response<B: From<&'static str>>(self) -> Response<B> {
-        let mut resp = Response::new(B::from(self.body()));
-        *resp.status_mut() = self.status();
-        let h = resp.headers_mut();
-        h.insert(
-            header::CONTENT_TYPE,
-            HeaderValue::from_static("text/plain; charset=utf-8"),
-        );
-        h.insert(header::CONNECTION, HeaderValue::from_static("close"));
-        match self {
-            Rejection::BadVersion => {
-                h.insert(
-                    header::SEC_WEBSOCKET_VERSION,
-                    HeaderValue::from_static("13"),
-                );
-            }
-            Rejection::UpgradeRequired => {
-                h.insert(header::UPGRADE, HeaderValue::from_static("websocket"));
-            }
-            Rejection::Token => {
-                h.insert(
-                    header::WWW_AUTHENTICATE,
-                    HeaderValue::from_static("Bearer error=\"invalid_token\""),
-                );
-            }
-            Rejection::IpRate(secs) => {
-                h.insert(header::RETRY_AFTER, HeaderValue::from(secs.max(1)));
-            }
-            _ => {}
-        }
-        resp
-    }
-
-    fn body(self) -> &'static str {
-        match self {
-            Rejection::BadUpgrade => "bad_upgrade\n",
-            Rejection::BadVersion => "bad_version\n",
-            Rejection::UpgradeRequired => "upgrade_required\n",
-            Rejection::NoRoute => "no_route\n",
-            Rejection::Subprotocol => "subprotocol\n",
-            Rejection::Capacity => "capacity\n",
-            Rejection::Draining => "draining\n",
-            Rejection::NoBackend => "no_backend\n",
-            Rejection::UpstreamConnect => "upstream_connect\n",
-            Rejection::UpstreamTimeout => "upstream_timeout\n",
-            Rejection::UpstreamStatus(_) => "upstream_status\n",
-            Rejection::HandshakeTimeout => "handshake_timeout\n",
-            Rejection::Origin => "origin\n",
-            Rejection::Token => "token\n",
-            Rejection::IpCap => "ip_cap\n",
-            Rejection::IpRate(_) => "ip_rate\n",
-        }
-    }
-}
+pub use crate::outcome::Refusal;
 
 /// An upgrade request that passed every check, with what the upstream request needs.
 #[derive(Debug)]
@@ -160,43 +23,43 @@ pub struct Admitted<'r> {
 /// Picks the route and checks the upgrade (SPEC §3), in this order: route, plain HTTP,
 /// method and version, `Connection`/`Upgrade` tokens, WebSocket version, key, body,
 /// subprotocol allowlist.
-pub fn admit<'r>(req: &request::Parts, routes: &'r [Route]) -> Result<Admitted<'r>, Rejection> {
-    let host = request_host(req).ok_or(Rejection::BadUpgrade)?;
+pub fn admit<'r>(req: &request::Parts, routes: &'r [Route]) -> Result<Admitted<'r>, Refusal> {
+    let host = request_host(req).ok_or(Refusal::BadUpgrade)?;
     let path = req.uri.path();
     // As an upstream may read the path: decoded once, for both checks below.
     let decoded = crate::admission::token::percent_decode(path);
     if has_dot_segment(&decoded) {
-        return Err(Rejection::BadUpgrade);
+        return Err(Refusal::BadUpgrade);
     }
     let name = host_without_port(&host);
-    let route = find_route(routes, name, path).ok_or(Rejection::NoRoute)?;
+    let route = find_route(routes, name, path).ok_or(Refusal::NoRoute)?;
     // `/ws/%61dmin` must not pass route `/ws`'s checks to be served as `/ws/admin`.
     if decoded != path
         && !find_route(routes, name, &decoded).is_some_and(|r| std::ptr::eq(r, route))
     {
-        return Err(Rejection::BadUpgrade);
+        return Err(Refusal::BadUpgrade);
     }
     let h = &req.headers;
     let looks_websocket = h.contains_key(header::UPGRADE)
         || h.keys().any(|k| k.as_str().starts_with("sec-websocket-"));
     if !looks_websocket {
-        return Err(Rejection::UpgradeRequired);
+        return Err(Refusal::UpgradeRequired);
     }
     if req.method != Method::GET || req.version != Version::HTTP_11 {
-        return Err(Rejection::BadUpgrade);
+        return Err(Refusal::BadUpgrade);
     }
     if !has_token(h, &header::CONNECTION, "upgrade") || !has_token(h, &header::UPGRADE, "websocket")
     {
-        return Err(Rejection::BadUpgrade);
+        return Err(Refusal::BadUpgrade);
     }
     if single(h, &header::SEC_WEBSOCKET_VERSION) != Some(b"13".as_slice()) {
-        return Err(Rejection::BadVersion);
+        return Err(Refusal::BadVersion);
     }
     if !single(h, &header::SEC_WEBSOCKET_KEY).is_some_and(valid_key) {
-        return Err(Rejection::BadUpgrade);
+        return Err(Refusal::BadUpgrade);
     }
     if has_body(h) {
-        return Err(Rejection::BadUpgrade);
+        return Err(Refusal::BadUpgrade);
     }
     // With the token in the subprotocol list, the allowlist applies once the token's
     // entries are taken out (see `listener`).
@@ -333,7 +196,7 @@ fn has_body(h: &HeaderMap) -> bool {
 pub fn allowed_protocols(
     h: &HeaderMap,
     allow: Option<&[String]>,
-) -> Result<Option<String>, Rejection> {
+) -> Result<Option<String>, Refusal> {
     let offers: Vec<&str> = h
         .get_all(header::SEC_WEBSOCKET_PROTOCOL)
         .iter()
@@ -352,7 +215,7 @@ pub fn allowed_protocols(
             .collect(),
     };
     if kept.is_empty() {
-        return Err(Rejection::Subprotocol);
+        return Err(Refusal::Subprotocol);
     }
     Ok(Some(kept.join(", ")))
 }
@@ -361,6 +224,7 @@ pub fn allowed_protocols(
 mod tests {
     use super::*;
     use crate::config::Config;
+    use http::Response;
 
     const YAML: &str = r#"
 listeners: [{ name: public, bind: "127.0.0.1:0" }]
@@ -480,41 +344,41 @@ routes:
     #[test]
     fn each_refusal_has_its_reason() {
         let routes = routes();
-        let cases: Vec<(http::request::Builder, Rejection)> = vec![
-            (upgrade("h", "/nope"), Rejection::NoRoute),
+        let cases: Vec<(http::request::Builder, Refusal)> = vec![
+            (upgrade("h", "/nope"), Refusal::NoRoute),
             (
                 http::Request::get("/ws").header("host", "h"),
-                Rejection::UpgradeRequired,
+                Refusal::UpgradeRequired,
             ),
-            (upgrade("h", "/ws").method("POST"), Rejection::BadUpgrade),
+            (upgrade("h", "/ws").method("POST"), Refusal::BadUpgrade),
             (
                 upgrade("h", "/ws").version(Version::HTTP_10),
-                Rejection::BadUpgrade,
+                Refusal::BadUpgrade,
             ),
             (
                 upgrade("h", "/ws").header("sec-websocket-version", "8"),
-                Rejection::BadVersion,
+                Refusal::BadVersion,
             ),
             (
                 http::Request::get("/ws")
                     .header("host", "h")
                     .header("connection", "not-upgrade")
                     .header("upgrade", "websocket"),
-                Rejection::BadUpgrade,
+                Refusal::BadUpgrade,
             ),
             (
                 http::Request::get("/ws")
                     .header("host", "h")
                     .header("upgrade", "websocket"),
-                Rejection::BadUpgrade,
+                Refusal::BadUpgrade,
             ),
             (
                 upgrade("h", "/ws").header("content-length", "5"),
-                Rejection::BadUpgrade,
+                Refusal::BadUpgrade,
             ),
             (
                 upgrade("chat.example.com", "/ws").header("sec-websocket-protocol", "v2.chat"),
-                Rejection::Subprotocol,
+                Refusal::Subprotocol,
             ),
         ];
         for (i, (req, want)) in cases.into_iter().enumerate() {
@@ -543,7 +407,7 @@ routes:
                 .header("sec-websocket-key", key);
             assert_eq!(
                 admit(&parts(req), &routes).map(|_| ()),
-                Err(Rejection::BadUpgrade),
+                Err(Refusal::BadUpgrade),
                 "{key}"
             );
         }
@@ -562,11 +426,11 @@ routes:
 
     #[test]
     fn refusals_carry_the_headers_rfcs_ask_for() {
-        let r: Response<String> = Rejection::BadVersion.response();
+        let r: Response<String> = Refusal::BadVersion.response();
         assert_eq!(r.status(), 426);
         assert_eq!(r.headers()["sec-websocket-version"], "13");
         assert_eq!(r.body(), "bad_version\n");
-        let r: Response<String> = Rejection::UpstreamStatus(403).response();
+        let r: Response<String> = Refusal::UpstreamStatus(403).response();
         assert_eq!(r.status(), 403);
     }
 }

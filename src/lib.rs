@@ -28,6 +28,7 @@ pub mod ids;
 pub mod listener;
 pub mod observe;
 pub mod ops;
+pub mod outcome;
 pub mod relay;
 pub mod tls;
 pub mod upstream;

@@ -28,9 +28,10 @@ use crate::admission::client_ip::{self, IpKey, ip_text};
 use crate::admission::ip_limit::IpPermit;
 use crate::admission::token;
 use crate::config::{Config, Listener, RouteAdmission};
-use crate::handshake::{self, Rejection};
+use crate::handshake;
 use crate::observe::access_log::{Record, now_rfc3339};
 use crate::ops::registry::{Entry, unix_ms};
+use crate::outcome::Refusal;
 use crate::relay::{self, Settings};
 use crate::tls::TlsInfo;
 use crate::upstream::pool::Lease;
@@ -574,12 +575,13 @@ where
             let parts = http.into_parts();
             let partial_head = !parts.read_buf.is_empty();
             if partial_head {
-                answer_and_close(parts.io.into_inner().into_inner(), REQUEST_TIMEOUT).await;
+                let answer = Refusal::HandshakeTimeout.raw_response();
+                answer_and_close(parts.io.into_inner().into_inner(), &answer).await;
             }
             let status = if partial_head { 408 } else { 0 };
             conn.log_reject(
                 &RequestInfo::default(),
-                Rejection::HandshakeTimeout,
+                Refusal::HandshakeTimeout,
                 status,
                 None,
             );
@@ -587,13 +589,15 @@ where
         }
         Some(Err(e)) => {
             if e.is_parse() || e.is_parse_too_large() {
-                let (status, answer) = if e.is_parse_too_large() {
-                    (431, HEAD_TOO_LARGE)
+                let refusal = if e.is_parse_too_large() {
+                    Refusal::HeadTooLarge
                 } else {
-                    (400, BAD_REQUEST)
+                    Refusal::BadUpgrade
                 };
-                answer_and_close(http.into_parts().io.into_inner().into_inner(), answer).await;
-                conn.log_reject(&RequestInfo::default(), Rejection::BadUpgrade, status, None);
+                let io = http.into_parts().io.into_inner().into_inner();
+                answer_and_close(io, &refusal.raw_response()).await;
+                let status = refusal.status().as_u16();
+                conn.log_reject(&RequestInfo::default(), refusal, status, None);
             } else {
                 tracing::debug!(conn_id = %conn.conn_id, error = %e, "connection ended during the handshake");
             }
@@ -640,15 +644,6 @@ fn answer_budget(config: &Config) -> Duration {
         .unwrap_or_default();
     connect * 3 + config.limits.handshake_timeout
 }
-
-/// Sent for a head hyper could not parse.
-const BAD_REQUEST: &[u8] = b"HTTP/1.1 400 Bad Request\r\ncontent-type: text/plain; charset=utf-8\r\ncontent-length: 12\r\nconnection: close\r\n\r\nbad_upgrade\n";
-
-/// Sent for a head over `MAX_HEAD`.
-const HEAD_TOO_LARGE: &[u8] = b"HTTP/1.1 431 Request Header Fields Too Large\r\ncontent-type: text/plain; charset=utf-8\r\ncontent-length: 12\r\nconnection: close\r\n\r\nbad_upgrade\n";
-
-/// Sent when the head did not arrive within `handshake_timeout` (a slowloris guard).
-const REQUEST_TIMEOUT: &[u8] = b"HTTP/1.1 408 Request Timeout\r\ncontent-type: text/plain; charset=utf-8\r\ncontent-length: 18\r\nconnection: close\r\n\r\nhandshake_timeout\n";
 
 /// The relay and its access-log line. Built eagerly, as a plain struct (no async block,
 /// which would keep a second copy of the relay session beside the one being polled): the
@@ -729,11 +724,11 @@ impl<R> Drop for Relaying<R> {
         if let Some(tail) = self.tail.take() {
             let report = relay::Report {
                 close: Some(relay::CloseInfo {
-                    code: 1006,
+                    code: crate::outcome::code::ABNORMAL,
                     reason: String::new(),
                     by: relay::By::Proxy,
                 }),
-                proxy_reason: Some("drain"),
+                proxy_reason: Some(crate::outcome::ProxyReason::Drain),
                 ..relay::Report::default()
             };
             tail.finish(&report);
@@ -908,14 +903,14 @@ impl Conn {
             info.route_known(route, &parts.uri);
         }
         if self.shared.registry.past_drain_window() {
-            return self.refuse(&info, Rejection::Draining, None);
+            return self.refuse(&info, Refusal::Draining, None);
         }
         if self.over_capacity {
-            return self.refuse(&info, Rejection::Capacity, None);
+            return self.refuse(&info, Refusal::Capacity, None);
         }
         let key = IpKey::new(client_ip, config.limits.ipv6_prefix);
         if let Err(refusal) = self.shared.handshake_rate.load().admit(key) {
-            return self.refuse(&info, refusal.into(), None);
+            return self.refuse(&info, refusal, None);
         }
         let mut admitted = match handshake::admit(&parts, &config.routes) {
             Ok(a) => a,
@@ -927,7 +922,7 @@ impl Conn {
         }
         let policy = &route.admission;
         if let Err(refusal) = policy.origins.check_headers(&parts.headers) {
-            return self.refuse(&info, refusal.into(), None);
+            return self.refuse(&info, refusal, None);
         }
         let sticky_claim = match &route.upstream.sticky {
             crate::config::StickyKey::Claim(name) => Some(name.as_str()),
@@ -939,7 +934,7 @@ impl Conn {
                 if let crate::admission::Refusal::Token { error } = refusal {
                     tracing::debug!(conn_id = %self.conn_id, error, "token refused");
                 }
-                return self.refuse(&info, refusal.into(), None);
+                return self.refuse(&info, refusal, None);
             }
         };
         info.subject = pass.subject.clone();
@@ -948,11 +943,11 @@ impl Conn {
         let permit = match early {
             // Counted since accept: only the route's own (possibly lower) cap is left to check.
             Some(p) if p.key() == key && self.shared.per_ip.count(key) <= cap => p,
-            Some(_) => return self.refuse(&info, Rejection::IpCap, None),
-            None if self.ip_capped => return self.refuse(&info, Rejection::IpCap, None),
+            Some(_) => return self.refuse(&info, Refusal::IpCap, None),
+            None if self.ip_capped => return self.refuse(&info, Refusal::IpCap, None),
             None => match self.shared.per_ip.admit(key, cap) {
                 Ok(p) => p,
-                Err(refusal) => return self.refuse(&info, refusal.into(), None),
+                Err(refusal) => return self.refuse(&info, refusal, None),
             },
         };
         let upstream_parts = match pass.upstream_parts(&parts, &mut admitted) {
@@ -972,7 +967,7 @@ impl Conn {
         );
         info.sticky = Some(key.log);
         let Some(pool) = self.shared.pools.get(&route.upstream.name) else {
-            return self.refuse(&info, Rejection::NoBackend, None);
+            return self.refuse(&info, Refusal::NoBackend, None);
         };
         match upstream::connect(&upstream_parts, &admitted, &fwd, &pool, &key.bytes).await {
             Ok(up) => {
@@ -1014,7 +1009,7 @@ impl Conn {
                 let status = resp.status().as_u16();
                 self.log_reject(
                     &info,
-                    Rejection::UpstreamStatus(status),
+                    Refusal::UpstreamStatus(status),
                     status,
                     Some(&backend),
                 );
@@ -1027,12 +1022,12 @@ impl Conn {
         }
     }
 
-    fn refuse(&self, info: &RequestInfo, r: Rejection, backend: Option<&str>) -> Response<Body> {
+    fn refuse(&self, info: &RequestInfo, r: Refusal, backend: Option<&str>) -> Response<Body> {
         self.log_reject(info, r, r.status().as_u16(), backend);
         r.response::<Full<Bytes>>().map(Either::Left)
     }
 
-    fn log_reject(&self, info: &RequestInfo, r: Rejection, status: u16, backend: Option<&str>) {
+    fn log_reject(&self, info: &RequestInfo, r: Refusal, status: u16, backend: Option<&str>) {
         self.shared
             .metrics
             .rejected(info.route.as_deref(), r.reason());
@@ -1153,7 +1148,7 @@ impl Pass {
         &self,
         parts: &request::Parts,
         admitted: &mut handshake::Admitted<'_>,
-    ) -> Result<request::Parts, Rejection> {
+    ) -> Result<request::Parts, Refusal> {
         // Hop-by-hop headers go first: a client's `Connection: X-User-Id` must not take
         // out the claim headers set below.
         let mut headers = upstream::end_to_end(&parts.headers);

@@ -15,8 +15,7 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 use serde::Serialize;
 
 use crate::config::AccessTarget;
-use crate::relay::pump::Stats;
-use crate::relay::{CloseInfo, Report, Rtt};
+use crate::observe::report::{CloseInfo, Report, Rtt, Stats};
 
 /// Lines that may wait for the writer; beyond this they are dropped (and counted).
 const QUEUE_LINES: usize = 16 * 1024;
@@ -318,7 +317,7 @@ impl Record<'_> {
         record.c2u = report.c2u.into();
         record.u2c = report.u2c.into();
         record.close = report.close.as_ref().map(Close::from);
-        record.proxy_reason = report.proxy_reason;
+        record.proxy_reason = report.proxy_reason.map(|r| r.as_str());
         record.pings = report.pings;
         record.rtt_ms = RttMs::from(&report.rtt);
         record.rate_limited = report.c2u.rate_limited;

@@ -22,7 +22,8 @@ use prometheus_client::metrics::gauge::{ConstGauge, Gauge};
 use prometheus_client::metrics::histogram::{Histogram, exponential_buckets};
 use prometheus_client::registry::Registry;
 
-use crate::relay::{By, Report};
+use crate::observe::report::Report;
+use crate::outcome::{By, ProxyReason};
 
 /// The `Content-Type` of [`Metrics::encode`]'s output.
 pub const CONTENT_TYPE: &str = "application/openmetrics-text; version=1.0.0; charset=utf-8";
@@ -346,7 +347,7 @@ impl RouteMetrics {
         if report.c2u.rate_limited > 0 {
             self.rate_limited.inc_by(report.c2u.rate_limited);
         }
-        if report.proxy_reason == Some("dead_peer") {
+        if report.proxy_reason == Some(ProxyReason::DeadPeer) {
             self.dead_peers.inc();
         }
     }
@@ -518,7 +519,7 @@ fn resident_bytes() -> Option<i64> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::relay::CloseInfo;
+    use crate::observe::report::CloseInfo;
 
     #[test]
     fn unknown_codes_share_one_label() {

@@ -3,6 +3,7 @@
 
 pub mod access_log;
 pub mod metrics;
+pub mod report;
 
 use std::io::IsTerminal;
 use std::sync::LazyLock;

@@ -4,6 +4,7 @@
 //! means and whether it is allowed; it never copies or unmasks data payloads. Parsing is
 //! tungstenite's (`FrameHeader::parse`); the rules that a proxy must add on top live here.
 
+use crate::outcome::{Breach, code};
 use tungstenite::protocol::frame::coding::{CloseCode, Control, Data, OpCode};
 
 /// Largest header: 2 bytes + 8 bytes of extended length + 4 bytes of mask.
@@ -68,11 +69,12 @@ pub enum Violation {
 }
 
 impl Violation {
-    /// The `proxy_reason` word of SPEC §6.
-    pub fn proxy_reason(self) -> &'static str {
+    /// What was broken, which decides the close code (SPEC §5).
+    pub fn breach(self) -> Breach {
         match self {
-            Violation::TooBig => "too_big",
-            Violation::Protocol(_) | Violation::InvalidUtf8 => "protocol",
+            Violation::Protocol(_) => Breach::Protocol,
+            Violation::InvalidUtf8 => Breach::InvalidUtf8,
+            Violation::TooBig => Breach::TooBig,
         }
     }
 }
@@ -329,7 +331,7 @@ impl Utf8Check {
 /// Checks a close frame's (unmasked) payload and returns its code and reason.
 pub fn parse_close(payload: &[u8]) -> Result<(u16, &str), Violation> {
     match payload {
-        [] => Ok((1005, "")),
+        [] => Ok((code::NO_STATUS, "")),
         [_] => Err(Violation::Protocol("close payload of one byte")),
         [hi, lo, reason @ ..] => {
             let code = u16::from_be_bytes([*hi, *lo]);

@@ -21,13 +21,16 @@ use std::time::Duration;
 use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::time::{Instant, Sleep};
 
-use frame::{ControlFrame, Dir, Rules, Violation};
+use frame::{ControlFrame, Dir, Rules};
 use limits::MessageGate;
-use pump::{Event, PING_LEN, Pump, Stats};
+use pump::{Event, PING_LEN, Pump};
 
 use crate::config::{Keepalive, Limits, MessageRate};
 use crate::observe::metrics::{Flow, RouteMetrics};
+pub use crate::observe::report::{CloseInfo, Report, Rtt, Stats};
 pub use crate::ops::registry::Control;
+pub use crate::outcome::By;
+use crate::outcome::{CloseFrame, Ending, Side, code};
 
 /// How long the proxy waits for a peer to answer a close (its own or a relayed one), and
 /// for the TCP close after it, before dropping the socket (SPEC §5).
@@ -104,73 +107,6 @@ impl Settings {
             metrics: None,
         }
     }
-}
-
-/// Round-trip times of the proxy's pings to the client (SPEC §6 `rtt_ms`).
-#[derive(Clone, Copy, Debug, Default, PartialEq)]
-pub struct Rtt {
-    pub count: u64,
-    pub min: Duration,
-    pub max: Duration,
-    pub total: Duration,
-}
-
-impl Rtt {
-    fn record(&mut self, rtt: Duration) {
-        self.min = if self.count == 0 {
-            rtt
-        } else {
-            self.min.min(rtt)
-        };
-        self.max = self.max.max(rtt);
-        self.total += rtt;
-        self.count += 1;
-    }
-
-    pub fn avg(&self) -> Duration {
-        u32::try_from(self.count).map_or(Duration::ZERO, |n| {
-            self.total.checked_div(n).unwrap_or_default()
-        })
-    }
-}
-
-/// Who ended the connection (SPEC §6 `close.by`).
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum By {
-    Client,
-    Upstream,
-    Proxy,
-}
-
-impl By {
-    pub fn as_str(self) -> &'static str {
-        match self {
-            By::Client => "client",
-            By::Upstream => "upstream",
-            By::Proxy => "proxy",
-        }
-    }
-}
-
-/// The close that ended the connection. For proxy-initiated closes, `code` is what the
-/// client was sent (1006 when it got no close frame at all).
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub struct CloseInfo {
-    pub code: u16,
-    pub reason: String,
-    pub by: By,
-}
-
-/// What the access log needs to know about a finished relay.
-#[derive(Clone, Debug, Default)]
-pub struct Report {
-    pub close: Option<CloseInfo>,
-    pub proxy_reason: Option<&'static str>,
-    pub c2u: Stats,
-    pub u2c: Stats,
-    /// Proxy pings sent to the client.
-    pub pings: u64,
-    pub rtt: Rtt,
 }
 
 /// Relays frames between `client` and `upstream` until both sides are closed.
@@ -424,17 +360,10 @@ where
                 }
                 self.start_close_wait();
             }
-            Event::Violation(v) => {
-                let (code, reason) = match v {
-                    Violation::Protocol(_) => (1002, "protocol error"),
-                    Violation::InvalidUtf8 => (1007, "invalid UTF-8"),
-                    Violation::TooBig => (1009, "message too big"),
-                };
-                self.client_violation(v.proxy_reason(), code, reason);
-            }
+            Event::Violation(v) => self.client_violation(Ending::ClientViolation(v.breach())),
             Event::SrcEnded(_) if self.c2u.src_close.is_some() => {}
-            Event::SrcEnded(_) => self.client_gone(By::Client, None),
-            Event::DstFailed(_) => self.upstream_gone(By::Upstream, None),
+            Event::SrcEnded(_) => self.client_gone(Ending::Vanished(Side::Client)),
+            Event::DstFailed(_) => self.upstream_gone(Ending::Vanished(Side::Upstream)),
             Event::PongReceived => {
                 let now = Instant::now();
                 if let Some(sent) = self.u2c.ping_sent_at.take() {
@@ -446,7 +375,7 @@ where
                 }
                 self.ping_check = Some(now + self.ping_interval);
             }
-            Event::RateLimited => self.client_violation("rate_limit", 1008, "rate limit"),
+            Event::RateLimited => self.client_violation(Ending::RateLimit),
         }
     }
 
@@ -460,13 +389,10 @@ where
                 }
                 self.start_close_wait();
             }
-            Event::Violation(v) => {
-                let to_upstream = if v == Violation::TooBig { 1009 } else { 1002 };
-                self.proxy_close(v.proxy_reason(), 1014, "upstream error", to_upstream);
-            }
+            Event::Violation(v) => self.proxy_close(Ending::UpstreamViolation(v.breach())),
             Event::SrcEnded(_) if self.u2c.src_close.is_some() => {}
-            Event::SrcEnded(_) => self.upstream_gone(By::Upstream, None),
-            Event::DstFailed(_) => self.client_gone(By::Client, None),
+            Event::SrcEnded(_) => self.upstream_gone(Ending::Vanished(Side::Upstream)),
+            Event::DstFailed(_) => self.client_gone(Ending::Vanished(Side::Client)),
             Event::PongReceived => {
                 self.c2u.ping_sent_at = None;
                 self.upstream_ping_check = Some(Instant::now() + self.upstream_ping_interval);
@@ -479,13 +405,17 @@ where
     /// The client broke a rule: 1001 to the upstream at once, and the client's close code
     /// in place of the upstream's close reply, so replies to what the client sent before
     /// the offending frame still reach it first (as they would from the upstream itself).
-    fn client_violation(&mut self, proxy_reason: &'static str, code: u16, reason: &str) {
-        record(&mut self.report, code, reason, By::Proxy);
-        self.report.proxy_reason.get_or_insert(proxy_reason);
-        let frame = ControlFrame::close(code, reason, None);
+    fn client_violation(&mut self, ending: Ending) {
+        let to_client = ending.to_client().unwrap_or(CloseFrame::INTERNAL);
+        let to_upstream = ending.to_upstream().unwrap_or(CloseFrame::INTERNAL);
+        self.proxy_ended(ending, to_client.code, to_client.reason);
+        let frame = ControlFrame::close(to_client.code, to_client.reason, None);
         let mask = self.next_mask();
-        self.c2u
-            .send_close(ControlFrame::close(1001, "", Some(mask)));
+        self.c2u.send_close(ControlFrame::close(
+            to_upstream.code,
+            to_upstream.reason,
+            Some(mask),
+        ));
         if self.upstream_dead || self.u2c.src_eof || self.u2c.src_close.is_some() {
             self.u2c.send_close(frame);
         } else {
@@ -494,37 +424,53 @@ where
         self.start_close_wait();
     }
 
-    /// The proxy ends the connection itself: `to_client` to the client, `to_upstream`
-    /// to the upstream, each at its next frame boundary.
-    fn proxy_close(
-        &mut self,
-        proxy_reason: &'static str,
-        to_client: u16,
-        reason: &str,
-        to_upstream: u16,
-    ) {
-        record(&mut self.report, to_client, reason, By::Proxy);
-        self.report.proxy_reason.get_or_insert(proxy_reason);
+    /// The proxy ends the connection itself: each side gets the ending's close frame
+    /// (SPEC §5) at its next frame boundary.
+    fn proxy_close(&mut self, ending: Ending) {
+        let to_client = ending.to_client().unwrap_or(CloseFrame::INTERNAL);
+        let to_upstream = ending.to_upstream().unwrap_or(CloseFrame::INTERNAL);
+        self.proxy_ended(ending, to_client.code, to_client.reason);
         self.u2c
-            .send_close(ControlFrame::close(to_client, reason, None));
+            .send_close(ControlFrame::close(to_client.code, to_client.reason, None));
         let mask = self.next_mask();
-        self.c2u
-            .send_close(ControlFrame::close(to_upstream, "", Some(mask)));
+        self.c2u.send_close(ControlFrame::close(
+            to_upstream.code,
+            to_upstream.reason,
+            Some(mask),
+        ));
         self.start_close_wait();
     }
 
-    /// The client's TCP is gone (or cut off): 1001 to the upstream (SPEC §5).
-    fn client_gone(&mut self, by: By, proxy_reason: Option<&'static str>) {
+    /// Records the proxy's own ending: what the client observes and the reason word.
+    fn proxy_ended(&mut self, ending: Ending, client_code: u16, reason: &str) {
+        record(&mut self.report, client_code, reason, By::Proxy);
+        if let Some(r) = ending.proxy_reason() {
+            self.report.proxy_reason.get_or_insert(r);
+        }
+    }
+
+    /// The client's TCP is gone (`Vanished`) or cut off by the proxy (a dead peer, a slow
+    /// consumer): the upstream gets the ending's close (SPEC §5).
+    fn client_gone(&mut self, ending: Ending) {
         self.client_dead = true;
         self.u2c.abandon_dst();
-        record(&mut self.report, 1006, "", by);
-        if let Some(r) = proxy_reason {
+        let by = if ending.proxy_reason().is_some() {
+            By::Proxy
+        } else {
+            By::Client
+        };
+        record(&mut self.report, code::ABNORMAL, "", by);
+        if let Some(r) = ending.proxy_reason() {
             self.report.proxy_reason.get_or_insert(r);
         }
         if self.c2u.at_boundary() {
+            let to_upstream = ending.to_upstream().unwrap_or(CloseFrame::INTERNAL);
             let mask = self.next_mask();
-            self.c2u
-                .send_close(ControlFrame::close(1001, "", Some(mask)));
+            self.c2u.send_close(ControlFrame::close(
+                to_upstream.code,
+                to_upstream.reason,
+                Some(mask),
+            ));
         } else {
             // Mid-frame, no close frame can be well-formed: cut the upstream too.
             self.c2u.abandon_dst();
@@ -533,19 +479,30 @@ where
         self.start_close_wait();
     }
 
-    /// The upstream's TCP is gone (or cut off): 1014 to the client (SPEC §5), or, if the
-    /// client had already sent its close, the closing handshake is completed with its code.
-    fn upstream_gone(&mut self, by: By, proxy_reason: Option<&'static str>) {
+    /// The upstream's TCP is gone (or cut off): the ending's code to the client (SPEC §5),
+    /// or, if the client had already sent its close, the closing handshake is completed
+    /// with its code.
+    fn upstream_gone(&mut self, ending: Ending) {
         self.upstream_dead = true;
         self.c2u.abandon_dst();
+        let by = if ending.proxy_reason().is_some() {
+            By::Proxy
+        } else {
+            By::Upstream
+        };
+        let proxy_reason = ending.proxy_reason();
         let code = match &self.c2u.src_close {
-            Some((1005, _)) => 1000,
+            Some((code::NO_STATUS, _)) => code::NORMAL,
             Some((code, _)) => *code,
-            None => 1014,
+            None => ending.to_client().unwrap_or(CloseFrame::INTERNAL).code,
         };
         // The log names the code the client observes: ours when a close frame can still
         // reach it, 1006 when it can only see the TCP close.
-        let observed = if self.u2c.at_boundary() { code } else { 1006 };
+        let observed = if self.u2c.at_boundary() {
+            code
+        } else {
+            code::ABNORMAL
+        };
         record(&mut self.report, observed, "", by);
         if let Some(r) = proxy_reason {
             self.report.proxy_reason.get_or_insert(r);
@@ -572,23 +529,23 @@ where
             return;
         }
         if self.drain_at.is_some_and(|t| t <= now) {
-            self.proxy_close("drain", 1012, "service restart", 1001);
+            self.proxy_close(Ending::Drain);
             return;
         }
         if self.expires_at.is_some_and(|t| t <= now) {
             self.expires_at = None;
-            self.proxy_close("token_expired", 4001, "token expired", 1001);
+            self.proxy_close(Ending::TokenExpired);
             return;
         }
         let pong_due = |sent: Option<Instant>, waiting: bool| {
             waiting && sent.is_some_and(|s| s + self.pong_timeout <= now)
         };
         if pong_due(self.u2c.ping_sent_at, self.c2u.expect_pong.is_some()) {
-            self.client_gone(By::Proxy, Some("dead_peer"));
+            self.client_gone(Ending::DeadPeer(Side::Client));
             return;
         }
         if pong_due(self.c2u.ping_sent_at, self.u2c.expect_pong.is_some()) {
-            self.upstream_gone(By::Proxy, Some("dead_peer"));
+            self.upstream_gone(Ending::DeadPeer(Side::Upstream));
             return;
         }
         if self.ping_check.is_some_and(|t| t <= now) {
@@ -601,14 +558,14 @@ where
             let due = self.last_data + self.idle_timeout;
             if due <= now {
                 self.idle_check = None;
-                self.idle_close();
+                self.proxy_close(Ending::Idle);
                 return;
             }
             self.idle_check = Some(due);
         }
         if self.fragment_due().is_some_and(|t| t <= now) {
             self.c2u.fragment_since = None;
-            self.client_violation("fragment_timeout", 1008, "fragment timeout");
+            self.client_violation(Ending::FragmentTimeout);
         }
     }
 
@@ -650,17 +607,6 @@ where
         None
     }
 
-    /// No data frame either way for `idle_timeout`: 1000 `idle` to both (SPEC §5).
-    fn idle_close(&mut self) {
-        record(&mut self.report, 1000, "idle", By::Proxy);
-        self.report.proxy_reason.get_or_insert("idle");
-        self.u2c.send_close(ControlFrame::close(1000, "idle", None));
-        let mask = self.next_mask();
-        self.c2u
-            .send_close(ControlFrame::close(1000, "idle", Some(mask)));
-        self.start_close_wait();
-    }
-
     fn fragment_due(&self) -> Option<Instant> {
         self.c2u
             .fragment_since
@@ -680,10 +626,10 @@ where
         let limit = self.send_timeout;
         let expired = |since: Option<Instant>| since.is_some_and(|s| s + limit <= now);
         if expired(self.u2c.stalled_since) && !self.client_dead {
-            self.client_gone(By::Proxy, Some("slow_consumer"));
+            self.client_gone(Ending::SlowConsumer(Side::Client));
         }
         if expired(self.c2u.stalled_since) && !self.upstream_dead {
-            self.upstream_gone(By::Proxy, Some("slow_consumer"));
+            self.upstream_gone(Ending::SlowConsumer(Side::Upstream));
         }
     }
 
@@ -954,7 +900,10 @@ mod tests {
             .await
             .unwrap_or_else(|_| panic!("the relay did not end"))
             .unwrap_or_else(|e| panic!("{e}"));
-        assert_eq!(report.proxy_reason, Some("slow_consumer"));
+        assert_eq!(
+            report.proxy_reason.map(|r| r.as_str()),
+            Some("slow_consumer")
+        );
     }
 
     #[tokio::test(start_paused = true)]

@@ -19,6 +19,8 @@ use super::frame::{
 };
 use super::limits::{MessageGate, Verdict};
 use super::pool;
+use crate::observe::report::Stats;
+use crate::outcome::code;
 
 /// Payload length of the proxy's own pings; pongs of this length are checked against it.
 pub const PING_LEN: usize = 8;
@@ -76,16 +78,6 @@ enum Phase {
         mask: Option<[u8; 4]>,
         pong: bool,
     },
-}
-
-/// Frame, message and byte counts of one direction (SPEC §6 `c2u` / `u2c`).
-#[derive(Clone, Copy, Debug, Default)]
-pub struct Stats {
-    pub frames: u64,
-    pub messages: u64,
-    pub bytes: u64,
-    /// Times the message budget was exceeded (closed or throttled).
-    pub rate_limited: u64,
 }
 
 /// What `out` holds, which decides what writing it means.
@@ -643,7 +635,7 @@ impl Pump {
         }
         if is_close {
             // An oversized close is still the peer's close: it will send nothing more.
-            self.src_close = Some((1005, String::new()));
+            self.src_close = Some((code::NO_STATUS, String::new()));
             return Step::Report(Event::CloseReceived);
         }
         Step::Go
@@ -716,13 +708,13 @@ impl Pump {
             }
             Err(v) if was_forwarding => {
                 // Malformed, but still the peer's close: it will send nothing more.
-                self.src_close = Some((1005, String::new()));
+                self.src_close = Some((code::NO_STATUS, String::new()));
                 Step::Report(Event::Violation(v))
             }
             Err(_) => {
                 // A malformed close after we stopped forwarding still ends the peer's side
                 // of the handshake.
-                self.src_close = Some((1005, String::new()));
+                self.src_close = Some((code::NO_STATUS, String::new()));
                 Step::Report(Event::CloseReceived)
             }
         }

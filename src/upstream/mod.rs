@@ -26,7 +26,8 @@ use tokio::net::TcpStream;
 
 use crate::admission::client_ip::{X_FORWARDED_FOR, ip_text};
 use crate::config::UpstreamTls;
-use crate::handshake::{Admitted, Rejection, has_token};
+use crate::handshake::{Admitted, has_token};
+use crate::outcome::Refusal;
 use pool::{Lease, Pool};
 
 /// Headers that describe one hop, never forwarded (RFC 9110 §7.6.1), besides those the
@@ -79,7 +80,7 @@ pub struct Connected {
 /// Why the upstream handshake failed.
 pub enum Failure {
     /// A refusal of the proxy's own (502/504).
-    Proxy(Rejection, String),
+    Proxy(Refusal, String),
     /// The upstream answered with a status other than 101: relayed as it is.
     Status(Response<RefusalBody>, String),
 }
@@ -105,7 +106,7 @@ pub async fn connect(
 ) -> Result<Connected, Failure> {
     let upstream = &admitted.route.upstream;
     let mut candidates = pool.candidates(key, upstream.bounded_load);
-    let mut last = Failure::Proxy(Rejection::NoBackend, String::new());
+    let mut last = Failure::Proxy(Refusal::NoBackend, String::new());
     for _ in 0..MAX_ATTEMPTS {
         let Some(lease) = candidates.next() else {
             break;
@@ -123,9 +124,9 @@ pub async fn connect(
                 return Err(f);
             }
             // Our own request could not be built: no other backend would take it either.
-            Ok(Err(f @ Failure::Proxy(Rejection::BadUpgrade, _))) => return Err(f),
+            Ok(Err(f @ Failure::Proxy(Refusal::BadUpgrade, _))) => return Err(f),
             Ok(Err(f)) => f,
-            Err(_) => Failure::Proxy(Rejection::UpstreamTimeout, backend.identity.clone()),
+            Err(_) => Failure::Proxy(Refusal::UpstreamTimeout, backend.identity.clone()),
         };
         pool.connect_failed(&backend);
         tracing::debug!(upstream = %upstream.name, backend = %backend.identity, "backend failed; trying the key's next backend");
@@ -162,15 +163,15 @@ async fn handshake(
 ) -> Result<Connected, Failure> {
     let b = lease.backend().clone();
     let backend = b.identity.as_str();
-    let fail = |r: Rejection| Failure::Proxy(r, backend.to_owned());
+    let fail = |r: Refusal| Failure::Proxy(r, backend.to_owned());
     let head = request_head(req, admitted, fwd).map_err(|why| {
         tracing::debug!(backend, why, "upstream request cannot be built");
-        fail(Rejection::BadUpgrade)
+        fail(Refusal::BadUpgrade)
     })?;
     let tls = admitted.route.upstream.tls.as_ref();
     let mut stream = open(b.addr, &b.host, tls).await.map_err(|e| {
         tracing::debug!(backend, error = %e, "upstream connect failed");
-        fail(Rejection::UpstreamConnect)
+        fail(Refusal::UpstreamConnect)
     })?;
     let mut buf = BytesMut::new();
     let answer = async {
@@ -180,18 +181,18 @@ async fn handshake(
     };
     let answer = answer.await.map_err(|e| {
         tracing::debug!(backend, error = %e, "upstream handshake failed");
-        fail(Rejection::UpstreamConnect)
+        fail(Refusal::UpstreamConnect)
     })?;
     if answer.status != StatusCode::SWITCHING_PROTOCOLS {
         let refusal = http1::refusal(answer, stream, buf).map_err(|e| {
             tracing::debug!(backend, error = %e, "upstream refusal cannot be relayed");
-            fail(Rejection::UpstreamConnect)
+            fail(Refusal::UpstreamConnect)
         })?;
         return Err(Failure::Status(refusal, backend.to_owned()));
     }
     let extensions = check_101(req, admitted, &answer.headers).map_err(|why| {
         tracing::warn!(backend, why, "upstream sent an invalid 101");
-        fail(Rejection::UpstreamConnect)
+        fail(Refusal::UpstreamConnect)
     })?;
     Ok(Connected {
         stream,
