@@ -463,12 +463,8 @@ mod tests {
     fn close_codes_follow_spec_section_5() {
         use Side::{Client, Upstream};
         let code = |c: Option<CloseFrame>| c.map(|c| (c.code, c.reason));
-        let rows: [(
-            Ending,
-            Option<(u16, &str)>,
-            Option<(u16, &str)>,
-            Option<&str>,
-        ); 18] = [
+        type Close = Option<(u16, &'static str)>;
+        let rows: [(Ending, Close, Close, Option<&str>); 18] = [
             (
                 Ending::ClientViolation(Breach::Protocol),
                 Some((1002, "protocol error")),
