@@ -605,7 +605,7 @@ pub fn upgrade_request(data: &[u8]) {
     }
 
     let routes = upgrade_routes().unwrap_or(&[]);
-    if let Ok(admitted) = crate::handshake::admit(&parts, routes) {
+    if let Ok(admitted) = crate::handshake::upgrade::check(&parts, routes) {
         if admitted.upstream_target.parse::<Uri>().is_err() {
             panic!(
                 "admit() accepted a request whose upstream target {:?} is not a URI: \

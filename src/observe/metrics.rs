@@ -101,6 +101,8 @@ pub struct Metrics {
     reload_failures: Counter,
     routes: Mutex<HashMap<String, Arc<RouteMetrics>>>,
     sources: Arc<Mutex<Sources>>,
+    /// Connections refused for a bad or missing PROXY header.
+    proxy_protocol_failures: Arc<AtomicU64>,
 }
 
 impl Default for Metrics {
@@ -110,6 +112,11 @@ impl Default for Metrics {
 }
 
 impl Metrics {
+    /// Counts a connection refused for its PROXY header; returns the total so far.
+    pub fn proxy_protocol_failed(&self) -> u64 {
+        self.proxy_protocol_failures.fetch_add(1, Ordering::Relaxed) + 1
+    }
+
     pub fn new() -> Metrics {
         let mut registry = Registry::default();
         let active = Family::<RouteLabel, Gauge>::default();
@@ -180,9 +187,14 @@ impl Metrics {
             "SIGHUP reloads refused because the new configuration was invalid",
             reload_failures.clone(),
         );
-        registry.register_collector(Box::new(ScrapeTime(sources.clone())));
+        let proxy_protocol_failures = Arc::new(AtomicU64::new(0));
+        registry.register_collector(Box::new(ScrapeTime {
+            sources: sources.clone(),
+            proxy_protocol_failures: proxy_protocol_failures.clone(),
+        }));
         Metrics {
             registry,
+            proxy_protocol_failures,
             active,
             connections,
             rejected,
@@ -379,7 +391,10 @@ fn code_label(code: u16) -> String {
 }
 
 /// Metrics read at scrape time: log drops, TLS failures, backends, the process.
-struct ScrapeTime(Arc<Mutex<Sources>>);
+struct ScrapeTime {
+    sources: Arc<Mutex<Sources>>,
+    proxy_protocol_failures: Arc<AtomicU64>,
+}
 
 impl std::fmt::Debug for ScrapeTime {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
@@ -389,7 +404,7 @@ impl std::fmt::Debug for ScrapeTime {
 
 impl Collector for ScrapeTime {
     fn encode(&self, mut enc: DescriptorEncoder) -> Result<(), std::fmt::Error> {
-        let (dropped, backends) = match self.0.lock() {
+        let (dropped, backends) = match self.sources.lock() {
             Ok(s) => (
                 s.log_dropped.as_ref().map(|d| d.load(Ordering::Relaxed)),
                 s.backends.clone(),
@@ -412,7 +427,7 @@ impl Collector for ScrapeTime {
             &mut enc,
             "wsgate_proxy_protocol_failures",
             "Connections refused for a bad or missing PROXY protocol header",
-            crate::listener::PROXY_HEADER_FAILURES.load(Ordering::Relaxed),
+            self.proxy_protocol_failures.load(Ordering::Relaxed),
         )?;
         if let Some(source) = backends {
             encode_backends(&mut enc, &source.backend_samples())?;

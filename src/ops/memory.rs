@@ -6,30 +6,24 @@
 //! (1.5 KiB per connection at 1,000 idle connections). Once a second, when connections
 //! came or went since the last look, the heap's free pages are handed back.
 
-use std::sync::Weak;
 use std::time::Duration;
-
-use crate::Shared;
 
 /// How often the gateway looks whether there is anything to give back.
 const EVERY: Duration = Duration::from_secs(1);
 
-/// Runs until the gateway is gone.
-pub fn spawn_trimmer(shared: Weak<Shared>) {
+/// Runs until `active` says the gateway is gone (`None`); `active` counts its live
+/// connections.
+pub fn spawn_trimmer(active: impl Fn() -> Option<u64> + Send + 'static) {
     tokio::spawn(async move {
         let mut tick = tokio::time::interval(EVERY);
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         let mut seen = None;
         loop {
             tick.tick().await;
-            let Some(shared) = shared.upgrade() else {
+            let Some(active) = active() else {
                 return;
             };
-            let now = (
-                crate::ids::issued(),
-                shared.active.load(std::sync::atomic::Ordering::Relaxed),
-            );
-            drop(shared);
+            let now = (crate::ids::issued(), active);
             if seen.replace(now) != Some(now) {
                 // Off the runtime thread: the walk over the free lists takes a while.
                 let _ = tokio::task::spawn_blocking(trim).await;

@@ -26,7 +26,7 @@ use tokio::net::TcpStream;
 
 use crate::admission::client_ip::{X_FORWARDED_FOR, ip_text};
 use crate::config::UpstreamTls;
-use crate::handshake::{Admitted, has_token};
+use crate::handshake::upgrade::{Upgrade as Admitted, has_token};
 use crate::outcome::Refusal;
 use pool::{Lease, Pool};
 

@@ -9,11 +9,11 @@
 use std::sync::Arc;
 use std::time::Duration;
 
+use super::{Gateway, bind, ensure_echo};
 use crate::admission::ip_limit::HandshakeRate;
 use crate::config::Config;
-use crate::listener::{self, Running};
+use crate::listener::Running;
 use crate::ops::registry::DrainKind;
-use crate::{Gateway, ensure_echo};
 
 /// What a reload changed.
 #[derive(Debug, Default)]
@@ -115,7 +115,7 @@ impl Gateway {
                 next.push(kept);
                 continue;
             }
-            match listener::bind(l) {
+            match bind(l) {
                 Ok((tcp, addr)) => {
                     next.push(Running::launch(&self.shared, l, tcp, addr));
                     done.bound.push(l.name.clone());

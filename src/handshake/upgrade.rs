@@ -1,16 +1,16 @@
-//! The client's upgrade request: route matching, RFC 6455 checks and the HTTP refusals of
-//! SPEC §3. Pure functions over the parsed request head; no I/O, so every rule is unit
-//! tested and fuzzed without sockets.
+//! The upgrade itself: route matching and the RFC 6455 checks of SPEC §3. Pure functions
+//! over the parsed request head; no I/O, so every rule is unit tested and fuzzed without
+//! sockets.
 
 use http::header::{self, HeaderMap, HeaderName};
 use http::{Method, Version, request};
 
 use crate::config::Route;
-pub use crate::outcome::Refusal;
+use crate::outcome::Refusal;
 
 /// An upgrade request that passed every check, with what the upstream request needs.
 #[derive(Debug)]
-pub struct Admitted<'r> {
+pub struct Upgrade<'r> {
     pub route: &'r Route,
     /// Host as the client sent it (port included), for `X-Forwarded-Host`.
     pub host: String,
@@ -23,7 +23,7 @@ pub struct Admitted<'r> {
 /// Picks the route and checks the upgrade (SPEC §3), in this order: route, plain HTTP,
 /// method and version, `Connection`/`Upgrade` tokens, WebSocket version, key, body,
 /// subprotocol allowlist.
-pub fn admit<'r>(req: &request::Parts, routes: &'r [Route]) -> Result<Admitted<'r>, Refusal> {
+pub fn check<'r>(req: &request::Parts, routes: &'r [Route]) -> Result<Upgrade<'r>, Refusal> {
     let host = request_host(req).ok_or(Refusal::BadUpgrade)?;
     let path = req.uri.path();
     // As an upstream may read the path: decoded once, for both checks below.
@@ -69,7 +69,7 @@ pub fn admit<'r>(req: &request::Parts, routes: &'r [Route]) -> Result<Admitted<'
         route.subprotocols.as_deref()
     };
     let protocols = allowed_protocols(h, allow)?;
-    Ok(Admitted {
+    Ok(Upgrade {
         route,
         upstream_target: upstream_target(route, req),
         host,
@@ -270,11 +270,11 @@ routes:
             Err(e) => panic!("{e}"),
         };
         for path in ["/ws/%61dmin", "/ws%2Fadmin", "/ws/%61dmin/x"] {
-            let refused = admit(&parts(upgrade("a", path)), &routes).err();
+            let refused = check(&parts(upgrade("a", path)), &routes).err();
             assert_eq!(refused.map(|r| r.reason()), Some("bad_upgrade"), "{path}");
         }
         for (path, route) in [("/ws/room%20one", "any"), ("/ws/admin/%61", "admin")] {
-            let admitted = admit(&parts(upgrade("a", path)), &routes);
+            let admitted = check(&parts(upgrade("a", path)), &routes);
             assert_eq!(
                 admitted.map(|a| a.route.name.clone()).ok().as_deref(),
                 Some(route)
@@ -296,7 +296,7 @@ routes:
             "/ws/%2e%2e%2fadmin",
             "/ws/..%5cadmin",
         ] {
-            let refused = admit(&parts(upgrade("a", path)), &routes).err();
+            let refused = check(&parts(upgrade("a", path)), &routes).err();
             assert_eq!(refused.map(|r| r.reason()), Some("bad_upgrade"), "{path}");
         }
         for path in [
@@ -306,7 +306,7 @@ routes:
             "/ws/x.",
             "/ws/%2e%2e%2e",
         ] {
-            assert!(admit(&parts(upgrade("a", path)), &routes).is_ok(), "{path}");
+            assert!(check(&parts(upgrade("a", path)), &routes).is_ok(), "{path}");
         }
     }
 
@@ -327,7 +327,7 @@ routes:
     #[test]
     fn first_matching_route_wins_and_host_is_case_insensitive() {
         let routes = routes();
-        let a = admit(
+        let a = check(
             &parts(upgrade("Chat.Example.com:443", "/ws/room?x=1")),
             &routes,
         );
@@ -337,7 +337,7 @@ routes:
             a.map(|a| a.upstream_target),
             Ok("/socket/room?x=1".to_owned())
         );
-        let b = admit(&parts(upgrade("other", "/ws")), &routes).map(|a| a.route.name.clone());
+        let b = check(&parts(upgrade("other", "/ws")), &routes).map(|a| a.route.name.clone());
         assert_eq!(b, Ok("any".to_owned()));
     }
 
@@ -383,7 +383,7 @@ routes:
         ];
         for (i, (req, want)) in cases.into_iter().enumerate() {
             assert_eq!(
-                admit(&parts(req), &routes).map(|_| ()),
+                check(&parts(req), &routes).map(|_| ()),
                 Err(want),
                 "case {i}"
             );
@@ -406,7 +406,7 @@ routes:
                 .header("sec-websocket-version", "13")
                 .header("sec-websocket-key", key);
             assert_eq!(
-                admit(&parts(req), &routes).map(|_| ()),
+                check(&parts(req), &routes).map(|_| ()),
                 Err(Refusal::BadUpgrade),
                 "{key}"
             );
@@ -419,7 +419,7 @@ routes:
         let req =
             upgrade("chat.example.com", "/ws").header("sec-websocket-protocol", "v2.chat, v1.chat");
         assert_eq!(
-            admit(&parts(req), &routes).map(|a| a.protocols),
+            check(&parts(req), &routes).map(|a| a.protocols),
             Ok(Some("v1.chat".to_owned()))
         );
     }

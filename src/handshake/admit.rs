@@ -1,0 +1,463 @@
+//! Admission as a pure decision (SPEC §3): a request head, the client's address, the
+//! config and the limiters go in; an [`Admission`] (what the upstream request carries, the
+//! per-IP permit, the sticky key) or a [`Refusal`] comes out. No socket in sight, so every
+//! outcome and the order of the checks are unit-tested here, and every HTTP driver (the
+//! HTTP/1.1 one today) calls this one function.
+//!
+//! The order: draining, process cap, handshake rate, the upgrade itself (route, RFC 6455,
+//! subprotocols), origin, token and API key, per-IP cap, the forwarded request.
+
+use std::net::IpAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use http::request;
+use tokio::time::Instant;
+
+use super::facts::Facts;
+use super::forward::Pass;
+use super::upgrade::{self, Upgrade};
+use crate::admission::client_ip::{self, IpKey};
+use crate::admission::ip_limit::{HandshakeRate, IpLimiter, IpPermit};
+use crate::admission::token;
+use crate::config::{Config, RouteAdmission, StickyKey};
+use crate::outcome::Refusal;
+use crate::upstream::sticky;
+
+/// The process state a decision reads.
+pub struct Limiters<'a> {
+    /// Past the drain window: new handshakes get 503 `draining`.
+    pub draining: bool,
+    /// `limits.max_connections` was exceeded when this connection was accepted.
+    pub over_capacity: bool,
+    pub per_ip: &'a Arc<IpLimiter>,
+    pub handshake_rate: &'a HandshakeRate,
+}
+
+/// The per-IP count taken at accept, when the peer was the client.
+pub enum EarlyPermit {
+    /// Not taken: the peer is a trusted proxy (the client is known from the head only).
+    NotTaken,
+    /// Counted since accept against the widest cap any route allows.
+    Held(IpPermit),
+    /// The client was over every route's cap at accept.
+    OverCap,
+}
+
+/// An admitted upgrade: what the upstream connection needs.
+pub struct Admission<'r> {
+    pub upgrade: Upgrade<'r>,
+    /// The request as the upstream must see it (claims set, credentials stripped).
+    pub upstream_parts: request::Parts,
+    /// Counts the connection against its client's per-IP cap while it lives.
+    pub permit: IpPermit,
+    pub client_ip: IpAddr,
+    pub sticky_key: Vec<u8>,
+    /// `close_on_expiry`: when the live connection must end.
+    pub expires_at: Option<Instant>,
+    /// The client offered only `bearer, <token>`: the 101 answers `bearer`.
+    pub answer_bearer: bool,
+}
+
+/// Decides one upgrade request from `peer` (the TCP peer, after any PROXY header).
+/// `facts` gathers what the access log says about it, refused or not. `early` is taken
+/// over at the per-IP step (and released if refused there or earlier by its owner).
+pub fn admit<'r>(
+    facts: &mut Facts,
+    parts: &request::Parts,
+    peer: IpAddr,
+    config: &'r Config,
+    limiters: &Limiters<'_>,
+    early: &mut EarlyPermit,
+) -> Result<Admission<'r>, Refusal> {
+    let client_ip = client_ip::client_ip(peer, &parts.headers, &config.trusted_proxies);
+    facts.client_ip = Some(client_ip);
+    // Named before any refusal, so refusals are logged and counted per route.
+    if let Some(route) = upgrade::route_of(parts, &config.routes) {
+        facts.route_known(route, &parts.uri);
+    }
+    if limiters.draining {
+        return Err(Refusal::Draining);
+    }
+    if limiters.over_capacity {
+        return Err(Refusal::Capacity);
+    }
+    let key = IpKey::new(client_ip, config.limits.ipv6_prefix);
+    limiters.handshake_rate.admit(key)?;
+    let mut upgrade = upgrade::check(parts, &config.routes)?;
+    let route = upgrade.route;
+    if facts.route.as_deref() != Some(route.name.as_str()) {
+        facts.route_known(route, &parts.uri);
+    }
+    let policy = &route.admission;
+    policy.origins.check_headers(&parts.headers)?;
+    let sticky_claim = match &route.upstream.sticky {
+        StickyKey::Claim(name) => Some(name.as_str()),
+        _ => None,
+    };
+    let pass = authorize(policy, parts, sticky_claim)?;
+    facts.subject = pass.subject.clone();
+    let cap = route.limits.max_connections_per_ip;
+    let permit = match std::mem::replace(early, EarlyPermit::NotTaken) {
+        // Counted since accept: only the route's own (possibly lower) cap is left to check.
+        EarlyPermit::Held(p) if p.key() == key && limiters.per_ip.count(key) <= cap => p,
+        EarlyPermit::Held(_) | EarlyPermit::OverCap => return Err(Refusal::IpCap),
+        EarlyPermit::NotTaken => limiters.per_ip.admit(key, cap)?,
+    };
+    let upstream_parts = pass.upstream_parts(parts, &mut upgrade)?;
+    let key = sticky::key(
+        &route.upstream.sticky,
+        parts,
+        pass.sticky_claim.as_deref(),
+        client_ip,
+    );
+    facts.sticky = Some(key.log);
+    Ok(Admission {
+        upgrade,
+        upstream_parts,
+        permit,
+        client_ip,
+        sticky_key: key.bytes,
+        expires_at: pass.expires_at,
+        answer_bearer: pass.answer_bearer,
+    })
+}
+
+/// Checks the route's JWT and API key (SPEC §2 `auth`).
+fn authorize(
+    policy: &RouteAdmission,
+    parts: &request::Parts,
+    sticky_claim: Option<&str>,
+) -> Result<Pass, Refusal> {
+    let mut pass = Pass::default();
+    let query = parts.uri.query();
+    if let Some(jwt) = &policy.jwt {
+        pass.claim_headers = jwt.forward_claims.iter().map(|(_, h)| h.clone()).collect();
+        let authorized = jwt
+            .verifier
+            .check(&parts.headers, query, token::unix_now())?;
+        pass.subject = authorized
+            .claims
+            .get("sub")
+            .and_then(|s| s.as_str())
+            .map(str::to_owned);
+        pass.sticky_claim = sticky_claim.and_then(|c| sticky::claim_text(&authorized.claims, c));
+        for (claim, header) in &jwt.forward_claims {
+            if let Some(value) = token::claim_header_value(&authorized.claims, claim) {
+                pass.claims.push((header.clone(), value));
+            }
+        }
+        if jwt.close_on_expiry
+            && let Some(exp) = authorized.exp
+        {
+            // A signed `exp` centuries away must not overflow the clock: no expiry then.
+            let left = Duration::from_secs(exp.saturating_sub(token::unix_now()));
+            pass.expires_at = Instant::now()
+                .checked_add(left)
+                .and_then(|at| at.checked_add(jwt.verifier.leeway()));
+        }
+        if let token::Stripped::Subprotocol {
+            remaining,
+            answer_bearer,
+        } = &authorized.stripped
+        {
+            pass.subprotocols = Some(remaining.clone());
+            pass.answer_bearer = *answer_bearer;
+        } else if jwt.subprotocol {
+            // The token came from elsewhere: the offers still lose any bearer entries and
+            // still meet the allowlist.
+            pass.subprotocols = Some(token::offers_without_bearer(&parts.headers));
+        }
+        if jwt.strip_token {
+            pass.strip = jwt.verifier.stripped_sources();
+        }
+    }
+    if let Some(keys) = &policy.api_keys {
+        keys.check(&parts.headers, query)?;
+    }
+    Ok(pass)
+}
+
+#[cfg(test)]
+mod tests {
+    use std::net::Ipv4Addr;
+
+    use super::*;
+
+    const SECRET: &str = "a-test-secret-of-at-least-32-bytes!!";
+
+    fn config(burst: u32) -> Config {
+        let yaml = format!(
+            r#"
+listeners: [{{ name: plain, bind: "127.0.0.1:0" }}]
+limits: {{ max_connections_per_ip: 2, handshakes_per_ip: {{ rate: 1, per: 1h, burst: {burst} }} }}
+upstreams:
+  echo: {{ backends: [{{ addr: "127.0.0.1:9" }}] }}
+routes:
+  - name: private
+    match: {{ path_prefix: /private }}
+    upstream: echo
+    origins: ["https://app.example.com"]
+    subprotocols: [chat]
+    auth:
+      jwt:
+        from: ["header:Authorization"]
+        keys: [{{ alg: HS256, secret: "{SECRET}" }}]
+        forward_claims: {{ sub: X-User-Id }}
+    limits: {{ max_connections_per_ip: 1 }}
+  - {{ name: public, match: {{ path_prefix: / }}, upstream: echo }}
+"#
+        );
+        match Config::from_yaml_str(&yaml, "test.yaml") {
+            Ok(c) => c,
+            Err(e) => panic!("{e}"),
+        }
+    }
+
+    fn token(sub: &str) -> String {
+        let claims = serde_json::json!({ "sub": sub, "exp": token::unix_now() + 600 });
+        let key = jsonwebtoken::EncodingKey::from_secret(SECRET.as_bytes());
+        match jsonwebtoken::encode(&jsonwebtoken::Header::default(), &claims, &key) {
+            Ok(t) => t,
+            Err(e) => panic!("{e}"),
+        }
+    }
+
+    fn upgrade(path: &str) -> http::request::Builder {
+        http::Request::get(path)
+            .header("host", "gw.example.com")
+            .header("connection", "Upgrade")
+            .header("upgrade", "websocket")
+            .header("sec-websocket-version", "13")
+            .header("sec-websocket-key", "dGhlIHNhbXBsZSBub25jZQ==")
+    }
+
+    fn private(b: http::request::Builder) -> request::Parts {
+        let b = b
+            .header("origin", "https://app.example.com")
+            .header("authorization", format!("Bearer {}", token("alice")));
+        parts(b)
+    }
+
+    fn parts(b: http::request::Builder) -> request::Parts {
+        match b.body(()) {
+            Ok(r) => r.into_parts().0,
+            Err(e) => panic!("{e}"),
+        }
+    }
+
+    /// One process's limiters, as a gateway holds them.
+    struct World {
+        config: Config,
+        per_ip: Arc<IpLimiter>,
+        rate: HandshakeRate,
+    }
+
+    impl World {
+        fn new(config: Config) -> World {
+            let rate = match HandshakeRate::new(config.limits.handshakes_per_ip) {
+                Ok(r) => r,
+                Err(e) => panic!("{e}"),
+            };
+            World {
+                config,
+                per_ip: IpLimiter::new(),
+                rate,
+            }
+        }
+
+        fn limiters(&self, draining: bool, over_capacity: bool) -> Limiters<'_> {
+            Limiters {
+                draining,
+                over_capacity,
+                per_ip: &self.per_ip,
+                handshake_rate: &self.rate,
+            }
+        }
+
+        fn decide(&self, parts: &request::Parts) -> (Facts, Result<Admission<'_>, Refusal>) {
+            self.decide_with(parts, &self.limiters(false, false), EarlyPermit::NotTaken)
+        }
+
+        fn decide_with(
+            &self,
+            parts: &request::Parts,
+            limiters: &Limiters<'_>,
+            mut early: EarlyPermit,
+        ) -> (Facts, Result<Admission<'_>, Refusal>) {
+            let mut facts = Facts::from_parts(parts);
+            let peer = IpAddr::V4(Ipv4Addr::new(192, 0, 2, 7));
+            let decided = admit(&mut facts, parts, peer, &self.config, limiters, &mut early);
+            (facts, decided)
+        }
+    }
+
+    fn refusal(r: &Result<Admission<'_>, Refusal>) -> Option<&'static str> {
+        r.as_ref().err().map(|r| r.reason())
+    }
+
+    #[test]
+    fn admits_with_the_forwarded_request_the_permit_and_the_facts() {
+        let world = World::new(config(100));
+        let req =
+            private(upgrade("/private/room?x=1").header("sec-websocket-protocol", "chat, other"));
+        let (facts, decided) = world.decide(&req);
+        let Ok(a) = decided else {
+            panic!("refused: {:?}", decided.err());
+        };
+        assert_eq!(a.upgrade.route.name, "private");
+        assert_eq!(a.upgrade.protocols.as_deref(), Some("chat"));
+        assert_eq!(a.upstream_parts.headers["x-user-id"], "alice");
+        assert_eq!(a.client_ip, IpAddr::V4(Ipv4Addr::new(192, 0, 2, 7)));
+        assert_eq!(a.permit.key(), IpKey::new(a.client_ip, 64));
+        assert_eq!(facts.route.as_deref(), Some("private"));
+        assert_eq!(facts.subject.as_deref(), Some("alice"));
+        assert_eq!(facts.path.as_deref(), Some("/private/room?x=1"));
+        assert!(facts.sticky.is_some());
+        assert_eq!(world.per_ip.count(a.permit.key()), 1);
+    }
+
+    /// Every refusal, each from a request that would pass every later check: the one that
+    /// refuses is the first that fails, in SPEC §3's order.
+    #[test]
+    fn each_check_refuses_in_spec_order() {
+        let world = World::new(config(100));
+        let good = || private(upgrade("/private"));
+        let cases: Vec<(&str, request::Parts, bool, bool)> = vec![
+            ("draining", good(), true, true),
+            ("capacity", good(), false, true),
+            (
+                "bad_upgrade",
+                private(upgrade("/private").method("POST")),
+                false,
+                false,
+            ),
+            (
+                "upgrade_required",
+                parts(
+                    http::Request::get("/private")
+                        .header("host", "gw")
+                        .header("origin", "https://evil.example"),
+                ),
+                false,
+                false,
+            ),
+            (
+                "bad_version",
+                private(upgrade("/private").header("sec-websocket-version", "8")),
+                false,
+                false,
+            ),
+            (
+                "subprotocol",
+                private(upgrade("/private").header("sec-websocket-protocol", "other")),
+                false,
+                false,
+            ),
+            (
+                "origin",
+                parts(
+                    upgrade("/private")
+                        .header("origin", "https://evil.example")
+                        .header("authorization", "Bearer x"),
+                ),
+                false,
+                false,
+            ),
+            (
+                "token",
+                parts(upgrade("/private").header("origin", "https://app.example.com")),
+                false,
+                false,
+            ),
+        ];
+        for (want, req, draining, over_capacity) in cases {
+            // A fresh world each: the handshake rate must not decide these.
+            let world = World::new(config(100));
+            let limiters = world.limiters(draining, over_capacity);
+            let (facts, decided) = world.decide_with(&req, &limiters, EarlyPermit::NotTaken);
+            assert_eq!(refusal(&decided), Some(want), "{want}");
+            // Refused before the per-IP step: nothing counted.
+            let ip = IpKey::new(IpAddr::V4(Ipv4Addr::new(192, 0, 2, 7)), 64);
+            assert_eq!(world.per_ip.count(ip), 0, "{want}");
+            assert!(facts.client_ip.is_some(), "{want}");
+        }
+        drop(world);
+    }
+
+    #[test]
+    fn the_handshake_rate_comes_before_the_upgrade_checks() {
+        let world = World::new(config(3));
+        // The burst is 3: three requests (even broken ones) use it up.
+        for _ in 0..3 {
+            let (_, decided) = world.decide(&parts(http::Request::get("/").header("host", "gw")));
+            assert_eq!(refusal(&decided), Some("upgrade_required"));
+        }
+        let (_, decided) = world.decide(&private(upgrade("/private")));
+        assert_eq!(refusal(&decided), Some("ip_rate"));
+        // Draining still comes first.
+        let (_, decided) = world.decide_with(
+            &private(upgrade("/private")),
+            &world.limiters(true, false),
+            EarlyPermit::NotTaken,
+        );
+        assert_eq!(refusal(&decided), Some("draining"));
+    }
+
+    #[test]
+    fn the_routes_own_per_ip_cap_applies_after_the_token() {
+        let world = World::new(config(100));
+        let (_, first) = world.decide(&private(upgrade("/private")));
+        assert!(first.is_ok());
+        // The private route allows one per address; the public one two.
+        let (_, second) = world.decide(&private(upgrade("/private")));
+        assert_eq!(refusal(&second), Some("ip_cap"));
+        let (_, public) = world.decide(&parts(upgrade("/public")));
+        assert!(public.is_ok());
+        // A bad token is still a 401 when over the cap: the cap comes after the token.
+        let (_, bad) = world.decide(&parts(
+            upgrade("/private").header("origin", "https://app.example.com"),
+        ));
+        assert_eq!(refusal(&bad), Some("token"));
+    }
+
+    #[test]
+    fn a_permit_taken_at_accept_is_kept_or_refused_by_the_route_cap() {
+        let world = World::new(config(100));
+        let ip = IpAddr::V4(Ipv4Addr::new(192, 0, 2, 7));
+        let key = IpKey::new(ip, 64);
+        let held = |w: &World| match w.per_ip.try_acquire(key, 2) {
+            Some(p) => EarlyPermit::Held(p),
+            None => panic!("cap"),
+        };
+        let limiters = world.limiters(false, false);
+        let (_, kept) = world.decide_with(&private(upgrade("/private")), &limiters, held(&world));
+        assert!(kept.is_ok());
+        assert_eq!(
+            world.per_ip.count(key),
+            1,
+            "the accept-time count is reused"
+        );
+        // A second connection counted at accept is over the private route's cap of one.
+        let (_, over) = world.decide_with(&private(upgrade("/private")), &limiters, held(&world));
+        assert_eq!(refusal(&over), Some("ip_cap"));
+        assert_eq!(world.per_ip.count(key), 1, "a refused permit is released");
+        let (_, capped) =
+            world.decide_with(&parts(upgrade("/public")), &limiters, EarlyPermit::OverCap);
+        assert_eq!(refusal(&capped), Some("ip_cap"));
+        drop(kept);
+    }
+
+    #[test]
+    fn refusals_name_the_route_when_one_matched() {
+        let world = World::new(config(100));
+        let (facts, decided) = world.decide_with(
+            &private(upgrade("/private/x?access_token=secret")),
+            &world.limiters(true, false),
+            EarlyPermit::NotTaken,
+        );
+        assert_eq!(refusal(&decided), Some("draining"));
+        assert_eq!(facts.route.as_deref(), Some("private"));
+        assert_eq!(facts.subject, None);
+    }
+}

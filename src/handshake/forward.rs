@@ -1,0 +1,86 @@
+//! The request as the upstream sees it (SPEC §3): hop-by-hop headers dropped, claim
+//! headers set from the token (the client's copies never pass), credentials stripped when
+//! the route says so, the `bearer` entries out of the subprotocol offers.
+
+use http::header::{self, HeaderValue};
+use http::{Request, request};
+use tokio::time::Instant;
+
+use super::upgrade::{self, Upgrade};
+use crate::admission::token;
+use crate::outcome::Refusal;
+use crate::upstream;
+
+/// What admission learnt from the token (if the route wants one).
+#[derive(Default)]
+pub(super) struct Pass {
+    pub(super) subject: Option<String>,
+    /// `close_on_expiry`: when the live connection must end.
+    pub(super) expires_at: Option<Instant>,
+    /// The client offered only `bearer, <token>`: answer `bearer`.
+    pub(super) answer_bearer: bool,
+    /// Every place a token may be, when it must not reach the upstream (`strip_token`).
+    pub(super) strip: Vec<token::Stripped>,
+    /// The bearer trick's entries are always taken out of the forwarded offers.
+    pub(super) subprotocols: Option<Vec<String>>,
+    pub(super) claims: Vec<(http::HeaderName, HeaderValue)>,
+    /// Headers the proxy sets from claims: the client's copies never pass.
+    pub(super) claim_headers: Vec<http::HeaderName>,
+    /// The upstream's `claim:NAME` sticky key, when the token has it.
+    pub(super) sticky_claim: Option<String>,
+}
+
+impl Pass {
+    /// The request as the upstream must see it: claims set (client copies dropped), the
+    /// token taken out when `strip_token`, the bearer entries out of the offers.
+    pub(super) fn upstream_parts(
+        &self,
+        parts: &request::Parts,
+        checked: &mut Upgrade<'_>,
+    ) -> Result<request::Parts, Refusal> {
+        // Hop-by-hop headers go first: a client's `Connection: X-User-Id` must not take
+        // out the claim headers set below.
+        let mut headers = upstream::end_to_end(&parts.headers);
+        for name in &self.claim_headers {
+            headers.remove(name);
+        }
+        for (name, value) in &self.claims {
+            headers.insert(name.clone(), value.clone());
+        }
+        if let Some(offers) = &self.subprotocols {
+            headers.remove(header::SEC_WEBSOCKET_PROTOCOL);
+            if let Ok(v) = HeaderValue::from_str(&offers.join(", "))
+                && !offers.is_empty()
+            {
+                headers.insert(header::SEC_WEBSOCKET_PROTOCOL, v);
+            }
+            checked.protocols =
+                upgrade::allowed_protocols(&headers, checked.route.subprotocols.as_deref())?;
+        }
+        for strip in &self.strip {
+            strip.apply_to_headers(&mut headers);
+        }
+        let query_names: Vec<&str> = self
+            .strip
+            .iter()
+            .filter_map(|s| match s {
+                token::Stripped::Query(name) => Some(name.as_str()),
+                _ => None,
+            })
+            .collect();
+        if !query_names.is_empty()
+            && let Some((path, query)) = checked.upstream_target.split_once('?')
+        {
+            checked.upstream_target = match token::strip_query(query, &query_names) {
+                Some(q) => format!("{path}?{q}"),
+                None => path.to_owned(),
+            };
+        }
+        let mut req = Request::new(());
+        *req.method_mut() = parts.method.clone();
+        *req.uri_mut() = parts.uri.clone();
+        *req.version_mut() = parts.version;
+        *req.headers_mut() = headers;
+        Ok(req.into_parts().0)
+    }
+}

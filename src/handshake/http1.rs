@@ -1,0 +1,456 @@
+//! The HTTP/1.1 driver of the upgrade (hyper's server): reads the one request of a
+//! connection within its deadline, asks [`admit`](super::admit::admit) for the decision,
+//! completes the upstream handshake, and answers 101, the proxy's refusal, or the
+//! upstream's own answer relayed; each refusal is one response and one log line.
+
+use std::convert::Infallible;
+use std::future::{Future, poll_fn};
+use std::net::SocketAddr;
+use std::pin::Pin;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+use std::task::{Context, Poll};
+use std::time::Duration;
+
+use bytes::Bytes;
+use http::header::{self, HeaderValue};
+use http::{Request, Response, StatusCode, request};
+use http_body_util::{Either, Full};
+use hyper::body::Incoming;
+use hyper_util::rt::TokioIo;
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, ReadBuf};
+use tokio::time::Instant;
+
+use super::admit::{Admission, EarlyPermit, Limiters, admit};
+use super::facts::{Facts, request_id};
+use super::session::{Established, RelayPhase, run_relay};
+use crate::admission::client_ip::ip_text;
+use crate::config::Config;
+use crate::ids;
+use crate::observe::access_log::{Record, now_rfc3339};
+use crate::outcome::Refusal;
+use crate::relay::Settings;
+use crate::shared::Shared;
+use crate::tls::TlsInfo;
+use crate::upstream::{self, Connected, Failure, Forwarded};
+
+/// Largest request head hyper will buffer (hyper's floor is 8 KiB); beyond → 431.
+const MAX_HEAD: usize = 16 * 1024;
+
+type Body = Either<Full<Bytes>, upstream::RefusalBody>;
+
+/// A connection as the listener hands it over: accepted, past any PROXY header and TLS
+/// handshake, judged against the caps that apply at accept.
+pub struct Accepted {
+    pub shared: Arc<Shared>,
+    /// The config of this connection for its whole life: a reload affects new ones only.
+    pub config: Arc<Config>,
+    pub listener: Arc<str>,
+    /// The TCP peer, or the client a PROXY header named.
+    pub peer: SocketAddr,
+    pub started: Instant,
+    /// `limits.max_connections` was exceeded at accept.
+    pub over_capacity: bool,
+    pub early_permit: EarlyPermit,
+    pub tls: Option<TlsInfo>,
+}
+
+/// Per-connection state shared between the hyper service and the connection task.
+pub(super) struct Conn {
+    pub(super) shared: Arc<Shared>,
+    pub(super) config: Arc<Config>,
+    pub(super) listener: Arc<str>,
+    pub(super) peer: SocketAddr,
+    pub(super) conn_id: String,
+    pub(super) started: Instant,
+    over_capacity: bool,
+    pub(super) tls: Option<TlsInfo>,
+    /// The request head has arrived: `handshake_timeout` no longer applies.
+    head_seen: AtomicBool,
+    established: Mutex<Option<Box<Established>>>,
+    /// The per-IP count taken at accept, until admission takes it over.
+    early_permit: Mutex<EarlyPermit>,
+}
+
+impl Conn {
+    fn new(a: Accepted) -> Conn {
+        Conn {
+            shared: a.shared,
+            config: a.config,
+            listener: a.listener,
+            peer: a.peer,
+            conn_id: ids::next(),
+            started: a.started,
+            over_capacity: a.over_capacity,
+            tls: a.tls,
+            head_seen: AtomicBool::new(false),
+            established: Mutex::new(None),
+            early_permit: Mutex::new(a.early_permit),
+        }
+    }
+}
+
+/// The HTTP upgrade over a plain or TLS client stream accepted as `accepted` says;
+/// returns the relay phase, in its own allocation, when the upgrade succeeded. The
+/// handshake's state (hyper's connection, its buffers, the timers) is freed before the
+/// relay starts. `deadline` bounds the wait for the request head.
+pub async fn serve<S>(accepted: Accepted, stream: S, deadline: Instant) -> Option<RelayPhase>
+where
+    S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+{
+    let conn = Arc::new(Conn::new(accepted));
+    let (client, early, est) = handshake(&conn, stream, deadline).await?;
+    Some(Box::pin(run_relay(conn, client, early, est)))
+}
+
+/// Serves the one HTTP request of the connection. Returns the client socket, any bytes
+/// read past the head, and what the relay needs, when the upgrade succeeded.
+async fn handshake<S>(
+    conn: &Arc<Conn>,
+    stream: S,
+    deadline: Instant,
+) -> Option<(S, Bytes, Established)>
+where
+    S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+{
+    let mut http = hyper::server::conn::http1::Builder::new();
+    // Keep-alive stays on: every response of ours says `Connection: close`, and hyper would
+    // otherwise append `close` to the 101 as well.
+    http.header_read_timeout(None).max_buf_size(MAX_HEAD);
+    let stream = OwnRefusals::new(stream, conn.clone());
+    let mut http = http.serve_connection(TokioIo::new(stream), Service(conn.clone()));
+    let deadline = tokio::time::sleep_until(deadline);
+    tokio::pin!(deadline);
+    let mut answering = false;
+    let served = loop {
+        tokio::select! {
+            r = poll_fn(|cx| http.poll_without_shutdown(cx)) => break Some(r),
+            _ = &mut deadline => {
+                if answering {
+                    // The answer (an upstream's refusal body, relayed) never finished.
+                    tracing::debug!(conn_id = %conn.conn_id, "response not sent in time; closing");
+                    return None;
+                }
+                if !conn.head_seen.load(Ordering::Acquire) {
+                    break None;
+                }
+                // The head is in: what is left (upstream connects with failover, then
+                // the answer) gets its own bound, so a trickling body cannot hold the task.
+                answering = true;
+                deadline.as_mut().reset(Instant::now() + answer_budget(&conn.config));
+            }
+        }
+    };
+    match served {
+        None => {
+            let parts = http.into_parts();
+            let partial_head = !parts.read_buf.is_empty();
+            if partial_head {
+                let answer = Refusal::HandshakeTimeout.raw_response();
+                answer_and_close(parts.io.into_inner().into_inner(), &answer).await;
+            }
+            let status = if partial_head { 408 } else { 0 };
+            conn.log_reject(&Facts::default(), Refusal::HandshakeTimeout, status, None);
+            None
+        }
+        Some(Err(e)) => {
+            if e.is_parse() || e.is_parse_too_large() {
+                let refusal = if e.is_parse_too_large() {
+                    Refusal::HeadTooLarge
+                } else {
+                    Refusal::BadUpgrade
+                };
+                let io = http.into_parts().io.into_inner().into_inner();
+                answer_and_close(io, &refusal.raw_response()).await;
+                let status = refusal.status().as_u16();
+                conn.log_reject(&Facts::default(), refusal, status, None);
+            } else {
+                tracing::debug!(conn_id = %conn.conn_id, error = %e, "connection ended during the handshake");
+            }
+            None
+        }
+        Some(Ok(())) => {
+            let est = conn.established.lock().ok().and_then(|mut e| e.take())?;
+            let parts = http.into_parts();
+            Some((parts.io.into_inner().into_inner(), parts.read_buf, *est))
+        }
+    }
+}
+
+/// Sends an answer of the proxy's own to a request hyper never handed over, then closes
+/// so that it is not lost to a reset: half-close, and read what the client still sends
+/// (the rest of a head too large, say) until it closes. Within a second and 64 KiB; past
+/// either, the socket is just dropped.
+async fn answer_and_close<S: AsyncRead + AsyncWrite + Unpin>(mut io: S, answer: &[u8]) {
+    let _ = tokio::time::timeout(Duration::from_secs(1), async {
+        io.write_all(answer).await?;
+        io.flush().await?;
+        io.shutdown().await?;
+        let mut sink = [0u8; 512];
+        let mut left: usize = 64 * 1024;
+        while left > 0 {
+            match io.read(&mut sink).await? {
+                0 => break,
+                n => left = left.saturating_sub(n),
+            }
+        }
+        Ok::<(), std::io::Error>(())
+    })
+    .await;
+}
+
+/// Time allowed after the request head for the rest of the handshake: up to three
+/// upstream attempts, then writing the answer (a relayed refusal body included).
+fn answer_budget(config: &Config) -> Duration {
+    let connect = config
+        .upstreams
+        .values()
+        .map(|u| u.connect_timeout)
+        .max()
+        .unwrap_or_default();
+    connect * 3 + config.limits.handshake_timeout
+}
+
+impl Conn {
+    async fn handle(self: Arc<Self>, req: Request<Incoming>) -> Response<Body> {
+        self.head_seen.store(true, Ordering::Release);
+        let (parts, _body) = req.into_parts();
+        let mut facts = Facts::from_parts(&parts);
+        facts.request_id = request_id(&parts.headers);
+        let decided = self.decide(&mut facts, &parts);
+        let admission = match decided {
+            Ok(a) => a,
+            Err(refusal) => {
+                if let Refusal::Token { error } = refusal {
+                    tracing::debug!(conn_id = %self.conn_id, error, "token refused");
+                }
+                return self.refuse(&facts, refusal, None);
+            }
+        };
+        let Admission {
+            upgrade,
+            upstream_parts,
+            permit,
+            client_ip,
+            sticky_key,
+            expires_at,
+            answer_bearer,
+        } = admission;
+        let route = upgrade.route;
+        let fwd = Forwarded {
+            client_ip,
+            tls: self.tls.is_some(),
+            conn_id: &self.conn_id,
+        };
+        let Some(pool) = self.shared.pools.get(&route.upstream.name) else {
+            return self.refuse(&facts, Refusal::NoBackend, None);
+        };
+        match upstream::connect(&upstream_parts, &upgrade, &fwd, &pool, &sticky_key).await {
+            Ok(up) => {
+                let Connected {
+                    stream,
+                    early,
+                    backend,
+                    mut response_headers,
+                    extensions,
+                    lease,
+                } = up;
+                let mut settings = Settings::new(&route.limits, &self.config.keepalive, extensions);
+                settings.expires_at = expires_at;
+                if answer_bearer && !response_headers.contains_key(header::SEC_WEBSOCKET_PROTOCOL) {
+                    response_headers.insert(
+                        header::SEC_WEBSOCKET_PROTOCOL,
+                        HeaderValue::from_static("bearer"),
+                    );
+                }
+                if let Ok(mut slot) = self.established.lock() {
+                    *slot = Some(Box::new(Established {
+                        upstream: stream,
+                        upstream_early: early,
+                        backend,
+                        settings,
+                        info: facts,
+                        _permit: permit,
+                        _lease: lease,
+                    }));
+                }
+                switching_protocols(response_headers)
+            }
+            Err(Failure::Proxy(r, backend)) => {
+                self.refuse(&facts, r, Some(backend.as_str()).filter(|b| !b.is_empty()))
+            }
+            Err(Failure::Status(resp, backend)) => {
+                let status = resp.status().as_u16();
+                self.log_reject(
+                    &facts,
+                    Refusal::UpstreamStatus(status),
+                    status,
+                    Some(&backend),
+                );
+                let (mut head, body) = resp.into_parts();
+                head.headers = upstream::end_to_end(&head.headers);
+                head.headers
+                    .insert(header::CONNECTION, HeaderValue::from_static("close"));
+                Response::from_parts(head, Either::Right(body))
+            }
+        }
+    }
+
+    /// The admission decision, with this connection's view of the process state.
+    fn decide<'c>(
+        &'c self,
+        facts: &mut Facts,
+        parts: &request::Parts,
+    ) -> Result<Admission<'c>, Refusal> {
+        let rate = self.shared.handshake_rate.load();
+        let limiters = Limiters {
+            draining: self.shared.registry.past_drain_window(),
+            over_capacity: self.over_capacity,
+            per_ip: &self.shared.per_ip,
+            handshake_rate: &rate,
+        };
+        let mut early = self.early_permit.lock();
+        let mut fallback = EarlyPermit::NotTaken;
+        let early = match early.as_deref_mut() {
+            Ok(e) => e,
+            Err(_) => &mut fallback,
+        };
+        admit(facts, parts, self.peer.ip(), &self.config, &limiters, early)
+    }
+
+    fn refuse(&self, info: &Facts, r: Refusal, backend: Option<&str>) -> Response<Body> {
+        self.log_reject(info, r, r.status().as_u16(), backend);
+        r.response::<Full<Bytes>>().map(Either::Left)
+    }
+
+    fn log_reject(&self, info: &Facts, r: Refusal, status: u16, backend: Option<&str>) {
+        self.shared
+            .metrics
+            .rejected(info.route.as_deref(), r.reason());
+        let mut record = self.record("ws_reject", info, status, backend);
+        record.proxy_reason = Some(r.reason());
+        self.shared.access.log(&record);
+    }
+
+    fn record<'a>(
+        &'a self,
+        event: &'static str,
+        info: &'a Facts,
+        status: u16,
+        backend: Option<&'a str>,
+    ) -> Record<'a> {
+        Record {
+            ts: now_rfc3339(),
+            event,
+            conn_id: &self.conn_id,
+            request_id: info.request_id.as_deref(),
+            listener: &self.listener,
+            route: info.route.as_deref(),
+            client_ip: ip_text(info.client_ip.unwrap_or(self.peer.ip())),
+            client_port: self.peer.port(),
+            tls: self.tls.as_ref(),
+            host: info.host.as_deref(),
+            path: info.path.as_deref(),
+            origin: info.origin.as_deref(),
+            user_agent: info.user_agent.as_deref(),
+            subject: info.subject.as_deref(),
+            upstream: backend,
+            sticky: info.sticky,
+            status,
+            duration_ms: self.started.elapsed().as_millis() as u64,
+            ..Record::default()
+        }
+    }
+}
+
+/// The 101 for the client: the upstream's end-to-end headers plus the upgrade pair.
+fn switching_protocols(headers: http::HeaderMap) -> Response<Body> {
+    let mut resp = Response::new(Either::Left(Full::new(Bytes::new())));
+    *resp.status_mut() = StatusCode::SWITCHING_PROTOCOLS;
+    *resp.headers_mut() = headers;
+    let h = resp.headers_mut();
+    h.insert(header::CONNECTION, HeaderValue::from_static("Upgrade"));
+    h.insert(header::UPGRADE, HeaderValue::from_static("websocket"));
+    resp
+}
+
+/// hyper service for the one request of a connection. Boxed futures keep it `Unpin`, which
+/// `poll_without_shutdown` needs; one allocation per handshake, none per frame.
+struct Service(Arc<Conn>);
+
+impl hyper::service::Service<Request<Incoming>> for Service {
+    type Response = Response<Body>;
+    type Error = Infallible;
+    type Future = Pin<Box<dyn Future<Output = Result<Response<Body>, Infallible>> + Send>>;
+
+    fn call(&self, req: Request<Incoming>) -> Self::Future {
+        let conn = self.0.clone();
+        Box::pin(async move { Ok(conn.handle(req).await) })
+    }
+}
+
+/// hyper answers a head it cannot parse (400) or one over the size limit (431) itself,
+/// before any request reaches the service, with an empty body; for an HTTP/2 preface it
+/// closes without a word. Until the service has the request, this adapter drops hyper's
+/// writes, so the handshake can send the proxy's own refusal instead (SPEC §3: every
+/// refusal is a response naming its reason). It is removed before the relay starts.
+pub(super) struct OwnRefusals<S> {
+    inner: S,
+    conn: Arc<Conn>,
+}
+
+impl<S> OwnRefusals<S> {
+    pub(super) fn new(inner: S, conn: Arc<Conn>) -> OwnRefusals<S> {
+        OwnRefusals { inner, conn }
+    }
+
+    pub(super) fn into_inner(self) -> S {
+        self.inner
+    }
+
+    fn passing(&self) -> bool {
+        self.conn.head_seen.load(Ordering::Acquire)
+    }
+}
+
+impl<S: AsyncRead + Unpin> AsyncRead for OwnRefusals<S> {
+    fn poll_read(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut self.inner).poll_read(cx, buf)
+    }
+}
+
+impl<S: AsyncWrite + Unpin> AsyncWrite for OwnRefusals<S> {
+    fn poll_write(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<std::io::Result<usize>> {
+        if !self.passing() {
+            return Poll::Ready(Ok(buf.len()));
+        }
+        Pin::new(&mut self.inner).poll_write(cx, buf)
+    }
+    fn poll_write_vectored(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[std::io::IoSlice<'_>],
+    ) -> Poll<std::io::Result<usize>> {
+        if !self.passing() {
+            return Poll::Ready(Ok(bufs.iter().map(|b| b.len()).sum()));
+        }
+        Pin::new(&mut self.inner).poll_write_vectored(cx, bufs)
+    }
+    fn is_write_vectored(&self) -> bool {
+        self.inner.is_write_vectored()
+    }
+    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut self.inner).poll_flush(cx)
+    }
+    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut self.inner).poll_shutdown(cx)
+    }
+}

@@ -1,0 +1,18 @@
+//! A connection from its request head to its end (SPEC §3, §6): the HTTP/1.1 driver
+//! ([`http1`]), the admission decision it asks ([`admit`], pure), the upgrade checks
+//! ([`upgrade`], pure), the request the upstream gets ([`forward`]), the log facts
+//! ([`facts`]) and the relayed connection's bookkeeping ([`session`]).
+//!
+//! The listener hands over an [`Accepted`] connection (PROXY header read, TLS done);
+//! [`serve`] returns the relay phase when the upgrade succeeded.
+
+pub mod admit;
+mod facts;
+mod forward;
+mod http1;
+mod session;
+pub mod upgrade;
+
+pub use admit::EarlyPermit;
+pub use http1::{Accepted, serve};
+pub use session::RelayPhase;

@@ -1,0 +1,36 @@
+//! The state every connection task reads: the config in service, the access log and
+//! metrics, the registry of live connections, the upstream pools and the limiters.
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicU64};
+
+use arc_swap::ArcSwap;
+
+use crate::admission::ip_limit::{HandshakeRate, IpLimiter};
+use crate::config::Config;
+use crate::observe::access_log::AccessLog;
+use crate::observe::metrics::Metrics;
+use crate::ops::registry::Registry;
+use crate::upstream::pool::Pools;
+
+/// State every connection task reads.
+pub struct Shared {
+    /// The configuration new connections use; a reload swaps it, and connections keep the
+    /// `Arc` they started with.
+    pub config: ArcSwap<Config>,
+    pub access: AccessLog,
+    pub metrics: Metrics,
+    /// Relayed connections, for `/connections` and drains.
+    pub registry: Arc<Registry>,
+    /// Every upstream's live backends (health, drain, load) and the built-in echo server;
+    /// reload calls [`Pools::reconcile`].
+    pub pools: Arc<Pools>,
+    /// Connections in any phase, for `limits.max_connections`.
+    pub active: AtomicU64,
+    /// Connections per client IP, for `limits.max_connections_per_ip`.
+    pub per_ip: Arc<IpLimiter>,
+    /// Handshakes per client IP, for `limits.handshakes_per_ip`; replaced by a reload only
+    /// when the policy changes, so counts survive other reloads.
+    pub handshake_rate: ArcSwap<HandshakeRate>,
+    pub ready: Arc<AtomicBool>,
+}
