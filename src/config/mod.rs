@@ -170,22 +170,9 @@ impl RouteAdmission {
     }
 }
 
-/// Longest time a rate limit may take to refill a full burst (`per / rate × burst`). The
-/// limiter keeps time in 64-bit nanoseconds (about 584 years), so a longer span would
-/// overflow it; a year is beyond any real policy.
-pub const MAX_REFILL_SPAN: Duration = Duration::from_secs(365 * 24 * 3600);
-
-/// Checks a rate's refill span against [`MAX_REFILL_SPAN`]; the error says what to fix.
-pub fn check_refill_span(per: Duration, rate: u32, burst: u32) -> Result<(), String> {
-    let period = per / rate.max(1);
-    if period.saturating_mul(burst) > MAX_REFILL_SPAN {
-        return Err(format!(
-            "per / rate × burst (the time to refill a full burst) must be at most {}d; lower `per` or `burst`",
-            MAX_REFILL_SPAN.as_secs() / 86_400
-        ));
-    }
-    Ok(())
-}
+// The refill bound lives with the limiter it protects, so admission never imports config;
+// message rates (validated here, enforced in `relay`) obey the same bound.
+pub use crate::admission::ip_limit::{MAX_REFILL_SPAN, check_refill_span};
 
 /// A token bucket: `rate` messages per `per`, holding up to `burst`.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
