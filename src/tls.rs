@@ -294,7 +294,7 @@ pub static HANDSHAKE_FAILURES: AtomicU64 = AtomicU64::new(0);
 /// scanner cannot flood the log (the count stays exact).
 pub fn log_handshake_failure(peer: SocketAddr, reason: &dyn std::fmt::Display) {
     let total = HANDSHAKE_FAILURES.fetch_add(1, Ordering::Relaxed) + 1;
-    if crate::observe::warn_budget() {
+    if crate::log_budget::warn_budget() {
         tracing::warn!(client_ip = %peer.ip(), client_port = peer.port(), %reason, failures_total = total, "TLS handshake failed");
     }
 }

@@ -486,7 +486,7 @@ pub static PROXY_HEADER_FAILURES: std::sync::atomic::AtomicU64 =
 /// reaching the listener directly must not flood stderr).
 fn log_proxy_header_failure(peer: SocketAddr, why: &str) {
     let total = PROXY_HEADER_FAILURES.fetch_add(1, Ordering::Relaxed) + 1;
-    if crate::observe::warn_budget() {
+    if crate::log_budget::warn_budget() {
         tracing::warn!(%peer, why, failures_total = total, "connection refused: bad PROXY protocol header");
     }
 }
