@@ -5,9 +5,12 @@
 //! [`validate::validate`] (defaults, ranges, cross references, not-yet-supported keys) →
 //! [`Config`]. Every error names file, line, column and key path; errors found after
 //! deserialization get their position from [`file::locate`]. Nothing here binds or opens
-//! anything besides reading the config file itself.
+//! anything besides reading the config file itself: files the config names (certificates,
+//! keys, JWKS, API keys) are read through an injected [`files::ReadFile`], so
+//! [`Config::from_yaml_str_with`] is a pure function of text, environment and reader.
 
 pub mod file;
+pub mod files;
 pub mod units;
 pub mod validate;
 
@@ -378,11 +381,13 @@ impl fmt::Display for KeyPath {
 // === loading ===
 
 impl Config {
-    /// Reads and validates the file at `path`; `${NAME}` comes from the process environment.
+    /// Reads and validates the file at `path` (start, `--check` and reload all come here):
+    /// `${NAME}` comes from the process environment and named files from disk.
     pub fn load(path: &Path) -> Result<Config, ConfigErrors> {
         let file = path.display().to_string();
+        let env = |name: &str| std::env::var(name).ok();
         match std::fs::read_to_string(path) {
-            Ok(text) => Config::from_yaml_str(&text, &file),
+            Ok(text) => Config::from_yaml_str_with(&text, &file, &env, &files::disk),
             Err(err) => Err(ConfigErrors(vec![ConfigError {
                 file,
                 line: 0,
@@ -395,16 +400,31 @@ impl Config {
         }
     }
 
-    /// Validates YAML `text`; `file` is only used in error messages.
+    /// Validates YAML `text`; `file` is only used in error messages. `${NAME}` comes from
+    /// the process environment and named files from disk.
     pub fn from_yaml_str(text: &str, file: &str) -> Result<Config, ConfigErrors> {
         Config::from_yaml_str_with_env(text, file, &|name| std::env::var(name).ok())
     }
 
-    /// Like [`Config::from_yaml_str`] with `${NAME}` looked up in `env` (for tests).
+    /// Like [`Config::from_yaml_str`] with `${NAME}` looked up in `env` (for tests); named
+    /// files still come from disk.
     pub fn from_yaml_str_with_env(
         text: &str,
         file: &str,
         env: &dyn Fn(&str) -> Option<String>,
+    ) -> Result<Config, ConfigErrors> {
+        Config::from_yaml_str_with(text, file, env, &files::disk)
+    }
+
+    /// Validates YAML `text` with `${NAME}` looked up in `env` and every file the config
+    /// names (certificates, keys, JWKS, API keys) read through `read`: no other I/O, so
+    /// tests can serve files from memory ([`files::MemoryFiles`]) and fuzzing can refuse
+    /// them all ([`files::no_files`]).
+    pub fn from_yaml_str_with(
+        text: &str,
+        file: &str,
+        env: &dyn Fn(&str) -> Option<String>,
+        read: &files::ReadFile<'_>,
     ) -> Result<Config, ConfigErrors> {
         let parsed = file::parse(text, env).map_err(|err| {
             let (line, column) = err.location.unwrap_or((0, 0));
@@ -420,7 +440,7 @@ impl Config {
                 message: err.message,
             }])
         })?;
-        validate::validate(parsed).map_err(|issues| {
+        validate::validate(parsed, read).map_err(|issues| {
             let mut errors: Vec<ConfigError> = issues
                 .into_iter()
                 .map(|issue| {

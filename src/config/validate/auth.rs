@@ -1,6 +1,7 @@
 //! A route's admission: the `origins` allowlist and `auth` (`jwt` keys, sources and
 //! claims; `api_keys`), with JWKS and key files read through the injected reader.
 
+use std::path::Path;
 use std::time::Duration;
 
 use super::Validator;
@@ -9,10 +10,11 @@ use crate::admission::token::{
     ApiKeySource, ApiKeyVerifier, ApiKeys, JwtKeys, JwtRules, JwtVerifier, TokenSource,
 };
 use crate::config::file::{FileApiKeys, FileAuth, FileJwt};
+use crate::config::files::read_text;
 use crate::config::units::Text;
 use crate::config::{JwtAuth, KeyPath, RouteAdmission};
 
-impl Validator {
+impl Validator<'_> {
     pub(super) fn route_admission(
         &mut self,
         origins: Option<&[Text]>,
@@ -72,7 +74,7 @@ impl Validator {
                     }
                 }
                 (None, Some(file)) => {
-                    let loaded = std::fs::read_to_string(file.value.trim())
+                    let loaded = read_text(self.read, Path::new(file.value.trim()))
                         .map_err(|e| format!("cannot read JWKS file {}: {e}", file.value.trim()))
                         .and_then(|json| keys.add_jwks(&json));
                     match loaded {
@@ -160,7 +162,7 @@ impl Validator {
             );
             return None;
         };
-        let keys = std::fs::read_to_string(file_path.value.trim())
+        let keys = read_text(self.read, Path::new(file_path.value.trim()))
             .map_err(|e| format!("cannot read {}: {e}", file_path.value.trim()))
             .and_then(|text| ApiKeys::parse(&text));
         match keys {

@@ -18,7 +18,7 @@ pub const MAX_BUFFER_SIZE: u64 = 1 << 20;
 /// Smallest frame limit: control frames may carry 125 bytes (RFC 6455 §5.5).
 pub const MIN_FRAME_SIZE: u64 = 125;
 
-impl Validator {
+impl Validator<'_> {
     /// Applies `file` over `base`. At top level (`top`) `max_connections` may be set;
     /// in a route it may not. Only keys set at this level are range-checked: inherited
     /// values were checked where they were set.

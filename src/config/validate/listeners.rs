@@ -10,7 +10,7 @@ use crate::config::file::{DEFAULT_LOG_ACCESS, DEFAULT_LOG_FORMAT, FileListener, 
 use crate::config::units::Text;
 use crate::config::{AccessTarget, KeyPath, Listener, Log, LogFormat};
 
-impl Validator {
+impl Validator<'_> {
     pub(super) fn listeners(&mut self, file: Vec<FileListener>, path: &KeyPath) -> Vec<Listener> {
         if file.is_empty() {
             self.issue(

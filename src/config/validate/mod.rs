@@ -32,6 +32,7 @@ use super::file::{
     DEFAULT_MAX_MESSAGE_SIZE, DEFAULT_MESSAGE_BURST, DEFAULT_MESSAGE_PER, DEFAULT_MESSAGE_RATE,
     DEFAULT_SEND_TIMEOUT, FileConfig,
 };
+use super::files::ReadFile;
 use super::units::{DurationValue, Text, fmt_duration};
 use super::{Admin, Config, KeyPath, Limits, MessageRate, OnExceed, Segment};
 use crate::admission::client_ip::TrustedProxies;
@@ -48,9 +49,14 @@ pub struct Issue {
     pub message: String,
 }
 
-/// Validates `file`, returning the typed config or every problem found.
-pub fn validate(file: FileConfig) -> Result<Config, Vec<Issue>> {
-    let mut v = Validator::default();
+/// Validates `file`, returning the typed config or every problem found. Files the config
+/// names are read only through `read`, so the result depends on nothing else.
+pub fn validate(file: FileConfig, read: &ReadFile<'_>) -> Result<Config, Vec<Issue>> {
+    let mut v = Validator {
+        issues: Vec::new(),
+        warnings: Vec::new(),
+        read,
+    };
     let root = KeyPath::root();
 
     let listeners = v.listeners(file.listeners.unwrap_or_default(), &root.key("listeners"));
@@ -148,13 +154,14 @@ pub fn validate(file: FileConfig) -> Result<Config, Vec<Issue>> {
     }
 }
 
-#[derive(Default)]
-struct Validator {
+struct Validator<'a> {
     issues: Vec<Issue>,
     warnings: Vec<String>,
+    /// The only way to a file's contents (certificates, keys, JWKS, API keys).
+    read: &'a ReadFile<'a>,
 }
 
-impl Validator {
+impl Validator<'_> {
     fn issue(&mut self, path: &KeyPath, message: String) {
         self.issues.push(Issue {
             path: path.clone(),

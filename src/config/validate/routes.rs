@@ -9,7 +9,7 @@ use crate::config::file::FileRoute;
 use crate::config::units::Text;
 use crate::config::{KeyPath, Limits, Route, StickyKey, Upstream};
 
-impl Validator {
+impl Validator<'_> {
     pub(super) fn routes(
         &mut self,
         file: Vec<FileRoute>,

@@ -8,7 +8,7 @@ use crate::config::file::{FileListenerTls, FileUpstreamTls};
 use crate::config::{KeyPath, ListenerTls, UpstreamTls};
 use crate::tls::{self, MinVersion};
 
-impl Validator {
+impl Validator<'_> {
     /// Loads and checks a listener's certificates now, so that `--check` and reload catch
     /// a broken file before it is served.
     pub(super) fn listener_tls(
@@ -33,6 +33,7 @@ impl Validator {
         for (i, c) in file.certificates.unwrap_or_default().iter().enumerate() {
             let at = path.key("certificates").index(i);
             match tls::load_pair(
+                self.read,
                 Path::new(c.cert.value.trim()),
                 Path::new(c.key.value.trim()),
             ) {
@@ -61,7 +62,7 @@ impl Validator {
             );
         }
         let client_ca = file.client_ca.as_ref().and_then(|ca| {
-            tls::load_roots(Path::new(ca.value.trim()))
+            tls::load_roots(self.read, Path::new(ca.value.trim()))
                 .map_err(|e| self.issue(&path.key("client_ca"), e))
                 .ok()
         });
@@ -89,12 +90,13 @@ impl Validator {
     ) -> Option<UpstreamTls> {
         let before = self.issues.len();
         let roots = file.ca.as_ref().and_then(|ca| {
-            tls::load_roots(Path::new(ca.value.trim()))
+            tls::load_roots(self.read, Path::new(ca.value.trim()))
                 .map_err(|e| self.issue(&path.key("ca"), e))
                 .ok()
         });
         let identity = file.client_cert.as_ref().and_then(|c| {
             tls::load_client_identity(
+                self.read,
                 Path::new(c.cert.value.trim()),
                 Path::new(c.key.value.trim()),
             )

@@ -10,7 +10,7 @@ use crate::config::file::{
 use crate::config::units::{Text, fmt_duration};
 use crate::config::{Backend, HealthCheck, KeyPath, StickyKey, Upstream, UpstreamKind};
 
-impl Validator {
+impl Validator<'_> {
     pub(super) fn upstream(
         &mut self,
         name: &str,
