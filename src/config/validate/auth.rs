@@ -174,3 +174,59 @@ impl Validator<'_> {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::super::testing::*;
+    use crate::config::files::MemoryFiles;
+
+    /// MINIMAL whose route checks a JWT against a JWKS file and an API key against a
+    /// key file, both at paths that exist nowhere on disk.
+    fn with_auth_files() -> String {
+        MINIMAL.replace(
+            "    upstream: echo\n",
+            "    upstream: echo\n    auth:\n      jwt: { keys: [{ jwks_file: /in-memory/jwks.json }] }\n      api_keys: { header: X-Api-Key, keys_file: /in-memory/keys.txt }\n",
+        )
+    }
+
+    #[test]
+    fn jwks_and_api_key_files_come_from_the_reader() {
+        // An Ed25519 public key (32 zero bytes; never used to verify here).
+        let jwks = r#"{"keys": [{"kty": "OKP", "crv": "Ed25519", "kid": "k1", "x": "AAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAA"}]}"#;
+        let digest = "# one key\n".to_string() + &"ab".repeat(32) + "\n";
+        let files = MemoryFiles::new()
+            .with("/in-memory/jwks.json", jwks)
+            .with("/in-memory/keys.txt", digest);
+        let config = load_from(&with_auth_files(), &files).unwrap_or_else(|e| panic!("{e}"));
+        let admission = &config.routes[0].admission;
+        assert!(admission.jwt.is_some());
+        assert!(admission.api_keys.is_some());
+    }
+
+    #[test]
+    fn unreadable_auth_files_are_located_like_missing_ones() {
+        let errors = errors_from(&with_auth_files(), &MemoryFiles::new());
+        let got: Vec<(&str, bool)> = errors
+            .iter()
+            .map(|e| (e.path.as_str(), e.line > 0))
+            .collect();
+        assert_eq!(
+            got,
+            [
+                ("routes[0].auth.jwt.keys[0].jwks_file", true),
+                ("routes[0].auth.api_keys.keys_file", true)
+            ],
+            "{errors:#?}"
+        );
+        assert!(
+            errors[0]
+                .message
+                .starts_with("cannot read JWKS file /in-memory/jwks.json: ")
+        );
+        assert!(
+            errors[1]
+                .message
+                .starts_with("cannot read /in-memory/keys.txt: ")
+        );
+    }
+}

@@ -1,6 +1,7 @@
 //! Shared helpers for the validation unit tests: a minimal config and loaders that
 //! return its errors.
 
+use super::super::files::MemoryFiles;
 use super::super::{Config, ConfigError, ConfigErrors};
 
 pub(super) const MINIMAL: &str = "\
@@ -53,4 +54,17 @@ pub(super) fn assert_one_error(text: &str, path: &str, line: usize, column: usiz
 /// MINIMAL with `extra` appended.
 pub(super) fn with(extra: &str) -> String {
     format!("{MINIMAL}{extra}")
+}
+
+/// Like [`load`], with every file the config names served by `files` (nothing from disk).
+pub(super) fn load_from(text: &str, files: &MemoryFiles) -> Result<Config, ConfigErrors> {
+    Config::from_yaml_str_with(text, "test.yaml", &env, &|p| files.read(p))
+}
+
+/// The errors of `text` with files from `files`; panics if it validates.
+pub(super) fn errors_from(text: &str, files: &MemoryFiles) -> Vec<ConfigError> {
+    match load_from(text, files) {
+        Ok(_) => panic!("expected errors for:\n{text}"),
+        Err(errors) => errors.0,
+    }
 }

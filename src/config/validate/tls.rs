@@ -128,6 +128,84 @@ impl Validator<'_> {
 #[cfg(test)]
 mod tests {
     use super::super::testing::*;
+    use crate::config::Config;
+    use crate::config::files::{MemoryFiles, no_files};
+
+    type Result<T = ()> = std::result::Result<T, Box<dyn std::error::Error>>;
+
+    /// MINIMAL whose listener serves `cert`/`key`, paths that exist nowhere on disk.
+    fn tls_listener(cert: &str, key: &str) -> String {
+        MINIMAL.replace(
+            "  - bind: 127.0.0.1:8080\n",
+            &format!(
+                "  - bind: 127.0.0.1:8080\n    tls:\n      certificates: [{{ cert: {cert}, key: {key} }}]\n"
+            ),
+        )
+    }
+
+    /// A fresh self-signed certificate for `name`, as (cert PEM, key PEM).
+    fn pem_pair(name: &str) -> Result<(String, String)> {
+        let generated = rcgen::generate_simple_self_signed(vec![name.to_string()])?;
+        Ok((generated.cert.pem(), generated.signing_key.serialize_pem()))
+    }
+
+    #[test]
+    fn listener_certificates_come_from_the_reader_not_the_disk() -> Result {
+        let (cert, key) = pem_pair("mem.test")?;
+        let files = MemoryFiles::new()
+            .with("/in-memory/cert.pem", cert)
+            .with("/in-memory/key.pem", key);
+        let text = tls_listener("/in-memory/cert.pem", "/in-memory/key.pem");
+        let config = load_from(&text, &files).map_err(|e| e.to_string())?;
+        let tls = config.listeners[0].tls.as_ref().ok_or("no tls")?;
+        assert_eq!(tls.certificates[0].names, ["mem.test"]);
+        assert!(!tls.self_signed && !tls.mtls);
+        Ok(())
+    }
+
+    #[test]
+    fn upstream_ca_and_client_certificate_come_from_the_reader() -> Result {
+        let (ca, _) = pem_pair("ca.test")?;
+        let (cert, key) = pem_pair("client.test")?;
+        let files = MemoryFiles::new()
+            .with("/in-memory/ca.pem", ca)
+            .with("/in-memory/client.pem", cert)
+            .with("/in-memory/client.key", key);
+        let text = MINIMAL.replace(
+            "echo: { builtin: echo }",
+            "echo: { backends: [{ addr: \"a:1\" }], tls: { ca: /in-memory/ca.pem, client_cert: { cert: /in-memory/client.pem, key: /in-memory/client.key } } }",
+        );
+        let config = load_from(&text, &files).map_err(|e| e.to_string())?;
+        assert!(config.upstreams["echo"].tls.is_some());
+        Ok(())
+    }
+
+    /// Validation cannot tell a refused read from a missing file: the same key path,
+    /// position and message up to the I/O error's own text.
+    #[test]
+    fn a_refusing_reader_gives_the_same_located_error_as_a_missing_file() {
+        let text = tls_listener(
+            "/nonexistent/wsgate-cert.pem",
+            "/nonexistent/wsgate-key.pem",
+        );
+        let on_disk = errors_of(&text);
+        let in_memory = errors_from(&text, &MemoryFiles::new());
+        let refused = Config::from_yaml_str_with(&text, "test.yaml", &env, &no_files)
+            .err()
+            .map(|e| e.0)
+            .unwrap_or_default();
+        let prefix = "cannot read certificates from /nonexistent/wsgate-cert.pem: I/O error: ";
+        for errors in [&on_disk, &in_memory, &refused] {
+            assert_eq!(errors.len(), 1, "{errors:#?}");
+            let e = &errors[0];
+            assert_eq!(
+                (e.file.as_str(), e.path.as_str(), e.line, e.column),
+                ("test.yaml", "listeners[0].tls.certificates[0].cert", 4, 30),
+                "{e}"
+            );
+            assert!(e.message.starts_with(prefix), "{e}");
+        }
+    }
 
     #[test]
     fn not_supported_key_is_located() {
