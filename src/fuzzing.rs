@@ -21,6 +21,7 @@ use http::header::{HeaderName, HeaderValue};
 use http::{Method, Request, Uri, Version, request};
 use tokio::io::{AsyncRead, AsyncWrite, DuplexStream, ReadBuf};
 
+use crate::config::files::no_files;
 use crate::config::{Config, MessageRate, OnExceed, Route};
 use crate::relay::{Settings, relay};
 
@@ -685,14 +686,16 @@ const SECRET: &str = "wsgate-fuzz-SECRET-7f3a";
 pub fn config_yaml(data: &[u8]) {
     let data = data.get(..CONFIG_YAML_MAX_INPUT).unwrap_or(data);
     let text = String::from_utf8_lossy(data);
-    if let Err(errors) = Config::from_yaml_str_with_env(&text, "fuzz.yaml", &|_| Some("x".into())) {
+    if let Err(errors) =
+        Config::from_yaml_str_with(&text, "fuzz.yaml", &|_| Some("x".into()), &no_files)
+    {
         let shown = errors.to_string();
         std::hint::black_box(shown);
     }
     if text.contains("${")
         && !text.contains(SECRET)
         && let Err(errors) =
-            Config::from_yaml_str_with_env(&text, "fuzz.yaml", &|_| Some(SECRET.into()))
+            Config::from_yaml_str_with(&text, "fuzz.yaml", &|_| Some(SECRET.into()), &no_files)
     {
         let shown = errors.to_string();
         if shown.contains(SECRET) {

@@ -16,6 +16,7 @@
 //! - [`ops`]: the registry of live connections, drain and hot reload (SPEC §8).
 //! - [`echo`]: the built-in demo echo upstream.
 //! - [`ids`]: connection ids.
+//! - [`log_budget`]: the shared rate limit on pre-HTTP failure warnings (a leaf).
 //! - [`fuzzing`]: entry points for the fuzz targets and their corpus replay.
 
 pub mod admin;
@@ -27,6 +28,7 @@ pub mod gateway;
 pub mod handshake;
 pub mod ids;
 pub mod listener;
+pub mod log_budget;
 pub mod observe;
 pub mod ops;
 pub mod outcome;

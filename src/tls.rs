@@ -2,9 +2,11 @@
 //! beyond the one Rust needs). Owns loading certificates and keys from PEM (or generating a
 //! localhost certificate in memory), picking a certificate by SNI, building the listener
 //! and upstream configurations, and logging handshake failures without letting a scanner
-//! flood the log. It does no socket I/O of its own.
+//! flood the log. It does no I/O of its own: certificate and key files come through the
+//! reader the caller passes (config validation's injected file reader).
 
 use std::collections::HashMap;
+use std::io;
 use std::net::SocketAddr;
 use std::path::Path;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -15,7 +17,7 @@ use rustls::crypto::CryptoProvider;
 use rustls::server::{ClientHello, ResolvesServerCert, WebPkiClientVerifier};
 use rustls::sign::CertifiedKey;
 use rustls::{ClientConfig, RootCertStore, ServerConfig};
-use rustls_pki_types::pem::PemObject;
+use rustls_pki_types::pem::{self, PemObject};
 use rustls_pki_types::{CertificateDer, PrivateKeyDer};
 
 /// Certificates expiring within this window produce a warning at load (`--check` too).
@@ -57,23 +59,50 @@ impl LoadedCert {
     }
 }
 
+/// Reads a file whole; the same shape as `config::files::ReadFile`, spelled out so that
+/// `tls` imports nothing of `config`.
+pub type ReadFile<'a> = dyn Fn(&Path) -> io::Result<Vec<u8>> + 'a;
+
 /// Loads a PEM chain (leaf first, intermediates after) and its PEM key (PKCS#8, PKCS#1 or
-/// SEC1: RSA, ECDSA, Ed25519). Refuses an expired certificate or a key that is not the
-/// leaf's.
-pub fn load_pair(cert_path: &Path, key_path: &Path) -> Result<LoadedCert, String> {
-    let chain = CertificateDer::pem_file_iter(cert_path)
-        .and_then(|it| it.collect::<Result<Vec<_>, _>>())
+/// SEC1: RSA, ECDSA, Ed25519) through `read`. Refuses an expired certificate or a key that
+/// is not the leaf's.
+pub fn load_pair(
+    read: &ReadFile<'_>,
+    cert_path: &Path,
+    key_path: &Path,
+) -> Result<LoadedCert, String> {
+    read_pair(read, cert_path, key_path).map(|(loaded, _)| loaded)
+}
+
+/// [`load_pair`], also returning the chain and key as read (an upstream client identity
+/// needs them in that form).
+fn read_pair(
+    read: &ReadFile<'_>,
+    cert_path: &Path,
+    key_path: &Path,
+) -> Result<(LoadedCert, ClientIdentity), String> {
+    let chain = pem_items::<CertificateDer<'static>>(read, cert_path)
         .map_err(|e| format!("cannot read certificates from {}: {e}", cert_path.display()))?;
     if chain.is_empty() {
         return Err(format!("{} holds no PEM certificate", cert_path.display()));
     }
-    let key = PrivateKeyDer::from_pem_file(key_path)
+    let key = read(key_path)
+        .map_err(pem::Error::Io)
+        .and_then(|bytes| PrivateKeyDer::from_pem_reader(bytes.as_slice()))
         .map_err(|e| format!("cannot read a private key from {}: {e}", key_path.display()))?;
-    let loaded = certified(chain, key)?;
+    let loaded = certified(chain.clone(), key.clone_key())?;
     if loaded.not_after < SystemTime::now() {
         return Err(format!("certificate {} has expired", cert_path.display()));
     }
-    Ok(loaded)
+    Ok((loaded, (chain, key)))
+}
+
+/// Every PEM item of type `T` in the file at `path`. The bytes go through the same reader
+/// iterator rustls-pki-types runs over a file, and a failed read becomes its `Io` error,
+/// so messages match what opening the file directly gave.
+fn pem_items<T: PemObject>(read: &ReadFile<'_>, path: &Path) -> Result<Vec<T>, pem::Error> {
+    let bytes = read(path).map_err(pem::Error::Io)?;
+    T::pem_reader_iter(bytes.as_slice()).collect()
 }
 
 /// A self-signed certificate for `localhost`, `127.0.0.1` and `::1`, generated in memory
@@ -149,10 +178,9 @@ fn ip_from_bytes(b: &[u8]) -> Option<std::net::IpAddr> {
     }
 }
 
-/// Loads a PEM bundle of CA certificates.
-pub fn load_roots(path: &Path) -> Result<RootCertStore, String> {
-    let certs = CertificateDer::pem_file_iter(path)
-        .and_then(|it| it.collect::<Result<Vec<_>, _>>())
+/// Loads a PEM bundle of CA certificates through `read`.
+pub fn load_roots(read: &ReadFile<'_>, path: &Path) -> Result<RootCertStore, String> {
+    let certs = pem_items::<CertificateDer<'static>>(read, path)
         .map_err(|e| format!("cannot read CA certificates from {}: {e}", path.display()))?;
     let mut roots = RootCertStore::empty();
     let (added, _) = roots.add_parsable_certificates(certs);
@@ -254,14 +282,14 @@ pub fn server_config(
 /// builder takes them (checked to match, like a listener's).
 pub type ClientIdentity = (Vec<CertificateDer<'static>>, PrivateKeyDer<'static>);
 
-pub fn load_client_identity(cert_path: &Path, key_path: &Path) -> Result<ClientIdentity, String> {
-    load_pair(cert_path, key_path)?;
-    let chain = CertificateDer::pem_file_iter(cert_path)
-        .and_then(|it| it.collect::<Result<Vec<_>, _>>())
-        .map_err(|e| format!("cannot read certificates from {}: {e}", cert_path.display()))?;
-    let key = PrivateKeyDer::from_pem_file(key_path)
-        .map_err(|e| format!("cannot read a private key from {}: {e}", key_path.display()))?;
-    Ok((chain, key))
+/// Loads an upstream client certificate and its key through `read`, checked like a
+/// listener's ([`load_pair`]).
+pub fn load_client_identity(
+    read: &ReadFile<'_>,
+    cert_path: &Path,
+    key_path: &Path,
+) -> Result<ClientIdentity, String> {
+    read_pair(read, cert_path, key_path).map(|(_, identity)| identity)
 }
 
 /// An upstream's rustls configuration: its CA bundle (or the bundled webpki roots) and an
@@ -294,7 +322,7 @@ pub static HANDSHAKE_FAILURES: AtomicU64 = AtomicU64::new(0);
 /// scanner cannot flood the log (the count stays exact).
 pub fn log_handshake_failure(peer: SocketAddr, reason: &dyn std::fmt::Display) {
     let total = HANDSHAKE_FAILURES.fetch_add(1, Ordering::Relaxed) + 1;
-    if crate::observe::warn_budget() {
+    if crate::log_budget::warn_budget() {
         tracing::warn!(client_ip = %peer.ip(), client_port = peer.port(), %reason, failures_total = total, "TLS handshake failed");
     }
 }
@@ -381,9 +409,13 @@ mod tests {
         let old = params.self_signed(&key)?;
         std::fs::write(dir.join("c.pem"), old.pem())?;
         std::fs::write(dir.join("k.pem"), key.serialize_pem())?;
-        let err = load_pair(&dir.join("c.pem"), &dir.join("k.pem"))
-            .err()
-            .ok_or("an expired certificate loaded")?;
+        let err = load_pair(
+            &|p| std::fs::read(p),
+            &dir.join("c.pem"),
+            &dir.join("k.pem"),
+        )
+        .err()
+        .ok_or("an expired certificate loaded")?;
         assert!(err.contains("expired"), "{err}");
         std::fs::remove_dir_all(dir)?;
         Ok(())

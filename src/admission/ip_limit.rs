@@ -181,6 +181,23 @@ impl Drop for ConnPermit {
     }
 }
 
+/// Longest time a rate limit may take to refill a full burst (`per / rate × burst`). The
+/// limiter keeps time in 64-bit nanoseconds (about 584 years), so a longer span would
+/// overflow it; a year is beyond any real policy.
+pub const MAX_REFILL_SPAN: Duration = Duration::from_secs(365 * 24 * 3600);
+
+/// Checks a rate's refill span against [`MAX_REFILL_SPAN`]; the error says what to fix.
+pub fn check_refill_span(per: Duration, rate: u32, burst: u32) -> Result<(), String> {
+    let period = per / rate.max(1);
+    if period.saturating_mul(burst) > MAX_REFILL_SPAN {
+        return Err(format!(
+            "per / rate × burst (the time to refill a full burst) must be at most {}d; lower `per` or `burst`",
+            MAX_REFILL_SPAN.as_secs() / 86_400
+        ));
+    }
+    Ok(())
+}
+
 /// The `handshakes_per_ip` policy: `rate` handshakes per `per`, with bursts up to `burst`.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct RatePolicy {
@@ -195,7 +212,7 @@ impl RatePolicy {
     pub fn quota(self) -> Result<Quota, String> {
         let rate = NonZeroU32::new(self.rate).ok_or("rate must be at least 1")?;
         let burst = NonZeroU32::new(self.burst).ok_or("burst must be at least 1")?;
-        crate::config::check_refill_span(self.per, self.rate, self.burst)?;
+        check_refill_span(self.per, self.rate, self.burst)?;
         let period = self.per / rate.get();
         Quota::with_period(period)
             .map(|q| q.allow_burst(burst))

@@ -5,9 +5,12 @@
 //! [`validate::validate`] (defaults, ranges, cross references, not-yet-supported keys) →
 //! [`Config`]. Every error names file, line, column and key path; errors found after
 //! deserialization get their position from [`file::locate`]. Nothing here binds or opens
-//! anything besides reading the config file itself.
+//! anything besides reading the config file itself: files the config names (certificates,
+//! keys, JWKS, API keys) are read through an injected [`files::ReadFile`], so
+//! [`Config::from_yaml_str_with`] is a pure function of text, environment and reader.
 
 pub mod file;
+pub mod files;
 pub mod units;
 pub mod validate;
 
@@ -170,22 +173,9 @@ impl RouteAdmission {
     }
 }
 
-/// Longest time a rate limit may take to refill a full burst (`per / rate × burst`). The
-/// limiter keeps time in 64-bit nanoseconds (about 584 years), so a longer span would
-/// overflow it; a year is beyond any real policy.
-pub const MAX_REFILL_SPAN: Duration = Duration::from_secs(365 * 24 * 3600);
-
-/// Checks a rate's refill span against [`MAX_REFILL_SPAN`]; the error says what to fix.
-pub fn check_refill_span(per: Duration, rate: u32, burst: u32) -> Result<(), String> {
-    let period = per / rate.max(1);
-    if period.saturating_mul(burst) > MAX_REFILL_SPAN {
-        return Err(format!(
-            "per / rate × burst (the time to refill a full burst) must be at most {}d; lower `per` or `burst`",
-            MAX_REFILL_SPAN.as_secs() / 86_400
-        ));
-    }
-    Ok(())
-}
+// The refill bound lives with the limiter it protects, so admission never imports config;
+// message rates (validated here, enforced in `relay`) obey the same bound.
+pub use crate::admission::ip_limit::{MAX_REFILL_SPAN, check_refill_span};
 
 /// A token bucket: `rate` messages per `per`, holding up to `burst`.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -391,11 +381,13 @@ impl fmt::Display for KeyPath {
 // === loading ===
 
 impl Config {
-    /// Reads and validates the file at `path`; `${NAME}` comes from the process environment.
+    /// Reads and validates the file at `path` (start, `--check` and reload all come here):
+    /// `${NAME}` comes from the process environment and named files from disk.
     pub fn load(path: &Path) -> Result<Config, ConfigErrors> {
         let file = path.display().to_string();
+        let env = |name: &str| std::env::var(name).ok();
         match std::fs::read_to_string(path) {
-            Ok(text) => Config::from_yaml_str(&text, &file),
+            Ok(text) => Config::from_yaml_str_with(&text, &file, &env, &files::disk),
             Err(err) => Err(ConfigErrors(vec![ConfigError {
                 file,
                 line: 0,
@@ -408,16 +400,31 @@ impl Config {
         }
     }
 
-    /// Validates YAML `text`; `file` is only used in error messages.
+    /// Validates YAML `text`; `file` is only used in error messages. `${NAME}` comes from
+    /// the process environment and named files from disk.
     pub fn from_yaml_str(text: &str, file: &str) -> Result<Config, ConfigErrors> {
         Config::from_yaml_str_with_env(text, file, &|name| std::env::var(name).ok())
     }
 
-    /// Like [`Config::from_yaml_str`] with `${NAME}` looked up in `env` (for tests).
+    /// Like [`Config::from_yaml_str`] with `${NAME}` looked up in `env` (for tests); named
+    /// files still come from disk.
     pub fn from_yaml_str_with_env(
         text: &str,
         file: &str,
         env: &dyn Fn(&str) -> Option<String>,
+    ) -> Result<Config, ConfigErrors> {
+        Config::from_yaml_str_with(text, file, env, &files::disk)
+    }
+
+    /// Validates YAML `text` with `${NAME}` looked up in `env` and every file the config
+    /// names (certificates, keys, JWKS, API keys) read through `read`: no other I/O, so
+    /// tests can serve files from memory ([`files::MemoryFiles`]) and fuzzing can refuse
+    /// them all ([`files::no_files`]).
+    pub fn from_yaml_str_with(
+        text: &str,
+        file: &str,
+        env: &dyn Fn(&str) -> Option<String>,
+        read: &files::ReadFile<'_>,
     ) -> Result<Config, ConfigErrors> {
         let parsed = file::parse(text, env).map_err(|err| {
             let (line, column) = err.location.unwrap_or((0, 0));
@@ -433,7 +440,7 @@ impl Config {
                 message: err.message,
             }])
         })?;
-        validate::validate(parsed).map_err(|issues| {
+        validate::validate(parsed, read).map_err(|issues| {
             let mut errors: Vec<ConfigError> = issues
                 .into_iter()
                 .map(|issue| {

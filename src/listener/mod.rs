@@ -363,7 +363,7 @@ fn tls_info(session: &rustls::ServerConnection) -> TlsInfo {
 /// reaching the listener directly must not flood stderr).
 fn log_proxy_header_failure(shared: &Shared, peer: SocketAddr, why: &str) {
     let total = shared.metrics.proxy_protocol_failed();
-    if crate::observe::warn_budget() {
+    if crate::log_budget::warn_budget() {
         tracing::warn!(%peer, why, failures_total = total, "connection refused: bad PROXY protocol header");
     }
 }

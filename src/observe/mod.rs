@@ -6,7 +6,6 @@ pub mod metrics;
 pub mod report;
 
 use std::io::IsTerminal;
-use std::sync::LazyLock;
 
 use crate::config::LogFormat;
 
@@ -26,16 +25,4 @@ pub fn init_tracing(format: &LogFormat) {
         LogFormat::Json => builder.json().try_init(),
         LogFormat::Text => builder.try_init(),
     };
-}
-
-/// Whether a warning about a connection that failed before HTTP (TLS, PROXY header) may be
-/// written now: about ten lines a second across the process, so a scanner cannot flood
-/// stderr. The failures are still counted exactly, in the metrics.
-pub fn warn_budget() -> bool {
-    use governor::{DefaultDirectRateLimiter, Quota, RateLimiter};
-    static BUDGET: LazyLock<DefaultDirectRateLimiter> = LazyLock::new(|| {
-        let ten = std::num::NonZeroU32::new(10).unwrap_or(std::num::NonZeroU32::MIN);
-        RateLimiter::direct(Quota::per_second(ten))
-    });
-    BUDGET.check().is_ok()
 }
