@@ -254,7 +254,7 @@ impl RequestInfo {
         self.upstream = Some(route.upstream.name.clone());
         if let Some(full) = uri.path_and_query() {
             let names = route.admission.secret_query_names();
-            self.path = Some(token::redact_query(full.as_str(), &names).into_owned());
+            self.path = Some(crate::http_util::redact_query(full.as_str(), &names).into_owned());
         }
     }
 }
@@ -1187,7 +1187,7 @@ impl Pass {
         if !query_names.is_empty()
             && let Some((path, query)) = admitted.upstream_target.split_once('?')
         {
-            admitted.upstream_target = match token::strip_query(query, &query_names) {
+            admitted.upstream_target = match crate::http_util::strip_query(query, &query_names) {
                 Some(q) => format!("{path}?{q}"),
                 None => path.to_owned(),
             };
