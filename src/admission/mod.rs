@@ -14,8 +14,8 @@
 //! - [`proxy_protocol`]: the PROXY protocol v1/v2 header in front of the byte stream.
 //! - [`client_ip`]: the real client address (`trusted_proxies` + `X-Forwarded-For`) and
 //!   the key per-IP accounting uses (IPv4 address, IPv6 /64 by default).
-//! - [`ip_limit`]: per-IP and process-wide connection caps as RAII permits, and the
-//!   per-IP handshake rate (governor keyed limiter).
+//! - [`ip_limit`]: per-IP connection caps as RAII permits, and the per-IP handshake
+//!   rate (governor keyed limiter).
 //!
 //! What admission refuses is one [`Refusal`]; its status, reason word and extra headers
 //! are decided here, in one place.
@@ -136,10 +136,8 @@ mod tests {
         shared::<token::ApiKeyVerifier>();
         shared::<client_ip::TrustedProxies>();
         shared::<ip_limit::IpLimiter>();
-        shared::<ip_limit::ConnLimiter>();
         shared::<ip_limit::HandshakeRate>();
         movable::<ip_limit::IpPermit>();
-        movable::<ip_limit::ConnPermit>();
         movable::<token::Authorized>();
     }
 
