@@ -7,8 +7,9 @@ use bytes::BytesMut;
 use tokio::io::AsyncWriteExt;
 use tokio::net::TcpStream;
 
+use super::http1::{self, Field};
 use super::pool::{BackendState, Pool};
-use super::{UpstreamStream, http1, open, put_header, put_own_header};
+use super::{UpstreamStream, open};
 use crate::config::{HealthCheck, UpstreamTls};
 
 /// Probes every backend of `pool` once and records the verdicts.
@@ -37,16 +38,14 @@ async fn probe(b: &BackendState, path: Option<&str>, tls: Option<&UpstreamTls>) 
 
 /// `GET path` with `Host: entry`; true on a 2xx status (the body is not read).
 async fn http_get(mut stream: UpstreamStream, path: &str, host: &str) -> bool {
-    let mut head = Vec::with_capacity(128 + path.len() + host.len());
-    head.extend_from_slice(b"GET ");
-    head.extend_from_slice(path.as_bytes());
-    head.extend_from_slice(b" HTTP/1.1\r\n");
-    if put_own_header(&mut head, "host", host).is_err() {
+    let headers = [
+        ("host", Field::Text(host)),
+        ("user-agent", Field::Valid(b"wsgate-health-check")),
+        ("connection", Field::Valid(b"close")),
+    ];
+    let Ok(head) = http1::get_head(path, headers, 64 + host.len()) else {
         return false;
-    }
-    put_header(&mut head, "user-agent", b"wsgate-health-check");
-    put_header(&mut head, "connection", b"close");
-    head.extend_from_slice(b"\r\n");
+    };
     let mut buf = BytesMut::new();
     let answer = async {
         stream.write_all(&head).await?;

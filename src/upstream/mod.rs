@@ -27,6 +27,7 @@ use tokio::net::TcpStream;
 use crate::admission::client_ip::{X_FORWARDED_FOR, ip_text};
 use crate::config::UpstreamTls;
 use crate::handshake::{Admitted, Rejection, has_token};
+use http1::Field;
 use pool::{Lease, Pool};
 
 /// Headers that describe one hop, never forwarded (RFC 9110 §7.6.1), besides those the
@@ -210,58 +211,36 @@ fn request_head(
     admitted: &Admitted<'_>,
     fwd: &Forwarded<'_>,
 ) -> Result<Vec<u8>, &'static str> {
-    let target = admitted.upstream_target.as_bytes();
-    if target.is_empty() || !target.iter().all(|&b| b > b' ' && b != 0x7f) {
-        return Err("invalid request target");
-    }
     let client_bytes: usize = req
         .headers
         .iter()
         .map(|(n, v)| n.as_str().len() + v.len() + 4)
         .sum();
-    let mut out = Vec::with_capacity(256 + target.len() + client_bytes);
-    out.extend_from_slice(b"GET ");
-    out.extend_from_slice(target);
-    out.extend_from_slice(b" HTTP/1.1\r\n");
     let named = connection_named(&req.headers);
-    for (name, value) in &req.headers {
-        let ours = PROXY_SET.contains(name) || name == header::SEC_WEBSOCKET_PROTOCOL;
-        if !ours && !is_hop_by_hop(name, &named) {
-            put_header(&mut out, name.as_str(), value.as_bytes());
-        }
-    }
-    if let Some(p) = &admitted.protocols {
-        put_own_header(&mut out, "sec-websocket-protocol", p)?;
-    }
-    put_header(&mut out, "connection", b"Upgrade");
-    put_header(&mut out, "upgrade", b"websocket");
-    put_own_header(&mut out, "x-forwarded-for", &ip_text(fwd.client_ip))?;
-    let proto = if fwd.tls { "https" } else { "http" };
-    put_header(&mut out, "x-forwarded-proto", proto.as_bytes());
-    put_own_header(&mut out, "x-forwarded-host", &admitted.host)?;
-    put_own_header(&mut out, "x-request-id", fwd.conn_id)?;
-    out.extend_from_slice(b"\r\n");
-    Ok(out)
-}
-
-fn put_header(out: &mut Vec<u8>, name: &str, value: &[u8]) {
-    out.extend_from_slice(name.as_bytes());
-    out.extend_from_slice(b": ");
-    out.extend_from_slice(value);
-    out.extend_from_slice(b"\r\n");
-}
-
-/// A header whose value the proxy composed (from client text): checked as `HeaderValue`
-/// checks text, so no CR or LF can split the head.
-fn put_own_header(out: &mut Vec<u8>, name: &str, value: &str) -> Result<(), &'static str> {
-    let valid = value
-        .bytes()
-        .all(|b| b == b'\t' || (b' '..0x7f).contains(&b));
-    if !valid {
-        return Err("invalid header value");
-    }
-    put_header(out, name, value.as_bytes());
-    Ok(())
+    let client = req
+        .headers
+        .iter()
+        .filter(|&(name, _)| {
+            let ours = PROXY_SET.contains(name) || name == header::SEC_WEBSOCKET_PROTOCOL;
+            !ours && !is_hop_by_hop(name, &named)
+        })
+        .map(|(name, value)| (name.as_str(), Field::Valid(value.as_bytes())));
+    let protocols = admitted
+        .protocols
+        .as_deref()
+        .map(|p| ("sec-websocket-protocol", Field::Text(p)));
+    let client_ip = ip_text(fwd.client_ip);
+    let proto: &[u8] = if fwd.tls { b"https" } else { b"http" };
+    let own = [
+        ("connection", Field::Valid(b"Upgrade")),
+        ("upgrade", Field::Valid(b"websocket")),
+        ("x-forwarded-for", Field::Text(&client_ip)),
+        ("x-forwarded-proto", Field::Valid(proto)),
+        ("x-forwarded-host", Field::Text(&admitted.host)),
+        ("x-request-id", Field::Text(fwd.conn_id)),
+    ];
+    let headers = client.chain(protocols).chain(own);
+    http1::get_head(&admitted.upstream_target, headers, 192 + client_bytes)
 }
 
 /// The header names listed in `Connection` (hop-by-hop for this request only).
