@@ -3,7 +3,10 @@
 //!
 //! Owns the connect loop (the key's backend, then failover in rendezvous order before any
 //! 101), the forwarded request headers, and the checks on the upstream's 101. Pools,
-//! hashing, health, DNS and sticky keys live in the submodules.
+//! hashing, health, DNS, sticky keys, the HTTP/1.1 wire and the backend stream live in
+//! the submodules, whose dependencies go one way: `pool` → `health` → `stream`,
+//! `http1`; `pool` → `hash`, `resolve`; `hash`, `resolve`, `http1` and `stream` are
+//! leaves within `upstream`.
 
 pub mod hash;
 mod health;
@@ -11,24 +14,19 @@ pub mod http1;
 pub mod pool;
 pub mod resolve;
 pub mod sticky;
-
-use std::net::SocketAddr;
+mod stream;
 
 use bytes::{Bytes, BytesMut};
 use http::header::{self, HeaderMap, HeaderName, HeaderValue};
 use http::{Response, StatusCode, request};
-use std::io;
-use std::pin::Pin;
-use std::task::{Context, Poll};
-
-use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt, ReadBuf};
-use tokio::net::TcpStream;
+use tokio::io::AsyncWriteExt;
 
 use crate::admission::client_ip::{X_FORWARDED_FOR, ip_text};
-use crate::config::UpstreamTls;
 use crate::handshake::{Admitted, Rejection, has_token};
 use http1::Field;
 use pool::{Lease, Pool};
+pub use stream::UpstreamStream;
+use stream::open;
 
 /// Headers that describe one hop, never forwarded (RFC 9110 §7.6.1), besides those the
 /// `Connection` header names.
@@ -133,26 +131,6 @@ pub async fn connect(
         last = failure;
     }
     Err(last)
-}
-
-/// A stream to `addr`: TCP, then TLS when the upstream has `tls` (SNI: the configured
-/// `sni`, else the backend's configured host).
-pub(crate) async fn open(
-    addr: SocketAddr,
-    host: &str,
-    tls: Option<&UpstreamTls>,
-) -> io::Result<UpstreamStream> {
-    let tcp = TcpStream::connect(addr).await?;
-    let _ = tcp.set_nodelay(true);
-    let Some(tls) = tls else {
-        return Ok(UpstreamStream::Plain(tcp));
-    };
-    let name = tls.sni.clone().unwrap_or_else(|| host.to_owned());
-    let name = rustls_pki_types::ServerName::try_from(name)
-        .map_err(|e| io::Error::new(io::ErrorKind::InvalidInput, e))?;
-    let connector = tokio_rustls::TlsConnector::from(tls.client.clone());
-    let stream = connector.connect(name, tcp).await?;
-    Ok(UpstreamStream::Tls(Box::new(stream)))
 }
 
 async fn handshake(
@@ -323,51 +301,4 @@ fn check_101(
 
 fn ext_name(ext: &str) -> &str {
     ext.split(';').next().unwrap_or("").trim()
-}
-
-/// A connection to a backend: plain TCP, or TLS (boxed: rustls's state is large and most
-/// upstreams are plain).
-pub enum UpstreamStream {
-    Plain(TcpStream),
-    Tls(Box<tokio_rustls::client::TlsStream<TcpStream>>),
-}
-
-impl AsyncRead for UpstreamStream {
-    fn poll_read(
-        self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        buf: &mut ReadBuf<'_>,
-    ) -> Poll<io::Result<()>> {
-        match self.get_mut() {
-            UpstreamStream::Plain(s) => Pin::new(s).poll_read(cx, buf),
-            UpstreamStream::Tls(s) => Pin::new(s.as_mut()).poll_read(cx, buf),
-        }
-    }
-}
-
-impl AsyncWrite for UpstreamStream {
-    fn poll_write(
-        self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        buf: &[u8],
-    ) -> Poll<io::Result<usize>> {
-        match self.get_mut() {
-            UpstreamStream::Plain(s) => Pin::new(s).poll_write(cx, buf),
-            UpstreamStream::Tls(s) => Pin::new(s.as_mut()).poll_write(cx, buf),
-        }
-    }
-
-    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        match self.get_mut() {
-            UpstreamStream::Plain(s) => Pin::new(s).poll_flush(cx),
-            UpstreamStream::Tls(s) => Pin::new(s.as_mut()).poll_flush(cx),
-        }
-    }
-
-    fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        match self.get_mut() {
-            UpstreamStream::Plain(s) => Pin::new(s).poll_shutdown(cx),
-            UpstreamStream::Tls(s) => Pin::new(s.as_mut()).poll_shutdown(cx),
-        }
-    }
 }
