@@ -6,6 +6,8 @@
 //! - [`listener`]: accept loop; one task per connection runs the HTTP/1.1 upgrade, the
 //!   upstream handshake, the relay and the access-log line.
 //! - [`handshake`]: route matching and the upgrade checks of SPEC §3 (pure).
+//! - [`http_util`]: cookie and query-string lookup, removal and redaction, and `%XX`
+//!   decoding, shared by admission, sticky keys, the admin API and the handshake (a leaf).
 //! - [`upstream`]: backend pools (sticky rendezvous hashing, health, DNS, drain) and
 //!   connecting to a backend, completing its handshake before the 101.
 //! - [`relay`]: the frame-aware, unbuffered relay of SPEC §4/§5 ([`relay::frame`] parses
@@ -26,6 +28,7 @@ pub mod echo;
 pub mod fuzzing;
 pub mod gateway;
 pub mod handshake;
+pub mod http_util;
 pub mod ids;
 pub mod listener;
 pub mod log_budget;

@@ -1,5 +1,6 @@
-//! Connection caps and the per-IP handshake rate (SPEC §2 `limits.max_connections`,
-//! `max_connections_per_ip`, `handshakes_per_ip`).
+//! The per-IP connection cap and the per-IP handshake rate (SPEC §2
+//! `limits.max_connections_per_ip`, `handshakes_per_ip`). The process-wide
+//! `max_connections` is counted by the listener (`Shared.active`), not here.
 //!
 //! Caps are RAII permits: taking one never waits, and the permit's `Drop` gives the slot
 //! back exactly once, so moving the permit into the connection's task frees it on every
@@ -14,7 +15,6 @@
 use std::collections::HashMap;
 use std::hash::{BuildHasher, RandomState};
 use std::num::NonZeroU32;
-use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 use std::time::Duration;
 
@@ -132,55 +132,6 @@ impl Drop for IpPermit {
     }
 }
 
-/// The whole-process connection count (`limits.max_connections`, 503 `capacity`).
-#[derive(Debug, Default)]
-pub struct ConnLimiter {
-    active: AtomicUsize,
-}
-
-/// One connection's slot in a [`ConnLimiter`]; dropping it frees the slot.
-#[must_use = "the slot is freed as soon as the permit is dropped"]
-#[derive(Debug)]
-pub struct ConnPermit {
-    limiter: Arc<ConnLimiter>,
-}
-
-impl ConnLimiter {
-    /// A counter at 0.
-    pub fn new() -> Arc<Self> {
-        Arc::new(ConnLimiter::default())
-    }
-
-    /// Takes a slot if fewer than `cap` are taken. `cap` is per call so a reload can
-    /// change it without touching live permits.
-    pub fn try_acquire(self: &Arc<Self>, cap: usize) -> Option<ConnPermit> {
-        self.active
-            .fetch_update(Ordering::AcqRel, Ordering::Acquire, |n| {
-                (n < cap).then_some(n + 1)
-            })
-            .ok()
-            .map(|_| ConnPermit {
-                limiter: Arc::clone(self),
-            })
-    }
-
-    /// [`try_acquire`](Self::try_acquire) as a [`Refusal`](super::Refusal): 503 `capacity`.
-    pub fn admit(self: &Arc<Self>, cap: usize) -> Result<ConnPermit, super::Refusal> {
-        self.try_acquire(cap).ok_or(super::Refusal::Capacity)
-    }
-
-    /// Connections currently holding a slot.
-    pub fn active(&self) -> usize {
-        self.active.load(Ordering::Acquire)
-    }
-}
-
-impl Drop for ConnPermit {
-    fn drop(&mut self) {
-        self.limiter.active.fetch_sub(1, Ordering::AcqRel);
-    }
-}
-
 /// Longest time a rate limit may take to refill a full burst (`per / rate × burst`). The
 /// limiter keeps time in 64-bit nanoseconds (about 584 years), so a longer span would
 /// overflow it; a year is beyond any real policy.
@@ -292,6 +243,7 @@ mod tests {
     use super::*;
     use governor::clock::FakeRelativeClock;
     use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
+    use std::sync::atomic::{AtomicUsize, Ordering};
 
     fn key(n: u32) -> IpKey {
         IpKey::from(Ipv4Addr::from(n))
@@ -359,11 +311,9 @@ mod tests {
     #[tokio::test]
     async fn permit_is_released_when_a_task_is_aborted() {
         let l = IpLimiter::new();
-        let conn = ConnLimiter::new();
         let ip = l.try_acquire(key(9), 1).expect("slot");
-        let all = conn.try_acquire(1).expect("slot");
         let task = tokio::spawn(async move {
-            let _held = (ip, all);
+            let _held = ip;
             std::future::pending::<()>().await;
         });
         tokio::task::yield_now().await;
@@ -371,7 +321,6 @@ mod tests {
         task.abort();
         assert!(task.await.is_err_and(|e| e.is_cancelled()));
         assert!(l.is_empty());
-        assert_eq!(conn.active(), 0);
     }
 
     #[test]
@@ -400,17 +349,7 @@ mod tests {
     }
 
     #[test]
-    fn process_cap() {
-        let c = ConnLimiter::new();
-        let a = c.try_acquire(2).expect("1");
-        let _b = c.try_acquire(2).expect("2");
-        assert!(c.try_acquire(2).is_none());
-        assert_eq!(c.active(), 2);
-        drop(a);
-        assert!(c.try_acquire(2).is_some());
-        assert_eq!(c.active(), 1);
-        assert!(c.try_acquire(0).is_none());
-        assert_eq!(c.admit(1).err(), Some(super::super::Refusal::Capacity));
+    fn ip_cap_refusal() {
         let ips = IpLimiter::new();
         let _p = ips.admit(key(1), 1).expect("slot");
         assert_eq!(

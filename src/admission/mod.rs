@@ -3,19 +3,19 @@
 //!
 //! Every file here holds **pure decisions, no I/O**: the caller reads bytes and headers,
 //! these functions decide. That keeps each rule unit-tested and fuzzed without sockets, and
-//! keeps this module free of any other wsgate module (the caller maps the config onto the
-//! small input types defined here).
+//! keeps this module free of any other wsgate module but the leaf [`crate::http_util`] (the
+//! caller maps the config onto the small input types defined here).
 //!
 //! - [`origin`]: the `Origin` allowlist (exact and `*.` wildcard entries, `null`,
 //!   `allow_missing_origin`).
 //! - [`token`]: JWT and API-key checks, where the token was found (so it can be stripped
-//!   from the upstream request), the `bearer` subprotocol trick, and query redaction for
-//!   logs.
+//!   from the upstream request), the `bearer` subprotocol trick, and which query
+//!   parameters carry tokens (redacted in logs).
 //! - [`proxy_protocol`]: the PROXY protocol v1/v2 header in front of the byte stream.
 //! - [`client_ip`]: the real client address (`trusted_proxies` + `X-Forwarded-For`) and
 //!   the key per-IP accounting uses (IPv4 address, IPv6 /64 by default).
-//! - [`ip_limit`]: per-IP and process-wide connection caps as RAII permits, and the
-//!   per-IP handshake rate (governor keyed limiter).
+//! - [`ip_limit`]: per-IP connection caps as RAII permits, and the per-IP handshake
+//!   rate (governor keyed limiter).
 //!
 //! What admission refuses is one [`Refusal`] of the outcome vocabulary
 //! ([`crate::outcome`]), where its status, reason word and headers are decided.
@@ -41,10 +41,8 @@ mod tests {
         shared::<token::ApiKeyVerifier>();
         shared::<client_ip::TrustedProxies>();
         shared::<ip_limit::IpLimiter>();
-        shared::<ip_limit::ConnLimiter>();
         shared::<ip_limit::HandshakeRate>();
         movable::<ip_limit::IpPermit>();
-        movable::<ip_limit::ConnPermit>();
         movable::<token::Authorized>();
     }
 }

@@ -10,7 +10,6 @@ use tokio::time::Instant;
 
 use super::http1::Conn;
 use crate::admission::client_ip::ip_text;
-use crate::admission::token;
 use crate::observe::access_log::{Record, now_rfc3339};
 use crate::shared::Shared;
 use crate::tls::TlsInfo;
@@ -64,7 +63,7 @@ impl Facts {
         self.upstream = Some(route.upstream.name.clone());
         if let Some(full) = uri.path_and_query() {
             let names = route.admission.secret_query_names();
-            self.path = Some(token::redact_query(full.as_str(), &names).into_owned());
+            self.path = Some(crate::http_util::redact_query(full.as_str(), &names).into_owned());
         }
     }
 }

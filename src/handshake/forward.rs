@@ -71,7 +71,7 @@ impl Pass {
         if !query_names.is_empty()
             && let Some((path, query)) = checked.upstream_target.split_once('?')
         {
-            checked.upstream_target = match token::strip_query(query, &query_names) {
+            checked.upstream_target = match crate::http_util::strip_query(query, &query_names) {
                 Some(q) => format!("{path}?{q}"),
                 None => path.to_owned(),
             };

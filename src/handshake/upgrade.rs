@@ -27,7 +27,7 @@ pub fn check<'r>(req: &request::Parts, routes: &'r [Route]) -> Result<Upgrade<'r
     let host = request_host(req).ok_or(Refusal::BadUpgrade)?;
     let path = req.uri.path();
     // As an upstream may read the path: decoded once, for both checks below.
-    let decoded = crate::admission::token::percent_decode(path);
+    let decoded = crate::http_util::percent_decode(path);
     if has_dot_segment(&decoded) {
         return Err(Refusal::BadUpgrade);
     }

@@ -1,7 +1,8 @@
 //! Sticky placement: weighted rendezvous (highest-random-weight) hashing over a stable,
 //! documented 64-bit hash, so every wsgate instance (and any other implementation) with
 //! the same backend list puts the same key on the same backend without talking to the
-//! others. Pure functions only; health, drain and load live in [`super::pool`].
+//! others. Pure functions only (a leaf: it imports nothing of wsgate); health, drain and
+//! load live in the pool module, which calls these.
 //!
 //! # The exact rule (reproducible elsewhere)
 //! - hash: XXH64 (xxHash, 64-bit; the same family Envoy uses for its hash policies),

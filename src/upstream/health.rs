@@ -1,52 +1,65 @@
 //! Active health checks: one probe per backend per `interval`, all of a pool's backends
 //! probed concurrently, each within `timeout`. A probe is a TCP connect (no `path`) or an
-//! HTTP/1.1 `GET path` that must answer 2xx (over TLS when the upstream uses TLS). Only
-//! produces verdicts; the hysteresis lives in [`super::pool::Pool`].
+//! HTTP/1.1 `GET path` that must answer 2xx (over TLS when the upstream uses TLS).
+//!
+//! A pure checker: it knows nothing of pools. It takes the [`Target`]s to probe and
+//! returns one verdict each; the pool records them and keeps the hysteresis.
+
+use std::net::SocketAddr;
 
 use bytes::BytesMut;
 use tokio::io::AsyncWriteExt;
 use tokio::net::TcpStream;
 
-use super::pool::{BackendState, Pool};
-use super::{UpstreamStream, http1, open, put_header, put_own_header};
+use super::http1::{self, Field};
+use super::stream::{UpstreamStream, open};
 use crate::config::{HealthCheck, UpstreamTls};
 
-/// Probes every backend of `pool` once and records the verdicts.
-pub(crate) async fn check_all(pool: &Pool, hc: &HealthCheck, tls: Option<&UpstreamTls>) {
-    let backends = pool.backends();
-    let probes = backends.iter().map(|b| async move {
-        let ok = tokio::time::timeout(hc.timeout, probe(b, hc.path.as_deref(), tls))
-            .await
-            .unwrap_or(false);
-        (b, ok)
-    });
-    for (b, ok) in futures_util::future::join_all(probes).await {
-        pool.check_result(b, ok);
-    }
+/// What a probe needs to know of a backend.
+pub(crate) struct Target<'a> {
+    /// Where to connect.
+    pub addr: SocketAddr,
+    /// SNI towards the backend (over TLS).
+    pub host: &'a str,
+    /// The configured entry (`chat-2.internal:9001`): the probe's `Host` header.
+    pub entry: &'a str,
 }
 
-async fn probe(b: &BackendState, path: Option<&str>, tls: Option<&UpstreamTls>) -> bool {
+/// Probes every target once, concurrently, each within `hc.timeout`; returns the verdicts
+/// (`true`: healthy) in the targets' order.
+pub(crate) async fn check_all(
+    targets: &[Target<'_>],
+    hc: &HealthCheck,
+    tls: Option<&UpstreamTls>,
+) -> Vec<bool> {
+    let probes = targets.iter().map(|t| async move {
+        tokio::time::timeout(hc.timeout, probe(t, hc.path.as_deref(), tls))
+            .await
+            .unwrap_or(false)
+    });
+    futures_util::future::join_all(probes).await
+}
+
+async fn probe(t: &Target<'_>, path: Option<&str>, tls: Option<&UpstreamTls>) -> bool {
     let Some(path) = path else {
-        return TcpStream::connect(b.addr).await.is_ok();
+        return TcpStream::connect(t.addr).await.is_ok();
     };
-    match open(b.addr, &b.host, tls).await {
-        Ok(stream) => http_get(stream, path, &b.entry).await,
+    match open(t.addr, t.host, tls).await {
+        Ok(stream) => http_get(stream, path, t.entry).await,
         Err(_) => false,
     }
 }
 
 /// `GET path` with `Host: entry`; true on a 2xx status (the body is not read).
 async fn http_get(mut stream: UpstreamStream, path: &str, host: &str) -> bool {
-    let mut head = Vec::with_capacity(128 + path.len() + host.len());
-    head.extend_from_slice(b"GET ");
-    head.extend_from_slice(path.as_bytes());
-    head.extend_from_slice(b" HTTP/1.1\r\n");
-    if put_own_header(&mut head, "host", host).is_err() {
+    let headers = [
+        ("host", Field::Text(host)),
+        ("user-agent", Field::Valid(b"wsgate-health-check")),
+        ("connection", Field::Valid(b"close")),
+    ];
+    let Ok(head) = http1::get_head(path, headers, 64 + host.len()) else {
         return false;
-    }
-    put_header(&mut head, "user-agent", b"wsgate-health-check");
-    put_header(&mut head, "connection", b"close");
-    head.extend_from_slice(b"\r\n");
+    };
     let mut buf = BytesMut::new();
     let answer = async {
         stream.write_all(&head).await?;

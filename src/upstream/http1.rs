@@ -25,6 +25,56 @@ const READ_SIZE: usize = 4096;
 /// Longest chunk-size or trailer line in a chunked refusal body.
 const MAX_LINE: usize = 4096;
 
+/// One header line of a request head, by how far its value can be trusted.
+#[derive(Clone, Copy, Debug)]
+pub enum Field<'a> {
+    /// Already a valid header value (a client's `HeaderValue`, a constant): written as it
+    /// is.
+    Valid(&'a [u8]),
+    /// A value the proxy composed (from client text): checked as `HeaderValue` checks text
+    /// (tab and visible ASCII or space only), so no CR or LF can split the head.
+    Text(&'a str),
+}
+
+/// The head of a `GET target HTTP/1.1` request, in one piece: the request line, then
+/// `headers` in order as `name: value` lines, then the blank line. `headers_size` is the
+/// expected size of the header lines (the head is allocated once when it is right).
+///
+/// Fails, saying why, on a target that is empty or holds a space or control character,
+/// or on a [`Field::Text`] value that is not a valid header value.
+pub fn get_head<'a>(
+    target: &str,
+    headers: impl IntoIterator<Item = (&'a str, Field<'a>)>,
+    headers_size: usize,
+) -> Result<Vec<u8>, &'static str> {
+    let target = target.as_bytes();
+    if target.is_empty() || !target.iter().all(|&b| b > b' ' && b != 0x7f) {
+        return Err("invalid request target");
+    }
+    let mut out = Vec::with_capacity(64 + target.len() + headers_size);
+    out.extend_from_slice(b"GET ");
+    out.extend_from_slice(target);
+    out.extend_from_slice(b" HTTP/1.1\r\n");
+    for (name, value) in headers {
+        let value = match value {
+            Field::Valid(v) => v,
+            Field::Text(t) => {
+                let valid = t.bytes().all(|b| b == b'\t' || (b' '..0x7f).contains(&b));
+                if !valid {
+                    return Err("invalid header value");
+                }
+                t.as_bytes()
+            }
+        };
+        out.extend_from_slice(name.as_bytes());
+        out.extend_from_slice(b": ");
+        out.extend_from_slice(value);
+        out.extend_from_slice(b"\r\n");
+    }
+    out.extend_from_slice(b"\r\n");
+    Ok(out)
+}
+
 /// An answer's status line and headers.
 pub struct Head {
     pub status: StatusCode,

@@ -3,7 +3,10 @@
 //!
 //! Owns the connect loop (the key's backend, then failover in rendezvous order before any
 //! 101), the forwarded request headers, and the checks on the upstream's 101. Pools,
-//! hashing, health, DNS and sticky keys live in the submodules.
+//! hashing, health, DNS, sticky keys, the HTTP/1.1 wire and the backend stream live in
+//! the submodules, whose dependencies go one way: `pool` → `health` → `stream`,
+//! `http1`; `pool` → `hash`, `resolve`; `hash`, `resolve`, `http1` and `stream` are
+//! leaves within `upstream`.
 
 pub mod hash;
 mod health;
@@ -11,24 +14,20 @@ pub mod http1;
 pub mod pool;
 pub mod resolve;
 pub mod sticky;
-
-use std::net::SocketAddr;
+mod stream;
 
 use bytes::{Bytes, BytesMut};
 use http::header::{self, HeaderMap, HeaderName, HeaderValue};
 use http::{Response, StatusCode, request};
-use std::io;
-use std::pin::Pin;
-use std::task::{Context, Poll};
-
-use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt, ReadBuf};
-use tokio::net::TcpStream;
+use tokio::io::AsyncWriteExt;
 
 use crate::admission::client_ip::{X_FORWARDED_FOR, ip_text};
-use crate::config::UpstreamTls;
 use crate::handshake::upgrade::{Upgrade as Admitted, has_token};
 use crate::outcome::Refusal;
+use http1::Field;
 use pool::{Lease, Pool};
+pub use stream::UpstreamStream;
+use stream::open;
 
 /// Headers that describe one hop, never forwarded (RFC 9110 §7.6.1), besides those the
 /// `Connection` header names.
@@ -135,26 +134,6 @@ pub async fn connect(
     Err(last)
 }
 
-/// A stream to `addr`: TCP, then TLS when the upstream has `tls` (SNI: the configured
-/// `sni`, else the backend's configured host).
-pub(crate) async fn open(
-    addr: SocketAddr,
-    host: &str,
-    tls: Option<&UpstreamTls>,
-) -> io::Result<UpstreamStream> {
-    let tcp = TcpStream::connect(addr).await?;
-    let _ = tcp.set_nodelay(true);
-    let Some(tls) = tls else {
-        return Ok(UpstreamStream::Plain(tcp));
-    };
-    let name = tls.sni.clone().unwrap_or_else(|| host.to_owned());
-    let name = rustls_pki_types::ServerName::try_from(name)
-        .map_err(|e| io::Error::new(io::ErrorKind::InvalidInput, e))?;
-    let connector = tokio_rustls::TlsConnector::from(tls.client.clone());
-    let stream = connector.connect(name, tcp).await?;
-    Ok(UpstreamStream::Tls(Box::new(stream)))
-}
-
 async fn handshake(
     req: &request::Parts,
     admitted: &Admitted<'_>,
@@ -211,58 +190,36 @@ fn request_head(
     admitted: &Admitted<'_>,
     fwd: &Forwarded<'_>,
 ) -> Result<Vec<u8>, &'static str> {
-    let target = admitted.upstream_target.as_bytes();
-    if target.is_empty() || !target.iter().all(|&b| b > b' ' && b != 0x7f) {
-        return Err("invalid request target");
-    }
     let client_bytes: usize = req
         .headers
         .iter()
         .map(|(n, v)| n.as_str().len() + v.len() + 4)
         .sum();
-    let mut out = Vec::with_capacity(256 + target.len() + client_bytes);
-    out.extend_from_slice(b"GET ");
-    out.extend_from_slice(target);
-    out.extend_from_slice(b" HTTP/1.1\r\n");
     let named = connection_named(&req.headers);
-    for (name, value) in &req.headers {
-        let ours = PROXY_SET.contains(name) || name == header::SEC_WEBSOCKET_PROTOCOL;
-        if !ours && !is_hop_by_hop(name, &named) {
-            put_header(&mut out, name.as_str(), value.as_bytes());
-        }
-    }
-    if let Some(p) = &admitted.protocols {
-        put_own_header(&mut out, "sec-websocket-protocol", p)?;
-    }
-    put_header(&mut out, "connection", b"Upgrade");
-    put_header(&mut out, "upgrade", b"websocket");
-    put_own_header(&mut out, "x-forwarded-for", &ip_text(fwd.client_ip))?;
-    let proto = if fwd.tls { "https" } else { "http" };
-    put_header(&mut out, "x-forwarded-proto", proto.as_bytes());
-    put_own_header(&mut out, "x-forwarded-host", &admitted.host)?;
-    put_own_header(&mut out, "x-request-id", fwd.conn_id)?;
-    out.extend_from_slice(b"\r\n");
-    Ok(out)
-}
-
-fn put_header(out: &mut Vec<u8>, name: &str, value: &[u8]) {
-    out.extend_from_slice(name.as_bytes());
-    out.extend_from_slice(b": ");
-    out.extend_from_slice(value);
-    out.extend_from_slice(b"\r\n");
-}
-
-/// A header whose value the proxy composed (from client text): checked as `HeaderValue`
-/// checks text, so no CR or LF can split the head.
-fn put_own_header(out: &mut Vec<u8>, name: &str, value: &str) -> Result<(), &'static str> {
-    let valid = value
-        .bytes()
-        .all(|b| b == b'\t' || (b' '..0x7f).contains(&b));
-    if !valid {
-        return Err("invalid header value");
-    }
-    put_header(out, name, value.as_bytes());
-    Ok(())
+    let client = req
+        .headers
+        .iter()
+        .filter(|&(name, _)| {
+            let ours = PROXY_SET.contains(name) || name == header::SEC_WEBSOCKET_PROTOCOL;
+            !ours && !is_hop_by_hop(name, &named)
+        })
+        .map(|(name, value)| (name.as_str(), Field::Valid(value.as_bytes())));
+    let protocols = admitted
+        .protocols
+        .as_deref()
+        .map(|p| ("sec-websocket-protocol", Field::Text(p)));
+    let client_ip = ip_text(fwd.client_ip);
+    let proto: &[u8] = if fwd.tls { b"https" } else { b"http" };
+    let own = [
+        ("connection", Field::Valid(b"Upgrade")),
+        ("upgrade", Field::Valid(b"websocket")),
+        ("x-forwarded-for", Field::Text(&client_ip)),
+        ("x-forwarded-proto", Field::Valid(proto)),
+        ("x-forwarded-host", Field::Text(&admitted.host)),
+        ("x-request-id", Field::Text(fwd.conn_id)),
+    ];
+    let headers = client.chain(protocols).chain(own);
+    http1::get_head(&admitted.upstream_target, headers, 192 + client_bytes)
 }
 
 /// The header names listed in `Connection` (hop-by-hop for this request only).
@@ -345,51 +302,4 @@ fn check_101(
 
 fn ext_name(ext: &str) -> &str {
     ext.split(';').next().unwrap_or("").trim()
-}
-
-/// A connection to a backend: plain TCP, or TLS (boxed: rustls's state is large and most
-/// upstreams are plain).
-pub enum UpstreamStream {
-    Plain(TcpStream),
-    Tls(Box<tokio_rustls::client::TlsStream<TcpStream>>),
-}
-
-impl AsyncRead for UpstreamStream {
-    fn poll_read(
-        self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        buf: &mut ReadBuf<'_>,
-    ) -> Poll<io::Result<()>> {
-        match self.get_mut() {
-            UpstreamStream::Plain(s) => Pin::new(s).poll_read(cx, buf),
-            UpstreamStream::Tls(s) => Pin::new(s.as_mut()).poll_read(cx, buf),
-        }
-    }
-}
-
-impl AsyncWrite for UpstreamStream {
-    fn poll_write(
-        self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        buf: &[u8],
-    ) -> Poll<io::Result<usize>> {
-        match self.get_mut() {
-            UpstreamStream::Plain(s) => Pin::new(s).poll_write(cx, buf),
-            UpstreamStream::Tls(s) => Pin::new(s.as_mut()).poll_write(cx, buf),
-        }
-    }
-
-    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        match self.get_mut() {
-            UpstreamStream::Plain(s) => Pin::new(s).poll_flush(cx),
-            UpstreamStream::Tls(s) => Pin::new(s.as_mut()).poll_flush(cx),
-        }
-    }
-
-    fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        match self.get_mut() {
-            UpstreamStream::Plain(s) => Pin::new(s).poll_shutdown(cx),
-            UpstreamStream::Tls(s) => Pin::new(s.as_mut()).poll_shutdown(cx),
-        }
-    }
 }

@@ -35,7 +35,7 @@ use super::hash;
 use super::health;
 use super::resolve::{self, Entry, Resolver};
 use crate::config::file::DEFAULT_UNHEALTHY_AFTER;
-use crate::config::{Config, Upstream, UpstreamKind};
+use crate::config::{Config, HealthCheck, Upstream, UpstreamKind, UpstreamTls};
 
 /// Without active checks, a backend that failed this many times in a row is left alone
 /// this long before a connection tries it again.
@@ -301,6 +301,23 @@ impl Pool {
             if fails >= hc.unhealthy_after {
                 self.mark_down(b, "health checks fail");
             }
+        }
+    }
+
+    /// Probes every backend once ([`health::check_all`]) and records the verdicts.
+    async fn check_health(&self, hc: &HealthCheck, tls: Option<&UpstreamTls>) {
+        let backends = self.backends();
+        let targets: Vec<health::Target<'_>> = backends
+            .iter()
+            .map(|b| health::Target {
+                addr: b.addr,
+                host: &b.host,
+                entry: &b.entry,
+            })
+            .collect();
+        let verdicts = health::check_all(&targets, hc, tls).await;
+        for (b, ok) in backends.iter().zip(verdicts) {
+            self.check_result(b, ok);
         }
     }
 
@@ -696,7 +713,7 @@ async fn health_loop(pool: Weak<Pool>, mut wake: watch::Receiver<()>) {
             let spec = pool.spec();
             match &spec.health_check {
                 Some(hc) => {
-                    health::check_all(&pool, hc, spec.tls.as_ref()).await;
+                    pool.check_health(hc, spec.tls.as_ref()).await;
                     hc.interval
                 }
                 None => NO_CHECK_SLEEP,

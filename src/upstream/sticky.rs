@@ -9,8 +9,8 @@ use http::request;
 use serde::Serialize;
 use serde_json::Value;
 
-use crate::admission::token;
 use crate::config::StickyKey;
+use crate::http_util;
 
 /// A connection's key: the bytes hashed, and what the access log shows.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -37,11 +37,11 @@ pub fn key(sticky: &StickyKey, parts: &request::Parts, claim: Option<&str>, ip: 
             .get(name)
             .and_then(|v| v.to_str().ok())
             .map(|v| v.trim().to_owned()),
-        StickyKey::Cookie(name) => token::cookie(&parts.headers, name).map(str::to_owned),
+        StickyKey::Cookie(name) => http_util::cookie(&parts.headers, name).map(str::to_owned),
         StickyKey::Query(name) => parts
             .uri
             .query()
-            .and_then(|q| token::query_param(q, name))
+            .and_then(|q| http_util::query_param(q, name))
             .map(|v| v.into_owned()),
         StickyKey::Claim(_) => claim.map(str::to_owned),
     };

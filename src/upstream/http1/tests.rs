@@ -193,3 +193,44 @@ proptest! {
         }
     }
 }
+
+#[test]
+fn get_head_writes_the_request_line_headers_in_order_and_the_blank_line() {
+    let head = get_head(
+        "/chat?room=1",
+        [
+            ("host", Field::Text("backend-1:9001")),
+            ("x-raw", Field::Valid(b"a\xffb")),
+            ("connection", Field::Valid(b"close")),
+        ],
+        0,
+    );
+    assert_eq!(
+        head.as_deref(),
+        Ok(&b"GET /chat?room=1 HTTP/1.1\r\nhost: backend-1:9001\r\nx-raw: a\xffb\r\nconnection: close\r\n\r\n"[..])
+    );
+    assert_eq!(
+        get_head("/", [], 0).as_deref(),
+        Ok(&b"GET / HTTP/1.1\r\n\r\n"[..])
+    );
+}
+
+#[test]
+fn get_head_refuses_what_would_split_the_head() {
+    for target in ["", "/a b", "/a\r\nx: y", "/\x7f"] {
+        assert_eq!(
+            get_head(target, [], 0),
+            Err("invalid request target"),
+            "{target:?}"
+        );
+    }
+    for value in ["a\r\nx: y", "a\nb", "\u{e9}", "\0"] {
+        let headers = [("host", Field::Text(value))];
+        assert_eq!(
+            get_head("/", headers, 0),
+            Err("invalid header value"),
+            "{value:?}"
+        );
+    }
+    assert!(get_head("/", [("x", Field::Text("tab\tand ~"))], 0).is_ok());
+}

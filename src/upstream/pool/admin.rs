@@ -14,8 +14,8 @@ use http_body_util::Full;
 use serde::Serialize;
 
 use super::Pools;
-use crate::admission::token;
 use crate::config::units::{fmt_duration, parse_duration};
+use crate::http_util;
 
 /// Longest `close_within`: spreading closes over more than an hour helps nobody.
 const MAX_CLOSE_WITHIN: Duration = Duration::from_secs(3600);
@@ -132,8 +132,8 @@ pub fn admin(
     };
     Some(drain(
         pools,
-        &token::percent_decode(name),
-        &token::percent_decode(addr),
+        &http_util::percent_decode(name),
+        &http_util::percent_decode(addr),
         on,
         close_within,
     ))
@@ -184,7 +184,7 @@ fn drain(
 
 /// `close_within=30s` from the query, checked.
 fn close_within(query: Option<&str>) -> Result<Option<Duration>, String> {
-    let Some(value) = query.and_then(|q| token::query_param(q, "close_within")) else {
+    let Some(value) = query.and_then(|q| http_util::query_param(q, "close_within")) else {
         return Ok(None);
     };
     let d = parse_duration(&value).map_err(|e| format!("close_within: {e}"))?;
