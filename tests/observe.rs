@@ -108,20 +108,15 @@ fn matching_lines(gw: &TestGateway, pred: &dyn Fn(&Value) -> bool) -> Vec<Value>
 
 /// Waits until `n` lines match `pred`, returns them.
 async fn await_lines(gw: &TestGateway, n: usize, pred: &dyn Fn(&Value) -> bool) -> Vec<Value> {
-    let deadline = tokio::time::Instant::now() + PATIENCE;
-    loop {
+    eventually(&format!("{n} matching lines"), PATIENCE, async || {
         let lines = matching_lines(gw, pred);
         if lines.len() >= n {
-            return lines;
+            Ok(lines)
+        } else {
+            Err(gw.log_lines())
         }
-        assert!(
-            tokio::time::Instant::now() < deadline,
-            "{} of {n} lines: {:?}",
-            lines.len(),
-            gw.log_lines()
-        );
-        tokio::time::sleep(Duration::from_millis(10)).await;
-    }
+    })
+    .await
 }
 
 fn rejected(s: &prometheus_parse::Scrape, route: &str, reason: &str) -> f64 {
@@ -411,25 +406,25 @@ routes:
         .await
         .unwrap_or_else(|e| panic!("{e}"));
     // Wait for the gateway to count the connection before draining.
-    let deadline = Instant::now() + PATIENCE;
-    while gw
-        .gw
-        .shared
-        .active
-        .load(std::sync::atomic::Ordering::Acquire)
-        == 0
-    {
-        assert!(Instant::now() < deadline, "connection never accepted");
-        tokio::time::sleep(Duration::from_millis(5)).await;
-    }
+    eventually("the connection accepted", PATIENCE, async || {
+        match active(&gw) {
+            0 => Err(0),
+            n => Ok(n),
+        }
+    })
+    .await;
     let client = async {
-        let deadline = Instant::now() + PATIENCE;
         // Handshakes accepted before the drain still complete within `drain.spread`;
         // after the window they are refused.
-        while !gw.gw.shared.registry.past_drain_window() {
-            assert!(Instant::now() < deadline, "drain never began");
-            tokio::time::sleep(Duration::from_millis(5)).await;
-        }
+        eventually("the drain window over", PATIENCE, async || {
+            gw.gw
+                .shared
+                .registry
+                .past_drain_window()
+                .then_some(())
+                .ok_or(())
+        })
+        .await;
         s.write_all(&upgrade("/chat", ""))
             .await
             .unwrap_or_else(|e| panic!("{e}"));
@@ -482,21 +477,24 @@ routes:
     assert_rejected(&gw, &upgrade("/chat", ""), 503, "capacity", Some("chat")).await;
     drop(first);
     // The process cap frees its place once the relay has seen the client go.
-    let deadline = Instant::now() + PATIENCE;
-    while gw
-        .gw
+    eventually(
+        "the first connection ended",
+        PATIENCE,
+        async || match active(&gw) {
+            0 => Ok(()),
+            n => Err(n),
+        },
+    )
+    .await;
+    assert_rejected(&gw, &upgrade("/chat", ""), 429, "ip_rate", Some("chat")).await;
+}
+
+/// Connections the gateway counts as open (handshakes included).
+fn active(gw: &TestGateway) -> u64 {
+    gw.gw
         .shared
         .active
         .load(std::sync::atomic::Ordering::Acquire)
-        > 0
-    {
-        assert!(
-            Instant::now() < deadline,
-            "the first connection never ended"
-        );
-        tokio::time::sleep(Duration::from_millis(5)).await;
-    }
-    assert_rejected(&gw, &upgrade("/chat", ""), 429, "ip_rate", Some("chat")).await;
 }
 
 /// Connects with a forwarded client address (the gateway trusts 127.0.0.1).
@@ -773,7 +771,8 @@ routes:
         let (c, u, head) = open_raw(&gw, &mut accepted, path, "").await;
         let id = header_value(&head, "x-request-id").unwrap_or_default();
         open.push((c, u, id));
-        // Distinct upgrade milliseconds, so "oldest" has one answer.
+        // Part of the scenario, not a wait: distinct upgrade milliseconds, so "oldest" has
+        // one answer.
         tokio::time::sleep(Duration::from_millis(15)).await;
     }
     let (status, body) = admin_get(&gw, "/connections").await;
@@ -807,16 +806,17 @@ routes:
     let wait_for = |total: u64, routes: Value| {
         let gw = &gw;
         async move {
-            let deadline = tokio::time::Instant::now() + PATIENCE;
-            loop {
+            let what = format!("/connections at total {total}, routes {routes}");
+            eventually(&what, PATIENCE, async || {
                 let (_, body) = admin_get(gw, "/connections").await;
                 let view: Value = serde_json::from_str(&body).unwrap_or_default();
                 if view["total"] == total && view["routes"] == routes {
-                    return view;
+                    Ok(view)
+                } else {
+                    Err(view)
                 }
-                assert!(tokio::time::Instant::now() < deadline, "{view}");
-                tokio::time::sleep(Duration::from_millis(20)).await;
-            }
+            })
+            .await
         }
     };
     let view = wait_for(2, serde_json::json!({ "chat": 1, "feed": 1 })).await;
@@ -912,18 +912,19 @@ routes:
         took < Duration::from_secs(5),
         "20 echo connections took {took:?} with a stuck log"
     );
-    let deadline = Instant::now() + PATIENCE;
-    loop {
-        let now = dropped(&scrape(&gw).await);
-        if now >= before + 20.0 {
-            break;
-        }
-        assert!(
-            Instant::now() < deadline,
-            "closes not dropped: {before} → {now}"
-        );
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
+    eventually(
+        &format!("20 closes dropped after {before}"),
+        PATIENCE,
+        async || {
+            let now = dropped(&scrape(&gw).await);
+            if now >= before + 20.0 {
+                Ok(())
+            } else {
+                Err(now)
+            }
+        },
+    )
+    .await;
     let _ = std::fs::remove_dir_all(dir);
 }
 
@@ -1110,18 +1111,16 @@ fn file_lines(path: &std::path::Path) -> Vec<Value> {
 }
 
 async fn await_file_line(path: &std::path::Path, request_id: &str) {
-    let deadline = Instant::now() + PATIENCE;
-    while !file_lines(path)
-        .iter()
-        .any(|l| l["request_id"] == request_id)
-    {
-        assert!(
-            Instant::now() < deadline,
-            "no line {request_id} in {}",
-            path.display()
-        );
-        tokio::time::sleep(Duration::from_millis(10)).await;
-    }
+    let what = format!("a line {request_id} in {}", path.display());
+    eventually(&what, PATIENCE, async || {
+        let lines = file_lines(path);
+        if lines.iter().any(|l| l["request_id"] == request_id) {
+            Ok(())
+        } else {
+            Err(lines)
+        }
+    })
+    .await;
 }
 
 /// logrotate: after the file is moved away and the log reopened (what SIGUSR1 does), new
