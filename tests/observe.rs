@@ -233,95 +233,134 @@ routes:
     (spawn_gateway(&yaml).await, down, silent, refusing)
 }
 
+/// A check of a refusal's response: what it shows, and the test.
+type RespCheck = (&'static str, fn(&str) -> bool);
+
+/// One SPEC §3 refusal: the request, and what it must get and leave (checked by
+/// [`assert_rejected`], then the row's own checks).
+struct Refusal {
+    request: Vec<u8>,
+    status: u16,
+    reason: &'static str,
+    /// The route logged and labelled; `None` when none matched.
+    route: Option<&'static str>,
+    /// What else the response must show.
+    resp: Option<RespCheck>,
+    /// The backend logged as `upstream`.
+    upstream: Option<SocketAddr>,
+    /// A path upgraded and held open while this request is refused.
+    holding: Option<&'static str>,
+}
+
+impl Refusal {
+    fn new(
+        request: impl Into<Vec<u8>>,
+        status: u16,
+        reason: &'static str,
+        route: Option<&'static str>,
+    ) -> Refusal {
+        Refusal {
+            request: request.into(),
+            status,
+            reason,
+            route,
+            resp: None,
+            upstream: None,
+            holding: None,
+        }
+    }
+}
+
+/// Each row in turn, on one gateway.
+async fn assert_refusals(gw: &TestGateway, table: &[Refusal]) {
+    for row in table {
+        let held = match row.holding {
+            Some(path) => {
+                let (held, head) = raw_upgrade(gw.addr(), path, "").await;
+                assert!(head.starts_with("HTTP/1.1 101"), "{head}");
+                Some(held)
+            }
+            None => None,
+        };
+        let (resp, line) =
+            assert_rejected(gw, &row.request, row.status, row.reason, row.route).await;
+        drop(held);
+        if let Some((what, check)) = row.resp {
+            assert!(check(&resp), "{}: {what}: {resp}", row.reason);
+        }
+        if let Some(upstream) = row.upstream {
+            assert_eq!(line["upstream"], upstream.to_string());
+        }
+    }
+}
+
 /// Every SPEC §3 refusal one configuration can produce: its status, reason, route (null
 /// when none matched) and exactly one increment of its metric.
 #[tokio::test]
 async fn every_refusal_is_logged_once_and_counted_once() {
     let (gw, down, silent, refusing) = rejecting_gateway().await;
     let post = String::from_utf8_lossy(&upgrade("/chat", "")).replacen("GET", "POST", 1);
-    assert_rejected(&gw, post.as_bytes(), 400, "bad_upgrade", Some("chat")).await;
     let v8 = String::from_utf8_lossy(&upgrade("/chat", "")).replace("Version: 13", "Version: 8");
-    let (resp, _) = assert_rejected(&gw, v8.as_bytes(), 426, "bad_version", Some("chat")).await;
-    assert!(
-        resp.to_ascii_lowercase()
-            .contains("sec-websocket-version: 13"),
-        "{resp}"
-    );
-    assert_rejected(
-        &gw,
-        b"GET /chat HTTP/1.1\r\nHost: gw.test\r\n\r\n",
-        426,
-        "upgrade_required",
-        Some("chat"),
-    )
-    .await;
-    assert_rejected(&gw, &upgrade("/nowhere", ""), 404, "no_route", None).await;
-    assert_rejected(
-        &gw,
-        &upgrade("/chat", "Origin: https://evil.test\r\n"),
-        403,
-        "origin",
-        Some("chat"),
-    )
-    .await;
-    let (resp, _) = assert_rejected(&gw, &upgrade("/auth", ""), 401, "token", Some("auth")).await;
-    assert!(
-        resp.contains("www-authenticate: Bearer error=\"invalid_token\""),
-        "{resp}"
-    );
-    assert_rejected(
-        &gw,
-        &upgrade("/chat", "Sec-WebSocket-Protocol: v9\r\n"),
-        400,
-        "subprotocol",
-        Some("chat"),
-    )
-    .await;
-    // One connection held on /cap: a second from the same IP is over the route's cap.
-    let (held, head) = raw_upgrade(gw.addr(), "/cap", "").await;
-    assert!(head.starts_with("HTTP/1.1 101"), "{head}");
-    assert_rejected(&gw, &upgrade("/cap", ""), 429, "ip_cap", Some("cap")).await;
-    drop(held);
-    let (_, line) = assert_rejected(
-        &gw,
-        &upgrade("/down", ""),
-        502,
-        "upstream_connect",
-        Some("down"),
-    )
-    .await;
-    assert_eq!(line["upstream"], down.to_string());
-    let (_, line) = assert_rejected(
-        &gw,
-        &upgrade("/slow", ""),
-        504,
-        "upstream_timeout",
-        Some("slow"),
-    )
-    .await;
-    assert_eq!(line["upstream"], silent.to_string());
-    let (resp, line) = assert_rejected(
-        &gw,
-        &upgrade("/deny", ""),
-        403,
-        "upstream_status",
-        Some("deny"),
-    )
-    .await;
-    assert!(
-        resp.ends_with("no.\n"),
-        "the upstream's body is relayed: {resp}"
-    );
-    assert_eq!(line["upstream"], refusing.to_string());
-    // A head that never completes: 408 within handshake_timeout.
-    assert_rejected(
-        &gw,
-        b"GET /chat HTTP/1.1\r\nHost: gw.test\r\n",
-        408,
-        "handshake_timeout",
-        None,
-    )
-    .await;
+    let table = [
+        Refusal::new(post, 400, "bad_upgrade", Some("chat")),
+        Refusal {
+            resp: Some(("names version 13", |r| {
+                r.to_ascii_lowercase().contains("sec-websocket-version: 13")
+            })),
+            ..Refusal::new(v8, 426, "bad_version", Some("chat"))
+        },
+        Refusal::new(
+            "GET /chat HTTP/1.1\r\nHost: gw.test\r\n\r\n",
+            426,
+            "upgrade_required",
+            Some("chat"),
+        ),
+        Refusal::new(upgrade("/nowhere", ""), 404, "no_route", None),
+        Refusal::new(
+            upgrade("/chat", "Origin: https://evil.test\r\n"),
+            403,
+            "origin",
+            Some("chat"),
+        ),
+        Refusal {
+            resp: Some(("www-authenticate", |r| {
+                r.contains("www-authenticate: Bearer error=\"invalid_token\"")
+            })),
+            ..Refusal::new(upgrade("/auth", ""), 401, "token", Some("auth"))
+        },
+        Refusal::new(
+            upgrade("/chat", "Sec-WebSocket-Protocol: v9\r\n"),
+            400,
+            "subprotocol",
+            Some("chat"),
+        ),
+        // One connection held on /cap: a second from the same IP is over the route's cap.
+        Refusal {
+            holding: Some("/cap"),
+            ..Refusal::new(upgrade("/cap", ""), 429, "ip_cap", Some("cap"))
+        },
+        Refusal {
+            upstream: Some(down),
+            ..Refusal::new(upgrade("/down", ""), 502, "upstream_connect", Some("down"))
+        },
+        Refusal {
+            upstream: Some(silent),
+            ..Refusal::new(upgrade("/slow", ""), 504, "upstream_timeout", Some("slow"))
+        },
+        Refusal {
+            resp: Some(("the upstream's body is relayed", |r| r.ends_with("no.\n"))),
+            upstream: Some(refusing),
+            ..Refusal::new(upgrade("/deny", ""), 403, "upstream_status", Some("deny"))
+        },
+        // A head that never completes: 408 within handshake_timeout.
+        Refusal::new(
+            "GET /chat HTTP/1.1\r\nHost: gw.test\r\n",
+            408,
+            "handshake_timeout",
+            None,
+        ),
+    ];
+    assert_refusals(&gw, &table).await;
 }
 
 /// Requests hyper cannot parse, heads over 16 KiB and an HTTP/2 preface get the proxy's
@@ -330,13 +369,16 @@ async fn every_refusal_is_logged_once_and_counted_once() {
 #[tokio::test]
 async fn unparseable_and_oversized_heads_are_answered_logged_and_counted() {
     let (gw, ..) = rejecting_gateway().await;
-    let (resp, _) =
-        assert_rejected(&gw, b"NOT HTTP AT ALL\r\n\r\n", 400, "bad_upgrade", None).await;
-    assert!(resp.contains("connection: close\r\n"), "{resp}");
     let big = format!("X-Filler: {}\r\n", "f".repeat(20 * 1024));
-    assert_rejected(&gw, &upgrade("/chat", &big), 431, "bad_upgrade", None).await;
-    let h2 = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n";
-    assert_rejected(&gw, h2, 400, "bad_upgrade", None).await;
+    let table = [
+        Refusal {
+            resp: Some(("connection: close", |r| r.contains("connection: close\r\n"))),
+            ..Refusal::new("NOT HTTP AT ALL\r\n\r\n", 400, "bad_upgrade", None)
+        },
+        Refusal::new(upgrade("/chat", &big), 431, "bad_upgrade", None),
+        Refusal::new("PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n", 400, "bad_upgrade", None),
+    ];
+    assert_refusals(&gw, &table).await;
 }
 
 /// Handshake rate per IP: 429 with `Retry-After`, logged and counted once.
