@@ -205,8 +205,14 @@ async fn a_valid_jwt_passes_from_every_source_and_never_reaches_the_upstream() {
         Some("bearer")
     );
     assert_eq!(header_value(&head, "sec-websocket-protocol"), None);
-    // No log line holds the token.
-    tokio::time::sleep(Duration::from_millis(200)).await;
+    // No log line holds the token: once all four connections have written theirs (each
+    // upstream went at once, so each ends).
+    eventually("four ws_close lines", PATIENCE, async || {
+        let lines = gw.log_lines();
+        let closes = lines.iter().filter(|l| l["event"] == "ws_close").count();
+        if closes == 4 { Ok(()) } else { Err(lines) }
+    })
+    .await;
     let logs = gw.logs.lock().map(|l| l.join("\n")).unwrap_or_default();
     assert!(!logs.contains(&token), "a token leaked into the access log");
     assert!(
@@ -368,19 +374,15 @@ async fn per_ip_cap_counts_and_releases_across_many_cycles() {
         }
         drop(s);
     }
-    let key = wsgate::admission::client_ip::IpKey::new(
-        "127.0.0.1".parse().unwrap_or_else(|e| panic!("{e}")),
-        64,
-    );
-    let deadline = Instant::now() + PATIENCE;
-    while gw.gw.shared.per_ip.count(key) > 0 {
-        assert!(
-            Instant::now() < deadline,
-            "permits leaked: {}",
-            gw.gw.shared.per_ip.count(key)
-        );
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
+    eventually(
+        "no permit leaked",
+        PATIENCE,
+        async || match localhost_places(&gw) {
+            0 => Ok(()),
+            held => Err(held),
+        },
+    )
+    .await;
     assert!(
         gw.gw.shared.per_ip.is_empty(),
         "the per-IP table shrinks back to nothing"
@@ -516,18 +518,15 @@ async fn handshakes_in_progress_count_against_the_per_ip_cap_and_tls_aborts_rele
             .unwrap_or_else(|e| panic!("{e}"));
         slow.push(s);
     }
-    let key = wsgate::admission::client_ip::IpKey::new(
-        "127.0.0.1".parse().unwrap_or_else(|e| panic!("{e}")),
-        64,
-    );
-    let deadline = Instant::now() + PATIENCE;
-    while gw.gw.shared.per_ip.count(key) < 2 {
-        assert!(
-            Instant::now() < deadline,
-            "in-progress handshakes were not counted"
-        );
-        tokio::time::sleep(Duration::from_millis(10)).await;
-    }
+    eventually(
+        "in-progress handshakes counted",
+        PATIENCE,
+        async || match localhost_places(&gw) {
+            2.. => Ok(()),
+            held => Err(held),
+        },
+    )
+    .await;
     refused(&gw, &upgrade("/chat", ""), 429, "ip_cap").await;
     // Another address is not starved by this one's flood.
     let socket = tokio::net::TcpSocket::new_v4().unwrap_or_else(|e| panic!("{e}"));
@@ -547,11 +546,15 @@ async fn handshakes_in_progress_count_against_the_per_ip_cap_and_tls_aborts_rele
     let _ = tokio::time::timeout(PATIENCE, accepted.recv()).await;
     drop(other);
     drop(slow);
-    let deadline = Instant::now() + PATIENCE;
-    while gw.gw.shared.per_ip.count(key) > 0 {
-        assert!(Instant::now() < deadline, "aborted heads kept their places");
-        tokio::time::sleep(Duration::from_millis(10)).await;
-    }
+    eventually(
+        "aborted heads give their places back",
+        PATIENCE,
+        async || match localhost_places(&gw) {
+            0 => Ok(()),
+            held => Err(held),
+        },
+    )
+    .await;
     admitted(&gw, &mut accepted, &upgrade("/chat", "")).await;
 
     // Aborts in the middle of a TLS handshake release their place too.
@@ -574,15 +577,15 @@ routes:
             .unwrap_or_else(|e| panic!("{e}"));
         drop(s);
     }
-    let deadline = Instant::now() + PATIENCE;
-    while tls_gw.gw.shared.per_ip.count(key) > 0 {
-        assert!(
-            Instant::now() < deadline,
-            "TLS aborts leaked {} places",
-            tls_gw.gw.shared.per_ip.count(key)
-        );
-        tokio::time::sleep(Duration::from_millis(10)).await;
-    }
+    eventually(
+        "TLS aborts give their places back",
+        PATIENCE,
+        async || match localhost_places(&tls_gw) {
+            0 => Ok(()),
+            held => Err(held),
+        },
+    )
+    .await;
 }
 
 /// With the `subprotocol` source configured, the offers lose their bearer entries and meet

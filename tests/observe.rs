@@ -108,20 +108,15 @@ fn matching_lines(gw: &TestGateway, pred: &dyn Fn(&Value) -> bool) -> Vec<Value>
 
 /// Waits until `n` lines match `pred`, returns them.
 async fn await_lines(gw: &TestGateway, n: usize, pred: &dyn Fn(&Value) -> bool) -> Vec<Value> {
-    let deadline = tokio::time::Instant::now() + PATIENCE;
-    loop {
+    eventually(&format!("{n} matching lines"), PATIENCE, async || {
         let lines = matching_lines(gw, pred);
         if lines.len() >= n {
-            return lines;
+            Ok(lines)
+        } else {
+            Err(gw.log_lines())
         }
-        assert!(
-            tokio::time::Instant::now() < deadline,
-            "{} of {n} lines: {:?}",
-            lines.len(),
-            gw.log_lines()
-        );
-        tokio::time::sleep(Duration::from_millis(10)).await;
-    }
+    })
+    .await
 }
 
 fn rejected(s: &prometheus_parse::Scrape, route: &str, reason: &str) -> f64 {
@@ -238,95 +233,134 @@ routes:
     (spawn_gateway(&yaml).await, down, silent, refusing)
 }
 
+/// A check of a refusal's response: what it shows, and the test.
+type RespCheck = (&'static str, fn(&str) -> bool);
+
+/// One SPEC §3 refusal: the request, and what it must get and leave (checked by
+/// [`assert_rejected`], then the row's own checks).
+struct Refusal {
+    request: Vec<u8>,
+    status: u16,
+    reason: &'static str,
+    /// The route logged and labelled; `None` when none matched.
+    route: Option<&'static str>,
+    /// What else the response must show.
+    resp: Option<RespCheck>,
+    /// The backend logged as `upstream`.
+    upstream: Option<SocketAddr>,
+    /// A path upgraded and held open while this request is refused.
+    holding: Option<&'static str>,
+}
+
+impl Refusal {
+    fn new(
+        request: impl Into<Vec<u8>>,
+        status: u16,
+        reason: &'static str,
+        route: Option<&'static str>,
+    ) -> Refusal {
+        Refusal {
+            request: request.into(),
+            status,
+            reason,
+            route,
+            resp: None,
+            upstream: None,
+            holding: None,
+        }
+    }
+}
+
+/// Each row in turn, on one gateway.
+async fn assert_refusals(gw: &TestGateway, table: &[Refusal]) {
+    for row in table {
+        let held = match row.holding {
+            Some(path) => {
+                let (held, head) = raw_upgrade(gw.addr(), path, "").await;
+                assert!(head.starts_with("HTTP/1.1 101"), "{head}");
+                Some(held)
+            }
+            None => None,
+        };
+        let (resp, line) =
+            assert_rejected(gw, &row.request, row.status, row.reason, row.route).await;
+        drop(held);
+        if let Some((what, check)) = row.resp {
+            assert!(check(&resp), "{}: {what}: {resp}", row.reason);
+        }
+        if let Some(upstream) = row.upstream {
+            assert_eq!(line["upstream"], upstream.to_string());
+        }
+    }
+}
+
 /// Every SPEC §3 refusal one configuration can produce: its status, reason, route (null
 /// when none matched) and exactly one increment of its metric.
 #[tokio::test]
 async fn every_refusal_is_logged_once_and_counted_once() {
     let (gw, down, silent, refusing) = rejecting_gateway().await;
     let post = String::from_utf8_lossy(&upgrade("/chat", "")).replacen("GET", "POST", 1);
-    assert_rejected(&gw, post.as_bytes(), 400, "bad_upgrade", Some("chat")).await;
     let v8 = String::from_utf8_lossy(&upgrade("/chat", "")).replace("Version: 13", "Version: 8");
-    let (resp, _) = assert_rejected(&gw, v8.as_bytes(), 426, "bad_version", Some("chat")).await;
-    assert!(
-        resp.to_ascii_lowercase()
-            .contains("sec-websocket-version: 13"),
-        "{resp}"
-    );
-    assert_rejected(
-        &gw,
-        b"GET /chat HTTP/1.1\r\nHost: gw.test\r\n\r\n",
-        426,
-        "upgrade_required",
-        Some("chat"),
-    )
-    .await;
-    assert_rejected(&gw, &upgrade("/nowhere", ""), 404, "no_route", None).await;
-    assert_rejected(
-        &gw,
-        &upgrade("/chat", "Origin: https://evil.test\r\n"),
-        403,
-        "origin",
-        Some("chat"),
-    )
-    .await;
-    let (resp, _) = assert_rejected(&gw, &upgrade("/auth", ""), 401, "token", Some("auth")).await;
-    assert!(
-        resp.contains("www-authenticate: Bearer error=\"invalid_token\""),
-        "{resp}"
-    );
-    assert_rejected(
-        &gw,
-        &upgrade("/chat", "Sec-WebSocket-Protocol: v9\r\n"),
-        400,
-        "subprotocol",
-        Some("chat"),
-    )
-    .await;
-    // One connection held on /cap: a second from the same IP is over the route's cap.
-    let (held, head) = raw_upgrade(gw.addr(), "/cap", "").await;
-    assert!(head.starts_with("HTTP/1.1 101"), "{head}");
-    assert_rejected(&gw, &upgrade("/cap", ""), 429, "ip_cap", Some("cap")).await;
-    drop(held);
-    let (_, line) = assert_rejected(
-        &gw,
-        &upgrade("/down", ""),
-        502,
-        "upstream_connect",
-        Some("down"),
-    )
-    .await;
-    assert_eq!(line["upstream"], down.to_string());
-    let (_, line) = assert_rejected(
-        &gw,
-        &upgrade("/slow", ""),
-        504,
-        "upstream_timeout",
-        Some("slow"),
-    )
-    .await;
-    assert_eq!(line["upstream"], silent.to_string());
-    let (resp, line) = assert_rejected(
-        &gw,
-        &upgrade("/deny", ""),
-        403,
-        "upstream_status",
-        Some("deny"),
-    )
-    .await;
-    assert!(
-        resp.ends_with("no.\n"),
-        "the upstream's body is relayed: {resp}"
-    );
-    assert_eq!(line["upstream"], refusing.to_string());
-    // A head that never completes: 408 within handshake_timeout.
-    assert_rejected(
-        &gw,
-        b"GET /chat HTTP/1.1\r\nHost: gw.test\r\n",
-        408,
-        "handshake_timeout",
-        None,
-    )
-    .await;
+    let table = [
+        Refusal::new(post, 400, "bad_upgrade", Some("chat")),
+        Refusal {
+            resp: Some(("names version 13", |r| {
+                r.to_ascii_lowercase().contains("sec-websocket-version: 13")
+            })),
+            ..Refusal::new(v8, 426, "bad_version", Some("chat"))
+        },
+        Refusal::new(
+            "GET /chat HTTP/1.1\r\nHost: gw.test\r\n\r\n",
+            426,
+            "upgrade_required",
+            Some("chat"),
+        ),
+        Refusal::new(upgrade("/nowhere", ""), 404, "no_route", None),
+        Refusal::new(
+            upgrade("/chat", "Origin: https://evil.test\r\n"),
+            403,
+            "origin",
+            Some("chat"),
+        ),
+        Refusal {
+            resp: Some(("www-authenticate", |r| {
+                r.contains("www-authenticate: Bearer error=\"invalid_token\"")
+            })),
+            ..Refusal::new(upgrade("/auth", ""), 401, "token", Some("auth"))
+        },
+        Refusal::new(
+            upgrade("/chat", "Sec-WebSocket-Protocol: v9\r\n"),
+            400,
+            "subprotocol",
+            Some("chat"),
+        ),
+        // One connection held on /cap: a second from the same IP is over the route's cap.
+        Refusal {
+            holding: Some("/cap"),
+            ..Refusal::new(upgrade("/cap", ""), 429, "ip_cap", Some("cap"))
+        },
+        Refusal {
+            upstream: Some(down),
+            ..Refusal::new(upgrade("/down", ""), 502, "upstream_connect", Some("down"))
+        },
+        Refusal {
+            upstream: Some(silent),
+            ..Refusal::new(upgrade("/slow", ""), 504, "upstream_timeout", Some("slow"))
+        },
+        Refusal {
+            resp: Some(("the upstream's body is relayed", |r| r.ends_with("no.\n"))),
+            upstream: Some(refusing),
+            ..Refusal::new(upgrade("/deny", ""), 403, "upstream_status", Some("deny"))
+        },
+        // A head that never completes: 408 within handshake_timeout.
+        Refusal::new(
+            "GET /chat HTTP/1.1\r\nHost: gw.test\r\n",
+            408,
+            "handshake_timeout",
+            None,
+        ),
+    ];
+    assert_refusals(&gw, &table).await;
 }
 
 /// Requests hyper cannot parse, heads over 16 KiB and an HTTP/2 preface get the proxy's
@@ -335,13 +369,16 @@ async fn every_refusal_is_logged_once_and_counted_once() {
 #[tokio::test]
 async fn unparseable_and_oversized_heads_are_answered_logged_and_counted() {
     let (gw, ..) = rejecting_gateway().await;
-    let (resp, _) =
-        assert_rejected(&gw, b"NOT HTTP AT ALL\r\n\r\n", 400, "bad_upgrade", None).await;
-    assert!(resp.contains("connection: close\r\n"), "{resp}");
     let big = format!("X-Filler: {}\r\n", "f".repeat(20 * 1024));
-    assert_rejected(&gw, &upgrade("/chat", &big), 431, "bad_upgrade", None).await;
-    let h2 = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n";
-    assert_rejected(&gw, h2, 400, "bad_upgrade", None).await;
+    let table = [
+        Refusal {
+            resp: Some(("connection: close", |r| r.contains("connection: close\r\n"))),
+            ..Refusal::new("NOT HTTP AT ALL\r\n\r\n", 400, "bad_upgrade", None)
+        },
+        Refusal::new(upgrade("/chat", &big), 431, "bad_upgrade", None),
+        Refusal::new("PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n", 400, "bad_upgrade", None),
+    ];
+    assert_refusals(&gw, &table).await;
 }
 
 /// Handshake rate per IP: 429 with `Retry-After`, logged and counted once.
@@ -411,25 +448,25 @@ routes:
         .await
         .unwrap_or_else(|e| panic!("{e}"));
     // Wait for the gateway to count the connection before draining.
-    let deadline = Instant::now() + PATIENCE;
-    while gw
-        .gw
-        .shared
-        .active
-        .load(std::sync::atomic::Ordering::Acquire)
-        == 0
-    {
-        assert!(Instant::now() < deadline, "connection never accepted");
-        tokio::time::sleep(Duration::from_millis(5)).await;
-    }
+    eventually("the connection accepted", PATIENCE, async || {
+        match active(&gw) {
+            0 => Err(0),
+            n => Ok(n),
+        }
+    })
+    .await;
     let client = async {
-        let deadline = Instant::now() + PATIENCE;
         // Handshakes accepted before the drain still complete within `drain.spread`;
         // after the window they are refused.
-        while !gw.gw.shared.registry.past_drain_window() {
-            assert!(Instant::now() < deadline, "drain never began");
-            tokio::time::sleep(Duration::from_millis(5)).await;
-        }
+        eventually("the drain window over", PATIENCE, async || {
+            gw.gw
+                .shared
+                .registry
+                .past_drain_window()
+                .then_some(())
+                .ok_or(())
+        })
+        .await;
         s.write_all(&upgrade("/chat", ""))
             .await
             .unwrap_or_else(|e| panic!("{e}"));
@@ -482,21 +519,24 @@ routes:
     assert_rejected(&gw, &upgrade("/chat", ""), 503, "capacity", Some("chat")).await;
     drop(first);
     // The process cap frees its place once the relay has seen the client go.
-    let deadline = Instant::now() + PATIENCE;
-    while gw
-        .gw
+    eventually(
+        "the first connection ended",
+        PATIENCE,
+        async || match active(&gw) {
+            0 => Ok(()),
+            n => Err(n),
+        },
+    )
+    .await;
+    assert_rejected(&gw, &upgrade("/chat", ""), 429, "ip_rate", Some("chat")).await;
+}
+
+/// Connections the gateway counts as open (handshakes included).
+fn active(gw: &TestGateway) -> u64 {
+    gw.gw
         .shared
         .active
         .load(std::sync::atomic::Ordering::Acquire)
-        > 0
-    {
-        assert!(
-            Instant::now() < deadline,
-            "the first connection never ended"
-        );
-        tokio::time::sleep(Duration::from_millis(5)).await;
-    }
-    assert_rejected(&gw, &upgrade("/chat", ""), 429, "ip_rate", Some("chat")).await;
 }
 
 /// Connects with a forwarded client address (the gateway trusts 127.0.0.1).
@@ -773,7 +813,8 @@ routes:
         let (c, u, head) = open_raw(&gw, &mut accepted, path, "").await;
         let id = header_value(&head, "x-request-id").unwrap_or_default();
         open.push((c, u, id));
-        // Distinct upgrade milliseconds, so "oldest" has one answer.
+        // Part of the scenario, not a wait: distinct upgrade milliseconds, so "oldest" has
+        // one answer.
         tokio::time::sleep(Duration::from_millis(15)).await;
     }
     let (status, body) = admin_get(&gw, "/connections").await;
@@ -807,16 +848,17 @@ routes:
     let wait_for = |total: u64, routes: Value| {
         let gw = &gw;
         async move {
-            let deadline = tokio::time::Instant::now() + PATIENCE;
-            loop {
+            let what = format!("/connections at total {total}, routes {routes}");
+            eventually(&what, PATIENCE, async || {
                 let (_, body) = admin_get(gw, "/connections").await;
                 let view: Value = serde_json::from_str(&body).unwrap_or_default();
                 if view["total"] == total && view["routes"] == routes {
-                    return view;
+                    Ok(view)
+                } else {
+                    Err(view)
                 }
-                assert!(tokio::time::Instant::now() < deadline, "{view}");
-                tokio::time::sleep(Duration::from_millis(20)).await;
-            }
+            })
+            .await
         }
     };
     let view = wait_for(2, serde_json::json!({ "chat": 1, "feed": 1 })).await;
@@ -912,18 +954,19 @@ routes:
         took < Duration::from_secs(5),
         "20 echo connections took {took:?} with a stuck log"
     );
-    let deadline = Instant::now() + PATIENCE;
-    loop {
-        let now = dropped(&scrape(&gw).await);
-        if now >= before + 20.0 {
-            break;
-        }
-        assert!(
-            Instant::now() < deadline,
-            "closes not dropped: {before} → {now}"
-        );
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
+    eventually(
+        &format!("20 closes dropped after {before}"),
+        PATIENCE,
+        async || {
+            let now = dropped(&scrape(&gw).await);
+            if now >= before + 20.0 {
+                Ok(())
+            } else {
+                Err(now)
+            }
+        },
+    )
+    .await;
     let _ = std::fs::remove_dir_all(dir);
 }
 
@@ -1110,18 +1153,16 @@ fn file_lines(path: &std::path::Path) -> Vec<Value> {
 }
 
 async fn await_file_line(path: &std::path::Path, request_id: &str) {
-    let deadline = Instant::now() + PATIENCE;
-    while !file_lines(path)
-        .iter()
-        .any(|l| l["request_id"] == request_id)
-    {
-        assert!(
-            Instant::now() < deadline,
-            "no line {request_id} in {}",
-            path.display()
-        );
-        tokio::time::sleep(Duration::from_millis(10)).await;
-    }
+    let what = format!("a line {request_id} in {}", path.display());
+    eventually(&what, PATIENCE, async || {
+        let lines = file_lines(path);
+        if lines.iter().any(|l| l["request_id"] == request_id) {
+            Ok(())
+        } else {
+            Err(lines)
+        }
+    })
+    .await;
 }
 
 /// logrotate: after the file is moved away and the log reopened (what SIGUSR1 does), new

@@ -123,7 +123,8 @@ async fn unfinished_fragmented_message_is_closed_1008_after_fragment_timeout() {
 #[tokio::test]
 async fn idle_connection_is_closed_1000_both_ways() {
     let (mut client, mut up, gw) = pair("limits: { idle_timeout: 300ms }").await;
-    // Traffic keeps it open for a while.
+    // Traffic keeps it open for a while: a frame every 150 ms (part of the scenario, under
+    // the 300 ms idle_timeout), 450 ms in all.
     for _ in 0..3 {
         tokio::time::sleep(Duration::from_millis(150)).await;
         client
@@ -270,6 +271,7 @@ async fn pings_wait_for_the_end_of_a_slowly_streamed_frame() {
         .await
         .unwrap_or_else(|e| panic!("{e}"));
     for i in 0..4u8 {
+        // Part of the scenario: the frame's bytes arrive slowly, over a ping interval.
         tokio::time::sleep(Duration::from_millis(250)).await;
         up.write_all(&vec![i; 1024])
             .await

@@ -87,20 +87,16 @@ async fn placement(gw: SocketAddr) -> Vec<String> {
 }
 
 /// Waits (bounded) until `pred` holds for upstream `app`'s snapshot.
-async fn eventually(
+async fn await_state(
     gw: &TestGateway,
     what: &str,
     pred: impl Fn(&[(String, bool, bool, u64)]) -> bool,
 ) {
-    let deadline = Instant::now() + PATIENCE;
-    loop {
+    eventually(what, PATIENCE, async || {
         let state = state(gw);
-        if pred(&state) {
-            return;
-        }
-        assert!(Instant::now() < deadline, "{what}: {state:?}");
-        tokio::time::sleep(Duration::from_millis(10)).await;
-    }
+        if pred(&state) { Ok(()) } else { Err(state) }
+    })
+    .await;
 }
 
 /// (addr, up, draining, active) per backend of upstream `app`.
@@ -181,7 +177,7 @@ async fn a_killed_backend_is_marked_down_in_time_and_only_its_keys_move() {
     victim.kill();
     let killed = Instant::now();
     let addr = victim.addr.to_string();
-    eventually(&gw, "victim marked down", |s| {
+    await_state(&gw, "victim marked down", |s| {
         s.iter().any(|(a, up, _, _)| *a == addr && !up)
     })
     .await;
@@ -200,7 +196,7 @@ async fn a_killed_backend_is_marked_down_in_time_and_only_its_keys_move() {
     // Back up (a new process on the same port) → its keys come home.
     let revived = NamedBackend::start_on("b1", victim.addr).await;
     if revived.is_some() {
-        eventually(&gw, "victim up again", |s| {
+        await_state(&gw, "victim up again", |s| {
             s.iter().all(|(_, up, _, _)| *up)
         })
         .await;
@@ -213,7 +209,13 @@ async fn passive_failover_when_a_backend_refuses() {
     let live = NamedBackend::start("live").await;
     let dead = NamedBackend::start("dead").await;
     dead.kill();
-    tokio::task::yield_now().await;
+    eventually("the killed backend refusing", PATIENCE, async || {
+        match tokio::net::TcpStream::connect(dead.addr).await {
+            Ok(_) => Err("still accepts"),
+            Err(_) => Ok(()),
+        }
+    })
+    .await;
     let config = pool_config(&[&live.addr.to_string(), &dead.addr.to_string()], "");
     let gw = spawn_gateway(&config).await;
     // Every key gets a 101 from the live backend, including those whose first choice
@@ -244,7 +246,7 @@ async fn no_healthy_backend_is_503_no_backend() {
     for b in &bs {
         b.kill();
     }
-    eventually(&gw, "all down", |s| s.iter().all(|(_, up, _, _)| !up)).await;
+    await_state(&gw, "all down", |s| s.iter().all(|(_, up, _, _)| !up)).await;
     let head = open(gw.addr(), Some("x")).await.err().unwrap_or_default();
     assert!(head.starts_with("HTTP/1.1 503"), "{head}");
     let line = gw.log_line(|l| l["event"] == "ws_reject").await;
@@ -410,7 +412,8 @@ async fn undrain_calls_off_the_scheduled_closes() {
     let undrain = format!("/upstreams/app/backends/{addr}/undrain");
     let resp = admin_request(admin, "POST", &undrain).await;
     assert!(resp.starts_with("HTTP/1.1 200"), "{resp}");
-    // Past the window (the closes are spread over it, with jitter).
+    // Part of the scenario, not a wait: past the window (the closes are spread over it,
+    // with jitter), to show that none of the called-off closes is sent.
     tokio::time::sleep(Duration::from_millis(2500)).await;
     let (mut on_target, mut closed) = (0, 0);
     for (name, s) in &mut held {
@@ -456,7 +459,7 @@ async fn bounded_load_caps_the_hottest_backend() {
     // ceil(1.25 × 40 / 4) = 13
     assert!(max <= 13, "{state:?}");
     drop(held);
-    eventually(&gw, "leases released", |s| s.iter().all(|b| b.3 == 0)).await;
+    await_state(&gw, "leases released", |s| s.iter().all(|b| b.3 == 0)).await;
 }
 
 /// Names the test controls: `pool.test` → the IPs in the cell.
@@ -504,7 +507,7 @@ async fn dns_re_resolution_picks_up_a_changed_record() {
         *ips = vec![second.addr.ip()];
     }
     let want = second.addr.to_string();
-    eventually(&gw, "new record in the pool", |s| {
+    await_state(&gw, "new record in the pool", |s| {
         s.len() == 1 && s[0].0 == want
     })
     .await;
@@ -513,7 +516,7 @@ async fn dns_re_resolution_picks_up_a_changed_record() {
     if let Ok(mut ips) = dns.0.lock() {
         *ips = vec![first.addr.ip(), second.addr.ip()];
     }
-    eventually(&gw, "both records in the pool", |s| s.len() == 2).await;
+    await_state(&gw, "both records in the pool", |s| s.len() == 2).await;
     let names: HashMap<String, usize> = {
         let mut m = HashMap::new();
         for i in 0..KEYS {

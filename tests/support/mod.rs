@@ -61,19 +61,50 @@ impl TestGateway {
 
     /// Waits for the first access-log line matching `pred`.
     pub async fn log_line(&self, pred: impl Fn(&serde_json::Value) -> bool) -> serde_json::Value {
-        let deadline = tokio::time::Instant::now() + PATIENCE;
-        loop {
-            if let Some(line) = self.log_lines().into_iter().find(|l| pred(l)) {
-                return line;
+        eventually("a matching access-log line", PATIENCE, async || {
+            let lines = self.log_lines();
+            match lines.iter().position(&pred) {
+                Some(i) => Ok(lines[i].clone()),
+                None => Err(lines),
             }
-            assert!(
-                tokio::time::Instant::now() < deadline,
-                "no matching access-log line in {:?}",
-                self.log_lines()
-            );
-            tokio::time::sleep(Duration::from_millis(10)).await;
-        }
+        })
+        .await
     }
+}
+
+/// How often [`eventually`] looks again, at most (it starts at 1 ms and doubles up to this).
+pub const POLL: Duration = Duration::from_millis(20);
+
+/// Waits for a condition: calls `check` until it gives `Ok`, and returns that value. The
+/// first looks come quickly (1, 2, 4... ms apart), then every [`POLL`]. Once `within` has
+/// passed, panics naming `what` and the last `Err` (what was seen instead). Bounded in
+/// time (a check still running at the bound gets [`PATIENCE`] more, then counts as
+/// failed) and in count (`within / POLL` plus a few looks).
+///
+/// For waits only: a test that must let time pass (idle longer than a timeout, send
+/// slowly) sleeps, and says why.
+pub async fn eventually<T, E: std::fmt::Debug>(
+    what: &str,
+    within: Duration,
+    mut check: impl AsyncFnMut() -> Result<T, E>,
+) -> T {
+    let deadline = tokio::time::Instant::now() + within;
+    let looks = within.as_millis() / POLL.as_millis() + 8;
+    let mut pause = Duration::from_millis(1);
+    let mut seen = None;
+    for _ in 0..looks {
+        match tokio::time::timeout_at(deadline + PATIENCE, check()).await {
+            Ok(Ok(done)) => return done,
+            Ok(Err(now)) => seen = Some(now),
+            Err(_) => break,
+        }
+        if tokio::time::Instant::now() >= deadline {
+            break;
+        }
+        tokio::time::sleep(pause).await;
+        pause = (pause * 2).min(POLL);
+    }
+    panic!("{what}: not within {within:?}; last seen: {seen:?}");
 }
 
 /// Starts wsgate in-process from YAML (listeners should bind 127.0.0.1:0).
@@ -544,18 +575,23 @@ pub fn metric(scrape: &prometheus_parse::Scrape, name: &str, labels: &[(&str, &s
 
 /// Polls `/metrics` until `name{labels}` equals `want` (bounded by [`PATIENCE`]).
 pub async fn await_metric(gw: &TestGateway, name: &str, labels: &[(&str, &str)], want: f64) {
-    let deadline = tokio::time::Instant::now() + PATIENCE;
-    loop {
-        let got = metric(&scrape(gw).await, name, labels);
-        if got == want {
-            return;
-        }
-        assert!(
-            tokio::time::Instant::now() < deadline,
-            "{name}{labels:?} = {got}, want {want}"
-        );
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
+    eventually(
+        &format!("{name}{labels:?} = {want}"),
+        PATIENCE,
+        async || {
+            let got = metric(&scrape(gw).await, name, labels);
+            if got == want { Ok(()) } else { Err(got) }
+        },
+    )
+    .await;
+}
+
+/// Per-IP places the gateway holds for 127.0.0.1: connections, and handshakes still in
+/// progress (taken once a connection has its config, before its request head).
+pub fn localhost_places(gw: &TestGateway) -> u32 {
+    let localhost = "127.0.0.1".parse().unwrap_or_else(|e| panic!("{e}"));
+    let key = wsgate::admission::client_ip::IpKey::new(localhost, 64);
+    gw.gw.shared.per_ip.count(key)
 }
 
 /// A connection id as the log writes it: 26 Crockford base32 characters (ULID-shaped).
