@@ -18,8 +18,8 @@ use hyper::service::service_fn;
 use hyper_util::rt::TokioIo;
 use tokio::net::TcpListener;
 
-use crate::Shared;
 use crate::ops::registry::DrainKind;
+use crate::shared::Shared;
 use crate::upstream::pool;
 
 /// How many of the longest-lived connections `/connections` lists.

@@ -9,7 +9,7 @@
 use std::borrow::Cow;
 
 use http::HeaderMap;
-use http::header::{self, HeaderValue};
+use http::header::{self, HeaderName, HeaderValue};
 
 /// The word that replaces redacted query values in logged paths.
 pub const REDACTED: &str = "REDACTED";
@@ -140,6 +140,15 @@ pub fn percent_decode(s: &str) -> Cow<'_, str> {
         }
     }
     Cow::Owned(String::from_utf8_lossy(&out).into_owned())
+}
+
+/// Whether a comma-separated header contains `token` (case-insensitive), across all of
+/// its lines. A substring match would accept `Connection: not-upgrade`.
+pub fn has_token(h: &HeaderMap, name: &HeaderName, token: &str) -> bool {
+    h.get_all(name)
+        .iter()
+        .flat_map(|v| v.as_bytes().split(|&b| b == b','))
+        .any(|t| t.trim_ascii().eq_ignore_ascii_case(token.as_bytes()))
 }
 
 #[cfg(test)]

@@ -9,7 +9,6 @@ use std::collections::HashMap;
 use std::io;
 use std::net::SocketAddr;
 use std::path::Path;
-use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, LazyLock};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
@@ -315,25 +314,12 @@ pub fn client_config(
     Ok(Arc::new(config))
 }
 
-/// Handshake failures since start (for metrics).
-pub static HANDSHAKE_FAILURES: AtomicU64 = AtomicU64::new(0);
-
-/// Counts a failed TLS handshake and logs it, at most about ten lines per second so a
-/// scanner cannot flood the log (the count stays exact).
-pub fn log_handshake_failure(peer: SocketAddr, reason: &dyn std::fmt::Display) {
-    let total = HANDSHAKE_FAILURES.fetch_add(1, Ordering::Relaxed) + 1;
+/// Logs a failed TLS handshake (the `total` so far comes from the metrics), at most about
+/// ten lines per second so a scanner cannot flood the log (the count stays exact).
+pub fn log_handshake_failure(peer: SocketAddr, reason: &dyn std::fmt::Display, total: u64) {
     if crate::log_budget::warn_budget() {
         tracing::warn!(client_ip = %peer.ip(), client_port = peer.port(), %reason, failures_total = total, "TLS handshake failed");
     }
-}
-
-/// TLS facts about a client connection, as the access log writes them (`tls` object).
-#[derive(Clone, Debug, Default, serde::Serialize)]
-pub struct TlsInfo {
-    pub version: Option<&'static str>,
-    pub sni: Option<String>,
-    /// Subject of the verified client certificate (mTLS).
-    pub client_subject: Option<String>,
 }
 
 /// Protocol version as the access log writes it.

@@ -331,7 +331,7 @@ async fn tls12_only_client_is_refused_when_min_version_is_13() {
     let pki = Pki::new("min13");
     let a = pki.leaf("a", &["a.test"], &rcgen::PKCS_ECDSA_P256_SHA256);
     let gw = spawn_gateway(&tls_config(&[a], ", min_version: \"1.3\"")).await;
-    let before = wsgate::tls::HANDSHAKE_FAILURES.load(std::sync::atomic::Ordering::Relaxed);
+    let before = gw.gw.shared.metrics.tls_handshake_failures();
     assert!(
         wss(gw.addr(), "a.test", pki.client(true, None))
             .await
@@ -343,7 +343,7 @@ async fn tls12_only_client_is_refused_when_min_version_is_13() {
     echo_once(&mut ws, "1.3 is fine")
         .await
         .unwrap_or_else(|e| panic!("{e}"));
-    assert!(wsgate::tls::HANDSHAKE_FAILURES.load(std::sync::atomic::Ordering::Relaxed) > before);
+    assert!(gw.gw.shared.metrics.tls_handshake_failures() > before);
 }
 
 #[tokio::test]
@@ -388,7 +388,7 @@ async fn plain_http_on_a_tls_port_fails_cleanly() {
     let pki = Pki::new("plain");
     let a = pki.leaf("a", &["a.test"], &rcgen::PKCS_ECDSA_P256_SHA256);
     let gw = spawn_gateway(&tls_config(&[a], "")).await;
-    let before = wsgate::tls::HANDSHAKE_FAILURES.load(std::sync::atomic::Ordering::Relaxed);
+    let before = gw.gw.shared.metrics.tls_handshake_failures();
     let mut s = TcpStream::connect(gw.addr())
         .await
         .unwrap_or_else(|e| panic!("{e}"));
@@ -401,7 +401,7 @@ async fn plain_http_on_a_tls_port_fails_cleanly() {
         !String::from_utf8_lossy(&buf).contains("HTTP/1.1 101"),
         "no upgrade over plain text"
     );
-    assert!(wsgate::tls::HANDSHAKE_FAILURES.load(std::sync::atomic::Ordering::Relaxed) > before);
+    assert!(gw.gw.shared.metrics.tls_handshake_failures() > before);
     assert!(
         gw.log_lines().is_empty(),
         "a failed TLS handshake never reaches the HTTP layer"

@@ -14,10 +14,12 @@ pub mod files;
 pub mod units;
 pub mod validate;
 
+pub use crate::observe::LogFormat;
+pub use crate::observe::access_log::AccessTarget;
 use std::collections::BTreeMap;
 use std::fmt;
 use std::net::SocketAddr;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -94,20 +96,6 @@ pub struct Log {
     pub access: AccessTarget,
     /// Format of operational (tracing) logs on stderr.
     pub format: LogFormat,
-}
-
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub enum AccessTarget {
-    Stdout,
-    Stderr,
-    /// Appended to; reopened on SIGUSR1.
-    File(PathBuf),
-}
-
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum LogFormat {
-    Text,
-    Json,
 }
 
 /// Resource limits, resolved (defaults and overrides applied, ranges checked).

@@ -8,12 +8,22 @@ use http::header;
 use http::request;
 use tokio::time::Instant;
 
-use super::http1::Conn;
 use crate::admission::client_ip::ip_text;
+use crate::observe::access_log::TlsInfo;
 use crate::observe::access_log::{Record, now_rfc3339};
 use crate::shared::Shared;
-use crate::tls::TlsInfo;
 use crate::upstream::sticky;
+
+/// Who a connection is, for its log lines: fixed at accept.
+pub(super) struct ConnInfo {
+    pub(super) shared: Arc<Shared>,
+    pub(super) listener: Arc<str>,
+    pub(super) conn_id: String,
+    /// The TCP peer, or the client a PROXY header named.
+    pub(super) peer: std::net::SocketAddr,
+    pub(super) started: Instant,
+    pub(super) tls: Option<TlsInfo>,
+}
 
 /// What the access log says about a request, gathered as it is decided.
 #[derive(Default)]
@@ -105,7 +115,7 @@ pub(super) struct LogFacts {
 }
 
 impl LogFacts {
-    pub(super) fn new(conn: &Conn, info: &Facts, backend: &str) -> LogFacts {
+    pub(super) fn new(conn: &ConnInfo, info: &Facts, backend: &str) -> LogFacts {
         let texts: [Option<&str>; TEXTS] = [
             Some(&conn.conn_id),
             info.request_id.as_deref(),

@@ -22,16 +22,16 @@ use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, ReadBuf};
 use tokio::time::Instant;
 
 use super::admit::{Admission, EarlyPermit, Limiters, admit};
-use super::facts::{Facts, request_id};
+use super::facts::{ConnInfo, Facts, request_id};
 use super::session::{Established, RelayPhase, run_relay};
 use crate::admission::client_ip::ip_text;
 use crate::config::Config;
 use crate::ids;
+use crate::observe::access_log::TlsInfo;
 use crate::observe::access_log::{Record, now_rfc3339};
 use crate::outcome::Refusal;
 use crate::relay::Settings;
 use crate::shared::Shared;
-use crate::tls::TlsInfo;
 use crate::upstream::{self, Connected, Failure, Forwarded};
 
 /// Largest request head hyper will buffer (hyper's floor is 8 KiB); beyond → 431.
@@ -57,14 +57,9 @@ pub struct Accepted {
 
 /// Per-connection state shared between the hyper service and the connection task.
 pub(super) struct Conn {
-    pub(super) shared: Arc<Shared>,
-    pub(super) config: Arc<Config>,
-    pub(super) listener: Arc<str>,
-    pub(super) peer: SocketAddr,
-    pub(super) conn_id: String,
-    pub(super) started: Instant,
+    info: ConnInfo,
+    config: Arc<Config>,
     over_capacity: bool,
-    pub(super) tls: Option<TlsInfo>,
     /// The request head has arrived: `handshake_timeout` no longer applies.
     head_seen: AtomicBool,
     established: Mutex<Option<Box<Established>>>,
@@ -75,14 +70,16 @@ pub(super) struct Conn {
 impl Conn {
     fn new(a: Accepted) -> Conn {
         Conn {
-            shared: a.shared,
+            info: ConnInfo {
+                shared: a.shared,
+                listener: a.listener,
+                peer: a.peer,
+                conn_id: ids::next(),
+                started: a.started,
+                tls: a.tls,
+            },
             config: a.config,
-            listener: a.listener,
-            peer: a.peer,
-            conn_id: ids::next(),
-            started: a.started,
             over_capacity: a.over_capacity,
-            tls: a.tls,
             head_seen: AtomicBool::new(false),
             established: Mutex::new(None),
             early_permit: Mutex::new(a.early_permit),
@@ -100,7 +97,7 @@ where
 {
     let conn = Arc::new(Conn::new(accepted));
     let (client, early, est) = handshake(&conn, stream, deadline).await?;
-    Some(Box::pin(run_relay(conn, client, early, est)))
+    Some(Box::pin(run_relay(&conn.info, client, early, est)))
 }
 
 /// Serves the one HTTP request of the connection. Returns the client socket, any bytes
@@ -128,7 +125,7 @@ where
             _ = &mut deadline => {
                 if answering {
                     // The answer (an upstream's refusal body, relayed) never finished.
-                    tracing::debug!(conn_id = %conn.conn_id, "response not sent in time; closing");
+                    tracing::debug!(conn_id = %conn.info.conn_id, "response not sent in time; closing");
                     return None;
                 }
                 if !conn.head_seen.load(Ordering::Acquire) {
@@ -165,7 +162,7 @@ where
                 let status = refusal.status().as_u16();
                 conn.log_reject(&Facts::default(), refusal, status, None);
             } else {
-                tracing::debug!(conn_id = %conn.conn_id, error = %e, "connection ended during the handshake");
+                tracing::debug!(conn_id = %conn.info.conn_id, error = %e, "connection ended during the handshake");
             }
             None
         }
@@ -222,7 +219,7 @@ impl Conn {
             Ok(a) => a,
             Err(refusal) => {
                 if let Refusal::Token { error } = refusal {
-                    tracing::debug!(conn_id = %self.conn_id, error, "token refused");
+                    tracing::debug!(conn_id = %self.info.conn_id, error, "token refused");
                 }
                 return self.refuse(&facts, refusal, None);
             }
@@ -239,13 +236,14 @@ impl Conn {
         let route = upgrade.route;
         let fwd = Forwarded {
             client_ip,
-            tls: self.tls.is_some(),
-            conn_id: &self.conn_id,
+            tls: self.info.tls.is_some(),
+            conn_id: &self.info.conn_id,
         };
-        let Some(pool) = self.shared.pools.get(&route.upstream.name) else {
+        let Some(pool) = self.info.shared.pools.get(&route.upstream.name) else {
             return self.refuse(&facts, Refusal::NoBackend, None);
         };
-        match upstream::connect(&upstream_parts, &upgrade, &fwd, &pool, &sticky_key).await {
+        match upstream::connect(&upstream_parts, &upgrade.target(), &fwd, &pool, &sticky_key).await
+        {
             Ok(up) => {
                 let Connected {
                     stream,
@@ -302,11 +300,11 @@ impl Conn {
         facts: &mut Facts,
         parts: &request::Parts,
     ) -> Result<Admission<'c>, Refusal> {
-        let rate = self.shared.handshake_rate.load();
+        let rate = self.info.shared.handshake_rate.load();
         let limiters = Limiters {
-            draining: self.shared.registry.past_drain_window(),
+            draining: self.info.shared.registry.past_drain_window(),
             over_capacity: self.over_capacity,
-            per_ip: &self.shared.per_ip,
+            per_ip: &self.info.shared.per_ip,
             handshake_rate: &rate,
         };
         let mut early = self.early_permit.lock();
@@ -315,7 +313,14 @@ impl Conn {
             Ok(e) => e,
             Err(_) => &mut fallback,
         };
-        admit(facts, parts, self.peer.ip(), &self.config, &limiters, early)
+        admit(
+            facts,
+            parts,
+            self.info.peer.ip(),
+            &self.config,
+            &limiters,
+            early,
+        )
     }
 
     fn refuse(&self, info: &Facts, r: Refusal, backend: Option<&str>) -> Response<Body> {
@@ -324,12 +329,13 @@ impl Conn {
     }
 
     fn log_reject(&self, info: &Facts, r: Refusal, status: u16, backend: Option<&str>) {
-        self.shared
+        self.info
+            .shared
             .metrics
             .rejected(info.route.as_deref(), r.reason());
         let mut record = self.record("ws_reject", info, status, backend);
         record.proxy_reason = Some(r.reason());
-        self.shared.access.log(&record);
+        self.info.shared.access.log(&record);
     }
 
     fn record<'a>(
@@ -342,13 +348,13 @@ impl Conn {
         Record {
             ts: now_rfc3339(),
             event,
-            conn_id: &self.conn_id,
+            conn_id: &self.info.conn_id,
             request_id: info.request_id.as_deref(),
-            listener: &self.listener,
+            listener: &self.info.listener,
             route: info.route.as_deref(),
-            client_ip: ip_text(info.client_ip.unwrap_or(self.peer.ip())),
-            client_port: self.peer.port(),
-            tls: self.tls.as_ref(),
+            client_ip: ip_text(info.client_ip.unwrap_or(self.info.peer.ip())),
+            client_port: self.info.peer.port(),
+            tls: self.info.tls.as_ref(),
             host: info.host.as_deref(),
             path: info.path.as_deref(),
             origin: info.origin.as_deref(),
@@ -357,7 +363,7 @@ impl Conn {
             upstream: backend,
             sticky: info.sticky,
             status,
-            duration_ms: self.started.elapsed().as_millis() as u64,
+            duration_ms: self.info.started.elapsed().as_millis() as u64,
             ..Record::default()
         }
     }

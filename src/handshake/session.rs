@@ -9,8 +9,7 @@ use std::sync::Arc;
 use bytes::Bytes;
 use tokio::io::{AsyncRead, AsyncWrite};
 
-use super::facts::{Facts, LogFacts};
-use super::http1::Conn;
+use super::facts::{ConnInfo, Facts, LogFacts};
 use crate::admission::ip_limit::IpPermit;
 use crate::observe::access_log::Record;
 use crate::ops::registry::{Entry, unix_ms};
@@ -39,11 +38,11 @@ pub type RelayPhase = Pin<Box<dyn Future<Output = ()> + Send>>;
 /// which would keep a second copy of the relay session beside the one being polled): the
 /// long-lived state is the relay session and the log facts, nothing else.
 pub(super) fn run_relay<S>(
-    conn: Arc<Conn>,
+    conn: &ConnInfo,
     client: S,
     client_early: Bytes,
     est: Established,
-) -> Relaying<impl Future<Output = relay::Report> + Unpin + Send>
+) -> Relaying<impl Future<Output = relay::Report> + Unpin + Send + use<S>>
 where
     S: AsyncRead + AsyncWrite + Unpin + Send,
 {

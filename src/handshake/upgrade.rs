@@ -6,6 +6,7 @@ use http::header::{self, HeaderMap, HeaderName};
 use http::{Method, Version, request};
 
 use crate::config::Route;
+use crate::http_util::has_token;
 use crate::outcome::Refusal;
 
 /// An upgrade request that passed every check, with what the upstream request needs.
@@ -18,6 +19,18 @@ pub struct Upgrade<'r> {
     pub upstream_target: String,
     /// The client's subprotocol offers after the route's allowlist, comma-joined.
     pub protocols: Option<String>,
+}
+
+impl Upgrade<'_> {
+    /// What the upstream request carries of it.
+    pub fn target(&self) -> crate::upstream::Target<'_> {
+        crate::upstream::Target {
+            upstream: &self.route.upstream,
+            host: &self.host,
+            path: &self.upstream_target,
+            protocols: self.protocols.as_deref(),
+        }
+    }
 }
 
 /// Picks the route and checks the upgrade (SPEC §3), in this order: route, plain HTTP,
@@ -166,15 +179,6 @@ fn single<'a>(h: &'a HeaderMap, name: &HeaderName) -> Option<&'a [u8]> {
         .next()
         .is_none()
         .then(|| first.as_bytes().trim_ascii())
-}
-
-/// Whether a comma-separated header contains `token` (case-insensitive), across all of
-/// its lines. A substring match would accept `Connection: not-upgrade`.
-pub fn has_token(h: &HeaderMap, name: &HeaderName, token: &str) -> bool {
-    h.get_all(name)
-        .iter()
-        .flat_map(|v| v.as_bytes().split(|&b| b == b','))
-        .any(|t| t.trim_ascii().eq_ignore_ascii_case(token.as_bytes()))
 }
 
 /// RFC 6455 §4.1: a base64 encoding of 16 bytes, i.e. 22 base64 characters and `==`.

@@ -22,8 +22,9 @@ use crate::admission::client_ip::IpKey;
 use crate::admission::proxy_protocol::{self, MAX_HEADER, Parse};
 use crate::config::Listener;
 use crate::handshake::{self, EarlyPermit, RelayPhase};
+use crate::observe::access_log::TlsInfo;
+use crate::observe::metrics::Metrics;
 use crate::shared::Shared;
-use crate::tls::TlsInfo;
 
 mod streams;
 pub use streams::Prefixed;
@@ -317,18 +318,39 @@ async fn serve(
     // size of a TLS session (this future is moved into its task's allocation whole).
     match tls {
         None => handshake::serve(accepted(None), stream, deadline).await,
-        Some(slot) => Box::pin(serve_tls(slot.get(), stream, peer, deadline, accepted)).await,
+        Some(slot) => {
+            let tls = TlsAccept {
+                config: slot.get(),
+                metrics: &shared.metrics,
+                peer,
+                deadline,
+            };
+            Box::pin(serve_tls(tls, stream, accepted)).await
+        }
     }
 }
+
+/// What the TLS handshake of one connection needs.
+struct TlsAccept<'a> {
+    config: Arc<rustls::ServerConfig>,
+    metrics: &'a Metrics,
+    peer: SocketAddr,
+    deadline: Instant,
+}
+
 /// The TLS handshake (within the handshake deadline), then HTTP over TLS; returns the
 /// relay phase once upgraded.
 async fn serve_tls(
-    config: Arc<rustls::ServerConfig>,
+    tls: TlsAccept<'_>,
     stream: Prefixed<TcpStream>,
-    peer: SocketAddr,
-    deadline: Instant,
     accepted: impl FnOnce(Option<TlsInfo>) -> handshake::Accepted,
 ) -> Option<RelayPhase> {
+    let TlsAccept {
+        config,
+        metrics,
+        peer,
+        deadline,
+    } = tls;
     let handshake = tokio::time::timeout_at(
         deadline,
         tokio_rustls::TlsAcceptor::from(config).accept(stream),
@@ -336,11 +358,11 @@ async fn serve_tls(
     let stream = match handshake.await {
         Ok(Ok(stream)) => stream,
         Ok(Err(e)) => {
-            crate::tls::log_handshake_failure(peer, &e);
+            crate::tls::log_handshake_failure(peer, &e, metrics.tls_handshake_failed());
             return None;
         }
         Err(_) => {
-            crate::tls::log_handshake_failure(peer, &"timed out");
+            crate::tls::log_handshake_failure(peer, &"timed out", metrics.tls_handshake_failed());
             return None;
         }
     };

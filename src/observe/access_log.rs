@@ -14,7 +14,6 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use serde::Serialize;
 
-use crate::config::AccessTarget;
 use crate::observe::report::{CloseInfo, Report, Rtt, Stats};
 
 /// Lines that may wait for the writer; beyond this they are dropped (and counted).
@@ -27,6 +26,33 @@ const QUEUE_BYTES: u64 = 16 * 1024 * 1024;
 /// The writer's pause after each batch: bounds how late a line appears, and lets the
 /// queue (room for 16,384 lines, i.e. 1.6 M lines/s) fill between batches.
 const BATCH_PAUSE: Duration = Duration::from_millis(10);
+
+/// Where access-log lines go (SPEC §2 `log.access`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum AccessTarget {
+    Stdout,
+    Stderr,
+    /// Appended to; reopened on SIGUSR1.
+    File(std::path::PathBuf),
+}
+
+/// TLS facts about a client connection, as the access log writes them (`tls` object).
+#[derive(Clone, Debug, Default, Serialize)]
+pub struct TlsInfo {
+    pub version: Option<&'static str>,
+    pub sni: Option<String>,
+    /// Subject of the verified client certificate (mTLS).
+    pub client_subject: Option<String>,
+}
+
+/// `"sticky":{"key":"cookie","fallback":false}`: where the sticky key came from (never the
+/// key itself).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+pub struct StickyLog {
+    pub key: &'static str,
+    /// The configured source had no value: the client IP was used.
+    pub fallback: bool,
+}
 
 /// Where lines end up. `Memory` is for tests that assert on whole lines.
 #[derive(Clone, Debug)]
@@ -234,7 +260,7 @@ pub struct Record<'a> {
     pub route: Option<&'a str>,
     pub client_ip: String,
     pub client_port: u16,
-    pub tls: Option<&'a crate::tls::TlsInfo>,
+    pub tls: Option<&'a TlsInfo>,
     pub host: Option<&'a str>,
     pub path: Option<&'a str>,
     pub origin: Option<&'a str>,
@@ -244,7 +270,7 @@ pub struct Record<'a> {
     pub upstream: Option<&'a str>,
     /// Where the sticky key came from and whether it fell back to the client IP (never
     /// the key itself); `null` before a backend was chosen.
-    pub sticky: Option<crate::upstream::sticky::KeyLog>,
+    pub sticky: Option<StickyLog>,
     pub status: u16,
     pub duration_ms: u64,
     pub c2u: Counts,

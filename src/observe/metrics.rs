@@ -103,6 +103,7 @@ pub struct Metrics {
     sources: Arc<Mutex<Sources>>,
     /// Connections refused for a bad or missing PROXY header.
     proxy_protocol_failures: Arc<AtomicU64>,
+    tls_handshake_failures: Arc<AtomicU64>,
 }
 
 impl Default for Metrics {
@@ -112,6 +113,16 @@ impl Default for Metrics {
 }
 
 impl Metrics {
+    /// TLS handshakes that failed since start.
+    pub fn tls_handshake_failures(&self) -> u64 {
+        self.tls_handshake_failures.load(Ordering::Relaxed)
+    }
+
+    /// Counts a failed TLS handshake; returns the total so far.
+    pub fn tls_handshake_failed(&self) -> u64 {
+        self.tls_handshake_failures.fetch_add(1, Ordering::Relaxed) + 1
+    }
+
     /// Counts a connection refused for its PROXY header; returns the total so far.
     pub fn proxy_protocol_failed(&self) -> u64 {
         self.proxy_protocol_failures.fetch_add(1, Ordering::Relaxed) + 1
@@ -188,13 +199,16 @@ impl Metrics {
             reload_failures.clone(),
         );
         let proxy_protocol_failures = Arc::new(AtomicU64::new(0));
+        let tls_handshake_failures = Arc::new(AtomicU64::new(0));
         registry.register_collector(Box::new(ScrapeTime {
             sources: sources.clone(),
             proxy_protocol_failures: proxy_protocol_failures.clone(),
+            tls_handshake_failures: tls_handshake_failures.clone(),
         }));
         Metrics {
             registry,
             proxy_protocol_failures,
+            tls_handshake_failures,
             active,
             connections,
             rejected,
@@ -394,6 +408,7 @@ fn code_label(code: u16) -> String {
 struct ScrapeTime {
     sources: Arc<Mutex<Sources>>,
     proxy_protocol_failures: Arc<AtomicU64>,
+    tls_handshake_failures: Arc<AtomicU64>,
 }
 
 impl std::fmt::Debug for ScrapeTime {
@@ -421,7 +436,7 @@ impl Collector for ScrapeTime {
             &mut enc,
             "wsgate_tls_handshake_failures",
             "TLS handshakes that failed (never reached HTTP)",
-            crate::tls::HANDSHAKE_FAILURES.load(Ordering::Relaxed),
+            self.tls_handshake_failures.load(Ordering::Relaxed),
         )?;
         counter(
             &mut enc,

@@ -7,7 +7,12 @@ pub mod report;
 
 use std::io::IsTerminal;
 
-use crate::config::LogFormat;
+/// How operational logs on stderr are written (SPEC §2 `log.format`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum LogFormat {
+    Text,
+    Json,
+}
 
 /// Installs the stderr subscriber (`RUST_LOG` overrides the default `info` level).
 pub fn init_tracing(format: &LogFormat) {

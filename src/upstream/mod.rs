@@ -22,7 +22,8 @@ use http::{Response, StatusCode, request};
 use tokio::io::AsyncWriteExt;
 
 use crate::admission::client_ip::{X_FORWARDED_FOR, ip_text};
-use crate::handshake::upgrade::{Upgrade as Admitted, has_token};
+use crate::config::Upstream;
+use crate::http_util::has_token;
 use crate::outcome::Refusal;
 use http1::Field;
 use pool::{Lease, Pool};
@@ -93,17 +94,28 @@ pub type RefusalBody = http1::RefusalBody<UpstreamStream>;
 /// dead backends that health checks have not caught yet.
 pub const MAX_ATTEMPTS: usize = 3;
 
+/// What the upstream request says beyond the client's own headers.
+pub struct Target<'a> {
+    pub upstream: &'a Upstream,
+    /// Host as the client sent it (port included), for `X-Forwarded-Host`.
+    pub host: &'a str,
+    /// Path and query to send upstream.
+    pub path: &'a str,
+    /// The client's subprotocol offers that may reach the upstream, comma-joined.
+    pub protocols: Option<&'a str>,
+}
+
 /// Connects and upgrades to the key's backend, failing over (before any 101) to the next
 /// backends in rendezvous order when a connect or handshake fails. Each attempt has the
 /// upstream's `connect_timeout`.
 pub async fn connect(
     req: &request::Parts,
-    admitted: &Admitted<'_>,
+    target: &Target<'_>,
     fwd: &Forwarded<'_>,
     pool: &Pool,
     key: &[u8],
 ) -> Result<Connected, Failure> {
-    let upstream = &admitted.route.upstream;
+    let upstream = target.upstream;
     let mut candidates = pool.candidates(key, upstream.bounded_load);
     let mut last = Failure::Proxy(Refusal::NoBackend, String::new());
     for _ in 0..MAX_ATTEMPTS {
@@ -111,7 +123,7 @@ pub async fn connect(
             break;
         };
         let backend = lease.backend().clone();
-        let attempt = handshake(req, admitted, fwd, lease);
+        let attempt = handshake(req, target, fwd, lease);
         let failure = match tokio::time::timeout(upstream.connect_timeout, attempt).await {
             Ok(Ok(connected)) => {
                 pool.connect_succeeded(&backend);
@@ -136,18 +148,18 @@ pub async fn connect(
 
 async fn handshake(
     req: &request::Parts,
-    admitted: &Admitted<'_>,
+    target: &Target<'_>,
     fwd: &Forwarded<'_>,
     lease: Lease,
 ) -> Result<Connected, Failure> {
     let b = lease.backend().clone();
     let backend = b.identity.as_str();
     let fail = |r: Refusal| Failure::Proxy(r, backend.to_owned());
-    let head = request_head(req, admitted, fwd).map_err(|why| {
+    let head = request_head(req, target, fwd).map_err(|why| {
         tracing::debug!(backend, why, "upstream request cannot be built");
         fail(Refusal::BadUpgrade)
     })?;
-    let tls = admitted.route.upstream.tls.as_ref();
+    let tls = target.upstream.tls.as_ref();
     let mut stream = open(b.addr, &b.host, tls).await.map_err(|e| {
         tracing::debug!(backend, error = %e, "upstream connect failed");
         fail(Refusal::UpstreamConnect)
@@ -169,7 +181,7 @@ async fn handshake(
         })?;
         return Err(Failure::Status(refusal, backend.to_owned()));
     }
-    let extensions = check_101(req, admitted, &answer.headers).map_err(|why| {
+    let extensions = check_101(req, target, &answer.headers).map_err(|why| {
         tracing::warn!(backend, why, "upstream sent an invalid 101");
         fail(Refusal::UpstreamConnect)
     })?;
@@ -187,7 +199,7 @@ async fn handshake(
 /// the ones the proxy sets, plus the upgrade and `X-Forwarded-*` headers (SPEC §3).
 fn request_head(
     req: &request::Parts,
-    admitted: &Admitted<'_>,
+    target: &Target<'_>,
     fwd: &Forwarded<'_>,
 ) -> Result<Vec<u8>, &'static str> {
     let client_bytes: usize = req
@@ -204,9 +216,8 @@ fn request_head(
             !ours && !is_hop_by_hop(name, &named)
         })
         .map(|(name, value)| (name.as_str(), Field::Valid(value.as_bytes())));
-    let protocols = admitted
+    let protocols = target
         .protocols
-        .as_deref()
         .map(|p| ("sec-websocket-protocol", Field::Text(p)));
     let client_ip = ip_text(fwd.client_ip);
     let proto: &[u8] = if fwd.tls { b"https" } else { b"http" };
@@ -215,11 +226,11 @@ fn request_head(
         ("upgrade", Field::Valid(b"websocket")),
         ("x-forwarded-for", Field::Text(&client_ip)),
         ("x-forwarded-proto", Field::Valid(proto)),
-        ("x-forwarded-host", Field::Text(&admitted.host)),
+        ("x-forwarded-host", Field::Text(target.host)),
         ("x-request-id", Field::Text(fwd.conn_id)),
     ];
     let headers = client.chain(protocols).chain(own);
-    http1::get_head(&admitted.upstream_target, headers, 192 + client_bytes)
+    http1::get_head(target.path, headers, 192 + client_bytes)
 }
 
 /// The header names listed in `Connection` (hop-by-hop for this request only).
@@ -251,7 +262,7 @@ pub fn end_to_end(src: &HeaderMap) -> HeaderMap {
 /// returns the negotiated extensions.
 fn check_101(
     req: &request::Parts,
-    admitted: &Admitted<'_>,
+    target: &Target<'_>,
     h: &HeaderMap,
 ) -> Result<String, &'static str> {
     if !has_token(h, &header::UPGRADE, "websocket") || !has_token(h, &header::CONNECTION, "upgrade")
@@ -272,7 +283,7 @@ fn check_101(
     }
     if let Some(chosen) = h.get(header::SEC_WEBSOCKET_PROTOCOL) {
         let chosen = chosen.to_str().map_err(|_| "bad subprotocol")?.trim();
-        let offered = admitted.protocols.as_deref().unwrap_or("");
+        let offered = target.protocols.unwrap_or("");
         if !offered.split(',').any(|o| o.trim() == chosen) {
             return Err("subprotocol not offered");
         }

@@ -559,7 +559,7 @@ impl Candidates {
 
 // === all pools ===
 
-/// Every upstream's pool, by name. Lives in [`crate::Shared`].
+/// Every upstream's pool, by name; the gateway's shared state holds it.
 pub struct Pools {
     pools: RwLock<BTreeMap<String, Arc<Pool>>>,
     /// Upstreams a reload removed, and when their pools may go ([`Pools::retire`]).

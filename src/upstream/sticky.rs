@@ -6,7 +6,6 @@
 use std::net::IpAddr;
 
 use http::request;
-use serde::Serialize;
 use serde_json::Value;
 
 use crate::config::StickyKey;
@@ -20,12 +19,7 @@ pub struct Key {
 }
 
 /// `"sticky":{"key":"cookie","fallback":false}` in the access log.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
-pub struct KeyLog {
-    pub key: &'static str,
-    /// The configured source had no value: the client IP was used.
-    pub fallback: bool,
-}
+pub use crate::observe::access_log::StickyLog as KeyLog;
 
 /// The key for a request. `claim` is the value of the configured claim (see
 /// [`claim_text`]), when the route validated a token.
