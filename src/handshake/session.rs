@@ -80,7 +80,7 @@ where
     Relaying {
         relay: Some(relay),
         tail: Some(RelayTail {
-            log: LogFacts::new(&conn, &info, &backend),
+            log: LogFacts::new(conn, &info, &backend),
             active,
             registration,
             _permit,
