@@ -1,25 +1,33 @@
 //! wsgate: a frame-aware WebSocket edge gateway.
 //!
-//! # Layout
-//! - [`config`]: YAML → validated, typed [`config::Config`] (errors with file:line:column
-//!   and key path).
-//! - [`listener`]: accept loop; one task per connection runs the HTTP/1.1 upgrade, the
-//!   upstream handshake, the relay and the access-log line.
-//! - [`handshake`]: route matching and the upgrade checks of SPEC §3 (pure).
-//! - [`http_util`]: cookie and query-string lookup, removal and redaction, and `%XX`
-//!   decoding, shared by admission, sticky keys, the admin API and the handshake (a leaf).
-//! - [`upstream`]: backend pools (sticky rendezvous hashing, health, DNS, drain) and
-//!   connecting to a backend, completing its handshake before the 101.
-//! - [`relay`]: the frame-aware, unbuffered relay of SPEC §4/§5 ([`relay::frame`] parses
-//!   and validates headers; [`relay::pump`] moves one direction's bytes).
-//! - [`observe`]: the JSON access log, Prometheus metrics and tracing setup.
-//! - [`admin`]: `/healthz`, `/readyz`, `/metrics`, `/connections`, backend drain
-//!   (`/upstreams/...`).
-//! - [`ops`]: the registry of live connections, drain and hot reload (SPEC §8).
-//! - [`echo`]: the built-in demo echo upstream.
-//! - [`ids`]: connection ids.
-//! - [`log_budget`]: the shared rate limit on pre-HTTP failure warnings (a leaf).
-//! - [`fuzzing`]: entry points for the fuzz targets and their corpus replay.
+//! # One connection's path
+//! [`listener`] accepts it (PROXY header, the per-IP count taken at accept, TLS) and hands
+//! it to [`handshake`], whose HTTP/1.1 driver reads the head and asks
+//! [`handshake::admit`] for the decision (pure: [`admission`] rules, [`handshake::upgrade`]
+//! checks, [`config`]); an admitted upgrade goes to [`upstream`] (backend choice, its own
+//! handshake before the 101), then [`relay`] moves frames until an [`outcome::Ending`];
+//! the connection's record goes to [`observe`]. [`outcome`] is the vocabulary every stage
+//! speaks. `docs/architecture.md` draws it and says which module owns each SPEC section.
+//!
+//! # Layout (each module imports only those below it; `tests/architecture.rs` checks)
+//! - [`gateway`]: starts every part, drains and reloads (SPEC §8); the top.
+//! - [`admin`]: `/healthz`, `/readyz`, `/metrics`, `/connections`, backend drain.
+//! - [`listener`]: bind, accept, PROXY header, TLS accept; one task per connection.
+//! - [`handshake`]: the HTTP/1.1 driver, the pure admission decision, the upgrade checks,
+//!   the forwarded request, log facts, the relayed connection's bookkeeping (SPEC §3).
+//! - [`shared`]: the state every connection reads (config, limiters, pools, metrics).
+//! - [`upstream`]: backend pools (sticky hashing, health, DNS, drain) and the upstream
+//!   handshake before the 101.
+//! - [`relay`]: the frame-aware, unbuffered relay of SPEC §4/§5.
+//! - [`config`]: YAML → validated, typed [`config::Config`]; reads files only through an
+//!   injected reader (SPEC §2).
+//! - [`admission`]: the pure rules: origins, tokens, API keys, client IP, per-IP limits.
+//! - [`tls`]: rustls configurations and certificate loading.
+//! - [`ops`]: the registry of live connections, memory trimming.
+//! - [`observe`]: the access log, metrics and tracing; plain records in (SPEC §6, §7).
+//! - [`outcome`]: refusals, endings, close codes and reason words (SPEC §3, §5).
+//! - [`http_util`], [`log_budget`], [`ids`], [`echo`]: leaves.
+//! - `fuzzing` (feature `fuzzing`): entry points for the fuzz targets.
 
 pub mod admin;
 pub mod admission;

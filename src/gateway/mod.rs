@@ -1,5 +1,5 @@
 //! The running gateway (SPEC §8): starts every part (listeners, access log, pools, the
-//! admin listener, housekeeping), and is what drains and reloads ([`reload`]) act on.
+//! admin listener, housekeeping), and is what drains and reloads (`reload.rs`) act on.
 //! The top of the crate: nothing below imports it.
 
 mod reload;

@@ -90,7 +90,7 @@ pub fn check<'r>(req: &request::Parts, routes: &'r [Route]) -> Result<Upgrade<'r
     })
 }
 
-/// The route a request would take, judged as [`admit`] judges it (the `Host` header, or
+/// The route a request would take, judged as [`check`] judges it (the `Host` header, or
 /// an absolute-form target's authority); for naming refusals before the upgrade checks.
 pub fn route_of<'r>(req: &request::Parts, routes: &'r [Route]) -> Option<&'r Route> {
     let host = request_host(req)?;
