@@ -2,6 +2,7 @@ use std::collections::HashMap;
 use std::io;
 
 use super::*;
+use crate::config::Config;
 use crate::upstream::resolve::Lookup;
 
 /// Records the test sets; a missing name fails like NXDOMAIN.
