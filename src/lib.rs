@@ -16,12 +16,14 @@
 //! - [`ops`]: the registry of live connections, drain and hot reload (SPEC §8).
 //! - [`echo`]: the built-in demo echo upstream.
 //! - [`ids`]: connection ids.
-//! - [`fuzzing`]: entry points for the fuzz targets and their corpus replay.
+//! - `fuzzing` (cargo feature `fuzzing` only): entry points for the fuzz targets and their
+//!   corpus replay.
 
 pub mod admin;
 pub mod admission;
 pub mod config;
 pub mod echo;
+#[cfg(feature = "fuzzing")]
 pub mod fuzzing;
 pub mod handshake;
 pub mod ids;
