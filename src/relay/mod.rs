@@ -6,6 +6,7 @@
 //! tasks or keeps a timer armed while the connection is healthy: the one timer exists only
 //! while a write is stalled or a close is in progress.
 
+pub mod deadlines;
 pub mod frame;
 pub mod limits;
 pub mod pool;
@@ -21,6 +22,7 @@ use std::time::Duration;
 use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::time::{Instant, Sleep};
 
+use deadlines::{Deadlines, Facts};
 use frame::{ControlFrame, Dir, Rules};
 use limits::MessageGate;
 use pump::{Event, PING_LEN, Pump};
@@ -126,17 +128,21 @@ where
     C: AsyncRead + AsyncWrite + Unpin,
     U: AsyncRead + AsyncWrite + Unpin,
 {
-    Relay(Some(Session::start(
-        client,
-        client_early,
-        upstream,
-        upstream_early,
-        settings,
-    )))
+    Relay {
+        session: Some(Session::start(
+            client,
+            client_early,
+            upstream,
+            upstream_early,
+            settings,
+        )),
+    }
 }
 
 /// A session until it ends; then (sockets dropped) its report.
-struct Relay<C, U>(Option<Session<C, U>>);
+struct Relay<C, U> {
+    session: Option<Session<C, U>>,
+}
 
 impl<C, U> Future for Relay<C, U>
 where
@@ -146,19 +152,52 @@ where
     type Output = Report;
 
     fn poll(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Report> {
-        let Some(session) = self.0.as_mut() else {
+        let Some(session) = self.session.as_mut() else {
             return Poll::Pending;
         };
         std::task::ready!(session.poll(cx));
-        let Some(mut session) = self.0.take() else {
-            return Poll::Pending;
-        };
-        session.c2u.release();
-        session.u2c.release();
-        session.report.c2u = session.c2u.stats;
-        session.report.u2c = session.u2c.stats;
-        Poll::Ready(session.report)
+        match self.session.take() {
+            Some(session) => Poll::Ready(session.finish()),
+            None => Poll::Pending,
+        }
     }
+}
+
+/// Where a connection is in its life. The close logic is the transitions between these
+/// (and each side's [`SideState`]); the close handshake itself is followed frame by frame
+/// by the pumps (`src_close`, `dst_close_sent`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Phase {
+    /// Frames flow; the periodic checks (pings, idle, expiry, drain) are armed.
+    Relaying,
+    /// A close is under way (a close frame sent or relayed, a rule broken, a side gone):
+    /// the close handshake has until `until` ([`CLOSE_WAIT`]); periodic checks are off.
+    Closing { until: Instant },
+    /// Both close handshakes are over (or their sides gone): each socket's write half is
+    /// shut and it is read until EOF, or until `until`, then dropped (SPEC §5).
+    Lingering { until: Instant },
+}
+
+impl Phase {
+    /// When the close wait ends, once a close is under way.
+    fn close_by(self) -> Option<Instant> {
+        match self {
+            Phase::Relaying => None,
+            Phase::Closing { until } | Phase::Lingering { until } => Some(until),
+        }
+    }
+}
+
+/// One peer's TCP connection as the session sees it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum SideState {
+    /// In use: read from, and written to until a close frame went out.
+    Open,
+    /// Lingering: our write half is shut (or the peer's FIN already came, so no shutdown
+    /// is needed); read until EOF.
+    Shut,
+    /// Gone, or cut off by the proxy: never read or written again.
+    Dead,
 }
 
 struct Session<C, U> {
@@ -166,35 +205,16 @@ struct Session<C, U> {
     upstream: U,
     c2u: Pump,
     u2c: Pump,
-    send_timeout: Duration,
-    fragment_timeout: Duration,
-    idle_timeout: Duration,
-    ping_interval: Duration,
-    pong_timeout: Duration,
-    upstream_ping_interval: Duration,
-    // Periodic checks are re-armed lazily: each is a time at which to *look* (is a ping
-    // due? has the connection been idle?), moved only when the timer fires, so traffic
-    // never touches the timer wheel.
-    /// `close_on_expiry`: the token's expiry.
-    expires_at: Option<Instant>,
+    phase: Phase,
+    client_state: SideState,
+    upstream_state: SideState,
+    deadlines: Deadlines,
     control: Option<Arc<Control>>,
-    /// When a drain wants this connection closed.
-    drain_at: Option<Instant>,
     metrics: Option<Arc<RouteMetrics>>,
     /// What `metrics` has been told so far.
     flushed: Flow,
-    ping_check: Option<Instant>,
-    upstream_ping_check: Option<Instant>,
-    idle_check: Option<Instant>,
-    last_data: Instant,
     /// The connection's one timer, armed at the earliest deadline; created on first use.
     timer: Option<(Pin<Box<Sleep>>, Instant)>,
-    close_deadline: Option<Instant>,
-    client_dead: bool,
-    upstream_dead: bool,
-    lingering: bool,
-    shut_client: bool,
-    shut_upstream: bool,
     mask_state: u64,
     report: Report,
 }
@@ -232,7 +252,6 @@ where
         if !settings.fragment_timeout.is_zero() {
             c2u.track_fragments();
         }
-        let every = |d: Duration| (!d.is_zero()).then(|| now + d);
         if !settings.ping_interval.is_zero() {
             u2c.track_writes();
         }
@@ -244,28 +263,14 @@ where
             upstream,
             c2u,
             u2c,
-            send_timeout: settings.send_timeout,
-            fragment_timeout: settings.fragment_timeout,
-            idle_timeout: settings.idle_timeout,
-            ping_interval: settings.ping_interval,
-            pong_timeout: settings.pong_timeout,
-            upstream_ping_interval: settings.upstream_ping_interval,
-            expires_at: settings.expires_at,
+            phase: Phase::Relaying,
+            client_state: SideState::Open,
+            upstream_state: SideState::Open,
+            deadlines: Deadlines::new(settings, now),
             control: settings.control.clone(),
-            drain_at: None,
             metrics: settings.metrics.clone(),
             flushed: Flow::default(),
-            ping_check: every(settings.ping_interval),
-            upstream_ping_check: every(settings.upstream_ping_interval),
-            idle_check: every(settings.idle_timeout),
-            last_data: now,
             timer: None,
-            close_deadline: None,
-            client_dead: false,
-            upstream_dead: false,
-            lingering: false,
-            shut_client: false,
-            shut_upstream: false,
             mask_state: mask_seed(),
             report: Report::default(),
         }
@@ -274,14 +279,25 @@ where
     fn poll(&mut self, cx: &mut Context<'_>) -> Poll<()> {
         // Every wake looks again: a later drain (shutdown after a slow backend drain) may
         // ask for an earlier close, and an undrain may call it off.
-        if self.close_deadline.is_none()
+        if self.phase == Phase::Relaying
             && let Some(control) = &self.control
         {
-            self.drain_at = control.poll_drain(cx);
+            self.deadlines.set_drain(control.poll_drain(cx));
         }
         let done = self.poll_session(cx);
         self.flush_metrics();
         done
+    }
+
+    /// The report, with the counts; the buffers go back to the pool and (with `self`) the
+    /// sockets are dropped.
+    fn finish(mut self) -> Report {
+        self.c2u.release();
+        self.u2c.release();
+        let mut report = std::mem::take(&mut self.report);
+        report.c2u = self.c2u.stats;
+        report.u2c = self.u2c.stats;
+        report
     }
 
     /// Tells the route's counters what was relayed since the last wake.
@@ -303,7 +319,7 @@ where
 
     fn poll_session(&mut self, cx: &mut Context<'_>) -> Poll<()> {
         loop {
-            if self.lingering {
+            if let Phase::Lingering { .. } = self.phase {
                 return self.poll_linger(cx);
             }
             let mut progress = false;
@@ -318,18 +334,17 @@ where
             if self.c2u.saw_data || self.u2c.saw_data {
                 self.c2u.saw_data = false;
                 self.u2c.saw_data = false;
-                if self.idle_check.is_some() {
-                    self.last_data = Instant::now();
+                if self.deadlines.times_data() {
+                    self.deadlines.on_data(Instant::now());
                 }
             }
             if self.finished() {
-                self.lingering = true;
-                self.start_close_wait();
+                self.linger();
                 continue;
             }
             if self.poll_timer(cx).is_ready() {
                 let now = Instant::now();
-                if self.close_deadline.is_some_and(|d| d <= now) {
+                if self.phase.close_by().is_some_and(|d| d <= now) {
                     return Poll::Ready(());
                 }
                 self.on_timer(now);
@@ -343,11 +358,32 @@ where
 
     /// Both peers have sent and received their close (or are gone).
     fn finished(&self) -> bool {
-        let client_done = self.client_dead
+        let client_done = self.client_state == SideState::Dead
             || ((self.c2u.src_eof || self.c2u.src_close.is_some()) && self.u2c.dst_finished());
-        let upstream_done = self.upstream_dead
+        let upstream_done = self.upstream_state == SideState::Dead
             || ((self.u2c.src_eof || self.u2c.src_close.is_some()) && self.c2u.dst_finished());
         client_done && upstream_done
+    }
+
+    // === phase transitions ===
+
+    /// Relaying → Closing: the close handshake has [`CLOSE_WAIT`] from now. A close
+    /// already under way keeps its deadline.
+    fn start_close_wait(&mut self) {
+        if self.phase == Phase::Relaying {
+            self.phase = Phase::Closing {
+                until: Instant::now() + CLOSE_WAIT,
+            };
+        }
+    }
+
+    /// → Lingering, within the close wait under way (or a fresh one).
+    fn linger(&mut self) {
+        let until = self
+            .phase
+            .close_by()
+            .unwrap_or_else(|| Instant::now() + CLOSE_WAIT);
+        self.phase = Phase::Lingering { until };
     }
 
     // === events from the client side (c2u pump) ===
@@ -360,10 +396,10 @@ where
                 }
                 self.start_close_wait();
             }
-            Event::Violation(v) => self.client_violation(Ending::ClientViolation(v.breach())),
+            Event::Violation(v) => self.end(Ending::ClientViolation(v.breach())),
             Event::SrcEnded(_) if self.c2u.src_close.is_some() => {}
-            Event::SrcEnded(_) => self.client_gone(Ending::Vanished(Side::Client)),
-            Event::DstFailed(_) => self.upstream_gone(Ending::Vanished(Side::Upstream)),
+            Event::SrcEnded(_) => self.end(Ending::Vanished(Side::Client)),
+            Event::DstFailed(_) => self.end(Ending::Vanished(Side::Upstream)),
             Event::PongReceived => {
                 let now = Instant::now();
                 if let Some(sent) = self.u2c.ping_sent_at.take() {
@@ -373,9 +409,9 @@ where
                         m.ping_answered(rtt);
                     }
                 }
-                self.ping_check = Some(now + self.ping_interval);
+                self.deadlines.on_client_pong(now);
             }
-            Event::RateLimited => self.client_violation(Ending::RateLimit),
+            Event::RateLimited => self.end(Ending::RateLimit),
         }
     }
 
@@ -389,16 +425,39 @@ where
                 }
                 self.start_close_wait();
             }
-            Event::Violation(v) => self.proxy_close(Ending::UpstreamViolation(v.breach())),
+            Event::Violation(v) => self.end(Ending::UpstreamViolation(v.breach())),
             Event::SrcEnded(_) if self.u2c.src_close.is_some() => {}
-            Event::SrcEnded(_) => self.upstream_gone(Ending::Vanished(Side::Upstream)),
-            Event::DstFailed(_) => self.client_gone(Ending::Vanished(Side::Client)),
+            Event::SrcEnded(_) => self.end(Ending::Vanished(Side::Upstream)),
+            Event::DstFailed(_) => self.end(Ending::Vanished(Side::Client)),
             Event::PongReceived => {
                 self.c2u.ping_sent_at = None;
-                self.upstream_ping_check = Some(Instant::now() + self.upstream_ping_interval);
+                self.deadlines.on_upstream_pong(Instant::now());
             }
             // Only the client side has a message budget.
             Event::RateLimited => {}
+        }
+    }
+
+    // === endings (SPEC §5) ===
+
+    /// The proxy ends the connection: the ending's SPEC §5 row says what each side gets,
+    /// and which of the three ways below delivers it.
+    fn end(&mut self, ending: Ending) {
+        match ending {
+            Ending::ClientViolation(_) | Ending::FragmentTimeout | Ending::RateLimit => {
+                self.client_violation(ending)
+            }
+            Ending::DeadPeer(Side::Client)
+            | Ending::Vanished(Side::Client)
+            | Ending::SlowConsumer(Side::Client) => self.client_gone(ending),
+            Ending::DeadPeer(Side::Upstream)
+            | Ending::Vanished(Side::Upstream)
+            | Ending::SlowConsumer(Side::Upstream) => self.upstream_gone(ending),
+            Ending::UpstreamViolation(_)
+            | Ending::TokenExpired
+            | Ending::Idle
+            | Ending::Drain
+            | Ending::Internal => self.proxy_close(ending),
         }
     }
 
@@ -416,7 +475,10 @@ where
             to_upstream.reason,
             Some(mask),
         ));
-        if self.upstream_dead || self.u2c.src_eof || self.u2c.src_close.is_some() {
+        if self.upstream_state == SideState::Dead
+            || self.u2c.src_eof
+            || self.u2c.src_close.is_some()
+        {
             self.u2c.send_close(frame);
         } else {
             self.u2c.close_reply = Some(Box::new(frame));
@@ -450,9 +512,10 @@ where
     }
 
     /// The client's TCP is gone (`Vanished`) or cut off by the proxy (a dead peer, a slow
-    /// consumer): the upstream gets the ending's close (SPEC §5).
+    /// consumer): the client is Dead, and the upstream gets the ending's close (SPEC §5).
     fn client_gone(&mut self, ending: Ending) {
-        self.client_dead = true;
+        let to_upstream = ending.to_upstream().unwrap_or(CloseFrame::INTERNAL);
+        self.client_state = SideState::Dead;
         self.u2c.abandon_dst();
         let by = if ending.proxy_reason().is_some() {
             By::Proxy
@@ -464,7 +527,6 @@ where
             self.report.proxy_reason.get_or_insert(r);
         }
         if self.c2u.at_boundary() {
-            let to_upstream = ending.to_upstream().unwrap_or(CloseFrame::INTERNAL);
             let mask = self.next_mask();
             self.c2u.send_close(ControlFrame::close(
                 to_upstream.code,
@@ -474,16 +536,17 @@ where
         } else {
             // Mid-frame, no close frame can be well-formed: cut the upstream too.
             self.c2u.abandon_dst();
-            self.upstream_dead = true;
+            self.upstream_state = SideState::Dead;
         }
         self.start_close_wait();
     }
 
-    /// The upstream's TCP is gone (or cut off): the ending's code to the client (SPEC §5),
-    /// or, if the client had already sent its close, the closing handshake is completed
-    /// with its code.
+    /// The upstream's TCP is gone (or cut off): the upstream is Dead, and the client gets
+    /// the ending's code (SPEC §5), or, if the client had already sent its close, the
+    /// closing handshake is completed with its code.
     fn upstream_gone(&mut self, ending: Ending) {
-        self.upstream_dead = true;
+        let to_client = ending.to_client().unwrap_or(CloseFrame::INTERNAL);
+        self.upstream_state = SideState::Dead;
         self.c2u.abandon_dst();
         let by = if ending.proxy_reason().is_some() {
             By::Proxy
@@ -494,7 +557,7 @@ where
         let code = match &self.c2u.src_close {
             Some((code::NO_STATUS, _)) => code::NORMAL,
             Some((code, _)) => *code,
-            None => ending.to_client().unwrap_or(CloseFrame::INTERNAL).code,
+            None => to_client.code,
         };
         // The log names the code the client observes: ours when a close frame can still
         // reach it, 1006 when it can only see the TCP close.
@@ -513,72 +576,65 @@ where
                 .send_close(reply.map_or_else(|| ControlFrame::close(code, "", None), |b| *b));
         } else {
             self.u2c.abandon_dst();
-            self.client_dead = true;
+            self.client_state = SideState::Dead;
         }
         self.start_close_wait();
     }
 
-    /// The timer fired: find what is due. Periodic checks that are not due yet move to
-    /// their real due time (lazy re-arming).
-    fn on_timer(&mut self, now: Instant) {
-        self.on_stall_timeout(now);
-        if self.c2u.throttled_until.is_some_and(|t| t <= now) {
-            self.c2u.throttled_until = None;
-        }
-        if self.close_deadline.is_some() {
-            return;
-        }
-        if self.drain_at.is_some_and(|t| t <= now) {
-            self.proxy_close(Ending::Drain);
-            return;
-        }
-        if self.expires_at.is_some_and(|t| t <= now) {
-            self.expires_at = None;
-            self.proxy_close(Ending::TokenExpired);
-            return;
-        }
-        let pong_due = |sent: Option<Instant>, waiting: bool| {
-            waiting && sent.is_some_and(|s| s + self.pong_timeout <= now)
-        };
-        if pong_due(self.u2c.ping_sent_at, self.c2u.expect_pong.is_some()) {
-            self.client_gone(Ending::DeadPeer(Side::Client));
-            return;
-        }
-        if pong_due(self.c2u.ping_sent_at, self.u2c.expect_pong.is_some()) {
-            self.upstream_gone(Ending::DeadPeer(Side::Upstream));
-            return;
-        }
-        if self.ping_check.is_some_and(|t| t <= now) {
-            self.ping_check = self.ping_client(now);
-        }
-        if self.upstream_ping_check.is_some_and(|t| t <= now) {
-            self.upstream_ping_check = self.ping_upstream(now);
-        }
-        if self.idle_check.is_some_and(|t| t <= now) {
-            let due = self.last_data + self.idle_timeout;
-            if due <= now {
-                self.idle_check = None;
-                self.proxy_close(Ending::Idle);
-                return;
-            }
-            self.idle_check = Some(due);
-        }
-        if self.fragment_due().is_some_and(|t| t <= now) {
-            self.c2u.fragment_since = None;
-            self.client_violation(Ending::FragmentTimeout);
+    // === deadlines ===
+
+    /// What the deadlines depend on, as the pumps know it now.
+    fn facts(&self) -> Facts {
+        Facts {
+            close_by: self.phase.close_by(),
+            client_stalled: self.u2c.stalled_since,
+            upstream_stalled: self.c2u.stalled_since,
+            throttled_until: self.c2u.throttled_until,
+            client_ping_out: self
+                .u2c
+                .ping_sent_at
+                .filter(|_| self.c2u.expect_pong.is_some()),
+            upstream_ping_out: self
+                .c2u
+                .ping_sent_at
+                .filter(|_| self.u2c.expect_pong.is_some()),
+            client_pong_awaited: self.c2u.expect_pong.is_some(),
+            upstream_pong_awaited: self.u2c.expect_pong.is_some(),
+            client_last_write: self.u2c.last_write,
+            upstream_last_write: self.c2u.last_write,
+            fragment_since: self.c2u.fragment_since,
         }
     }
 
-    /// Pings the client if nothing was sent to it for `ping_interval`; returns when to look
-    /// again (`None` while a pong is awaited).
-    fn ping_client(&mut self, now: Instant) -> Option<Instant> {
-        if self.c2u.expect_pong.is_some() {
-            return None;
+    /// The timer fired: act on what the deadlines say is due, in their order.
+    fn on_timer(&mut self, now: Instant) {
+        let due = self.deadlines.due(now, &self.facts());
+        // A write stalled past `send_timeout`: that peer is a slow consumer and is cut off.
+        if due.slow_client && self.client_state != SideState::Dead {
+            self.end(Ending::SlowConsumer(Side::Client));
         }
-        let due = self.u2c.last_write.unwrap_or(now) + self.ping_interval;
-        if due > now {
-            return Some(due);
+        if due.slow_upstream && self.upstream_state != SideState::Dead {
+            self.end(Ending::SlowConsumer(Side::Upstream));
         }
+        if due.unthrottle {
+            self.c2u.throttled_until = None;
+        }
+        if due.ping_client {
+            self.ping_client();
+        }
+        if due.ping_upstream {
+            self.ping_upstream();
+        }
+        if let Some(ending) = due.ending {
+            if ending == Ending::FragmentTimeout {
+                self.c2u.fragment_since = None;
+            }
+            self.end(ending);
+        }
+    }
+
+    /// Queues a ping to the client; its pong will be consumed.
+    fn ping_client(&mut self) {
         let payload = self.next_ping_payload();
         if self.u2c.send_ping(payload, None) {
             self.c2u.expect_pong = Some(payload);
@@ -587,31 +643,15 @@ where
                 m.ping_sent();
             }
         }
-        None
     }
 
     /// The same towards the upstream (masked, as a client must).
-    fn ping_upstream(&mut self, now: Instant) -> Option<Instant> {
-        if self.u2c.expect_pong.is_some() {
-            return None;
-        }
-        let due = self.c2u.last_write.unwrap_or(now) + self.upstream_ping_interval;
-        if due > now {
-            return Some(due);
-        }
+    fn ping_upstream(&mut self) {
         let payload = self.next_ping_payload();
         let mask = self.next_mask();
         if self.c2u.send_ping(payload, Some(mask)) {
             self.u2c.expect_pong = Some(payload);
         }
-        None
-    }
-
-    fn fragment_due(&self) -> Option<Instant> {
-        self.c2u
-            .fragment_since
-            .map(|s| s + self.fragment_timeout)
-            .filter(|_| !self.fragment_timeout.is_zero())
     }
 
     /// Payloads that tell the proxy's pings from the peers': 8 random-looking bytes.
@@ -621,56 +661,10 @@ where
         [a[0], a[1], a[2], a[3], b[0], b[1], b[2], b[3]]
     }
 
-    /// A write stalled past `send_timeout`: that peer is a slow consumer and is cut off.
-    fn on_stall_timeout(&mut self, now: Instant) {
-        let limit = self.send_timeout;
-        let expired = |since: Option<Instant>| since.is_some_and(|s| s + limit <= now);
-        if expired(self.u2c.stalled_since) && !self.client_dead {
-            self.client_gone(Ending::SlowConsumer(Side::Client));
-        }
-        if expired(self.c2u.stalled_since) && !self.upstream_dead {
-            self.upstream_gone(Ending::SlowConsumer(Side::Upstream));
-        }
-    }
-
-    fn start_close_wait(&mut self) {
-        if self.close_deadline.is_none() {
-            self.close_deadline = Some(Instant::now() + CLOSE_WAIT);
-        }
-    }
-
-    /// The earliest deadline of the session. Runs on every wake, so it folds the few
-    /// deadlines that are set instead of collecting all of them.
-    fn next_due(&self) -> Option<Instant> {
-        let stall = |since: Option<Instant>| since.map(|s| s + self.send_timeout);
-        let mut due = earliest(self.close_deadline, self.c2u.throttled_until);
-        due = earliest(due, stall(self.c2u.stalled_since));
-        due = earliest(due, stall(self.u2c.stalled_since));
-        if self.close_deadline.is_some() {
-            return due;
-        }
-        due = earliest(due, self.expires_at);
-        due = earliest(due, self.drain_at);
-        due = earliest(due, self.ping_check);
-        due = earliest(due, self.upstream_ping_check);
-        due = earliest(due, self.idle_check);
-        due = earliest(due, self.fragment_due());
-        let pong = |sent: Option<Instant>, waiting: bool| {
-            sent.filter(|_| waiting).map(|s| s + self.pong_timeout)
-        };
-        due = earliest(
-            due,
-            pong(self.u2c.ping_sent_at, self.c2u.expect_pong.is_some()),
-        );
-        earliest(
-            due,
-            pong(self.c2u.ping_sent_at, self.u2c.expect_pong.is_some()),
-        )
-    }
-
-    /// Polls the one timer, armed at [`Session::next_due`] (re-armed only when that moves).
+    /// Polls the one timer, armed at [`Deadlines::next_due`] (re-armed only when that
+    /// moves).
     fn poll_timer(&mut self, cx: &mut Context<'_>) -> Poll<()> {
-        let due = self.next_due();
+        let due = self.deadlines.next_due(&self.facts());
         let Some(due) = due else {
             return Poll::Pending;
         };
@@ -692,34 +686,29 @@ where
         timer.as_mut().poll(cx)
     }
 
+    // === lingering ===
+
     /// After both close frames: half-close our side and read until each peer closes, so
     /// no unread byte turns the close into a reset (SPEC §5).
     fn poll_linger(&mut self, cx: &mut Context<'_>) -> Poll<()> {
-        // A peer that already sent its FIN has nothing left to read: dropping the socket
-        // closes cleanly, and the shutdown(2) would be a wasted system call. A shutdown
-        // that cannot complete (a TLS close_notify towards a peer that reads nothing) must
-        // not outlast the close wait, so it never returns early.
-        if !self.shut_client && !self.client_dead && !self.c2u.src_eof {
-            self.shut_client = Pin::new(&mut self.client).poll_shutdown(cx).is_ready();
-        } else {
-            self.shut_client = true;
-        }
-        if !self.shut_upstream && !self.upstream_dead && !self.u2c.src_eof {
-            self.shut_upstream = Pin::new(&mut self.upstream).poll_shutdown(cx).is_ready();
-        } else {
-            self.shut_upstream = true;
-        }
-        let client = if self.client_dead {
+        self.client_state = shut_down(self.client_state, self.c2u.src_eof, &mut self.client, cx);
+        self.upstream_state = shut_down(
+            self.upstream_state,
+            self.u2c.src_eof,
+            &mut self.upstream,
+            cx,
+        );
+        let client = if self.client_state == SideState::Dead {
             Poll::Ready(())
         } else {
             self.c2u.poll_drain(cx, &mut self.client)
         };
-        let upstream = if self.upstream_dead {
+        let upstream = if self.upstream_state == SideState::Dead {
             Poll::Ready(())
         } else {
             self.u2c.poll_drain(cx, &mut self.upstream)
         };
-        let shut = self.shut_client && self.shut_upstream;
+        let shut = self.client_state != SideState::Open && self.upstream_state != SideState::Open;
         if shut && client.is_ready() && upstream.is_ready() {
             return Poll::Ready(());
         }
@@ -741,6 +730,30 @@ where
     }
 }
 
+/// Lingering, an Open side becomes Shut: its write half is shut down, unless the peer
+/// already sent its FIN (nothing left to read, so dropping the socket closes cleanly and
+/// the shutdown(2) would be a wasted system call). A shutdown that cannot complete (a TLS
+/// close_notify towards a peer that reads nothing) leaves it Open, and the close wait ends
+/// it.
+fn shut_down<S: AsyncWrite + Unpin>(
+    state: SideState,
+    src_eof: bool,
+    socket: &mut S,
+    cx: &mut Context<'_>,
+) -> SideState {
+    match state {
+        SideState::Open if !src_eof => {
+            if Pin::new(socket).poll_shutdown(cx).is_ready() {
+                SideState::Shut
+            } else {
+                SideState::Open
+            }
+        }
+        SideState::Open => SideState::Shut,
+        settled => settled,
+    }
+}
+
 /// Keeps the first close of the connection: that is the one that ended it.
 fn record(report: &mut Report, code: u16, reason: &str, by: By) {
     if report.close.is_none() {
@@ -757,14 +770,6 @@ fn mask_seed() -> u64 {
     use std::hash::{BuildHasher, RandomState};
     static COUNTER: AtomicU64 = AtomicU64::new(0);
     RandomState::new().hash_one(COUNTER.fetch_add(1, Ordering::Relaxed))
-}
-
-fn earliest(a: Option<Instant>, b: Option<Instant>) -> Option<Instant> {
-    match (a, b) {
-        (Some(a), Some(b)) => Some(a.min(b)),
-        (a, None) => a,
-        (None, b) => b,
-    }
 }
 
 #[cfg(test)]
