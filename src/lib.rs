@@ -9,7 +9,8 @@
 //! - [`upstream`]: backend pools (sticky rendezvous hashing, health, DNS, drain) and
 //!   connecting to a backend, completing its handshake before the 101.
 //! - [`relay`]: the frame-aware, unbuffered relay of SPEC §4/§5 ([`relay::frame`] parses
-//!   and validates headers; [`relay::pump`] moves one direction's bytes).
+//!   and validates headers; [`relay::pump`] moves one direction's bytes;
+//!   [`relay::deadlines`] decides pings and timeouts).
 //! - [`observe`]: the JSON access log, Prometheus metrics and tracing setup.
 //! - [`admin`]: `/healthz`, `/readyz`, `/metrics`, `/connections`, backend drain
 //!   (`/upstreams/...`).

@@ -5,6 +5,10 @@
 //! gets, SPEC §5) and when the connection is over; pumps move bytes. Nothing here spawns
 //! tasks or keeps a timer armed while the connection is healthy: the one timer exists only
 //! while a write is stalled or a close is in progress.
+//!
+//! When to ping, time out or close is [`deadlines`]' business. A relay that fails (a panic
+//! in its poll, or a pump that finds its state inconsistent) still ends as a connection:
+//! 1011 to each side that can take a close frame (SPEC §5), recorded in its [`Report`].
 
 pub mod deadlines;
 pub mod frame;
@@ -13,6 +17,7 @@ pub mod pool;
 pub mod pump;
 
 use std::future::Future;
+use std::panic::{self, AssertUnwindSafe};
 use std::pin::Pin;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -136,12 +141,15 @@ where
             upstream_early,
             settings,
         )),
+        panicked: false,
     }
 }
 
 /// A session until it ends; then (sockets dropped) its report.
 struct Relay<C, U> {
     session: Option<Session<C, U>>,
+    /// The session panicked once and is closing with 1011; a second panic drops it.
+    panicked: bool,
 }
 
 impl<C, U> Future for Relay<C, U>
@@ -152,11 +160,27 @@ where
     type Output = Report;
 
     fn poll(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Report> {
-        let Some(session) = self.session.as_mut() else {
+        let this = &mut *self;
+        let Some(session) = this.session.as_mut() else {
             return Poll::Pending;
         };
-        std::task::ready!(session.poll(cx));
-        match self.session.take() {
+        // A panic in the session (a bug in the relay, or in a stream it drives) must not
+        // end the connection unreported: the first one ends it with 1011 (SPEC §5) and
+        // polls again to send those frames; a second one just drops both sockets.
+        let polled = match panic::catch_unwind(AssertUnwindSafe(|| session.poll(cx))) {
+            Err(_) if !this.panicked => {
+                this.panicked = true;
+                panic::catch_unwind(AssertUnwindSafe(|| {
+                    session.fail("panic");
+                    session.poll(cx)
+                }))
+            }
+            polled => polled,
+        };
+        if let Ok(Poll::Pending) = polled {
+            return Poll::Pending;
+        }
+        match this.session.take() {
             Some(session) => Poll::Ready(session.finish()),
             None => Poll::Pending,
         }
@@ -412,6 +436,7 @@ where
                 self.deadlines.on_client_pong(now);
             }
             Event::RateLimited => self.end(Ending::RateLimit),
+            Event::Broken(why) => self.fail(why),
         }
     }
 
@@ -435,6 +460,7 @@ where
             }
             // Only the client side has a message budget.
             Event::RateLimited => {}
+            Event::Broken(why) => self.fail(why),
         }
     }
 
@@ -461,12 +487,30 @@ where
         }
     }
 
+    /// The relay failed (it panicked, or a pump found its own state inconsistent): SPEC
+    /// §5 "internal error". Recorded as the proxy's 1011 whatever was recorded before, and
+    /// 1011 goes to each side that can still take a close frame, at its next frame
+    /// boundary; the close wait under way (or a fresh one) bounds the rest.
+    fn fail(&mut self, why: &'static str) {
+        tracing::error!(why, "relay failed: closing the connection with 1011");
+        let frame = CloseFrame::INTERNAL;
+        self.report.close = Some(CloseInfo {
+            code: frame.code,
+            reason: frame.reason.to_owned(),
+            by: By::Proxy,
+        });
+        self.report.proxy_reason = Ending::Internal.proxy_reason();
+        self.proxy_close(Ending::Internal);
+    }
+
     /// The client broke a rule: 1001 to the upstream at once, and the client's close code
     /// in place of the upstream's close reply, so replies to what the client sent before
     /// the offending frame still reach it first (as they would from the upstream itself).
     fn client_violation(&mut self, ending: Ending) {
-        let to_client = ending.to_client().unwrap_or(CloseFrame::INTERNAL);
-        let to_upstream = ending.to_upstream().unwrap_or(CloseFrame::INTERNAL);
+        let (Some(to_client), Some(to_upstream)) = (ending.to_client(), ending.to_upstream())
+        else {
+            return self.fail("a client violation without a close frame for each side");
+        };
         self.proxy_ended(ending, to_client.code, to_client.reason);
         let frame = ControlFrame::close(to_client.code, to_client.reason, None);
         let mask = self.next_mask();
@@ -489,8 +533,10 @@ where
     /// The proxy ends the connection itself: each side gets the ending's close frame
     /// (SPEC §5) at its next frame boundary.
     fn proxy_close(&mut self, ending: Ending) {
-        let to_client = ending.to_client().unwrap_or(CloseFrame::INTERNAL);
-        let to_upstream = ending.to_upstream().unwrap_or(CloseFrame::INTERNAL);
+        let (Some(to_client), Some(to_upstream)) = (ending.to_client(), ending.to_upstream())
+        else {
+            return self.fail("a proxy close without a close frame for each side");
+        };
         self.proxy_ended(ending, to_client.code, to_client.reason);
         self.u2c
             .send_close(ControlFrame::close(to_client.code, to_client.reason, None));
@@ -514,7 +560,9 @@ where
     /// The client's TCP is gone (`Vanished`) or cut off by the proxy (a dead peer, a slow
     /// consumer): the client is Dead, and the upstream gets the ending's close (SPEC §5).
     fn client_gone(&mut self, ending: Ending) {
-        let to_upstream = ending.to_upstream().unwrap_or(CloseFrame::INTERNAL);
+        let Some(to_upstream) = ending.to_upstream() else {
+            return self.fail("a client gone without a close frame for the upstream");
+        };
         self.client_state = SideState::Dead;
         self.u2c.abandon_dst();
         let by = if ending.proxy_reason().is_some() {
@@ -545,7 +593,9 @@ where
     /// the ending's code (SPEC §5), or, if the client had already sent its close, the
     /// closing handshake is completed with its code.
     fn upstream_gone(&mut self, ending: Ending) {
-        let to_client = ending.to_client().unwrap_or(CloseFrame::INTERNAL);
+        let Some(to_client) = ending.to_client() else {
+            return self.fail("an upstream gone without a close frame for the client");
+        };
         self.upstream_state = SideState::Dead;
         self.c2u.abandon_dst();
         let by = if ending.proxy_reason().is_some() {
@@ -879,6 +929,173 @@ mod tests {
 
     fn settings() -> Settings {
         Settings::without_timers(1024, Duration::from_millis(200), 1 << 20, 1 << 20)
+    }
+
+    /// Relays reads and writes until `budget` bytes were read, then panics in every read
+    /// that finds more, as a bug in the stream or in the code it calls would.
+    struct PanicsAfter {
+        inner: DuplexStream,
+        budget: usize,
+    }
+
+    impl AsyncRead for PanicsAfter {
+        fn poll_read(
+            mut self: Pin<&mut Self>,
+            cx: &mut Context<'_>,
+            buf: &mut ReadBuf<'_>,
+        ) -> Poll<std::io::Result<()>> {
+            if self.budget == 0 {
+                let mut byte = [0u8; 1];
+                let mut probe = ReadBuf::new(&mut byte);
+                std::task::ready!(Pin::new(&mut self.inner).poll_read(cx, &mut probe))?;
+                panic!("injected failure in the relay's read");
+            }
+            let mut limited = ReadBuf::new(buf.initialize_unfilled());
+            let cap = limited.remaining().min(self.budget);
+            let mut part = ReadBuf::new(&mut limited.initialize_unfilled()[..cap]);
+            let polled = Pin::new(&mut self.inner).poll_read(cx, &mut part);
+            let n = part.filled().len();
+            self.budget -= n;
+            buf.advance(n);
+            polled
+        }
+    }
+
+    impl AsyncWrite for PanicsAfter {
+        fn poll_write(
+            mut self: Pin<&mut Self>,
+            cx: &mut Context<'_>,
+            buf: &[u8],
+        ) -> Poll<std::io::Result<usize>> {
+            Pin::new(&mut self.inner).poll_write(cx, buf)
+        }
+
+        fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+            Pin::new(&mut self.inner).poll_flush(cx)
+        }
+
+        fn poll_shutdown(
+            mut self: Pin<&mut Self>,
+            cx: &mut Context<'_>,
+        ) -> Poll<std::io::Result<()>> {
+            Pin::new(&mut self.inner).poll_shutdown(cx)
+        }
+    }
+
+    /// The report of a relay that must end by itself.
+    async fn ended(session: tokio::task::JoinHandle<Report>) -> Report {
+        timeout(PATIENCE, session)
+            .await
+            .unwrap_or_else(|_| panic!("the relay did not end"))
+            .unwrap_or_else(|e| panic!("the relay's task failed: {e}"))
+    }
+
+    fn assert_internal(report: &Report) {
+        let close = report.close.clone();
+        assert_eq!(
+            close.map(|c| (c.code, c.reason, c.by)),
+            Some((1011, "internal error".to_owned(), By::Proxy))
+        );
+        assert_eq!(report.proxy_reason.map(|r| r.as_str()), Some("internal"));
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_panic_reading_the_client_ends_with_1011_to_the_upstream() {
+        let hello = frame(0x82, b"hello", KEY);
+        let (mut client, client_relay) = duplex(1 << 16);
+        let (upstream_relay, mut upstream) = duplex(1 << 16);
+        let failing = PanicsAfter {
+            inner: client_relay,
+            budget: hello.len(),
+        };
+        let session = tokio::spawn(relay(
+            failing,
+            Bytes::new(),
+            upstream_relay,
+            Bytes::new(),
+            &settings(),
+        ));
+        send(&mut client, &hello).await;
+        assert_eq!(
+            read_frame(&mut upstream).await,
+            Some((0x82, b"hello".to_vec()))
+        );
+        send(&mut client, &frame(0x82, b"boom", KEY)).await;
+        // The client's stream panics again at once: the upstream's 1011 still went out
+        // first (a close to a destination is written before the source is read).
+        assert_eq!(
+            read_frame(&mut upstream).await,
+            Some((
+                0x88,
+                [&1011u16.to_be_bytes()[..], b"internal error"].concat()
+            ))
+        );
+        let report = ended(session).await;
+        assert_internal(&report);
+        assert_eq!(report.c2u.frames, 1, "counts so far are kept");
+        assert_eq!(report.c2u.messages, 1);
+        assert_eq!(read_frame(&mut upstream).await, None, "then the TCP close");
+        drop(client);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_panic_reading_the_upstream_ends_with_1011_to_both_sides() {
+        let (mut client, client_relay) = duplex(1 << 16);
+        let (upstream_relay, mut upstream) = duplex(1 << 16);
+        let failing = PanicsAfter {
+            inner: upstream_relay,
+            budget: 3,
+        };
+        let session = tokio::spawn(relay(
+            client_relay,
+            Bytes::new(),
+            failing,
+            Bytes::new(),
+            &settings(),
+        ));
+        // Three bytes of the upstream's frame pass; the read of the rest panics, so the
+        // client is mid-frame: no close frame can reach it well-formed.
+        send(&mut upstream, &frame(0x82, b"partial", None)).await;
+        let internal = (
+            0x88,
+            [&1011u16.to_be_bytes()[..], b"internal error"].concat(),
+        );
+        assert_eq!(read_frame(&mut upstream).await, Some(internal.clone()));
+        let report = ended(session).await;
+        assert_internal(&report);
+        let mut got = Vec::new();
+        let read = timeout(PATIENCE, client.read_to_end(&mut got)).await;
+        assert!(matches!(read, Ok(Ok(_))), "client got {read:?}");
+        assert_eq!(
+            got,
+            frame(0x82, b"partial", None)[..3],
+            "no frame after a cut one"
+        );
+
+        // At a frame boundary, the client gets its 1011 too.
+        let (mut client, client_relay) = duplex(1 << 16);
+        let (upstream_relay, mut upstream) = duplex(1 << 16);
+        let whole = frame(0x82, b"whole", None);
+        let failing = PanicsAfter {
+            inner: upstream_relay,
+            budget: whole.len(),
+        };
+        let session = tokio::spawn(relay(
+            client_relay,
+            Bytes::new(),
+            failing,
+            Bytes::new(),
+            &settings(),
+        ));
+        send(&mut upstream, &whole).await;
+        assert_eq!(
+            read_frame(&mut client).await,
+            Some((0x82, b"whole".to_vec()))
+        );
+        send(&mut upstream, &frame(0x81, b"boom", None)).await;
+        assert_eq!(read_frame(&mut client).await, Some(internal.clone()));
+        assert_eq!(read_frame(&mut upstream).await, Some(internal));
+        assert_internal(&ended(session).await);
     }
 
     async fn send(s: &mut DuplexStream, bytes: &[u8]) {
