@@ -18,7 +18,8 @@
 //! - [`shared`]: the state every connection reads (config, limiters, pools, metrics).
 //! - [`upstream`]: backend pools (sticky hashing, health, DNS, drain) and the upstream
 //!   handshake before the 101.
-//! - [`relay`]: the frame-aware, unbuffered relay of SPEC §4/§5.
+//! - [`relay`]: the frame-aware, unbuffered relay of SPEC §4/§5 ([`relay::deadlines`]
+//!   decides pings and timeouts).
 //! - [`config`]: YAML → validated, typed [`config::Config`]; reads files only through an
 //!   injected reader (SPEC §2).
 //! - [`admission`]: the pure rules: origins, tokens, API keys, client IP, per-IP limits.
@@ -33,6 +34,7 @@ pub mod admin;
 pub mod admission;
 pub mod config;
 pub mod echo;
+#[cfg(feature = "fuzzing")]
 pub mod fuzzing;
 pub mod gateway;
 pub mod handshake;

@@ -5,13 +5,19 @@
 //! gets, SPEC §5) and when the connection is over; pumps move bytes. Nothing here spawns
 //! tasks or keeps a timer armed while the connection is healthy: the one timer exists only
 //! while a write is stalled or a close is in progress.
+//!
+//! When to ping, time out or close is [`deadlines`]' business. A relay that fails (a panic
+//! in its poll, or a pump that finds its state inconsistent) still ends as a connection:
+//! 1011 to each side that can take a close frame (SPEC §5), recorded in its [`Report`].
 
+pub mod deadlines;
 pub mod frame;
 pub mod limits;
 pub mod pool;
 pub mod pump;
 
 use std::future::Future;
+use std::panic::{self, AssertUnwindSafe};
 use std::pin::Pin;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -21,6 +27,7 @@ use std::time::Duration;
 use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::time::{Instant, Sleep};
 
+use deadlines::{Deadlines, Facts};
 use frame::{ControlFrame, Dir, Rules};
 use limits::MessageGate;
 use pump::{Event, PING_LEN, Pump};
@@ -126,17 +133,24 @@ where
     C: AsyncRead + AsyncWrite + Unpin,
     U: AsyncRead + AsyncWrite + Unpin,
 {
-    Relay(Some(Session::start(
-        client,
-        client_early,
-        upstream,
-        upstream_early,
-        settings,
-    )))
+    Relay {
+        session: Some(Session::start(
+            client,
+            client_early,
+            upstream,
+            upstream_early,
+            settings,
+        )),
+        panicked: false,
+    }
 }
 
 /// A session until it ends; then (sockets dropped) its report.
-struct Relay<C, U>(Option<Session<C, U>>);
+struct Relay<C, U> {
+    session: Option<Session<C, U>>,
+    /// The session panicked once and is closing with 1011; a second panic drops it.
+    panicked: bool,
+}
 
 impl<C, U> Future for Relay<C, U>
 where
@@ -146,19 +160,68 @@ where
     type Output = Report;
 
     fn poll(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Report> {
-        let Some(session) = self.0.as_mut() else {
+        let this = &mut *self;
+        let Some(session) = this.session.as_mut() else {
             return Poll::Pending;
         };
-        std::task::ready!(session.poll(cx));
-        let Some(mut session) = self.0.take() else {
-            return Poll::Pending;
+        // A panic in the session (a bug in the relay, or in a stream it drives) must not
+        // end the connection unreported: the first one ends it with 1011 (SPEC §5) and
+        // polls again to send those frames; a second one just drops both sockets.
+        let polled = match panic::catch_unwind(AssertUnwindSafe(|| session.poll(cx))) {
+            Err(_) if !this.panicked => {
+                this.panicked = true;
+                panic::catch_unwind(AssertUnwindSafe(|| {
+                    session.fail("panic");
+                    session.poll(cx)
+                }))
+            }
+            polled => polled,
         };
-        session.c2u.release();
-        session.u2c.release();
-        session.report.c2u = session.c2u.stats;
-        session.report.u2c = session.u2c.stats;
-        Poll::Ready(session.report)
+        if let Ok(Poll::Pending) = polled {
+            return Poll::Pending;
+        }
+        match this.session.take() {
+            Some(session) => Poll::Ready(session.finish()),
+            None => Poll::Pending,
+        }
     }
+}
+
+/// Where a connection is in its life. The close logic is the transitions between these
+/// (and each side's [`SideState`]); the close handshake itself is followed frame by frame
+/// by the pumps (`src_close`, `dst_close_sent`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Phase {
+    /// Frames flow; the periodic checks (pings, idle, expiry, drain) are armed.
+    Relaying,
+    /// A close is under way (a close frame sent or relayed, a rule broken, a side gone):
+    /// the close handshake has until `until` ([`CLOSE_WAIT`]); periodic checks are off.
+    Closing { until: Instant },
+    /// Both close handshakes are over (or their sides gone): each socket's write half is
+    /// shut and it is read until EOF, or until `until`, then dropped (SPEC §5).
+    Lingering { until: Instant },
+}
+
+impl Phase {
+    /// When the close wait ends, once a close is under way.
+    fn close_by(self) -> Option<Instant> {
+        match self {
+            Phase::Relaying => None,
+            Phase::Closing { until } | Phase::Lingering { until } => Some(until),
+        }
+    }
+}
+
+/// One peer's TCP connection as the session sees it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum SideState {
+    /// In use: read from, and written to until a close frame went out.
+    Open,
+    /// Lingering: our write half is shut (or the peer's FIN already came, so no shutdown
+    /// is needed); read until EOF.
+    Shut,
+    /// Gone, or cut off by the proxy: never read or written again.
+    Dead,
 }
 
 struct Session<C, U> {
@@ -166,35 +229,16 @@ struct Session<C, U> {
     upstream: U,
     c2u: Pump,
     u2c: Pump,
-    send_timeout: Duration,
-    fragment_timeout: Duration,
-    idle_timeout: Duration,
-    ping_interval: Duration,
-    pong_timeout: Duration,
-    upstream_ping_interval: Duration,
-    // Periodic checks are re-armed lazily: each is a time at which to *look* (is a ping
-    // due? has the connection been idle?), moved only when the timer fires, so traffic
-    // never touches the timer wheel.
-    /// `close_on_expiry`: the token's expiry.
-    expires_at: Option<Instant>,
+    phase: Phase,
+    client_state: SideState,
+    upstream_state: SideState,
+    deadlines: Deadlines,
     control: Option<Arc<Control>>,
-    /// When a drain wants this connection closed.
-    drain_at: Option<Instant>,
     metrics: Option<Arc<RouteMetrics>>,
     /// What `metrics` has been told so far.
     flushed: Flow,
-    ping_check: Option<Instant>,
-    upstream_ping_check: Option<Instant>,
-    idle_check: Option<Instant>,
-    last_data: Instant,
     /// The connection's one timer, armed at the earliest deadline; created on first use.
     timer: Option<(Pin<Box<Sleep>>, Instant)>,
-    close_deadline: Option<Instant>,
-    client_dead: bool,
-    upstream_dead: bool,
-    lingering: bool,
-    shut_client: bool,
-    shut_upstream: bool,
     mask_state: u64,
     report: Report,
 }
@@ -232,7 +276,6 @@ where
         if !settings.fragment_timeout.is_zero() {
             c2u.track_fragments();
         }
-        let every = |d: Duration| (!d.is_zero()).then(|| now + d);
         if !settings.ping_interval.is_zero() {
             u2c.track_writes();
         }
@@ -244,28 +287,14 @@ where
             upstream,
             c2u,
             u2c,
-            send_timeout: settings.send_timeout,
-            fragment_timeout: settings.fragment_timeout,
-            idle_timeout: settings.idle_timeout,
-            ping_interval: settings.ping_interval,
-            pong_timeout: settings.pong_timeout,
-            upstream_ping_interval: settings.upstream_ping_interval,
-            expires_at: settings.expires_at,
+            phase: Phase::Relaying,
+            client_state: SideState::Open,
+            upstream_state: SideState::Open,
+            deadlines: Deadlines::new(settings, now),
             control: settings.control.clone(),
-            drain_at: None,
             metrics: settings.metrics.clone(),
             flushed: Flow::default(),
-            ping_check: every(settings.ping_interval),
-            upstream_ping_check: every(settings.upstream_ping_interval),
-            idle_check: every(settings.idle_timeout),
-            last_data: now,
             timer: None,
-            close_deadline: None,
-            client_dead: false,
-            upstream_dead: false,
-            lingering: false,
-            shut_client: false,
-            shut_upstream: false,
             mask_state: mask_seed(),
             report: Report::default(),
         }
@@ -274,14 +303,25 @@ where
     fn poll(&mut self, cx: &mut Context<'_>) -> Poll<()> {
         // Every wake looks again: a later drain (shutdown after a slow backend drain) may
         // ask for an earlier close, and an undrain may call it off.
-        if self.close_deadline.is_none()
+        if self.phase == Phase::Relaying
             && let Some(control) = &self.control
         {
-            self.drain_at = control.poll_drain(cx);
+            self.deadlines.set_drain(control.poll_drain(cx));
         }
         let done = self.poll_session(cx);
         self.flush_metrics();
         done
+    }
+
+    /// The report, with the counts; the buffers go back to the pool and (with `self`) the
+    /// sockets are dropped.
+    fn finish(mut self) -> Report {
+        self.c2u.release();
+        self.u2c.release();
+        let mut report = std::mem::take(&mut self.report);
+        report.c2u = self.c2u.stats;
+        report.u2c = self.u2c.stats;
+        report
     }
 
     /// Tells the route's counters what was relayed since the last wake.
@@ -303,7 +343,7 @@ where
 
     fn poll_session(&mut self, cx: &mut Context<'_>) -> Poll<()> {
         loop {
-            if self.lingering {
+            if let Phase::Lingering { .. } = self.phase {
                 return self.poll_linger(cx);
             }
             let mut progress = false;
@@ -318,18 +358,17 @@ where
             if self.c2u.saw_data || self.u2c.saw_data {
                 self.c2u.saw_data = false;
                 self.u2c.saw_data = false;
-                if self.idle_check.is_some() {
-                    self.last_data = Instant::now();
+                if self.deadlines.times_data() {
+                    self.deadlines.on_data(Instant::now());
                 }
             }
             if self.finished() {
-                self.lingering = true;
-                self.start_close_wait();
+                self.linger();
                 continue;
             }
             if self.poll_timer(cx).is_ready() {
                 let now = Instant::now();
-                if self.close_deadline.is_some_and(|d| d <= now) {
+                if self.phase.close_by().is_some_and(|d| d <= now) {
                     return Poll::Ready(());
                 }
                 self.on_timer(now);
@@ -343,11 +382,32 @@ where
 
     /// Both peers have sent and received their close (or are gone).
     fn finished(&self) -> bool {
-        let client_done = self.client_dead
+        let client_done = self.client_state == SideState::Dead
             || ((self.c2u.src_eof || self.c2u.src_close.is_some()) && self.u2c.dst_finished());
-        let upstream_done = self.upstream_dead
+        let upstream_done = self.upstream_state == SideState::Dead
             || ((self.u2c.src_eof || self.u2c.src_close.is_some()) && self.c2u.dst_finished());
         client_done && upstream_done
+    }
+
+    // === phase transitions ===
+
+    /// Relaying → Closing: the close handshake has [`CLOSE_WAIT`] from now. A close
+    /// already under way keeps its deadline.
+    fn start_close_wait(&mut self) {
+        if self.phase == Phase::Relaying {
+            self.phase = Phase::Closing {
+                until: Instant::now() + CLOSE_WAIT,
+            };
+        }
+    }
+
+    /// → Lingering, within the close wait under way (or a fresh one).
+    fn linger(&mut self) {
+        let until = self
+            .phase
+            .close_by()
+            .unwrap_or_else(|| Instant::now() + CLOSE_WAIT);
+        self.phase = Phase::Lingering { until };
     }
 
     // === events from the client side (c2u pump) ===
@@ -360,10 +420,10 @@ where
                 }
                 self.start_close_wait();
             }
-            Event::Violation(v) => self.client_violation(Ending::ClientViolation(v.breach())),
+            Event::Violation(v) => self.end(Ending::ClientViolation(v.breach())),
             Event::SrcEnded(_) if self.c2u.src_close.is_some() => {}
-            Event::SrcEnded(_) => self.client_gone(Ending::Vanished(Side::Client)),
-            Event::DstFailed(_) => self.upstream_gone(Ending::Vanished(Side::Upstream)),
+            Event::SrcEnded(_) => self.end(Ending::Vanished(Side::Client)),
+            Event::DstFailed(_) => self.end(Ending::Vanished(Side::Upstream)),
             Event::PongReceived => {
                 let now = Instant::now();
                 if let Some(sent) = self.u2c.ping_sent_at.take() {
@@ -373,9 +433,10 @@ where
                         m.ping_answered(rtt);
                     }
                 }
-                self.ping_check = Some(now + self.ping_interval);
+                self.deadlines.on_client_pong(now);
             }
-            Event::RateLimited => self.client_violation(Ending::RateLimit),
+            Event::RateLimited => self.end(Ending::RateLimit),
+            Event::Broken(why) => self.fail(why),
         }
     }
 
@@ -389,25 +450,67 @@ where
                 }
                 self.start_close_wait();
             }
-            Event::Violation(v) => self.proxy_close(Ending::UpstreamViolation(v.breach())),
+            Event::Violation(v) => self.end(Ending::UpstreamViolation(v.breach())),
             Event::SrcEnded(_) if self.u2c.src_close.is_some() => {}
-            Event::SrcEnded(_) => self.upstream_gone(Ending::Vanished(Side::Upstream)),
-            Event::DstFailed(_) => self.client_gone(Ending::Vanished(Side::Client)),
+            Event::SrcEnded(_) => self.end(Ending::Vanished(Side::Upstream)),
+            Event::DstFailed(_) => self.end(Ending::Vanished(Side::Client)),
             Event::PongReceived => {
                 self.c2u.ping_sent_at = None;
-                self.upstream_ping_check = Some(Instant::now() + self.upstream_ping_interval);
+                self.deadlines.on_upstream_pong(Instant::now());
             }
             // Only the client side has a message budget.
             Event::RateLimited => {}
+            Event::Broken(why) => self.fail(why),
         }
+    }
+
+    // === endings (SPEC §5) ===
+
+    /// The proxy ends the connection: the ending's SPEC §5 row says what each side gets,
+    /// and which of the three ways below delivers it.
+    fn end(&mut self, ending: Ending) {
+        match ending {
+            Ending::ClientViolation(_) | Ending::FragmentTimeout | Ending::RateLimit => {
+                self.client_violation(ending)
+            }
+            Ending::DeadPeer(Side::Client)
+            | Ending::Vanished(Side::Client)
+            | Ending::SlowConsumer(Side::Client) => self.client_gone(ending),
+            Ending::DeadPeer(Side::Upstream)
+            | Ending::Vanished(Side::Upstream)
+            | Ending::SlowConsumer(Side::Upstream) => self.upstream_gone(ending),
+            Ending::UpstreamViolation(_)
+            | Ending::TokenExpired
+            | Ending::Idle
+            | Ending::Drain
+            | Ending::Internal => self.proxy_close(ending),
+        }
+    }
+
+    /// The relay failed (it panicked, or a pump found its own state inconsistent): SPEC
+    /// §5 "internal error". Recorded as the proxy's 1011 whatever was recorded before, and
+    /// 1011 goes to each side that can still take a close frame, at its next frame
+    /// boundary; the close wait under way (or a fresh one) bounds the rest.
+    fn fail(&mut self, why: &'static str) {
+        tracing::error!(why, "relay failed: closing the connection with 1011");
+        let frame = CloseFrame::INTERNAL;
+        self.report.close = Some(CloseInfo {
+            code: frame.code,
+            reason: frame.reason.to_owned(),
+            by: By::Proxy,
+        });
+        self.report.proxy_reason = Ending::Internal.proxy_reason();
+        self.proxy_close(Ending::Internal);
     }
 
     /// The client broke a rule: 1001 to the upstream at once, and the client's close code
     /// in place of the upstream's close reply, so replies to what the client sent before
     /// the offending frame still reach it first (as they would from the upstream itself).
     fn client_violation(&mut self, ending: Ending) {
-        let to_client = ending.to_client().unwrap_or(CloseFrame::INTERNAL);
-        let to_upstream = ending.to_upstream().unwrap_or(CloseFrame::INTERNAL);
+        let (Some(to_client), Some(to_upstream)) = (ending.to_client(), ending.to_upstream())
+        else {
+            return self.fail("a client violation without a close frame for each side");
+        };
         self.proxy_ended(ending, to_client.code, to_client.reason);
         let frame = ControlFrame::close(to_client.code, to_client.reason, None);
         let mask = self.next_mask();
@@ -416,7 +519,10 @@ where
             to_upstream.reason,
             Some(mask),
         ));
-        if self.upstream_dead || self.u2c.src_eof || self.u2c.src_close.is_some() {
+        if self.upstream_state == SideState::Dead
+            || self.u2c.src_eof
+            || self.u2c.src_close.is_some()
+        {
             self.u2c.send_close(frame);
         } else {
             self.u2c.close_reply = Some(Box::new(frame));
@@ -427,8 +533,10 @@ where
     /// The proxy ends the connection itself: each side gets the ending's close frame
     /// (SPEC §5) at its next frame boundary.
     fn proxy_close(&mut self, ending: Ending) {
-        let to_client = ending.to_client().unwrap_or(CloseFrame::INTERNAL);
-        let to_upstream = ending.to_upstream().unwrap_or(CloseFrame::INTERNAL);
+        let (Some(to_client), Some(to_upstream)) = (ending.to_client(), ending.to_upstream())
+        else {
+            return self.fail("a proxy close without a close frame for each side");
+        };
         self.proxy_ended(ending, to_client.code, to_client.reason);
         self.u2c
             .send_close(ControlFrame::close(to_client.code, to_client.reason, None));
@@ -450,9 +558,12 @@ where
     }
 
     /// The client's TCP is gone (`Vanished`) or cut off by the proxy (a dead peer, a slow
-    /// consumer): the upstream gets the ending's close (SPEC §5).
+    /// consumer): the client is Dead, and the upstream gets the ending's close (SPEC §5).
     fn client_gone(&mut self, ending: Ending) {
-        self.client_dead = true;
+        let Some(to_upstream) = ending.to_upstream() else {
+            return self.fail("a client gone without a close frame for the upstream");
+        };
+        self.client_state = SideState::Dead;
         self.u2c.abandon_dst();
         let by = if ending.proxy_reason().is_some() {
             By::Proxy
@@ -464,7 +575,6 @@ where
             self.report.proxy_reason.get_or_insert(r);
         }
         if self.c2u.at_boundary() {
-            let to_upstream = ending.to_upstream().unwrap_or(CloseFrame::INTERNAL);
             let mask = self.next_mask();
             self.c2u.send_close(ControlFrame::close(
                 to_upstream.code,
@@ -474,16 +584,19 @@ where
         } else {
             // Mid-frame, no close frame can be well-formed: cut the upstream too.
             self.c2u.abandon_dst();
-            self.upstream_dead = true;
+            self.upstream_state = SideState::Dead;
         }
         self.start_close_wait();
     }
 
-    /// The upstream's TCP is gone (or cut off): the ending's code to the client (SPEC §5),
-    /// or, if the client had already sent its close, the closing handshake is completed
-    /// with its code.
+    /// The upstream's TCP is gone (or cut off): the upstream is Dead, and the client gets
+    /// the ending's code (SPEC §5), or, if the client had already sent its close, the
+    /// closing handshake is completed with its code.
     fn upstream_gone(&mut self, ending: Ending) {
-        self.upstream_dead = true;
+        let Some(to_client) = ending.to_client() else {
+            return self.fail("an upstream gone without a close frame for the client");
+        };
+        self.upstream_state = SideState::Dead;
         self.c2u.abandon_dst();
         let by = if ending.proxy_reason().is_some() {
             By::Proxy
@@ -494,7 +607,7 @@ where
         let code = match &self.c2u.src_close {
             Some((code::NO_STATUS, _)) => code::NORMAL,
             Some((code, _)) => *code,
-            None => ending.to_client().unwrap_or(CloseFrame::INTERNAL).code,
+            None => to_client.code,
         };
         // The log names the code the client observes: ours when a close frame can still
         // reach it, 1006 when it can only see the TCP close.
@@ -513,72 +626,65 @@ where
                 .send_close(reply.map_or_else(|| ControlFrame::close(code, "", None), |b| *b));
         } else {
             self.u2c.abandon_dst();
-            self.client_dead = true;
+            self.client_state = SideState::Dead;
         }
         self.start_close_wait();
     }
 
-    /// The timer fired: find what is due. Periodic checks that are not due yet move to
-    /// their real due time (lazy re-arming).
-    fn on_timer(&mut self, now: Instant) {
-        self.on_stall_timeout(now);
-        if self.c2u.throttled_until.is_some_and(|t| t <= now) {
-            self.c2u.throttled_until = None;
-        }
-        if self.close_deadline.is_some() {
-            return;
-        }
-        if self.drain_at.is_some_and(|t| t <= now) {
-            self.proxy_close(Ending::Drain);
-            return;
-        }
-        if self.expires_at.is_some_and(|t| t <= now) {
-            self.expires_at = None;
-            self.proxy_close(Ending::TokenExpired);
-            return;
-        }
-        let pong_due = |sent: Option<Instant>, waiting: bool| {
-            waiting && sent.is_some_and(|s| s + self.pong_timeout <= now)
-        };
-        if pong_due(self.u2c.ping_sent_at, self.c2u.expect_pong.is_some()) {
-            self.client_gone(Ending::DeadPeer(Side::Client));
-            return;
-        }
-        if pong_due(self.c2u.ping_sent_at, self.u2c.expect_pong.is_some()) {
-            self.upstream_gone(Ending::DeadPeer(Side::Upstream));
-            return;
-        }
-        if self.ping_check.is_some_and(|t| t <= now) {
-            self.ping_check = self.ping_client(now);
-        }
-        if self.upstream_ping_check.is_some_and(|t| t <= now) {
-            self.upstream_ping_check = self.ping_upstream(now);
-        }
-        if self.idle_check.is_some_and(|t| t <= now) {
-            let due = self.last_data + self.idle_timeout;
-            if due <= now {
-                self.idle_check = None;
-                self.proxy_close(Ending::Idle);
-                return;
-            }
-            self.idle_check = Some(due);
-        }
-        if self.fragment_due().is_some_and(|t| t <= now) {
-            self.c2u.fragment_since = None;
-            self.client_violation(Ending::FragmentTimeout);
+    // === deadlines ===
+
+    /// What the deadlines depend on, as the pumps know it now.
+    fn facts(&self) -> Facts {
+        Facts {
+            close_by: self.phase.close_by(),
+            client_stalled: self.u2c.stalled_since,
+            upstream_stalled: self.c2u.stalled_since,
+            throttled_until: self.c2u.throttled_until,
+            client_ping_out: self
+                .u2c
+                .ping_sent_at
+                .filter(|_| self.c2u.expect_pong.is_some()),
+            upstream_ping_out: self
+                .c2u
+                .ping_sent_at
+                .filter(|_| self.u2c.expect_pong.is_some()),
+            client_pong_awaited: self.c2u.expect_pong.is_some(),
+            upstream_pong_awaited: self.u2c.expect_pong.is_some(),
+            client_last_write: self.u2c.last_write,
+            upstream_last_write: self.c2u.last_write,
+            fragment_since: self.c2u.fragment_since,
         }
     }
 
-    /// Pings the client if nothing was sent to it for `ping_interval`; returns when to look
-    /// again (`None` while a pong is awaited).
-    fn ping_client(&mut self, now: Instant) -> Option<Instant> {
-        if self.c2u.expect_pong.is_some() {
-            return None;
+    /// The timer fired: act on what the deadlines say is due, in their order.
+    fn on_timer(&mut self, now: Instant) {
+        let due = self.deadlines.due(now, &self.facts());
+        // A write stalled past `send_timeout`: that peer is a slow consumer and is cut off.
+        if due.slow_client && self.client_state != SideState::Dead {
+            self.end(Ending::SlowConsumer(Side::Client));
         }
-        let due = self.u2c.last_write.unwrap_or(now) + self.ping_interval;
-        if due > now {
-            return Some(due);
+        if due.slow_upstream && self.upstream_state != SideState::Dead {
+            self.end(Ending::SlowConsumer(Side::Upstream));
         }
+        if due.unthrottle {
+            self.c2u.throttled_until = None;
+        }
+        if due.ping_client {
+            self.ping_client();
+        }
+        if due.ping_upstream {
+            self.ping_upstream();
+        }
+        if let Some(ending) = due.ending {
+            if ending == Ending::FragmentTimeout {
+                self.c2u.fragment_since = None;
+            }
+            self.end(ending);
+        }
+    }
+
+    /// Queues a ping to the client; its pong will be consumed.
+    fn ping_client(&mut self) {
         let payload = self.next_ping_payload();
         if self.u2c.send_ping(payload, None) {
             self.c2u.expect_pong = Some(payload);
@@ -587,31 +693,15 @@ where
                 m.ping_sent();
             }
         }
-        None
     }
 
     /// The same towards the upstream (masked, as a client must).
-    fn ping_upstream(&mut self, now: Instant) -> Option<Instant> {
-        if self.u2c.expect_pong.is_some() {
-            return None;
-        }
-        let due = self.c2u.last_write.unwrap_or(now) + self.upstream_ping_interval;
-        if due > now {
-            return Some(due);
-        }
+    fn ping_upstream(&mut self) {
         let payload = self.next_ping_payload();
         let mask = self.next_mask();
         if self.c2u.send_ping(payload, Some(mask)) {
             self.u2c.expect_pong = Some(payload);
         }
-        None
-    }
-
-    fn fragment_due(&self) -> Option<Instant> {
-        self.c2u
-            .fragment_since
-            .map(|s| s + self.fragment_timeout)
-            .filter(|_| !self.fragment_timeout.is_zero())
     }
 
     /// Payloads that tell the proxy's pings from the peers': 8 random-looking bytes.
@@ -621,56 +711,10 @@ where
         [a[0], a[1], a[2], a[3], b[0], b[1], b[2], b[3]]
     }
 
-    /// A write stalled past `send_timeout`: that peer is a slow consumer and is cut off.
-    fn on_stall_timeout(&mut self, now: Instant) {
-        let limit = self.send_timeout;
-        let expired = |since: Option<Instant>| since.is_some_and(|s| s + limit <= now);
-        if expired(self.u2c.stalled_since) && !self.client_dead {
-            self.client_gone(Ending::SlowConsumer(Side::Client));
-        }
-        if expired(self.c2u.stalled_since) && !self.upstream_dead {
-            self.upstream_gone(Ending::SlowConsumer(Side::Upstream));
-        }
-    }
-
-    fn start_close_wait(&mut self) {
-        if self.close_deadline.is_none() {
-            self.close_deadline = Some(Instant::now() + CLOSE_WAIT);
-        }
-    }
-
-    /// The earliest deadline of the session. Runs on every wake, so it folds the few
-    /// deadlines that are set instead of collecting all of them.
-    fn next_due(&self) -> Option<Instant> {
-        let stall = |since: Option<Instant>| since.map(|s| s + self.send_timeout);
-        let mut due = earliest(self.close_deadline, self.c2u.throttled_until);
-        due = earliest(due, stall(self.c2u.stalled_since));
-        due = earliest(due, stall(self.u2c.stalled_since));
-        if self.close_deadline.is_some() {
-            return due;
-        }
-        due = earliest(due, self.expires_at);
-        due = earliest(due, self.drain_at);
-        due = earliest(due, self.ping_check);
-        due = earliest(due, self.upstream_ping_check);
-        due = earliest(due, self.idle_check);
-        due = earliest(due, self.fragment_due());
-        let pong = |sent: Option<Instant>, waiting: bool| {
-            sent.filter(|_| waiting).map(|s| s + self.pong_timeout)
-        };
-        due = earliest(
-            due,
-            pong(self.u2c.ping_sent_at, self.c2u.expect_pong.is_some()),
-        );
-        earliest(
-            due,
-            pong(self.c2u.ping_sent_at, self.u2c.expect_pong.is_some()),
-        )
-    }
-
-    /// Polls the one timer, armed at [`Session::next_due`] (re-armed only when that moves).
+    /// Polls the one timer, armed at [`Deadlines::next_due`] (re-armed only when that
+    /// moves).
     fn poll_timer(&mut self, cx: &mut Context<'_>) -> Poll<()> {
-        let due = self.next_due();
+        let due = self.deadlines.next_due(&self.facts());
         let Some(due) = due else {
             return Poll::Pending;
         };
@@ -692,34 +736,29 @@ where
         timer.as_mut().poll(cx)
     }
 
+    // === lingering ===
+
     /// After both close frames: half-close our side and read until each peer closes, so
     /// no unread byte turns the close into a reset (SPEC §5).
     fn poll_linger(&mut self, cx: &mut Context<'_>) -> Poll<()> {
-        // A peer that already sent its FIN has nothing left to read: dropping the socket
-        // closes cleanly, and the shutdown(2) would be a wasted system call. A shutdown
-        // that cannot complete (a TLS close_notify towards a peer that reads nothing) must
-        // not outlast the close wait, so it never returns early.
-        if !self.shut_client && !self.client_dead && !self.c2u.src_eof {
-            self.shut_client = Pin::new(&mut self.client).poll_shutdown(cx).is_ready();
-        } else {
-            self.shut_client = true;
-        }
-        if !self.shut_upstream && !self.upstream_dead && !self.u2c.src_eof {
-            self.shut_upstream = Pin::new(&mut self.upstream).poll_shutdown(cx).is_ready();
-        } else {
-            self.shut_upstream = true;
-        }
-        let client = if self.client_dead {
+        self.client_state = shut_down(self.client_state, self.c2u.src_eof, &mut self.client, cx);
+        self.upstream_state = shut_down(
+            self.upstream_state,
+            self.u2c.src_eof,
+            &mut self.upstream,
+            cx,
+        );
+        let client = if self.client_state == SideState::Dead {
             Poll::Ready(())
         } else {
             self.c2u.poll_drain(cx, &mut self.client)
         };
-        let upstream = if self.upstream_dead {
+        let upstream = if self.upstream_state == SideState::Dead {
             Poll::Ready(())
         } else {
             self.u2c.poll_drain(cx, &mut self.upstream)
         };
-        let shut = self.shut_client && self.shut_upstream;
+        let shut = self.client_state != SideState::Open && self.upstream_state != SideState::Open;
         if shut && client.is_ready() && upstream.is_ready() {
             return Poll::Ready(());
         }
@@ -741,6 +780,30 @@ where
     }
 }
 
+/// Lingering, an Open side becomes Shut: its write half is shut down, unless the peer
+/// already sent its FIN (nothing left to read, so dropping the socket closes cleanly and
+/// the shutdown(2) would be a wasted system call). A shutdown that cannot complete (a TLS
+/// close_notify towards a peer that reads nothing) leaves it Open, and the close wait ends
+/// it.
+fn shut_down<S: AsyncWrite + Unpin>(
+    state: SideState,
+    src_eof: bool,
+    socket: &mut S,
+    cx: &mut Context<'_>,
+) -> SideState {
+    match state {
+        SideState::Open if !src_eof => {
+            if Pin::new(socket).poll_shutdown(cx).is_ready() {
+                SideState::Shut
+            } else {
+                SideState::Open
+            }
+        }
+        SideState::Open => SideState::Shut,
+        settled => settled,
+    }
+}
+
 /// Keeps the first close of the connection: that is the one that ended it.
 fn record(report: &mut Report, code: u16, reason: &str, by: By) {
     if report.close.is_none() {
@@ -757,14 +820,6 @@ fn mask_seed() -> u64 {
     use std::hash::{BuildHasher, RandomState};
     static COUNTER: AtomicU64 = AtomicU64::new(0);
     RandomState::new().hash_one(COUNTER.fetch_add(1, Ordering::Relaxed))
-}
-
-fn earliest(a: Option<Instant>, b: Option<Instant>) -> Option<Instant> {
-    match (a, b) {
-        (Some(a), Some(b)) => Some(a.min(b)),
-        (a, None) => a,
-        (None, b) => b,
-    }
 }
 
 #[cfg(test)]
@@ -874,6 +929,173 @@ mod tests {
 
     fn settings() -> Settings {
         Settings::without_timers(1024, Duration::from_millis(200), 1 << 20, 1 << 20)
+    }
+
+    /// Relays reads and writes until `budget` bytes were read, then panics in every read
+    /// that finds more, as a bug in the stream or in the code it calls would.
+    struct PanicsAfter {
+        inner: DuplexStream,
+        budget: usize,
+    }
+
+    impl AsyncRead for PanicsAfter {
+        fn poll_read(
+            mut self: Pin<&mut Self>,
+            cx: &mut Context<'_>,
+            buf: &mut ReadBuf<'_>,
+        ) -> Poll<std::io::Result<()>> {
+            if self.budget == 0 {
+                let mut byte = [0u8; 1];
+                let mut probe = ReadBuf::new(&mut byte);
+                std::task::ready!(Pin::new(&mut self.inner).poll_read(cx, &mut probe))?;
+                panic!("injected failure in the relay's read");
+            }
+            let mut limited = ReadBuf::new(buf.initialize_unfilled());
+            let cap = limited.remaining().min(self.budget);
+            let mut part = ReadBuf::new(&mut limited.initialize_unfilled()[..cap]);
+            let polled = Pin::new(&mut self.inner).poll_read(cx, &mut part);
+            let n = part.filled().len();
+            self.budget -= n;
+            buf.advance(n);
+            polled
+        }
+    }
+
+    impl AsyncWrite for PanicsAfter {
+        fn poll_write(
+            mut self: Pin<&mut Self>,
+            cx: &mut Context<'_>,
+            buf: &[u8],
+        ) -> Poll<std::io::Result<usize>> {
+            Pin::new(&mut self.inner).poll_write(cx, buf)
+        }
+
+        fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+            Pin::new(&mut self.inner).poll_flush(cx)
+        }
+
+        fn poll_shutdown(
+            mut self: Pin<&mut Self>,
+            cx: &mut Context<'_>,
+        ) -> Poll<std::io::Result<()>> {
+            Pin::new(&mut self.inner).poll_shutdown(cx)
+        }
+    }
+
+    /// The report of a relay that must end by itself.
+    async fn ended(session: tokio::task::JoinHandle<Report>) -> Report {
+        timeout(PATIENCE, session)
+            .await
+            .unwrap_or_else(|_| panic!("the relay did not end"))
+            .unwrap_or_else(|e| panic!("the relay's task failed: {e}"))
+    }
+
+    fn assert_internal(report: &Report) {
+        let close = report.close.clone();
+        assert_eq!(
+            close.map(|c| (c.code, c.reason, c.by)),
+            Some((1011, "internal error".to_owned(), By::Proxy))
+        );
+        assert_eq!(report.proxy_reason.map(|r| r.as_str()), Some("internal"));
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_panic_reading_the_client_ends_with_1011_to_the_upstream() {
+        let hello = frame(0x82, b"hello", KEY);
+        let (mut client, client_relay) = duplex(1 << 16);
+        let (upstream_relay, mut upstream) = duplex(1 << 16);
+        let failing = PanicsAfter {
+            inner: client_relay,
+            budget: hello.len(),
+        };
+        let session = tokio::spawn(relay(
+            failing,
+            Bytes::new(),
+            upstream_relay,
+            Bytes::new(),
+            &settings(),
+        ));
+        send(&mut client, &hello).await;
+        assert_eq!(
+            read_frame(&mut upstream).await,
+            Some((0x82, b"hello".to_vec()))
+        );
+        send(&mut client, &frame(0x82, b"boom", KEY)).await;
+        // The client's stream panics again at once: the upstream's 1011 still went out
+        // first (a close to a destination is written before the source is read).
+        assert_eq!(
+            read_frame(&mut upstream).await,
+            Some((
+                0x88,
+                [&1011u16.to_be_bytes()[..], b"internal error"].concat()
+            ))
+        );
+        let report = ended(session).await;
+        assert_internal(&report);
+        assert_eq!(report.c2u.frames, 1, "counts so far are kept");
+        assert_eq!(report.c2u.messages, 1);
+        assert_eq!(read_frame(&mut upstream).await, None, "then the TCP close");
+        drop(client);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_panic_reading_the_upstream_ends_with_1011_to_both_sides() {
+        let (mut client, client_relay) = duplex(1 << 16);
+        let (upstream_relay, mut upstream) = duplex(1 << 16);
+        let failing = PanicsAfter {
+            inner: upstream_relay,
+            budget: 3,
+        };
+        let session = tokio::spawn(relay(
+            client_relay,
+            Bytes::new(),
+            failing,
+            Bytes::new(),
+            &settings(),
+        ));
+        // Three bytes of the upstream's frame pass; the read of the rest panics, so the
+        // client is mid-frame: no close frame can reach it well-formed.
+        send(&mut upstream, &frame(0x82, b"partial", None)).await;
+        let internal = (
+            0x88,
+            [&1011u16.to_be_bytes()[..], b"internal error"].concat(),
+        );
+        assert_eq!(read_frame(&mut upstream).await, Some(internal.clone()));
+        let report = ended(session).await;
+        assert_internal(&report);
+        let mut got = Vec::new();
+        let read = timeout(PATIENCE, client.read_to_end(&mut got)).await;
+        assert!(matches!(read, Ok(Ok(_))), "client got {read:?}");
+        assert_eq!(
+            got,
+            frame(0x82, b"partial", None)[..3],
+            "no frame after a cut one"
+        );
+
+        // At a frame boundary, the client gets its 1011 too.
+        let (mut client, client_relay) = duplex(1 << 16);
+        let (upstream_relay, mut upstream) = duplex(1 << 16);
+        let whole = frame(0x82, b"whole", None);
+        let failing = PanicsAfter {
+            inner: upstream_relay,
+            budget: whole.len(),
+        };
+        let session = tokio::spawn(relay(
+            client_relay,
+            Bytes::new(),
+            failing,
+            Bytes::new(),
+            &settings(),
+        ));
+        send(&mut upstream, &whole).await;
+        assert_eq!(
+            read_frame(&mut client).await,
+            Some((0x82, b"whole".to_vec()))
+        );
+        send(&mut upstream, &frame(0x81, b"boom", None)).await;
+        assert_eq!(read_frame(&mut client).await, Some(internal.clone()));
+        assert_eq!(read_frame(&mut upstream).await, Some(internal));
+        assert_internal(&ended(session).await);
     }
 
     async fn send(s: &mut DuplexStream, bytes: &[u8]) {

@@ -45,6 +45,8 @@ pub enum Event {
     PongReceived,
     /// The source exceeded its message budget with `on_exceed: close`.
     RateLimited,
+    /// The pump found its own state inconsistent (a bug): the session ends with 1011.
+    Broken(&'static str),
 }
 
 /// The source's message budget, and what it said about the header at `pos`.
@@ -402,7 +404,9 @@ impl Pump {
     /// a frame that must not be forwarded while earlier bytes are unwritten, or at an event.
     fn parse_ahead(&mut self) -> Option<Event> {
         while self.pos < self.end {
-            let buf = self.buf.as_deref()?;
+            let Some(buf) = self.buf.as_deref() else {
+                return Some(Event::Broken("bytes to parse but no buffer"));
+            };
             let avail = &buf[self.pos..self.end];
             let step = match self.phase {
                 Phase::Forward(rem) => {
@@ -664,7 +668,7 @@ impl Pump {
     /// A whole pong is in `ctl`: consumed if it answers our ping, forwarded otherwise.
     fn pong_collected(&mut self, header_len: usize, mask: Option<[u8; 4]>) -> Step {
         let Some(ctl) = self.ctl.take() else {
-            return Step::Go;
+            return Step::Report(Event::Broken("a pong collected without its frame"));
         };
         if self.expect_pong.is_some() && ctl.payload_unmasked(header_len, mask) == self.expect_pong
         {
@@ -690,7 +694,7 @@ impl Pump {
     /// A whole close frame is in `ctl`: check it, then forward it unchanged.
     fn close_collected(&mut self, header_len: usize, mask: Option<[u8; 4]>) -> Step {
         let Some(ctl) = self.ctl.take() else {
-            return Step::Go;
+            return Step::Report(Event::Broken("a close collected without its frame"));
         };
         let info = ctl.close_info(header_len, mask);
         let was_forwarding = self.forward;

@@ -1,31 +1,19 @@
-//! Entry points shared by the `fuzz/` targets and the corpus-replay test, so that every
-//! input the fuzzers keep is also run by `cargo test`.
-//!
-//! Each function turns arbitrary bytes into a call of the real code, bounds its own work
-//! (input size, chunk count, wall-clock time) and never fails on its own account: no
-//! `unwrap`, no indexing that can go out of range. The panics that remain are the
-//! oracles, each naming the broken property: the relay must finish soon after both peers
-//! hang up and pass bytes on verbatim, adding at most one close frame of its own at a
-//! frame boundary; `admit` must not admit what the upstream request cannot carry; config
-//! errors must not echo `${NAME}` values. Such a panic is a finding in wsgate, not here.
+//! The `frame_stream` target: the relay (SPEC §4/§5) over in-memory pipes, fed two wire
+//! streams in a chunking the input chooses, with the oracles that it ends and relays
+//! verbatim, adding at most one close frame of its own.
 
 use std::future::{Future, poll_fn};
 use std::num::NonZeroU32;
 use std::pin::{Pin, pin};
-use std::sync::OnceLock;
 use std::task::{Context, Poll};
 use std::time::Duration;
 
 use bytes::Bytes;
-use http::header::{HeaderName, HeaderValue};
-use http::{Method, Request, Uri, Version, request};
 use tokio::io::{AsyncRead, AsyncWrite, DuplexStream, ReadBuf};
 
-use crate::config::files::no_files;
-use crate::config::{Config, MessageRate, OnExceed, Route};
+use super::RUNTIME;
+use crate::config::{MessageRate, OnExceed};
 use crate::relay::{Settings, relay};
-
-// === frame_stream ===
 
 /// Larger inputs are cut here: 64 KiB frame and message limits are exceeded well before.
 pub const FRAME_STREAM_MAX_INPUT: usize = 128 * 1024;
@@ -99,14 +87,6 @@ pub fn frame_stream(data: &[u8]) {
             runtime.block_on(run_relay(&plan));
         }
     });
-}
-
-thread_local! {
-    /// One current-thread runtime per thread, reused across inputs: building one costs as
-    /// much as relaying a small input. Every input's futures finish (or are dropped)
-    /// inside its `block_on`, so nothing carries over but the runtime's own state.
-    static RUNTIME: Option<tokio::runtime::Runtime> =
-        tokio::runtime::Builder::new_current_thread().enable_all().build().ok();
 }
 
 /// The client's message budget chosen by the options byte of [`frame_stream`].
@@ -541,255 +521,9 @@ fn is_close_frame_prefix(bytes: &[u8], masked: bool) -> bool {
     }
 }
 
-// === upgrade_request ===
-
-/// Larger heads are cut here: hyper refuses heads over 16 KiB before `admit` sees them.
-pub const UPGRADE_REQUEST_MAX_INPUT: usize = 16 * 1024;
-
-/// At most this many headers are taken from one input.
-const MAX_HEADERS: usize = 16;
-
-/// Routes of [`upgrade_request`]: a host-bound route with a subprotocol allowlist and a
-/// path rewrite, a prefix rewrite to `/`, and a catch-all for `/ws` on any host.
-pub const UPGRADE_ROUTES_YAML: &str = r#"
-listeners: [{ name: public, bind: "127.0.0.1:0" }]
-upstreams:
-  echo: { builtin: echo }
-  app: { backends: [{ addr: "app.internal:9000" }] }
-routes:
-  - { name: chat, match: { host: chat.example.com, path_prefix: /chat }, upstream: app, upstream_path: /socket, subprotocols: [v1.chat, graphql-ws] }
-  - { name: api, match: { path_prefix: /api/ }, upstream: app, upstream_path: /, subprotocols: [mqtt] }
-  - { name: ws, match: { path_prefix: /ws }, upstream: echo }
-"#;
-
-/// The routes of [`UPGRADE_ROUTES_YAML`], built once; `None` if that config is refused
-/// (a unit test makes sure it is not).
-pub fn upgrade_routes() -> Option<&'static [Route]> {
-    static ROUTES: OnceLock<Option<Vec<Route>>> = OnceLock::new();
-    ROUTES
-        .get_or_init(|| {
-            Config::from_yaml_str_with_env(UPGRADE_ROUTES_YAML, "fuzz-routes.yaml", &|_| None)
-                .ok()
-                .map(|c| c.routes)
-        })
-        .as_deref()
-}
-
-/// Builds request parts from an HTTP/1-like head and runs `admit` and `end_to_end` on it.
-///
-/// Layout of `data`: lines split on `\n` (a trailing `\r` is dropped). The first line is
-/// `METHOD TARGET VERSION`; the method is any token, the target anything `http::Uri`
-/// accepts (otherwise the input is skipped), the version `HTTP/1.0`, `HTTP/1.1`, `HTTP/2`
-/// or `HTTP/3`, anything else meaning HTTP/0.9. Each further line is a `name: value`
-/// header; lines `http` refuses are skipped, at most 16 headers are kept. So a real
-/// upgrade head is a meaningful input as it is.
-///
-/// Oracles: an admitted request can be turned into the upstream request (its target
-/// parses as a URI, host and subprotocols are valid header values), and `end_to_end`
-/// keeps no hop-by-hop header.
-pub fn upgrade_request(data: &[u8]) {
-    let data = data.get(..UPGRADE_REQUEST_MAX_INPUT).unwrap_or(data);
-    let mut lines = data
-        .split(|&b| b == b'\n')
-        .map(|l| l.strip_suffix(b"\r").unwrap_or(l));
-    let Some(parts) = lines.next().and_then(request_line) else {
-        return;
-    };
-    let mut parts = parts;
-    for line in lines {
-        if parts.headers.len() == MAX_HEADERS {
-            break;
-        }
-        if let Some((name, value)) = header_line(line) {
-            parts.headers.append(name, value);
-        }
-    }
-
-    let routes = upgrade_routes().unwrap_or(&[]);
-    if let Ok(admitted) = crate::handshake::upgrade::check(&parts, routes) {
-        if admitted.upstream_target.parse::<Uri>().is_err() {
-            panic!(
-                "admit() accepted a request whose upstream target {:?} is not a URI: \
-                 the upstream request cannot be built",
-                admitted.upstream_target
-            );
-        }
-        if HeaderValue::from_str(&admitted.host).is_err() {
-            panic!(
-                "admit() accepted host {:?}, not a header value",
-                admitted.host
-            );
-        }
-        if let Some(p) = &admitted.protocols
-            && HeaderValue::from_str(p).is_err()
-        {
-            panic!("admit() kept subprotocols {p:?}, not a header value");
-        }
-    }
-
-    let forwarded = crate::upstream::end_to_end(&parts.headers);
-    for hop in [
-        "connection",
-        "upgrade",
-        "keep-alive",
-        "transfer-encoding",
-        "te",
-    ] {
-        if forwarded.contains_key(hop) {
-            panic!("end_to_end() kept the hop-by-hop header {hop}");
-        }
-    }
-}
-
-fn request_line(line: &[u8]) -> Option<request::Parts> {
-    let mut words = line.split(|&b| b == b' ').filter(|w| !w.is_empty());
-    let method = Method::from_bytes(words.next()?).ok()?;
-    let uri = Uri::try_from(words.next()?).ok()?;
-    let version = match words.next().unwrap_or_default() {
-        b"HTTP/1.1" => Version::HTTP_11,
-        b"HTTP/1.0" => Version::HTTP_10,
-        b"HTTP/2" | b"HTTP/2.0" => Version::HTTP_2,
-        b"HTTP/3" | b"HTTP/3.0" => Version::HTTP_3,
-        _ => Version::HTTP_09,
-    };
-    let mut req = Request::new(());
-    *req.method_mut() = method;
-    *req.uri_mut() = uri;
-    *req.version_mut() = version;
-    Some(req.into_parts().0)
-}
-
-fn header_line(line: &[u8]) -> Option<(HeaderName, HeaderValue)> {
-    let colon = line.iter().position(|&b| b == b':')?;
-    let (name, value) = line.split_at(colon);
-    let value = value.get(1..)?.trim_ascii();
-    Some((
-        HeaderName::from_bytes(name).ok()?,
-        HeaderValue::from_bytes(value).ok()?,
-    ))
-}
-
-// === config_yaml ===
-
-/// Larger configs are cut here; real ones are a few KiB.
-pub const CONFIG_YAML_MAX_INPUT: usize = 64 * 1024;
-
-/// What `${NAME}` expands to in the second pass: must never appear in an error message.
-const SECRET: &str = "wsgate-fuzz-SECRET-7f3a";
-
-/// Loads `data` (UTF-8-lossy) as a config file and formats every error, which runs the
-/// key-path locator over the text.
-///
-/// Oracle: when the text uses `${…}`, it is loaded again with every variable set to a
-/// marker, and no error message may contain the marker (`ConfigError::message` "never
-/// contains env-substituted text").
-pub fn config_yaml(data: &[u8]) {
-    let data = data.get(..CONFIG_YAML_MAX_INPUT).unwrap_or(data);
-    let text = String::from_utf8_lossy(data);
-    if let Err(errors) =
-        Config::from_yaml_str_with(&text, "fuzz.yaml", &|_| Some("x".into()), &no_files)
-    {
-        let shown = errors.to_string();
-        std::hint::black_box(shown);
-    }
-    if text.contains("${")
-        && !text.contains(SECRET)
-        && let Err(errors) =
-            Config::from_yaml_str_with(&text, "fuzz.yaml", &|_| Some(SECRET.into()), &no_files)
-    {
-        let shown = errors.to_string();
-        if shown.contains(SECRET) {
-            panic!("a config error shows an environment variable's value:\n{shown}");
-        }
-    }
-}
-
-// === upstream_answer ===
-
-/// Larger inputs are cut here: four times the answer-head bound.
-pub const UPSTREAM_ANSWER_MAX_INPUT: usize = 4 * crate::upstream::http1::MAX_HEAD;
-
-/// Runs arbitrary bytes as a backend's answer to the upstream handshake: the head parser,
-/// then, for anything but a 101, the refusal body's decoder (`upstream::http1`).
-///
-/// Layout of `data`: byte 0 picks how many bytes each read hands out (1..=256); the rest
-/// is the stream. Oracles: a head is taken from at most its bound plus one read; a body
-/// never yields more bytes than followed its head.
-pub fn upstream_answer(data: &[u8]) {
-    let data = data.get(..UPSTREAM_ANSWER_MAX_INPUT).unwrap_or(data);
-    let Some((&step, stream)) = data.split_first() else {
-        return;
-    };
-    let reader = Trickle {
-        rest: stream,
-        step: usize::from(step) + 1,
-        handed: 0,
-    };
-    RUNTIME.with(|runtime| {
-        if let Some(runtime) = runtime {
-            runtime.block_on(answer_and_body(reader));
-        }
-    });
-}
-
-async fn answer_and_body(mut reader: Trickle<'_>) {
-    use crate::upstream::http1;
-    use http_body_util::BodyExt;
-    let mut buf = bytes::BytesMut::new();
-    let head = http1::read_head(&mut reader, &mut buf).await;
-    assert!(
-        reader.handed <= http1::MAX_HEAD + 4096 + reader.step,
-        "the answer head read {} bytes",
-        reader.handed
-    );
-    let Ok(head) = head else {
-        return;
-    };
-    if head.status == http::StatusCode::SWITCHING_PROTOCOLS {
-        return;
-    }
-    let after_head = buf.len() + reader.rest.len();
-    let Ok(body) = http1::RefusalBody::new(&head, reader, buf) else {
-        return;
-    };
-    if let Ok(collected) = body.collect().await {
-        let got = collected.to_bytes().len();
-        assert!(got <= after_head, "{got} body bytes from {after_head}");
-    }
-}
-
-/// A stream that hands out at most `step` bytes per read.
-struct Trickle<'a> {
-    rest: &'a [u8],
-    step: usize,
-    handed: usize,
-}
-
-impl AsyncRead for Trickle<'_> {
-    fn poll_read(
-        mut self: Pin<&mut Self>,
-        _: &mut Context<'_>,
-        buf: &mut ReadBuf<'_>,
-    ) -> Poll<std::io::Result<()>> {
-        let n = self.step.min(self.rest.len()).min(buf.remaining());
-        let (now, later) = self.rest.split_at(n);
-        buf.put_slice(now);
-        self.rest = later;
-        self.handed += n;
-        Poll::Ready(Ok(()))
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn the_upgrade_routes_config_loads() {
-        let routes = upgrade_routes().unwrap_or_else(|| panic!("UPGRADE_ROUTES_YAML refused"));
-        assert_eq!(routes.len(), 3);
-        assert!(routes[0].host.is_some() && routes[0].subprotocols.is_some());
-    }
 
     #[test]
     fn a_plan_writes_each_stream_once_in_order_after_its_early_bytes() {
@@ -855,20 +589,5 @@ mod tests {
             frame_boundaries(&[0x82, 127, 0xff, 0, 0, 0, 0, 0, 0, 0], 99),
             [0]
         );
-    }
-
-    #[test]
-    fn garbage_and_empty_inputs_run() {
-        for data in [
-            &b""[..],
-            b"\xff",
-            b"GET / HTTP/1.1\nHost: x\n",
-            b"listeners: [",
-        ] {
-            frame_stream(data);
-            upgrade_request(data);
-            config_yaml(data);
-            upstream_answer(data);
-        }
     }
 }
