@@ -20,7 +20,9 @@ const SECRET: &str = "wsgate-fuzz-SECRET-7f3a";
 pub fn config_yaml(data: &[u8]) {
     let data = data.get(..CONFIG_YAML_MAX_INPUT).unwrap_or(data);
     let text = String::from_utf8_lossy(data);
-    if let Err(errors) = Config::from_yaml_str_with(&text, "fuzz.yaml", &|_| Some("x".into()), &no_files) {
+    if let Err(errors) =
+        Config::from_yaml_str_with(&text, "fuzz.yaml", &|_| Some("x".into()), &no_files)
+    {
         let shown = errors.to_string();
         std::hint::black_box(shown);
     }

@@ -106,18 +106,24 @@ pub(super) struct RelayTail {
     _lease: Lease,
 }
 
-/// A relay cut before it finished (the runtime shutting down at `drain.timeout`) still
-/// gets its `ws_close` line: closed by the proxy, no close frame, reason `drain`.
+/// A relay cut before it finished still gets its `ws_close` line: closed by the proxy, no
+/// close frame; reason `drain` when the runtime shut down at `drain.timeout`, `internal`
+/// when a panic unwinds through the connection's task (the relay catches its own).
 impl<R> Drop for Relaying<R> {
     fn drop(&mut self) {
         if let Some(tail) = self.tail.take() {
+            let reason = if std::thread::panicking() {
+                crate::outcome::ProxyReason::Internal
+            } else {
+                crate::outcome::ProxyReason::Drain
+            };
             let report = relay::Report {
                 close: Some(relay::CloseInfo {
                     code: crate::outcome::code::ABNORMAL,
                     reason: String::new(),
                     by: relay::By::Proxy,
                 }),
-                proxy_reason: Some(crate::outcome::ProxyReason::Drain),
+                proxy_reason: Some(reason),
                 ..relay::Report::default()
             };
             tail.finish(&report);
