@@ -308,7 +308,8 @@ impl Conn {
             handshake_rate: &rate,
         };
         let mut early = self.early_permit.lock();
-        let mut fallback = EarlyPermit::NotTaken;
+        // Poisoned (a panic while it was held): refuse rather than count afresh.
+        let mut fallback = EarlyPermit::OverCap;
         let early = match early.as_deref_mut() {
             Ok(e) => e,
             Err(_) => &mut fallback,

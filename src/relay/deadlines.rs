@@ -196,6 +196,7 @@ impl Deadlines {
 
     /// The earliest deadline, when the session's timer must fire. Runs on every wake, so
     /// it folds the few deadlines that are set instead of collecting all of them.
+    #[inline(always)]
     pub fn next_due(&self, facts: &Facts) -> Option<Instant> {
         let stall = |since: Option<Instant>| since.map(|s| s + self.send_timeout);
         let mut due = earliest(facts.close_by, facts.throttled_until);
@@ -215,6 +216,7 @@ impl Deadlines {
         earliest(due, pong(facts.upstream_ping_out))
     }
 
+    #[inline(always)]
     fn fragment_due(&self, facts: &Facts) -> Option<Instant> {
         facts
             .fragment_since
@@ -243,6 +245,7 @@ fn ping_look(
     }
 }
 
+#[inline(always)]
 fn earliest(a: Option<Instant>, b: Option<Instant>) -> Option<Instant> {
     match (a, b) {
         (Some(a), Some(b)) => Some(a.min(b)),

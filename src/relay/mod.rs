@@ -241,6 +241,10 @@ struct Session<C, U> {
     timer: Option<(Pin<Box<Sleep>>, Instant)>,
     mask_state: u64,
     report: Report,
+    /// The relay failed once and is closing with 1011; a second failure ends it at once.
+    failed: bool,
+    /// Give up: drop both sockets now (a second failure, or one after both closes).
+    aborted: bool,
 }
 
 impl<C, U> Session<C, U>
@@ -297,6 +301,8 @@ where
             timer: None,
             mask_state: mask_seed(),
             report: Report::default(),
+            failed: false,
+            aborted: false,
         }
     }
 
@@ -343,6 +349,9 @@ where
 
     fn poll_session(&mut self, cx: &mut Context<'_>) -> Poll<()> {
         loop {
+            if self.aborted {
+                return Poll::Ready(());
+            }
             if let Phase::Lingering { .. } = self.phase {
                 return self.poll_linger(cx);
             }
@@ -492,6 +501,14 @@ where
     /// 1011 goes to each side that can still take a close frame, at its next frame
     /// boundary; the close wait under way (or a fresh one) bounds the rest.
     fn fail(&mut self, why: &'static str) {
+        // A pump that found itself inconsistent says so on every poll: the second time (or
+        // once both closes are done and nothing is left to tell a peer) the connection is
+        // dropped instead of spinning on it.
+        if self.failed || matches!(self.phase, Phase::Lingering { .. }) {
+            self.aborted = true;
+            return;
+        }
+        self.failed = true;
         tracing::error!(why, "relay failed: closing the connection with 1011");
         let frame = CloseFrame::INTERNAL;
         self.report.close = Some(CloseInfo {
@@ -634,6 +651,7 @@ where
     // === deadlines ===
 
     /// What the deadlines depend on, as the pumps know it now.
+    #[inline(always)]
     fn facts(&self) -> Facts {
         Facts {
             close_by: self.phase.close_by(),
@@ -924,6 +942,40 @@ mod tests {
             cx: &mut Context<'_>,
         ) -> Poll<std::io::Result<()>> {
             Pin::new(&mut self.0).poll_shutdown(cx)
+        }
+    }
+
+    /// A pump that reports itself broken on every poll must end the connection, not spin
+    /// inside one poll: on a one-thread runtime nothing else would ever run.
+    #[test]
+    fn a_pump_broken_for_good_ends_the_connection() {
+        let (tx, rx) = std::sync::mpsc::channel();
+        std::thread::spawn(move || {
+            let rt = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+                .unwrap_or_else(|e| panic!("{e}"));
+            rt.block_on(async {
+                let (_client, client_relay) = duplex(1 << 16);
+                let (upstream_relay, _upstream) = duplex(1 << 16);
+                let mut session = Session::start(
+                    client_relay,
+                    Bytes::new(),
+                    upstream_relay,
+                    Bytes::new(),
+                    &settings(),
+                );
+                session.c2u.lose_buffer_for_test();
+                let relay = Relay {
+                    session: Some(session),
+                    panicked: false,
+                };
+                let _ = tx.send(relay.await);
+            });
+        });
+        match rx.recv_timeout(Duration::from_secs(10)) {
+            Ok(report) => assert_internal(&report),
+            Err(_) => panic!("no report within 10 s: the session spins inside one poll"),
         }
     }
 

@@ -952,6 +952,17 @@ impl Drop for Pump {
 }
 
 #[cfg(test)]
+impl Pump {
+    /// The state a panic between taking the buffer and resetting the offsets leaves: bytes
+    /// said to be pending with no buffer to hold them.
+    pub(super) fn lose_buffer_for_test(&mut self) {
+        self.buf = None;
+        self.pos = 0;
+        self.end = 3;
+    }
+}
+
+#[cfg(test)]
 mod tests {
     use std::collections::VecDeque;
     use std::num::NonZeroU32;
