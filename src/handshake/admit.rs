@@ -104,7 +104,7 @@ pub fn admit<'r>(
         EarlyPermit::Held(_) | EarlyPermit::OverCap => return Err(Refusal::IpCap),
         EarlyPermit::NotTaken => limiters.per_ip.admit(key, cap)?,
     };
-    let upstream_parts = pass.upstream_parts(parts, &mut upgrade)?;
+    let upstream_parts = pass.upstream_parts(parts, &mut upgrade, &config.strip_headers)?;
     let key = sticky::key(
         &route.upstream.sticky,
         parts,
@@ -132,7 +132,6 @@ fn authorize(
     let mut pass = Pass::default();
     let query = parts.uri.query();
     if let Some(jwt) = &policy.jwt {
-        pass.claim_headers = jwt.forward_claims.iter().map(|(_, h)| h.clone()).collect();
         let authorized = jwt
             .verifier
             .check(&parts.headers, query, token::unix_now())?;
