@@ -741,3 +741,47 @@ async fn a_route_may_raise_the_per_ip_cap() {
     }
     refused(&gw, &upgrade("/chat", ""), 429, "ip_cap").await;
 }
+
+/// An API key is never forwarded upstream, from a header or from the query (SPEC §2
+/// `api_keys`), and the query value is never logged.
+#[tokio::test]
+async fn api_keys_are_never_forwarded_upstream() {
+    use sha2::Digest;
+    let dir = std::env::temp_dir().join(format!("wsgate-keys-fwd-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap_or_else(|e| panic!("{e}"));
+    let file = dir.join("keys.txt");
+    let digest: String = sha2::Sha256::digest(b"k-123")
+        .iter()
+        .map(|b| format!("{b:02x}"))
+        .collect();
+    std::fs::write(&file, format!("{digest}\n")).unwrap_or_else(|e| panic!("{e}"));
+    let header = format!(
+        "    auth: {{ api_keys: {{ header: X-Api-Key, keys_file: \"{}\" }} }}",
+        file.display()
+    );
+    let (gw, mut accepted) = gateway(&header, "").await;
+    let (_s, _, head) = admitted(
+        &gw,
+        &mut accepted,
+        &upgrade("/chat", "X-Api-Key: k-123\r\nX-Other: kept\r\n"),
+    )
+    .await;
+    assert_eq!(header_value(&head, "x-api-key"), None, "{head}");
+    assert_eq!(header_value(&head, "x-other").as_deref(), Some("kept"));
+    let query = format!(
+        "    auth: {{ api_keys: {{ query: api_key, keys_file: \"{}\" }} }}",
+        file.display()
+    );
+    let (gw, mut accepted) = gateway(&query, "").await;
+    let (s, _, head) = admitted(
+        &gw,
+        &mut accepted,
+        &upgrade("/chat?room=1&api_key=k-123&x=2", ""),
+    )
+    .await;
+    assert!(head.starts_with("GET /chat?room=1&x=2 HTTP/1.1"), "{head}");
+    drop(s);
+    let line = gw.log_line(|l| l["event"] == "ws_close").await;
+    assert_eq!(line["path"], "/chat?room=1&api_key=REDACTED&x=2");
+    let _ = std::fs::remove_dir_all(dir);
+}

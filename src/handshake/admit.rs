@@ -172,7 +172,8 @@ fn authorize(
         }
     }
     if let Some(keys) = &policy.api_keys {
-        keys.check(&parts.headers, query)?;
+        // The key is never forwarded upstream (SPEC §2), whatever `strip_token` says.
+        pass.strip.push(keys.check(&parts.headers, query)?);
     }
     Ok(pass)
 }
