@@ -785,3 +785,61 @@ async fn api_keys_are_never_forwarded_upstream() {
     assert_eq!(line["path"], "/chat?room=1&api_key=REDACTED&x=2");
     let _ = std::fs::remove_dir_all(dir);
 }
+
+/// A token sent in the query of a route that does not read it is still a token: every
+/// query name any route reads a token or key from is redacted in every log line.
+#[tokio::test]
+async fn token_query_values_are_redacted_on_every_route() {
+    use sha2::Digest;
+    let dir = std::env::temp_dir().join(format!("wsgate-keys-log-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap_or_else(|e| panic!("{e}"));
+    let file = dir.join("keys.txt");
+    let digest: String = sha2::Sha256::digest(b"k-123")
+        .iter()
+        .map(|b| format!("{b:02x}"))
+        .collect();
+    std::fs::write(&file, format!("{digest}\n")).unwrap_or_else(|e| panic!("{e}"));
+    let (backend, mut accepted) = raw_backend().await;
+    let yaml = format!(
+        r#"
+listeners: [{{ name: public, bind: "127.0.0.1:0" }}]
+upstreams:
+  app: {{ backends: [{{ addr: "{backend}" }}] }}
+routes:
+  - name: secret
+    match: {{ path_prefix: /chat }}
+    upstream: app
+{}
+  - name: keyed
+    match: {{ path_prefix: /keyed }}
+    upstream: app
+    auth: {{ api_keys: {{ query: api_key, keys_file: "{}" }} }}
+  - {{ name: open, match: {{ path_prefix: / }}, upstream: app }}
+"#,
+        jwt_route(""),
+        file.display()
+    );
+    let gw = spawn_gateway(&yaml).await;
+    let path = "/open?access_token=SUPERSECRETVALUE&room=1&api_key=KEYSECRETVALUE";
+    let (s, _, _) = admitted(&gw, &mut accepted, &upgrade(path, "")).await;
+    drop(s);
+    let line = gw.log_line(|l| l["event"] == "ws_close").await;
+    assert_eq!(line["route"], "open");
+    assert_eq!(
+        line["path"],
+        "/open?access_token=REDACTED&room=1&api_key=REDACTED"
+    );
+    // Refusals too.
+    let resp = raw_request(
+        gw.addr(),
+        &upgrade("/chat?access_token=SUPERSECRETVALUE", ""),
+    )
+    .await;
+    assert!(resp.starts_with("HTTP/1.1 401 "), "{resp}");
+    let line = gw.log_line(|l| l["event"] == "ws_reject").await;
+    assert_eq!(line["path"], "/chat?access_token=REDACTED");
+    for l in gw.log_lines() {
+        assert!(!l.to_string().contains("SECRETVALUE"), "{l}");
+    }
+    let _ = std::fs::remove_dir_all(dir);
+}

@@ -74,7 +74,7 @@ pub fn admit<'r>(
     facts.client_ip = Some(client_ip);
     // Named before any refusal, so refusals are logged and counted per route.
     if let Some(route) = upgrade::route_of(parts, &config.routes) {
-        facts.route_known(route, &parts.uri);
+        facts.route_known(route, &parts.uri, &config.secret_query_names);
     }
     if limiters.draining {
         return Err(Refusal::Draining);
@@ -87,7 +87,7 @@ pub fn admit<'r>(
     let mut upgrade = upgrade::check(parts, &config.routes)?;
     let route = upgrade.route;
     if facts.route.as_deref() != Some(route.name.as_str()) {
-        facts.route_known(route, &parts.uri);
+        facts.route_known(route, &parts.uri, &config.secret_query_names);
     }
     let policy = &route.admission;
     policy.origins.check_headers(&parts.headers)?;
