@@ -497,3 +497,71 @@ async fn the_upstream_request_always_has_its_host_and_handshake_headers() {
     );
     assert_eq!(head.matches("\r\nhost:").count(), 1, "{head}");
 }
+
+/// Paths a server might normalise into another route (`//`, `;` parameters) and hosts
+/// that are not `host[:port]` are refused before any route is chosen; host matching
+/// ignores case and one trailing dot.
+#[tokio::test]
+async fn path_and_host_confusion_is_refused() {
+    let yaml = r#"
+listeners: [{ name: public, bind: "127.0.0.1:0" }]
+limits: { handshakes_per_ip: { rate: 1000, per: 1s, burst: 1000 } }
+upstreams:
+  app: { backends: [{ addr: "127.0.0.1:9" }], connect_timeout: 500ms }
+routes:
+  - { name: admin, match: { host: admin.example.com, path_prefix: / }, upstream: app, origins: ["https://admin.example.com"] }
+  - { name: public, match: { path_prefix: / }, upstream: app }
+"#;
+    let gw = spawn_gateway(yaml).await;
+    for path in [
+        "/ws//admin",
+        "/ws;x=1/admin",
+        "/ws/admin;",
+        "/ws/%2F/admin",
+        "/ws/%3Bx/admin",
+        "//admin",
+    ] {
+        let resp = raw_request(gw.addr(), &upgrade_request(path, "")).await;
+        assert!(resp.starts_with("HTTP/1.1 400 "), "{path}: {resp}");
+        assert!(resp.ends_with("bad_upgrade\n"), "{path}: {resp}");
+    }
+    let with_host = |host: &str| {
+        String::from_utf8_lossy(&upgrade_request("/ws", ""))
+            .replace("Host: gw.test", &format!("Host: {host}"))
+    };
+    for host in [
+        "exa mple.com",
+        "example.com:http",
+        "example.com:99999",
+        "example.com:",
+        "user@admin.example.com",
+        "admin..example.com",
+        ".example.com",
+        "example.com..",
+        "[::1",
+        "[nope]:80",
+        "example.com/x",
+    ] {
+        let resp = raw_request(gw.addr(), with_host(host).as_bytes()).await;
+        assert!(resp.starts_with("HTTP/1.1 400 "), "{host}: {resp}");
+        assert!(resp.ends_with("bad_upgrade\n"), "{host}: {resp}");
+    }
+    // The absolute-form target names the host; a `Host` naming another is refused.
+    let split = format!(
+        "GET http://admin.example.com/ws HTTP/1.1\r\nHost: gw.test\r\nConnection: Upgrade\r\nUpgrade: websocket\r\nSec-WebSocket-Version: 13\r\nSec-WebSocket-Key: {KEY}\r\n\r\n"
+    );
+    let resp = raw_request(gw.addr(), split.as_bytes()).await;
+    assert!(resp.starts_with("HTTP/1.1 400 "), "{resp}");
+    // The admin route (origin required) is chosen whatever the case or a trailing dot.
+    for host in [
+        "admin.example.com.",
+        "ADMIN.Example.com",
+        "admin.example.com.:8080",
+    ] {
+        let resp = raw_request(gw.addr(), with_host(host).as_bytes()).await;
+        assert!(resp.starts_with("HTTP/1.1 403 "), "{host}: {resp}");
+    }
+    // (More than 10 refusals a second from one address are summarised: look for one.)
+    gw.log_line(|l| l["event"] == "ws_reject" && l["proxy_reason"] == "bad_upgrade")
+        .await;
+}
