@@ -843,3 +843,47 @@ routes:
     }
     let _ = std::fs::remove_dir_all(dir);
 }
+
+/// With `trusted_proxies` set, a PROXY header is believed only from those peers: from any
+/// other, the connection is refused (and counted) like a bad header.
+#[tokio::test]
+async fn proxy_headers_are_believed_only_from_trusted_proxies() {
+    let (backend, mut accepted) = raw_backend().await;
+    let yaml = |trusted: &str| {
+        format!(
+            r#"
+listeners: [{{ name: lb, bind: "127.0.0.1:0", proxy_protocol: true }}]
+admin: {{ bind: "127.0.0.1:0" }}
+trusted_proxies: [{trusted}]
+upstreams:
+  app: {{ backends: [{{ addr: "{backend}" }}] }}
+routes:
+  - {{ name: chat, match: {{ path_prefix: /chat }}, upstream: app }}
+"#
+        )
+    };
+    let mut req = b"PROXY TCP4 203.0.113.9 10.0.0.1 5555 443\r\n".to_vec();
+    req.extend(upgrade("/chat", ""));
+    // 127.0.0.1 is not a trusted proxy here.
+    let gw = spawn_gateway(&yaml("10.0.0.0/8")).await;
+    let failures = || async {
+        let scrape = scrape(&gw).await;
+        metric(&scrape, "wsgate_proxy_protocol_failures_total", &[])
+    };
+    let before = failures().await;
+    let resp = raw_request(gw.addr(), &req).await;
+    assert!(resp.is_empty(), "{resp}");
+    assert!(failures().await >= before + 1.0);
+    assert!(
+        accepted.try_recv().is_err(),
+        "nothing may reach the upstream"
+    );
+    assert!(gw.log_lines().is_empty(), "{:?}", gw.log_lines());
+    // It is here: the header names the client.
+    let gw = spawn_gateway(&yaml("127.0.0.0/8")).await;
+    let (_s, _, head) = admitted(&gw, &mut accepted, &req).await;
+    assert_eq!(
+        header_value(&head, "x-forwarded-for").as_deref(),
+        Some("203.0.113.9")
+    );
+}
