@@ -79,11 +79,14 @@ pub fn query_param_count(query: &str, name: &str) -> usize {
 
 /// The path with the values of the named query parameters replaced by `REDACTED`, for
 /// logs: `/ws?access_token=abc&x=1` → `/ws?access_token=REDACTED&x=1`.
-pub fn redact_query<'p>(path_and_query: &'p str, names: &[&str]) -> Cow<'p, str> {
+pub fn redact_query<'p, S: AsRef<str>>(path_and_query: &'p str, names: &[S]) -> Cow<'p, str> {
     let Some((path, query)) = path_and_query.split_once('?') else {
         return Cow::Borrowed(path_and_query);
     };
-    let hit = |n: &str| names.contains(&percent_decode(n).as_ref());
+    let hit = |n: &str| {
+        let n = percent_decode(n);
+        names.iter().any(|name| name.as_ref() == n)
+    };
     if !query
         .split('&')
         .any(|p| p.split_once('=').is_some_and(|(n, _)| hit(n)))

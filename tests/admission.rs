@@ -741,3 +741,149 @@ async fn a_route_may_raise_the_per_ip_cap() {
     }
     refused(&gw, &upgrade("/chat", ""), 429, "ip_cap").await;
 }
+
+/// An API key is never forwarded upstream, from a header or from the query (SPEC §2
+/// `api_keys`), and the query value is never logged.
+#[tokio::test]
+async fn api_keys_are_never_forwarded_upstream() {
+    use sha2::Digest;
+    let dir = std::env::temp_dir().join(format!("wsgate-keys-fwd-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap_or_else(|e| panic!("{e}"));
+    let file = dir.join("keys.txt");
+    let digest: String = sha2::Sha256::digest(b"k-123")
+        .iter()
+        .map(|b| format!("{b:02x}"))
+        .collect();
+    std::fs::write(&file, format!("{digest}\n")).unwrap_or_else(|e| panic!("{e}"));
+    let header = format!(
+        "    auth: {{ api_keys: {{ header: X-Api-Key, keys_file: \"{}\" }} }}",
+        file.display()
+    );
+    let (gw, mut accepted) = gateway(&header, "").await;
+    let (_s, _, head) = admitted(
+        &gw,
+        &mut accepted,
+        &upgrade("/chat", "X-Api-Key: k-123\r\nX-Other: kept\r\n"),
+    )
+    .await;
+    assert_eq!(header_value(&head, "x-api-key"), None, "{head}");
+    assert_eq!(header_value(&head, "x-other").as_deref(), Some("kept"));
+    let query = format!(
+        "    auth: {{ api_keys: {{ query: api_key, keys_file: \"{}\" }} }}",
+        file.display()
+    );
+    let (gw, mut accepted) = gateway(&query, "").await;
+    let (s, _, head) = admitted(
+        &gw,
+        &mut accepted,
+        &upgrade("/chat?room=1&api_key=k-123&x=2", ""),
+    )
+    .await;
+    assert!(head.starts_with("GET /chat?room=1&x=2 HTTP/1.1"), "{head}");
+    drop(s);
+    let line = gw.log_line(|l| l["event"] == "ws_close").await;
+    assert_eq!(line["path"], "/chat?room=1&api_key=REDACTED&x=2");
+    let _ = std::fs::remove_dir_all(dir);
+}
+
+/// A token sent in the query of a route that does not read it is still a token: every
+/// query name any route reads a token or key from is redacted in every log line.
+#[tokio::test]
+async fn token_query_values_are_redacted_on_every_route() {
+    use sha2::Digest;
+    let dir = std::env::temp_dir().join(format!("wsgate-keys-log-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap_or_else(|e| panic!("{e}"));
+    let file = dir.join("keys.txt");
+    let digest: String = sha2::Sha256::digest(b"k-123")
+        .iter()
+        .map(|b| format!("{b:02x}"))
+        .collect();
+    std::fs::write(&file, format!("{digest}\n")).unwrap_or_else(|e| panic!("{e}"));
+    let (backend, mut accepted) = raw_backend().await;
+    let yaml = format!(
+        r#"
+listeners: [{{ name: public, bind: "127.0.0.1:0" }}]
+upstreams:
+  app: {{ backends: [{{ addr: "{backend}" }}] }}
+routes:
+  - name: secret
+    match: {{ path_prefix: /chat }}
+    upstream: app
+{}
+  - name: keyed
+    match: {{ path_prefix: /keyed }}
+    upstream: app
+    auth: {{ api_keys: {{ query: api_key, keys_file: "{}" }} }}
+  - {{ name: open, match: {{ path_prefix: / }}, upstream: app }}
+"#,
+        jwt_route(""),
+        file.display()
+    );
+    let gw = spawn_gateway(&yaml).await;
+    let path = "/open?access_token=SUPERSECRETVALUE&room=1&api_key=KEYSECRETVALUE";
+    let (s, _, _) = admitted(&gw, &mut accepted, &upgrade(path, "")).await;
+    drop(s);
+    let line = gw.log_line(|l| l["event"] == "ws_close").await;
+    assert_eq!(line["route"], "open");
+    assert_eq!(
+        line["path"],
+        "/open?access_token=REDACTED&room=1&api_key=REDACTED"
+    );
+    // Refusals too.
+    let resp = raw_request(
+        gw.addr(),
+        &upgrade("/chat?access_token=SUPERSECRETVALUE", ""),
+    )
+    .await;
+    assert!(resp.starts_with("HTTP/1.1 401 "), "{resp}");
+    let line = gw.log_line(|l| l["event"] == "ws_reject").await;
+    assert_eq!(line["path"], "/chat?access_token=REDACTED");
+    for l in gw.log_lines() {
+        assert!(!l.to_string().contains("SECRETVALUE"), "{l}");
+    }
+    let _ = std::fs::remove_dir_all(dir);
+}
+
+/// With `trusted_proxies` set, a PROXY header is believed only from those peers: from any
+/// other, the connection is refused (and counted) like a bad header.
+#[tokio::test]
+async fn proxy_headers_are_believed_only_from_trusted_proxies() {
+    let (backend, mut accepted) = raw_backend().await;
+    let yaml = |trusted: &str| {
+        format!(
+            r#"
+listeners: [{{ name: lb, bind: "127.0.0.1:0", proxy_protocol: true }}]
+admin: {{ bind: "127.0.0.1:0" }}
+trusted_proxies: [{trusted}]
+upstreams:
+  app: {{ backends: [{{ addr: "{backend}" }}] }}
+routes:
+  - {{ name: chat, match: {{ path_prefix: /chat }}, upstream: app }}
+"#
+        )
+    };
+    let mut req = b"PROXY TCP4 203.0.113.9 10.0.0.1 5555 443\r\n".to_vec();
+    req.extend(upgrade("/chat", ""));
+    // 127.0.0.1 is not a trusted proxy here.
+    let gw = spawn_gateway(&yaml("10.0.0.0/8")).await;
+    let failures = || async {
+        let scrape = scrape(&gw).await;
+        metric(&scrape, "wsgate_proxy_protocol_failures_total", &[])
+    };
+    let before = failures().await;
+    let resp = raw_request(gw.addr(), &req).await;
+    assert!(resp.is_empty(), "{resp}");
+    assert!(failures().await >= before + 1.0);
+    assert!(
+        accepted.try_recv().is_err(),
+        "nothing may reach the upstream"
+    );
+    assert!(gw.log_lines().is_empty(), "{:?}", gw.log_lines());
+    // It is here: the header names the client.
+    let gw = spawn_gateway(&yaml("127.0.0.0/8")).await;
+    let (_s, _, head) = admitted(&gw, &mut accepted, &req).await;
+    assert_eq!(
+        header_value(&head, "x-forwarded-for").as_deref(),
+        Some("203.0.113.9")
+    );
+}

@@ -72,6 +72,31 @@ fn bad_sticky_key_is_refused_with_its_path() {
     let _ = std::fs::remove_file(path);
 }
 
+/// A PROXY listener that believes any peer is valid, but `--check` says what it means.
+#[test]
+fn check_warns_about_proxy_protocol_without_trusted_proxies() {
+    let yaml = |top: &str| {
+        format!(
+            "listeners: [{{ name: lb, bind: \"127.0.0.1:0\", proxy_protocol: true }}]\n{top}\nupstreams:\n  e: {{ builtin: echo }}\nroutes:\n  - {{ name: r, match: {{ path_prefix: / }}, upstream: e }}\n"
+        )
+    };
+    let path = temp_config("proxy-any", &yaml(""));
+    let (code, out, err) = run(&["--check", "--config", path.to_str().unwrap_or_default()]);
+    assert_eq!(code, 0, "{out}{err}");
+    assert!(
+        err.contains("warning:")
+            && err.contains("listeners[0].proxy_protocol")
+            && err.contains("trusted_proxies"),
+        "{err}"
+    );
+    let _ = std::fs::remove_file(path);
+    let path = temp_config("proxy-trusted", &yaml("trusted_proxies: [10.0.0.0/8]"));
+    let (code, out, err) = run(&["--check", "--config", path.to_str().unwrap_or_default()]);
+    assert_eq!(code, 0, "{out}{err}");
+    assert!(!err.contains("proxy_protocol"), "{err}");
+    let _ = std::fs::remove_file(path);
+}
+
 #[test]
 fn version_and_unknown_flags() {
     let (code, out, _) = run(&["--version"]);

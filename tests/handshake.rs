@@ -371,3 +371,197 @@ async fn beyond_max_connections_is_503_capacity() {
     let _first = connect(&gw.url("/chat")).await;
     assert_refused(&gw, &upgrade_request("/chat", ""), 503, "capacity").await;
 }
+
+/// A public route and a JWT route that forwards a claim as `X-User-Id`, both in front of
+/// `backend`; `top` is extra top-level YAML.
+fn two_routes(backend: &str, top: &str) -> String {
+    format!(
+        r#"
+listeners: [{{ name: public, bind: "127.0.0.1:0" }}]
+{top}
+upstreams:
+  app: {{ backends: [{{ addr: "{backend}" }}], connect_timeout: 500ms }}
+routes:
+  - name: private
+    match: {{ path_prefix: /private }}
+    upstream: app
+    auth:
+      jwt:
+        from: ["header:Authorization"]
+        keys: [{{ alg: HS256, secret: "a-test-secret-of-at-least-32-bytes!!" }}]
+        forward_claims: {{ sub: X-User-Id }}
+  - {{ name: public, match: {{ path_prefix: / }}, upstream: app }}
+"#
+    )
+}
+
+/// Upgrades with `request` and returns the head the backend received (after the 101).
+async fn upstream_head(
+    gw: &TestGateway,
+    accepted: &mut tokio::sync::mpsc::Receiver<(TcpStream, String)>,
+    request: &[u8],
+) -> (TcpStream, String) {
+    let mut s = TcpStream::connect(gw.addr())
+        .await
+        .unwrap_or_else(|e| panic!("{e}"));
+    s.write_all(request).await.unwrap_or_else(|e| panic!("{e}"));
+    let resp = read_head(&mut s).await;
+    assert!(resp.starts_with("HTTP/1.1 101 "), "{resp}");
+    let (_up, head) = next_accepted(accepted).await;
+    (s, head)
+}
+
+/// Every header a proxy sets on any route (another route's claim header included), the
+/// `strip_headers` list and names with `_` are removed on every route: a route without a
+/// token cannot carry a forged identity upstream.
+#[tokio::test]
+async fn forged_proxy_and_claim_headers_are_removed_on_every_route() {
+    let (backend, mut accepted) = raw_backend().await;
+    let gw = spawn_gateway(&two_routes(&backend.to_string(), "")).await;
+    let forged = "X-User-Id: admin\r\nX_User_Id: admin\r\nx_user-id: admin\r\nForwarded: for=6.6.6.6\r\nX-Real-IP: 6.6.6.6\r\nX-Forwarded-Port: 1\r\nX-Forwarded-Host: evil.example\r\nX-Other: kept\r\n";
+    let (_s, head) = upstream_head(&gw, &mut accepted, &upgrade_request("/public", forged)).await;
+    let lower = head.to_ascii_lowercase();
+    for gone in [
+        "x-user-id",
+        "x_user_id",
+        "x_user-id",
+        "forwarded",
+        "x-real-ip",
+        "x-forwarded-port",
+    ] {
+        assert!(
+            !lower.contains(&format!("\n{gone}:")),
+            "{gone} reached the upstream: {head}"
+        );
+    }
+    assert_eq!(
+        header_value(&head, "x-forwarded-host").as_deref(),
+        Some("gw.test")
+    );
+    assert_eq!(header_value(&head, "x-other").as_deref(), Some("kept"));
+    // A configured list replaces the default one; claim headers are still removed.
+    let gw = spawn_gateway(&two_routes(
+        &backend.to_string(),
+        "strip_headers: [X-Internal]",
+    ))
+    .await;
+    let extra = "X-Internal: yes\r\nX-User-Id: admin\r\nForwarded: for=6.6.6.6\r\n";
+    let (_s, head) = upstream_head(&gw, &mut accepted, &upgrade_request("/public", extra)).await;
+    assert_eq!(header_value(&head, "x-internal"), None, "{head}");
+    assert_eq!(header_value(&head, "x-user-id"), None, "{head}");
+    assert_eq!(
+        header_value(&head, "forwarded").as_deref(),
+        Some("for=6.6.6.6")
+    );
+}
+
+/// `Host` and the handshake's own headers survive a `Connection` header naming them;
+/// `Proxy-Connection` does not pass; an absolute-form target without `Host` still gives
+/// the upstream a `Host`.
+#[tokio::test]
+async fn the_upstream_request_always_has_its_host_and_handshake_headers() {
+    let (backend, mut accepted) = raw_backend().await;
+    let gw = gateway(&backend.to_string()).await;
+    let req = String::from_utf8_lossy(&upgrade_request(
+        "/chat",
+        "Proxy-Connection: keep-alive\r\n",
+    ))
+    .replace(
+        "Connection: Upgrade\r\n",
+        "Connection: Upgrade, Host, Sec-WebSocket-Key, Sec-WebSocket-Version\r\n",
+    );
+    let (_s, head) = upstream_head(&gw, &mut accepted, req.as_bytes()).await;
+    assert_eq!(
+        header_value(&head, "host").as_deref(),
+        Some("gw.test"),
+        "{head}"
+    );
+    assert_eq!(
+        header_value(&head, "sec-websocket-key").as_deref(),
+        Some(KEY)
+    );
+    assert_eq!(
+        header_value(&head, "sec-websocket-version").as_deref(),
+        Some("13")
+    );
+    assert_eq!(header_value(&head, "proxy-connection"), None, "{head}");
+    let absolute = format!(
+        "GET http://gw.test:8080/chat?x=1 HTTP/1.1\r\nConnection: Upgrade\r\nUpgrade: websocket\r\nSec-WebSocket-Version: 13\r\nSec-WebSocket-Key: {KEY}\r\n\r\n"
+    );
+    let (_s, head) = upstream_head(&gw, &mut accepted, absolute.as_bytes()).await;
+    assert!(head.starts_with("GET /chat?x=1 HTTP/1.1\r\n"), "{head}");
+    assert_eq!(
+        header_value(&head, "host").as_deref(),
+        Some("gw.test:8080"),
+        "{head}"
+    );
+    assert_eq!(head.matches("\r\nhost:").count(), 1, "{head}");
+}
+
+/// Paths a server might normalise into another route (`//`, `;` parameters) and hosts
+/// that are not `host[:port]` are refused before any route is chosen; host matching
+/// ignores case and one trailing dot.
+#[tokio::test]
+async fn path_and_host_confusion_is_refused() {
+    let yaml = r#"
+listeners: [{ name: public, bind: "127.0.0.1:0" }]
+limits: { handshakes_per_ip: { rate: 1000, per: 1s, burst: 1000 } }
+upstreams:
+  app: { backends: [{ addr: "127.0.0.1:9" }], connect_timeout: 500ms }
+routes:
+  - { name: admin, match: { host: admin.example.com, path_prefix: / }, upstream: app, origins: ["https://admin.example.com"] }
+  - { name: public, match: { path_prefix: / }, upstream: app }
+"#;
+    let gw = spawn_gateway(yaml).await;
+    for path in [
+        "/ws//admin",
+        "/ws;x=1/admin",
+        "/ws/admin;",
+        "/ws/%2F/admin",
+        "/ws/%3Bx/admin",
+        "//admin",
+    ] {
+        let resp = raw_request(gw.addr(), &upgrade_request(path, "")).await;
+        assert!(resp.starts_with("HTTP/1.1 400 "), "{path}: {resp}");
+        assert!(resp.ends_with("bad_upgrade\n"), "{path}: {resp}");
+    }
+    let with_host = |host: &str| {
+        String::from_utf8_lossy(&upgrade_request("/ws", ""))
+            .replace("Host: gw.test", &format!("Host: {host}"))
+    };
+    for host in [
+        "exa mple.com",
+        "example.com:http",
+        "example.com:99999",
+        "example.com:",
+        "user@admin.example.com",
+        "admin..example.com",
+        ".example.com",
+        "example.com..",
+        "[::1",
+        "[nope]:80",
+        "example.com/x",
+    ] {
+        let resp = raw_request(gw.addr(), with_host(host).as_bytes()).await;
+        assert!(resp.starts_with("HTTP/1.1 400 "), "{host}: {resp}");
+        assert!(resp.ends_with("bad_upgrade\n"), "{host}: {resp}");
+    }
+    // The absolute-form target names the host; a `Host` naming another is refused.
+    let split = format!(
+        "GET http://admin.example.com/ws HTTP/1.1\r\nHost: gw.test\r\nConnection: Upgrade\r\nUpgrade: websocket\r\nSec-WebSocket-Version: 13\r\nSec-WebSocket-Key: {KEY}\r\n\r\n"
+    );
+    let resp = raw_request(gw.addr(), split.as_bytes()).await;
+    assert!(resp.starts_with("HTTP/1.1 400 "), "{resp}");
+    // The admin route (origin required) is chosen whatever the case or a trailing dot.
+    for host in [
+        "admin.example.com.",
+        "ADMIN.Example.com",
+        "admin.example.com.:8080",
+    ] {
+        let resp = raw_request(gw.addr(), with_host(host).as_bytes()).await;
+        assert!(resp.starts_with("HTTP/1.1 403 "), "{host}: {resp}");
+    }
+    // (More than 10 refusals a second from one address are summarised: look for one.)
+    gw.log_line(|l| l["event"] == "ws_reject" && l["proxy_reason"] == "bad_upgrade")
+        .await;
+}

@@ -69,6 +69,8 @@ pub const DEFAULT_HEALTH_TIMEOUT: Duration = Duration::from_secs(2);
 pub const DEFAULT_UNHEALTHY_AFTER: u32 = 3;
 /// `upstreams.*.health_check.healthy_after`: consecutive successes that mark it up again.
 pub const DEFAULT_HEALTHY_AFTER: u32 = 2;
+/// `strip_headers`: client headers removed before forwarding, besides those the proxy sets.
+pub const DEFAULT_STRIP_HEADERS: [&str; 2] = ["Forwarded", "X-Real-IP"];
 /// `log.access`: where access-log JSON lines go.
 pub const DEFAULT_LOG_ACCESS: &str = "stdout";
 /// `log.format`: format of operational logs on stderr.
@@ -92,8 +94,10 @@ pub struct FileConfig {
     pub log: Option<FileLog>,
     /// Shutdown and reload drain (SPEC §8).
     pub drain: Option<FileDrain>,
-    /// CIDRs whose X-Forwarded-For is believed.
+    /// CIDRs whose X-Forwarded-For (and PROXY header) is believed.
     pub trusted_proxies: Option<Vec<Text>>,
+    /// Client headers always removed before forwarding; default [`DEFAULT_STRIP_HEADERS`].
+    pub strip_headers: Option<Vec<Text>>,
     /// Defaults for every route.
     pub limits: Option<FileLimits>,
     /// Proxy pings to clients and upstreams, and the dead-peer timeout.

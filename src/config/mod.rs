@@ -37,8 +37,18 @@ pub struct Config {
     /// Top-level limits with defaults applied; routes start from these.
     pub limits: Limits,
     pub keepalive: Keepalive,
-    /// Peers whose `X-Forwarded-For` is believed.
+    /// Peers whose `X-Forwarded-For` is believed, and (when not empty) the only peers whose
+    /// PROXY header is.
     pub trusted_proxies: crate::admission::client_ip::TrustedProxies,
+    /// Client headers removed from every request before forwarding, on every route (SPEC
+    /// §3): the `strip_headers` entries and every route's `forward_claims` headers, so a
+    /// client cannot forge a claim on a route that sets none. (`X-Forwarded-*`,
+    /// `X-Request-Id` and names containing `_` go by rule, in `handshake::forward` and
+    /// `upstream`.)
+    pub strip_headers: Vec<http::HeaderName>,
+    /// Query parameters any route reads a token or API key from: their values are
+    /// redacted from every log line, whichever route the request takes (SPEC §6).
+    pub secret_query_names: Vec<String>,
     /// Things that work but deserve attention (certificates about to expire, a generated
     /// development certificate); shown by `--check` and logged at start.
     pub warnings: Vec<String>,

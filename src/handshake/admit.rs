@@ -74,7 +74,7 @@ pub fn admit<'r>(
     facts.client_ip = Some(client_ip);
     // Named before any refusal, so refusals are logged and counted per route.
     if let Some(route) = upgrade::route_of(parts, &config.routes) {
-        facts.route_known(route, &parts.uri);
+        facts.route_known(route, &parts.uri, &config.secret_query_names);
     }
     if limiters.draining {
         return Err(Refusal::Draining);
@@ -87,7 +87,7 @@ pub fn admit<'r>(
     let mut upgrade = upgrade::check(parts, &config.routes)?;
     let route = upgrade.route;
     if facts.route.as_deref() != Some(route.name.as_str()) {
-        facts.route_known(route, &parts.uri);
+        facts.route_known(route, &parts.uri, &config.secret_query_names);
     }
     let policy = &route.admission;
     policy.origins.check_headers(&parts.headers)?;
@@ -104,7 +104,7 @@ pub fn admit<'r>(
         EarlyPermit::Held(_) | EarlyPermit::OverCap => return Err(Refusal::IpCap),
         EarlyPermit::NotTaken => limiters.per_ip.admit(key, cap)?,
     };
-    let upstream_parts = pass.upstream_parts(parts, &mut upgrade)?;
+    let upstream_parts = pass.upstream_parts(parts, &mut upgrade, &config.strip_headers)?;
     let key = sticky::key(
         &route.upstream.sticky,
         parts,
@@ -132,7 +132,6 @@ fn authorize(
     let mut pass = Pass::default();
     let query = parts.uri.query();
     if let Some(jwt) = &policy.jwt {
-        pass.claim_headers = jwt.forward_claims.iter().map(|(_, h)| h.clone()).collect();
         let authorized = jwt
             .verifier
             .check(&parts.headers, query, token::unix_now())?;
@@ -173,7 +172,8 @@ fn authorize(
         }
     }
     if let Some(keys) = &policy.api_keys {
-        keys.check(&parts.headers, query)?;
+        // The key is never forwarded upstream (SPEC §2), whatever `strip_token` says.
+        pass.strip.push(keys.check(&parts.headers, query)?);
     }
     Ok(pass)
 }

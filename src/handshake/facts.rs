@@ -65,15 +65,20 @@ impl Facts {
         }
     }
 
-    /// Names the route and logs the path with the query, its token parameters redacted.
-    /// Called again when the final route differs from the first guess, so the redaction
-    /// always follows the route that applies.
-    pub(super) fn route_known(&mut self, route: &crate::config::Route, uri: &http::Uri) {
+    /// Names the route and logs the path with the query, the values of `secret_names`
+    /// redacted: every query name any route reads a token or API key from, since a client
+    /// may send its token to a route that does not read it.
+    pub(super) fn route_known(
+        &mut self,
+        route: &crate::config::Route,
+        uri: &http::Uri,
+        secret_names: &[String],
+    ) {
         self.route = Some(route.name.clone());
         self.upstream = Some(route.upstream.name.clone());
         if let Some(full) = uri.path_and_query() {
-            let names = route.admission.secret_query_names();
-            self.path = Some(crate::http_util::redact_query(full.as_str(), &names).into_owned());
+            let path = crate::http_util::redact_query(full.as_str(), secret_names);
+            self.path = Some(path.into_owned());
         }
     }
 }

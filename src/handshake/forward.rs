@@ -1,8 +1,11 @@
-//! The request as the upstream sees it (SPEC §3): hop-by-hop headers dropped, claim
-//! headers set from the token (the client's copies never pass), credentials stripped when
-//! the route says so, the `bearer` entries out of the subprotocol offers.
+//! The request as the upstream sees it (SPEC §3): hop-by-hop headers dropped, the headers
+//! any route's proxy could set and `strip_headers` removed (on every route, so a route
+//! without a token cannot pass a forged claim), names containing `_` dropped, claim
+//! headers set from the token, credentials stripped (API keys always, tokens when the route
+//! says so), the `bearer` entries out of the subprotocol offers. `X-Forwarded-*`,
+//! `X-Request-Id` and `Host` are written by [`upstream`] itself.
 
-use http::header::{self, HeaderValue};
+use http::header::{self, HeaderName, HeaderValue};
 use http::{Request, request};
 use tokio::time::Instant;
 
@@ -23,25 +26,36 @@ pub(super) struct Pass {
     pub(super) strip: Vec<token::Stripped>,
     /// The bearer trick's entries are always taken out of the forwarded offers.
     pub(super) subprotocols: Option<Vec<String>>,
-    pub(super) claims: Vec<(http::HeaderName, HeaderValue)>,
-    /// Headers the proxy sets from claims: the client's copies never pass.
-    pub(super) claim_headers: Vec<http::HeaderName>,
+    pub(super) claims: Vec<(HeaderName, HeaderValue)>,
     /// The upstream's `claim:NAME` sticky key, when the token has it.
     pub(super) sticky_claim: Option<String>,
 }
 
 impl Pass {
-    /// The request as the upstream must see it: claims set (client copies dropped), the
-    /// token taken out when `strip_token`, the bearer entries out of the offers.
+    /// The request as the upstream must see it: `removed` (the config's
+    /// [`strip_headers`](crate::config::Config::strip_headers): every route's claim headers
+    /// among them) and names containing `_` dropped, claims set, the credentials taken out,
+    /// the bearer entries out of the offers.
     pub(super) fn upstream_parts(
         &self,
         parts: &request::Parts,
         checked: &mut Upgrade<'_>,
+        removed: &[HeaderName],
     ) -> Result<request::Parts, Refusal> {
         // Hop-by-hop headers go first: a client's `Connection: X-User-Id` must not take
         // out the claim headers set below.
         let mut headers = upstream::end_to_end(&parts.headers);
-        for name in &self.claim_headers {
+        for name in removed {
+            headers.remove(name);
+        }
+        // `X_User_Id` is `X-User-Id` to servers that map `-` to `_` (CGI, WSGI, PHP, nginx
+        // with `underscores_in_headers`): such names are dropped, as nginx drops them.
+        let underscored: Vec<HeaderName> = headers
+            .keys()
+            .filter(|n| n.as_str().contains('_'))
+            .cloned()
+            .collect();
+        for name in underscored {
             headers.remove(name);
         }
         for (name, value) in &self.claims {

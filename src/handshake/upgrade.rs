@@ -37,14 +37,14 @@ impl Upgrade<'_> {
 /// method and version, `Connection`/`Upgrade` tokens, WebSocket version, key, body,
 /// subprotocol allowlist.
 pub fn check<'r>(req: &request::Parts, routes: &'r [Route]) -> Result<Upgrade<'r>, Refusal> {
-    let host = request_host(req).ok_or(Refusal::BadUpgrade)?;
+    let RequestHost { sent: host, name } = request_host(req).ok_or(Refusal::BadUpgrade)?;
+    let name = name.as_str();
     let path = req.uri.path();
     // As an upstream may read the path: decoded once, for both checks below.
     let decoded = crate::http_util::percent_decode(path);
-    if has_dot_segment(&decoded) {
+    if has_dot_segment(&decoded) || has_empty_segment_or_parameter(&decoded) {
         return Err(Refusal::BadUpgrade);
     }
-    let name = host_without_port(&host);
     let route = find_route(routes, name, path).ok_or(Refusal::NoRoute)?;
     // `/ws/%61dmin` must not pass route `/ws`'s checks to be served as `/ws/admin`.
     if decoded != path
@@ -94,7 +94,19 @@ pub fn check<'r>(req: &request::Parts, routes: &'r [Route]) -> Result<Upgrade<'r
 /// an absolute-form target's authority); for naming refusals before the upgrade checks.
 pub fn route_of<'r>(req: &request::Parts, routes: &'r [Route]) -> Option<&'r Route> {
     let host = request_host(req)?;
-    find_route(routes, host_without_port(&host), req.uri.path())
+    find_route(routes, &host.name, req.uri.path())
+}
+
+/// Whether a (percent-decoded) path has an empty segment (`//`, with `\` as a separator
+/// too) or a `;` parameter: `/ws//admin` and `/ws;x=1/admin` take a route by their
+/// prefix, but servers that merge slashes or drop parameters serve them as `/ws/admin`.
+fn has_empty_segment_or_parameter(decoded: &str) -> bool {
+    let separator = |b: &u8| matches!(b, b'/' | b'\\');
+    decoded.contains(';')
+        || decoded
+            .as_bytes()
+            .windows(2)
+            .any(|pair| pair.iter().all(separator))
 }
 
 /// Whether a (percent-decoded) path has a `.` or `..` segment, as any upstream might read
@@ -118,8 +130,18 @@ pub fn find_route<'r>(routes: &'r [Route], host: &str, path: &str) -> Option<&'r
     })
 }
 
-/// The request's host: the `Host` header, or the authority of an absolute-form target.
-fn request_host(req: &request::Parts) -> Option<String> {
+/// The host a request names.
+struct RequestHost {
+    /// As the client sent it (port included): `X-Forwarded-Host` and the upstream `Host`.
+    sent: String,
+    /// What routes match: lower case, without the port and one trailing dot.
+    name: String,
+}
+
+/// The request's host: the `Host` header, or the authority of an absolute-form target
+/// (both present: they must name the same host). `None` when it is missing, repeated, or
+/// not a valid `host[:port]`.
+fn request_host(req: &request::Parts) -> Option<RequestHost> {
     let from_header = match req
         .headers
         .get_all(header::HOST)
@@ -131,23 +153,58 @@ fn request_host(req: &request::Parts) -> Option<String> {
         [] => None,
         _ => return None,
     };
-    from_header
-        .or_else(|| req.uri.authority().map(|a| a.as_str().to_owned()))
-        .filter(|h| !h.is_empty())
+    let from_target = req.uri.authority().map(|a| a.as_str().to_owned());
+    let target_name = match &from_target {
+        Some(authority) => Some(host_name(authority)?),
+        None => None,
+    };
+    let sent = from_header.or(from_target)?;
+    let name = host_name(&sent)?;
+    // RFC 9112 §3.2.2: the target's authority wins over `Host`; the upstream gets `Host`
+    // (and routes match it), so the two must agree.
+    if target_name.is_some_and(|t| t != name) {
+        return None;
+    }
+    Some(RequestHost { sent, name })
 }
 
-fn host_without_port(host: &str) -> &str {
-    if let Some(rest) = host.strip_prefix('[') {
-        // [v6]:port
-        return rest.split(']').next().unwrap_or(rest);
-    }
-    host.rsplit_once(':').map_or(host, |(h, port)| {
-        if port.bytes().all(|b| b.is_ascii_digit()) {
-            h
-        } else {
-            host
+/// The name routes match in a `host[:port]` (RFC 3986 §3.2.2; a registered name's labels
+/// are letters, digits, `-` and `_`), lower case, without one trailing dot; `None` when
+/// `host` is not a valid `host[:port]`.
+fn host_name(host: &str) -> Option<String> {
+    let (name, port) = if host.starts_with('[') {
+        // [v6] or [v6]:port; the brackets stay, as routes write them.
+        let end = host.find(']')?;
+        let (v6, rest) = host.split_at(end + 1);
+        v6[1..end].parse::<std::net::Ipv6Addr>().ok()?;
+        let port = match rest {
+            "" => None,
+            rest => Some(rest.strip_prefix(':')?),
+        };
+        (v6, port)
+    } else {
+        match host.split_once(':') {
+            Some((name, port)) => (name, Some(port)),
+            None => (host, None),
         }
-    })
+    };
+    if let Some(port) = port
+        && (port.is_empty()
+            || !port.bytes().all(|b| b.is_ascii_digit())
+            || port.parse::<u16>().is_err())
+    {
+        return None;
+    }
+    if name.starts_with('[') {
+        return Some(name.to_ascii_lowercase());
+    }
+    let name = name.strip_suffix('.').unwrap_or(name);
+    let label = |l: &str| {
+        (1..=63).contains(&l.len())
+            && l.bytes()
+                .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_')
+    };
+    (name.len() <= 253 && name.split('.').all(label)).then(|| name.to_ascii_lowercase())
 }
 
 /// The path (and query) sent upstream: the matched prefix replaced by `upstream_path`.
@@ -312,6 +369,78 @@ routes:
         ] {
             assert!(check(&parts(upgrade("a", path)), &routes).is_ok(), "{path}");
         }
+    }
+
+    #[test]
+    fn paths_with_empty_segments_or_parameters_are_bad_upgrades() {
+        let routes = routes();
+        for path in [
+            "/ws//admin",
+            "//ws",
+            "/ws;x=1/admin",
+            "/ws/admin;",
+            "/ws/%2F/admin",
+            "/ws%2F%2Fadmin",
+            "/ws/%3Bx",
+            "/ws/%5C/x",
+        ] {
+            let refused = check(&parts(upgrade("a", path)), &routes).err();
+            assert_eq!(refused.map(|r| r.reason()), Some("bad_upgrade"), "{path}");
+        }
+        for path in ["/ws/", "/ws/a/b/", "/ws/a,b=c"] {
+            assert!(check(&parts(upgrade("a", path)), &routes).is_ok(), "{path}");
+        }
+    }
+
+    #[test]
+    fn hosts_are_valid_host_and_port_matched_without_case_or_one_trailing_dot() {
+        for (host, name) in [
+            ("Chat.Example.COM", "chat.example.com"),
+            ("chat.example.com.", "chat.example.com"),
+            ("chat.example.com.:8443", "chat.example.com"),
+            ("10.0.0.1:80", "10.0.0.1"),
+            ("[::1]:8080", "[::1]"),
+            ("[2001:DB8::1]", "[2001:db8::1]"),
+            ("under_score.internal", "under_score.internal"),
+            ("localhost", "localhost"),
+        ] {
+            assert_eq!(host_name(host).as_deref(), Some(name), "{host}");
+        }
+        for host in [
+            "", ".", "a..b", ".a", "a.b..", "a b", "a:", "a:x", "a:65536", "a:1:2", "u@a", "a/b",
+            "[::1", "[::1]x", "[zz::1]", "::1", "a%2eb",
+        ] {
+            assert_eq!(host_name(host), None, "{host}");
+        }
+        let routes = routes();
+        let chosen = |host: &str| {
+            check(&parts(upgrade(host, "/ws")), &routes)
+                .map(|a| (a.route.name.clone(), a.host))
+                .map_err(|r| r.reason())
+        };
+        assert_eq!(
+            chosen("CHAT.example.com."),
+            Ok(("chat".to_owned(), "CHAT.example.com.".to_owned()))
+        );
+        assert_eq!(chosen("chat.example.com..").err(), Some("bad_upgrade"));
+        assert_eq!(chosen("chat.example.com:x").err(), Some("bad_upgrade"));
+    }
+
+    #[test]
+    fn an_absolute_form_target_and_host_must_agree() {
+        let routes = routes();
+        let req = |host: &str| {
+            http::Request::get("http://chat.example.com/ws")
+                .header("host", host)
+                .header("connection", "upgrade")
+                .header("upgrade", "websocket")
+                .header("sec-websocket-version", "13")
+                .header("sec-websocket-key", "dGhlIHNhbXBsZSBub25jZQ==")
+        };
+        let agreed = check(&parts(req("Chat.Example.com")), &routes);
+        assert_eq!(agreed.map(|a| a.route.name.clone()), Ok("chat".to_owned()));
+        let split = check(&parts(req("other.example.com")), &routes);
+        assert_eq!(split.map(|_| ()), Err(Refusal::BadUpgrade));
     }
 
     /// The early guess that names a refusal's route reads the host as `admit` does.

@@ -266,6 +266,13 @@ async fn serve(
         proxy_protocol,
     } = endpoint;
     let (stream, peer) = if proxy_protocol {
+        // With `trusted_proxies` set, only those peers may name the client: anyone else
+        // reaching the listener could claim any address (SPEC §2 `proxy_protocol`).
+        let trusted = &config.trusted_proxies;
+        if !trusted.is_empty() && !trusted.contains(peer.ip()) {
+            log_proxy_header_failure(&shared, peer, "peer not in trusted_proxies");
+            return None;
+        }
         match Box::pin(tokio::time::timeout_at(
             deadline,
             read_proxy_header(stream, peer),

@@ -21,7 +21,7 @@ use http::header::{self, HeaderMap, HeaderName, HeaderValue};
 use http::{Response, StatusCode, request};
 use tokio::io::AsyncWriteExt;
 
-use crate::admission::client_ip::{X_FORWARDED_FOR, ip_text};
+use crate::admission::client_ip::ip_text;
 use crate::config::Upstream;
 use crate::http_util::has_token;
 use crate::outcome::Refusal;
@@ -30,31 +30,30 @@ use pool::{Lease, Pool};
 pub use stream::UpstreamStream;
 use stream::open;
 
-/// Headers that describe one hop, never forwarded (RFC 9110 §7.6.1), besides those the
-/// `Connection` header names.
-const HOP_BY_HOP: [&str; 8] = [
+/// Headers that describe one hop, never forwarded (RFC 9110 §7.6.1, and the
+/// non-standard `Proxy-Connection` old clients send), besides those the `Connection`
+/// header names.
+const HOP_BY_HOP: [&str; 9] = [
     "connection",
     "keep-alive",
     "proxy-authenticate",
     "proxy-authorization",
+    "proxy-connection",
     "te",
     "trailer",
     "transfer-encoding",
     "upgrade",
 ];
 
-/// Headers the proxy sets itself; a client's copies are dropped so they cannot be forged.
-const PROXY_SET: [HeaderName; 4] = [
-    X_FORWARDED_FOR,
-    X_FORWARDED_PROTO,
-    X_FORWARDED_HOST,
-    X_REQUEST_ID,
-];
-
 // Built at compile time: `from_static` at run time validates the name on every call.
-const X_FORWARDED_PROTO: HeaderName = HeaderName::from_static("x-forwarded-proto");
-const X_FORWARDED_HOST: HeaderName = HeaderName::from_static("x-forwarded-host");
 const X_REQUEST_ID: HeaderName = HeaderName::from_static("x-request-id");
+
+/// Headers the proxy sets itself (`X-Forwarded-For`, `-Proto`, `-Host`, `X-Request-Id`):
+/// a client's copies are dropped so they cannot be forged, and so is every other
+/// `X-Forwarded-*` (`-Port`, `-Prefix`, ...), which upstreams read as the proxy's word too.
+fn is_proxy_set(name: &HeaderName) -> bool {
+    name.as_str().starts_with("x-forwarded-") || name == X_REQUEST_ID
+}
 
 /// Facts about the client connection that go into the upstream request.
 pub struct Forwarded<'a> {
@@ -208,11 +207,16 @@ fn request_head(
         .map(|(n, v)| n.as_str().len() + v.len() + 4)
         .sum();
     let named = connection_named(&req.headers);
+    // `Host` first, always: the host the route was chosen by (the `Host` header or an
+    // absolute-form target's authority), even when the client sent no `Host` line.
+    let host = [("host", Field::Text(target.host))];
     let client = req
         .headers
         .iter()
         .filter(|&(name, _)| {
-            let ours = PROXY_SET.contains(name) || name == header::SEC_WEBSOCKET_PROTOCOL;
+            let ours = is_proxy_set(name)
+                || name == header::HOST
+                || name == header::SEC_WEBSOCKET_PROTOCOL;
             !ours && !is_hop_by_hop(name, &named)
         })
         .map(|(name, value)| (name.as_str(), Field::Valid(value.as_bytes())));
@@ -229,16 +233,20 @@ fn request_head(
         ("x-forwarded-host", Field::Text(target.host)),
         ("x-request-id", Field::Text(fwd.conn_id)),
     ];
-    let headers = client.chain(protocols).chain(own);
+    let headers = host.into_iter().chain(client).chain(protocols).chain(own);
     http1::get_head(target.path, headers, 192 + client_bytes)
 }
 
-/// The header names listed in `Connection` (hop-by-hop for this request only).
+/// The header names listed in `Connection` (hop-by-hop for this request only), except
+/// `Host` and the WebSocket handshake's own headers: `Connection: Upgrade, Host` must not
+/// make the upstream request lose its `Host`, nor `Sec-WebSocket-Key` its key (`Upgrade`
+/// and `Connection` are always the proxy's own).
 fn connection_named(src: &HeaderMap) -> Vec<HeaderName> {
     src.get_all(header::CONNECTION)
         .iter()
         .flat_map(|v| v.to_str().unwrap_or("").split(','))
         .filter_map(|t| HeaderName::from_bytes(t.trim().as_bytes()).ok())
+        .filter(|n| n != header::HOST && !n.as_str().starts_with("sec-websocket-"))
         .collect()
 }
 

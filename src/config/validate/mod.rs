@@ -8,6 +8,7 @@
 //! `upstreams`, `routes`).
 
 mod auth;
+mod headers;
 mod limits;
 mod listeners;
 mod routes;
@@ -91,6 +92,19 @@ pub fn validate(file: FileConfig, read: &ReadFile<'_>) -> Result<Config, Vec<Iss
         );
         TrustedProxies::default()
     });
+    if trusted_proxies.is_empty() {
+        for (i, l) in listeners
+            .iter()
+            .enumerate()
+            .filter(|(_, l)| l.proxy_protocol)
+        {
+            v.warnings.push(format!(
+                "listeners[{i}].proxy_protocol: trusted_proxies is empty, so a PROXY header is believed from any peer (anyone reaching {} can claim any client address); list the load balancers' addresses in trusted_proxies",
+                l.bind
+            ));
+        }
+    }
+    let configured_strip = v.strip_headers(file.strip_headers, &root.key("strip_headers"));
     let keepalive = v.keepalive(file.keepalive, &root.key("keepalive"));
 
     let defaults = Limits {
@@ -136,6 +150,9 @@ pub fn validate(file: FileConfig, read: &ReadFile<'_>) -> Result<Config, Vec<Iss
         &defined,
     );
 
+    let strip_headers = headers::removed_headers(configured_strip, &routes);
+    let secret_query_names = headers::secret_query_names(&routes);
+
     if v.issues.is_empty() {
         Ok(Config {
             listeners,
@@ -145,6 +162,8 @@ pub fn validate(file: FileConfig, read: &ReadFile<'_>) -> Result<Config, Vec<Iss
             limits,
             keepalive,
             trusted_proxies,
+            strip_headers,
+            secret_query_names,
             warnings: v.warnings,
             upstreams,
             routes,

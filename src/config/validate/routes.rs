@@ -170,7 +170,11 @@ impl Validator<'_> {
                 self.issue(path, format!("host {} {rule}", text.shown()));
                 None
             }
-            None => Some(host),
+            // Matched as requests' hosts are: `example.com.` is `example.com`.
+            None => Some(match host.strip_suffix('.') {
+                Some(name) if !name.is_empty() => name.to_owned(),
+                _ => host,
+            }),
         }
     }
 
