@@ -3,10 +3,14 @@
 # wsgate container image.
 #
 #   docker build -t wsgate .
-#   docker run --rm --stop-timeout 45 -p 8080:8080 -p 8443:8443 wsgate
+#   docker run --rm --stop-timeout 45 -p 8080:8080 -p 8443:8443 \
+#       -e WSGATE_ADMIN_TOKEN="$(openssl rand -hex 32)" wsgate
 #
 # The image runs /etc/wsgate/wsgate.yaml (conf/k8s/wsgate.yaml: listeners and admin on
 # 0.0.0.0, a built-in echo upstream, a self-signed certificate for the TLS listener).
+# Admin is on 0.0.0.0, so its state-changing endpoints (drain, /connections/close,
+# /revoke) need `Authorization: Bearer $WSGATE_ADMIN_TOKEN`; the config does not load
+# without the variable (in Kubernetes it comes from a Secret: conf/k8s/README.md).
 # Mount your own config over it and your certificates at /etc/wsgate/certs; relative
 # paths in the config resolve against /etc/wsgate. See docs/operations.md.
 
@@ -31,7 +35,7 @@ COPY conf/example-full.yaml /out/etc/wsgate/example-full.yaml
 # Fail the build if the shipped config does not load, checked from the directory the
 # image runs in (relative paths resolve against it).
 WORKDIR /out/etc/wsgate
-RUN /out/usr/local/bin/wsgate --check --config wsgate.yaml \
+RUN WSGATE_ADMIN_TOKEN=build-time-check-only /out/usr/local/bin/wsgate --check --config wsgate.yaml \
     && /out/usr/local/bin/wsgate --version
 
 # --- runtime ----------------------------------------------------------------------------
@@ -47,8 +51,8 @@ COPY --from=build /out/ /
 USER 10001:10001
 WORKDIR /etc/wsgate
 
-# 8080 ws://, 8443 wss://, 9090 admin (/healthz /readyz /metrics: do not publish it
-# beyond the host or cluster).
+# 8080 ws://, 8443 wss://, 9090 admin (/healthz /readyz /metrics open, changes behind the
+# token: still, do not publish it beyond the host or cluster).
 EXPOSE 8080 8443 9090
 
 # SIGTERM starts the graceful drain; give `docker stop` time for it: `docker stop -t 45`

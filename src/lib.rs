@@ -11,7 +11,8 @@
 //!
 //! # Layout (each module imports only those below it; `tests/architecture.rs` checks)
 //! - [`gateway`]: starts every part, drains and reloads (SPEC §8); the top.
-//! - [`admin`]: `/healthz`, `/readyz`, `/metrics`, `/connections`, backend drain.
+//! - [`admin`]: `/healthz`, `/readyz`, `/metrics`, `/connections`, backend drain, admin
+//!   closes and revocations (token-guarded).
 //! - [`listener`]: bind, accept, PROXY header, TLS accept; one task per connection.
 //! - [`handshake`]: the HTTP/1.1 driver, the pure admission decision, the upgrade checks,
 //!   the forwarded request, log facts, the relayed connection's bookkeeping (SPEC §3).

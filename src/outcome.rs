@@ -62,6 +62,12 @@ pub enum Refusal {
     /// Per-IP handshake rate exceeded; retry after this many seconds.
     #[error("per-IP handshake rate exceeded, retry after {retry_after_secs}s")]
     IpRate { retry_after_secs: u64 },
+    /// Per-subject concurrent connection cap reached (`max_connections_per_subject`).
+    #[error("per-subject connection cap reached")]
+    SubjectCap,
+    /// The token's subject or id was revoked through the admin API (SPEC §7).
+    #[error("subject or token revoked")]
+    Revoked,
 }
 
 impl Refusal {
@@ -81,9 +87,11 @@ impl Refusal {
                 StatusCode::from_u16(s).unwrap_or(StatusCode::BAD_GATEWAY)
             }
             Refusal::HandshakeTimeout => StatusCode::REQUEST_TIMEOUT,
-            Refusal::Origin => StatusCode::FORBIDDEN,
+            Refusal::Origin | Refusal::Revoked => StatusCode::FORBIDDEN,
             Refusal::Token { .. } => StatusCode::UNAUTHORIZED,
-            Refusal::IpCap | Refusal::IpRate { .. } => StatusCode::TOO_MANY_REQUESTS,
+            Refusal::IpCap | Refusal::IpRate { .. } | Refusal::SubjectCap => {
+                StatusCode::TOO_MANY_REQUESTS
+            }
         }
     }
 
@@ -111,6 +119,8 @@ impl Refusal {
             Refusal::Token { .. } => "token\n",
             Refusal::IpCap => "ip_cap\n",
             Refusal::IpRate { .. } => "ip_rate\n",
+            Refusal::SubjectCap => "subject_cap\n",
+            Refusal::Revoked => "revoked\n",
         }
     }
 
@@ -239,6 +249,9 @@ pub enum Ending {
     Drain,
     /// A write to that side stalled past `send_timeout`: it is cut off.
     SlowConsumer(Side),
+    /// Closed through the admin API (`/connections/close`, `/revoke`): `code` to the
+    /// client (4003 unless the request named another), 1001 to the upstream.
+    Revoked { code: u16 },
     /// The relay failed or panicked.
     Internal,
 }
@@ -273,6 +286,14 @@ const fn close(code: u16, reason: &'static str) -> Option<CloseFrame> {
 }
 
 impl Ending {
+    /// The client's close code of an admin close unless the request names another (SPEC
+    /// §5: 4003 `revoked`).
+    pub const REVOKED_CODE: u16 = 4003;
+    /// An admin close with the default code.
+    pub const REVOKED: Ending = Ending::Revoked {
+        code: Ending::REVOKED_CODE,
+    };
+
     /// What the client is sent (SPEC §5 "to client"); `None`: its TCP is closed, or gone.
     pub fn to_client(self) -> Option<CloseFrame> {
         match self {
@@ -287,6 +308,7 @@ impl Ending {
             Ending::Vanished(Side::Upstream) | Ending::DeadPeer(Side::Upstream) => close(1014, ""),
             Ending::SlowConsumer(Side::Upstream) => close(1014, ""),
             Ending::Drain => close(1012, "service restart"),
+            Ending::Revoked { code } => close(code, "revoked"),
             Ending::Internal => Some(CloseFrame::INTERNAL),
             Ending::DeadPeer(Side::Client)
             | Ending::Vanished(Side::Client)
@@ -303,6 +325,7 @@ impl Ending {
             | Ending::RateLimit
             | Ending::TokenExpired
             | Ending::Drain
+            | Ending::Revoked { .. }
             | Ending::DeadPeer(Side::Client)
             | Ending::Vanished(Side::Client)
             | Ending::SlowConsumer(Side::Client) => close(1001, ""),
@@ -329,6 +352,7 @@ impl Ending {
             Ending::DeadPeer(_) => ProxyReason::DeadPeer,
             Ending::Idle => ProxyReason::Idle,
             Ending::Drain => ProxyReason::Drain,
+            Ending::Revoked { .. } => ProxyReason::Revoked,
             Ending::SlowConsumer(_) => ProxyReason::SlowConsumer,
             Ending::Internal => ProxyReason::Internal,
             Ending::Vanished(_) => return None,
@@ -349,6 +373,7 @@ pub enum ProxyReason {
     Drain,
     SlowConsumer,
     Internal,
+    Revoked,
 }
 
 impl ProxyReason {
@@ -364,6 +389,7 @@ impl ProxyReason {
             ProxyReason::Drain => "drain",
             ProxyReason::SlowConsumer => "slow_consumer",
             ProxyReason::Internal => "internal",
+            ProxyReason::Revoked => "revoked",
         }
     }
 }
@@ -414,6 +440,8 @@ mod tests {
             (Refusal::UpstreamTimeout, 504, "upstream_timeout", None),
             (Refusal::UpstreamStatus(418), 418, "upstream_status", None),
             (Refusal::HandshakeTimeout, 408, "handshake_timeout", None),
+            (Refusal::SubjectCap, 429, "subject_cap", None),
+            (Refusal::Revoked, 403, "revoked", None),
         ];
         for (refusal, status, reason, extra) in cases {
             assert_eq!(refusal.status().as_u16(), status, "{refusal:?}");
@@ -464,7 +492,7 @@ mod tests {
         use Side::{Client, Upstream};
         let code = |c: Option<CloseFrame>| c.map(|c| (c.code, c.reason));
         type Close = Option<(u16, &'static str)>;
-        let rows: [(Ending, Close, Close, Option<&str>); 18] = [
+        let rows: [(Ending, Close, Close, Option<&str>); 19] = [
             (
                 Ending::ClientViolation(Breach::Protocol),
                 Some((1002, "protocol error")),
@@ -544,6 +572,12 @@ mod tests {
                 Some((1012, "service restart")),
                 Some((1001, "")),
                 Some("drain"),
+            ),
+            (
+                Ending::Revoked { code: 4003 },
+                Some((4003, "revoked")),
+                Some((1001, "")),
+                Some("revoked"),
             ),
             (
                 Ending::SlowConsumer(Client),

@@ -7,10 +7,12 @@ use std::sync::atomic::{AtomicBool, AtomicU64};
 use arc_swap::ArcSwap;
 
 use crate::admission::ip_limit::{HandshakeRate, IpLimiter};
+use crate::admission::subject::SubjectLimiter;
 use crate::config::Config;
 use crate::observe::access_log::AccessLog;
 use crate::observe::metrics::Metrics;
 use crate::ops::registry::Registry;
+use crate::ops::revocation::RevocationStore;
 use crate::upstream::pool::Pools;
 
 /// State every connection task reads.
@@ -29,6 +31,10 @@ pub struct Shared {
     pub active: AtomicU64,
     /// Connections per client IP, for `limits.max_connections_per_ip`.
     pub per_ip: Arc<IpLimiter>,
+    /// Connections per subject, for `limits.max_connections_per_subject`.
+    pub per_subject: Arc<SubjectLimiter>,
+    /// Revoked subjects and token ids, and admin closes (`/revoke`, `/connections/close`).
+    pub revocations: Arc<dyn RevocationStore>,
     /// Handshakes per client IP, for `limits.handshakes_per_ip`; replaced by a reload only
     /// when the policy changes, so counts survive other reloads.
     pub handshake_rate: ArcSwap<HandshakeRate>,

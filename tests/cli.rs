@@ -175,3 +175,37 @@ async fn default_config_serves_the_echo_demo() {
     assert!(status.success(), "exit: {status:?}");
     let _ = std::fs::remove_file(path);
 }
+
+/// SPEC §2 `admin.token`: an admin listener off loopback without a token serves no
+/// state-changing endpoint, and `--check` says so.
+#[test]
+fn check_warns_when_admin_changes_are_refused_for_want_of_a_token() {
+    let path = temp_config(
+        "open-admin",
+        "listeners: [{ name: a, bind: \"127.0.0.1:0\" }]\nadmin: { bind: \"0.0.0.0:0\" }\nupstreams:\n  e: { builtin: echo }\nroutes:\n  - { name: r, match: { path_prefix: / }, upstream: e }\n",
+    );
+    let (code, out, err) = run(&["--check", "--config", path.to_str().unwrap_or_default()]);
+    assert_eq!(code, 0, "{out}{err}");
+    assert!(
+        err.contains("admin.token is not set") && err.contains("refused"),
+        "{err}"
+    );
+    let _ = std::fs::remove_file(path);
+}
+
+/// The container and Kubernetes config binds admin to 0.0.0.0, so it takes its token
+/// from the environment (a Kubernetes Secret): without it, it does not load.
+#[test]
+fn the_container_config_needs_an_admin_token_from_the_environment() {
+    let (code, _, err) = run(&["--check", "--config", "conf/k8s/wsgate.yaml"]);
+    assert_eq!(code, 1, "{err}");
+    assert!(err.contains("WSGATE_ADMIN_TOKEN"), "{err}");
+    let out = Command::new(BIN)
+        .args(["--check", "--config", "conf/k8s/wsgate.yaml"])
+        .env("WSGATE_ADMIN_TOKEN", "a-long-random-token-from-a-secret")
+        .output()
+        .unwrap_or_else(|e| panic!("{e}"));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(0), "{err}");
+    assert!(!err.contains("admin.token is not set"), "{err}");
+}

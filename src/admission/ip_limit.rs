@@ -13,7 +13,7 @@
 //! periodically (every few seconds is plenty).
 
 use std::collections::HashMap;
-use std::hash::{BuildHasher, RandomState};
+use std::hash::{BuildHasher, Hash, RandomState};
 use std::num::NonZeroU32;
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 use std::time::Duration;
@@ -29,36 +29,47 @@ use super::client_ip::IpKey;
 /// rarely contend on one lock.
 const SHARDS: usize = 64;
 
-/// Per-IP concurrent connection counts.
+/// A key connections are counted by: a client address, a subject.
+pub trait CountKey: Eq + Hash + Clone + Send + Sync + 'static {}
+
+impl<K: Eq + Hash + Clone + Send + Sync + 'static> CountKey for K {}
+
+/// Concurrent connection counts per key (client IP, subject).
 #[derive(Debug)]
-pub struct IpLimiter {
-    shards: Box<[Mutex<HashMap<IpKey, u32>>]>,
+pub struct ConnLimiter<K> {
+    shards: Box<[Mutex<HashMap<K, u32>>]>,
     hasher: RandomState,
 }
 
-/// One connection's slot in an [`IpLimiter`]; dropping it frees the slot.
+/// Per-IP concurrent connection counts.
+pub type IpLimiter = ConnLimiter<IpKey>;
+
+/// One connection's slot in a [`ConnLimiter`]; dropping it frees the slot.
 #[must_use = "the slot is freed as soon as the permit is dropped"]
 #[derive(Debug)]
-pub struct IpPermit {
-    limiter: Arc<IpLimiter>,
-    key: IpKey,
+pub struct ConnPermit<K: CountKey> {
+    limiter: Arc<ConnLimiter<K>>,
+    key: K,
 }
 
-impl IpLimiter {
+/// One connection's slot in the per-IP table.
+pub type IpPermit = ConnPermit<IpKey>;
+
+impl<K: CountKey> ConnLimiter<K> {
     /// An empty table.
     pub fn new() -> Arc<Self> {
-        Arc::new(IpLimiter {
+        Arc::new(ConnLimiter {
             shards: (0..SHARDS).map(|_| Mutex::new(HashMap::new())).collect(),
             hasher: RandomState::new(),
         })
     }
 
-    /// Takes one of `key`'s `cap` slots, or `None` when all are taken (429 `ip_cap`).
-    /// `cap` is passed per call because routes may override it; the count is per IP
+    /// Takes one of `key`'s `cap` slots, or `None` when all are taken (429).
+    /// `cap` is passed per call because routes may override it; the count is per key
     /// across all routes.
-    pub fn try_acquire(self: &Arc<Self>, key: IpKey, cap: u32) -> Option<IpPermit> {
+    pub fn try_acquire(self: &Arc<Self>, key: K, cap: u32) -> Option<ConnPermit<K>> {
         let mut shard = self.shard(&key);
-        let count = shard.entry(key).or_insert(0);
+        let count = shard.entry(key.clone()).or_insert(0);
         if *count >= cap {
             // Never leave a 0 entry behind (cap 0 refuses everyone).
             if *count == 0 {
@@ -67,43 +78,39 @@ impl IpLimiter {
             return None;
         }
         *count += 1;
-        Some(IpPermit {
+        drop(shard);
+        Some(ConnPermit {
             limiter: Arc::clone(self),
             key,
         })
     }
 
-    /// [`try_acquire`](Self::try_acquire) as a [`Refusal`](super::Refusal): 429 `ip_cap`.
-    pub fn admit(self: &Arc<Self>, key: IpKey, cap: u32) -> Result<IpPermit, super::Refusal> {
-        self.try_acquire(key, cap).ok_or(super::Refusal::IpCap)
-    }
-
     /// Live connections counted for `key`.
-    pub fn count(&self, key: IpKey) -> u32 {
+    pub fn count(&self, key: K) -> u32 {
         self.shard(&key).get(&key).copied().unwrap_or(0)
     }
 
-    /// Number of IPs with at least one live connection (the table's size).
+    /// Number of keys with at least one live connection (the table's size).
     pub fn len(&self) -> usize {
         self.shards.iter().map(|s| lock(s).len()).sum()
     }
 
-    /// Whether no IP holds a slot.
+    /// Whether no key holds a slot.
     pub fn is_empty(&self) -> bool {
         self.len() == 0
     }
 
-    fn shard(&self, key: &IpKey) -> MutexGuard<'_, HashMap<IpKey, u32>> {
+    fn shard(&self, key: &K) -> MutexGuard<'_, HashMap<K, u32>> {
         let i = (self.hasher.hash_one(key) % SHARDS as u64) as usize;
         lock(&self.shards[i])
     }
 
-    fn release(&self, key: IpKey) {
-        let mut shard = self.shard(&key);
-        if let Some(count) = shard.get_mut(&key) {
+    fn release(&self, key: &K) {
+        let mut shard = self.shard(key);
+        if let Some(count) = shard.get_mut(key) {
             *count = count.saturating_sub(1);
             if *count == 0 {
-                shard.remove(&key);
+                shard.remove(key);
                 // Give memory back after a burst: a HashMap never shrinks on its own.
                 if shard.capacity() > 64 && shard.len() < shard.capacity() / 4 {
                     shard.shrink_to_fit();
@@ -113,22 +120,29 @@ impl IpLimiter {
     }
 }
 
+impl ConnLimiter<IpKey> {
+    /// [`try_acquire`](Self::try_acquire) as a [`Refusal`](super::Refusal): 429 `ip_cap`.
+    pub fn admit(self: &Arc<Self>, key: IpKey, cap: u32) -> Result<IpPermit, super::Refusal> {
+        self.try_acquire(key, cap).ok_or(super::Refusal::IpCap)
+    }
+}
+
 /// The critical sections only touch a map and never panic, so a poisoned lock still
 /// holds consistent data; recovering keeps the permits' `Drop` infallible.
 fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
     m.lock().unwrap_or_else(PoisonError::into_inner)
 }
 
-impl IpPermit {
+impl<K: CountKey> ConnPermit<K> {
     /// The key this permit counts against.
-    pub fn key(&self) -> IpKey {
-        self.key
+    pub fn key(&self) -> K {
+        self.key.clone()
     }
 }
 
-impl Drop for IpPermit {
+impl<K: CountKey> Drop for ConnPermit<K> {
     fn drop(&mut self) {
-        self.limiter.release(self.key);
+        self.limiter.release(&self.key);
     }
 }
 

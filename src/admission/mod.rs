@@ -14,8 +14,9 @@
 //! - [`proxy_protocol`]: the PROXY protocol v1/v2 header in front of the byte stream.
 //! - [`client_ip`]: the real client address (`trusted_proxies` + `X-Forwarded-For`) and
 //!   the key per-IP accounting uses (IPv4 address, IPv6 /64 by default).
-//! - [`ip_limit`]: per-IP connection caps as RAII permits, and the per-IP handshake
-//!   rate (governor keyed limiter).
+//! - [`ip_limit`]: per-IP connection caps as RAII permits (the keyed counter that
+//!   [`subject`] reuses), and the per-IP handshake rate (governor keyed limiter).
+//! - [`subject`]: the per-subject connection cap (JWT `sub` or API key).
 //!
 //! What admission refuses is one [`Refusal`] of the outcome vocabulary
 //! ([`crate::outcome`]), where its status, reason word and headers are decided.
@@ -24,6 +25,7 @@ pub mod client_ip;
 pub mod ip_limit;
 pub mod origin;
 pub mod proxy_protocol;
+pub mod subject;
 pub mod token;
 
 pub use crate::outcome::Refusal;
@@ -43,6 +45,8 @@ mod tests {
         shared::<ip_limit::IpLimiter>();
         shared::<ip_limit::HandshakeRate>();
         movable::<ip_limit::IpPermit>();
+        shared::<subject::SubjectLimiter>();
+        movable::<subject::SubjectPermit>();
         movable::<token::Authorized>();
     }
 }

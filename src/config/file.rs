@@ -150,6 +150,10 @@ pub struct FileCertificate {
 pub struct FileAdmin {
     /// `IP:port` of the admin listener, e.g. `127.0.0.1:9090`.
     pub bind: Text,
+    /// Bearer token the state-changing endpoints (POST, DELETE) require, e.g.
+    /// `"${WSGATE_ADMIN_TOKEN}"`; absent → those endpoints are served only on a loopback
+    /// `bind`.
+    pub token: Option<Text>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -180,6 +184,9 @@ pub struct FileLimits {
     /// Per-client-IP connection cap, handshakes in progress included.
     #[serde(default, deserialize_with = "opt_scalar")]
     pub max_connections_per_ip: Option<u64>,
+    /// Per-subject (JWT `sub`, or API key) connection cap; default 0 = off.
+    #[serde(default, deserialize_with = "opt_scalar")]
+    pub max_connections_per_subject: Option<u64>,
     /// Per-IP handshake rate; default 10 per 1s, burst 20; top level only.
     pub handshakes_per_ip: Option<FileRate>,
     /// IPv6 clients share per-IP limits by this prefix length; default 64; top level only.

@@ -98,6 +98,41 @@ pub struct Drain {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Admin {
     pub bind: SocketAddr,
+    /// `admin.token`: what `Authorization: Bearer` must carry on state-changing endpoints.
+    pub token: Option<AdminToken>,
+}
+
+impl Admin {
+    /// Whether state-changing endpoints may be served: with a token, or on loopback only.
+    pub fn changes_allowed(&self) -> bool {
+        self.token.is_some() || self.bind.ip().is_loopback()
+    }
+}
+
+/// The admin token, kept only as its SHA-256 digest: it cannot reach a log or a `Debug`
+/// output, and comparing digests hides the token's length as well as its bytes.
+#[derive(Clone, PartialEq, Eq)]
+pub struct AdminToken([u8; 32]);
+
+impl AdminToken {
+    pub fn new(token: &str) -> AdminToken {
+        use sha2::Digest;
+        AdminToken(sha2::Sha256::digest(token.as_bytes()).into())
+    }
+
+    /// Whether `presented` is the token, in constant time (`subtle`).
+    pub fn matches(&self, presented: &[u8]) -> bool {
+        use sha2::Digest;
+        use subtle::ConstantTimeEq;
+        let digest: [u8; 32] = sha2::Sha256::digest(presented).into();
+        digest.ct_eq(&self.0).into()
+    }
+}
+
+impl fmt::Debug for AdminToken {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("AdminToken(redacted)")
+    }
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -131,6 +166,8 @@ pub struct Limits {
     pub idle_timeout: Duration,
     /// Established + in-handshake connections per client IP (IPv6 by /64) → 429 `ip_cap`.
     pub max_connections_per_ip: u32,
+    /// Connections per subject (JWT `sub`, or API key) → 429 `subject_cap`; 0 = off.
+    pub max_connections_per_subject: u32,
     /// Handshakes per client IP → 429 `ip_rate` (process-wide; top level only).
     pub handshakes_per_ip: crate::admission::ip_limit::RatePolicy,
     /// IPv6 clients are counted per network of this prefix length (default /64); top

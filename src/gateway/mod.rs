@@ -12,11 +12,13 @@ use std::time::Duration;
 use arc_swap::ArcSwap;
 
 use crate::admission::ip_limit::{HandshakeRate, IpLimiter};
+use crate::admission::subject::SubjectLimiter;
 use crate::config::{Config, Listener, UpstreamKind};
 use crate::listener::{self, Running};
 use crate::observe::access_log::{AccessLog, Sink};
 use crate::observe::metrics::Metrics;
 use crate::ops::registry::Registry;
+use crate::ops::revocation::InMemory;
 use crate::shared::Shared;
 use crate::upstream::pool::{PoolOptions, Pools};
 use crate::{admin, echo, ops};
@@ -186,14 +188,17 @@ pub async fn start_with(
     for warning in &config.warnings {
         tracing::warn!("{warning}");
     }
+    let registry = Registry::new();
     let shared = Arc::new(Shared {
         config: ArcSwap::from_pointee(config),
         access,
         metrics,
-        registry: Registry::new(),
+        revocations: Arc::new(InMemory::new(registry.clone())),
+        registry,
         pools,
         active: AtomicU64::new(0),
         per_ip: IpLimiter::new(),
+        per_subject: SubjectLimiter::new(),
         handshake_rate: ArcSwap::from_pointee(handshake_rate),
         ready: ready.clone(),
     });

@@ -5,7 +5,8 @@
 //! HTTP/1.1 one today) calls this one function.
 //!
 //! The order: draining, process cap, handshake rate, the upgrade itself (route, RFC 6455,
-//! subprotocols), origin, token and API key, per-IP cap, the forwarded request.
+//! subprotocols), origin, token and API key, revocation (of the token's subject or id),
+//! per-IP cap, per-subject cap, the forwarded request.
 
 use std::net::IpAddr;
 use std::sync::Arc;
@@ -19,8 +20,10 @@ use super::forward::Pass;
 use super::upgrade::{self, Upgrade};
 use crate::admission::client_ip::{self, IpKey};
 use crate::admission::ip_limit::{HandshakeRate, IpLimiter, IpPermit};
+use crate::admission::subject::{SubjectKey, SubjectLimiter, SubjectPermit};
 use crate::admission::token;
 use crate::config::{Config, RouteAdmission, StickyKey};
+use crate::ops::revocation::RevocationStore;
 use crate::outcome::Refusal;
 use crate::upstream::sticky;
 
@@ -31,7 +34,10 @@ pub struct Limiters<'a> {
     /// `limits.max_connections` was exceeded when this connection was accepted.
     pub over_capacity: bool,
     pub per_ip: &'a Arc<IpLimiter>,
+    pub per_subject: &'a Arc<SubjectLimiter>,
     pub handshake_rate: &'a HandshakeRate,
+    /// Revoked subjects and token ids (SPEC §7 `/revoke`): read, never waited on.
+    pub revocations: &'a dyn RevocationStore,
 }
 
 /// The per-IP count taken at accept, when the peer was the client.
@@ -51,6 +57,11 @@ pub struct Admission<'r> {
     pub upstream_parts: request::Parts,
     /// Counts the connection against its client's per-IP cap while it lives.
     pub permit: IpPermit,
+    /// Counts it against its subject's cap (`max_connections_per_subject` on, and a
+    /// subject known).
+    pub subject_permit: Option<SubjectPermit>,
+    /// The token's id (JWT `jti`), for `/revoke?jti=`.
+    pub jti: Option<Box<str>>,
     pub client_ip: IpAddr,
     pub sticky_key: Vec<u8>,
     /// `close_on_expiry`: when the live connection must end.
@@ -95,14 +106,31 @@ pub fn admit<'r>(
         StickyKey::Claim(name) => Some(name.as_str()),
         _ => None,
     };
-    let pass = authorize(policy, parts, sticky_claim)?;
+    let (pass, who) = authorize(policy, parts, sticky_claim)?;
     facts.subject = pass.subject.clone();
+    if (pass.subject.is_some() || who.jti.is_some())
+        && limiters
+            .revocations
+            .is_revoked(pass.subject.as_deref(), who.jti.as_deref())
+    {
+        return Err(Refusal::Revoked);
+    }
     let cap = route.limits.max_connections_per_ip;
     let permit = match std::mem::replace(early, EarlyPermit::NotTaken) {
         // Counted since accept: only the route's own (possibly lower) cap is left to check.
         EarlyPermit::Held(p) if p.key() == key && limiters.per_ip.count(key) <= cap => p,
         EarlyPermit::Held(_) | EarlyPermit::OverCap => return Err(Refusal::IpCap),
         EarlyPermit::NotTaken => limiters.per_ip.admit(key, cap)?,
+    };
+    let subject_cap = route.limits.max_connections_per_subject;
+    let subject_key = match (&pass.subject, who.api_key_line) {
+        (Some(sub), _) => Some(SubjectKey::Jwt(sub.as_str().into())),
+        (None, Some(line)) => Some(SubjectKey::ApiKey(line)),
+        (None, None) => None,
+    };
+    let subject_permit = match subject_key {
+        Some(k) if subject_cap > 0 => Some(limiters.per_subject.admit(k, subject_cap)?),
+        _ => None,
     };
     let upstream_parts = pass.upstream_parts(parts, &mut upgrade, &config.strip_headers)?;
     let key = sticky::key(
@@ -116,6 +144,8 @@ pub fn admit<'r>(
         upgrade,
         upstream_parts,
         permit,
+        subject_permit,
+        jti: who.jti.map(String::into_boxed_str),
         client_ip,
         sticky_key: key.bytes,
         expires_at: pass.expires_at,
@@ -123,13 +153,23 @@ pub fn admit<'r>(
     })
 }
 
+/// Who a verified credential names, beyond the subject the log shows.
+#[derive(Default)]
+struct Who {
+    /// The JWT's `jti`.
+    jti: Option<String>,
+    /// The API key's line in `keys_file`.
+    api_key_line: Option<u32>,
+}
+
 /// Checks the route's JWT and API key (SPEC §2 `auth`).
 fn authorize(
     policy: &RouteAdmission,
     parts: &request::Parts,
     sticky_claim: Option<&str>,
-) -> Result<Pass, Refusal> {
+) -> Result<(Pass, Who), Refusal> {
     let mut pass = Pass::default();
+    let mut who = Who::default();
     let query = parts.uri.query();
     if let Some(jwt) = &policy.jwt {
         let authorized = jwt
@@ -138,6 +178,11 @@ fn authorize(
         pass.subject = authorized
             .claims
             .get("sub")
+            .and_then(|s| s.as_str())
+            .map(str::to_owned);
+        who.jti = authorized
+            .claims
+            .get("jti")
             .and_then(|s| s.as_str())
             .map(str::to_owned);
         pass.sticky_claim = sticky_claim.and_then(|c| sticky::claim_text(&authorized.claims, c));
@@ -173,9 +218,11 @@ fn authorize(
     }
     if let Some(keys) = &policy.api_keys {
         // The key is never forwarded upstream (SPEC §2), whatever `strip_token` says.
-        pass.strip.push(keys.check(&parts.headers, query)?);
+        let (stripped, line) = keys.identify(&parts.headers, query)?;
+        pass.strip.push(stripped);
+        who.api_key_line = Some(line);
     }
-    Ok(pass)
+    Ok((pass, who))
 }
 
 #[cfg(test)]
@@ -250,7 +297,9 @@ routes:
     struct World {
         config: Config,
         per_ip: Arc<IpLimiter>,
+        per_subject: Arc<SubjectLimiter>,
         rate: HandshakeRate,
+        revocations: crate::ops::revocation::InMemory,
     }
 
     impl World {
@@ -262,7 +311,11 @@ routes:
             World {
                 config,
                 per_ip: IpLimiter::new(),
+                per_subject: SubjectLimiter::new(),
                 rate,
+                revocations: crate::ops::revocation::InMemory::new(
+                    crate::ops::registry::Registry::new(),
+                ),
             }
         }
 
@@ -271,7 +324,9 @@ routes:
                 draining,
                 over_capacity,
                 per_ip: &self.per_ip,
+                per_subject: &self.per_subject,
                 handshake_rate: &self.rate,
+                revocations: &self.revocations,
             }
         }
 
@@ -446,6 +501,91 @@ routes:
             world.decide_with(&parts(upgrade("/public")), &limiters, EarlyPermit::OverCap);
         assert_eq!(refusal(&capped), Some("ip_cap"));
         drop(kept);
+    }
+
+    #[tokio::test]
+    async fn a_revoked_subject_or_token_id_is_refused_after_the_token_check() {
+        use crate::ops::revocation::{RevocationStore, Target};
+        let world = World::new(config(100));
+        let hour = Duration::from_secs(3600);
+        let _ = world
+            .revocations
+            .revoke(Target::Subject("alice".into()), hour)
+            .await;
+        let (facts, decided) = world.decide(&private(upgrade("/private")));
+        assert_eq!(refusal(&decided), Some("revoked"));
+        assert_eq!(facts.subject.as_deref(), Some("alice"));
+        // Nothing counted for a revoked subject.
+        let ip = IpKey::new(IpAddr::V4(Ipv4Addr::new(192, 0, 2, 7)), 64);
+        assert_eq!(world.per_ip.count(ip), 0);
+        // A bad token is a 401, revoked or not: revocation is judged on verified tokens.
+        let (_, bad) = world.decide(&parts(
+            upgrade("/private").header("origin", "https://app.example.com"),
+        ));
+        assert_eq!(refusal(&bad), Some("token"));
+        // By token id: only that token.
+        let world = World::new(config(100));
+        let _ = world
+            .revocations
+            .revoke(Target::TokenId("t-1".into()), hour)
+            .await;
+        let with_jti = |jti: &str| {
+            let claims =
+                serde_json::json!({ "sub": "bob", "jti": jti, "exp": token::unix_now() + 600 });
+            let key = jsonwebtoken::EncodingKey::from_secret(SECRET.as_bytes());
+            let t = jsonwebtoken::encode(&jsonwebtoken::Header::default(), &claims, &key)
+                .unwrap_or_default();
+            parts(
+                upgrade("/private")
+                    .header("origin", "https://app.example.com")
+                    .header("authorization", format!("Bearer {t}")),
+            )
+        };
+        let (_, revoked) = world.decide(&with_jti("t-1"));
+        assert_eq!(refusal(&revoked), Some("revoked"));
+        let (_, other) = world.decide(&with_jti("t-2"));
+        let Ok(admitted) = other else {
+            panic!("refused: {:?}", refusal(&other));
+        };
+        assert_eq!(admitted.jti.as_deref(), Some("t-2"));
+    }
+
+    #[test]
+    fn the_subject_cap_counts_per_subject_after_the_per_ip_cap() {
+        let yaml = format!(
+            r#"
+listeners: [{{ name: plain, bind: "127.0.0.1:0" }}]
+limits: {{ max_connections_per_ip: 10, max_connections_per_subject: 1 }}
+upstreams:
+  echo: {{ backends: [{{ addr: "127.0.0.1:9" }}] }}
+routes:
+  - name: private
+    match: {{ path_prefix: / }}
+    upstream: echo
+    auth: {{ jwt: {{ from: ["header:Authorization"], keys: [{{ alg: HS256, secret: "{SECRET}" }}] }} }}
+"#
+        );
+        let config = Config::from_yaml_str(&yaml, "t.yaml").unwrap_or_else(|e| panic!("{e}"));
+        let world = World::new(config);
+        let as_user = |sub: &str| {
+            parts(upgrade("/").header("authorization", format!("Bearer {}", token(sub))))
+        };
+        let (_, first) = world.decide(&as_user("alice"));
+        assert!(first.as_ref().is_ok_and(|a| a.subject_permit.is_some()));
+        let (facts, second) = world.decide(&as_user("alice"));
+        assert_eq!(refusal(&second), Some("subject_cap"));
+        assert_eq!(facts.subject.as_deref(), Some("alice"));
+        let ip = IpKey::new(IpAddr::V4(Ipv4Addr::new(192, 0, 2, 7)), 64);
+        assert_eq!(
+            world.per_ip.count(ip),
+            1,
+            "the refused one's per-IP slot is freed"
+        );
+        let (_, bob) = world.decide(&as_user("bob"));
+        assert!(bob.is_ok());
+        drop(first);
+        let (_, again) = world.decide(&as_user("alice"));
+        assert!(again.is_ok());
     }
 
     #[test]

@@ -228,6 +228,8 @@ impl Conn {
             upgrade,
             upstream_parts,
             permit,
+            subject_permit,
+            jti,
             client_ip,
             sticky_key,
             expires_at,
@@ -268,7 +270,9 @@ impl Conn {
                         backend,
                         settings,
                         info: facts,
+                        jti,
                         _permit: permit,
+                        _subject_permit: subject_permit,
                         _lease: lease,
                     }));
                 }
@@ -305,7 +309,9 @@ impl Conn {
             draining: self.info.shared.registry.past_drain_window(),
             over_capacity: self.over_capacity,
             per_ip: &self.info.shared.per_ip,
+            per_subject: &self.info.shared.per_subject,
             handshake_rate: &rate,
+            revocations: &*self.info.shared.revocations,
         };
         let mut early = self.early_permit.lock();
         // Poisoned (a panic while it was held): refuse rather than count afresh.

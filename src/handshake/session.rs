@@ -11,6 +11,7 @@ use tokio::io::{AsyncRead, AsyncWrite};
 
 use super::facts::{ConnInfo, Facts, LogFacts};
 use crate::admission::ip_limit::IpPermit;
+use crate::admission::subject::SubjectPermit;
 use crate::observe::access_log::Record;
 use crate::ops::registry::{Entry, unix_ms};
 use crate::relay::{self, Settings};
@@ -25,8 +26,12 @@ pub(super) struct Established {
     pub(super) backend: String,
     pub(super) settings: Settings,
     pub(super) info: Facts,
+    /// The token's id (JWT `jti`), for `/revoke?jti=`.
+    pub(super) jti: Option<Box<str>>,
     /// Counts the connection against its client's per-IP cap until the task ends.
     pub(super) _permit: IpPermit,
+    /// Counts it against its subject's cap, when one applies.
+    pub(super) _subject_permit: Option<SubjectPermit>,
     /// Counts the connection on its backend (bounded load, metrics) until the task ends.
     pub(super) _lease: Lease,
 }
@@ -52,7 +57,9 @@ where
         backend,
         mut settings,
         info,
+        jti,
         _permit,
+        _subject_permit,
         _lease,
     } = est;
     let route = info.route.as_deref().unwrap_or("");
@@ -65,9 +72,22 @@ where
         upstream: registry.name(info.upstream.as_deref().unwrap_or("")),
         backend: registry.name(&backend),
         client_ip: info.client_ip.unwrap_or(conn.peer.ip()),
+        subject: info.subject.as_deref().map(Into::into),
+        jti,
         since_ms: unix_ms(),
     }));
     let registration = registry.register(control.clone());
+    // A revocation that landed between the admission check and this registration did not
+    // see this connection: look again now that a revocation's scan will.
+    let entry = &control.entry;
+    if (entry.subject.is_some() || entry.jti.is_some())
+        && conn
+            .shared
+            .revocations
+            .is_revoked(entry.subject.as_deref(), entry.jti.as_deref())
+    {
+        control.revoke(crate::outcome::Ending::REVOKED_CODE);
+    }
     // A reload that removed this route while the upgrade was in flight scanned the
     // registry before this connection was in it: drain it like the others.
     let config = conn.shared.config.load();
@@ -84,6 +104,7 @@ where
             active,
             registration,
             _permit,
+            _subject_permit,
             _lease,
         }),
     }
@@ -102,6 +123,8 @@ pub(super) struct RelayTail {
     registration: crate::ops::registry::Registration,
     /// Counts the connection against its client's per-IP cap until the log line is out.
     _permit: IpPermit,
+    /// And against its subject's cap.
+    _subject_permit: Option<SubjectPermit>,
     /// Counts it on its backend (bounded load, `wsgate_backend_connections`).
     _lease: Lease,
 }
@@ -155,6 +178,7 @@ impl RelayTail {
             active,
             registration,
             _permit,
+            _subject_permit,
             _lease,
         } = self;
         drop(registration);
@@ -163,6 +187,7 @@ impl RelayTail {
         Record::set_report(&mut record, report);
         log.shared.access.log(&record);
         drop(_permit);
+        drop(_subject_permit);
         drop(_lease);
     }
 }

@@ -29,8 +29,9 @@ use crate::outcome::{By, ProxyReason};
 pub const CONTENT_TYPE: &str = "application/openmetrics-text; version=1.0.0; charset=utf-8";
 
 /// Close codes that get their own label value; any other code is counted as `other`.
-const KNOWN_CODES: [u16; 16] = [
+const KNOWN_CODES: [u16; 17] = [
     1000, 1001, 1002, 1003, 1005, 1006, 1007, 1008, 1009, 1010, 1011, 1012, 1013, 1014, 4000, 4001,
+    4003,
 ];
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
@@ -99,6 +100,7 @@ pub struct Metrics {
     pings: Counter,
     ping_rtt: Histogram,
     reload_failures: Counter,
+    revocations: Counter,
     routes: Mutex<HashMap<String, Arc<RouteMetrics>>>,
     sources: Arc<Mutex<Sources>>,
     /// Connections refused for a bad or missing PROXY header.
@@ -142,6 +144,7 @@ impl Metrics {
         // 0.5 ms … 8 s: loopback to intercontinental mobile links.
         let ping_rtt = Histogram::new(exponential_buckets(0.0005, 2.0, 15));
         let reload_failures = Counter::default();
+        let revocations = Counter::default();
         let sources = Arc::new(Mutex::new(Sources::default()));
         registry.register(
             "wsgate_connections_active",
@@ -198,6 +201,11 @@ impl Metrics {
             "SIGHUP reloads refused because the new configuration was invalid",
             reload_failures.clone(),
         );
+        registry.register(
+            "wsgate_revocations",
+            "Subjects and token ids revoked through the admin API (POST /revoke)",
+            revocations.clone(),
+        );
         let proxy_protocol_failures = Arc::new(AtomicU64::new(0));
         let tls_handshake_failures = Arc::new(AtomicU64::new(0));
         registry.register_collector(Box::new(ScrapeTime {
@@ -220,6 +228,7 @@ impl Metrics {
             pings,
             ping_rtt,
             reload_failures,
+            revocations,
             routes: Mutex::new(HashMap::new()),
             sources,
         }
@@ -290,6 +299,11 @@ impl Metrics {
 
     pub fn reload_failed(&self) {
         self.reload_failures.inc();
+    }
+
+    /// A subject or token id was revoked through the admin API.
+    pub fn revoked(&self) {
+        self.revocations.inc();
     }
 
     /// The exposition text (OpenMetrics, which Prometheus scrapes natively).

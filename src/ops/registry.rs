@@ -7,12 +7,14 @@
 //! time into its [`Control`] and wakes it; the relay's one timer does the rest.
 //!
 //! Each close remembers its [`DrainKind`]: an undrained backend calls off only the closes
-//! its admin drain scheduled, never those of a removed route or of shutdown.
+//! its admin drain scheduled, never those of a removed route or of shutdown. An admin
+//! close (`/connections/close`, `/revoke`) is a close of its own, at once, with
+//! [`Ending::Revoked`] instead of a drain's 1012, and nothing calls it off.
 
 use std::collections::{HashMap, HashSet};
 use std::hash::{BuildHasher, RandomState};
 use std::net::IpAddr;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
 use std::sync::{Arc, LazyLock, Mutex, Weak};
 use std::task::Context;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
@@ -20,6 +22,8 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 use futures_util::task::AtomicWaker;
 use serde::Serialize;
 use tokio::time::Instant;
+
+use crate::outcome::Ending;
 
 /// All drain times are milliseconds after this instant (so they fit in one atomic).
 static EPOCH: LazyLock<std::time::Instant> = LazyLock::new(std::time::Instant::now);
@@ -42,6 +46,8 @@ pub struct Control {
     /// close: 0 = none; otherwise 1 + milliseconds after [`EPOCH`].
     backend_at: AtomicU64,
     final_at: AtomicU64,
+    /// An admin close: the code the client gets (0 = none); the first one wins.
+    revoked: AtomicU32,
     waker: AtomicWaker,
     pub entry: Entry,
 }
@@ -51,6 +57,7 @@ impl Control {
         Control {
             backend_at: AtomicU64::new(0),
             final_at: AtomicU64::new(0),
+            revoked: AtomicU32::new(0),
             waker: AtomicWaker::new(),
             entry,
         }
@@ -80,17 +87,32 @@ impl Control {
         self.waker.wake();
     }
 
-    /// Registers the relay's waker; returns when it must close, if a drain asked.
-    pub fn poll_drain(&self, cx: &Context<'_>) -> Option<Instant> {
+    /// Asks for an admin close at once: `code` to the client (SPEC §5 4003 `revoked`
+    /// row), 1001 to the upstream. The first request wins; nothing calls it off.
+    pub fn revoke(&self, code: u16) {
+        let _ =
+            self.revoked
+                .compare_exchange(0, u32::from(code), Ordering::AcqRel, Ordering::Acquire);
+        self.waker.wake();
+    }
+
+    /// Registers the relay's waker; returns when it must close and with which ending, if
+    /// a drain or an admin close asked.
+    pub fn poll_drain(&self, cx: &Context<'_>) -> Option<(Instant, Ending)> {
         self.waker.register(cx.waker());
+        if let Ok(code @ 1..) = u16::try_from(self.revoked.load(Ordering::Acquire)) {
+            // Due already: the epoch is in the past.
+            return Some((Instant::from_std(*EPOCH), Ending::Revoked { code }));
+        }
         let at = |slot: &AtomicU64| match slot.load(Ordering::Acquire) {
             0 => None,
             ms => Some(Instant::from_std(*EPOCH + Duration::from_millis(ms - 1))),
         };
-        match (at(&self.backend_at), at(&self.final_at)) {
+        let at = match (at(&self.backend_at), at(&self.final_at)) {
             (Some(a), Some(b)) => Some(a.min(b)),
             (a, b) => a.or(b),
-        }
+        };
+        at.map(|at| (at, Ending::Drain))
     }
 
     fn slot(&self, kind: DrainKind) -> &AtomicU64 {
@@ -110,8 +132,34 @@ pub struct Entry {
     pub upstream: Arc<str>,
     pub backend: Arc<str>,
     pub client_ip: IpAddr,
+    /// The token's subject (JWT `sub`), for `/connections/close?subject=` and `/revoke`.
+    pub subject: Option<Box<str>>,
+    /// The token's id (JWT `jti`), for `/revoke?jti=`.
+    pub jti: Option<Box<str>>,
     /// Unix milliseconds of the upgrade.
     pub since_ms: u64,
+}
+
+/// Which live connections an admin close picks (SPEC §7 `/connections/close`, `/revoke`).
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub enum Selector {
+    Subject(String),
+    TokenId(String),
+    Ip(IpAddr),
+    Route(String),
+    ConnId(String),
+}
+
+impl Selector {
+    pub fn matches(&self, e: &Entry) -> bool {
+        match self {
+            Selector::Subject(s) => e.subject.as_deref() == Some(s.as_str()),
+            Selector::TokenId(j) => e.jti.as_deref() == Some(j.as_str()),
+            Selector::Ip(ip) => e.client_ip == *ip,
+            Selector::Route(r) => *e.route == **r,
+            Selector::ConnId(id) => *e.conn_id == **id,
+        }
+    }
 }
 
 /// The live connections.
@@ -243,6 +291,20 @@ impl Registry {
         picked.len()
     }
 
+    /// Closes every connection `select` picks at once with [`Ending::Revoked`] (`code` to
+    /// the client). Returns how many were picked.
+    pub fn revoke(&self, select: &Selector, code: u16) -> usize {
+        let Ok(live) = self.live.lock() else {
+            return 0;
+        };
+        let mut n = 0;
+        for control in live.values().filter(|c| select.matches(&c.entry)) {
+            control.revoke(code);
+            n += 1;
+        }
+        n
+    }
+
     /// Drains everything, including connections upgraded from now on (shutdown).
     pub fn drain_all(&self, spread: Duration) -> usize {
         if let Ok(_live) = self.live.lock()
@@ -339,12 +401,44 @@ mod tests {
             upstream: "u".into(),
             backend: "b".into(),
             client_ip: IpAddr::from([127, 0, 0, 1]),
+            subject: Some(format!("user-{route}").into()),
+            jti: None,
             since_ms: unix_ms(),
         }))
     }
 
-    fn deadline(c: &Control) -> Option<Instant> {
+    fn order(c: &Control) -> Option<(Instant, Ending)> {
         c.poll_drain(&Context::from_waker(std::task::Waker::noop()))
+    }
+
+    fn deadline(c: &Control) -> Option<Instant> {
+        order(c).map(|(at, _)| at)
+    }
+
+    #[test]
+    fn an_admin_close_is_due_at_once_and_outlives_an_undrain() {
+        let registry = Registry::new();
+        let a = control("a");
+        let b = control("b");
+        let _ra = registry.register(a.clone());
+        let _rb = registry.register(b.clone());
+        registry.drain(|_| true, Duration::from_secs(60), DrainKind::Backend);
+        assert_eq!(
+            registry.revoke(&Selector::Subject("user-a".into()), 4003),
+            1
+        );
+        let now = Instant::now();
+        assert!(matches!(order(&a), Some((at, Ending::Revoked { code: 4003 })) if at <= now));
+        assert!(matches!(order(&b), Some((_, Ending::Drain))));
+        registry.undrain(|_| true);
+        a.revoke(4000);
+        assert!(matches!(
+            order(&a),
+            Some((_, Ending::Revoked { code: 4003 }))
+        ));
+        assert_eq!(order(&b), None);
+        assert_eq!(registry.revoke(&Selector::Route("b".into()), 4001), 1);
+        assert_eq!(registry.revoke(&Selector::TokenId("x".into()), 4003), 0);
     }
 
     #[test]

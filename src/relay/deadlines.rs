@@ -71,8 +71,9 @@ pub struct Deadlines {
     upstream_ping_interval: Duration,
     /// `close_on_expiry`: the token's expiry; cleared once acted on.
     expires_at: Option<Instant>,
-    /// When a drain wants this connection closed.
-    drain_at: Option<Instant>,
+    /// When a drain (1012) or an admin close (4003) wants this connection closed, and
+    /// which of the two.
+    drain_at: Option<(Instant, Ending)>,
     /// When to look whether the client needs a ping; `None` while a pong is awaited.
     ping_check: Option<Instant>,
     /// The same for the upstream.
@@ -103,8 +104,9 @@ impl Deadlines {
         }
     }
 
-    /// A drain asks for the connection to close at `at` (or no longer, when `None`).
-    pub fn set_drain(&mut self, at: Option<Instant>) {
+    /// A drain or an admin close asks for the connection to close at `at` with its ending
+    /// (or no longer, when `None`).
+    pub fn set_drain(&mut self, at: Option<(Instant, Ending)>) {
         self.drain_at = at;
     }
 
@@ -145,8 +147,10 @@ impl Deadlines {
         if facts.close_by.is_some() || due.slow_client || due.slow_upstream {
             return due;
         }
-        if self.drain_at.is_some_and(|t| t <= now) {
-            due.ending = Some(Ending::Drain);
+        if let Some((t, ending)) = self.drain_at
+            && t <= now
+        {
+            due.ending = Some(ending);
             return due;
         }
         if self.expires_at.is_some_and(|t| t <= now) {
@@ -206,7 +210,7 @@ impl Deadlines {
             return due;
         }
         due = earliest(due, self.expires_at);
-        due = earliest(due, self.drain_at);
+        due = earliest(due, self.drain_at.map(|(t, _)| t));
         due = earliest(due, self.ping_check);
         due = earliest(due, self.upstream_ping_check);
         due = earliest(due, self.idle_check);
@@ -392,9 +396,12 @@ mod tests {
     fn a_drain_comes_before_expiry_and_can_be_called_off() {
         let t0 = Instant::now();
         let mut d = Deadlines::new(&with(|s| s.expires_at = Some(t0 + S)), t0);
-        d.set_drain(Some(t0 + S));
+        d.set_drain(Some((t0 + S, Ending::Drain)));
         let facts = Facts::default();
         assert_eq!(d.due(t0 + S, &facts).ending, Some(Ending::Drain));
+        d.set_drain(Some((t0, Ending::REVOKED)));
+        assert_eq!(d.next_due(&facts), Some(t0));
+        assert_eq!(d.due(t0 + S, &facts).ending, Some(Ending::REVOKED));
         d.set_drain(None);
         assert_eq!(d.due(t0 + S, &facts).ending, Some(Ending::TokenExpired));
     }

@@ -62,7 +62,7 @@ pub struct Settings {
     pub upstream_ping_interval: Duration,
     /// `close_on_expiry`: the token's `exp` (+ leeway); the connection closes 4001 then.
     pub expires_at: Option<Instant>,
-    /// Where drains ask this connection to close (1012).
+    /// Where drains (1012) and admin closes (4003) ask this connection to close.
     pub control: Option<Arc<Control>>,
     /// The route's counters, fed as the relay goes.
     pub metrics: Option<Arc<RouteMetrics>>,
@@ -492,6 +492,7 @@ where
             | Ending::TokenExpired
             | Ending::Idle
             | Ending::Drain
+            | Ending::Revoked { .. }
             | Ending::Internal => self.proxy_close(ending),
         }
     }

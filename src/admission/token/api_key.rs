@@ -7,7 +7,7 @@ use std::str::FromStr;
 use http::HeaderMap;
 use http::header::HeaderName;
 use sha2::{Digest, Sha256};
-use subtle::{Choice, ConstantTimeEq};
+use subtle::{Choice, ConditionallySelectable, ConstantTimeEq};
 
 use super::Refusal;
 use super::sources::Stripped;
@@ -37,10 +37,11 @@ impl FromStr for ApiKeySource {
     }
 }
 
-/// SHA-256 hashes of the accepted API keys (`keys_file`).
+/// SHA-256 hashes of the accepted API keys (`keys_file`), each with its line number: a
+/// key's identity for `max_connections_per_subject` (SPEC §2).
 #[derive(Clone, Default, PartialEq, Eq)]
 pub struct ApiKeys {
-    hashes: Vec<[u8; 32]>,
+    hashes: Vec<([u8; 32], u32)>,
 }
 
 impl std::fmt::Debug for ApiKeys {
@@ -66,7 +67,7 @@ impl ApiKeys {
                     i + 1
                 )
             })?;
-            hashes.push(hash);
+            hashes.push((hash, u32::try_from(i + 1).unwrap_or(u32::MAX)));
         }
         Ok(ApiKeys { hashes })
     }
@@ -85,12 +86,21 @@ impl ApiKeys {
     /// every stored hash is compared in full (`subtle`), with no early exit on the first
     /// match or the first differing byte.
     pub fn matches(&self, presented: &[u8]) -> bool {
+        self.line_of(presented).is_some()
+    }
+
+    /// The line of the keys file whose hash `presented` matches, in constant time like
+    /// [`matches`](Self::matches): the line is selected without a branch.
+    pub fn line_of(&self, presented: &[u8]) -> Option<u32> {
         let digest: [u8; 32] = Sha256::digest(presented).into();
         let mut found = Choice::from(0);
-        for hash in &self.hashes {
-            found |= digest.ct_eq(hash);
+        let mut line = 0u32;
+        for (hash, at) in &self.hashes {
+            let eq = digest.ct_eq(hash);
+            line = u32::conditional_select(&line, at, eq);
+            found |= eq;
         }
-        found.into()
+        bool::from(found).then_some(line)
     }
 }
 
@@ -128,6 +138,15 @@ impl ApiKeyVerifier {
 
     /// Finds and checks the key; on success, where it was (to strip it upstream).
     pub fn check(&self, headers: &HeaderMap, query: Option<&str>) -> Result<Stripped, Refusal> {
+        self.identify(headers, query).map(|(stripped, _)| stripped)
+    }
+
+    /// [`check`](Self::check), with the key's line in the keys file (its identity).
+    pub fn identify(
+        &self,
+        headers: &HeaderMap,
+        query: Option<&str>,
+    ) -> Result<(Stripped, u32), Refusal> {
         let repeated = match &self.source {
             ApiKeySource::Header(name) => headers.get_all(name).iter().count() > 1,
             ApiKeySource::Query(name) => query.is_some_and(|q| query_param_count(q, name) > 1),
@@ -159,8 +178,8 @@ impl ApiKeyVerifier {
         if presented.is_empty() {
             return Err(Refusal::Token { error: "missing" });
         }
-        if self.keys.matches(&presented) {
-            Ok(stripped)
+        if let Some(line) = self.keys.line_of(&presented) {
+            Ok((stripped, line))
         } else {
             Err(Refusal::Token {
                 error: "bad_api_key",

@@ -743,6 +743,10 @@ fn api_keys() {
     assert_eq!(keys.len(), 2);
     assert!(keys.matches(b"key-one") && keys.matches(b"key-two"));
     assert!(!keys.matches(b"key-three") && !keys.matches(b""));
+    // A key's identity is its line in the file, comments and blank lines counted.
+    assert_eq!(keys.line_of(b"key-one"), Some(3));
+    assert_eq!(keys.line_of(b"key-two"), Some(4));
+    assert_eq!(keys.line_of(b"key-three"), None);
     assert_eq!(format!("{keys:?}"), "ApiKeys(2 hashes)");
 
     let err = ApiKeys::parse("# c\nkey-one\n").expect_err("raw key");

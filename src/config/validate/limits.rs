@@ -57,6 +57,15 @@ impl Validator<'_> {
                 ),
             }
         }
+        if let Some(n) = file.max_connections_per_subject {
+            match u32::try_from(n) {
+                Ok(n) => limits.max_connections_per_subject = n,
+                Err(_) => self.issue(
+                    &path.key("max_connections_per_subject"),
+                    "max_connections_per_subject must be between 0 (off) and 4294967295".into(),
+                ),
+            }
+        }
         if let Some(prefix) = file.ipv6_prefix {
             let at = path.key("ipv6_prefix");
             if !top {

@@ -35,7 +35,7 @@ use super::file::{
 };
 use super::files::ReadFile;
 use super::units::{DurationValue, Text, fmt_duration};
-use super::{Admin, Config, KeyPath, Limits, MessageRate, OnExceed, Segment};
+use super::{Admin, AdminToken, Config, KeyPath, Limits, MessageRate, OnExceed, Segment};
 use crate::admission::client_ip::TrustedProxies;
 use crate::admission::ip_limit::RatePolicy;
 
@@ -75,7 +75,30 @@ pub fn validate(file: FileConfig, read: &ReadFile<'_>) -> Result<Config, Vec<Iss
                 ),
             );
         }
-        Some(Admin { bind })
+        let token = admin.token.as_ref().and_then(|t| {
+            let path = root.key("admin").key("token");
+            let value = t.value.trim();
+            if value.is_empty() || value.chars().any(|c| c.is_whitespace() || c.is_control()) {
+                v.issue(
+                    &path,
+                    format!(
+                        "{} must be a non-empty token without spaces (it is sent as `Authorization: Bearer <token>`); remove `token` to serve state-changing endpoints on loopback only",
+                        t.shown()
+                    ),
+                );
+                return None;
+            }
+            Some(AdminToken::new(value))
+        });
+        let admin = Admin { bind, token };
+        if !admin.changes_allowed() {
+            v.warnings.push(format!(
+                "admin.bind {bind} is not a loopback address and admin.token is not set: \
+                 drain, undrain, /connections/close and /revoke will be refused (403); \
+                 set admin.token (e.g. \"${{WSGATE_ADMIN_TOKEN}}\") or bind admin to 127.0.0.1"
+            ));
+        }
+        Some(admin)
     });
     let log = v.log(file.log, &root.key("log"));
 
@@ -123,6 +146,7 @@ pub fn validate(file: FileConfig, read: &ReadFile<'_>) -> Result<Config, Vec<Iss
         fragment_timeout: DEFAULT_FRAGMENT_TIMEOUT,
         idle_timeout: DEFAULT_IDLE_TIMEOUT,
         max_connections_per_ip: DEFAULT_MAX_CONNECTIONS_PER_IP,
+        max_connections_per_subject: 0,
         ipv6_prefix: crate::admission::client_ip::DEFAULT_V6_PREFIX,
         handshakes_per_ip: RatePolicy {
             rate: DEFAULT_HANDSHAKE_RATE,

@@ -1,0 +1,186 @@
+//! The queries of `/connections/close` and `/revoke` (SPEC §7), read into what the
+//! revocation store acts on. Pure: every rule is unit-tested here, and errors are one line
+//! naming the fix (they are the 400's body).
+
+use std::net::IpAddr;
+use std::time::Duration;
+
+use crate::config::units::{fmt_duration, parse_duration};
+use crate::http_util::percent_decode;
+use crate::ops::registry::Selector;
+use crate::ops::revocation::Target;
+use crate::outcome::Ending;
+
+/// `for` when `/revoke` names none.
+pub const DEFAULT_REVOKE_FOR: Duration = Duration::from_secs(3600);
+/// Longest `for`: a revocation meant to be permanent belongs at the token issuer.
+pub const MAX_REVOKE_FOR: Duration = Duration::from_secs(30 * 86_400);
+
+/// The query's `name=value` pairs, percent-decoded; an empty query has none.
+fn pairs(query: Option<&str>) -> Vec<(String, String)> {
+    query
+        .unwrap_or("")
+        .split('&')
+        .filter(|p| !p.is_empty())
+        .map(|p| {
+            let (n, v) = p.split_once('=').unwrap_or((p, ""));
+            (
+                percent_decode(n).into_owned(),
+                percent_decode(&v.replace('+', " ")).into_owned(),
+            )
+        })
+        .collect()
+}
+
+/// `/connections/close?subject=S|ip=A|route=R|conn_id=I[&code=4003]`: exactly one
+/// selector, and the close code the client gets.
+pub fn close_order(query: Option<&str>) -> Result<(Selector, u16), String> {
+    let mut selector = None;
+    let mut code = Ending::REVOKED_CODE;
+    for (name, value) in pairs(query) {
+        let picked = match name.as_str() {
+            "subject" => Selector::Subject(non_empty(&name, value)?),
+            "ip" => Selector::Ip(
+                value
+                    .trim()
+                    .parse::<IpAddr>()
+                    .map_err(|_| format!("ip: `{}` is not an IP address", value.escape_debug()))?,
+            ),
+            "route" => Selector::Route(non_empty(&name, value)?),
+            "conn_id" => Selector::ConnId(non_empty(&name, value)?),
+            "code" => {
+                code = close_code(&value)?;
+                continue;
+            }
+            _ => return Err(unknown(&name, "subject, ip, route, conn_id, code")),
+        };
+        if selector.replace(picked).is_some() {
+            return Err("name exactly one of subject, ip, route, conn_id".into());
+        }
+    }
+    let selector =
+        selector.ok_or("name one of subject=, ip=, route=, conn_id= (e.g. ?subject=user-42)")?;
+    Ok((selector, code))
+}
+
+/// `/revoke?subject=S|jti=J[&for=1h]`: exactly one target, and for how long (`DELETE`
+/// ignores `for`).
+pub fn revoke_order(query: Option<&str>) -> Result<(Target, Duration), String> {
+    let mut target = None;
+    let mut ttl = DEFAULT_REVOKE_FOR;
+    for (name, value) in pairs(query) {
+        let picked = match name.as_str() {
+            "subject" => Target::Subject(non_empty(&name, value)?),
+            "jti" => Target::TokenId(non_empty(&name, value)?),
+            "for" => {
+                ttl = parse_duration(&value).map_err(|e| format!("for: {e}"))?;
+                if ttl.is_zero() || ttl > MAX_REVOKE_FOR {
+                    return Err(format!(
+                        "for: between 1s and {}",
+                        fmt_duration(MAX_REVOKE_FOR)
+                    ));
+                }
+                continue;
+            }
+            _ => return Err(unknown(&name, "subject, jti, for")),
+        };
+        if target.replace(picked).is_some() {
+            return Err("name exactly one of subject, jti".into());
+        }
+    }
+    let target = target.ok_or("name one of subject=, jti= (e.g. ?subject=user-42&for=1h)")?;
+    Ok((target, ttl))
+}
+
+fn non_empty(name: &str, value: String) -> Result<String, String> {
+    if value.is_empty() {
+        return Err(format!("{name}: empty value"));
+    }
+    Ok(value)
+}
+
+fn unknown(name: &str, known: &str) -> String {
+    format!(
+        "unknown parameter `{}`; use {known}",
+        name.escape_debug()
+            .to_string()
+            .chars()
+            .take(64)
+            .collect::<String>()
+    )
+}
+
+/// A close code the proxy may send (RFC 6455 §7.4): 1000, 1001, 1008, 1011–1013, or
+/// 3000–4999 (registered and private codes).
+fn close_code(value: &str) -> Result<u16, String> {
+    match value.trim().parse::<u16>() {
+        Ok(c @ (1000 | 1001 | 1008 | 1011..=1013 | 3000..=4999)) => Ok(c),
+        _ => Err(format!(
+            "code: `{}` is not a close code the proxy sends; use 4003 (default), 1000, 1001, 1008, 1011-1013 or 3000-4999",
+            value.escape_debug()
+        )),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_close_names_one_selector_and_maybe_a_code() {
+        assert_eq!(
+            close_order(Some("subject=user%2042")),
+            Ok((Selector::Subject("user 42".into()), 4003))
+        );
+        assert_eq!(
+            close_order(Some("ip=203.0.113.7&code=4000")),
+            Ok((Selector::Ip([203, 0, 113, 7].into()), 4000))
+        );
+        assert_eq!(
+            close_order(Some("code=1012&route=chat")),
+            Ok((Selector::Route("chat".into()), 1012))
+        );
+        assert_eq!(
+            close_order(Some("conn_id=01JD")),
+            Ok((Selector::ConnId("01JD".into()), 4003))
+        );
+        for bad in [
+            None,
+            Some(""),
+            Some("code=4003"),
+            Some("subject=a&route=b"),
+            Some("subject="),
+            Some("ip=nope"),
+            Some("subject=a&code=1005"),
+            Some("subject=a&code=1006"),
+            Some("subject=a&code=5000"),
+            Some("subject=a&code=x"),
+            Some("user=a"),
+        ] {
+            assert!(close_order(bad).is_err(), "{bad:?}");
+        }
+    }
+
+    #[test]
+    fn a_revocation_names_one_target_and_a_bounded_time() {
+        assert_eq!(
+            revoke_order(Some("subject=alice&for=2h")),
+            Ok((Target::Subject("alice".into()), Duration::from_secs(7200)))
+        );
+        assert_eq!(
+            revoke_order(Some("jti=abc")),
+            Ok((Target::TokenId("abc".into()), DEFAULT_REVOKE_FOR))
+        );
+        for bad in [
+            None,
+            Some("for=1h"),
+            Some("subject=a&jti=b"),
+            Some("subject=a&for=0s"),
+            Some("subject=a&for=31d"),
+            Some("subject=a&for=soon"),
+            Some("ip=1.2.3.4"),
+        ] {
+            assert!(revoke_order(bad).is_err(), "{bad:?}");
+        }
+    }
+}
