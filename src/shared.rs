@@ -2,7 +2,7 @@
 //! metrics, the registry of live connections, the upstream pools and the limiters.
 
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, AtomicU64};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 
 use arc_swap::ArcSwap;
 
@@ -38,5 +38,15 @@ pub struct Shared {
     /// Handshakes per client IP, for `limits.handshakes_per_ip`; replaced by a reload only
     /// when the policy changes, so counts survive other reloads.
     pub handshake_rate: ArcSwap<HandshakeRate>,
+    /// Listening and not draining.
     pub ready: Arc<AtomicBool>,
+}
+
+impl Shared {
+    /// `/readyz` (SPEC §7): listening, not draining, and every `jwks_url` of the config
+    /// in service fetched once (before that, tokens signed by its keys would be refused).
+    pub fn is_ready(&self) -> bool {
+        self.ready.load(Ordering::Acquire)
+            && self.config.load().jwks_urls.iter().all(|k| k.is_fetched())
+    }
 }

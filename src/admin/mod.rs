@@ -1,6 +1,7 @@
 //! The admin listener (SPEC §7), bound to loopback by default:
 //! - `GET /healthz` → 200 while the process runs;
-//! - `GET /readyz` → 200 while listening and not draining, else 503;
+//! - `GET /readyz` → 200 while listening and not draining, once every `jwks_url` has been
+//!   fetched, else 503;
 //! - `GET /metrics` → Prometheus metrics (OpenMetrics text);
 //! - `GET /connections` → JSON: live connections per route and backend, and the oldest ones;
 //! - `/upstreams...` → backend state, drain and undrain ([`crate::upstream::pool::admin`]);
@@ -21,7 +22,6 @@ mod orders;
 
 use std::convert::Infallible;
 use std::sync::Arc;
-use std::sync::atomic::Ordering;
 use std::time::Duration;
 
 use bytes::Bytes;
@@ -236,7 +236,7 @@ fn route(req: &Request<Incoming>, shared: &Shared) -> Response<Full<Bytes>> {
     }
     match req.uri().path() {
         "/healthz" => text(StatusCode::OK, "ok\n"),
-        "/readyz" if shared.ready.load(Ordering::Acquire) => text(StatusCode::OK, "ready\n"),
+        "/readyz" if shared.is_ready() => text(StatusCode::OK, "ready\n"),
         "/readyz" => text(StatusCode::SERVICE_UNAVAILABLE, "not ready\n"),
         "/metrics" => body(
             StatusCode::OK,

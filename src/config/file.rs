@@ -397,6 +397,14 @@ pub struct FileJwtKey {
     pub secret: Option<Text>,
     /// Path of a JWKS file.
     pub jwks_file: Option<Text>,
+    /// `https://` URL of a JWKS document: fetched at start, every `refresh`, and (at most
+    /// every 30 s) when a token names an unknown `kid`.
+    pub jwks_url: Option<Text>,
+    /// With `jwks_url`: how often it is fetched; default 5m, at least 1s.
+    pub refresh: Option<DurationValue>,
+    /// With `jwks_url`: PEM CA bundle the JWKS server's certificate must chain to;
+    /// default the bundled webpki (Mozilla) roots.
+    pub ca: Option<Text>,
 }
 
 #[derive(Debug, Deserialize)]

@@ -52,6 +52,9 @@ pub struct Config {
     /// Things that work but deserve attention (certificates about to expire, a generated
     /// development certificate); shown by `--check` and logged at start.
     pub warnings: Vec<String>,
+    /// Every distinct `jwks_url` of every route (routes hold clones of these `Arc`s): the
+    /// gateway fetches each, and `/readyz` waits for each to be fetched once.
+    pub jwks_urls: Vec<Arc<crate::admission::token::RemoteKeys>>,
     /// Upstreams by name; routes hold clones of the same `Arc`s.
     pub upstreams: BTreeMap<String, Arc<Upstream>>,
     /// Routes in file order; the first match wins.

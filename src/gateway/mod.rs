@@ -1,7 +1,8 @@
 //! The running gateway (SPEC §8): starts every part (listeners, access log, pools, the
-//! admin listener, housekeeping), and is what drains and reloads (`reload.rs`) act on.
+//! admin listener, housekeeping, the `jwks_url` fetchers of `jwks.rs`), and is what drains and reloads (`reload.rs`) act on.
 //! The top of the crate: nothing below imports it.
 
+mod jwks;
 mod reload;
 
 use std::net::SocketAddr;
@@ -55,6 +56,8 @@ pub struct Gateway {
     pub admin: Option<SocketAddr>,
     pub shared: Arc<Shared>,
     running: Mutex<Vec<Running>>,
+    /// The `jwks_url` fetchers of the config in service; a reload replaces them.
+    jwks: Mutex<jwks::Fetchers>,
 }
 
 impl Gateway {
@@ -203,6 +206,7 @@ pub async fn start_with(
         ready: ready.clone(),
     });
     spawn_housekeeping(Arc::downgrade(&shared));
+    let fetchers = jwks::spawn_all(&shared, &shared.config.load().jwks_urls);
     spawn_trimmer(Arc::downgrade(&shared));
     let mut listeners = Vec::with_capacity(bound.len());
     let mut running = Vec::with_capacity(bound.len());
@@ -221,6 +225,7 @@ pub async fn start_with(
         admin,
         shared,
         running: Mutex::new(running),
+        jwks: Mutex::new(fetchers),
     })
 }
 

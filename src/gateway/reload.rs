@@ -9,7 +9,7 @@
 use std::sync::Arc;
 use std::time::Duration;
 
-use super::{Gateway, bind, ensure_echo};
+use super::{Gateway, bind, ensure_echo, jwks};
 use crate::admission::ip_limit::HandshakeRate;
 use crate::config::Config;
 use crate::listener::Running;
@@ -49,8 +49,16 @@ impl Gateway {
                 Err(e) => tracing::error!("reload: limits.handshakes_per_ip: {e}"),
             }
         }
+        // Keys already fetched stay in service (and `/readyz` stays 200) across the swap;
+        // the new fetchers then fetch every URL once more, like key files are re-read.
+        jwks::carry_over(&old.jwks_urls, &config.jwks_urls);
         let config = Arc::new(config);
         self.shared.config.store(config.clone());
+        let fetchers = jwks::spawn_all(&self.shared, &config.jwks_urls);
+        if let Ok(mut running) = self.jwks.lock() {
+            // Dropping the old fetchers stops them.
+            *running = fetchers;
+        }
         self.prune_pools_later(&old, &config);
         let removed: Vec<&str> = old
             .routes

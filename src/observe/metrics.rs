@@ -59,6 +59,11 @@ struct DirLabels {
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct ResultLabel {
+    result: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct BackendLabels {
     upstream: String,
     backend: String,
@@ -101,6 +106,7 @@ pub struct Metrics {
     ping_rtt: Histogram,
     reload_failures: Counter,
     revocations: Counter,
+    jwks_refreshes: Family<ResultLabel, Counter>,
     routes: Mutex<HashMap<String, Arc<RouteMetrics>>>,
     sources: Arc<Mutex<Sources>>,
     /// Connections refused for a bad or missing PROXY header.
@@ -145,6 +151,11 @@ impl Metrics {
         let ping_rtt = Histogram::new(exponential_buckets(0.0005, 2.0, 15));
         let reload_failures = Counter::default();
         let revocations = Counter::default();
+        let jwks_refreshes = Family::<ResultLabel, Counter>::default();
+        for result in ["ok", "error"] {
+            // Both series exist from the start, so an alert on `error` sees a 0 first.
+            drop(jwks_refreshes.get_or_create(&ResultLabel { result }));
+        }
         let sources = Arc::new(Mutex::new(Sources::default()));
         registry.register(
             "wsgate_connections_active",
@@ -206,6 +217,11 @@ impl Metrics {
             "Subjects and token ids revoked through the admin API (POST /revoke)",
             revocations.clone(),
         );
+        registry.register(
+            "wsgate_jwks_refresh",
+            "Fetches of `jwks_url` key sets, by result (ok: keys replaced; error: the last good set kept)",
+            jwks_refreshes.clone(),
+        );
         let proxy_protocol_failures = Arc::new(AtomicU64::new(0));
         let tls_handshake_failures = Arc::new(AtomicU64::new(0));
         registry.register_collector(Box::new(ScrapeTime {
@@ -229,6 +245,7 @@ impl Metrics {
             ping_rtt,
             reload_failures,
             revocations,
+            jwks_refreshes,
             routes: Mutex::new(HashMap::new()),
             sources,
         }
@@ -304,6 +321,14 @@ impl Metrics {
     /// A subject or token id was revoked through the admin API.
     pub fn revoked(&self) {
         self.revocations.inc();
+    }
+
+    /// A fetch of a `jwks_url` ended: `ok` when its keys were taken, else `error`.
+    pub fn jwks_refreshed(&self, ok: bool) {
+        let result = if ok { "ok" } else { "error" };
+        self.jwks_refreshes
+            .get_or_create(&ResultLabel { result })
+            .inc();
     }
 
     /// The exposition text (OpenMetrics, which Prometheus scrapes natively).

@@ -103,14 +103,19 @@ impl JwtKeys {
         Ok(load)
     }
 
-    /// The keys a token with this header may be tried against (see the module doc).
+    /// Whether a key has this `kid`.
+    pub fn has_kid(&self, kid: &str) -> bool {
+        self.keys.iter().any(|key| key.kid.as_deref() == Some(kid))
+    }
+
+    /// The keys a token with this header may be tried against (see the module doc);
+    /// `kid_known` says whether any key set of the route has the token's `kid`.
     pub(super) fn candidates(
         &self,
         alg: Algorithm,
         kid: Option<&str>,
+        kid_known: bool,
     ) -> impl Iterator<Item = &JwtKey> {
-        let kid_known =
-            kid.is_some_and(|k| self.keys.iter().any(|key| key.kid.as_deref() == Some(k)));
         self.keys.iter().filter(move |key| {
             let kid_ok = match (kid, kid_known) {
                 (Some(k), true) => key.kid.as_deref() == Some(k),

@@ -2,7 +2,8 @@
 //! the time and claim rules, and the header values of forwarded claims.
 
 use std::borrow::Cow;
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::sync::Arc;
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use http::HeaderMap;
 use http::header::HeaderValue;
@@ -10,7 +11,8 @@ use jsonwebtoken::{Algorithm, Validation};
 use serde_json::Value;
 
 use super::Refusal;
-use super::jwks::JwtKeys;
+use super::jwks::{JwtKey, JwtKeys};
+use super::remote::RemoteKeys;
 use super::sources::{Stripped, TokenSource, find_token};
 
 /// The claim rules of `auth.jwt`.
@@ -40,11 +42,13 @@ impl Default for JwtRules {
     }
 }
 
-/// A route's JWT check: sources, keys and rules.
+/// A route's JWT check: sources, keys (configured ones, and the sets of its `jwks_url`
+/// entries) and rules.
 #[derive(Clone, Debug)]
 pub struct JwtVerifier {
     sources: Vec<TokenSource>,
     keys: JwtKeys,
+    remote: Vec<Arc<RemoteKeys>>,
     rules: JwtRules,
 }
 
@@ -64,11 +68,21 @@ impl JwtVerifier {
     /// Checks the configuration as a whole: at least one source and one key, and only
     /// string, number or bool values in `require_claims`.
     pub fn new(sources: Vec<TokenSource>, keys: JwtKeys, rules: JwtRules) -> Result<Self, String> {
+        JwtVerifier::with_remote(sources, keys, Vec::new(), rules)
+    }
+
+    /// [`JwtVerifier::new`] with `jwks_url` key sets besides the configured keys.
+    pub fn with_remote(
+        sources: Vec<TokenSource>,
+        keys: JwtKeys,
+        remote: Vec<Arc<RemoteKeys>>,
+        rules: JwtRules,
+    ) -> Result<Self, String> {
         if sources.is_empty() {
             return Err("`from` is empty: list at least one token source".into());
         }
-        if keys.is_empty() {
-            return Err("`keys` is empty: add a `secret` or a `jwks_file`".into());
+        if keys.is_empty() && remote.is_empty() {
+            return Err("`keys` is empty: add a `secret`, a `jwks_file` or a `jwks_url`".into());
         }
         for (name, value) in &rules.require_claims {
             if !(value.is_string() || value.is_number() || value.is_boolean()) {
@@ -80,6 +94,7 @@ impl JwtVerifier {
         Ok(JwtVerifier {
             sources,
             keys,
+            remote,
             rules,
         })
     }
@@ -142,15 +157,33 @@ impl JwtVerifier {
         Ok(claims)
     }
 
+    /// The `jwks_url` sources this route reads keys from.
+    pub fn remote_keys(&self) -> &[Arc<RemoteKeys>] {
+        &self.remote
+    }
+
     fn verify_signature(&self, token: &str) -> Result<Value, &'static str> {
         let header = jsonwebtoken::decode_header(token).map_err(|e| header_error(&e))?;
+        let kid = header.kid.as_deref();
+        // The sets in service now (lock-free loads; empty when there is no `jwks_url`).
+        let remote: Vec<_> = self.remote.iter().map(|r| r.keys()).collect();
+        let sets = || std::iter::once(&self.keys).chain(remote.iter().map(|g| &***g));
+        let kid_known = kid.is_some_and(|k| sets().any(|set| set.has_kid(k)));
         let mut tried = false;
-        for key in self.keys.candidates(header.alg, header.kid.as_deref()) {
-            tried = true;
-            match jsonwebtoken::decode::<Value>(token, &key.key, &signature_only(key.alg)) {
-                Ok(data) => return Ok(data.claims),
-                Err(e) if *e.kind() == jsonwebtoken::errors::ErrorKind::InvalidSignature => {}
-                Err(_) => return Err("malformed"),
+        for set in sets() {
+            for key in set.candidates(header.alg, kid, kid_known) {
+                tried = true;
+                if let Some(verified) = try_key(token, key)? {
+                    return Ok(verified);
+                }
+            }
+        }
+        if kid.is_some() && !kid_known {
+            // Perhaps the issuer rotated its keys: refetch in the background (rate
+            // limited per source); this token is refused now all the same.
+            let now = Instant::now();
+            for source in &self.remote {
+                source.kid_missed(now);
             }
         }
         Err(if tried {
@@ -206,6 +239,16 @@ impl JwtVerifier {
             }
         }
         Ok(())
+    }
+}
+
+/// One key against the token: `Some(claims)` when it verifies, `None` for a signature
+/// it did not make, an error word when the token is malformed.
+fn try_key(token: &str, key: &JwtKey) -> Result<Option<Value>, &'static str> {
+    match jsonwebtoken::decode::<Value>(token, &key.key, &signature_only(key.alg)) {
+        Ok(data) => Ok(Some(data.claims)),
+        Err(e) if *e.kind() == jsonwebtoken::errors::ErrorKind::InvalidSignature => Ok(None),
+        Err(_) => Err("malformed"),
     }
 }
 

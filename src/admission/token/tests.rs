@@ -605,6 +605,72 @@ fn ec_and_eddsa_keys_from_jwks() {
     assert_eq!(token_error(v.check(&bearer(&t), None, NOW)), "unknown_key");
 }
 
+fn remote_source() -> std::sync::Arc<RemoteKeys> {
+    let tls = crate::tls::client_config(None, None).expect("tls");
+    let uri = http::Uri::from_static("https://auth.example.com/jwks.json");
+    std::sync::Arc::new(RemoteKeys::new(uri, Duration::from_secs(300), None, tls))
+}
+
+#[test]
+fn jwks_url_keys_verify_once_fetched_and_an_unknown_kid_asks_for_one_refetch() {
+    let ed = ed_key("ed1");
+    let remote = remote_source();
+    let v = JwtVerifier::with_remote(
+        sources(&["header:Authorization"]),
+        JwtKeys::new(),
+        vec![remote.clone()],
+        strict_rules(),
+    )
+    .expect("a jwks_url alone is a key");
+    let token = sign(Algorithm::EdDSA, Some("ed1"), &claims(), &ed.encoding);
+    // Before the first fetch there is nothing to verify against; the miss asks once.
+    assert_eq!(
+        token_error(v.check(&bearer(&token), None, NOW)),
+        "unknown_key"
+    );
+    let t0 = std::time::Instant::now();
+    assert!(
+        !remote.kid_missed(t0),
+        "the refused token already used this window's refetch"
+    );
+
+    let mut fetched = JwtKeys::new();
+    fetched.add_jwks(&jwks(&[&ed.jwk])).expect("jwks");
+    remote.store(fetched);
+    assert!(v.check(&bearer(&token), None, NOW).is_ok());
+    // A kid the fetched set has is known: a wrong signature is `bad_signature`, and asks
+    // for nothing (checked through the window: it would still be closed either way, so
+    // check that a known kid leaves a fresh source's window alone).
+    let fresh = remote_source();
+    fresh.store(JwtKeys::clone(&remote.keys()));
+    let v = JwtVerifier::with_remote(
+        sources(&["header:Authorization"]),
+        JwtKeys::new(),
+        vec![fresh.clone()],
+        strict_rules(),
+    )
+    .expect("verifier");
+    let other = ed_key("ed1");
+    let forged = sign(Algorithm::EdDSA, Some("ed1"), &claims(), &other.encoding);
+    assert_eq!(
+        token_error(v.check(&bearer(&forged), None, NOW)),
+        "bad_signature"
+    );
+    assert!(fresh.kid_missed(t0), "a known kid asked for no refetch");
+}
+
+#[test]
+fn a_verifier_needs_a_key_or_a_jwks_url() {
+    let err = JwtVerifier::with_remote(
+        sources(&["header:Authorization"]),
+        JwtKeys::new(),
+        Vec::new(),
+        strict_rules(),
+    )
+    .err();
+    assert!(err.is_some_and(|e| e.contains("jwks_url")));
+}
+
 #[test]
 fn rsa_keys_from_jwks_rs256_and_ps256() {
     let Some((enc, jwk, _)) = rsa_key("rsa1", Algorithm::RS256) else {

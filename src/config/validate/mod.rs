@@ -57,6 +57,7 @@ pub fn validate(file: FileConfig, read: &ReadFile<'_>) -> Result<Config, Vec<Iss
         issues: Vec::new(),
         warnings: Vec::new(),
         read,
+        jwks_urls: Vec::new(),
     };
     let root = KeyPath::root();
 
@@ -189,6 +190,7 @@ pub fn validate(file: FileConfig, read: &ReadFile<'_>) -> Result<Config, Vec<Iss
             strip_headers,
             secret_query_names,
             warnings: v.warnings,
+            jwks_urls: v.jwks_urls,
             upstreams,
             routes,
         })
@@ -202,6 +204,8 @@ struct Validator<'a> {
     warnings: Vec<String>,
     /// The only way to a file's contents (certificates, keys, JWKS, API keys).
     read: &'a ReadFile<'a>,
+    /// Distinct `jwks_url` sources so far: routes naming the same one share it.
+    jwks_urls: Vec<Arc<crate::admission::token::RemoteKeys>>,
 }
 
 impl Validator<'_> {
