@@ -520,6 +520,10 @@ routes:
         "/ws/%2F/admin",
         "/ws/%3Bx/admin",
         "//admin",
+        // WHATWG URL parsers (Node's `URL`, browsers) read `\` as `/`.
+        "/ws\\admin",
+        "/ws%5Cadmin",
+        "/ws%5cadmin",
     ] {
         let resp = raw_request(gw.addr(), &upgrade_request(path, "")).await;
         assert!(resp.starts_with("HTTP/1.1 400 "), "{path}: {resp}");

@@ -97,16 +97,12 @@ pub fn route_of<'r>(req: &request::Parts, routes: &'r [Route]) -> Option<&'r Rou
     find_route(routes, &host.name, req.uri.path())
 }
 
-/// Whether a (percent-decoded) path has an empty segment (`//`, with `\` as a separator
-/// too) or a `;` parameter: `/ws//admin` and `/ws;x=1/admin` take a route by their
-/// prefix, but servers that merge slashes or drop parameters serve them as `/ws/admin`.
+/// Whether a (percent-decoded) path has an empty segment (`//`), a `;` parameter or a `\`:
+/// `/ws//admin` and `/ws;x=1/admin` take a route by their prefix, but servers that merge
+/// slashes or drop parameters serve them as `/ws/admin`; and URL parsers that follow the
+/// WHATWG rules (Node's `URL`, browsers) read `/ws\admin` as `/ws/admin` too.
 fn has_empty_segment_or_parameter(decoded: &str) -> bool {
-    let separator = |b: &u8| matches!(b, b'/' | b'\\');
-    decoded.contains(';')
-        || decoded
-            .as_bytes()
-            .windows(2)
-            .any(|pair| pair.iter().all(separator))
+    decoded.contains([';', '\\']) || decoded.contains("//")
 }
 
 /// Whether a (percent-decoded) path has a `.` or `..` segment, as any upstream might read
@@ -383,6 +379,9 @@ routes:
             "/ws%2F%2Fadmin",
             "/ws/%3Bx",
             "/ws/%5C/x",
+            "/ws\\admin",
+            "/ws%5Cadmin",
+            "/ws%5cadmin",
         ] {
             let refused = check(&parts(upgrade("a", path)), &routes).err();
             assert_eq!(refused.map(|r| r.reason()), Some("bad_upgrade"), "{path}");
