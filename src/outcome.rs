@@ -225,6 +225,8 @@ pub enum Ending {
     FragmentTimeout,
     /// The message rate was exceeded with `on_exceed: close`.
     RateLimit,
+    /// A client's fragmented message had more frames than `max_fragments`.
+    TooManyFragments,
     /// The token expired mid-connection (`close_on_expiry`).
     TokenExpired,
     /// No pong within `pong_timeout`: that side's TCP is closed, no frame possible.
@@ -281,6 +283,7 @@ impl Ending {
             Ending::ClientViolation(Breach::TooBig) => close(1009, "message too big"),
             Ending::FragmentTimeout => close(1008, "fragment timeout"),
             Ending::RateLimit => close(1008, "rate limit"),
+            Ending::TooManyFragments => close(1008, "too many fragments"),
             Ending::TokenExpired => close(4001, "token expired"),
             Ending::Idle => close(1000, "idle"),
             Ending::UpstreamViolation(_) => close(1014, "upstream error"),
@@ -301,6 +304,7 @@ impl Ending {
             Ending::ClientViolation(_)
             | Ending::FragmentTimeout
             | Ending::RateLimit
+            | Ending::TooManyFragments
             | Ending::TokenExpired
             | Ending::Drain
             | Ending::DeadPeer(Side::Client)
@@ -325,6 +329,7 @@ impl Ending {
             },
             Ending::FragmentTimeout => ProxyReason::FragmentTimeout,
             Ending::RateLimit => ProxyReason::RateLimit,
+            Ending::TooManyFragments => ProxyReason::Fragments,
             Ending::TokenExpired => ProxyReason::TokenExpired,
             Ending::DeadPeer(_) => ProxyReason::DeadPeer,
             Ending::Idle => ProxyReason::Idle,
@@ -343,6 +348,8 @@ pub enum ProxyReason {
     TooBig,
     FragmentTimeout,
     RateLimit,
+    /// Too many fragments (SPEC §6 `fragments`).
+    Fragments,
     TokenExpired,
     DeadPeer,
     Idle,
@@ -358,6 +365,7 @@ impl ProxyReason {
             ProxyReason::TooBig => "too_big",
             ProxyReason::FragmentTimeout => "fragment_timeout",
             ProxyReason::RateLimit => "rate_limit",
+            ProxyReason::Fragments => "fragments",
             ProxyReason::TokenExpired => "token_expired",
             ProxyReason::DeadPeer => "dead_peer",
             ProxyReason::Idle => "idle",
@@ -464,7 +472,7 @@ mod tests {
         use Side::{Client, Upstream};
         let code = |c: Option<CloseFrame>| c.map(|c| (c.code, c.reason));
         type Close = Option<(u16, &'static str)>;
-        let rows: [(Ending, Close, Close, Option<&str>); 18] = [
+        let rows: [(Ending, Close, Close, Option<&str>); 19] = [
             (
                 Ending::ClientViolation(Breach::Protocol),
                 Some((1002, "protocol error")),
@@ -494,6 +502,12 @@ mod tests {
                 Some((1008, "rate limit")),
                 Some((1001, "")),
                 Some("rate_limit"),
+            ),
+            (
+                Ending::TooManyFragments,
+                Some((1008, "too many fragments")),
+                Some((1001, "")),
+                Some("fragments"),
             ),
             (
                 Ending::TokenExpired,

@@ -43,6 +43,8 @@ pub const DEFAULT_MESSAGE_RATE: u32 = 100;
 pub const DEFAULT_MESSAGE_PER: Duration = Duration::from_secs(1);
 /// Message burst allowance.
 pub const DEFAULT_MESSAGE_BURST: u32 = 200;
+/// `limits.max_fragments`: frames in one fragmented client message; beyond → close 1008.
+pub const DEFAULT_MAX_FRAGMENTS: u32 = 256;
 /// A fragmented client message must complete within this (0 = off).
 pub const DEFAULT_FRAGMENT_TIMEOUT: Duration = Duration::from_secs(10);
 /// No data frames either way for this long closes the connection (0 = off).
@@ -188,6 +190,9 @@ pub struct FileLimits {
     pub max_message_size: Option<SizeValue>,
     /// Client→upstream data-message rate; default 100 per 1s, burst 200, `close`.
     pub messages: Option<FileMessageRate>,
+    /// Frames in one fragmented client message; default 256; at least 1.
+    #[serde(default, deserialize_with = "opt_scalar")]
+    pub max_fragments: Option<u64>,
     /// Deadline for a fragmented client message; default 10s; `0s` = off.
     pub fragment_timeout: Option<DurationValue>,
     /// Close after this long without data frames either way; default `0s` = off.

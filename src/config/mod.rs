@@ -115,6 +115,8 @@ pub struct Limits {
     pub buffer_size: usize,
     /// Client→upstream data-message rate (a fragmented message counts once).
     pub messages: MessageRate,
+    /// Frames in one fragmented client message; beyond → close 1008; ≥ 1.
+    pub max_fragments: u32,
     /// A fragmented client message must complete within this; zero = off.
     pub fragment_timeout: Duration,
     /// No data frame either way for this long → close 1000; zero = off.
