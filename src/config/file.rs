@@ -61,6 +61,9 @@ pub const DEFAULT_DRAIN_SPREAD: Duration = Duration::from_secs(10);
 pub const DEFAULT_DRAIN_TIMEOUT: Duration = Duration::from_secs(30);
 /// `upstreams.*.connect_timeout`: TCP connect plus upstream handshake budget.
 pub const DEFAULT_CONNECT_TIMEOUT: Duration = Duration::from_secs(3);
+/// `upstreams.*.max_ejected`: passive failure detection never takes more than this
+/// percentage of an upstream's backends out.
+pub const DEFAULT_MAX_EJECTED_PERCENT: u8 = 50;
 /// `upstreams.*.backends[].weight`: relative share of a backend.
 pub const DEFAULT_WEIGHT: u32 = 1;
 /// `upstreams.*.health_check.interval`: time between two checks of a backend.
@@ -259,6 +262,9 @@ pub struct FileUpstream {
     pub connect_timeout: Option<DurationValue>,
     /// Active health checks; absent → passive detection only.
     pub health_check: Option<FileHealthCheck>,
+    /// Most backends passive detection may have out at once, as `N%` of the backends;
+    /// default `50%`; `0%` = passive detection never takes one out.
+    pub max_ejected: Option<Text>,
 }
 
 #[derive(Debug, Deserialize)]

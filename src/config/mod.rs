@@ -209,6 +209,9 @@ pub struct Upstream {
     pub bounded_load: Option<f64>,
     /// Active checks; `None` = only passive failure detection.
     pub health_check: Option<HealthCheck>,
+    /// `max_ejected`, in percent (0..=100): passive failure detection takes a backend out
+    /// only while that leaves at most this share of the backends out.
+    pub max_ejected: u8,
 }
 
 /// SPEC §2 `sticky.key`. A missing value falls back to the client IP.
