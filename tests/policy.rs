@@ -446,3 +446,34 @@ async fn max_fragments_is_a_route_limit() {
     send_server_close(&mut up, 1001).await;
     assert_eq!(read_close_code(&mut client).await, Some(1008));
 }
+
+/// SPEC §5 "dead peer" on the upstream side: with `upstream_ping_interval`, an upstream
+/// that never answers the proxy's ping within `pong_timeout` is cut off (its TCP closed,
+/// no close frame) and the client gets 1014.
+#[tokio::test]
+async fn an_upstream_that_never_answers_pings_is_cut_and_the_client_gets_1014() {
+    let (mut client, mut up, gw) = pair_with_keepalive(
+        "limits: {  }",
+        "{ ping_interval: 0s, upstream_ping_interval: 200ms, pong_timeout: 300ms }",
+    )
+    .await;
+    let started = Instant::now();
+    assert_eq!(read_frame(&mut up).await.map(|f| f.0), Some(0x89));
+    assert_eq!(read_close_code(&mut client).await, Some(1014));
+    let cut = started.elapsed();
+    assert!(
+        cut < Duration::from_secs(3),
+        "dead upstream found after {cut:?}"
+    );
+    // The upstream only ever sees pings, then its TCP closes.
+    while let Some((b0, _)) = read_frame(&mut up).await {
+        assert_eq!(b0, 0x89, "the dead upstream got a frame other than a ping");
+    }
+    send_client_close(&mut client, 1014).await;
+    assert!(closes_tcp(&mut client).await);
+    drop((client, up));
+    let line = gw.log_line(|l| l["event"] == "ws_close").await;
+    assert_eq!(line["proxy_reason"], "dead_peer");
+    assert_eq!(line["close"]["code"], 1014);
+    assert_eq!(line["close"]["by"], "proxy");
+}

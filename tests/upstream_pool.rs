@@ -162,7 +162,13 @@ async fn same_key_same_backend_across_connections_and_instances() {
 
 #[tokio::test]
 async fn a_killed_backend_is_marked_down_in_time_and_only_its_keys_move() {
-    let bs = backends(3).await;
+    // The ports are held for the whole test, so the victim can be revived on its own.
+    let places: Vec<Reserved> = (0..3).map(|_| Reserved::on(LOCALHOST)).collect();
+    let bs: Vec<NamedBackend> = places
+        .iter()
+        .enumerate()
+        .map(|(i, p)| NamedBackend::start_at(&format!("b{i}"), p))
+        .collect();
     let interval_ms = 100;
     let unhealthy_after = 2;
     let extra = format!(
@@ -195,15 +201,13 @@ async fn a_killed_backend_is_marked_down_in_time_and_only_its_keys_move() {
             assert_eq!(a, b, "a key of a live backend moved");
         }
     }
-    // Back up (a new process on the same port) → its keys come home.
-    let revived = NamedBackend::start_on("b1", victim.addr).await;
-    if revived.is_some() {
-        await_state(&gw, "victim up again", |s| {
-            s.iter().all(|(_, up, _, _)| *up)
-        })
-        .await;
-        assert_eq!(placement(gw.addr()).await, before);
-    }
+    // Back up (a new process on the same port, which the test held) → its keys come home.
+    let _revived = NamedBackend::start_at("b1", &places[1]);
+    await_state(&gw, "victim up again", |s| {
+        s.iter().all(|(_, up, _, _)| *up)
+    })
+    .await;
+    assert_eq!(placement(gw.addr()).await, before);
 }
 
 #[tokio::test]
@@ -484,13 +488,20 @@ impl Resolver for TestDns {
 
 #[tokio::test]
 async fn dns_re_resolution_picks_up_a_changed_record() {
-    let first = NamedBackend::start("first").await;
+    // One port on both 127.0.0.1 and 127.0.0.2 (a name's records share the entry's port),
+    // both held before anything is configured. Another process may hold the port on
+    // 127.0.0.2 (an outgoing connection from it, say): then the next port is tried.
+    let second_ip: IpAddr = [127, 0, 0, 2].into();
+    let (first_place, second_place) = (0..50)
+        .find_map(|_| {
+            let first = Reserved::on(LOCALHOST);
+            let second = Reserved::at(SocketAddr::new(second_ip, first.addr.port())).ok()?;
+            Some((first, second))
+        })
+        .unwrap_or_else(|| panic!("no port free on both 127.0.0.1 and 127.0.0.2 in 50 tries"));
+    let first = NamedBackend::start_at("first", &first_place);
+    let second = NamedBackend::start_at("second", &second_place);
     let port = first.addr.port();
-    let second_addr = SocketAddr::from(([127, 0, 0, 2], port));
-    let Some(second) = NamedBackend::start_on("second", second_addr).await else {
-        eprintln!("127.0.0.2:{port} is taken; skipping");
-        return;
-    };
     let dns = Arc::new(TestDns(Mutex::new(vec![first.addr.ip()])));
     let yaml = pool_config(&[&format!("pool.test:{port}")], "");
     let config = Config::from_yaml_str_with_env(&yaml, "test.yaml", &|_| None)

@@ -449,12 +449,6 @@ impl NamedBackend {
         NamedBackend::serve(name, listener)
     }
 
-    /// On a given address (e.g. `127.0.0.2:PORT`, for DNS tests); `None` if it is taken.
-    pub async fn start_on(name: &str, addr: SocketAddr) -> Option<NamedBackend> {
-        let listener = TcpListener::bind(addr).await.ok()?;
-        Some(NamedBackend::serve(name, listener))
-    }
-
     /// On an address the test holds: it can be killed and started again there.
     pub fn start_at(name: &str, place: &Reserved) -> NamedBackend {
         NamedBackend::serve(name, place.listener())
