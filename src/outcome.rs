@@ -235,6 +235,8 @@ pub enum Ending {
     FragmentTimeout,
     /// The message rate was exceeded with `on_exceed: close`.
     RateLimit,
+    /// A client's fragmented message had more frames than `max_fragments`.
+    TooManyFragments,
     /// The token expired mid-connection (`close_on_expiry`).
     TokenExpired,
     /// No pong within `pong_timeout`: that side's TCP is closed, no frame possible.
@@ -302,6 +304,7 @@ impl Ending {
             Ending::ClientViolation(Breach::TooBig) => close(1009, "message too big"),
             Ending::FragmentTimeout => close(1008, "fragment timeout"),
             Ending::RateLimit => close(1008, "rate limit"),
+            Ending::TooManyFragments => close(1008, "too many fragments"),
             Ending::TokenExpired => close(4001, "token expired"),
             Ending::Idle => close(1000, "idle"),
             Ending::UpstreamViolation(_) => close(1014, "upstream error"),
@@ -323,6 +326,7 @@ impl Ending {
             Ending::ClientViolation(_)
             | Ending::FragmentTimeout
             | Ending::RateLimit
+            | Ending::TooManyFragments
             | Ending::TokenExpired
             | Ending::Drain
             | Ending::Revoked { .. }
@@ -348,6 +352,7 @@ impl Ending {
             },
             Ending::FragmentTimeout => ProxyReason::FragmentTimeout,
             Ending::RateLimit => ProxyReason::RateLimit,
+            Ending::TooManyFragments => ProxyReason::Fragments,
             Ending::TokenExpired => ProxyReason::TokenExpired,
             Ending::DeadPeer(_) => ProxyReason::DeadPeer,
             Ending::Idle => ProxyReason::Idle,
@@ -367,6 +372,8 @@ pub enum ProxyReason {
     TooBig,
     FragmentTimeout,
     RateLimit,
+    /// Too many fragments (SPEC §6 `fragments`).
+    Fragments,
     TokenExpired,
     DeadPeer,
     Idle,
@@ -383,6 +390,7 @@ impl ProxyReason {
             ProxyReason::TooBig => "too_big",
             ProxyReason::FragmentTimeout => "fragment_timeout",
             ProxyReason::RateLimit => "rate_limit",
+            ProxyReason::Fragments => "fragments",
             ProxyReason::TokenExpired => "token_expired",
             ProxyReason::DeadPeer => "dead_peer",
             ProxyReason::Idle => "idle",
@@ -522,6 +530,12 @@ mod tests {
                 Some((1008, "rate limit")),
                 Some((1001, "")),
                 Some("rate_limit"),
+            ),
+            (
+                Ending::TooManyFragments,
+                Some((1008, "too many fragments")),
+                Some((1001, "")),
+                Some("fragments"),
             ),
             (
                 Ending::TokenExpired,

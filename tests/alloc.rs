@@ -60,8 +60,11 @@ async fn steady_state_relay_allocates_nothing_per_frame() {
         .recv()
         .await
         .unwrap_or_else(|| panic!("no backend"));
+    // Client messages of four frames each: fragments are counted per frame
+    // (`max_fragments`) without allocating either.
+    let first_byte = |i: usize| [0x02, 0x00, 0x00, 0x80][i % 4];
     let c2u: Vec<u8> = (0..BATCH)
-        .flat_map(|i| client_frame(0x82, &vec![i as u8; 64 + i % 200]))
+        .flat_map(|i| client_frame(first_byte(i), &vec![i as u8; 64 + i % 200]))
         .collect();
     let u2c: Vec<u8> = (0..BATCH)
         .flat_map(|i| server_frame(0x81, &vec![b'a'; 64 + i % 300]))

@@ -8,6 +8,7 @@ use std::time::Duration;
 
 use support::*;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::{TcpListener, TcpStream};
 
 #[tokio::test]
 async fn first_bytes_of_a_16mib_frame_arrive_before_the_rest_is_sent() {
@@ -65,43 +66,85 @@ async fn first_bytes_of_a_16mib_frame_arrive_before_the_rest_is_sent() {
     let _up = writer.await;
 }
 
-#[tokio::test]
-async fn a_client_that_stops_reading_blocks_the_upstream_then_is_cut_after_send_timeout() {
-    let (backend, mut accepted) = raw_backend().await;
-    let gw = spawn_gateway(&config_for(backend, "send_timeout: 1s")).await;
-    let (_client, head) = raw_upgrade(gw.addr(), "/", "").await;
-    assert!(head.starts_with("HTTP/1.1 101"), "{head}");
-    let (mut up, _) = next_accepted(&mut accepted).await;
-    // The client reads nothing. Each message is 64 KiB; the upstream's writes must stall
-    // long before 256 MiB (kernel socket buffers plus one 16 KiB relay buffer).
-    let msg = server_frame(0x82, &vec![1u8; 64 * 1024]);
+/// Writes 64 KiB messages to `to` until a write stalls for 500 ms; returns the bytes of the
+/// messages written whole (the kernel took them) and whether a write stalled.
+async fn write_until_stalled(to: &mut TcpStream, msg: &[u8]) -> (usize, bool) {
     let mut written = 0usize;
-    let mut blocked = false;
     for _ in 0..4096 {
-        match tokio::time::timeout(Duration::from_millis(500), up.write_all(&msg)).await {
+        match tokio::time::timeout(Duration::from_millis(500), to.write_all(msg)).await {
             Ok(Ok(())) => written += msg.len(),
-            Ok(Err(_)) => break,
-            Err(_) => {
-                blocked = true;
-                break;
-            }
+            Ok(Err(_)) => return (written, false),
+            Err(_) => return (written, true),
         }
     }
+    (written, false)
+}
+
+/// What one loopback TCP connection holds when its reader never reads: the writer's send
+/// buffer plus the reader's receive buffer, as the kernel sizes them here (autotuned:
+/// about 3.7 MiB with Linux's default `tcp_wmem` ceiling of 4 MiB).
+async fn loopback_holds(msg: &[u8]) -> usize {
+    let listener = TcpListener::bind("127.0.0.1:0")
+        .await
+        .unwrap_or_else(|e| panic!("{e}"));
+    let addr = listener.local_addr().unwrap_or_else(|e| panic!("{e}"));
+    let mut writer = TcpStream::connect(addr)
+        .await
+        .unwrap_or_else(|e| panic!("{e}"));
+    let (_reader, _) = listener.accept().await.unwrap_or_else(|e| panic!("{e}"));
+    let (held, stalled) = write_until_stalled(&mut writer, msg).await;
+    assert!(
+        stalled,
+        "a loopback connection took {held} bytes without stalling"
+    );
+    held
+}
+
+#[tokio::test]
+async fn a_client_that_stops_reading_blocks_the_upstream_then_is_cut_after_send_timeout() {
+    let msg = server_frame(0x82, &vec![1u8; 64 * 1024]);
+    let kernel = loopback_holds(&msg).await;
+    let (backend, mut accepted) = raw_backend().await;
+    let gw = spawn_gateway(&config_for(backend, "send_timeout: 1s")).await;
+    let (mut client, head) = raw_upgrade(gw.addr(), "/", "").await;
+    assert!(head.starts_with("HTTP/1.1 101"), "{head}");
+    let (mut up, _) = next_accepted(&mut accepted).await;
+    // The client reads nothing, so the upstream's writes stall once every buffer on the
+    // way is full: two loopback connections (upstream → proxy, proxy → client), each
+    // holding at most `kernel` as measured above, plus the proxy's one relay buffer
+    // (`buffer_size`, 16 KiB, and room for a frame header). The proxy reads from the
+    // upstream while it can write, so the kernel grows that socket's receive buffer
+    // (tcp_moderate_rcvbuf) beyond what the never-read measurement shows: 384 KiB here
+    // (the default 128 KiB receive buffer, quadrupled); 1 MiB allows for that. Anything
+    // the proxy queued beyond its buffer (a frame, a message) would show on top.
+    let bound = 2 * kernel + (16 << 10) + 14 + (1 << 20);
+    let (written, blocked) = write_until_stalled(&mut up, &msg).await;
     assert!(
         blocked,
         "upstream writes never blocked ({written} bytes accepted)"
     );
     assert!(
-        written < 64 << 20,
-        "proxy accepted {written} bytes from upstream for a client that reads nothing"
+        written <= bound,
+        "proxy took {written} bytes from the upstream for a client that reads nothing; the buffers on the way hold at most {bound} (a loopback connection holds {kernel})"
     );
-    // After send_timeout the client is dropped and the upstream gets 1001.
+    // After send_timeout the client is cut off: its TCP is closed, no close frame (it
+    // could not be read anyway), and the upstream gets 1001 (SPEC §5 slow consumer).
     let line = gw.log_line(|l| l["event"] == "ws_close").await;
     assert_eq!(line["proxy_reason"], "slow_consumer");
-    let mut tail = Vec::new();
-    let _ = tokio::time::timeout(PATIENCE, up.read_to_end(&mut tail)).await;
-    let close = tail
-        .windows(4)
-        .any(|w| w[0] == 0x88 && w[1] & 0x7F >= 2 && (w[1] & 0x80 != 0));
-    assert!(close, "upstream should receive a masked close frame");
+    assert_eq!(read_close_code(&mut up).await, Some(1001));
+    let mut relayed = Vec::new();
+    let _ = tokio::time::timeout(PATIENCE, client.read_to_end(&mut relayed)).await;
+    let mut at = 0;
+    while let Some(frame) = relayed.get(at..at + msg.len()) {
+        assert_eq!(
+            frame,
+            msg.as_slice(),
+            "the client got only whole data frames"
+        );
+        at += msg.len();
+    }
+    assert!(
+        msg.starts_with(&relayed[at..]),
+        "the client's last bytes are the start of a data frame, not a close"
+    );
 }

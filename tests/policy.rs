@@ -362,3 +362,118 @@ async fn a_pong_completed_after_the_proxys_close_is_not_relayed() {
     let line = gw.log_line(|l| l["event"] == "ws_close").await;
     assert_eq!(line["proxy_reason"], "idle");
 }
+
+/// Fragmenting a message must not get around the message budget (issue 16): under 5
+/// messages/s, a message of 200,002 frames used to be relayed whole with `rate_limited: 0`.
+/// With `max_fragments` (default 256), the first frame past the bound closes the client
+/// 1008 `too many fragments` and the upstream 1001, and nothing past the bound is relayed.
+#[tokio::test]
+async fn a_message_fragmented_past_max_fragments_is_closed_1008() {
+    let (mut client, mut up, gw) =
+        pair("limits: { messages: { rate: 5, per: 1s, burst: 5, on_exceed: close } }").await;
+    // The default bound: 256 frames (the first one included) pass, the 257th does not.
+    let mut wire = client_frame(0x01, b"f");
+    for _ in 0..200_001 {
+        wire.extend(client_frame(0x00, b"f"));
+    }
+    wire.extend(client_frame(0x80, b"f"));
+    let writer = tokio::spawn(async move {
+        // The proxy stops reading once it has closed, so the end of this may never go out.
+        let _ = client.write_all(&wire).await;
+        client
+    });
+    let mut relayed = 0usize;
+    let code = loop {
+        let (b0, payload) = read_frame(&mut up)
+            .await
+            .unwrap_or_else(|| panic!("upstream got no close after {relayed} frames"));
+        match b0 & 0x0F {
+            0x8 => break u16::from_be_bytes([payload[0], payload[1]]),
+            _ => relayed += 1,
+        }
+    };
+    assert_eq!(code, 1001);
+    assert_eq!(relayed, 256, "frames relayed before the close");
+    send_server_close(&mut up, 1001).await;
+    let mut client = writer.await.unwrap_or_else(|e| panic!("{e}"));
+    let (b0, payload) = read_frame(&mut client)
+        .await
+        .unwrap_or_else(|| panic!("no close"));
+    assert_eq!(b0, 0x88);
+    assert_eq!(&payload[..2], &1008u16.to_be_bytes());
+    assert_eq!(&payload[2..], b"too many fragments");
+    drop((client, up));
+    let line = gw.log_line(|l| l["event"] == "ws_close").await;
+    assert_eq!(line["proxy_reason"], "fragments");
+    assert_eq!(line["close"]["code"], 1008);
+    assert_eq!(line["close"]["by"], "proxy");
+}
+
+/// `limits.max_fragments` per route: a bound of 4 lets a 4-frame message through and
+/// closes on the 5th frame of the next one.
+#[tokio::test]
+async fn max_fragments_is_a_route_limit() {
+    let (mut client, mut up, _gw) = pair_with(|b| {
+        config_for(b, "").replace(
+            "upstream: app }",
+            "upstream: app, limits: { max_fragments: 4 } }",
+        )
+    })
+    .await;
+    let message = |frames: usize| {
+        let mut wire = client_frame(0x02, b"a");
+        for _ in 1..frames - 1 {
+            wire.extend(client_frame(0x00, b"b"));
+        }
+        wire.extend(client_frame(0x80, b"c"));
+        wire
+    };
+    client
+        .write_all(&message(4))
+        .await
+        .unwrap_or_else(|e| panic!("{e}"));
+    for want in [0x02, 0x00, 0x00, 0x80] {
+        assert_eq!(read_frame(&mut up).await.map(|f| f.0), Some(want));
+    }
+    client
+        .write_all(&message(5))
+        .await
+        .unwrap_or_else(|e| panic!("{e}"));
+    for want in [0x02, 0x00, 0x00, 0x00] {
+        assert_eq!(read_frame(&mut up).await.map(|f| f.0), Some(want));
+    }
+    assert_eq!(read_close_code(&mut up).await, Some(1001));
+    send_server_close(&mut up, 1001).await;
+    assert_eq!(read_close_code(&mut client).await, Some(1008));
+}
+
+/// SPEC §5 "dead peer" on the upstream side: with `upstream_ping_interval`, an upstream
+/// that never answers the proxy's ping within `pong_timeout` is cut off (its TCP closed,
+/// no close frame) and the client gets 1014.
+#[tokio::test]
+async fn an_upstream_that_never_answers_pings_is_cut_and_the_client_gets_1014() {
+    let (mut client, mut up, gw) = pair_with_keepalive(
+        "limits: {  }",
+        "{ ping_interval: 0s, upstream_ping_interval: 200ms, pong_timeout: 300ms }",
+    )
+    .await;
+    let started = Instant::now();
+    assert_eq!(read_frame(&mut up).await.map(|f| f.0), Some(0x89));
+    assert_eq!(read_close_code(&mut client).await, Some(1014));
+    let cut = started.elapsed();
+    assert!(
+        cut < Duration::from_secs(3),
+        "dead upstream found after {cut:?}"
+    );
+    // The upstream only ever sees pings, then its TCP closes.
+    while let Some((b0, _)) = read_frame(&mut up).await {
+        assert_eq!(b0, 0x89, "the dead upstream got a frame other than a ping");
+    }
+    send_client_close(&mut client, 1014).await;
+    assert!(closes_tcp(&mut client).await);
+    drop((client, up));
+    let line = gw.log_line(|l| l["event"] == "ws_close").await;
+    assert_eq!(line["proxy_reason"], "dead_peer");
+    assert_eq!(line["close"]["code"], 1014);
+    assert_eq!(line["close"]["by"], "proxy");
+}

@@ -22,6 +22,8 @@ use wsgate::upstream::resolve::{Lookup, Resolver};
 /// Keys used for placement checks.
 const KEYS: usize = 30;
 
+const LOCALHOST: IpAddr = IpAddr::V4(std::net::Ipv4Addr::LOCALHOST);
+
 fn pool_config(backends: &[&str], extra: &str) -> String {
     let list: Vec<String> = backends
         .iter()
@@ -160,7 +162,13 @@ async fn same_key_same_backend_across_connections_and_instances() {
 
 #[tokio::test]
 async fn a_killed_backend_is_marked_down_in_time_and_only_its_keys_move() {
-    let bs = backends(3).await;
+    // The ports are held for the whole test, so the victim can be revived on its own.
+    let places: Vec<Reserved> = (0..3).map(|_| Reserved::on(LOCALHOST)).collect();
+    let bs: Vec<NamedBackend> = places
+        .iter()
+        .enumerate()
+        .map(|(i, p)| NamedBackend::start_at(&format!("b{i}"), p))
+        .collect();
     let interval_ms = 100;
     let unhealthy_after = 2;
     let extra = format!(
@@ -193,15 +201,13 @@ async fn a_killed_backend_is_marked_down_in_time_and_only_its_keys_move() {
             assert_eq!(a, b, "a key of a live backend moved");
         }
     }
-    // Back up (a new process on the same port) → its keys come home.
-    let revived = NamedBackend::start_on("b1", victim.addr).await;
-    if revived.is_some() {
-        await_state(&gw, "victim up again", |s| {
-            s.iter().all(|(_, up, _, _)| *up)
-        })
-        .await;
-        assert_eq!(placement(gw.addr()).await, before);
-    }
+    // Back up (a new process on the same port, which the test held) → its keys come home.
+    let _revived = NamedBackend::start_at("b1", &places[1]);
+    await_state(&gw, "victim up again", |s| {
+        s.iter().all(|(_, up, _, _)| *up)
+    })
+    .await;
+    assert_eq!(placement(gw.addr()).await, before);
 }
 
 #[tokio::test]
@@ -482,13 +488,20 @@ impl Resolver for TestDns {
 
 #[tokio::test]
 async fn dns_re_resolution_picks_up_a_changed_record() {
-    let first = NamedBackend::start("first").await;
+    // One port on both 127.0.0.1 and 127.0.0.2 (a name's records share the entry's port),
+    // both held before anything is configured. Another process may hold the port on
+    // 127.0.0.2 (an outgoing connection from it, say): then the next port is tried.
+    let second_ip: IpAddr = [127, 0, 0, 2].into();
+    let (first_place, second_place) = (0..50)
+        .find_map(|_| {
+            let first = Reserved::on(LOCALHOST);
+            let second = Reserved::at(SocketAddr::new(second_ip, first.addr.port())).ok()?;
+            Some((first, second))
+        })
+        .unwrap_or_else(|| panic!("no port free on both 127.0.0.1 and 127.0.0.2 in 50 tries"));
+    let first = NamedBackend::start_at("first", &first_place);
+    let second = NamedBackend::start_at("second", &second_place);
     let port = first.addr.port();
-    let second_addr = SocketAddr::from(([127, 0, 0, 2], port));
-    let Some(second) = NamedBackend::start_on("second", second_addr).await else {
-        eprintln!("127.0.0.2:{port} is taken; skipping");
-        return;
-    };
     let dns = Arc::new(TestDns(Mutex::new(vec![first.addr.ip()])));
     let yaml = pool_config(&[&format!("pool.test:{port}")], "");
     let config = Config::from_yaml_str_with_env(&yaml, "test.yaml", &|_| None)
@@ -525,4 +538,117 @@ async fn dns_re_resolution_picks_up_a_changed_record() {
         m
     };
     assert_eq!(names.len(), 2, "{names:?}");
+}
+
+/// A backend that upgrades like [`NamedBackend`], except that a request for a path
+/// starting `/poison` makes it close the connection without answering (as a backend
+/// that crashes on some request would).
+fn poison_backend(name: &str) -> (SocketAddr, tokio::task::JoinHandle<()>) {
+    use tokio::io::AsyncWriteExt;
+    let place = Reserved::on(LOCALHOST);
+    let listener = place.listener();
+    let addr = place.addr;
+    let name = name.to_owned();
+    let task = tokio::spawn(async move {
+        let _place = place;
+        let mut conns = tokio::task::JoinSet::new();
+        while let Ok((mut s, _)) = listener.accept().await {
+            let name = name.clone();
+            conns.spawn(async move {
+                let head = read_head(&mut s).await;
+                if head.starts_with("GET /poison") {
+                    return;
+                }
+                let key = header_value(&head, "sec-websocket-key").unwrap_or_default();
+                let accept = tokio_tungstenite::tungstenite::handshake::derive_accept_key(
+                    key.as_bytes(),
+                );
+                let resp = format!(
+                    "HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\nConnection: Upgrade\r\nSec-WebSocket-Accept: {accept}\r\n\r\n"
+                );
+                let _ = s.write_all(resp.as_bytes()).await;
+                let _ = s.write_all(&server_frame(0x81, name.as_bytes())).await;
+                while let Some((b0, payload)) = read_frame(&mut s).await {
+                    if b0 & 0x0F == 0x8 {
+                        let _ = s.write_all(&server_frame(0x88, &payload)).await;
+                        return;
+                    }
+                }
+            });
+            while conns.try_join_next().is_some() {}
+        }
+    });
+    (addr, task)
+}
+
+/// Issue 16: a request that makes every backend close without answering used to count as
+/// a failed connect on each; three of them took both backends out and clean clients got
+/// 503 `no_backend`. Only failures to reach a backend count now, with active checks and
+/// without.
+#[tokio::test]
+async fn requests_that_make_backends_close_take_none_out() {
+    let checks =
+        "    health_check: { interval: 1h, timeout: 1s, unhealthy_after: 2, healthy_after: 1 }";
+    for extra in ["", checks] {
+        let (a, _a) = poison_backend("a");
+        let (b, _b) = poison_backend("b");
+        let gw = spawn_gateway(&pool_config(&[&a.to_string(), &b.to_string()], extra)).await;
+        for i in 0..6 {
+            let (_, head) = raw_upgrade(gw.addr(), &format!("/poison?room={i}"), "").await;
+            assert!(head.starts_with("HTTP/1.1 502"), "{extra:?}: {head}");
+        }
+        // Each poison request failed over to the other backend: both were reached.
+        let snap = gw.gw.shared.pools.snapshot();
+        let errors: Vec<u64> = snap[0].backends.iter().map(|b| b.connect_errors).collect();
+        assert!(errors.iter().all(|&e| e >= 3), "{extra:?}: {snap:?}");
+        assert!(
+            state(&gw).iter().all(|(_, up, _, _)| *up),
+            "{extra:?}: {:?}",
+            state(&gw)
+        );
+        for i in 0..KEYS {
+            let name = open(gw.addr(), Some(&format!("clean-{i}")))
+                .await
+                .unwrap_or_else(|head| panic!("{extra:?}: a clean client was refused: {head}"))
+                .0;
+            assert!(name == "a" || name == "b", "{name}");
+        }
+    }
+}
+
+/// `max_ejected` (default 50%): with both backends unreachable, passive detection takes
+/// one out and keeps the other in, so clients get 502 `upstream_connect` (the backend
+/// was tried), never 503 `no_backend`; at 100% both go out.
+#[tokio::test]
+async fn passive_ejection_never_takes_more_than_max_ejected_out() {
+    for (extra, out, status, reason) in [
+        ("", 1, "502", "upstream_connect"),
+        ("    max_ejected: 100%", 2, "503", "no_backend"),
+    ] {
+        // Held, never listening: every connect is refused.
+        let dead = [Reserved::on(LOCALHOST), Reserved::on(LOCALHOST)];
+        let list = [dead[0].addr.to_string(), dead[1].addr.to_string()];
+        let gw = spawn_gateway(&pool_config(&[&list[0], &list[1]], extra)).await;
+        // 3 failures in a row take a backend out (no health checks); each request tries
+        // both, so 6 requests give each backend more than enough failures.
+        for i in 0..6 {
+            let (_, head) = raw_upgrade(gw.addr(), &format!("/?room={i}"), "").await;
+            assert!(head.starts_with("HTTP/1.1 50"), "{head}");
+        }
+        let now = state(&gw);
+        assert_eq!(
+            now.iter().filter(|(_, up, _, _)| !up).count(),
+            out,
+            "{extra:?}: {now:?}"
+        );
+        let (_, head) = raw_upgrade(gw.addr(), "/?room=last", "").await;
+        assert!(
+            head.starts_with(&format!("HTTP/1.1 {status}")),
+            "{extra:?}: {head}"
+        );
+        let line = gw
+            .log_line(|l| l["event"] == "ws_reject" && l["path"] == "/?room=last")
+            .await;
+        assert_eq!(line["proxy_reason"], reason, "{extra:?}");
+    }
 }

@@ -43,6 +43,8 @@ pub const DEFAULT_MESSAGE_RATE: u32 = 100;
 pub const DEFAULT_MESSAGE_PER: Duration = Duration::from_secs(1);
 /// Message burst allowance.
 pub const DEFAULT_MESSAGE_BURST: u32 = 200;
+/// `limits.max_fragments`: frames in one fragmented client message; beyond → close 1008.
+pub const DEFAULT_MAX_FRAGMENTS: u32 = 256;
 /// A fragmented client message must complete within this (0 = off).
 pub const DEFAULT_FRAGMENT_TIMEOUT: Duration = Duration::from_secs(10);
 /// No data frames either way for this long closes the connection (0 = off).
@@ -59,6 +61,9 @@ pub const DEFAULT_DRAIN_SPREAD: Duration = Duration::from_secs(10);
 pub const DEFAULT_DRAIN_TIMEOUT: Duration = Duration::from_secs(30);
 /// `upstreams.*.connect_timeout`: TCP connect plus upstream handshake budget.
 pub const DEFAULT_CONNECT_TIMEOUT: Duration = Duration::from_secs(3);
+/// `upstreams.*.max_ejected`: passive failure detection never takes more than this
+/// percentage of an upstream's backends out.
+pub const DEFAULT_MAX_EJECTED_PERCENT: u8 = 50;
 /// `upstreams.*.backends[].weight`: relative share of a backend.
 pub const DEFAULT_WEIGHT: u32 = 1;
 /// `upstreams.*.health_check.interval`: time between two checks of a backend.
@@ -199,6 +204,9 @@ pub struct FileLimits {
     pub max_message_size: Option<SizeValue>,
     /// Client→upstream data-message rate; default 100 per 1s, burst 200, `close`.
     pub messages: Option<FileMessageRate>,
+    /// Frames in one fragmented client message; default 256; at least 1.
+    #[serde(default, deserialize_with = "opt_scalar")]
+    pub max_fragments: Option<u64>,
     /// Deadline for a fragmented client message; default 10s; `0s` = off.
     pub fragment_timeout: Option<DurationValue>,
     /// Close after this long without data frames either way; default `0s` = off.
@@ -265,6 +273,9 @@ pub struct FileUpstream {
     pub connect_timeout: Option<DurationValue>,
     /// Active health checks; absent → passive detection only.
     pub health_check: Option<FileHealthCheck>,
+    /// Most backends passive detection may have out at once, as `N%` of the backends;
+    /// default `50%`; `0%` = passive detection never takes one out.
+    pub max_ejected: Option<Text>,
 }
 
 #[derive(Debug, Deserialize)]

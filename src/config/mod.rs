@@ -163,6 +163,8 @@ pub struct Limits {
     pub buffer_size: usize,
     /// Client→upstream data-message rate (a fragmented message counts once).
     pub messages: MessageRate,
+    /// Frames in one fragmented client message; beyond → close 1008; ≥ 1.
+    pub max_fragments: u32,
     /// A fragmented client message must complete within this; zero = off.
     pub fragment_timeout: Duration,
     /// No data frame either way for this long → close 1000; zero = off.
@@ -257,6 +259,9 @@ pub struct Upstream {
     pub bounded_load: Option<f64>,
     /// Active checks; `None` = only passive failure detection.
     pub health_check: Option<HealthCheck>,
+    /// `max_ejected`, in percent (0..=100): passive failure detection takes a backend out
+    /// only while that leaves at most this share of the backends out.
+    pub max_ejected: u8,
 }
 
 /// SPEC §2 `sticky.key`. A missing value falls back to the client IP.

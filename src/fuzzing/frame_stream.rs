@@ -176,16 +176,20 @@ impl<'a> Plan<'a> {
             *pos = end;
         }
 
+        let sizes = usize::from((options >> 2) & 0b11);
         Plan {
             settings: Settings {
                 extensions: EXTENSIONS[usize::from(flags & 0b11)].to_owned(),
                 messages: message_budget(options),
+                // With the smallest size limits, a small fragment bound too, so that short
+                // inputs reach it.
+                max_fragments: if sizes == 1 { 4 } else { u32::MAX },
                 // Far beyond the deadline: the test ends always read, so nothing may stall.
                 ..Settings::without_timers(
                     1024,
                     Duration::from_secs(30),
-                    SIZE_LIMITS[usize::from((options >> 2) & 0b11)].0,
-                    SIZE_LIMITS[usize::from((options >> 2) & 0b11)].1,
+                    SIZE_LIMITS[sizes].0,
+                    SIZE_LIMITS[sizes].1,
                 )
             },
             capacity: PIPE_CAPACITY[usize::from((flags >> 2) & 0b11)],

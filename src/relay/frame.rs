@@ -4,7 +4,7 @@
 //! means and whether it is allowed; it never copies or unmasks data payloads. Parsing is
 //! tungstenite's (`FrameHeader::parse`); the rules that a proxy must add on top live here.
 
-use crate::outcome::{Breach, code};
+use crate::outcome::{Breach, Ending, Side, code};
 use tungstenite::protocol::frame::coding::{CloseCode, Control, Data, OpCode};
 
 /// Largest header: 2 bytes + 8 bytes of extended length + 4 bytes of mask.
@@ -66,15 +66,28 @@ pub enum Violation {
     InvalidUtf8,
     /// Frame or message larger than the configured limit (1009).
     TooBig,
+    /// A fragmented message of more frames than `limits.max_fragments` (client only).
+    TooManyFragments,
 }
 
 impl Violation {
-    /// What was broken, which decides the close code (SPEC §5).
+    /// What was broken, which decides the close code (SPEC §5). Too many fragments is
+    /// only judged on client messages ([`Violation::ending`]); from an upstream it would be
+    /// a protocol breach.
     pub fn breach(self) -> Breach {
         match self {
-            Violation::Protocol(_) => Breach::Protocol,
+            Violation::Protocol(_) | Violation::TooManyFragments => Breach::Protocol,
             Violation::InvalidUtf8 => Breach::InvalidUtf8,
             Violation::TooBig => Breach::TooBig,
+        }
+    }
+
+    /// How the connection ends when the peer on `side` committed this (SPEC §5 rows).
+    pub fn ending(self, side: Side) -> Ending {
+        match (self, side) {
+            (Violation::TooManyFragments, Side::Client) => Ending::TooManyFragments,
+            (v, Side::Client) => Ending::ClientViolation(v.breach()),
+            (v, Side::Upstream) => Ending::UpstreamViolation(v.breach()),
         }
     }
 }
@@ -85,6 +98,9 @@ pub struct Rules {
     pub dir: Dir,
     pub max_frame_size: u64,
     pub max_message_size: u64,
+    /// Most frames one fragmented message may have (`limits.max_fragments`, client side);
+    /// `u32::MAX` when unbounded.
+    pub max_fragments: u32,
     /// RSV bits a message's first frame may carry (0x40 when permessage-deflate was
     /// negotiated, all three for an extension the proxy does not know).
     pub rsv_first: u8,
@@ -94,15 +110,25 @@ pub struct Rules {
 
 impl Rules {
     /// Rules for a direction given the extensions the upstream accepted (the value of its
-    /// `Sec-WebSocket-Extensions` response header, if any).
+    /// `Sec-WebSocket-Extensions` response header, if any); no bound on fragments until
+    /// [`Rules::with_max_fragments`] sets one.
     pub fn new(dir: Dir, max_frame_size: u64, max_message_size: u64, extensions: &str) -> Rules {
         let (rsv_first, rsv_other) = rsv_allowed(extensions);
         Rules {
             dir,
             max_frame_size,
             max_message_size,
+            max_fragments: u32::MAX,
             rsv_first,
             rsv_other,
+        }
+    }
+
+    /// Bounds the frames of one fragmented message (a zero bound counts as one frame).
+    pub fn with_max_fragments(self, max_fragments: u32) -> Rules {
+        Rules {
+            max_fragments: max_fragments.max(1),
+            ..self
         }
     }
 }
@@ -178,12 +204,14 @@ pub enum Parse {
     Invalid(Violation),
 }
 
-/// Message-level state of one direction: are we inside a fragmented message, and how big
-/// has it grown.
+/// Message-level state of one direction: are we inside a fragmented message, how big has
+/// it grown, and of how many frames.
 #[derive(Clone, Debug, Default)]
 pub struct Validator {
     in_message: bool,
     message_len: u64,
+    /// Data frames of the open message so far (its first included).
+    frames: u32,
 }
 
 impl Validator {
@@ -248,16 +276,21 @@ impl Validator {
             }
             return Ok(kind);
         }
-        let so_far = match (kind, self.in_message) {
+        let (so_far, frames) = match (kind, self.in_message) {
             (Kind::Continuation, false) => {
                 return Err(Violation::Protocol("continuation outside a message"));
             }
             (Kind::Start, true) => {
                 return Err(Violation::Protocol("new message inside a fragmented one"));
             }
-            (Kind::Start, false) => 0,
-            _ => self.message_len,
+            (Kind::Start, false) => (0, 1),
+            _ => (self.message_len, self.frames.saturating_add(1)),
         };
+        // Judged per frame, from the header: a message of many tiny frames is refused at
+        // the first frame over the bound, before any of it is forwarded.
+        if frames > rules.max_fragments {
+            return Err(Violation::TooManyFragments);
+        }
         if h.payload_len > rules.max_frame_size {
             return Err(Violation::TooBig);
         }
@@ -266,6 +299,7 @@ impl Validator {
             return Err(Violation::TooBig);
         }
         self.message_len = message_len;
+        self.frames = frames;
         self.in_message = !h.fin;
         Ok(kind)
     }
@@ -480,6 +514,7 @@ mod tests {
         dir: Dir::ClientToUpstream,
         max_frame_size: 1 << 20,
         max_message_size: 4 << 20,
+        max_fragments: u32::MAX,
         rsv_first: 0,
         rsv_other: 0,
     };
@@ -631,6 +666,46 @@ mod tests {
         assert_eq!(
             parse(&rules, &mut v, &f2),
             Parse::Invalid(Violation::TooBig)
+        );
+    }
+
+    #[test]
+    fn a_message_of_more_frames_than_the_bound_is_refused_at_the_first_extra_frame() {
+        let rules = C2U.with_max_fragments(3);
+        let mut v = Validator::default();
+        assert!(matches!(
+            parse(&rules, &mut v, &masked(0x01, 1)),
+            Parse::Header(_)
+        ));
+        // Control frames between fragments are not fragments.
+        assert!(matches!(
+            parse(&rules, &mut v, &masked(0x89, 0)),
+            Parse::Header(_)
+        ));
+        for _ in 0..2 {
+            assert!(matches!(
+                parse(&rules, &mut v, &masked(0x00, 1)),
+                Parse::Header(_)
+            ));
+        }
+        assert_eq!(
+            parse(&rules, &mut v, &masked(0x80, 1)),
+            Parse::Invalid(Violation::TooManyFragments)
+        );
+        // Exactly the bound passes, and the count starts again with each message.
+        let mut v = Validator::default();
+        for _ in 0..2 {
+            parse(&rules, &mut v, &masked(0x01, 1));
+            parse(&rules, &mut v, &masked(0x00, 1));
+            assert!(matches!(
+                parse(&rules, &mut v, &masked(0x80, 1)),
+                Parse::Header(_)
+            ));
+            assert!(!v.in_message());
+        }
+        assert_eq!(
+            Violation::TooManyFragments.ending(Side::Client),
+            Ending::TooManyFragments
         );
     }
 

@@ -50,6 +50,8 @@ pub struct Settings {
     pub send_timeout: Duration,
     pub max_frame_size: u64,
     pub max_message_size: u64,
+    /// Most frames in one fragmented client message; `u32::MAX` = unbounded.
+    pub max_fragments: u32,
     /// `Sec-WebSocket-Extensions` as accepted by the upstream ("" when none).
     pub extensions: String,
     /// Client→upstream message budget; `None` = unlimited.
@@ -76,6 +78,7 @@ impl Settings {
             send_timeout: limits.send_timeout,
             max_frame_size: limits.max_frame_size,
             max_message_size: limits.max_message_size,
+            max_fragments: limits.max_fragments,
             extensions,
             messages: Some(limits.messages),
             fragment_timeout: limits.fragment_timeout,
@@ -102,6 +105,7 @@ impl Settings {
             send_timeout,
             max_frame_size,
             max_message_size,
+            max_fragments: u32::MAX,
             extensions: String::new(),
             messages: None,
             fragment_timeout: Duration::ZERO,
@@ -267,7 +271,8 @@ where
                 &settings.extensions,
             )
         };
-        let mut c2u = Pump::new(rules(Dir::ClientToUpstream), settings.buffer_size);
+        let c2u_rules = rules(Dir::ClientToUpstream).with_max_fragments(settings.max_fragments);
+        let mut c2u = Pump::new(c2u_rules, settings.buffer_size);
         let mut u2c = Pump::new(rules(Dir::UpstreamToClient), settings.buffer_size);
         // Seeded, then dropped: the early bytes may pin the HTTP layer's whole read buffer.
         c2u.seed(&client_early);
@@ -429,7 +434,7 @@ where
                 }
                 self.start_close_wait();
             }
-            Event::Violation(v) => self.end(Ending::ClientViolation(v.breach())),
+            Event::Violation(v) => self.end(v.ending(Side::Client)),
             Event::SrcEnded(_) if self.c2u.src_close.is_some() => {}
             Event::SrcEnded(_) => self.end(Ending::Vanished(Side::Client)),
             Event::DstFailed(_) => self.end(Ending::Vanished(Side::Upstream)),
@@ -459,7 +464,7 @@ where
                 }
                 self.start_close_wait();
             }
-            Event::Violation(v) => self.end(Ending::UpstreamViolation(v.breach())),
+            Event::Violation(v) => self.end(v.ending(Side::Upstream)),
             Event::SrcEnded(_) if self.u2c.src_close.is_some() => {}
             Event::SrcEnded(_) => self.end(Ending::Vanished(Side::Upstream)),
             Event::DstFailed(_) => self.end(Ending::Vanished(Side::Client)),
@@ -479,9 +484,10 @@ where
     /// and which of the three ways below delivers it.
     fn end(&mut self, ending: Ending) {
         match ending {
-            Ending::ClientViolation(_) | Ending::FragmentTimeout | Ending::RateLimit => {
-                self.client_violation(ending)
-            }
+            Ending::ClientViolation(_)
+            | Ending::FragmentTimeout
+            | Ending::RateLimit
+            | Ending::TooManyFragments => self.client_violation(ending),
             Ending::DeadPeer(Side::Client)
             | Ending::Vanished(Side::Client)
             | Ending::SlowConsumer(Side::Client) => self.client_gone(ending),

@@ -16,6 +16,8 @@ pub mod resolve;
 pub mod sticky;
 mod stream;
 
+use std::sync::atomic::{AtomicBool, Ordering};
+
 use bytes::{Bytes, BytesMut};
 use http::header::{self, HeaderMap, HeaderName, HeaderValue};
 use http::{Response, StatusCode, request};
@@ -106,7 +108,8 @@ pub struct Target<'a> {
 
 /// Connects and upgrades to the key's backend, failing over (before any 101) to the next
 /// backends in rendezvous order when a connect or handshake fails. Each attempt has the
-/// upstream's `connect_timeout`.
+/// upstream's `connect_timeout`. Only connect and TLS failures count against a backend's
+/// health (passive ejection); every failure counts in its `connect_errors`.
 pub async fn connect(
     req: &request::Parts,
     target: &Target<'_>,
@@ -122,7 +125,12 @@ pub async fn connect(
             break;
         };
         let backend = lease.backend().clone();
-        let attempt = handshake(req, target, fwd, lease);
+        // Set once TCP (and TLS) is up and the request goes out. A failure before is the
+        // backend's, and passive health counts it; a failure after (no answer, a close
+        // without one, a broken 101, a timeout) may be this request's doing, so it never
+        // counts towards ejection: else a few bad requests could take every backend out.
+        let sent = AtomicBool::new(false);
+        let attempt = handshake(req, target, fwd, lease, &sent);
         let failure = match tokio::time::timeout(upstream.connect_timeout, attempt).await {
             Ok(Ok(connected)) => {
                 pool.connect_succeeded(&backend);
@@ -138,8 +146,13 @@ pub async fn connect(
             Ok(Err(f)) => f,
             Err(_) => Failure::Proxy(Refusal::UpstreamTimeout, backend.identity.clone()),
         };
-        pool.connect_failed(&backend);
-        tracing::debug!(upstream = %upstream.name, backend = %backend.identity, "backend failed; trying the key's next backend");
+        let sent = sent.load(Ordering::Acquire);
+        if sent {
+            pool.exchange_failed(&backend);
+        } else {
+            pool.connect_failed(&backend);
+        }
+        tracing::debug!(upstream = %upstream.name, backend = %backend.identity, sent, "backend failed; trying the key's next backend");
         last = failure;
     }
     Err(last)
@@ -150,6 +163,7 @@ async fn handshake(
     target: &Target<'_>,
     fwd: &Forwarded<'_>,
     lease: Lease,
+    sent: &AtomicBool,
 ) -> Result<Connected, Failure> {
     let b = lease.backend().clone();
     let backend = b.identity.as_str();
@@ -163,6 +177,7 @@ async fn handshake(
         tracing::debug!(backend, error = %e, "upstream connect failed");
         fail(Refusal::UpstreamConnect)
     })?;
+    sent.store(true, Ordering::Release);
     let mut buf = BytesMut::new();
     let answer = async {
         stream.write_all(&head).await?;

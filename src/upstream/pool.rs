@@ -16,7 +16,13 @@
 //!   [`DEFAULT_UNHEALTHY_AFTER`] in a row the backend gets no new connections for
 //!   [`PASSIVE_COOLOFF`]; then the next connection tries it again;
 //! - a reload that drops `health_check` marks every backend up and restarts its streaks
-//!   (nothing else would bring a backend it marked down back).
+//!   (nothing else would bring a backend it marked down back);
+//! - only failures to reach a backend (TCP connect, TLS) are passive failures: once the
+//!   request is sent, whatever goes wrong may be the request's doing and is only counted
+//!   in `connect_errors`;
+//! - passive detection never takes a backend out when that would leave more than
+//!   `max_ejected` of the pool's backends out (down or cooling off, whatever put them
+//!   there); active checks are not bounded.
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::net::SocketAddr;
@@ -90,6 +96,8 @@ pub struct BackendState {
     /// Passive-only pools: milliseconds since the pool's epoch before which the backend
     /// gets no new connections.
     cool_until_ms: AtomicU64,
+    /// `max_ejected` kept this failing backend in (warned once per episode).
+    eject_refused: AtomicBool,
 }
 
 impl BackendState {
@@ -115,6 +123,7 @@ impl BackendState {
             fails: AtomicU32::new(0),
             passes: AtomicU32::new(0),
             cool_until_ms: AtomicU64::new(0),
+            eject_refused: AtomicBool::new(false),
         }
     }
 
@@ -135,7 +144,12 @@ impl BackendState {
     }
 
     fn eligible(&self, now_ms: u64) -> bool {
-        self.is_up() && !self.is_draining() && self.cool_until_ms.load(Ordering::Relaxed) <= now_ms
+        !self.is_out(now_ms) && !self.is_draining()
+    }
+
+    /// Taken out by health: down, or cooling off after passive failures.
+    fn is_out(&self, now_ms: u64) -> bool {
+        !self.is_up() || self.cool_until_ms.load(Ordering::Relaxed) > now_ms
     }
 }
 
@@ -185,6 +199,8 @@ pub struct Pool {
     drained: Mutex<BTreeSet<String>>,
     /// Last good addresses of each configured entry: a failed lookup keeps them.
     resolved: Mutex<BTreeMap<String, Vec<SocketAddr>>>,
+    /// Held while a passive ejection is decided (`max_ejected`).
+    ejecting: Mutex<()>,
     /// Where a builtin upstream listens (the echo server): shared with [`Pools`], which
     /// sets it when a reload first needs the echo server, so a pool switched to
     /// `builtin: echo` finds it.
@@ -209,6 +225,7 @@ impl Pool {
             members: RwLock::new(Arc::default()),
             drained: Mutex::default(),
             resolved: Mutex::default(),
+            ejecting: Mutex::default(),
             builtin,
             options,
             epoch: Instant::now(),
@@ -259,30 +276,78 @@ impl Pool {
         }
     }
 
-    /// A failed connect or upstream handshake (passive health).
+    /// A backend that could not be reached (TCP connect or TLS failed, or timed out):
+    /// passive health, bounded by `max_ejected`.
     pub fn connect_failed(&self, b: &BackendState) {
         b.connect_errors.fetch_add(1, Ordering::Relaxed);
         b.passes.store(0, Ordering::Relaxed);
         let fails = b.fails.fetch_add(1, Ordering::AcqRel).saturating_add(1);
-        match &self.spec().health_check {
-            Some(hc) if fails >= hc.unhealthy_after => self.mark_down(b, "connect failures"),
-            Some(_) => {}
-            None if fails >= DEFAULT_UNHEALTHY_AFTER => {
-                let until = self
-                    .now_ms()
-                    .saturating_add(PASSIVE_COOLOFF.as_millis() as u64);
-                let before = b.cool_until_ms.swap(until, Ordering::Relaxed);
-                if before <= self.now_ms() {
-                    tracing::warn!(upstream = %self.name, backend = %b.identity, fails, "backend failing; no new connections for {PASSIVE_COOLOFF:?}");
-                }
-            }
-            None => {}
+        let spec = self.spec();
+        let threshold = spec
+            .health_check
+            .as_ref()
+            .map_or(DEFAULT_UNHEALTHY_AFTER, |hc| hc.unhealthy_after);
+        if fails < threshold {
+            return;
         }
+        // One ejection decided at a time, so two failing backends cannot both see room
+        // for one more.
+        let _one_at_a_time = self.ejecting.lock().unwrap_or_else(PoisonError::into_inner);
+        let now = self.now_ms();
+        if b.is_out(now) {
+            if spec.health_check.is_none() {
+                self.cool_off(b, now, fails);
+            }
+            return;
+        }
+        if !self.may_eject(b, spec.max_ejected, now) {
+            let warned = b.eject_refused.swap(true, Ordering::Relaxed);
+            if !warned {
+                tracing::warn!(upstream = %self.name, backend = %b.identity, fails, max_ejected = spec.max_ejected, "backend failing, but max_ejected percent of the backends are out already: it stays in");
+            }
+            return;
+        }
+        b.eject_refused.store(false, Ordering::Relaxed);
+        match spec.health_check {
+            Some(_) => self.mark_down(b, "connect failures"),
+            None => self.cool_off(b, now, fails),
+        }
+    }
+
+    /// Without active checks, a failing backend gets no new connections for
+    /// [`PASSIVE_COOLOFF`] (extended while connects to it still fail).
+    fn cool_off(&self, b: &BackendState, now: u64, fails: u32) {
+        let until = now.saturating_add(PASSIVE_COOLOFF.as_millis() as u64);
+        let before = b.cool_until_ms.swap(until, Ordering::Relaxed);
+        if before <= now {
+            tracing::warn!(upstream = %self.name, backend = %b.identity, fails, "backend failing; no new connections for {PASSIVE_COOLOFF:?}");
+        }
+    }
+
+    /// Whether taking `b` out keeps the backends out within `max_ejected` percent of the
+    /// pool (SPEC §2), counting every backend out already, whatever put it there.
+    fn may_eject(&self, b: &BackendState, max_ejected: u8, now: u64) -> bool {
+        let members = self.members();
+        let total = members.backends.len();
+        let out = members
+            .backends
+            .iter()
+            .filter(|m| !std::ptr::eq(m.as_ref(), b) && m.is_out(now))
+            .count();
+        (out + 1) * 100 <= total * usize::from(max_ejected)
+    }
+
+    /// The backend was reached and the request sent, then the handshake failed (no
+    /// answer, a close without one, a broken 101, a timeout): counted in
+    /// `connect_errors`, never against its health, since the request may be the cause.
+    pub fn exchange_failed(&self, b: &BackendState) {
+        b.connect_errors.fetch_add(1, Ordering::Relaxed);
     }
 
     /// A completed upstream handshake: the failure streak ends.
     pub fn connect_succeeded(&self, b: &BackendState) {
         b.fails.store(0, Ordering::Relaxed);
+        b.eject_refused.store(false, Ordering::Relaxed);
         b.cool_until_ms.store(0, Ordering::Relaxed);
     }
 
@@ -486,7 +551,7 @@ impl Pool {
                     addr: b.identity.clone(),
                     entry: b.entry.clone(),
                     weight: b.weight(),
-                    up: b.is_up() && b.cool_until_ms.load(Ordering::Relaxed) <= now,
+                    up: !b.is_out(now),
                     draining: b.is_draining(),
                     active: b.active(),
                     connect_errors: b.connect_errors.load(Ordering::Relaxed),

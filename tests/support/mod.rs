@@ -449,10 +449,9 @@ impl NamedBackend {
         NamedBackend::serve(name, listener)
     }
 
-    /// On a given address (e.g. `127.0.0.2:PORT`, for DNS tests); `None` if it is taken.
-    pub async fn start_on(name: &str, addr: SocketAddr) -> Option<NamedBackend> {
-        let listener = TcpListener::bind(addr).await.ok()?;
-        Some(NamedBackend::serve(name, listener))
+    /// On an address the test holds: it can be killed and started again there.
+    pub fn start_at(name: &str, place: &Reserved) -> NamedBackend {
+        NamedBackend::serve(name, place.listener())
     }
 
     fn serve(name: &str, listener: TcpListener) -> NamedBackend {
@@ -509,6 +508,53 @@ async fn named_conn(mut s: TcpStream, name: String) {
             return;
         }
     }
+}
+
+/// An address held for the whole test: a socket bound there with `SO_REUSEPORT` that
+/// never listens. No other process can take the port, connects to it are refused while
+/// no backend listens there, and a backend can listen there (again) at any time, so a
+/// test can kill and revive a backend, or configure an address before serving it.
+pub struct Reserved {
+    pub addr: SocketAddr,
+    _socket: tokio::net::TcpSocket,
+}
+
+impl Reserved {
+    /// A fresh port on `ip`.
+    pub fn on(ip: std::net::IpAddr) -> Reserved {
+        Reserved::at(SocketAddr::new(ip, 0)).unwrap_or_else(|e| panic!("reserve {ip}: {e}"))
+    }
+
+    /// `addr` itself (port 0: any port), if no one else holds it.
+    pub fn at(addr: SocketAddr) -> std::io::Result<Reserved> {
+        let socket = reuseport_socket(addr)?;
+        socket.bind(addr)?;
+        let addr = socket.local_addr()?;
+        Ok(Reserved {
+            addr,
+            _socket: socket,
+        })
+    }
+
+    /// A listener on the held address.
+    pub fn listener(&self) -> TcpListener {
+        let listen = || -> std::io::Result<TcpListener> {
+            let socket = reuseport_socket(self.addr)?;
+            socket.bind(self.addr)?;
+            socket.listen(1024)
+        };
+        listen().unwrap_or_else(|e| panic!("listen on reserved {}: {e}", self.addr))
+    }
+}
+
+fn reuseport_socket(addr: SocketAddr) -> std::io::Result<tokio::net::TcpSocket> {
+    let socket = match addr {
+        SocketAddr::V4(_) => tokio::net::TcpSocket::new_v4()?,
+        SocketAddr::V6(_) => tokio::net::TcpSocket::new_v6()?,
+    };
+    socket.set_reuseaddr(true)?;
+    socket.set_reuseport(true)?;
+    Ok(socket)
 }
 
 /// An admin request over a fresh connection; returns the whole response.

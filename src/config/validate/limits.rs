@@ -104,6 +104,15 @@ impl Validator<'_> {
         if let Some(d) = file.fragment_timeout {
             limits.fragment_timeout = d.0;
         }
+        if let Some(n) = file.max_fragments {
+            match u32::try_from(n) {
+                Ok(n) if n >= 1 => limits.max_fragments = n,
+                _ => self.issue(
+                    &path.key("max_fragments"),
+                    format!("max_fragments {n} is out of range; use 1..=4294967295 (1 refuses every fragmented message)"),
+                ),
+            }
+        }
         if let Some(m) = &file.messages
             && let Some(rate) = self.message_rate(m, &path.key("messages"))
         {
@@ -271,7 +280,7 @@ mod tests {
     fn route_overrides_apply_on_top_of_top_level_limits() {
         let text = MINIMAL.replace(
             "    upstream: echo\n",
-            "    upstream: echo\n    limits: { max_frame_size: 64KiB, send_timeout: 5s }\n",
+            "    upstream: echo\n    limits: { max_frame_size: 64KiB, send_timeout: 5s, max_fragments: 8 }\n",
         ) + "limits: { buffer_size: 32KiB, max_connections: 10 }\n";
         let config = load(&text).unwrap();
         assert_eq!(config.limits.buffer_size, 32 << 10);
@@ -286,12 +295,14 @@ mod tests {
         );
         assert_eq!(route.send_timeout, Duration::from_secs(5));
         assert_eq!(route.max_message_size, 4 << 20);
+        assert_eq!(route.max_fragments, 8);
+        assert_eq!(config.limits.max_fragments, 256);
     }
 
     #[test]
     fn frame_policy_keys_parse_and_routes_override_them() {
         let text = with(
-            "limits: { messages: { rate: 5, per: 2s, on_exceed: throttle }, fragment_timeout: 0s, idle_timeout: 5m }\nkeepalive: { ping_interval: 15s, pong_timeout: 5s, upstream_ping_interval: 30s }\n",
+            "limits: { messages: { rate: 5, per: 2s, on_exceed: throttle }, max_fragments: 1000, fragment_timeout: 0s, idle_timeout: 5m }\nkeepalive: { ping_interval: 15s, pong_timeout: 5s, upstream_ping_interval: 30s }\n",
         );
         let config = load(&text).unwrap();
         let m = config.limits.messages;
@@ -301,6 +312,8 @@ mod tests {
         );
         assert_eq!(m.on_exceed, OnExceed::Throttle);
         assert_eq!(config.limits.fragment_timeout, Duration::ZERO);
+        assert_eq!(config.limits.max_fragments, 1000);
+        assert_eq!(config.routes[0].limits.max_fragments, 1000);
         assert_eq!(config.limits.idle_timeout, Duration::from_secs(300));
         assert_eq!(config.keepalive.ping_interval, Duration::from_secs(15));
         assert_eq!(
@@ -308,12 +321,14 @@ mod tests {
             Duration::from_secs(30)
         );
         assert_eq!(config.routes[0].limits.messages, m);
-        let bad = with("limits: { messages: { rate: 0, per: 1s, on_exceed: drop } }\n");
+        let bad =
+            with("limits: { messages: { rate: 0, per: 1s, on_exceed: drop }, max_fragments: 0 }\n");
         let mut paths: Vec<String> = errors_of(&bad).iter().map(|e| e.path.clone()).collect();
         paths.sort();
         assert_eq!(
             paths,
             [
+                "limits.max_fragments",
                 "limits.messages.burst",
                 "limits.messages.on_exceed",
                 "limits.messages.rate"

@@ -26,6 +26,7 @@ fn minimal_config_gets_every_default() {
             burst: std::num::NonZeroU32::new(200).unwrap(),
             on_exceed: OnExceed::Close,
         },
+        max_fragments: 256,
         fragment_timeout: Duration::from_secs(10),
         idle_timeout: Duration::ZERO,
         max_connections_per_ip: 64,

@@ -1,11 +1,11 @@
 //! `upstreams`: backends (addresses, weights) or the builtin echo, `sticky.key`,
-//! `balance`, `health_check` and `connect_timeout`.
+//! `balance`, `health_check`, `connect_timeout` and `max_ejected`.
 
 use super::{Validator, is_token};
 use crate::config::file::{
     DEFAULT_CONNECT_TIMEOUT, DEFAULT_HEALTH_INTERVAL, DEFAULT_HEALTH_TIMEOUT,
-    DEFAULT_HEALTHY_AFTER, DEFAULT_UNHEALTHY_AFTER, DEFAULT_WEIGHT, FileBackend, FileBalance,
-    FileHealthCheck, FileSticky, FileUpstream,
+    DEFAULT_HEALTHY_AFTER, DEFAULT_MAX_EJECTED_PERCENT, DEFAULT_UNHEALTHY_AFTER, DEFAULT_WEIGHT,
+    FileBackend, FileBalance, FileHealthCheck, FileSticky, FileUpstream,
 };
 use crate::config::units::{Text, fmt_duration};
 use crate::config::{Backend, HealthCheck, KeyPath, StickyKey, Upstream, UpstreamKind};
@@ -34,6 +34,10 @@ impl Validator<'_> {
         let connect_timeout = match file.connect_timeout {
             Some(d) => self.positive(d, &path.key("connect_timeout")),
             None => DEFAULT_CONNECT_TIMEOUT,
+        };
+        let max_ejected = match &file.max_ejected {
+            Some(text) => self.percent(text, &path.key("max_ejected")),
+            None => DEFAULT_MAX_EJECTED_PERCENT,
         };
         let kind = match (file.backends, file.builtin) {
             (Some(_), Some(_)) => {
@@ -83,6 +87,27 @@ impl Validator<'_> {
             sticky,
             bounded_load,
             health_check,
+            max_ejected,
+        })
+    }
+
+    /// A share written `N%` (N a whole number, 0..=100).
+    fn percent(&mut self, text: &Text, path: &KeyPath) -> u8 {
+        let parsed = text
+            .value
+            .trim()
+            .strip_suffix('%')
+            .and_then(|n| n.trim().parse::<u8>().ok())
+            .filter(|n| *n <= 100);
+        parsed.unwrap_or_else(|| {
+            self.issue(
+                path,
+                format!(
+                    "{} is not a share of the backends; write a whole percentage from `0%` (passive detection never takes a backend out) to `100%` (no bound), e.g. `50%`",
+                    text.shown()
+                ),
+            );
+            DEFAULT_MAX_EJECTED_PERCENT
         })
     }
 
@@ -273,7 +298,7 @@ mod tests {
     fn pools_with_sticky_balance_and_health_checks_load() {
         let text = MINIMAL.replace(
             "{ builtin: echo }",
-            "{ backends: [{ addr: \"a:1\", weight: 2 }, { addr: \"[::1]:2\" }], sticky: { key: \"cookie:sid\" }, balance: { bounded_load: 1.25 }, health_check: { interval: 1s, path: /health, healthy_after: 1 } }",
+            "{ backends: [{ addr: \"a:1\", weight: 2 }, { addr: \"[::1]:2\" }], sticky: { key: \"cookie:sid\" }, balance: { bounded_load: 1.25 }, health_check: { interval: 1s, path: /health, healthy_after: 1 }, max_ejected: 34% }",
         );
         let config = load(&text).unwrap();
         let up = &config.upstreams["echo"];
@@ -292,6 +317,7 @@ mod tests {
         );
         assert_eq!(up.sticky, StickyKey::Cookie("sid".into()));
         assert_eq!(up.bounded_load, Some(1.25));
+        assert_eq!(up.max_ejected, 34);
         assert_eq!(
             up.health_check,
             Some(HealthCheck {
@@ -305,8 +331,13 @@ mod tests {
         let plain = load(MINIMAL).unwrap();
         let up = &plain.upstreams["echo"];
         assert_eq!(
-            (&up.sticky, up.bounded_load, &up.health_check),
-            (&StickyKey::Ip, None, &None)
+            (
+                &up.sticky,
+                up.bounded_load,
+                &up.health_check,
+                up.max_ejected
+            ),
+            (&StickyKey::Ip, None, &None, 50)
         );
     }
 
@@ -386,6 +417,9 @@ mod tests {
                 "health_check: { healthy_after: 101 }",
                 "upstreams.echo.health_check.healthy_after",
             ),
+            ("max_ejected: 101%", "upstreams.echo.max_ejected"),
+            ("max_ejected: 50", "upstreams.echo.max_ejected"),
+            ("max_ejected: \"-1%\"", "upstreams.echo.max_ejected"),
         ];
         for (extra, path) in cases {
             let text = MINIMAL.replace(
@@ -400,6 +434,13 @@ mod tests {
         // `balance: {}` is plain rendezvous.
         let text = MINIMAL.replace("{ builtin: echo }", "{ builtin: echo, balance: {} }");
         assert_eq!(load(&text).unwrap().upstreams["echo"].bounded_load, None);
+        for (share, want) in [("0%", 0), ("100%", 100), ("\" 25 %\"", 25)] {
+            let text = MINIMAL.replace(
+                "{ builtin: echo }",
+                &format!("{{ builtin: echo, max_ejected: {share} }}"),
+            );
+            assert_eq!(load(&text).unwrap().upstreams["echo"].max_ejected, want);
+        }
     }
 
     #[test]
