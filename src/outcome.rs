@@ -500,7 +500,7 @@ mod tests {
         use Side::{Client, Upstream};
         let code = |c: Option<CloseFrame>| c.map(|c| (c.code, c.reason));
         type Close = Option<(u16, &'static str)>;
-        let rows: [(Ending, Close, Close, Option<&str>); 19] = [
+        let rows: [(Ending, Close, Close, Option<&str>); 20] = [
             (
                 Ending::ClientViolation(Breach::Protocol),
                 Some((1002, "protocol error")),
