@@ -10,7 +10,7 @@ use std::net::SocketAddr;
 use std::time::Duration;
 
 use jsonwebtoken::{EncodingKey, Header, encode};
-use tokio::io::AsyncWriteExt;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 
 use support::*;
@@ -210,20 +210,44 @@ async fn an_admin_request_head_must_arrive_within_five_seconds() {
     );
 }
 
-/// SPEC §7: at most 64 admin connections; the next is answered 503 at once, and a slot
-/// freed is a slot reused.
+/// A connection to `addr` from the loopback address 127.0.0.`host` (Linux routes all of
+/// 127.0.0.0/8 to `lo`): a second client address for tests.
+async fn connect_from(host: u8, addr: SocketAddr) -> TcpStream {
+    let socket = tokio::net::TcpSocket::new_v4().unwrap_or_else(|e| panic!("{e}"));
+    socket
+        .bind(SocketAddr::from(([127, 0, 0, host], 0)))
+        .unwrap_or_else(|e| panic!("bind 127.0.0.{host}: {e}"));
+    socket.connect(addr).await.unwrap_or_else(|e| panic!("{e}"))
+}
+
+/// [`admin`] from 127.0.0.`host`.
+async fn admin_from(host: u8, addr: SocketAddr, path: &str) -> (u16, String) {
+    let mut s = connect_from(host, addr).await;
+    let req = format!("GET {path} HTTP/1.1\r\nHost: admin\r\nConnection: close\r\n\r\n");
+    let _ = s.write_all(req.as_bytes()).await;
+    let mut out = Vec::new();
+    let _ = tokio::time::timeout(PATIENCE, s.read_to_end(&mut out)).await;
+    let resp = String::from_utf8_lossy(&out).into_owned();
+    let status = resp
+        .split(' ')
+        .nth(1)
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(0);
+    (status, resp)
+}
+
+/// SPEC §7: at most 64 admin connections (8 per address); the next is answered 503 at
+/// once, and a slot freed is a slot reused.
 #[tokio::test]
 async fn the_admin_listener_serves_at_most_64_connections() {
     let (backend, _accepted) = raw_backend().await;
     let gw = spawn_gateway(&config(backend, "127.0.0.1:0", &with_token(), "")).await;
     let addr = admin_addr(&gw);
     let mut held = Vec::new();
-    for _ in 0..64 {
-        held.push(
-            TcpStream::connect(addr)
-                .await
-                .unwrap_or_else(|e| panic!("{e}")),
-        );
+    for host in 1..=8 {
+        for _ in 0..8 {
+            held.push(connect_from(host, addr).await);
+        }
     }
     // Each held connection is served (one request each, kept alive), so all 64 slots
     // are taken before the next one arrives.
@@ -234,18 +258,85 @@ async fn the_admin_listener_serves_at_most_64_connections() {
         let head = read_head(s).await;
         assert!(head.starts_with("HTTP/1.1 200"), "{head}");
     }
-    let (status, body) = admin(addr, "GET", "/healthz", "").await;
-    assert_ne!(status, 200, "the 65th connection is refused: {body}");
+    let (status, body) = admin_from(9, addr, "/healthz").await;
+    assert_eq!(status, 503, "the 65th connection is refused: {body}");
+    assert!(body.ends_with("too many admin connections\n"), "{body}");
     drop(held.pop());
     eventually(
         "a freed admin slot serves again",
         PATIENCE,
-        async || match admin(addr, "GET", "/healthz", "").await {
+        async || match admin_from(8, addr, "/healthz").await {
             (200, _) => Ok(()),
             other => Err(other),
         },
     )
     .await;
+}
+
+/// One address holding idle connections (and opening more) takes at most 8 admin slots:
+/// probes from another address are still answered.
+#[tokio::test]
+async fn one_address_cannot_take_the_admin_listener_from_probes() {
+    let (backend, _accepted) = raw_backend().await;
+    let gw = spawn_gateway(&config(backend, "127.0.0.1:0", &with_token(), "")).await;
+    let addr = admin_addr(&gw);
+    let mut idle = Vec::new();
+    for _ in 0..70 {
+        idle.push(connect_from(1, addr).await);
+    }
+    for _ in 0..10 {
+        let (status, body) = admin_from(2, addr, "/healthz").await;
+        assert_eq!(status, 200, "a probe from 127.0.0.2: {body}");
+        // The abuser keeps reconnecting.
+        idle.push(connect_from(1, addr).await);
+    }
+    let (status, body) = admin_from(1, addr, "/healthz").await;
+    assert_eq!(status, 503, "{body}");
+    assert!(body.contains("from this address"), "{body}");
+    let (status, _) = admin_from(3, addr, "/readyz").await;
+    assert_eq!(status, 200);
+}
+
+/// A client that pipelines requests and never reads the answers loses its connections
+/// once a write to it stalls, so its address's slots come back.
+#[tokio::test]
+async fn a_client_that_stops_reading_loses_its_admin_connections() {
+    let (backend, _accepted) = raw_backend().await;
+    let gw = spawn_gateway(&config(backend, "127.0.0.1:0", &with_token(), "")).await;
+    let addr = admin_addr(&gw);
+    let requests = b"GET /metrics HTTP/1.1\r\nHost: admin\r\n\r\n".repeat(20_000);
+    let mut writers = Vec::new();
+    for _ in 0..8 {
+        let mut s = connect_from(1, addr).await;
+        let requests = requests.clone();
+        writers.push(tokio::spawn(async move {
+            // Writes until the gateway stops reading, then holds the socket unread.
+            let _ = s.write_all(&requests).await;
+            tokio::time::sleep(Duration::from_secs(60)).await;
+            drop(s);
+        }));
+    }
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let (status, body) = admin_from(1, addr, "/healthz").await;
+    assert_eq!(status, 503, "the address holds its 8 slots: {body}");
+    let started = tokio::time::Instant::now();
+    eventually(
+        "stalled admin connections are dropped",
+        Duration::from_secs(15),
+        async || match admin_from(1, addr, "/healthz").await {
+            (200, _) => Ok(()),
+            other => Err(other),
+        },
+    )
+    .await;
+    assert!(
+        started.elapsed() < Duration::from_secs(12),
+        "{:?}",
+        started.elapsed()
+    );
+    for w in writers {
+        w.abort();
+    }
 }
 
 /// `/connections/close` closes exactly the matching connections: 4003 `revoked` (or the
