@@ -491,22 +491,34 @@ async fn the_per_subject_cap_refuses_429_subject_cap() {
     .await;
 }
 
-/// An API key's identity is its line in `keys_file`: two keys are two subjects.
+/// An API key's identity is its SHA-256: two keys are two subjects, even on the same line
+/// of two routes' keys files.
 #[tokio::test]
-async fn the_per_subject_cap_counts_api_keys_by_their_line() {
+async fn the_per_subject_cap_counts_api_keys_by_their_hash() {
     use sha2::Digest;
     let (backend, mut accepted) = raw_backend().await;
     let dir = std::env::temp_dir().join(format!("wsgate-admin-keys-{}", std::process::id()));
     std::fs::create_dir_all(&dir).unwrap_or_else(|e| panic!("{e}"));
-    let file = dir.join("keys.txt");
     let hex = |k: &[u8]| -> String {
         sha2::Sha256::digest(k)
             .iter()
             .map(|b| format!("{b:02x}"))
             .collect()
     };
-    std::fs::write(&file, format!("{}\n{}\n", hex(b"key-a"), hex(b"key-b")))
-        .unwrap_or_else(|e| panic!("{e}"));
+    let (file, a_file, b_file) = (dir.join("keys.txt"), dir.join("a.txt"), dir.join("b.txt"));
+    let write = |path: &std::path::Path, text: String| {
+        std::fs::write(path, text).unwrap_or_else(|e| panic!("{e}"));
+    };
+    write(&file, format!("{}\n{}\n", hex(b"key-a"), hex(b"key-b")));
+    // Each of these has one key, on line 1.
+    write(&a_file, format!("{}\n", hex(b"key-a")));
+    write(&b_file, format!("{}\n", hex(b"key-b")));
+    let route = |name: &str, prefix: &str, file: &std::path::Path| {
+        format!(
+            "  - {{ name: {name}, match: {{ path_prefix: {prefix} }}, upstream: app, auth: {{ api_keys: {{ header: X-Api-Key, keys_file: \"{}\" }} }} }}\n",
+            file.display()
+        )
+    };
     let yaml = format!(
         r#"
 listeners: [{{ name: public, bind: "127.0.0.1:0" }}]
@@ -514,17 +526,23 @@ limits: {{ max_connections_per_ip: 1000, handshakes_per_ip: {{ rate: 10000, per:
 upstreams:
   app: {{ backends: [{{ addr: "{backend}" }}] }}
 routes:
-  - {{ name: app, match: {{ path_prefix: / }}, upstream: app, auth: {{ api_keys: {{ header: X-Api-Key, keys_file: "{}" }} }} }}
-"#,
-        file.display()
+{}{}{}"#,
+        route("a", "/a", &a_file),
+        route("b", "/b", &b_file),
+        route("app", "/", &file),
     );
     let gw = spawn_gateway(&yaml).await;
-    let (_a, head) = raw_upgrade(gw.addr(), "/", "X-Api-Key: key-a\r\n").await;
+    let (_b, head) = raw_upgrade(gw.addr(), "/b", "X-Api-Key: key-b\r\n").await;
+    assert!(head.starts_with("HTTP/1.1 101"), "{head}");
+    let _b_up = next_accepted(&mut accepted).await;
+    // key-a is line 1 of a.txt as key-b is of b.txt: still another subject.
+    let (_a, head) = raw_upgrade(gw.addr(), "/a", "X-Api-Key: key-a\r\n").await;
     assert!(head.starts_with("HTTP/1.1 101"), "{head}");
     let _a_up = next_accepted(&mut accepted).await;
+    // The same key through another route's file is the same subject.
     let (_, head) = raw_upgrade(gw.addr(), "/", "X-Api-Key: key-a\r\n").await;
     assert!(head.starts_with("HTTP/1.1 429"), "{head}");
-    let (_b, head) = raw_upgrade(gw.addr(), "/", "X-Api-Key: key-b\r\n").await;
-    assert!(head.starts_with("HTTP/1.1 101"), "{head}");
+    let (_, head) = raw_upgrade(gw.addr(), "/", "X-Api-Key: key-b\r\n").await;
+    assert!(head.starts_with("HTTP/1.1 429"), "{head}");
     let _ = std::fs::remove_dir_all(dir);
 }
