@@ -177,16 +177,8 @@ fn authorize(
         let authorized = jwt
             .verifier
             .check(&parts.headers, query, token::unix_now())?;
-        pass.subject = authorized
-            .claims
-            .get("sub")
-            .and_then(|s| s.as_str())
-            .map(str::to_owned);
-        who.jti = authorized
-            .claims
-            .get("jti")
-            .and_then(|s| s.as_str())
-            .map(str::to_owned);
+        pass.subject = name_claim(authorized.claims.get("sub"));
+        who.jti = name_claim(authorized.claims.get("jti"));
         who.iss = authorized
             .claims
             .get("iss")
@@ -230,6 +222,17 @@ fn authorize(
         who.api_key = Some(digest);
     }
     Ok((pass, who))
+}
+
+/// A claim that names someone or something (`sub`, `jti`): a string as it is, a number as
+/// its decimal text (`{"sub": 42}` is subject `42`, capped and revocable like `"42"`);
+/// anything else names nobody.
+fn name_claim(value: Option<&serde_json::Value>) -> Option<String> {
+    match value? {
+        serde_json::Value::String(s) => Some(s.clone()),
+        serde_json::Value::Number(n) => Some(n.to_string()),
+        _ => None,
+    }
 }
 
 #[cfg(test)]
@@ -637,6 +640,40 @@ routes:
             serde_json::json!({ "sub": "alice", "iss": "https://a.example" }),
         ));
         assert_eq!(refusal(&again), Some("subject_cap"));
+    }
+
+    #[tokio::test]
+    async fn a_numeric_sub_is_capped_and_revoked_as_its_decimal_text() {
+        use crate::ops::revocation::{RevocationStore, Target};
+        let world = subject_cap_world();
+        let (facts, first) = world.decide(&with_claims(serde_json::json!({ "sub": 42 })));
+        assert!(first.as_ref().is_ok_and(|a| a.subject_permit.is_some()));
+        assert_eq!(facts.subject.as_deref(), Some("42"));
+        let (_, second) = world.decide(&with_claims(serde_json::json!({ "sub": 42 })));
+        assert_eq!(refusal(&second), Some("subject_cap"));
+        let (_, text) = world.decide(&with_claims(serde_json::json!({ "sub": "42" })));
+        assert_eq!(
+            refusal(&text),
+            Some("subject_cap"),
+            "42 and \"42\" are one subject"
+        );
+        drop(first);
+        let _ = world
+            .revocations
+            .revoke(Target::Subject("42".into()), Duration::from_secs(60))
+            .await;
+        let (_, revoked) = world.decide(&with_claims(serde_json::json!({ "sub": 42 })));
+        assert_eq!(refusal(&revoked), Some("revoked"));
+        let _ = world
+            .revocations
+            .revoke(Target::TokenId("7".into()), Duration::from_secs(60))
+            .await;
+        let (_, by_jti) = world.decide(&with_claims(serde_json::json!({ "sub": "x", "jti": 7 })));
+        assert_eq!(refusal(&by_jti), Some("revoked"));
+        // No `sub`: no subject, so no subject cap.
+        let (_, a) = world.decide(&with_claims(serde_json::json!({})));
+        let (_, b) = world.decide(&with_claims(serde_json::json!({})));
+        assert!(a.is_ok() && b.is_ok());
     }
 
     #[test]
