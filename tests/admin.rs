@@ -434,6 +434,11 @@ async fn revoke_refuses_new_handshakes_closes_live_ones_and_expires() {
         },
     )
     .await;
+    // A subject or token id longer than 1 KiB is refused (the store stays small).
+    let long = format!("/revoke?subject={}", "a".repeat(2000));
+    let (status, body) = admin(addr, "POST", &long, &bearer()).await;
+    assert_eq!(status, 400, "{body}");
+    assert!(body.contains("longer than 1024 bytes"), "{body}");
     // Lifted.
     let (status, body) = admin(addr, "DELETE", "/revoke?subject=alice", &bearer()).await;
     assert_eq!(status, 200, "{body}");

@@ -8,7 +8,7 @@ use std::time::Duration;
 use crate::config::units::{fmt_duration, parse_duration};
 use crate::http_util::percent_decode;
 use crate::ops::registry::Selector;
-use crate::ops::revocation::Target;
+use crate::ops::revocation::{MAX_KEY_LEN, Target};
 use crate::outcome::Ending;
 
 /// `for` when `/revoke` names none.
@@ -96,6 +96,9 @@ fn non_empty(name: &str, value: String) -> Result<String, String> {
     if value.is_empty() {
         return Err(format!("{name}: empty value"));
     }
+    if value.len() > MAX_KEY_LEN {
+        return Err(format!("{name}: longer than {MAX_KEY_LEN} bytes"));
+    }
     Ok(value)
 }
 
@@ -182,5 +185,17 @@ mod tests {
         ] {
             assert!(revoke_order(bad).is_err(), "{bad:?}");
         }
+    }
+
+    #[test]
+    fn a_subject_or_token_id_is_at_most_1_kib() {
+        let at_most = "a".repeat(MAX_KEY_LEN);
+        let longer = "a".repeat(MAX_KEY_LEN + 1);
+        for name in ["subject", "jti"] {
+            assert!(revoke_order(Some(&format!("{name}={at_most}"))).is_ok());
+            let err = revoke_order(Some(&format!("{name}={longer}")));
+            assert_eq!(err, Err(format!("{name}: longer than 1024 bytes")));
+        }
+        assert!(close_order(Some(&format!("subject={longer}"))).is_err());
     }
 }
