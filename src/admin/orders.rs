@@ -5,6 +5,7 @@
 use std::net::IpAddr;
 use std::time::Duration;
 
+use crate::admission::client_ip::normalise;
 use crate::config::units::{fmt_duration, parse_duration};
 use crate::http_util::percent_decode;
 use crate::ops::registry::Selector;
@@ -40,12 +41,11 @@ pub fn close_order(query: Option<&str>) -> Result<(Selector, u16), String> {
     for (name, value) in pairs(query) {
         let picked = match name.as_str() {
             "subject" => Selector::Subject(non_empty(&name, value)?),
-            "ip" => Selector::Ip(
-                value
-                    .trim()
-                    .parse::<IpAddr>()
-                    .map_err(|_| format!("ip: `{}` is not an IP address", value.escape_debug()))?,
-            ),
+            // As the registry holds it: `::ffff:192.0.2.7` (a dual-stack socket's) is
+            // 192.0.2.7.
+            "ip" => Selector::Ip(normalise(value.trim().parse::<IpAddr>().map_err(|_| {
+                format!("ip: `{}` is not an IP address", value.escape_debug())
+            })?)),
             "route" => Selector::Route(non_empty(&name, value)?),
             "conn_id" => Selector::ConnId(non_empty(&name, value)?),
             "code" => {
@@ -146,6 +146,11 @@ mod tests {
         assert_eq!(
             close_order(Some("conn_id=01JD")),
             Ok((Selector::ConnId("01JD".into()), 4003))
+        );
+        // An IPv4-mapped address is the IPv4 address the registry holds.
+        assert_eq!(
+            close_order(Some("ip=::ffff:127.0.0.1")),
+            Ok((Selector::Ip([127, 0, 0, 1].into()), 4003))
         );
         for bad in [
             None,
