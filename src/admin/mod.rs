@@ -200,8 +200,8 @@ struct Lifted<'a> {
 }
 
 async fn lift(shared: &Shared, query: Option<&str>) -> Response<Full<Bytes>> {
-    let target = match orders::revoke_order(query) {
-        Ok((target, _)) => target,
+    let target = match orders::lift_order(query) {
+        Ok(target) => target,
         Err(e) => return text_owned(StatusCode::BAD_REQUEST, e),
     };
     match shared.revocations.lift(target.clone()).await {

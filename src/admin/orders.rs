@@ -37,7 +37,7 @@ fn pairs(query: Option<&str>) -> Vec<(String, String)> {
 /// selector, and the close code the client gets.
 pub fn close_order(query: Option<&str>) -> Result<(Selector, u16), String> {
     let mut selector = None;
-    let mut code = Ending::REVOKED_CODE;
+    let mut code = None;
     for (name, value) in pairs(query) {
         let picked = match name.as_str() {
             "subject" => Selector::Subject(non_empty(&name, value)?),
@@ -49,7 +49,9 @@ pub fn close_order(query: Option<&str>) -> Result<(Selector, u16), String> {
             "route" => Selector::Route(non_empty(&name, value)?),
             "conn_id" => Selector::ConnId(non_empty(&name, value)?),
             "code" => {
-                code = close_code(&value)?;
+                if code.replace(close_code(&value)?).is_some() {
+                    return Err("code: name it once".into());
+                }
                 continue;
             }
             _ => return Err(unknown(&name, "subject, ip, route, conn_id, code")),
@@ -60,25 +62,32 @@ pub fn close_order(query: Option<&str>) -> Result<(Selector, u16), String> {
     }
     let selector =
         selector.ok_or("name one of subject=, ip=, route=, conn_id= (e.g. ?subject=user-42)")?;
-    Ok((selector, code))
+    Ok((selector, code.unwrap_or(Ending::REVOKED_CODE)))
 }
 
-/// `/revoke?subject=S|jti=J[&for=1h]`: exactly one target, and for how long (`DELETE`
-/// ignores `for`).
+/// `POST /revoke?subject=S|jti=J[&for=1h]`: exactly one target, and for how long.
 pub fn revoke_order(query: Option<&str>) -> Result<(Target, Duration), String> {
+    let (target, ttl) = target_order(query, true)?;
+    Ok((target, ttl.unwrap_or(DEFAULT_REVOKE_FOR)))
+}
+
+/// `DELETE /revoke?subject=S|jti=J`: exactly one target; a `for` is ignored, unread.
+pub fn lift_order(query: Option<&str>) -> Result<Target, String> {
+    target_order(query, false).map(|(target, _)| target)
+}
+
+/// The target of `/revoke`, and its `for` when `read_for` (else `for` is skipped).
+fn target_order(query: Option<&str>, read_for: bool) -> Result<(Target, Option<Duration>), String> {
     let mut target = None;
-    let mut ttl = DEFAULT_REVOKE_FOR;
+    let mut ttl = None;
     for (name, value) in pairs(query) {
         let picked = match name.as_str() {
             "subject" => Target::Subject(non_empty(&name, value)?),
             "jti" => Target::TokenId(non_empty(&name, value)?),
+            "for" if !read_for => continue,
             "for" => {
-                ttl = parse_duration(&value).map_err(|e| format!("for: {e}"))?;
-                if ttl.is_zero() || ttl > MAX_REVOKE_FOR {
-                    return Err(format!(
-                        "for: between 1s and {}",
-                        fmt_duration(MAX_REVOKE_FOR)
-                    ));
+                if ttl.replace(revoke_for(&value)?).is_some() {
+                    return Err("for: name it once".into());
                 }
                 continue;
             }
@@ -90,6 +99,18 @@ pub fn revoke_order(query: Option<&str>) -> Result<(Target, Duration), String> {
     }
     let target = target.ok_or("name one of subject=, jti= (e.g. ?subject=user-42&for=1h)")?;
     Ok((target, ttl))
+}
+
+/// A revocation's `for`: from 1s to [`MAX_REVOKE_FOR`].
+fn revoke_for(value: &str) -> Result<Duration, String> {
+    let ttl = parse_duration(value).map_err(|e| format!("for: {e}"))?;
+    if ttl < Duration::from_secs(1) || ttl > MAX_REVOKE_FOR {
+        return Err(format!(
+            "for: between 1s and {}",
+            fmt_duration(MAX_REVOKE_FOR)
+        ));
+    }
+    Ok(ttl)
 }
 
 fn non_empty(name: &str, value: String) -> Result<String, String> {
@@ -164,6 +185,8 @@ mod tests {
             Some("subject=a&code=5000"),
             Some("subject=a&code=x"),
             Some("user=a"),
+            Some("subject=a&code=4000&code=4001"),
+            Some("subject=a&code=4000&code=4000"),
         ] {
             assert!(close_order(bad).is_err(), "{bad:?}");
         }
@@ -184,11 +207,36 @@ mod tests {
             Some("for=1h"),
             Some("subject=a&jti=b"),
             Some("subject=a&for=0s"),
+            Some("subject=a&for=500ms"),
+            Some("subject=a&for=1h&for=2h"),
             Some("subject=a&for=31d"),
             Some("subject=a&for=soon"),
             Some("ip=1.2.3.4"),
         ] {
             assert!(revoke_order(bad).is_err(), "{bad:?}");
+        }
+        assert_eq!(
+            revoke_order(Some("subject=a&for=1s")),
+            Ok((Target::Subject("a".into()), Duration::from_secs(1)))
+        );
+    }
+
+    #[test]
+    fn a_lift_names_one_target_and_ignores_for() {
+        for query in ["jti=abc", "jti=abc&for=soon", "for=0s&jti=abc&for=1h"] {
+            assert_eq!(
+                lift_order(Some(query)),
+                Ok(Target::TokenId("abc".into())),
+                "{query}"
+            );
+        }
+        for bad in [
+            None,
+            Some("for=1h"),
+            Some("subject=a&jti=b"),
+            Some("ip=1.2.3.4"),
+        ] {
+            assert!(lift_order(bad).is_err(), "{bad:?}");
         }
     }
 
