@@ -10,7 +10,7 @@ use std::net::SocketAddr;
 use std::time::Duration;
 
 use jsonwebtoken::{EncodingKey, Header, encode};
-use tokio::io::AsyncWriteExt;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 
 use support::*;
@@ -210,20 +210,44 @@ async fn an_admin_request_head_must_arrive_within_five_seconds() {
     );
 }
 
-/// SPEC §7: at most 64 admin connections; the next is answered 503 at once, and a slot
-/// freed is a slot reused.
+/// A connection to `addr` from the loopback address 127.0.0.`host` (Linux routes all of
+/// 127.0.0.0/8 to `lo`): a second client address for tests.
+async fn connect_from(host: u8, addr: SocketAddr) -> TcpStream {
+    let socket = tokio::net::TcpSocket::new_v4().unwrap_or_else(|e| panic!("{e}"));
+    socket
+        .bind(SocketAddr::from(([127, 0, 0, host], 0)))
+        .unwrap_or_else(|e| panic!("bind 127.0.0.{host}: {e}"));
+    socket.connect(addr).await.unwrap_or_else(|e| panic!("{e}"))
+}
+
+/// [`admin`] from 127.0.0.`host`.
+async fn admin_from(host: u8, addr: SocketAddr, path: &str) -> (u16, String) {
+    let mut s = connect_from(host, addr).await;
+    let req = format!("GET {path} HTTP/1.1\r\nHost: admin\r\nConnection: close\r\n\r\n");
+    let _ = s.write_all(req.as_bytes()).await;
+    let mut out = Vec::new();
+    let _ = tokio::time::timeout(PATIENCE, s.read_to_end(&mut out)).await;
+    let resp = String::from_utf8_lossy(&out).into_owned();
+    let status = resp
+        .split(' ')
+        .nth(1)
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(0);
+    (status, resp)
+}
+
+/// SPEC §7: at most 64 admin connections (8 per address); the next is answered 503 at
+/// once, and a slot freed is a slot reused.
 #[tokio::test]
 async fn the_admin_listener_serves_at_most_64_connections() {
     let (backend, _accepted) = raw_backend().await;
     let gw = spawn_gateway(&config(backend, "127.0.0.1:0", &with_token(), "")).await;
     let addr = admin_addr(&gw);
     let mut held = Vec::new();
-    for _ in 0..64 {
-        held.push(
-            TcpStream::connect(addr)
-                .await
-                .unwrap_or_else(|e| panic!("{e}")),
-        );
+    for host in 1..=8 {
+        for _ in 0..8 {
+            held.push(connect_from(host, addr).await);
+        }
     }
     // Each held connection is served (one request each, kept alive), so all 64 slots
     // are taken before the next one arrives.
@@ -234,18 +258,85 @@ async fn the_admin_listener_serves_at_most_64_connections() {
         let head = read_head(s).await;
         assert!(head.starts_with("HTTP/1.1 200"), "{head}");
     }
-    let (status, body) = admin(addr, "GET", "/healthz", "").await;
-    assert_ne!(status, 200, "the 65th connection is refused: {body}");
+    let (status, body) = admin_from(9, addr, "/healthz").await;
+    assert_eq!(status, 503, "the 65th connection is refused: {body}");
+    assert!(body.ends_with("too many admin connections\n"), "{body}");
     drop(held.pop());
     eventually(
         "a freed admin slot serves again",
         PATIENCE,
-        async || match admin(addr, "GET", "/healthz", "").await {
+        async || match admin_from(8, addr, "/healthz").await {
             (200, _) => Ok(()),
             other => Err(other),
         },
     )
     .await;
+}
+
+/// One address holding idle connections (and opening more) takes at most 8 admin slots:
+/// probes from another address are still answered.
+#[tokio::test]
+async fn one_address_cannot_take_the_admin_listener_from_probes() {
+    let (backend, _accepted) = raw_backend().await;
+    let gw = spawn_gateway(&config(backend, "127.0.0.1:0", &with_token(), "")).await;
+    let addr = admin_addr(&gw);
+    let mut idle = Vec::new();
+    for _ in 0..70 {
+        idle.push(connect_from(1, addr).await);
+    }
+    for _ in 0..10 {
+        let (status, body) = admin_from(2, addr, "/healthz").await;
+        assert_eq!(status, 200, "a probe from 127.0.0.2: {body}");
+        // The abuser keeps reconnecting.
+        idle.push(connect_from(1, addr).await);
+    }
+    let (status, body) = admin_from(1, addr, "/healthz").await;
+    assert_eq!(status, 503, "{body}");
+    assert!(body.contains("from this address"), "{body}");
+    let (status, _) = admin_from(3, addr, "/readyz").await;
+    assert_eq!(status, 200);
+}
+
+/// A client that pipelines requests and never reads the answers loses its connections
+/// once a write to it stalls, so its address's slots come back.
+#[tokio::test]
+async fn a_client_that_stops_reading_loses_its_admin_connections() {
+    let (backend, _accepted) = raw_backend().await;
+    let gw = spawn_gateway(&config(backend, "127.0.0.1:0", &with_token(), "")).await;
+    let addr = admin_addr(&gw);
+    let requests = b"GET /metrics HTTP/1.1\r\nHost: admin\r\n\r\n".repeat(20_000);
+    let mut writers = Vec::new();
+    for _ in 0..8 {
+        let mut s = connect_from(1, addr).await;
+        let requests = requests.clone();
+        writers.push(tokio::spawn(async move {
+            // Writes until the gateway stops reading, then holds the socket unread.
+            let _ = s.write_all(&requests).await;
+            tokio::time::sleep(Duration::from_secs(60)).await;
+            drop(s);
+        }));
+    }
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let (status, body) = admin_from(1, addr, "/healthz").await;
+    assert_eq!(status, 503, "the address holds its 8 slots: {body}");
+    let started = tokio::time::Instant::now();
+    eventually(
+        "stalled admin connections are dropped",
+        Duration::from_secs(15),
+        async || match admin_from(1, addr, "/healthz").await {
+            (200, _) => Ok(()),
+            other => Err(other),
+        },
+    )
+    .await;
+    assert!(
+        started.elapsed() < Duration::from_secs(12),
+        "{:?}",
+        started.elapsed()
+    );
+    for w in writers {
+        w.abort();
+    }
 }
 
 /// `/connections/close` closes exactly the matching connections: 4003 `revoked` (or the
@@ -343,6 +434,11 @@ async fn revoke_refuses_new_handshakes_closes_live_ones_and_expires() {
         },
     )
     .await;
+    // A subject or token id longer than 1 KiB is refused (the store stays small).
+    let long = format!("/revoke?subject={}", "a".repeat(2000));
+    let (status, body) = admin(addr, "POST", &long, &bearer()).await;
+    assert_eq!(status, 400, "{body}");
+    assert!(body.contains("longer than 1024 bytes"), "{body}");
     // Lifted.
     let (status, body) = admin(addr, "DELETE", "/revoke?subject=alice", &bearer()).await;
     assert_eq!(status, 200, "{body}");
@@ -400,22 +496,34 @@ async fn the_per_subject_cap_refuses_429_subject_cap() {
     .await;
 }
 
-/// An API key's identity is its line in `keys_file`: two keys are two subjects.
+/// An API key's identity is its SHA-256: two keys are two subjects, even on the same line
+/// of two routes' keys files.
 #[tokio::test]
-async fn the_per_subject_cap_counts_api_keys_by_their_line() {
+async fn the_per_subject_cap_counts_api_keys_by_their_hash() {
     use sha2::Digest;
     let (backend, mut accepted) = raw_backend().await;
     let dir = std::env::temp_dir().join(format!("wsgate-admin-keys-{}", std::process::id()));
     std::fs::create_dir_all(&dir).unwrap_or_else(|e| panic!("{e}"));
-    let file = dir.join("keys.txt");
     let hex = |k: &[u8]| -> String {
         sha2::Sha256::digest(k)
             .iter()
             .map(|b| format!("{b:02x}"))
             .collect()
     };
-    std::fs::write(&file, format!("{}\n{}\n", hex(b"key-a"), hex(b"key-b")))
-        .unwrap_or_else(|e| panic!("{e}"));
+    let (file, a_file, b_file) = (dir.join("keys.txt"), dir.join("a.txt"), dir.join("b.txt"));
+    let write = |path: &std::path::Path, text: String| {
+        std::fs::write(path, text).unwrap_or_else(|e| panic!("{e}"));
+    };
+    write(&file, format!("{}\n{}\n", hex(b"key-a"), hex(b"key-b")));
+    // Each of these has one key, on line 1.
+    write(&a_file, format!("{}\n", hex(b"key-a")));
+    write(&b_file, format!("{}\n", hex(b"key-b")));
+    let route = |name: &str, prefix: &str, file: &std::path::Path| {
+        format!(
+            "  - {{ name: {name}, match: {{ path_prefix: {prefix} }}, upstream: app, auth: {{ api_keys: {{ header: X-Api-Key, keys_file: \"{}\" }} }} }}\n",
+            file.display()
+        )
+    };
     let yaml = format!(
         r#"
 listeners: [{{ name: public, bind: "127.0.0.1:0" }}]
@@ -423,17 +531,23 @@ limits: {{ max_connections_per_ip: 1000, handshakes_per_ip: {{ rate: 10000, per:
 upstreams:
   app: {{ backends: [{{ addr: "{backend}" }}] }}
 routes:
-  - {{ name: app, match: {{ path_prefix: / }}, upstream: app, auth: {{ api_keys: {{ header: X-Api-Key, keys_file: "{}" }} }} }}
-"#,
-        file.display()
+{}{}{}"#,
+        route("a", "/a", &a_file),
+        route("b", "/b", &b_file),
+        route("app", "/", &file),
     );
     let gw = spawn_gateway(&yaml).await;
-    let (_a, head) = raw_upgrade(gw.addr(), "/", "X-Api-Key: key-a\r\n").await;
+    let (_b, head) = raw_upgrade(gw.addr(), "/b", "X-Api-Key: key-b\r\n").await;
+    assert!(head.starts_with("HTTP/1.1 101"), "{head}");
+    let _b_up = next_accepted(&mut accepted).await;
+    // key-a is line 1 of a.txt as key-b is of b.txt: still another subject.
+    let (_a, head) = raw_upgrade(gw.addr(), "/a", "X-Api-Key: key-a\r\n").await;
     assert!(head.starts_with("HTTP/1.1 101"), "{head}");
     let _a_up = next_accepted(&mut accepted).await;
+    // The same key through another route's file is the same subject.
     let (_, head) = raw_upgrade(gw.addr(), "/", "X-Api-Key: key-a\r\n").await;
     assert!(head.starts_with("HTTP/1.1 429"), "{head}");
-    let (_b, head) = raw_upgrade(gw.addr(), "/", "X-Api-Key: key-b\r\n").await;
-    assert!(head.starts_with("HTTP/1.1 101"), "{head}");
+    let (_, head) = raw_upgrade(gw.addr(), "/", "X-Api-Key: key-b\r\n").await;
+    assert!(head.starts_with("HTTP/1.1 429"), "{head}");
     let _ = std::fs::remove_dir_all(dir);
 }

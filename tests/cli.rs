@@ -193,6 +193,31 @@ fn check_warns_when_admin_changes_are_refused_for_want_of_a_token() {
     let _ = std::fs::remove_file(path);
 }
 
+/// A short `admin.token` is taken, with a warning from `--check` (and at start) that does
+/// not show it.
+#[test]
+fn check_warns_about_a_short_admin_token() {
+    let yaml = |token: &str| {
+        format!(
+            "listeners: [{{ name: a, bind: \"127.0.0.1:0\" }}]\nadmin: {{ bind: \"127.0.0.1:0\", token: \"{token}\" }}\nupstreams:\n  e: {{ builtin: echo }}\nroutes:\n  - {{ name: r, match: {{ path_prefix: / }}, upstream: e }}\n"
+        )
+    };
+    let path = temp_config("short-admin-token", &yaml("hunter2-x"));
+    let (code, out, err) = run(&["--check", "--config", path.to_str().unwrap_or_default()]);
+    assert_eq!(code, 0, "{out}{err}");
+    assert!(
+        err.contains("admin.token is 9 characters long") && err.contains("at least 16"),
+        "{err}"
+    );
+    assert!(!err.contains("hunter2"), "the token is not shown: {err}");
+    let _ = std::fs::remove_file(path);
+    let path = temp_config("long-admin-token", &yaml("0123456789abcdef"));
+    let (code, out, err) = run(&["--check", "--config", path.to_str().unwrap_or_default()]);
+    assert_eq!(code, 0, "{out}{err}");
+    assert!(!err.contains("admin.token"), "{err}");
+    let _ = std::fs::remove_file(path);
+}
+
 /// The container and Kubernetes config binds admin to 0.0.0.0, so it takes its token
 /// from the environment (a Kubernetes Secret): without it, it does not load.
 #[test]

@@ -15,10 +15,13 @@
 //!
 //! Every method but GET and HEAD changes state and passes the [`guard`] first (the admin
 //! token, loopback without one, no `Origin`). The listener bounds itself: a request head
-//! within [`HEAD_TIMEOUT`], at most [`MAX_CONNECTIONS`] connections at once.
+//! within [`HEAD_TIMEOUT`], at most [`MAX_CONNECTIONS`] connections at once, of which one
+//! address holds at most [`slots::PER_ADDRESS`] and some only loopback may take, and no
+//! connection outlives a stalled write or [`slots::DEADLINE`] ([`slots`]).
 
 mod guard;
 mod orders;
+mod slots;
 
 use std::convert::Infallible;
 use std::sync::Arc;
@@ -32,7 +35,6 @@ use hyper::service::service_fn;
 use hyper_util::rt::{TokioIo, TokioTimer};
 use serde::Serialize;
 use tokio::net::TcpListener;
-use tokio::sync::Semaphore;
 
 use crate::config::units::fmt_duration;
 use crate::ops::registry::DrainKind;
@@ -40,19 +42,21 @@ use crate::ops::revocation::Target;
 use crate::shared::Shared;
 use crate::upstream::pool;
 use guard::Guard;
+pub use slots::MAX_CONNECTIONS;
+use slots::{Busy, Slots, StallGuard};
 
 /// How many of the longest-lived connections `/connections` lists.
 const OLDEST: usize = 20;
 /// A request head (the first, and each next one on a kept-alive connection) must arrive
 /// within this (SPEC §7), or the connection is closed.
 pub const HEAD_TIMEOUT: Duration = Duration::from_secs(5);
-/// Admin connections served at once (SPEC §7); one more is answered 503 and closed.
-pub const MAX_CONNECTIONS: usize = 64;
 /// Largest admin request head: admin requests are a line and a few headers.
 const MAX_HEAD: usize = 16 * 1024;
 
 /// What the 65th connection gets, written without reading its request.
 const BUSY: &[u8] = b"HTTP/1.1 503 Service Unavailable\r\ncontent-type: text/plain; charset=utf-8\r\ncontent-length: 27\r\nconnection: close\r\n\r\ntoo many admin connections\n";
+/// What a connection from an address holding its share of slots already gets.
+const BUSY_ADDRESS: &[u8] = b"HTTP/1.1 503 Service Unavailable\r\ncontent-type: text/plain; charset=utf-8\r\ncontent-length: 45\r\nconnection: close\r\n\r\ntoo many admin connections from this address\n";
 
 /// Serves the admin endpoints until the gateway is dropped.
 pub fn spawn(listener: TcpListener, shared: Arc<Shared>) {
@@ -62,17 +66,23 @@ pub fn spawn(listener: TcpListener, shared: Arc<Shared>) {
     };
     let guard = Arc::new(guard);
     let shared = Arc::downgrade(&shared);
-    let slots = Arc::new(Semaphore::new(MAX_CONNECTIONS));
+    let slots = Slots::new();
     tokio::spawn(async move {
         loop {
-            let Ok((stream, _)) = listener.accept().await else {
+            let Ok((stream, peer)) = listener.accept().await else {
                 tokio::time::sleep(std::time::Duration::from_millis(100)).await;
                 continue;
             };
-            let Ok(slot) = slots.clone().try_acquire_owned() else {
-                // The socket is fresh: its send buffer takes the whole answer at once.
-                let _ = stream.try_write(BUSY);
-                continue;
+            let slot = match slots.take(peer.ip()) {
+                Ok(slot) => slot,
+                Err(busy) => {
+                    // The socket is fresh: its send buffer takes the whole answer at once.
+                    let _ = stream.try_write(match busy {
+                        Busy::Address => BUSY_ADDRESS,
+                        Busy::Listener => BUSY,
+                    });
+                    continue;
+                }
             };
             let shared = shared.clone();
             let guard = guard.clone();
@@ -87,12 +97,20 @@ pub fn spawn(listener: TcpListener, shared: Arc<Shared>) {
                         })
                     }
                 });
-                let _ = hyper::server::conn::http1::Builder::new()
+                let conn = hyper::server::conn::http1::Builder::new()
                     .timer(TokioTimer::new())
                     .header_read_timeout(HEAD_TIMEOUT)
                     .max_buf_size(MAX_HEAD)
-                    .serve_connection(TokioIo::new(stream), svc)
-                    .await;
+                    .serve_connection(TokioIo::new(StallGuard::new(stream)), svc);
+                let mut conn = std::pin::pin!(conn);
+                if tokio::time::timeout(slots::DEADLINE, conn.as_mut())
+                    .await
+                    .is_err()
+                {
+                    // Past the deadline: the answer in progress may finish, nothing more.
+                    conn.as_mut().graceful_shutdown();
+                    let _ = tokio::time::timeout(slots::WRITE_STALL, conn).await;
+                }
                 drop(slot);
             });
         }
@@ -182,8 +200,8 @@ struct Lifted<'a> {
 }
 
 async fn lift(shared: &Shared, query: Option<&str>) -> Response<Full<Bytes>> {
-    let target = match orders::revoke_order(query) {
-        Ok((target, _)) => target,
+    let target = match orders::lift_order(query) {
+        Ok(target) => target,
         Err(e) => return text_owned(StatusCode::BAD_REQUEST, e),
     };
     match shared.revocations.lift(target.clone()).await {

@@ -123,9 +123,9 @@ pub fn admit<'r>(
         EarlyPermit::NotTaken => limiters.per_ip.admit(key, cap)?,
     };
     let subject_cap = route.limits.max_connections_per_subject;
-    let subject_key = match (&pass.subject, who.api_key_line) {
-        (Some(sub), _) => Some(SubjectKey::Jwt(sub.as_str().into())),
-        (None, Some(line)) => Some(SubjectKey::ApiKey(line)),
+    let subject_key = match (&pass.subject, who.api_key) {
+        (Some(sub), _) => Some(SubjectKey::jwt(who.iss.as_deref(), sub)),
+        (None, Some(digest)) => Some(SubjectKey::ApiKey(digest)),
         (None, None) => None,
     };
     let subject_permit = match subject_key {
@@ -158,8 +158,10 @@ pub fn admit<'r>(
 struct Who {
     /// The JWT's `jti`.
     jti: Option<String>,
-    /// The API key's line in `keys_file`.
-    api_key_line: Option<u32>,
+    /// The JWT's `iss`: with `sub`, the subject the per-subject cap counts.
+    iss: Option<String>,
+    /// The API key's SHA-256 (its identity across keys files).
+    api_key: Option<[u8; 32]>,
 }
 
 /// Checks the route's JWT and API key (SPEC §2 `auth`).
@@ -175,14 +177,11 @@ fn authorize(
         let authorized = jwt
             .verifier
             .check(&parts.headers, query, token::unix_now())?;
-        pass.subject = authorized
+        pass.subject = name_claim(authorized.claims.get("sub"));
+        who.jti = name_claim(authorized.claims.get("jti"));
+        who.iss = authorized
             .claims
-            .get("sub")
-            .and_then(|s| s.as_str())
-            .map(str::to_owned);
-        who.jti = authorized
-            .claims
-            .get("jti")
+            .get("iss")
             .and_then(|s| s.as_str())
             .map(str::to_owned);
         pass.sticky_claim = sticky_claim.and_then(|c| sticky::claim_text(&authorized.claims, c));
@@ -218,11 +217,22 @@ fn authorize(
     }
     if let Some(keys) = &policy.api_keys {
         // The key is never forwarded upstream (SPEC §2), whatever `strip_token` says.
-        let (stripped, line) = keys.identify(&parts.headers, query)?;
+        let (stripped, digest) = keys.identify(&parts.headers, query)?;
         pass.strip.push(stripped);
-        who.api_key_line = Some(line);
+        who.api_key = Some(digest);
     }
     Ok((pass, who))
+}
+
+/// A claim that names someone or something (`sub`, `jti`): a string as it is, a number as
+/// its decimal text (`{"sub": 42}` is subject `42`, capped and revocable like `"42"`);
+/// anything else names nobody.
+fn name_claim(value: Option<&serde_json::Value>) -> Option<String> {
+    match value? {
+        serde_json::Value::String(s) => Some(s.clone()),
+        serde_json::Value::Number(n) => Some(n.to_string()),
+        _ => None,
+    }
 }
 
 #[cfg(test)]
@@ -586,6 +596,84 @@ routes:
         drop(first);
         let (_, again) = world.decide(&as_user("alice"));
         assert!(again.is_ok());
+    }
+
+    /// A world whose only route `/` takes HS256 JWTs, with `max_connections_per_subject: 1`.
+    fn subject_cap_world() -> World {
+        let yaml = format!(
+            r#"
+listeners: [{{ name: plain, bind: "127.0.0.1:0" }}]
+limits: {{ max_connections_per_ip: 10, max_connections_per_subject: 1 }}
+upstreams:
+  echo: {{ backends: [{{ addr: "127.0.0.1:9" }}] }}
+routes:
+  - name: private
+    match: {{ path_prefix: / }}
+    upstream: echo
+    auth: {{ jwt: {{ from: ["header:Authorization"], keys: [{{ alg: HS256, secret: "{SECRET}" }}] }} }}
+"#
+        );
+        World::new(Config::from_yaml_str(&yaml, "t.yaml").unwrap_or_else(|e| panic!("{e}")))
+    }
+
+    /// An upgrade of `/` carrying a JWT with `claims` (and an `exp` ten minutes away).
+    fn with_claims(mut claims: serde_json::Value) -> request::Parts {
+        claims["exp"] = serde_json::json!(token::unix_now() + 600);
+        let key = jsonwebtoken::EncodingKey::from_secret(SECRET.as_bytes());
+        let t = jsonwebtoken::encode(&jsonwebtoken::Header::default(), &claims, &key)
+            .unwrap_or_else(|e| panic!("{e}"));
+        parts(upgrade("/").header("authorization", format!("Bearer {t}")))
+    }
+
+    #[test]
+    fn the_subject_cap_counts_a_sub_per_issuer() {
+        let world = subject_cap_world();
+        let (_, a) = world.decide(&with_claims(
+            serde_json::json!({ "sub": "alice", "iss": "https://a.example" }),
+        ));
+        assert!(a.is_ok(), "{:?}", refusal(&a));
+        let (_, b) = world.decide(&with_claims(
+            serde_json::json!({ "sub": "alice", "iss": "https://b.example" }),
+        ));
+        assert!(b.is_ok(), "another issuer's alice: {:?}", refusal(&b));
+        let (_, again) = world.decide(&with_claims(
+            serde_json::json!({ "sub": "alice", "iss": "https://a.example" }),
+        ));
+        assert_eq!(refusal(&again), Some("subject_cap"));
+    }
+
+    #[tokio::test]
+    async fn a_numeric_sub_is_capped_and_revoked_as_its_decimal_text() {
+        use crate::ops::revocation::{RevocationStore, Target};
+        let world = subject_cap_world();
+        let (facts, first) = world.decide(&with_claims(serde_json::json!({ "sub": 42 })));
+        assert!(first.as_ref().is_ok_and(|a| a.subject_permit.is_some()));
+        assert_eq!(facts.subject.as_deref(), Some("42"));
+        let (_, second) = world.decide(&with_claims(serde_json::json!({ "sub": 42 })));
+        assert_eq!(refusal(&second), Some("subject_cap"));
+        let (_, text) = world.decide(&with_claims(serde_json::json!({ "sub": "42" })));
+        assert_eq!(
+            refusal(&text),
+            Some("subject_cap"),
+            "42 and \"42\" are one subject"
+        );
+        drop(first);
+        let _ = world
+            .revocations
+            .revoke(Target::Subject("42".into()), Duration::from_secs(60))
+            .await;
+        let (_, revoked) = world.decide(&with_claims(serde_json::json!({ "sub": 42 })));
+        assert_eq!(refusal(&revoked), Some("revoked"));
+        let _ = world
+            .revocations
+            .revoke(Target::TokenId("7".into()), Duration::from_secs(60))
+            .await;
+        let (_, by_jti) = world.decide(&with_claims(serde_json::json!({ "sub": "x", "jti": 7 })));
+        assert_eq!(refusal(&by_jti), Some("revoked"));
+        // No `sub`: no subject, so no subject cap.
+        let (_, a) = world.decide(&with_claims(serde_json::json!({})));
+        let (_, b) = world.decide(&with_claims(serde_json::json!({})));
+        assert!(a.is_ok() && b.is_ok());
     }
 
     #[test]

@@ -9,7 +9,7 @@
 use std::collections::HashMap;
 use std::future::Future;
 use std::pin::Pin;
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, PoisonError, RwLock};
 use std::time::Duration;
 
@@ -21,6 +21,12 @@ use crate::outcome::Ending;
 /// Most entries a store holds: a typo'd script looping over `/revoke` must not grow the
 /// process without bound. Expired entries are purged before the bound is judged.
 pub const MAX_ENTRIES: usize = 100_000;
+/// Longest subject or token id a store takes (bytes): with [`MAX_ENTRIES`], at most
+/// ~100 MB of keys. The admin API refuses longer ones (400).
+pub const MAX_KEY_LEN: usize = 1024;
+/// Expired entries are purged at most this long after they expire (on the next revocation
+/// or handshake), so an empty store is empty again and handshakes skip its lookups.
+pub const PURGE_EVERY: Duration = Duration::from_secs(60);
 
 /// What a revocation names: a subject (JWT `sub`) or a token id (JWT `jti`).
 #[derive(Debug, Clone, PartialEq, Eq, Hash)]
@@ -77,6 +83,10 @@ pub struct InMemory {
     token_ids: RwLock<HashMap<Box<str>, Instant>>,
     /// Entries in both maps (expired ones included until purged): the handshake's fast path.
     len: AtomicUsize,
+    /// When the store was made: [`next_purge`](Self::next_purge) counts from it.
+    epoch: Instant,
+    /// Milliseconds after `epoch` when expired entries are next purged.
+    next_purge: AtomicU64,
 }
 
 impl InMemory {
@@ -87,7 +97,25 @@ impl InMemory {
             subjects: RwLock::new(HashMap::new()),
             token_ids: RwLock::new(HashMap::new()),
             len: AtomicUsize::new(0),
+            epoch: Instant::now(),
+            next_purge: AtomicU64::new(millis(PURGE_EVERY)),
         }
+    }
+
+    /// Whether a purge is due at `now`; true for one caller per [`PURGE_EVERY`].
+    fn purge_due(&self, now: Instant) -> bool {
+        let at = millis(now.saturating_duration_since(self.epoch));
+        let due = self.next_purge.load(Ordering::Acquire);
+        at >= due
+            && self
+                .next_purge
+                .compare_exchange(
+                    due,
+                    at.saturating_add(millis(PURGE_EVERY)),
+                    Ordering::AcqRel,
+                    Ordering::Acquire,
+                )
+                .is_ok()
     }
 
     fn map<'a>(&'a self, target: &'a Target) -> (&'a RwLock<HashMap<Box<str>, Instant>>, &'a str) {
@@ -102,6 +130,9 @@ impl InMemory {
         let until = now
             .checked_add(ttl)
             .unwrap_or(now + Duration::from_secs(86_400 * 365));
+        if self.purge_due(now) {
+            self.purge(now);
+        }
         let (map, key) = self.map(target);
         let known = || {
             let map = map.read().unwrap_or_else(PoisonError::into_inner);
@@ -178,8 +209,15 @@ impl RevocationStore for InMemory {
             return false;
         }
         let now = Instant::now();
+        if self.purge_due(now) {
+            self.purge(now);
+        }
         Self::holds(&self.subjects, subject, now) || Self::holds(&self.token_ids, jti, now)
     }
+}
+
+fn millis(d: Duration) -> u64 {
+    u64::try_from(d.as_millis()).unwrap_or(u64::MAX)
 }
 
 #[cfg(test)]
@@ -230,6 +268,24 @@ mod tests {
         let _ = now(store.revoke(t(), Duration::from_secs(1)));
         tokio::time::advance(Duration::from_secs(2)).await;
         assert!(store.is_revoked(Some("a"), None));
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn expired_entries_are_purged_regularly_not_only_when_full() {
+        let store = InMemory::new(Registry::new());
+        let len = || store.len.load(Ordering::Acquire);
+        let second = Duration::from_secs(1);
+        assert!(store.insert(&Target::Subject("a".into()), second).is_ok());
+        assert!(store.insert(&Target::TokenId("t".into()), second).is_ok());
+        tokio::time::advance(PURGE_EVERY).await;
+        // On the next revocation.
+        assert!(store.insert(&Target::Subject("b".into()), second).is_ok());
+        assert_eq!(len(), 1, "the expired two are gone");
+        // On a handshake, with no revocation since: the store is empty again, and the
+        // handshake's fast path (no lookup) is back.
+        tokio::time::advance(PURGE_EVERY).await;
+        assert!(!store.is_revoked(Some("b"), None));
+        assert_eq!(len(), 0);
     }
 
     #[tokio::test(start_paused = true)]

@@ -37,8 +37,9 @@ impl FromStr for ApiKeySource {
     }
 }
 
-/// SHA-256 hashes of the accepted API keys (`keys_file`), each with its line number: a
-/// key's identity for `max_connections_per_subject` (SPEC §2).
+/// SHA-256 hashes of the accepted API keys (`keys_file`), each with its line number. A
+/// key's identity for `max_connections_per_subject` is its hash, not its line: line 1 of
+/// two routes' files are two keys.
 #[derive(Clone, Default, PartialEq, Eq)]
 pub struct ApiKeys {
     hashes: Vec<([u8; 32], u32)>,
@@ -92,6 +93,17 @@ impl ApiKeys {
     /// The line of the keys file whose hash `presented` matches, in constant time like
     /// [`matches`](Self::matches): the line is selected without a branch.
     pub fn line_of(&self, presented: &[u8]) -> Option<u32> {
+        self.find(presented).map(|(_, line)| line)
+    }
+
+    /// The SHA-256 of `presented` when it is one of the keys: the key's identity for
+    /// `max_connections_per_subject`, the same in every keys file that lists it. Constant
+    /// time like [`matches`](Self::matches).
+    pub fn digest_of(&self, presented: &[u8]) -> Option<[u8; 32]> {
+        self.find(presented).map(|(digest, _)| digest)
+    }
+
+    fn find(&self, presented: &[u8]) -> Option<([u8; 32], u32)> {
         let digest: [u8; 32] = Sha256::digest(presented).into();
         let mut found = Choice::from(0);
         let mut line = 0u32;
@@ -100,7 +112,7 @@ impl ApiKeys {
             line = u32::conditional_select(&line, at, eq);
             found |= eq;
         }
-        bool::from(found).then_some(line)
+        bool::from(found).then_some((digest, line))
     }
 }
 
@@ -141,12 +153,13 @@ impl ApiKeyVerifier {
         self.identify(headers, query).map(|(stripped, _)| stripped)
     }
 
-    /// [`check`](Self::check), with the key's line in the keys file (its identity).
+    /// [`check`](Self::check), with the key's SHA-256 (its identity: the same key in two
+    /// keys files is one key, two keys on line 1 of two files are two).
     pub fn identify(
         &self,
         headers: &HeaderMap,
         query: Option<&str>,
-    ) -> Result<(Stripped, u32), Refusal> {
+    ) -> Result<(Stripped, [u8; 32]), Refusal> {
         let repeated = match &self.source {
             ApiKeySource::Header(name) => headers.get_all(name).iter().count() > 1,
             ApiKeySource::Query(name) => query.is_some_and(|q| query_param_count(q, name) > 1),
@@ -178,8 +191,8 @@ impl ApiKeyVerifier {
         if presented.is_empty() {
             return Err(Refusal::Token { error: "missing" });
         }
-        if let Some(line) = self.keys.line_of(&presented) {
-            Ok((stripped, line))
+        if let Some(digest) = self.keys.digest_of(&presented) {
+            Ok((stripped, digest))
         } else {
             Err(Refusal::Token {
                 error: "bad_api_key",

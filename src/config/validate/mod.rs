@@ -39,6 +39,9 @@ use super::{Admin, AdminToken, Config, KeyPath, Limits, MessageRate, OnExceed, S
 use crate::admission::client_ip::TrustedProxies;
 use crate::admission::ip_limit::RatePolicy;
 
+/// Shortest `admin.token` taken without a warning (`--check`, start-up).
+const MIN_ADMIN_TOKEN: usize = 16;
+
 fn nonzero(n: u32) -> std::num::NonZeroU32 {
     std::num::NonZeroU32::new(n).unwrap_or(std::num::NonZeroU32::MIN)
 }
@@ -88,6 +91,12 @@ pub fn validate(file: FileConfig, read: &ReadFile<'_>) -> Result<Config, Vec<Iss
                     ),
                 );
                 return None;
+            }
+            let length = value.chars().count();
+            if length < MIN_ADMIN_TOKEN {
+                v.warnings.push(format!(
+                    "admin.token is {length} characters long: a short token can be guessed; use at least {MIN_ADMIN_TOKEN} random ones (e.g. `openssl rand -hex 32`)"
+                ));
             }
             Some(AdminToken::new(value))
         });
