@@ -65,17 +65,7 @@ fn admin_addr(gw: &TestGateway) -> SocketAddr {
 async fn admin(addr: SocketAddr, method: &str, path: &str, headers: &str) -> (u16, String) {
     let req =
         format!("{method} {path} HTTP/1.1\r\nHost: admin\r\nConnection: close\r\n{headers}\r\n");
-    let resp = raw_request(addr, req.as_bytes()).await;
-    let status = resp
-        .split(' ')
-        .nth(1)
-        .and_then(|s| s.parse().ok())
-        .unwrap_or(0);
-    let body = resp
-        .split_once("\r\n\r\n")
-        .map(|(_, b)| b.to_owned())
-        .unwrap_or_default();
-    (status, body)
+    status_and_body(&raw_request(addr, req.as_bytes()).await)
 }
 
 fn bearer() -> String {
@@ -228,12 +218,7 @@ async fn admin_from(host: u8, addr: SocketAddr, path: &str) -> (u16, String) {
     let mut out = Vec::new();
     let _ = tokio::time::timeout(PATIENCE, s.read_to_end(&mut out)).await;
     let resp = String::from_utf8_lossy(&out).into_owned();
-    let status = resp
-        .split(' ')
-        .nth(1)
-        .and_then(|s| s.parse().ok())
-        .unwrap_or(0);
-    (status, resp)
+    (status_and_body(&resp).0, resp)
 }
 
 /// SPEC §7: at most 64 admin connections (8 per address); the next is answered 503 at
@@ -500,16 +485,10 @@ async fn the_per_subject_cap_refuses_429_subject_cap() {
 /// of two routes' keys files.
 #[tokio::test]
 async fn the_per_subject_cap_counts_api_keys_by_their_hash() {
-    use sha2::Digest;
     let (backend, mut accepted) = raw_backend().await;
     let dir = std::env::temp_dir().join(format!("wsgate-admin-keys-{}", std::process::id()));
     std::fs::create_dir_all(&dir).unwrap_or_else(|e| panic!("{e}"));
-    let hex = |k: &[u8]| -> String {
-        sha2::Sha256::digest(k)
-            .iter()
-            .map(|b| format!("{b:02x}"))
-            .collect()
-    };
+    let hex = sha256_hex;
     let (file, a_file, b_file) = (dir.join("keys.txt"), dir.join("a.txt"), dir.join("b.txt"));
     let write = |path: &std::path::Path, text: String| {
         std::fs::write(path, text).unwrap_or_else(|e| panic!("{e}"));

@@ -309,15 +309,9 @@ async fn close_on_expiry_closes_a_live_connection_4001() {
 
 #[tokio::test]
 async fn api_keys_are_compared_by_hash() {
-    use sha2::Digest;
-    let dir = std::env::temp_dir().join(format!("wsgate-keys-{}", std::process::id()));
-    std::fs::create_dir_all(&dir).unwrap_or_else(|e| panic!("{e}"));
-    let file = dir.join("keys.txt");
-    let digest: String = sha2::Sha256::digest(b"k-123")
-        .iter()
-        .map(|b| format!("{b:02x}"))
-        .collect();
-    std::fs::write(&file, format!("# one per line\n{digest}\n")).unwrap_or_else(|e| panic!("{e}"));
+    let file = keys_file("keys", &[b"k-123"]);
+    let hashes = std::fs::read_to_string(&file).unwrap_or_else(|e| panic!("{e}"));
+    std::fs::write(&file, format!("# one per line\n{hashes}")).unwrap_or_else(|e| panic!("{e}"));
     let extra = format!(
         "    auth: {{ api_keys: {{ header: X-Api-Key, keys_file: \"{}\" }} }}",
         file.display()
@@ -339,7 +333,9 @@ async fn api_keys_are_compared_by_hash() {
         "token",
     )
     .await;
-    let _ = std::fs::remove_dir_all(dir);
+    if let Some(dir) = file.parent() {
+        let _ = std::fs::remove_dir_all(dir);
+    }
 }
 
 #[tokio::test]
@@ -746,15 +742,7 @@ async fn a_route_may_raise_the_per_ip_cap() {
 /// `api_keys`), and the query value is never logged.
 #[tokio::test]
 async fn api_keys_are_never_forwarded_upstream() {
-    use sha2::Digest;
-    let dir = std::env::temp_dir().join(format!("wsgate-keys-fwd-{}", std::process::id()));
-    std::fs::create_dir_all(&dir).unwrap_or_else(|e| panic!("{e}"));
-    let file = dir.join("keys.txt");
-    let digest: String = sha2::Sha256::digest(b"k-123")
-        .iter()
-        .map(|b| format!("{b:02x}"))
-        .collect();
-    std::fs::write(&file, format!("{digest}\n")).unwrap_or_else(|e| panic!("{e}"));
+    let file = keys_file("keys-fwd", &[b"k-123"]);
     let header = format!(
         "    auth: {{ api_keys: {{ header: X-Api-Key, keys_file: \"{}\" }} }}",
         file.display()
@@ -783,22 +771,16 @@ async fn api_keys_are_never_forwarded_upstream() {
     drop(s);
     let line = gw.log_line(|l| l["event"] == "ws_close").await;
     assert_eq!(line["path"], "/chat?room=1&api_key=REDACTED&x=2");
-    let _ = std::fs::remove_dir_all(dir);
+    if let Some(dir) = file.parent() {
+        let _ = std::fs::remove_dir_all(dir);
+    }
 }
 
 /// A token sent in the query of a route that does not read it is still a token: every
 /// query name any route reads a token or key from is redacted in every log line.
 #[tokio::test]
 async fn token_query_values_are_redacted_on_every_route() {
-    use sha2::Digest;
-    let dir = std::env::temp_dir().join(format!("wsgate-keys-log-{}", std::process::id()));
-    std::fs::create_dir_all(&dir).unwrap_or_else(|e| panic!("{e}"));
-    let file = dir.join("keys.txt");
-    let digest: String = sha2::Sha256::digest(b"k-123")
-        .iter()
-        .map(|b| format!("{b:02x}"))
-        .collect();
-    std::fs::write(&file, format!("{digest}\n")).unwrap_or_else(|e| panic!("{e}"));
+    let file = keys_file("keys-log", &[b"k-123"]);
     let (backend, mut accepted) = raw_backend().await;
     let yaml = format!(
         r#"
@@ -841,7 +823,9 @@ routes:
     for l in gw.log_lines() {
         assert!(!l.to_string().contains("SECRETVALUE"), "{l}");
     }
-    let _ = std::fs::remove_dir_all(dir);
+    if let Some(dir) = file.parent() {
+        let _ = std::fs::remove_dir_all(dir);
+    }
 }
 
 /// With `trusted_proxies` set, a PROXY header is believed only from those peers: from any

@@ -974,14 +974,9 @@ routes:
 /// access-log line or in `/connections` (SPEC §6).
 #[tokio::test]
 async fn secrets_never_reach_the_log_or_the_admin_listener() {
-    use sha2::Digest;
     let dir = scratch_dir("secrets");
     let keys = dir.join("keys.txt");
-    let digest: String = sha2::Sha256::digest(b"KEYSECRETVALID")
-        .iter()
-        .map(|b| format!("{b:02x}"))
-        .collect();
-    std::fs::write(&keys, format!("{digest}\n")).unwrap_or_else(|e| panic!("{e}"));
+    std::fs::write(&keys, sha256_hex(b"KEYSECRETVALID") + "\n").unwrap_or_else(|e| panic!("{e}"));
     let (backend, mut accepted) = raw_backend().await;
     let yaml = format!(
         r#"

@@ -563,16 +563,8 @@ pub async fn admin_request(admin: SocketAddr, method: &str, path: &str) -> Strin
     raw_request(admin, req.as_bytes()).await
 }
 
-// === Observability helpers (admin endpoints, metrics, log-line shapes) ===
-
-/// `GET path` on the gateway's admin listener: (status code, body). Panics without admin.
-pub async fn admin_get(gw: &TestGateway, path: &str) -> (u16, String) {
-    let addr = gw
-        .gw
-        .admin
-        .unwrap_or_else(|| panic!("the config has no admin listener"));
-    let req = format!("GET {path} HTTP/1.1\r\nHost: admin\r\nConnection: close\r\n\r\n");
-    let resp = raw_request(addr, req.as_bytes()).await;
+/// An HTTP response's status code (0 when there is none) and body.
+pub fn status_and_body(resp: &str) -> (u16, String) {
     let status = resp
         .split(' ')
         .nth(1)
@@ -583,6 +575,38 @@ pub async fn admin_get(gw: &TestGateway, path: &str) -> (u16, String) {
         .map(|(_, b)| b.to_owned())
         .unwrap_or_default();
     (status, body)
+}
+
+/// Lower-case hex SHA-256, as keys files hold API keys.
+pub fn sha256_hex(key: &[u8]) -> String {
+    use sha2::Digest;
+    sha2::Sha256::digest(key)
+        .iter()
+        .map(|b| format!("{b:02x}"))
+        .collect()
+}
+
+/// A keys file in a fresh scratch directory (named after `tag` and the process) holding
+/// the hashes of `keys`, one per line.
+pub fn keys_file(tag: &str, keys: &[&[u8]]) -> std::path::PathBuf {
+    let dir = std::env::temp_dir().join(format!("wsgate-{tag}-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap_or_else(|e| panic!("{e}"));
+    let file = dir.join("keys.txt");
+    let text: String = keys.iter().map(|k| sha256_hex(k) + "\n").collect();
+    std::fs::write(&file, text).unwrap_or_else(|e| panic!("{e}"));
+    file
+}
+
+// === Observability helpers (admin endpoints, metrics, log-line shapes) ===
+
+/// `GET path` on the gateway's admin listener: (status code, body). Panics without admin.
+pub async fn admin_get(gw: &TestGateway, path: &str) -> (u16, String) {
+    let addr = gw
+        .gw
+        .admin
+        .unwrap_or_else(|| panic!("the config has no admin listener"));
+    let req = format!("GET {path} HTTP/1.1\r\nHost: admin\r\nConnection: close\r\n\r\n");
+    status_and_body(&raw_request(addr, req.as_bytes()).await)
 }
 
 /// `/metrics` as text, checked to be a 200.
