@@ -167,3 +167,66 @@ async fn strip_keeps_other_extension_offers() {
         "{up_head}"
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn inspect_judges_the_inflated_size() {
+    let server = py_server();
+    let gw = gateway(&server, "inspect").await;
+    // A few KiB on the wire, 4 MiB inflated: over `max_message_size: 1MiB`.
+    let (ext, result) = py_client(gw.url("/"), "zeros").await;
+    assert!(ext.starts_with("permessage-deflate"), "negotiated {ext:?}");
+    assert_eq!(result, "closed 1009");
+    let line = gw.log_line(|l| l["event"] == "ws_close").await;
+    assert_eq!(line["close"]["by"], "proxy", "{line}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn inspect_checks_inflated_text_for_utf8() {
+    let server = py_server();
+    let gw = gateway(&server, "inspect").await;
+    let (ext, result) = py_client(gw.url("/"), "badutf8").await;
+    assert!(ext.starts_with("permessage-deflate"), "negotiated {ext:?}");
+    assert_eq!(result, "closed 1007");
+    // The proxy judged it (under `pass`, the Python backend would have closed 1007 itself).
+    let line = gw.log_line(|l| l["event"] == "ws_close").await;
+    assert_eq!(line["close"]["by"], "proxy", "{line}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn inspect_relays_a_compressed_conversation_with_context_takeover() {
+    let server = py_server();
+    let gw = gateway(&server, "inspect").await;
+    let (ext, result) = py_client(gw.url("/"), "echo").await;
+    assert!(ext.starts_with("permessage-deflate"), "negotiated {ext:?}");
+    assert!(
+        !ext.contains("client_no_context_takeover"),
+        "negotiated {ext:?}"
+    );
+    assert_eq!(result, "ok 40");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn inspect_closes_a_corrupt_deflate_stream_with_1002() {
+    let server = py_server();
+    let gw = gateway(&server, "inspect").await;
+    let (mut client, head) = raw_upgrade(
+        gw.addr(),
+        "/",
+        "Sec-WebSocket-Extensions: permessage-deflate\r\n",
+    )
+    .await;
+    assert!(head.starts_with("HTTP/1.1 101"), "{head}");
+    assert!(
+        header_value(&head, "sec-websocket-extensions")
+            .is_some_and(|e| e.starts_with("permessage-deflate")),
+        "{head}"
+    );
+    // RSV1 + FIN + binary; 0xff… is not a DEFLATE block (BTYPE 11 is reserved).
+    let frame = client_frame(0xC2, &[0xff; 16]);
+    tokio::io::AsyncWriteExt::write_all(&mut client, &frame)
+        .await
+        .unwrap_or_else(|e| panic!("{e}"));
+    assert_eq!(read_close_code(&mut client).await, Some(1002));
+    let line = gw.log_line(|l| l["event"] == "ws_close").await;
+    assert_eq!(line["close"]["by"], "proxy", "{line}");
+}
