@@ -352,6 +352,8 @@ pub struct FileRoute {
     pub subprotocols: Option<Vec<Text>>,
     /// Token checks (absent: no token needed).
     pub auth: Option<FileAuth>,
+    /// permessage-deflate: `pass` (default), `strip` or `inspect`.
+    pub deflate: Option<Text>,
     /// Per-route overrides of the top-level limits.
     pub limits: Option<FileLimits>,
 }

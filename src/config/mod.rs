@@ -338,6 +338,21 @@ pub struct Route {
     pub limits: Limits,
     /// Who may use the route: Origin allowlist and token checks.
     pub admission: Arc<RouteAdmission>,
+    /// What the proxy does with permessage-deflate (SPEC §2 `deflate`).
+    pub deflate: Deflate,
+}
+
+/// A route's `deflate` key: what the proxy does with permessage-deflate (RFC 7692).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum Deflate {
+    /// Negotiated end to end when both sides agree; limits count compressed bytes.
+    #[default]
+    Pass,
+    /// Taken out of the client's offer, so it is never negotiated.
+    Strip,
+    /// Negotiated end to end; client messages are inflated (and discarded) so limits and
+    /// UTF-8 are judged on what the upstream will see.
+    Inspect,
 }
 
 // === errors ===

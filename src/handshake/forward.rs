@@ -11,6 +11,7 @@ use tokio::time::Instant;
 
 use super::upgrade::{self, Upgrade};
 use crate::admission::token;
+use crate::config::Deflate;
 use crate::outcome::Refusal;
 use crate::upstream;
 
@@ -74,6 +75,9 @@ impl Pass {
         for strip in &self.strip {
             strip.apply_to_headers(&mut headers);
         }
+        if checked.route.deflate == Deflate::Strip {
+            strip_deflate_offers(&mut headers);
+        }
         let query_names: Vec<&str> = self
             .strip
             .iter()
@@ -96,5 +100,58 @@ impl Pass {
         *req.version_mut() = parts.version;
         *req.headers_mut() = headers;
         Ok(req.into_parts().0)
+    }
+}
+
+/// `deflate: strip`: the client's permessage-deflate offers are taken out of its
+/// `Sec-WebSocket-Extensions`, so the upstream can never accept one; other extensions pass
+/// as sent. A header left with no offer is dropped.
+fn strip_deflate_offers(headers: &mut http::HeaderMap) {
+    let mut kept: Vec<String> = Vec::new();
+    for value in headers.get_all(header::SEC_WEBSOCKET_EXTENSIONS) {
+        let Ok(value) = value.to_str() else {
+            // Not text: no offer the proxy could read, so none it could keep.
+            continue;
+        };
+        for offer in value.split(',') {
+            let name = offer.split(';').next().unwrap_or("").trim();
+            if !name.is_empty() && !name.eq_ignore_ascii_case("permessage-deflate") {
+                kept.push(offer.trim().to_owned());
+            }
+        }
+    }
+    headers.remove(header::SEC_WEBSOCKET_EXTENSIONS);
+    if let Ok(v) = HeaderValue::from_str(&kept.join(", "))
+        && !kept.is_empty()
+    {
+        headers.insert(header::SEC_WEBSOCKET_EXTENSIONS, v);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn strip_takes_out_only_permessage_deflate() {
+        let mut h = http::HeaderMap::new();
+        h.append(
+            header::SEC_WEBSOCKET_EXTENSIONS,
+            HeaderValue::from_static("permessage-deflate; client_max_window_bits, x-foo; a=1"),
+        );
+        h.append(
+            header::SEC_WEBSOCKET_EXTENSIONS,
+            HeaderValue::from_static("Permessage-Deflate"),
+        );
+        strip_deflate_offers(&mut h);
+        let all: Vec<_> = h.get_all(header::SEC_WEBSOCKET_EXTENSIONS).iter().collect();
+        assert_eq!(all, [HeaderValue::from_static("x-foo; a=1")]);
+        let mut h = http::HeaderMap::new();
+        h.insert(
+            header::SEC_WEBSOCKET_EXTENSIONS,
+            HeaderValue::from_static("permessage-deflate"),
+        );
+        strip_deflate_offers(&mut h);
+        assert!(h.get(header::SEC_WEBSOCKET_EXTENSIONS).is_none());
     }
 }

@@ -257,6 +257,7 @@ impl Conn {
                 } = up;
                 let mut settings = Settings::new(&route.limits, &self.config.keepalive, extensions);
                 settings.expires_at = expires_at;
+                settings.inspect_deflate = route.deflate == crate::config::Deflate::Inspect;
                 if answer_bearer && !response_headers.contains_key(header::SEC_WEBSOCKET_PROTOCOL) {
                     response_headers.insert(
                         header::SEC_WEBSOCKET_PROTOCOL,

@@ -12,6 +12,7 @@
 
 pub mod deadlines;
 pub mod frame;
+pub mod inflate;
 pub mod limits;
 pub mod pool;
 pub mod pump;
@@ -54,6 +55,9 @@ pub struct Settings {
     pub max_fragments: u32,
     /// `Sec-WebSocket-Extensions` as accepted by the upstream ("" when none).
     pub extensions: String,
+    /// `deflate: inspect`: when permessage-deflate was negotiated, client messages are
+    /// inflated (and dropped) to judge `max_message_size` and UTF-8.
+    pub inspect_deflate: bool,
     /// Client→upstream message budget; `None` = unlimited.
     pub messages: Option<MessageRate>,
     /// Zero = off, for each of these.
@@ -80,6 +84,7 @@ impl Settings {
             max_message_size: limits.max_message_size,
             max_fragments: limits.max_fragments,
             extensions,
+            inspect_deflate: false,
             messages: Some(limits.messages),
             fragment_timeout: limits.fragment_timeout,
             idle_timeout: limits.idle_timeout,
@@ -107,6 +112,7 @@ impl Settings {
             max_message_size,
             max_fragments: u32::MAX,
             extensions: String::new(),
+            inspect_deflate: false,
             messages: None,
             fragment_timeout: Duration::ZERO,
             idle_timeout: Duration::ZERO,
@@ -273,6 +279,11 @@ where
         };
         let c2u_rules = rules(Dir::ClientToUpstream).with_max_fragments(settings.max_fragments);
         let mut c2u = Pump::new(c2u_rules, settings.buffer_size);
+        if settings.inspect_deflate
+            && let Some(reset_per_message) = inflate::negotiated(&settings.extensions)
+        {
+            c2u.inspect_deflate(reset_per_message);
+        }
         let mut u2c = Pump::new(rules(Dir::UpstreamToClient), settings.buffer_size);
         // Seeded, then dropped: the early bytes may pin the HTTP layer's whole read buffer.
         c2u.seed(&client_early);

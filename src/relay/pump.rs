@@ -17,6 +17,7 @@ use super::frame::{
     ControlFrame, Dir, Kind, MAX_HEADER_LEN, RawHeader, Rules, Utf8Check, Validator, Violation,
     apply_mask, parse_raw,
 };
+use super::inflate::Inflate;
 use super::limits::{MessageGate, Verdict};
 use super::pool;
 use crate::observe::report::Stats;
@@ -160,6 +161,14 @@ pub struct Pump {
     frame_fin: bool,
     /// The frame being forwarded is part of a checked text message (not a control frame).
     frame_is_text: bool,
+    /// `deflate: inspect` with permessage-deflate negotiated (client side only).
+    inflate: Option<Box<Inflate>>,
+    /// The open message is compressed (RSV1) and being inflated.
+    in_deflate: bool,
+    /// The frame being forwarded is part of a message being inflated.
+    frame_inflate: bool,
+    /// What inflating the frame being forwarded broke; reported when the frame ends.
+    inflate_error: Option<Violation>,
     /// When the destination stopped accepting writes (for `send_timeout`).
     pub stalled_since: Option<Instant>,
     pub stats: Stats,
@@ -210,8 +219,23 @@ impl Pump {
             mask_at: 0,
             frame_fin: false,
             frame_is_text: false,
+            inflate: None,
+            in_deflate: false,
+            frame_inflate: false,
+            inflate_error: None,
             stats: Stats::default(),
         }
+    }
+
+    /// `deflate: inspect` on a connection that negotiated permessage-deflate: compressed
+    /// client messages are inflated as they pass, their inflated size held to
+    /// `max_message_size` and text to UTF-8; uncompressed text is checked as sent.
+    pub fn inspect_deflate(&mut self, reset_per_message: bool) {
+        self.inflate = Some(Box::new(Inflate::new(
+            reset_per_message,
+            self.rules.max_message_size,
+        )));
+        self.check_text = self.rules.dir == Dir::ClientToUpstream;
     }
 
     /// Applies the source's message budget (client side).
@@ -411,7 +435,23 @@ impl Pump {
             let step = match self.phase {
                 Phase::Forward(rem) => {
                     let n = clamp(rem, avail.len());
-                    if self.frame_is_text {
+                    if self.frame_inflate {
+                        if self.inflate_error.is_none() {
+                            let fed = match self.inflate.as_deref_mut() {
+                                Some(inflate) => inflate.feed(
+                                    &avail[..n],
+                                    self.frame_mask,
+                                    self.mask_at,
+                                    self.frame_is_text.then_some(&mut self.text),
+                                ),
+                                None => Err(Violation::Protocol("no inflater")),
+                            };
+                            match fed {
+                                Ok(at) => self.mask_at = at,
+                                Err(v) => self.inflate_error = Some(v),
+                            }
+                        }
+                    } else if self.frame_is_text {
                         self.mask_at = feed_unmasked(
                             &mut self.text,
                             &avail[..n],
@@ -535,10 +575,17 @@ impl Pump {
                 if kind == Kind::Start {
                     self.stats.messages += 1;
                     self.in_text = self.check_text && raw.opcode == 0x1;
+                    self.in_deflate = false;
+                    if raw.rsv & 0x40 != 0
+                        && let Some(inflate) = self.inflate.as_deref_mut()
+                    {
+                        inflate.start_message();
+                        self.in_deflate = true;
+                    }
                 }
                 // Control frames inside a text message are not part of its text.
-                let text = self.in_text && matches!(kind, Kind::Start | Kind::Continuation);
-                self.start_payload(raw, text)
+                let data = matches!(kind, Kind::Start | Kind::Continuation);
+                self.start_payload(raw, self.in_text && data, self.in_deflate && data)
             }
         }
     }
@@ -586,10 +633,12 @@ impl Pump {
         }
     }
 
-    /// Starts forwarding a frame's payload; `text` frames are also UTF-8 checked.
-    fn start_payload(&mut self, raw: &RawHeader, text: bool) -> Step {
+    /// Starts forwarding a frame's payload; `text` frames are also UTF-8 checked, and
+    /// `deflated` ones inflated (their text checked inflated).
+    fn start_payload(&mut self, raw: &RawHeader, text: bool, deflated: bool) -> Step {
         self.frame_is_text = text;
-        if text {
+        self.frame_inflate = deflated;
+        if text || deflated {
             self.frame_mask = raw.mask;
             self.mask_at = 0;
             self.frame_fin = raw.fin;
@@ -598,12 +647,19 @@ impl Pump {
             self.phase = Phase::Forward(raw.payload_len);
             return Step::Go;
         }
-        if text { self.frame_done() } else { Step::Go }
+        if text || deflated {
+            self.frame_done()
+        } else {
+            Step::Go
+        }
     }
 
     /// End of a forwarded frame's payload: judge the text at frame granularity (as
     /// tungstenite does), so a bad sequence fails the connection when its frame ends.
     fn frame_done(&mut self) -> Step {
+        if self.frame_inflate {
+            return self.deflated_frame_done();
+        }
         if !self.frame_is_text {
             return Step::Go;
         }
@@ -621,6 +677,35 @@ impl Pump {
         self.text = Utf8Check::default();
         self.forward = false;
         Step::Report(Event::Violation(Violation::InvalidUtf8))
+    }
+
+    /// End of a frame of a compressed message: report what inflating it broke, and at the
+    /// message's end inflate the RFC 7692 tail and judge the whole text.
+    fn deflated_frame_done(&mut self) -> Step {
+        self.frame_inflate = false;
+        let text = std::mem::take(&mut self.frame_is_text);
+        let mut result = self.inflate_error.take().map_or(Ok(()), Err);
+        if self.frame_fin {
+            if result.is_ok() {
+                result = match self.inflate.as_deref_mut() {
+                    Some(inflate) => inflate.end_message(text.then_some(&mut self.text)),
+                    None => Err(Violation::Protocol("no inflater")),
+                };
+            }
+            self.in_deflate = false;
+            self.in_text = false;
+            self.text = Utf8Check::default();
+        }
+        match result {
+            Ok(()) => Step::Go,
+            Err(v) => {
+                self.in_deflate = false;
+                self.in_text = false;
+                self.text = Utf8Check::default();
+                self.forward = false;
+                Step::Report(Event::Violation(v))
+            }
+        }
     }
 
     /// After a violation or a close, frames are only walked (to find the peer's close),

@@ -7,7 +7,7 @@ use std::sync::Arc;
 use super::{Validator, is_token};
 use crate::config::file::FileRoute;
 use crate::config::units::Text;
-use crate::config::{KeyPath, Limits, Route, StickyKey, Upstream};
+use crate::config::{Deflate, KeyPath, Limits, Route, StickyKey, Upstream};
 
 impl Validator<'_> {
     pub(super) fn routes(
@@ -101,6 +101,18 @@ impl Validator<'_> {
                     format!("upstream {} is sticky by `claim:{claim}`, which needs a validated token: add `auth.jwt` to this route or use another sticky key", route.upstream.shown()),
                 );
             }
+            let deflate = match route.deflate.as_ref().map(|t| t.value.trim()) {
+                None | Some("pass") => Deflate::Pass,
+                Some("strip") => Deflate::Strip,
+                Some("inspect") => Deflate::Inspect,
+                Some(_) => {
+                    self.issue(
+                        &path.key("deflate"),
+                        "deflate must be `pass` (limits count compressed bytes), `strip` (never negotiated) or `inspect` (limits and UTF-8 judged inflated)".into(),
+                    );
+                    Deflate::Pass
+                }
+            };
             let route_limits =
                 self.limits(limits, route.limits.as_ref(), &path.key("limits"), false);
             if self.issues.len() != before {
@@ -116,6 +128,7 @@ impl Validator<'_> {
                     subprotocols,
                     admission: Arc::new(admission),
                     limits: route_limits,
+                    deflate,
                 });
             }
         }
@@ -298,6 +311,11 @@ mod tests {
                 "    upstream: echo\n    subprotocols: [ok, \"not ok\"]",
                 "routes[0].subprotocols[1]",
             ),
+            (
+                "    upstream: echo",
+                "    upstream: echo\n    deflate: compress",
+                "routes[0].deflate",
+            ),
         ];
         for (from, to, path) in cases {
             let errors = errors_of(&MINIMAL.replace(from, to));
@@ -314,5 +332,17 @@ mod tests {
             Some(&["graphql-ws".to_string(), "v1.chat".to_string()][..])
         );
         assert_eq!(config.routes[0].upstream_path.as_deref(), Some("/ws"));
+        assert_eq!(config.routes[0].deflate, crate::config::Deflate::Pass);
+        for (word, want) in [
+            ("pass", crate::config::Deflate::Pass),
+            ("strip", crate::config::Deflate::Strip),
+            ("inspect", crate::config::Deflate::Inspect),
+        ] {
+            let text = MINIMAL.replace(
+                "    upstream: echo",
+                &format!("    upstream: echo\n    deflate: {word}"),
+            );
+            assert_eq!(load(&text).unwrap().routes[0].deflate, want, "{word}");
+        }
     }
 }
