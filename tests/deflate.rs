@@ -178,6 +178,15 @@ async fn inspect_judges_the_inflated_size() {
     assert_eq!(result, "closed 1009");
     let line = gw.log_line(|l| l["event"] == "ws_close").await;
     assert_eq!(line["close"]["by"], "proxy", "{line}");
+    // The bomb never reached the backend whole: its frame was cut where it went over.
+    let mut seen = Vec::new();
+    while let Ok(l) = server.lines.recv_timeout(Duration::from_millis(500)) {
+        seen.push(l);
+    }
+    assert!(
+        !seen.iter().any(|l| l.starts_with("got ")),
+        "the backend got a message: {seen:?}"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -445,7 +445,13 @@ where
                 }
                 self.start_close_wait();
             }
-            Event::Violation(v) => self.end(v.ending(Side::Client)),
+            Event::Violation(v) => {
+                if self.c2u.cut_mid_frame {
+                    // The upstream got part of a frame: only its TCP close can follow.
+                    self.upstream_state = SideState::Dead;
+                }
+                self.end(v.ending(Side::Client))
+            }
             Event::SrcEnded(_) if self.c2u.src_close.is_some() => {}
             Event::SrcEnded(_) => self.end(Ending::Vanished(Side::Client)),
             Event::DstFailed(_) => self.end(Ending::Vanished(Side::Upstream)),

@@ -169,6 +169,8 @@ pub struct Pump {
     frame_inflate: bool,
     /// What inflating the frame being forwarded broke; reported when the frame ends.
     inflate_error: Option<Violation>,
+    /// A violation cut the frame being forwarded: the destination got part of it.
+    pub cut_mid_frame: bool,
     /// When the destination stopped accepting writes (for `send_timeout`).
     pub stalled_since: Option<Instant>,
     pub stats: Stats,
@@ -223,6 +225,7 @@ impl Pump {
             in_deflate: false,
             frame_inflate: false,
             inflate_error: None,
+            cut_mid_frame: false,
             stats: Stats::default(),
         }
     }
@@ -448,7 +451,18 @@ impl Pump {
                             };
                             match fed {
                                 Ok(at) => self.mask_at = at,
-                                Err(v) => self.inflate_error = Some(v),
+                                Err(v) => {
+                                    // The rest of this frame must not reach the upstream
+                                    // (it would inflate the bomb itself): the frame is cut
+                                    // here, and no close frame can follow a cut frame.
+                                    self.in_deflate = false;
+                                    self.in_text = false;
+                                    self.frame_inflate = false;
+                                    self.text = Utf8Check::default();
+                                    self.cut_mid_frame = true;
+                                    self.abandon_dst();
+                                    return Some(Event::Violation(v));
+                                }
                             }
                         }
                     } else if self.frame_is_text {

@@ -24,6 +24,7 @@ def server():
         print("ext", offer, flush=True)
         try:
             for msg in ws:
+                print("got", len(msg), flush=True)
                 ws.send(msg)
         except ConnectionClosed:
             pass
