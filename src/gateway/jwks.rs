@@ -153,6 +153,9 @@ async fn fetch(client: &HttpsClient, source: &RemoteKeys) -> Result<JwtKeys, Str
         .map_err(|_| format!("no complete answer within {FETCH_TIMEOUT:?}"))??;
     let text = std::str::from_utf8(&body).map_err(|_| "the body is not UTF-8".to_string())?;
     let mut keys = JwtKeys::new();
-    keys.add_jwks(text)?;
+    let load = keys.add_fetched_jwks(text)?;
+    if !load.skipped.is_empty() {
+        tracing::warn!(skipped = ?load.skipped, "jwks_url: keys left out of the fetched set");
+    }
     Ok(keys)
 }

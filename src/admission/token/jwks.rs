@@ -80,6 +80,18 @@ impl JwtKeys {
     /// ES384, EdDSA). Encryption keys and unsupported algorithms are skipped and reported;
     /// symmetric (`oct`) keys are refused, as is a document with no usable key.
     pub fn add_jwks(&mut self, json: &str) -> Result<JwksLoad, String> {
+        self.add_jwks_document(json, false)
+    }
+
+    /// [`add_jwks`](Self::add_jwks) for a document fetched from an identity provider: a key
+    /// that cannot be used (an `oct` key, an `alg` its type does not allow) is skipped and
+    /// reported instead of failing the document, so one bad entry cannot stop every
+    /// rotation and keep a retired key in service.
+    pub fn add_fetched_jwks(&mut self, json: &str) -> Result<JwksLoad, String> {
+        self.add_jwks_document(json, true)
+    }
+
+    fn add_jwks_document(&mut self, json: &str, skip_bad: bool) -> Result<JwksLoad, String> {
         let set: JwkSet = serde_json::from_str(json)
             .map_err(|e| format!("not a JWKS document (`{{\"keys\": [...]}}`): {e}"))?;
         let mut load = JwksLoad::default();
@@ -89,12 +101,14 @@ impl JwtKeys {
                 .key_id
                 .clone()
                 .unwrap_or_else(|| format!("keys[{i}]"));
-            match jwk_key(jwk).map_err(|e| format!("key {name}: {e}"))? {
-                Some(key) => {
+            match jwk_key(jwk) {
+                Ok(Some(key)) => {
                     self.keys.push(key);
                     load.loaded += 1;
                 }
-                None => load.skipped.push(name),
+                Ok(None) => load.skipped.push(name),
+                Err(e) if skip_bad => load.skipped.push(format!("{name} ({e})")),
+                Err(e) => return Err(format!("key {name}: {e}")),
             }
         }
         if load.loaded == 0 {

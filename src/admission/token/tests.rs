@@ -763,6 +763,20 @@ fn jwks_validation() {
     assert!(err.contains("no usable"), "{err}");
     let err = JwtKeys::new().add_jwks("{\"keys\": 1}").expect_err("shape");
     assert!(err.contains("JWKS"), "{err}");
+    // Fetched from a URL, the same `oct` entry is left out and the usable keys stay.
+    let mut fetched = JwtKeys::new();
+    let load = fetched
+        .add_fetched_jwks(&jwks(&[&oct, &ec.jwk]))
+        .expect("the usable key loads");
+    assert_eq!(load.loaded, 1);
+    assert!(
+        load.skipped.iter().any(|s| s.starts_with("sym")),
+        "{load:?}"
+    );
+    let err = JwtKeys::new()
+        .add_fetched_jwks(&jwks(&[&oct]))
+        .expect_err("nothing usable");
+    assert!(err.contains("no usable"), "{err}");
     let mut wrong_curve_alg = ec.jwk.clone();
     wrong_curve_alg["alg"] = json!("ES384");
     assert!(JwtKeys::new().add_jwks(&jwks(&[&wrong_curve_alg])).is_err());
