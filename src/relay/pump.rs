@@ -167,8 +167,6 @@ pub struct Pump {
     in_deflate: bool,
     /// The frame being forwarded is part of a message being inflated.
     frame_inflate: bool,
-    /// What inflating the frame being forwarded broke; reported when the frame ends.
-    inflate_error: Option<Violation>,
     /// A violation cut the frame being forwarded: the destination got part of it.
     pub cut_mid_frame: bool,
     /// When the destination stopped accepting writes (for `send_timeout`).
@@ -224,7 +222,6 @@ impl Pump {
             inflate: None,
             in_deflate: false,
             frame_inflate: false,
-            inflate_error: None,
             cut_mid_frame: false,
             stats: Stats::default(),
         }
@@ -439,30 +436,28 @@ impl Pump {
                 Phase::Forward(rem) => {
                     let n = clamp(rem, avail.len());
                     if self.frame_inflate {
-                        if self.inflate_error.is_none() {
-                            let fed = match self.inflate.as_deref_mut() {
-                                Some(inflate) => inflate.feed(
-                                    &avail[..n],
-                                    self.frame_mask,
-                                    self.mask_at,
-                                    self.frame_is_text.then_some(&mut self.text),
-                                ),
-                                None => Err(Violation::Protocol("no inflater")),
-                            };
-                            match fed {
-                                Ok(at) => self.mask_at = at,
-                                Err(v) => {
-                                    // The rest of this frame must not reach the upstream
-                                    // (it would inflate the bomb itself): the frame is cut
-                                    // here, and no close frame can follow a cut frame.
-                                    self.in_deflate = false;
-                                    self.in_text = false;
-                                    self.frame_inflate = false;
-                                    self.text = Utf8Check::default();
-                                    self.cut_mid_frame = true;
-                                    self.abandon_dst();
-                                    return Some(Event::Violation(v));
-                                }
+                        let fed = match self.inflate.as_deref_mut() {
+                            Some(inflate) => inflate.feed(
+                                &avail[..n],
+                                self.frame_mask,
+                                self.mask_at,
+                                self.frame_is_text.then_some(&mut self.text),
+                            ),
+                            None => Err(Violation::Protocol("no inflater")),
+                        };
+                        match fed {
+                            Ok(at) => self.mask_at = at,
+                            Err(v) => {
+                                // The rest of this frame must not reach the upstream
+                                // (it would inflate the bomb itself): the frame is cut
+                                // here, and no close frame can follow a cut frame.
+                                self.in_deflate = false;
+                                self.in_text = false;
+                                self.frame_inflate = false;
+                                self.text = Utf8Check::default();
+                                self.cut_mid_frame = true;
+                                self.abandon_dst();
+                                return Some(Event::Violation(v));
                             }
                         }
                     } else if self.frame_is_text {
@@ -698,7 +693,7 @@ impl Pump {
     fn deflated_frame_done(&mut self) -> Step {
         self.frame_inflate = false;
         let text = std::mem::take(&mut self.frame_is_text);
-        let mut result = self.inflate_error.take().map_or(Ok(()), Err);
+        let mut result = Ok(());
         if self.frame_fin {
             if result.is_ok() {
                 result = match self.inflate.as_deref_mut() {
