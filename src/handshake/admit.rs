@@ -562,21 +562,7 @@ routes:
 
     #[test]
     fn the_subject_cap_counts_per_subject_after_the_per_ip_cap() {
-        let yaml = format!(
-            r#"
-listeners: [{{ name: plain, bind: "127.0.0.1:0" }}]
-limits: {{ max_connections_per_ip: 10, max_connections_per_subject: 1 }}
-upstreams:
-  echo: {{ backends: [{{ addr: "127.0.0.1:9" }}] }}
-routes:
-  - name: private
-    match: {{ path_prefix: / }}
-    upstream: echo
-    auth: {{ jwt: {{ from: ["header:Authorization"], keys: [{{ alg: HS256, secret: "{SECRET}" }}] }} }}
-"#
-        );
-        let config = Config::from_yaml_str(&yaml, "t.yaml").unwrap_or_else(|e| panic!("{e}"));
-        let world = World::new(config);
+        let world = subject_cap_world();
         let as_user = |sub: &str| {
             parts(upgrade("/").header("authorization", format!("Bearer {}", token(sub))))
         };

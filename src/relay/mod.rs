@@ -1059,6 +1059,21 @@ mod tests {
     }
 
     /// The report of a relay that must end by itself.
+    /// A relay between two streams with no early bytes, on its own task.
+    fn spawn_relay<C, U>(client: C, upstream: U) -> tokio::task::JoinHandle<Report>
+    where
+        C: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+        U: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+    {
+        tokio::spawn(relay(
+            client,
+            Bytes::new(),
+            upstream,
+            Bytes::new(),
+            &settings(),
+        ))
+    }
+
     async fn ended(session: tokio::task::JoinHandle<Report>) -> Report {
         timeout(PATIENCE, session)
             .await
@@ -1084,13 +1099,7 @@ mod tests {
             inner: client_relay,
             budget: hello.len(),
         };
-        let session = tokio::spawn(relay(
-            failing,
-            Bytes::new(),
-            upstream_relay,
-            Bytes::new(),
-            &settings(),
-        ));
+        let session = spawn_relay(failing, upstream_relay);
         send(&mut client, &hello).await;
         assert_eq!(
             read_frame(&mut upstream).await,
@@ -1122,13 +1131,7 @@ mod tests {
             inner: upstream_relay,
             budget: 3,
         };
-        let session = tokio::spawn(relay(
-            client_relay,
-            Bytes::new(),
-            failing,
-            Bytes::new(),
-            &settings(),
-        ));
+        let session = spawn_relay(client_relay, failing);
         // Three bytes of the upstream's frame pass; the read of the rest panics, so the
         // client is mid-frame: no close frame can reach it well-formed.
         send(&mut upstream, &frame(0x82, b"partial", None)).await;
@@ -1156,13 +1159,7 @@ mod tests {
             inner: upstream_relay,
             budget: whole.len(),
         };
-        let session = tokio::spawn(relay(
-            client_relay,
-            Bytes::new(),
-            failing,
-            Bytes::new(),
-            &settings(),
-        ));
+        let session = spawn_relay(client_relay, failing);
         send(&mut upstream, &whole).await;
         assert_eq!(
             read_frame(&mut client).await,
@@ -1182,13 +1179,7 @@ mod tests {
     async fn a_client_whose_flush_never_completes_is_a_slow_consumer() {
         let (_client, client_relay) = duplex(1 << 16);
         let (upstream_relay, mut upstream) = duplex(1 << 16);
-        let session = tokio::spawn(relay(
-            StuckFlush(client_relay),
-            Bytes::new(),
-            upstream_relay,
-            Bytes::new(),
-            &settings(),
-        ));
+        let session = spawn_relay(StuckFlush(client_relay), upstream_relay);
         send(&mut upstream, &frame(0x82, b"for a slow client", None)).await;
         // send_timeout after the flush stalled: the client is cut, the upstream gets 1001.
         assert_eq!(read_frame(&mut upstream).await, Some(close_frame(1001)));
