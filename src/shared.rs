@@ -7,10 +7,12 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use arc_swap::ArcSwap;
 
 use crate::admission::ip_limit::{HandshakeRate, IpLimiter};
+use crate::admission::pending::HandshakeSlots;
 use crate::admission::subject::SubjectLimiter;
 use crate::config::Config;
 use crate::observe::access_log::AccessLog;
 use crate::observe::metrics::Metrics;
+use crate::observe::refusals::Refusals;
 use crate::ops::registry::Registry;
 use crate::ops::revocation::RevocationStore;
 use crate::upstream::pool::Pools;
@@ -40,6 +42,10 @@ pub struct Shared {
     pub handshake_rate: ArcSwap<HandshakeRate>,
     /// Listening and not draining.
     pub ready: Arc<AtomicBool>,
+    /// `limits.max_pending_handshakes`: taken before accept, given back at the relay.
+    pub handshake_slots: HandshakeSlots,
+    /// Refusals per address and second: beyond ten, summarised (SPEC §3).
+    pub refusals: Refusals,
 }
 
 impl Shared {

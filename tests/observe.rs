@@ -271,9 +271,11 @@ impl Refusal {
     }
 }
 
-/// Each row in turn, on one gateway.
+/// Each row in turn, on one gateway. Rows are paced so that no second holds more than
+/// ten refusals of this one client address: beyond that, refusals are summarised (SPEC §3).
 async fn assert_refusals(gw: &TestGateway, table: &[Refusal]) {
     for row in table {
+        tokio::time::sleep(Duration::from_millis(110)).await;
         let held = match row.holding {
             Some(path) => {
                 let (held, head) = raw_upgrade(gw.addr(), path, "").await;
@@ -398,7 +400,8 @@ routes:
     );
     let gw = spawn_gateway(&yaml).await;
     let _first = connect(&gw.url("/chat")).await;
-    let (resp, _) = assert_rejected(&gw, &upgrade("/chat", ""), 429, "ip_rate", Some("chat")).await;
+    // Judged at accept, before the head: no route is known.
+    let (resp, _) = assert_rejected(&gw, &upgrade("/chat", ""), 429, "ip_rate", None).await;
     let retry: u64 = header_value(&resp, "retry-after")
         .and_then(|v| v.parse().ok())
         .unwrap_or(0);
@@ -422,7 +425,8 @@ routes:
     );
     let gw = spawn_gateway(&yaml).await;
     let _first = connect(&gw.url("/chat")).await;
-    assert_rejected(&gw, &upgrade("/chat", ""), 503, "capacity", Some("chat")).await;
+    // Judged at accept, before the head: no route is known.
+    assert_rejected(&gw, &upgrade("/chat", ""), 503, "capacity", None).await;
 }
 
 /// A handshake whose head arrives after the drain's spread window: 503 `draining`, logged
@@ -496,17 +500,20 @@ routes:
     assert_eq!(status, 200, "/healthz while draining");
 }
 
-/// Refusals decided before route matching (process cap, handshake rate) still concern a
-/// request whose path matches a route: the log line and the metric should name it, as they
-/// do for every other refusal of a routable request (SPEC §6 `route`, §7
-/// `wsgate_handshake_rejected_total{route,reason}`: per-route refusal rates).
+/// Behind a trusted proxy, refusals decided before route matching (process cap, handshake
+/// rate) are judged at the head and still name the route its path matches, as every other
+/// refusal of a routable request does (SPEC §6 `route`, §7
+/// `wsgate_handshake_rejected_total{route,reason}`). Judged at accept, no route is known.
 #[tokio::test]
 async fn refusals_before_routing_still_name_the_matching_route() {
     let app = echo_backend().await;
+    // Behind a trusted proxy the client is known from the head only, so the process cap
+    // and the rate are judged there, with the route known.
     let yaml = format!(
         r#"
 listeners: [{{ name: public, bind: "127.0.0.1:0" }}]
 admin: {{ bind: "127.0.0.1:0" }}
+trusted_proxies: ["127.0.0.1/32"]
 limits: {{ max_connections: 1, handshakes_per_ip: {{ rate: 1, per: 10s, burst: 1 }} }}
 upstreams:
   app: {{ backends: [{{ addr: "{app}" }}] }}
@@ -914,6 +921,7 @@ listeners: [{{ name: public, bind: "127.0.0.1:0" }}]
 admin: {{ bind: "127.0.0.1:0" }}
 keepalive: {{ ping_interval: 0s }}
 limits: {{ handshakes_per_ip: {{ rate: 1000000, per: 1s }} }}
+trusted_proxies: ["127.0.0.1/32"]
 upstreams:
   app: {{ backends: [{{ addr: "{app}" }}] }}
 routes:
@@ -923,7 +931,9 @@ routes:
     let gw = spawn_with_file_sink(&yaml, &fifo).await;
     let addr = gw.addr();
     let dropped = |s: &prometheus_parse::Scrape| metric(s, "wsgate_log_dropped_total", &[]);
-    // Cheap log lines (404s) until the pipe (64 KiB) and the writer's queue are full.
+    // Cheap log lines (404s) until the pipe (64 KiB) and the writer's queue are full, each
+    // from its own forwarded client: one address's refusals beyond ten a second would be
+    // summarised, not logged one by one.
     let flood_started = Instant::now();
     let mut sent = 0usize;
     while dropped(&scrape(&gw).await) == 0.0 {
@@ -931,8 +941,17 @@ routes:
             sent < 40_000 && flood_started.elapsed() < Duration::from_secs(60),
             "no line dropped after {sent} refusals"
         );
-        let batch: Vec<_> = (0..1000)
-            .map(|_| async move { raw_request(addr, &upgrade("/nowhere", "")).await })
+        let batch: Vec<_> = (0..1000u32)
+            .map(|i| {
+                let n = sent as u32 + i;
+                let xff = format!(
+                    "X-Forwarded-For: 10.{}.{}.{}\r\n",
+                    n >> 16 & 255,
+                    n >> 8 & 255,
+                    n & 255
+                );
+                async move { raw_request(addr, &upgrade("/nowhere", &xff)).await }
+            })
             .collect();
         let resps: Vec<String> = futures_util::stream::iter(batch)
             .buffer_unordered(16)

@@ -24,6 +24,7 @@
 pub mod client_ip;
 pub mod ip_limit;
 pub mod origin;
+pub mod pending;
 pub mod proxy_protocol;
 pub mod subject;
 pub mod token;

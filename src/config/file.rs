@@ -21,6 +21,8 @@ use super::units::{
 
 /// `limits.max_connections`: whole-process cap on client connections.
 pub const DEFAULT_MAX_CONNECTIONS: u64 = 50_000;
+/// `limits.max_pending_handshakes` default.
+pub const DEFAULT_MAX_PENDING_HANDSHAKES: u64 = 4096;
 /// `limits.handshake_timeout`: the request head (and TLS) must arrive within this.
 pub const DEFAULT_HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
 /// `limits.max_frame_size`: largest frame accepted in either direction (1 MiB).
@@ -186,6 +188,9 @@ pub struct FileLimits {
     /// Whole-process connection cap (top level only); default 50000.
     #[serde(default, deserialize_with = "opt_scalar")]
     pub max_connections: Option<u64>,
+    /// Handshakes in progress, process-wide (top level only); default 4096.
+    #[serde(default, deserialize_with = "opt_scalar")]
+    pub max_pending_handshakes: Option<u64>,
     /// Per-client-IP connection cap, handshakes in progress included.
     #[serde(default, deserialize_with = "opt_scalar")]
     pub max_connections_per_ip: Option<u64>,

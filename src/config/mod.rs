@@ -151,6 +151,9 @@ pub struct Log {
 pub struct Limits {
     /// Process-wide connection cap (only settable at top level); beyond → 503.
     pub max_connections: u64,
+    /// Connections between accept and relay, process-wide (top level only); beyond,
+    /// accepts wait in the kernel's queue.
+    pub max_pending_handshakes: u64,
     /// Full request head must arrive within this; > 0.
     pub handshake_timeout: Duration,
     /// Bytes per frame, either direction; ≥ 125.

@@ -13,11 +13,13 @@ use std::time::Duration;
 use arc_swap::ArcSwap;
 
 use crate::admission::ip_limit::{HandshakeRate, IpLimiter};
+use crate::admission::pending::HandshakeSlots;
 use crate::admission::subject::SubjectLimiter;
 use crate::config::{Config, Listener, UpstreamKind};
 use crate::listener::{self, Running};
 use crate::observe::access_log::{AccessLog, Sink};
 use crate::observe::metrics::Metrics;
+use crate::observe::refusals::Refusals;
 use crate::ops::registry::Registry;
 use crate::ops::revocation::InMemory;
 use crate::shared::Shared;
@@ -131,6 +133,36 @@ fn spawn_housekeeping(shared: std::sync::Weak<Shared>) {
     });
 }
 
+/// `limits.max_pending_handshakes` as a slot count.
+pub(crate) fn pending_bound(limits: &crate::config::Limits) -> usize {
+    usize::try_from(limits.max_pending_handshakes).unwrap_or(usize::MAX)
+}
+
+/// Once a second, writes the summary lines of the second that ended: one `ws_reject`
+/// line with `count` per address and reason that drew more than ten refusals (SPEC §3).
+fn spawn_refusal_summaries(shared: std::sync::Weak<Shared>) {
+    tokio::spawn(async move {
+        let mut tick = tokio::time::interval(Duration::from_secs(1));
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            tick.tick().await;
+            let Some(shared) = shared.upgrade() else {
+                return;
+            };
+            let (summaries, untracked) = shared.refusals.sweep(crate::handshake::this_second());
+            for s in &summaries {
+                crate::handshake::log_summary(&shared, s);
+            }
+            if untracked > 0 {
+                tracing::warn!(
+                    refusals = untracked,
+                    "refusals from more addresses than the refusal tally holds were counted but not logged"
+                );
+            }
+        }
+    });
+}
+
 /// Starts the built-in echo upstream if a route of `config` uses it and it is not running.
 async fn ensure_echo(pools: &Pools, config: &Config) -> Result<(), StartError> {
     let uses_echo = config
@@ -192,6 +224,7 @@ pub async fn start_with(
         tracing::warn!("{warning}");
     }
     let registry = Registry::new();
+    let config_limits = config.limits.clone();
     let shared = Arc::new(Shared {
         config: ArcSwap::from_pointee(config),
         access,
@@ -204,7 +237,10 @@ pub async fn start_with(
         per_subject: SubjectLimiter::new(),
         handshake_rate: ArcSwap::from_pointee(handshake_rate),
         ready: ready.clone(),
+        handshake_slots: HandshakeSlots::new(pending_bound(&config_limits)),
+        refusals: Refusals::default(),
     });
+    spawn_refusal_summaries(Arc::downgrade(&shared));
     spawn_housekeeping(Arc::downgrade(&shared));
     let fetchers = jwks::spawn_all(&shared, &shared.config.load().jwks_urls);
     spawn_trimmer(Arc::downgrade(&shared));

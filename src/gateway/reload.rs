@@ -43,6 +43,11 @@ impl Gateway {
         // Health, drain flags and connection counts of backends that stay are kept.
         self.shared.pools.reconcile(&config).await;
         self.reload_listeners(&config, &mut done);
+        if old.limits.max_pending_handshakes != config.limits.max_pending_handshakes {
+            self.shared
+                .handshake_slots
+                .resize(super::pending_bound(&config.limits));
+        }
         if old.limits.handshakes_per_ip != config.limits.handshakes_per_ip {
             match HandshakeRate::new(config.limits.handshakes_per_ip) {
                 Ok(rate) => self.shared.handshake_rate.store(Arc::new(rate)),

@@ -44,7 +44,8 @@ pub struct Limiters<'a> {
 pub enum EarlyPermit {
     /// Not taken: the peer is a trusted proxy (the client is known from the head only).
     NotTaken,
-    /// Counted since accept against the widest cap any route allows.
+    /// Judged at accept ([`admit_at_accept`]): the handshake rate counted, and the
+    /// connection counted since then against the widest cap any route allows.
     Held(IpPermit),
     /// The client was over every route's cap at accept.
     OverCap,
@@ -68,6 +69,35 @@ pub struct Admission<'r> {
     pub expires_at: Option<Instant>,
     /// The client offered only `bearer, <token>`: the 101 answers `bearer`.
     pub answer_bearer: bool,
+}
+
+/// What is judged at accept, from the client's address alone (SPEC §3 "Admission before
+/// work"): the process cap, the handshake rate and the per-IP cap, in that order, before
+/// TLS and before the head. The per-IP cap is the widest any route allows (the route is
+/// not known yet); [`admit`] checks the route's own. Only when the peer is the client: a
+/// trusted proxy's clients are known from the head.
+pub fn admit_at_accept(
+    client: IpAddr,
+    over_capacity: bool,
+    config: &Config,
+    per_ip: &Arc<IpLimiter>,
+    handshake_rate: &HandshakeRate,
+) -> Result<IpPermit, Refusal> {
+    if over_capacity {
+        return Err(Refusal::Capacity);
+    }
+    let key = IpKey::new(client, config.limits.ipv6_prefix);
+    handshake_rate.admit(key)?;
+    per_ip.admit(key, widest_ip_cap(config))
+}
+
+/// The highest `max_connections_per_ip` of the top level and every route.
+pub fn widest_ip_cap(config: &Config) -> u32 {
+    config
+        .routes
+        .iter()
+        .map(|r| r.limits.max_connections_per_ip)
+        .fold(config.limits.max_connections_per_ip, u32::max)
 }
 
 /// Decides one upgrade request from `peer` (the TCP peer, after any PROXY header).
@@ -94,7 +124,10 @@ pub fn admit<'r>(
         return Err(Refusal::Capacity);
     }
     let key = IpKey::new(client_ip, config.limits.ipv6_prefix);
-    limiters.handshake_rate.admit(key)?;
+    // Judged at accept already when the peer was the client.
+    if matches!(early, EarlyPermit::NotTaken) {
+        limiters.handshake_rate.admit(key)?;
+    }
     let mut upgrade = upgrade::check(parts, &config.routes)?;
     let route = upgrade.route;
     if facts.route.as_deref() != Some(route.name.as_str()) {
@@ -511,6 +544,40 @@ routes:
             world.decide_with(&parts(upgrade("/public")), &limiters, EarlyPermit::OverCap);
         assert_eq!(refusal(&capped), Some("ip_cap"));
         drop(kept);
+    }
+
+    #[test]
+    fn at_accept_capacity_comes_before_the_rate_and_the_rate_before_the_cap() {
+        let world = World::new(config(2));
+        let ip = IpAddr::V4(Ipv4Addr::new(192, 0, 2, 9));
+        let judge = |over: bool| {
+            admit_at_accept(ip, over, &world.config, &world.per_ip, &world.rate).map(|p| p.key())
+        };
+        assert_eq!(judge(true), Err(Refusal::Capacity), "no rate token spent");
+        let a = admit_at_accept(ip, false, &world.config, &world.per_ip, &world.rate);
+        let b = admit_at_accept(ip, false, &world.config, &world.per_ip, &world.rate);
+        assert!(a.is_ok() && b.is_ok());
+        assert!(matches!(judge(false), Err(Refusal::IpRate { .. })));
+        drop((a, b));
+        assert_eq!(world.per_ip.count(IpKey::new(ip, 64)), 0);
+        // Judged at accept, the head's decision does not count the rate again.
+        let world = World::new(config(1));
+        let permit = admit_at_accept(ip, false, &world.config, &world.per_ip, &world.rate);
+        let early = match permit {
+            Ok(p) => EarlyPermit::Held(p),
+            Err(e) => panic!("{e}"),
+        };
+        let mut facts = Facts::default();
+        let parts = parts(upgrade("/public"));
+        let limiters = world.limiters(false, false);
+        let mut early = early;
+        let decided = admit(&mut facts, &parts, ip, &world.config, &limiters, &mut early);
+        assert!(decided.is_ok(), "{:?}", decided.err());
+    }
+
+    #[test]
+    fn the_widest_cap_is_the_highest_of_the_top_level_and_every_route() {
+        assert_eq!(widest_ip_cap(&config(1)), 2);
     }
 
     #[tokio::test]

@@ -170,7 +170,7 @@ impl LogFacts {
         Record {
             ts: now_rfc3339(),
             event,
-            conn_id: self.get(Text::ConnId).unwrap_or_default(),
+            conn_id: self.get(Text::ConnId),
             request_id: self.get(Text::RequestId),
             listener: &self.listener,
             route: self.get(Text::Route),

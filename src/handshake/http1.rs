@@ -337,10 +337,12 @@ impl Conn {
     }
 
     fn log_reject(&self, info: &Facts, r: Refusal, status: u16, backend: Option<&str>) {
-        self.info
-            .shared
-            .metrics
-            .rejected(info.route.as_deref(), r.reason());
+        let shared = &self.info.shared;
+        shared.metrics.rejected(info.route.as_deref(), r.reason());
+        let client = info.client_ip.unwrap_or(self.info.peer.ip());
+        if !super::refused::note(shared, client, &self.info.listener, r).log {
+            return;
+        }
         let mut record = self.record("ws_reject", info, status, backend);
         record.proxy_reason = Some(r.reason());
         self.info.shared.access.log(&record);
@@ -356,7 +358,7 @@ impl Conn {
         Record {
             ts: now_rfc3339(),
             event,
-            conn_id: &self.info.conn_id,
+            conn_id: Some(&self.info.conn_id),
             request_id: info.request_id.as_deref(),
             listener: &self.info.listener,
             route: info.route.as_deref(),

@@ -4,15 +4,19 @@
 //! (`facts`) and the relayed connection's bookkeeping (`session`).
 //!
 //! The listener hands over an [`Accepted`] connection (PROXY header read, TLS done);
-//! [`serve`] returns the relay phase when the upgrade succeeded.
+//! [`serve`] returns the relay phase when the upgrade succeeded. Refusals at accept are
+//! judged by [`admit::admit_at_accept`] and logged through `refused`, which also keeps
+//! one address's refusal lines to ten a second.
 
 pub mod admit;
 mod facts;
 mod forward;
 mod http1;
+mod refused;
 mod session;
 pub mod upgrade;
 
 pub use admit::EarlyPermit;
 pub use http1::{Accepted, serve};
+pub use refused::{log_at_accept, log_summary, note as note_refusal, this_second};
 pub use session::RelayPhase;

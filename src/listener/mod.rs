@@ -1,36 +1,36 @@
-//! Where connections come in (SPEC §2 `listeners`, §8): binding with SO_REUSEPORT, the
-//! accept loop, the PROXY protocol header, the per-IP count taken at accept, and the TLS
-//! handshake (with the listener's certificates, swapped by reloads). Each accepted
-//! connection becomes one task: its handshake phase ([`crate::handshake::serve`]), then
-//! its relay phase, in that same task, so ending the task ends both sockets and frees
-//! every resource in one place.
+//! Where connections come in (SPEC §2 `listeners`, §3 "Admission before work", §8):
+//! binding with SO_REUSEPORT, the accept loop with its judgement at accept (`accept`),
+//! the PROXY protocol header, and the TLS handshake (with the listener's certificates,
+//! swapped by reloads). Each admitted connection becomes one task: its handshake phase
+//! ([`crate::handshake::serve`]), then its relay phase, in that same task, so ending the
+//! task ends both sockets and frees every resource in one place.
 
 use std::future::Future;
 use std::net::SocketAddr;
 use std::pin::Pin;
+use std::sync::Arc;
 use std::sync::atomic::Ordering;
-use std::sync::{Arc, Weak};
-use std::time::Duration;
 
 use arc_swap::ArcSwap;
+use prometheus_client::metrics::gauge::Gauge;
 use tokio::io::AsyncReadExt;
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::watch;
 use tokio::time::Instant;
 
-use crate::admission::client_ip::IpKey;
+use crate::admission::ip_limit::IpPermit;
+use crate::admission::pending::HandshakeSlot;
 use crate::admission::proxy_protocol::{self, MAX_HEADER, Parse};
 use crate::config::Listener;
+use crate::handshake::admit::admit_at_accept;
 use crate::handshake::{self, EarlyPermit, RelayPhase};
 use crate::observe::access_log::TlsInfo;
-use crate::observe::metrics::Metrics;
+use crate::observe::metrics::{AcceptRefusals, Metrics};
 use crate::shared::Shared;
 
+mod accept;
 mod streams;
 pub use streams::Prefixed;
-
-/// Pause after a failed accept (e.g. out of file descriptors) so the loop does not spin.
-const ACCEPT_BACKOFF: Duration = Duration::from_millis(100);
 
 /// A listener's current TLS configuration; certificate reloads swap it (lock-free, like the
 /// config), and connections already established keep the one they started with. There is
@@ -103,8 +103,21 @@ impl Running {
             listener: name.clone(),
             tls: tls.clone(),
             proxy_protocol: l.proxy_protocol,
+            refusals: shared.metrics.accept_refusals(&name),
         };
-        tokio::spawn(accept_loop(Arc::downgrade(shared), tcp, endpoint, stopped));
+        match tcp.into_std().and_then(accept::register) {
+            Ok(socket) => {
+                tokio::spawn(accept::accept_loop(
+                    Arc::downgrade(shared),
+                    socket,
+                    endpoint,
+                    stopped,
+                ));
+            }
+            Err(e) => {
+                tracing::error!(listener = %name, error = %e, "cannot accept on the listener")
+            }
+        }
         Running {
             name,
             bind: l.bind,
@@ -124,62 +137,6 @@ impl Running {
     }
 }
 
-/// Accepts until the listener's [`Running`] is dropped, spawning one task per connection.
-async fn accept_loop(
-    shared: Weak<Shared>,
-    listener: TcpListener,
-    endpoint: Endpoint,
-    mut stopped: watch::Receiver<()>,
-) {
-    loop {
-        let next = tokio::select! {
-            a = listener.accept() => a,
-            _ = stopped.changed() => return serve_backlog(&shared, listener, &endpoint),
-        };
-        let Some(shared) = shared.upgrade() else {
-            return;
-        };
-        match next {
-            Ok((stream, peer)) => {
-                tokio::spawn(ConnTask::new(shared, endpoint.clone(), stream, peer));
-            }
-            Err(e) => {
-                tracing::warn!(listener = %endpoint.listener, error = %e, "accept failed; backing off");
-                tokio::time::sleep(ACCEPT_BACKOFF).await;
-            }
-        }
-    }
-}
-
-/// Serves what the kernel already accepted into the backlog before the socket closes:
-/// closing a listener resets those connections, which would turn a zero-downtime restart
-/// into refused clients. Asks the kernel directly (tokio's cached readiness may not know
-/// of a connection that has just arrived), until its queue is empty.
-fn serve_backlog(shared: &Weak<Shared>, listener: TcpListener, endpoint: &Endpoint) {
-    let Some(shared) = shared.upgrade() else {
-        return;
-    };
-    let Ok(listener) = listener.into_std() else {
-        return;
-    };
-    for _ in 0..BACKLOG {
-        let Ok((stream, peer)) = listener.accept() else {
-            return;
-        };
-        let stream = stream
-            .set_nonblocking(true)
-            .and_then(|()| TcpStream::from_std(stream));
-        if let Ok(stream) = stream {
-            tokio::spawn(ConnTask::new(
-                shared.clone(),
-                endpoint.clone(),
-                stream,
-                peer,
-            ));
-        }
-    }
-}
-
 /// Counts a connection towards `max_connections` for as long as it lives.
 struct ActiveGuard(Arc<Shared>);
 
@@ -194,7 +151,28 @@ impl Drop for ActiveGuard {
 /// keeps is the task header, this, and the relay phase.
 struct ConnTask {
     phase: Phase,
+    /// Its `max_pending_handshakes` slot, given back when the relay starts.
+    pending: Option<InHandshake>,
     _active: ActiveGuard,
+}
+
+/// A handshake slot, shown in `wsgate_handshakes_pending` while held.
+struct InHandshake {
+    _slot: Option<HandshakeSlot>,
+    gauge: Gauge,
+}
+
+impl InHandshake {
+    fn new(slot: Option<HandshakeSlot>, gauge: Gauge) -> InHandshake {
+        gauge.inc();
+        InHandshake { _slot: slot, gauge }
+    }
+}
+
+impl Drop for InHandshake {
+    fn drop(&mut self) {
+        self.gauge.dec();
+    }
 }
 
 enum Phase {
@@ -204,16 +182,28 @@ enum Phase {
 }
 
 impl ConnTask {
-    fn new(shared: Arc<Shared>, endpoint: Endpoint, stream: TcpStream, peer: SocketAddr) -> Self {
-        let active = shared.active.fetch_add(1, Ordering::Relaxed) + 1;
+    /// `active` already counts this connection; `early` is the per-IP count taken when it
+    /// was judged at accept.
+    fn new(
+        shared: Arc<Shared>,
+        endpoint: Endpoint,
+        stream: TcpStream,
+        peer: SocketAddr,
+        active: u64,
+        early: Option<IpPermit>,
+        slot: Option<HandshakeSlot>,
+    ) -> Self {
+        let pending = InHandshake::new(slot, shared.metrics.handshakes_pending());
+        let conn = Conn {
+            shared: shared.clone(),
+            endpoint,
+            peer,
+            active,
+            early,
+        };
         ConnTask {
-            phase: Phase::Handshake(Box::pin(serve(
-                shared.clone(),
-                endpoint,
-                stream,
-                peer,
-                active,
-            ))),
+            phase: Phase::Handshake(Box::pin(serve(conn, stream))),
+            pending: Some(pending),
             _active: ActiveGuard(shared),
         }
     }
@@ -227,7 +217,10 @@ impl Future for ConnTask {
             match &mut self.phase {
                 Phase::Handshake(handshake) => match std::task::ready!(handshake.as_mut().poll(cx))
                 {
-                    Some(relay) => self.phase = Phase::Relay(relay),
+                    Some(relay) => {
+                        self.pending = None;
+                        self.phase = Phase::Relay(relay);
+                    }
                     None => return std::task::Poll::Ready(()),
                 },
                 Phase::Relay(relay) => return relay.as_mut().poll(cx),
@@ -242,17 +235,30 @@ struct Endpoint {
     listener: Arc<str>,
     tls: Option<Arc<TlsSlot>>,
     proxy_protocol: bool,
+    refusals: AcceptRefusals,
 }
 
-/// A connection up to its upgrade; returns the relay phase when there is one. `active`
-/// counts this connection.
-async fn serve(
+/// An admitted connection as the accept loop hands it to its task.
+struct Conn {
     shared: Arc<Shared>,
     endpoint: Endpoint,
-    stream: TcpStream,
     peer: SocketAddr,
+    /// Connections in any phase when this one was accepted (itself included).
     active: u64,
-) -> Option<RelayPhase> {
+    /// The per-IP count taken when it was judged at accept; `None` when the client is
+    /// known later (behind a PROXY header or a trusted proxy).
+    early: Option<IpPermit>,
+}
+
+/// A connection up to its upgrade; returns the relay phase when there is one.
+async fn serve(conn: Conn, stream: TcpStream) -> Option<RelayPhase> {
+    let Conn {
+        shared,
+        endpoint,
+        peer,
+        active,
+        early,
+    } = conn;
     let _ = stream.set_nodelay(true);
     let started = Instant::now();
     // The config of this connection for its whole life: a reload affects new ones only.
@@ -264,6 +270,7 @@ async fn serve(
         listener,
         tls,
         proxy_protocol,
+        refusals,
     } = endpoint;
     let (stream, peer) = if proxy_protocol {
         // With `trusted_proxies` set, only those peers may name the client: anyone else
@@ -292,27 +299,37 @@ async fn serve(
     } else {
         (Prefixed::new(stream, Vec::new()), peer)
     };
-    // The per-IP cap counts from accept whenever the peer is the client; behind a trusted
-    // proxy the client is only known from the request head.
     let limits = &config.limits;
-    // The route is not known yet: count against the highest cap any route allows; the
-    // route's own cap is checked at the head.
-    let widest_cap = config
-        .routes
-        .iter()
-        .map(|r| r.limits.max_connections_per_ip)
-        .fold(limits.max_connections_per_ip, |a, b| a.max(b));
-    let early_permit = if config.trusted_proxies.contains(peer.ip()) {
-        EarlyPermit::NotTaken
-    } else {
-        let key = IpKey::new(peer.ip(), limits.ipv6_prefix);
-        match shared.per_ip.try_acquire(key, widest_cap) {
-            Some(permit) => EarlyPermit::Held(permit),
-            None => EarlyPermit::OverCap,
+    let mut over_capacity = active > limits.max_connections;
+    let early_permit = match early {
+        Some(permit) => EarlyPermit::Held(permit),
+        None if config.trusted_proxies.contains(peer.ip()) => EarlyPermit::NotTaken,
+        // Named by a PROXY header: judged now, as early as the client is known.
+        None => {
+            let rate = shared.handshake_rate.load();
+            let judged = admit_at_accept(peer.ip(), over_capacity, &config, &shared.per_ip, &rate);
+            match judged {
+                Ok(permit) => {
+                    over_capacity = false;
+                    EarlyPermit::Held(permit)
+                }
+                Err(refusal) => {
+                    let refused = accept::Refused {
+                        shared: &shared,
+                        config: &config,
+                        listener: &listener,
+                        peer,
+                        tls: tls.is_some(),
+                        refusals: &refusals,
+                    };
+                    refused.answer(refusal, stream).await;
+                    return None;
+                }
+            }
         }
     };
     let accepted = |tls: Option<TlsInfo>| handshake::Accepted {
-        over_capacity: active > limits.max_connections,
+        over_capacity,
         early_permit,
         config: config.clone(),
         shared: shared.clone(),

@@ -20,6 +20,10 @@ impl<S> Prefixed<S> {
             inner,
         }
     }
+
+    pub(super) fn get_ref(&self) -> &S {
+        &self.inner
+    }
 }
 
 impl<S: AsyncRead + Unpin> AsyncRead for Prefixed<S> {

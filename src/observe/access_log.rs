@@ -253,7 +253,8 @@ impl Write for MemoryWriter {
 pub struct Record<'a> {
     pub ts: String,
     pub event: &'static str,
-    pub conn_id: &'a str,
+    /// `null` only on a summary line (`count`), which is about many connections.
+    pub conn_id: Option<&'a str>,
     /// The client's own `X-Request-Id` when it sent a plain one (`conn_id` goes upstream).
     pub request_id: Option<&'a str>,
     pub listener: &'a str,
@@ -277,6 +278,9 @@ pub struct Record<'a> {
     pub u2c: Counts,
     pub close: Option<Close<'a>>,
     pub proxy_reason: Option<&'a str>,
+    /// On a summarised `ws_reject` line only: how many refusals it stands for (SPEC §3).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub count: Option<u64>,
     /// Proxy pings sent to the client.
     pub pings: u64,
     /// Round trips of those pings; `null` when none was answered.
@@ -464,7 +468,7 @@ mod tests {
         Record {
             ts: now_rfc3339(),
             event: "ws_reject",
-            conn_id: "x",
+            conn_id: Some("x"),
             request_id: None,
             listener: "l",
             route: None,
@@ -484,6 +488,7 @@ mod tests {
             u2c: Counts::default(),
             close: None,
             proxy_reason: Some("no_route"),
+            count: None,
             pings: 0,
             rtt_ms: None,
             rate_limited: 0,

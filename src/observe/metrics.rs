@@ -23,7 +23,7 @@ use prometheus_client::metrics::histogram::{Histogram, exponential_buckets};
 use prometheus_client::registry::Registry;
 
 use crate::observe::report::Report;
-use crate::outcome::{By, ProxyReason};
+use crate::outcome::{By, ProxyReason, Refusal};
 
 /// The `Content-Type` of [`Metrics::encode`]'s output.
 pub const CONTENT_TYPE: &str = "application/openmetrics-text; version=1.0.0; charset=utf-8";
@@ -56,6 +56,12 @@ struct CloseLabels {
 struct DirLabels {
     route: String,
     direction: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct ListenerReason {
+    listener: String,
+    reason: &'static str,
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
@@ -107,6 +113,7 @@ pub struct Metrics {
     reload_failures: Counter,
     revocations: Counter,
     jwks_refreshes: Family<ResultLabel, Counter>,
+    accept: AcceptFamilies,
     routes: Mutex<HashMap<String, Arc<RouteMetrics>>>,
     sources: Arc<Mutex<Sources>>,
     /// Connections refused for a bad or missing PROXY header.
@@ -157,6 +164,7 @@ impl Metrics {
             drop(jwks_refreshes.get_or_create(&ResultLabel { result }));
         }
         let sources = Arc::new(Mutex::new(Sources::default()));
+        let accept = AcceptFamilies::register(&mut registry);
         registry.register(
             "wsgate_connections_active",
             "WebSocket connections being relayed",
@@ -246,6 +254,7 @@ impl Metrics {
             reload_failures,
             revocations,
             jwks_refreshes,
+            accept,
             routes: Mutex::new(HashMap::new()),
             sources,
         }
@@ -304,6 +313,40 @@ impl Metrics {
         }
     }
 
+    /// The handles a listener counts its refusals at accept with.
+    pub fn accept_refusals(&self, listener: &str) -> AcceptRefusals {
+        let at_accept = |reason: &'static str| {
+            self.accept
+                .refused
+                .get_or_create(&ListenerReason {
+                    listener: listener.to_owned(),
+                    reason,
+                })
+                .clone()
+        };
+        let rejected = |reason: &str| {
+            self.rejected
+                .get_or_create(&RejectLabels {
+                    route: String::new(),
+                    reason: reason.to_owned(),
+                })
+                .clone()
+        };
+        let both = |r: Refusal| (at_accept(r.reason()), rejected(r.reason()));
+        AcceptRefusals {
+            capacity: both(Refusal::Capacity),
+            ip_rate: both(Refusal::IpRate {
+                retry_after_secs: 1,
+            }),
+            ip_cap: both(Refusal::IpCap),
+        }
+    }
+
+    /// Connections between accept and relay (`wsgate_handshakes_pending`).
+    pub fn handshakes_pending(&self) -> Gauge {
+        self.accept.pending.clone()
+    }
+
     /// A refused handshake; `route` is empty when no route matched (yet).
     pub fn rejected(&self, route: Option<&str>, reason: &str) {
         self.rejected
@@ -338,6 +381,53 @@ impl Metrics {
             out.clear();
         }
         out
+    }
+}
+
+/// The metrics of admission at accept (SPEC §3 "Admission before work").
+struct AcceptFamilies {
+    refused: Family<ListenerReason, Counter>,
+    pending: Gauge,
+}
+
+impl AcceptFamilies {
+    fn register(registry: &mut Registry) -> AcceptFamilies {
+        let refused = Family::<ListenerReason, Counter>::default();
+        let pending = Gauge::default();
+        registry.register(
+            "wsgate_refused_at_accept",
+            "Connections refused at accept, before TLS and the request head, by reason",
+            refused.clone(),
+        );
+        registry.register(
+            "wsgate_handshakes_pending",
+            "Connections between accept and relay (PROXY header, TLS, head, upstream handshake)",
+            pending.clone(),
+        );
+        AcceptFamilies { refused, pending }
+    }
+}
+
+/// One listener's counters of refusals at accept: `wsgate_refused_at_accept_total` and
+/// `wsgate_handshake_rejected_total{route=""}`, resolved once.
+#[derive(Clone, Debug)]
+pub struct AcceptRefusals {
+    capacity: (Counter, Counter),
+    ip_rate: (Counter, Counter),
+    ip_cap: (Counter, Counter),
+}
+
+impl AcceptRefusals {
+    /// Counts one refusal (only the three judged at accept have handles).
+    pub fn count(&self, refusal: Refusal) {
+        let (at_accept, rejected) = match refusal {
+            Refusal::Capacity => &self.capacity,
+            Refusal::IpRate { .. } => &self.ip_rate,
+            Refusal::IpCap => &self.ip_cap,
+            _ => return,
+        };
+        at_accept.inc();
+        rejected.inc();
     }
 }
 

@@ -1,8 +1,10 @@
 //! What operators read: the structured access log (SPEC §6), Prometheus metrics (SPEC §7)
-//! and operational logs via `tracing` on stderr.
+//! and operational logs via `tracing` on stderr; `refusals` keeps one address's refusal
+//! flood to one summary line a second.
 
 pub mod access_log;
 pub mod metrics;
+pub mod refusals;
 pub mod report;
 
 use std::io::IsTerminal;

@@ -15,6 +15,8 @@ use crate::config::{Drain, Keepalive, KeyPath, Limits, MessageRate, OnExceed, ch
 pub const MIN_BUFFER_SIZE: u64 = 1 << 10;
 /// Largest relay buffer: `buffer_size` is paid twice per connection, so it bounds memory.
 pub const MAX_BUFFER_SIZE: u64 = 1 << 20;
+/// Largest `max_pending_handshakes`: far beyond any file-descriptor limit.
+pub const MAX_PENDING_HANDSHAKES: u64 = 1 << 24;
 /// Smallest frame limit: control frames may carry 125 bytes (RFC 6455 §5.5).
 pub const MIN_FRAME_SIZE: u64 = 125;
 
@@ -46,6 +48,24 @@ impl Validator<'_> {
                 );
             } else {
                 limits.max_connections = n;
+            }
+        }
+        if let Some(n) = file.max_pending_handshakes {
+            let at = path.key("max_pending_handshakes");
+            if !top {
+                self.issue(
+                    &at,
+                    "max_pending_handshakes is process-wide; set it in the top-level `limits`, not in a route".into(),
+                );
+            } else if !(1..=MAX_PENDING_HANDSHAKES).contains(&n) {
+                self.issue(
+                    &at,
+                    format!(
+                        "max_pending_handshakes must be between 1 and {MAX_PENDING_HANDSHAKES}"
+                    ),
+                );
+            } else {
+                limits.max_pending_handshakes = n;
             }
         }
         if let Some(n) = file.max_connections_per_ip {
@@ -458,5 +478,28 @@ mod tests {
             errors_of(&with("limits: { max_connections: 0 }\n"))[0].path,
             "limits.max_connections"
         );
+    }
+
+    #[test]
+    fn max_pending_handshakes_is_process_wide_and_at_least_one() {
+        assert_eq!(
+            errors_of(&with("limits: { max_pending_handshakes: 0 }\n"))[0].path,
+            "limits.max_pending_handshakes"
+        );
+        let in_route = MINIMAL.replace(
+            "    upstream: echo",
+            "    upstream: echo\n    limits: { max_pending_handshakes: 5 }",
+        );
+        assert_one_error(
+            &in_route,
+            "routes[0].limits.max_pending_handshakes",
+            9,
+            39,
+            "process-wide",
+        );
+        match load(&with("limits: { max_pending_handshakes: 7 }\n")) {
+            Ok(config) => assert_eq!(config.limits.max_pending_handshakes, 7),
+            Err(e) => panic!("{e}"),
+        }
     }
 }

@@ -15,6 +15,7 @@ fn minimal_config_gets_every_default() {
     assert_eq!(config.log.format, LogFormat::Text);
     let want = Limits {
         max_connections: 50_000,
+        max_pending_handshakes: 4096,
         handshake_timeout: Duration::from_secs(10),
         max_frame_size: 1 << 20,
         max_message_size: 4 << 20,

@@ -1,0 +1,402 @@
+//! The accept loop and admission at accept (SPEC §3 "Admission before work").
+//!
+//! A handshake slot (`max_pending_handshakes`) is taken *before* accepting, so beyond the
+//! bound connections wait in the kernel's queue rather than becoming tasks. When the peer
+//! is the client, the process cap, the handshake rate and the per-IP cap are judged from
+//! its address at once: a refused connection never becomes a task, is never registered
+//! with the reactor, and costs an `accept`, one tally lookup, and its answer — a
+//! precomputed 429/503 on a plain listener, a close without TLS on a TLS one, or a reset
+//! for an address refused more than ten times its handshake rate in the current second.
+//! Accepting yields to the runtime every few connections, so the relays of established
+//! connections never queue behind an accept storm.
+
+use std::io;
+use std::mem::MaybeUninit;
+use std::net::{Shutdown, SocketAddr};
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Weak};
+use std::time::Duration;
+
+use socket2::SockRef;
+use tokio::io::Interest;
+use tokio::io::unix::AsyncFd;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpStream;
+use tokio::sync::watch;
+
+use super::{ConnTask, Endpoint, Prefixed};
+use crate::admission::ip_limit::IpPermit;
+use crate::admission::pending::HandshakeSlot;
+use crate::config::Config;
+use crate::handshake::{self, admit::admit_at_accept};
+use crate::observe::metrics::AcceptRefusals;
+use crate::outcome::Refusal;
+use crate::shared::Shared;
+
+/// Pause after an accept failed for want of resources (file descriptors, memory), so the
+/// loop does not spin.
+const ACCEPT_BACKOFF: Duration = Duration::from_millis(100);
+
+/// Connections accepted before the loop yields to the runtime: refusing one costs a few
+/// microseconds, so a batch of this many keeps the relays' wake-ups waiting well under
+/// 100 µs even when the accept queue never empties.
+const ACCEPTS_PER_TURN: u32 = 16;
+
+/// Answered refusals whose close waits for the client's FIN (so the answer is not lost to
+/// a reset); beyond this many at once the socket is closed at once.
+const MAX_LINGERING: usize = 1024;
+
+/// How long an answered refusal waits for the client to close, and how much it reads.
+const LINGER_FOR: Duration = Duration::from_secs(1);
+const LINGER_BYTES: usize = 64 * 1024;
+
+static LINGERING: AtomicUsize = AtomicUsize::new(0);
+
+/// The listening socket: a std listener, so an accepted connection stays a plain file
+/// descriptor (not registered with the reactor) until it is admitted.
+pub(super) type Socket = AsyncFd<std::net::TcpListener>;
+
+/// Puts a std listener under the reactor for readiness only: the sockets it accepts stay
+/// plain descriptors until admitted, so a refused one costs no reactor registration (an
+/// `epoll_ctl` add and delete, and a slab entry: a fifth of a refusal's cost at accept).
+pub(super) fn register(listener: std::net::TcpListener) -> io::Result<Socket> {
+    // SAFETY: `register` requires that the descriptor stay open and the same for the
+    // `AsyncFd`'s life. The listener owns its descriptor and is moved into the `AsyncFd`,
+    // its only owner until `into_inner`; nothing else closes or replaces it.
+    let registered = unsafe { AsyncFd::register_with_interest(listener, Interest::READABLE) };
+    registered.map_err(|e| e.into_parts().1)
+}
+
+/// Accepts until the listener's `Running` is dropped.
+pub(super) async fn accept_loop(
+    shared: Weak<Shared>,
+    listener: Socket,
+    endpoint: Endpoint,
+    mut stopped: watch::Receiver<()>,
+) {
+    let mut slot: Option<HandshakeSlot> = None;
+    let mut this_turn = 0u32;
+    loop {
+        if slot.is_none() {
+            let Some(s) = shared.upgrade() else {
+                return;
+            };
+            let free = match s.handshake_slots.try_acquire() {
+                Some(free) => free,
+                None => tokio::select! {
+                    free = s.handshake_slots.acquire() => free,
+                    _ = stopped.changed() => return serve_backlog(&s, listener, &endpoint),
+                },
+            };
+            slot = Some(free);
+        }
+        let next = tokio::select! {
+            a = accept(&listener) => a,
+            _ = stopped.changed() => {
+                if let Some(s) = shared.upgrade() {
+                    serve_backlog(&s, listener, &endpoint);
+                }
+                return;
+            }
+        };
+        let Some(shared) = shared.upgrade() else {
+            return;
+        };
+        match next {
+            Ok((stream, peer)) => {
+                if let Some(taken) = slot.take() {
+                    slot = on_accept(&shared, &endpoint, stream, peer, taken);
+                }
+            }
+            Err(e) => accept_failed(&endpoint, &e).await,
+        }
+        this_turn += 1;
+        if this_turn >= ACCEPTS_PER_TURN {
+            this_turn = 0;
+            tokio::task::yield_now().await;
+        }
+    }
+}
+
+/// One `accept(2)` once the socket is readable.
+async fn accept(listener: &Socket) -> io::Result<(std::net::TcpStream, SocketAddr)> {
+    loop {
+        let mut ready = listener.readable().await?;
+        if let Ok(accepted) = ready.try_io(|l| l.get_ref().accept()) {
+            return accepted;
+        }
+    }
+}
+
+/// Out of descriptors or memory: back off (and say so, within the warning budget).
+/// Anything else (a connection reset while queued) concerns that connection only.
+async fn accept_failed(endpoint: &Endpoint, e: &io::Error) {
+    let scarce = matches!(
+        e.raw_os_error(),
+        Some(libc::EMFILE | libc::ENFILE | libc::ENOBUFS | libc::ENOMEM)
+    );
+    if !scarce {
+        tracing::debug!(listener = %endpoint.listener, error = %e, "accept failed");
+        return;
+    }
+    if crate::log_budget::warn_budget() {
+        tracing::warn!(listener = %endpoint.listener, error = %e, "accept failed; backing off");
+    }
+    tokio::time::sleep(ACCEPT_BACKOFF).await;
+}
+
+/// Judges a new connection and starts its task, or refuses it. Returns the slot when no
+/// task took it (the next accept reuses it).
+fn on_accept(
+    shared: &Arc<Shared>,
+    endpoint: &Endpoint,
+    stream: std::net::TcpStream,
+    peer: SocketAddr,
+    slot: HandshakeSlot,
+) -> Option<HandshakeSlot> {
+    let active = shared.active.fetch_add(1, Ordering::Relaxed) + 1;
+    let config = shared.config.load();
+    let judged = judge(shared, endpoint, &config, peer, active);
+    let early = match judged {
+        Ok(early) => early,
+        Err(refusal) => {
+            shared.active.fetch_sub(1, Ordering::Relaxed);
+            refuse(shared, endpoint, &config, stream, peer, refusal);
+            return Some(slot);
+        }
+    };
+    let stream = match stream
+        .set_nonblocking(true)
+        .and_then(|()| TcpStream::from_std(stream))
+    {
+        Ok(stream) => stream,
+        Err(e) => {
+            shared.active.fetch_sub(1, Ordering::Relaxed);
+            tracing::debug!(%peer, error = %e, "accepted socket unusable");
+            return Some(slot);
+        }
+    };
+    let task = ConnTask::new(
+        shared.clone(),
+        endpoint.clone(),
+        stream,
+        peer,
+        active,
+        early,
+        Some(slot),
+    );
+    tokio::spawn(task);
+    None
+}
+
+/// The judgement at accept when the peer is the client; `Ok(None)` when it is known
+/// later (behind a PROXY header or a trusted proxy).
+fn judge(
+    shared: &Shared,
+    endpoint: &Endpoint,
+    config: &Config,
+    peer: SocketAddr,
+    active: u64,
+) -> Result<Option<IpPermit>, Refusal> {
+    if endpoint.proxy_protocol || config.trusted_proxies.contains(peer.ip()) {
+        return Ok(None);
+    }
+    let rate = shared.handshake_rate.load();
+    admit_at_accept(
+        peer.ip(),
+        active > config.limits.max_connections,
+        config,
+        &shared.per_ip,
+        &rate,
+    )
+    .map(Some)
+}
+
+/// Refuses a connection judged at accept: counted, logged within the address's budget,
+/// then answered (plain), closed (TLS) or reset (far over its rate).
+fn refuse(
+    shared: &Shared,
+    endpoint: &Endpoint,
+    config: &Config,
+    stream: std::net::TcpStream,
+    peer: SocketAddr,
+    refusal: Refusal,
+) {
+    endpoint.refusals.count(refusal);
+    let noted = handshake::note_refusal(shared, peer.ip(), &endpoint.listener, refusal);
+    if noted.nth > reset_threshold(config) {
+        // Dropping a socket with linger 0 sends RST and frees it at once (no TIME_WAIT).
+        let _ = SockRef::from(&stream).set_linger(Some(Duration::ZERO));
+        return;
+    }
+    let tls = endpoint.tls.is_some();
+    if noted.log {
+        // A TLS connection gets no answer: status 0, as for a head that never came.
+        let status = if tls { 0 } else { refusal.status().as_u16() };
+        handshake::log_at_accept(shared, &endpoint.listener, peer, tls, refusal, status);
+    }
+    if !tls {
+        answer(stream, &refusal.raw_response());
+    }
+}
+
+/// Refusals of one address in one second beyond which it is reset rather than answered:
+/// ten times its handshake rate per second (at least ten).
+pub(super) fn reset_threshold(config: &Config) -> u32 {
+    let policy = config.limits.handshakes_per_ip;
+    let per_second = f64::from(policy.rate) / policy.per.as_secs_f64().max(1e-9);
+    (per_second.ceil() as u32).max(1).saturating_mul(10)
+}
+
+/// Sends the answer of a refusal made at accept, then closes so the answer is not lost to
+/// a reset: half-close, read what the client already sent, and if more may come, wait for
+/// its FIN in the background (bounded in number, time and bytes).
+fn answer(stream: std::net::TcpStream, answer: &[u8]) {
+    let sock = SockRef::from(&stream);
+    let sent = sock.send_with_flags(answer, libc::MSG_DONTWAIT | libc::MSG_NOSIGNAL);
+    if sent.is_err() {
+        return;
+    }
+    let _ = sock.shutdown(Shutdown::Write);
+    if !drained_now(&sock) {
+        linger(stream);
+    }
+}
+
+/// Reads what has arrived without waiting; true when the client has closed (or failed),
+/// so closing now sends a FIN rather than a reset.
+fn drained_now(sock: &SockRef<'_>) -> bool {
+    let mut sink = [MaybeUninit::<u8>::uninit(); 2048];
+    for _ in 0..8 {
+        match sock.recv_with_flags(&mut sink, libc::MSG_DONTWAIT) {
+            Ok(0) => return true,
+            Ok(_) => {}
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => return false,
+            Err(_) => return true,
+        }
+    }
+    false
+}
+
+/// Waits in the background for the client to close after its answer.
+fn linger(stream: std::net::TcpStream) {
+    let taken = LINGERING.fetch_add(1, Ordering::AcqRel);
+    if taken >= MAX_LINGERING {
+        LINGERING.fetch_sub(1, Ordering::AcqRel);
+        return;
+    }
+    let stream = stream
+        .set_nonblocking(true)
+        .and_then(|()| TcpStream::from_std(stream));
+    let Ok(mut stream) = stream else {
+        LINGERING.fetch_sub(1, Ordering::AcqRel);
+        return;
+    };
+    tokio::spawn(async move {
+        let _ = tokio::time::timeout(LINGER_FOR, async {
+            let mut sink = [0u8; 512];
+            let mut left = LINGER_BYTES;
+            while left > 0 {
+                match stream.read(&mut sink).await {
+                    Ok(0) | Err(_) => break,
+                    Ok(n) => left = left.saturating_sub(n),
+                }
+            }
+        })
+        .await;
+        LINGERING.fetch_sub(1, Ordering::AcqRel);
+    });
+}
+
+/// A connection refused once a PROXY header named its client (after accept, before TLS).
+pub(super) struct Refused<'a> {
+    pub(super) shared: &'a Shared,
+    pub(super) config: &'a Config,
+    pub(super) listener: &'a Arc<str>,
+    pub(super) peer: SocketAddr,
+    pub(super) tls: bool,
+    pub(super) refusals: &'a AcceptRefusals,
+}
+
+impl Refused<'_> {
+    /// Counts, logs within the address's budget, and answers as at accept.
+    pub(super) async fn answer(self, refusal: Refusal, mut stream: Prefixed<TcpStream>) {
+        self.refusals.count(refusal);
+        let noted = handshake::note_refusal(self.shared, self.peer.ip(), self.listener, refusal);
+        if noted.nth > reset_threshold(self.config) {
+            let _ = SockRef::from(stream.get_ref()).set_linger(Some(Duration::ZERO));
+            return;
+        }
+        if noted.log {
+            let status = if self.tls {
+                0
+            } else {
+                refusal.status().as_u16()
+            };
+            let (shared, listener) = (self.shared, self.listener);
+            handshake::log_at_accept(shared, listener, self.peer, self.tls, refusal, status);
+        }
+        if self.tls {
+            return;
+        }
+        let answer = refusal.raw_response();
+        let _ = tokio::time::timeout(LINGER_FOR, async {
+            stream.write_all(&answer).await?;
+            stream.shutdown().await?;
+            let mut sink = [0u8; 512];
+            let mut left = LINGER_BYTES;
+            while left > 0 {
+                match stream.read(&mut sink).await? {
+                    0 => break,
+                    n => left = left.saturating_sub(n),
+                }
+            }
+            Ok::<(), io::Error>(())
+        })
+        .await;
+    }
+}
+
+/// Serves what the kernel already accepted into the backlog before the socket closes:
+/// closing a listener resets those connections, which would turn a zero-downtime restart
+/// into refused clients. Asks the kernel directly until its queue is empty. These were
+/// accepted by the kernel before the stop, so they are not held to the handshake slots.
+fn serve_backlog(shared: &Arc<Shared>, listener: Socket, endpoint: &Endpoint) {
+    let listener = listener.into_inner();
+    for _ in 0..super::BACKLOG {
+        let Ok((stream, peer)) = listener.accept() else {
+            return;
+        };
+        let slot = shared.handshake_slots.try_acquire();
+        let active = shared.active.fetch_add(1, Ordering::Relaxed) + 1;
+        let config = shared.config.load();
+        let early = match judge(shared, endpoint, &config, peer, active) {
+            Ok(early) => early,
+            Err(refusal) => {
+                shared.active.fetch_sub(1, Ordering::Relaxed);
+                refuse(shared, endpoint, &config, stream, peer, refusal);
+                continue;
+            }
+        };
+        let stream = stream
+            .set_nonblocking(true)
+            .and_then(|()| TcpStream::from_std(stream));
+        match stream {
+            Ok(stream) => {
+                let task = ConnTask::new(
+                    shared.clone(),
+                    endpoint.clone(),
+                    stream,
+                    peer,
+                    active,
+                    early,
+                    slot,
+                );
+                tokio::spawn(task);
+            }
+            Err(_) => {
+                shared.active.fetch_sub(1, Ordering::Relaxed);
+            }
+        }
+    }
+}

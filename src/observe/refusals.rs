@@ -1,0 +1,260 @@
+//! Refusals per client address and second (SPEC §3 "Admission before work"): the first
+//! [`LOGGED_PER_SECOND`] refusals of an address in a second are logged one by one, the
+//! rest are counted and summarised in one `ws_reject` line with `"count": N` per reason
+//! once the second is over. An address refused far beyond its handshake rate is cut with
+//! a reset rather than answered; the tally says how many refusals it drew this second.
+//!
+//! Memory is bounded: entries live at most two seconds (the sweep drops the finished
+//! ones), and the table holds at most [`MAX_ADDRESSES`]; refusals from addresses beyond it
+//! are only counted (one operational warning a second says how many).
+
+use std::collections::HashMap;
+use std::collections::hash_map::Entry;
+use std::hash::{BuildHasher, RandomState};
+use std::net::IpAddr;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
+
+use crate::outcome::Refusal;
+
+/// Refusals of one address logged line by line in one second; the rest are summarised.
+pub const LOGGED_PER_SECOND: u32 = 10;
+
+/// Addresses tracked at once. One entry is about 100 bytes: a few MiB at most.
+pub const MAX_ADDRESSES: usize = 32 * 1024;
+
+const SHARDS: usize = 16;
+
+/// Distinct reasons summarised per address and second; further ones share the last slot.
+const REASON_SLOTS: usize = 3;
+
+/// One address's refusals in one second.
+#[derive(Default)]
+struct Tally {
+    refusals: u32,
+    listener: Option<Arc<str>>,
+    /// Refusals counted but not logged, per reason.
+    unlogged: [Option<(Refusal, u64)>; REASON_SLOTS],
+}
+
+impl Tally {
+    fn count_unlogged(&mut self, refusal: Refusal) {
+        let free = self
+            .unlogged
+            .iter()
+            .position(|s| s.as_ref().is_none_or(|(r, _)| same_reason(r, &refusal)));
+        let slot = &mut self.unlogged[free.unwrap_or(REASON_SLOTS - 1)];
+        match slot {
+            Some((_, n)) => *n += 1,
+            None => *slot = Some((refusal, 1)),
+        }
+    }
+}
+
+fn same_reason(a: &Refusal, b: &Refusal) -> bool {
+    a.reason() == b.reason()
+}
+
+/// How a refusal is to be reported.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Noted {
+    /// This is the address's n-th refusal in the current second (1-based).
+    pub nth: u32,
+    /// Log it as its own line; otherwise it is in a summary to come.
+    pub log: bool,
+}
+
+/// A summary line to write: `count` refusals for `reason` from `client_ip`.
+#[derive(Debug, Clone)]
+pub struct Summary {
+    pub client_ip: IpAddr,
+    pub listener: Arc<str>,
+    pub refusal: Refusal,
+    pub count: u64,
+}
+
+/// One shard: (address, second) → its tally.
+type Shard = HashMap<(IpAddr, u64), Tally>;
+
+/// The per-address, per-second refusal counts.
+pub struct Refusals {
+    shards: Box<[Mutex<Shard>]>,
+    hasher: RandomState,
+    /// Refusals of addresses the full table could not take, since the last sweep.
+    untracked: AtomicU64,
+}
+
+impl Default for Refusals {
+    fn default() -> Self {
+        Refusals {
+            shards: (0..SHARDS).map(|_| Mutex::new(HashMap::new())).collect(),
+            hasher: RandomState::new(),
+            untracked: AtomicU64::new(0),
+        }
+    }
+}
+
+impl Refusals {
+    /// Counts one refusal of `ip` during `second` (any monotonic second count).
+    pub fn note(&self, ip: IpAddr, second: u64, listener: &Arc<str>, refusal: Refusal) -> Noted {
+        let mut shard = self.shard(ip, second);
+        let full = shard.len() >= MAX_ADDRESSES / SHARDS;
+        let tally = match shard.entry((ip, second)) {
+            Entry::Occupied(e) => e.into_mut(),
+            Entry::Vacant(_) if full => {
+                self.untracked.fetch_add(1, Ordering::Relaxed);
+                return Noted {
+                    nth: u32::MAX,
+                    log: false,
+                };
+            }
+            Entry::Vacant(e) => e.insert(Tally::default()),
+        };
+        tally.refusals = tally.refusals.saturating_add(1);
+        let log = tally.refusals <= LOGGED_PER_SECOND;
+        if !log {
+            if tally.listener.is_none() {
+                tally.listener = Some(listener.clone());
+            }
+            tally.count_unlogged(refusal);
+        }
+        Noted {
+            nth: tally.refusals,
+            log,
+        }
+    }
+
+    /// Takes every finished second's summaries (seconds before `now_second`), and how
+    /// many refusals were not tracked for want of room.
+    pub fn sweep(&self, now_second: u64) -> (Vec<Summary>, u64) {
+        let mut out = Vec::new();
+        for shard in self.shards.iter() {
+            let mut shard = lock(shard);
+            shard.retain(|&(ip, second), tally| {
+                if second >= now_second {
+                    return true;
+                }
+                if let Some(listener) = &tally.listener {
+                    for (refusal, count) in tally.unlogged.iter().flatten() {
+                        out.push(Summary {
+                            client_ip: ip,
+                            listener: listener.clone(),
+                            refusal: *refusal,
+                            count: *count,
+                        });
+                    }
+                }
+                false
+            });
+            if shard.capacity() > 64 && shard.len() < shard.capacity() / 4 {
+                shard.shrink_to_fit();
+            }
+        }
+        (out, self.untracked.swap(0, Ordering::Relaxed))
+    }
+
+    /// Addresses tracked now (for tests and memory checks).
+    pub fn len(&self) -> usize {
+        self.shards.iter().map(|s| lock(s).len()).sum()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    fn shard(&self, ip: IpAddr, second: u64) -> MutexGuard<'_, Shard> {
+        let i = (self.hasher.hash_one((ip, second)) % SHARDS as u64) as usize;
+        lock(&self.shards[i])
+    }
+}
+
+/// The critical sections never panic; a poisoned lock still holds consistent counts.
+fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(PoisonError::into_inner)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::net::Ipv4Addr;
+
+    fn ip(n: u8) -> IpAddr {
+        IpAddr::V4(Ipv4Addr::new(10, 0, 0, n))
+    }
+
+    fn rate() -> Refusal {
+        Refusal::IpRate {
+            retry_after_secs: 1,
+        }
+    }
+
+    #[test]
+    fn the_first_ten_are_logged_the_rest_summarised_per_reason() {
+        let r = Refusals::default();
+        let l: Arc<str> = "public".into();
+        let logged = (0..25)
+            .map(|i| {
+                let refusal = if i % 2 == 0 { rate() } else { Refusal::IpCap };
+                r.note(ip(1), 7, &l, refusal)
+            })
+            .filter(|n| n.log)
+            .count();
+        assert_eq!(logged, 10);
+        assert!(
+            r.note(ip(2), 7, &l, Refusal::IpCap).log,
+            "other addresses unaffected"
+        );
+        let (none, _) = r.sweep(7);
+        assert!(none.is_empty(), "the current second is not over");
+        let (mut sums, untracked) = r.sweep(8);
+        assert_eq!(untracked, 0);
+        sums.sort_by_key(|s| s.refusal.reason());
+        let got: Vec<_> = sums.iter().map(|s| (s.refusal.reason(), s.count)).collect();
+        assert_eq!(got, [("ip_cap", 7), ("ip_rate", 8)]);
+        assert!(r.is_empty(), "finished seconds are dropped");
+    }
+
+    #[test]
+    fn a_new_second_starts_a_new_count() {
+        let r = Refusals::default();
+        let l: Arc<str> = "public".into();
+        for _ in 0..12 {
+            r.note(ip(1), 1, &l, rate());
+        }
+        let n = r.note(ip(1), 2, &l, rate());
+        assert_eq!(n, Noted { nth: 1, log: true });
+        let (sums, _) = r.sweep(2);
+        assert_eq!(sums.len(), 1);
+        assert_eq!(sums[0].count, 2);
+        assert_eq!(r.len(), 1);
+    }
+
+    #[test]
+    fn more_reasons_than_slots_share_the_last() {
+        let mut t = Tally::default();
+        t.count_unlogged(rate());
+        t.count_unlogged(Refusal::IpCap);
+        t.count_unlogged(Refusal::Capacity);
+        t.count_unlogged(Refusal::Draining);
+        let total: u64 = t.unlogged.iter().flatten().map(|(_, n)| n).sum();
+        assert_eq!(total, 4);
+    }
+
+    #[test]
+    fn the_table_is_bounded() {
+        let r = Refusals::default();
+        let l: Arc<str> = "public".into();
+        let mut untracked = 0;
+        for n in 0..(MAX_ADDRESSES as u32 + 5_000) {
+            let a = IpAddr::V4(Ipv4Addr::from(n));
+            if r.note(a, 1, &l, Refusal::IpCap).nth == u32::MAX {
+                untracked += 1;
+            }
+        }
+        assert!(r.len() <= MAX_ADDRESSES);
+        assert!(untracked >= 5_000);
+        let (_, counted) = r.sweep(2);
+        assert_eq!(counted, untracked);
+        assert!(r.is_empty());
+    }
+}
