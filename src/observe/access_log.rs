@@ -14,7 +14,7 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use serde::Serialize;
 
-use crate::observe::report::{CloseInfo, Report, Rtt, Stats};
+use crate::observe::report::{CloseInfo, Report, Rtt, Stalls, Stats};
 
 /// Lines that may wait for the writer; beyond this they are dropped (and counted).
 const QUEUE_LINES: usize = 16 * 1024;
@@ -276,6 +276,8 @@ pub struct Record<'a> {
     pub duration_ms: u64,
     pub c2u: Counts,
     pub u2c: Counts,
+    /// Backpressure per direction: how often and how long a full peer blocked the relay.
+    pub stalls: StallsLog,
     pub close: Option<Close<'a>>,
     pub proxy_reason: Option<&'a str>,
     /// On a summarised `ws_reject` line only: how many refusals it stands for (SPEC §3).
@@ -324,6 +326,35 @@ impl From<Stats> for Counts {
     }
 }
 
+// === stalls (SPEC §6): `"stalls":{"u2c":{"count":3,"ms":840},"c2u":{...}}` ===
+
+/// `stalls`: the slow client (`u2c`) first, then the slow upstream (`c2u`).
+#[derive(Debug, Default, Serialize)]
+pub struct StallsLog {
+    pub u2c: StallCount,
+    pub c2u: StallCount,
+}
+
+#[derive(Debug, Default, Serialize)]
+pub struct StallCount {
+    pub count: u64,
+    /// Whole milliseconds blocked.
+    pub ms: u64,
+}
+
+impl From<&Report> for StallsLog {
+    fn from(report: &Report) -> StallsLog {
+        let count = |s: &Stalls| StallCount {
+            count: s.count,
+            ms: u64::try_from(s.time().as_millis()).unwrap_or(u64::MAX),
+        };
+        StallsLog {
+            u2c: count(&report.u2c.stalls),
+            c2u: count(&report.c2u.stalls),
+        }
+    }
+}
+
 #[derive(Debug, Serialize)]
 pub struct Close<'a> {
     pub code: u16,
@@ -346,6 +377,7 @@ impl Record<'_> {
     pub fn set_report<'r>(record: &mut Record<'r>, report: &'r Report) {
         record.c2u = report.c2u.into();
         record.u2c = report.u2c.into();
+        record.stalls = StallsLog::from(report);
         record.close = report.close.as_ref().map(Close::from);
         record.proxy_reason = report.proxy_reason.map(|r| r.as_str());
         record.pings = report.pings;
@@ -464,6 +496,22 @@ mod tests {
         assert_eq!(log.queued_bytes.load(Ordering::Acquire), 0);
     }
 
+    #[test]
+    fn stalls_are_logged_per_direction_in_whole_milliseconds() {
+        let mut report = Report::default();
+        report.u2c.stalls = Stalls {
+            count: 3,
+            nanos: 840_900_000,
+        };
+        let mut rec = record();
+        Record::set_report(&mut rec, &report);
+        let line = serde_json::to_string(&rec).unwrap_or_default();
+        assert!(
+            line.contains(r#""stalls":{"u2c":{"count":3,"ms":840},"c2u":{"count":0,"ms":0}}"#),
+            "{line}"
+        );
+    }
+
     fn record() -> Record<'static> {
         Record {
             ts: now_rfc3339(),
@@ -486,6 +534,7 @@ mod tests {
             duration_ms: 0,
             c2u: Counts::default(),
             u2c: Counts::default(),
+            stalls: StallsLog::default(),
             close: None,
             proxy_reason: Some("no_route"),
             count: None,

@@ -106,6 +106,7 @@ pub struct Metrics {
     closes: Family<CloseLabels, Counter>,
     messages: Family<DirLabels, Counter>,
     bytes: Family<DirLabels, Counter>,
+    stalls: StallFamilies,
     rate_limited: Family<RouteLabel, Counter>,
     dead_peers: Family<RouteLabel, Counter>,
     pings: Counter,
@@ -195,6 +196,7 @@ impl Metrics {
             "Bytes relayed (frames on the wire), by direction",
             bytes.clone(),
         );
+        let stalls = StallFamilies::register(&mut registry);
         registry.register(
             "wsgate_rate_limited",
             "Client messages over the route's message rate (closed or throttled)",
@@ -247,6 +249,7 @@ impl Metrics {
             closes,
             messages,
             bytes,
+            stalls,
             rate_limited,
             dead_peers,
             pings,
@@ -305,6 +308,7 @@ impl Metrics {
             c2u_bytes: dir(&self.bytes, "c2u"),
             u2c_messages: dir(&self.messages, "u2c"),
             u2c_bytes: dir(&self.bytes, "u2c"),
+            stalls: self.stalls.route(route),
             rate_limited: self.rate_limited.get_or_create(&r).clone(),
             dead_peers: self.dead_peers.get_or_create(&r).clone(),
             pings: self.pings.clone(),
@@ -441,6 +445,7 @@ pub struct RouteMetrics {
     c2u_bytes: Counter,
     u2c_messages: Counter,
     u2c_bytes: Counter,
+    stalls: RouteStalls,
     rate_limited: Counter,
     dead_peers: Counter,
     pings: Counter,
@@ -522,6 +527,93 @@ impl ActiveConnection {
 impl Drop for ActiveConnection {
     fn drop(&mut self) {
         self.0.active.dec();
+    }
+}
+
+// === stalls: `wsgate_stall_seconds_total`, `wsgate_connections_stalled` (SPEC §7) ===
+
+/// Which way a stalled write goes: `U2c` waits on the client (a slow client), `C2u` on
+/// the upstream.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum StallDirection {
+    U2c,
+    C2u,
+}
+
+impl StallDirection {
+    fn label(self) -> &'static str {
+        match self {
+            StallDirection::U2c => "u2c",
+            StallDirection::C2u => "c2u",
+        }
+    }
+}
+
+/// The stall families, registered once.
+struct StallFamilies {
+    seconds: Family<DirLabels, Counter<f64, AtomicU64>>,
+    stalled: Family<DirLabels, Gauge>,
+}
+
+impl StallFamilies {
+    fn register(registry: &mut Registry) -> StallFamilies {
+        let seconds = Family::<DirLabels, Counter<f64, AtomicU64>>::default();
+        let stalled = Family::<DirLabels, Gauge>::default();
+        registry.register(
+            "wsgate_stall_seconds",
+            "Time relayed writes waited on a peer whose socket was full, by direction (u2c = a slow client); added as each stall ends",
+            seconds.clone(),
+        );
+        registry.register(
+            "wsgate_connections_stalled",
+            "Connections now blocked on a full peer, by direction (u2c = waiting on the client)",
+            stalled.clone(),
+        );
+        StallFamilies { seconds, stalled }
+    }
+
+    /// One route's handles, in [`StallDirection`] order (`u2c`, `c2u`).
+    fn route(&self, route: &str) -> RouteStalls {
+        let labels = |d: StallDirection| DirLabels {
+            route: route.to_owned(),
+            direction: d.label().to_owned(),
+        };
+        let dirs = [StallDirection::U2c, StallDirection::C2u];
+        RouteStalls {
+            seconds: dirs.map(|d| self.seconds.get_or_create(&labels(d)).clone()),
+            stalled: dirs.map(|d| self.stalled.get_or_create(&labels(d)).clone()),
+        }
+    }
+}
+
+#[derive(Debug)]
+struct RouteStalls {
+    seconds: [Counter<f64, AtomicU64>; 2],
+    stalled: [Gauge; 2],
+}
+
+impl RouteMetrics {
+    /// A connection's writes in `dir` wait on a full peer: it counts in
+    /// `wsgate_connections_stalled` until the guard is dropped (whatever ends the relay).
+    pub fn stall_started(&self, dir: StallDirection) -> StalledConnection {
+        let gauge = &self.stalls.stalled[dir as usize];
+        gauge.inc();
+        StalledConnection(gauge.clone())
+    }
+
+    /// Adds the length of stalls that ended to `wsgate_stall_seconds_total`.
+    pub fn stalled_for(&self, dir: StallDirection, time: Duration) {
+        self.stalls.seconds[dir as usize].inc_by(time.as_secs_f64());
+    }
+}
+
+/// Keeps one connection counted in `wsgate_connections_stalled` for as long as it lives.
+#[derive(Debug)]
+pub struct StalledConnection(Gauge);
+
+impl Drop for StalledConnection {
+    fn drop(&mut self) {
+        self.0.dec();
     }
 }
 
@@ -724,6 +816,36 @@ mod tests {
         assert!(text.contains("wsgate_connections_active{route=\"chat\"} 0"));
         assert!(
             text.contains("wsgate_closes_total{route=\"chat\",code=\"other\",by=\"upstream\"} 1"),
+            "{text}"
+        );
+    }
+
+    #[test]
+    fn stall_gauges_fall_when_their_guards_drop_and_seconds_add_up() {
+        let m = Metrics::new();
+        let r = m.route("chat");
+        let slow_client = r.stall_started(StallDirection::U2c);
+        let text = m.encode();
+        let stalled = |dir: &str, n: u32| {
+            format!("wsgate_connections_stalled{{route=\"chat\",direction=\"{dir}\"}} {n}")
+        };
+        assert!(text.contains(&stalled("u2c", 1)), "{text}");
+        assert!(text.contains(&stalled("c2u", 0)), "{text}");
+        assert!(
+            text.contains("# TYPE wsgate_stall_seconds counter"),
+            "{text}"
+        );
+        assert!(
+            text.contains("# TYPE wsgate_connections_stalled gauge"),
+            "{text}"
+        );
+        r.stalled_for(StallDirection::U2c, Duration::from_millis(250));
+        r.stalled_for(StallDirection::U2c, Duration::from_millis(500));
+        drop(slow_client);
+        let text = m.encode();
+        assert!(text.contains(&stalled("u2c", 0)), "{text}");
+        assert!(
+            text.contains("wsgate_stall_seconds_total{route=\"chat\",direction=\"u2c\"} 0.75"),
             "{text}"
         );
     }

@@ -13,6 +13,33 @@ pub struct Stats {
     pub bytes: u64,
     /// Times the message budget was exceeded (closed or throttled).
     pub rate_limited: u64,
+    /// Waits on a destination whose socket was full (SPEC §6 `stalls`).
+    pub stalls: Stalls,
+}
+
+/// How often and how long one direction's writes waited on a full peer (SPEC §6
+/// `stalls`): a stall starts when a write (or flush) to the destination finds it full
+/// while bytes are due, and ends when one makes progress, or when the destination is
+/// given up or the connection ends.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Stalls {
+    pub count: u64,
+    /// Time blocked, ended stalls only, in nanoseconds (a `Duration` would take a word
+    /// more per direction; 2^64 ns is 584 years).
+    pub nanos: u64,
+}
+
+impl Stalls {
+    /// Total time blocked.
+    pub fn time(&self) -> Duration {
+        Duration::from_nanos(self.nanos)
+    }
+
+    /// Adds an ended stall's length.
+    pub(crate) fn add(&mut self, blocked: Duration) {
+        let nanos = u64::try_from(blocked.as_nanos()).unwrap_or(u64::MAX);
+        self.nanos = self.nanos.saturating_add(nanos);
+    }
 }
 
 /// Round-trip times of the proxy's pings to the client (SPEC §6 `rtt_ms`).

@@ -34,7 +34,7 @@ use limits::MessageGate;
 use pump::{Event, PING_LEN, Pump};
 
 use crate::config::{Keepalive, Limits, MessageRate};
-use crate::observe::metrics::{Flow, RouteMetrics};
+use crate::observe::metrics::{Flow, RouteMetrics, StallDirection, StalledConnection};
 pub use crate::observe::report::{CloseInfo, Report, Rtt, Stats};
 pub use crate::ops::registry::Control;
 pub use crate::outcome::By;
@@ -247,6 +247,8 @@ struct Session<C, U> {
     metrics: Option<Arc<RouteMetrics>>,
     /// What `metrics` has been told so far.
     flushed: Flow,
+    /// What `metrics` knows of each direction's stalls (`u2c`, `c2u`).
+    stalls_seen: [StallsSeen; 2],
     /// The connection's one timer, armed at the earliest deadline; created on first use.
     timer: Option<(Pin<Box<Sleep>>, Instant)>,
     mask_state: u64,
@@ -314,6 +316,7 @@ where
             control: settings.control.clone(),
             metrics: settings.metrics.clone(),
             flushed: Flow::default(),
+            stalls_seen: Default::default(),
             timer: None,
             mask_state: mask_seed(),
             report: Report::default(),
@@ -332,12 +335,16 @@ where
         }
         let done = self.poll_session(cx);
         self.flush_metrics();
+        self.flush_stalls();
         done
     }
 
     /// The report, with the counts; the buffers go back to the pool and (with `self`) the
-    /// sockets are dropped.
+    /// sockets are dropped. A stall still open ends here: its time counts up to now.
     fn finish(mut self) -> Report {
+        self.c2u.end_stall();
+        self.u2c.end_stall();
+        self.flush_stalls();
         self.c2u.release();
         self.u2c.release();
         let mut report = std::mem::take(&mut self.report);
@@ -360,6 +367,31 @@ where
         if now != self.flushed {
             metrics.add_flow(&now, &self.flushed);
             self.flushed = now;
+        }
+    }
+
+    /// Tells the route's stall metrics which directions are blocked now, and how long the
+    /// stalls that ended since the last wake lasted. Reads no clock: the pumps timed them.
+    fn flush_stalls(&mut self) {
+        let Some(metrics) = &self.metrics else {
+            return;
+        };
+        let pumps = [
+            (StallDirection::U2c, &self.u2c),
+            (StallDirection::C2u, &self.c2u),
+        ];
+        for ((dir, pump), seen) in pumps.into_iter().zip(&mut self.stalls_seen) {
+            let ended = pump.stats.stalls.nanos;
+            if ended != seen.reported {
+                let time = Duration::from_nanos(ended.saturating_sub(seen.reported));
+                metrics.stalled_for(dir, time);
+                seen.reported = ended;
+            }
+            match (pump.stalled_since.is_some(), seen.stalled.is_some()) {
+                (true, false) => seen.stalled = Some(metrics.stall_started(dir)),
+                (false, true) => seen.stalled = None,
+                _ => {}
+            }
         }
     }
 
@@ -822,6 +854,16 @@ where
     }
 }
 
+/// One direction's stalls as the route's metrics know them.
+#[derive(Debug, Default)]
+struct StallsSeen {
+    /// Counts the connection in `wsgate_connections_stalled` while its pump is stalled;
+    /// dropped with the session on every exit path (panics and aborted tasks included).
+    stalled: Option<StalledConnection>,
+    /// Stall time (ns) already added to `wsgate_stall_seconds_total`.
+    reported: u64,
+}
+
 /// Lingering, an Open side becomes Shut: its write half is shut down, unless the peer
 /// already sent its FIN (nothing left to read, so dropping the socket closes cleanly and
 /// the shutdown(2) would be a wasted system call). A shutdown that cannot complete (a TLS
@@ -1193,6 +1235,148 @@ mod tests {
             report.proxy_reason.map(|r| r.as_str()),
             Some("slow_consumer")
         );
+    }
+
+    /// A relay whose route counters are `metrics`' route `r`, with this `send_timeout`.
+    fn spawn_metered_relay<C, U>(
+        client: C,
+        upstream: U,
+        metrics: &crate::observe::metrics::Metrics,
+        send_timeout: Duration,
+    ) -> tokio::task::JoinHandle<Report>
+    where
+        C: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+        U: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+    {
+        let mut settings = settings();
+        settings.send_timeout = send_timeout;
+        settings.metrics = Some(metrics.route("r"));
+        tokio::spawn(relay(
+            client,
+            Bytes::new(),
+            upstream,
+            Bytes::new(),
+            &settings,
+        ))
+    }
+
+    /// The value of the sample `series` (name and labels) in `metrics`' exposition.
+    fn sample(metrics: &crate::observe::metrics::Metrics, series: &str) -> Option<f64> {
+        let text = metrics.encode();
+        text.lines()
+            .find_map(|l| l.strip_prefix(series)?.strip_prefix(' ')?.parse().ok())
+    }
+
+    const U2C_STALLED: &str = r#"wsgate_connections_stalled{route="r",direction="u2c"}"#;
+    const U2C_SECONDS: &str = r#"wsgate_stall_seconds_total{route="r",direction="u2c"}"#;
+
+    #[tokio::test(start_paused = true)]
+    async fn a_slow_client_counts_as_stalled_until_cut_and_its_stall_is_reported() {
+        let metrics = crate::observe::metrics::Metrics::new();
+        let (_client, client_relay) = duplex(1 << 16);
+        let (upstream_relay, mut upstream) = duplex(1 << 16);
+        let send_timeout = Duration::from_millis(500);
+        let session = spawn_metered_relay(
+            StuckFlush(client_relay),
+            upstream_relay,
+            &metrics,
+            send_timeout,
+        );
+        send(&mut upstream, &frame(0x82, b"for a slow client", None)).await;
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        assert_eq!(sample(&metrics, U2C_STALLED), Some(1.0));
+        assert_eq!(
+            sample(&metrics, U2C_SECONDS),
+            Some(0.0),
+            "added when the stall ends"
+        );
+        assert_eq!(read_frame(&mut upstream).await, Some(close_frame(1001)));
+        send(&mut upstream, &frame(0x88, &1001u16.to_be_bytes(), None)).await;
+        drop(upstream);
+        let report = ended(session).await;
+        assert_eq!(
+            report.proxy_reason.map(|r| r.as_str()),
+            Some("slow_consumer")
+        );
+        // Cut at `send_timeout` (paused time: exactly then).
+        assert_eq!(report.u2c.stalls.count, 1);
+        assert_eq!(report.u2c.stalls.time(), send_timeout);
+        assert_eq!(report.c2u.stalls, Default::default());
+        assert_eq!(sample(&metrics, U2C_STALLED), Some(0.0));
+        assert_eq!(sample(&metrics, U2C_SECONDS), Some(0.5));
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_client_that_vanishes_while_stalled_ends_its_stall() {
+        let metrics = crate::observe::metrics::Metrics::new();
+        // The client's pipe holds 64 bytes and nobody reads them.
+        let (client, client_relay) = duplex(64);
+        let (upstream_relay, mut upstream) = duplex(1 << 16);
+        let session = spawn_metered_relay(
+            client_relay,
+            upstream_relay,
+            &metrics,
+            Duration::from_secs(3600),
+        );
+        send(&mut upstream, &frame(0x82, &[1; 1000], None)).await;
+        tokio::time::sleep(Duration::from_millis(700)).await;
+        assert_eq!(sample(&metrics, U2C_STALLED), Some(1.0));
+        drop(client);
+        assert_eq!(read_frame(&mut upstream).await, Some(close_frame(1001)));
+        drop(upstream);
+        let report = ended(session).await;
+        assert_eq!(report.u2c.stalls.count, 1);
+        assert_eq!(report.u2c.stalls.time(), Duration::from_millis(700));
+        assert_eq!(sample(&metrics, U2C_STALLED), Some(0.0));
+        assert_eq!(sample(&metrics, U2C_SECONDS), Some(0.7));
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_stall_open_when_the_connection_ends_counts_up_to_the_end() {
+        let metrics = crate::observe::metrics::Metrics::new();
+        let (mut client, client_relay) = duplex(64);
+        let (upstream_relay, mut upstream) = duplex(1 << 16);
+        let session = spawn_metered_relay(
+            client_relay,
+            upstream_relay,
+            &metrics,
+            Duration::from_secs(3600),
+        );
+        send(&mut upstream, &frame(0x82, &[1; 1000], None)).await;
+        tokio::time::sleep(Duration::from_millis(700)).await;
+        // The client closes but never reads; the upstream's reply can never reach it, so
+        // the close wait runs out with the stall still open.
+        send(&mut client, &frame(0x88, &1000u16.to_be_bytes(), KEY)).await;
+        assert_eq!(read_frame(&mut upstream).await, Some(close_frame(1000)));
+        let report = ended(session).await;
+        assert_eq!(report.u2c.stalls.count, 1);
+        assert_eq!(
+            report.u2c.stalls.time(),
+            Duration::from_millis(700) + CLOSE_WAIT
+        );
+        assert_eq!(sample(&metrics, U2C_STALLED), Some(0.0));
+        assert_eq!(sample(&metrics, U2C_SECONDS), Some(5.7));
+        drop((client, upstream));
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn an_aborted_relay_stops_counting_as_stalled() {
+        let metrics = crate::observe::metrics::Metrics::new();
+        let (_client, client_relay) = duplex(64);
+        let (upstream_relay, mut upstream) = duplex(1 << 16);
+        let session = spawn_metered_relay(
+            client_relay,
+            upstream_relay,
+            &metrics,
+            Duration::from_secs(3600),
+        );
+        send(&mut upstream, &frame(0x82, &[1; 1000], None)).await;
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        assert_eq!(sample(&metrics, U2C_STALLED), Some(1.0));
+        // The hard end of a drain: the task is dropped without a report.
+        session.abort();
+        assert!(matches!(session.await, Err(e) if e.is_cancelled()));
+        assert_eq!(sample(&metrics, U2C_STALLED), Some(0.0));
     }
 
     #[tokio::test(start_paused = true)]

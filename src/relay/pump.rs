@@ -169,7 +169,8 @@ pub struct Pump {
     frame_inflate: bool,
     /// A violation cut the frame being forwarded: the destination got part of it.
     pub cut_mid_frame: bool,
-    /// When the destination stopped accepting writes (for `send_timeout`).
+    /// When the destination stopped accepting writes (for `send_timeout` and the
+    /// `stalls` counts); set and cleared only by `stall` and `end_stall`.
     pub stalled_since: Option<Instant>,
     pub stats: Stats,
 }
@@ -306,7 +307,7 @@ impl Pump {
         self.ping = None;
         self.out = None;
         self.out_sent = 0;
-        self.stalled_since = None;
+        self.end_stall();
     }
 
     pub fn dst_dead(&self) -> bool {
@@ -875,12 +876,12 @@ impl Pump {
         };
         match Pin::new(dst).poll_write(cx, bytes) {
             Poll::Pending => {
-                self.stalled_since.get_or_insert_with(Instant::now);
+                self.stall();
                 Poll::Pending
             }
             Poll::Ready(Ok(0)) => Poll::Ready(Err(io::ErrorKind::WriteZero.into())),
             Poll::Ready(Ok(n)) => {
-                self.stalled_since = None;
+                self.end_stall();
                 self.needs_flush = true;
                 if self.last_write.is_some() {
                     self.last_write = Some(Instant::now());
@@ -899,13 +900,35 @@ impl Pump {
         dst: &mut W,
     ) -> Poll<io::Result<()>> {
         let Poll::Ready(done) = Pin::new(dst).poll_flush(cx) else {
-            self.stalled_since.get_or_insert_with(Instant::now);
+            self.stall();
             return Poll::Pending;
         };
-        self.stalled_since = None;
+        self.end_stall();
         done?;
         self.needs_flush = false;
         Poll::Ready(Ok(()))
+    }
+
+    // === stalls (SPEC §6 `stalls`; the same clock runs `send_timeout`) ===
+
+    /// The destination is full while bytes are due: a stall starts, unless one is open.
+    /// The clock is read only here and in [`Pump::end_stall`]: a write that goes through
+    /// costs one branch on `stalled_since`, nothing more.
+    fn stall(&mut self) {
+        if self.stalled_since.is_none() {
+            self.stalled_since = Some(Instant::now());
+            self.stats.stalls.count += 1;
+        }
+    }
+
+    /// Ends the open stall, if any, and counts its time: the destination took bytes again,
+    /// was given up, or the connection is over.
+    pub fn end_stall(&mut self) {
+        if let Some(since) = self.stalled_since.take() {
+            self.stats
+                .stalls
+                .add(Instant::now().saturating_duration_since(since));
+        }
     }
 
     /// Reads into the buffer, borrowing one from the pool only for the read: if nothing
@@ -1275,6 +1298,81 @@ mod tests {
         dst.flush_stuck = false;
         assert!(poll(&mut p, &mut src, &mut dst).is_pending());
         assert!(p.stalled_since.is_none());
+        assert_eq!(p.stats.stalls.count, 1, "a stuck flush is a stall too");
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_blocked_write_is_one_stall_however_often_polled_and_ends_when_bytes_move() {
+        let mut p = pump(Dir::UpstreamToClient);
+        let data = frame(0x82, &[7; 100], None);
+        let mut src = src(&[&data]);
+        let mut dst = Dst {
+            room: 10,
+            ..Dst::open()
+        };
+        for _ in 0..5 {
+            assert!(poll(&mut p, &mut src, &mut dst).is_pending());
+            tokio::time::advance(Duration::from_millis(50)).await;
+        }
+        assert_eq!(p.stats.stalls.count, 1);
+        assert_eq!(
+            p.stats.stalls.nanos, 0,
+            "time is counted when the stall ends"
+        );
+        assert!(p.stalled_since.is_some());
+        dst.room = usize::MAX;
+        assert!(poll(&mut p, &mut src, &mut dst).is_pending());
+        assert_eq!(dst.out, data);
+        assert!(p.stalled_since.is_none());
+        assert_eq!(p.stats.stalls.count, 1);
+        assert_eq!(p.stats.stalls.time(), Duration::from_millis(250));
+
+        // A second stall adds to both.
+        src.0.push_back(data.clone());
+        dst.room = 1;
+        assert!(poll(&mut p, &mut src, &mut dst).is_pending());
+        tokio::time::advance(Duration::from_millis(40)).await;
+        dst.room = usize::MAX;
+        assert!(poll(&mut p, &mut src, &mut dst).is_pending());
+        assert_eq!(p.stats.stalls.count, 2);
+        assert_eq!(p.stats.stalls.time(), Duration::from_millis(290));
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn writes_that_never_block_record_no_stall() {
+        let mut p = pump(Dir::UpstreamToClient);
+        let (mut src, mut dst) = (Src::default(), Dst::open());
+        for i in 0..100u8 {
+            src.0.push_back(frame(0x82, &[i; 300], None));
+            assert!(poll(&mut p, &mut src, &mut dst).is_pending());
+            tokio::time::advance(Duration::from_millis(10)).await;
+        }
+        assert_eq!(p.stats.frames, 100);
+        assert_eq!(p.stats.stalls, Default::default());
+        assert!(p.stalled_since.is_none());
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_destination_given_up_while_stalled_ends_the_stall_with_its_time() {
+        let mut p = pump(Dir::UpstreamToClient);
+        let mut src = src(&[&frame(0x82, &[7; 100], None)]);
+        let mut dst = Dst {
+            room: 0,
+            ..Dst::open()
+        };
+        assert!(poll(&mut p, &mut src, &mut dst).is_pending());
+        tokio::time::advance(Duration::from_millis(120)).await;
+        // `send_timeout`, or the other side gone: the session cuts this destination off.
+        p.abandon_dst();
+        assert!(p.stalled_since.is_none());
+        assert_eq!(p.stats.stalls.count, 1);
+        assert_eq!(p.stats.stalls.time(), Duration::from_millis(120));
+        p.end_stall();
+        assert_eq!(
+            p.stats.stalls.time(),
+            Duration::from_millis(120),
+            "ended once"
+        );
     }
 
     #[test]
