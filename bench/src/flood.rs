@@ -34,7 +34,7 @@ use crate::echo::{self, Plan, STAMP};
 use crate::flood_attack::{self, Tally};
 use crate::hist;
 use crate::net::{Sources, Target};
-use crate::procfs::Procs;
+use crate::procfs::{self, Procs};
 use crate::ws::Rng;
 
 pub struct Options {
@@ -53,12 +53,13 @@ pub struct Options {
 const CLIENTS: u8 = 11;
 const NEWCOMERS: u8 = 12;
 
-/// CPU readings of the proxy and of this generator at one instant.
-#[derive(Clone, Copy)]
+/// CPU readings of the proxy, of this generator and of each core at one instant.
+#[derive(Clone)]
 struct Mark {
     at: Instant,
     proxy: Option<Duration>,
     generator: Option<Duration>,
+    cores: Vec<(u64, u64)>,
 }
 
 fn mark(procs: &Procs, me: &Procs) -> Mark {
@@ -66,6 +67,7 @@ fn mark(procs: &Procs, me: &Procs) -> Mark {
         at: Instant::now(),
         proxy: procs.cpu_opt().ok().flatten(),
         generator: me.cpu_opt().ok().flatten(),
+        cores: procfs::cpu_ticks().unwrap_or_default(),
     }
 }
 
@@ -170,7 +172,11 @@ pub async fn run(
         "proxy_cpu_pct_attack": pct(m1.proxy, m2.proxy, m2.at.duration_since(m1.at)),
         "proxy_cpu_s_attack": delta(m1.proxy, m2.proxy),
         "cpu_us_per_refused": per_refused(m1.proxy, m2.proxy, refused),
-        "cpu_us_per_refused_net": per_refused_net(&[m0, m1, m2], refused),
+        "cpu_us_per_refused_net": per_refused_net(&[m0.clone(), m1.clone(), m2.clone()], refused),
+        // Core 0 runs the proxy alone and core 1 the generator and the backend: busy time
+        // beyond theirs is someone else's work on a shared machine.
+        "core_busy_pct_quiet": procfs::busy_pct(&m0.cores, &m1.cores),
+        "core_busy_pct_attack": procfs::busy_pct(&m1.cores, &m2.cores),
         "generator_cpu_pct_quiet": pct(m0.generator, m1.generator, m1.at.duration_since(m0.at)),
         "generator_cpu_pct_attack": pct(m1.generator, m2.generator, m2.at.duration_since(m1.at)),
         "rss_before_kib": rss_before,
