@@ -11,7 +11,9 @@
 #          --scenarios "echo latency handshake idle abuse flood", --out DIR, --idle-max N,
 #          --key rsa|ecdsa (certificate key type, default rsa = RSA 2048),
 #          --wsgate-bin PATH (run this wsgate binary instead of building this tree's),
-#          --flood-attack S, --flood-tls-attack S (attack seconds; the TLS run is shorter).
+#          --flood-attack S, --flood-tls-attack S (attack seconds; the TLS run is shorter),
+#          --wait-idle PCT (before each flood run, wait up to 5 min until both cores are
+#          below PCT % busy over 2 s: for a machine shared with other work).
 #
 # The proxy under test runs on core 0 (taskset -c 0), the load generator and the backend
 # on core 1. Nothing is installed: missing tools are reported with the command to get them.
@@ -29,6 +31,7 @@ KEY=rsa
 WSGATE_BIN=""
 FLOOD_ATTACK=""
 FLOOD_TLS_ATTACK=""
+WAIT_IDLE=""
 
 while [[ $# -gt 0 ]]; do
     case "$1" in
@@ -42,7 +45,8 @@ while [[ $# -gt 0 ]]; do
         --wsgate-bin) WSGATE_BIN=$2; shift ;;
         --flood-attack) FLOOD_ATTACK=$2; shift ;;
         --flood-tls-attack) FLOOD_TLS_ATTACK=$2; shift ;;
-        -h|--help) sed -n '2,17p' "$0"; exit 0 ;;
+        --wait-idle) WAIT_IDLE=$2; shift ;;
+        -h|--help) sed -n '2,19p' "$0"; exit 0 ;;
         *) echo "compare.sh: unknown option $1 (see --help)" >&2; exit 2 ;;
     esac
     shift
@@ -344,6 +348,37 @@ gen() {
 
 has() { [[ " $SCENARIOS " == *" $1 "* ]]; }
 
+# busy_ticks CPU: busy and total clock ticks of one core so far (/proc/stat).
+busy_ticks() {
+    awk -v c="cpu$1" '$1 == c { t = 0; for (i = 2; i <= 9; i++) t += $i; print t - $5 - $6, t }' /proc/stat
+}
+
+# wait_idle: with --wait-idle PCT, waits (at most 150 windows of 2 s) until both cores were
+# below PCT % busy over one window. Our own backend idles meanwhile, so what is measured
+# is someone else's work on a shared machine; the run goes ahead anyway after 5 minutes.
+wait_idle() {
+    [[ -z $WAIT_IDLE ]] && return 0
+    local i b0 t0 b1 t1 c ok busy
+    for i in $(seq 1 150); do
+        read -r b0 t0 < <(busy_ticks 0); read -r b1 t1 < <(busy_ticks 1)
+        sleep 2
+        ok=1; busy=""
+        for c in 0 1; do
+            local bb tt ba ta
+            read -r bb tt < <(busy_ticks $c)
+            if [[ $c == 0 ]]; then ba=$b0; ta=$t0; else ba=$b1; ta=$t1; fi
+            local pct=$(( (bb - ba) * 100 / ( (tt - ta) > 0 ? (tt - ta) : 1 ) ))
+            busy+=" core$c=$pct%"
+            (( pct < WAIT_IDLE )) || ok=0
+        done
+        if [[ $ok == 1 ]]; then
+            [[ $i -gt 1 ]] && echo "  (waited $(( 2 * i )) s for idle cores:$busy)" >&2
+            return 0
+        fi
+    done
+    echo "  (cores still busy after 5 min:$busy; running anyway)" >&2
+}
+
 started=$(date +%s)
 for rep in $(seq 1 "$REPEATS"); do
     echo "repeat $rep/$REPEATS" >&2
@@ -392,10 +427,12 @@ for rep in $(seq 1 "$REPEATS"); do
         # the attacker to the TLS listener; the well-behaved clients stay plain.
         for name in $TARGETS; do
             [[ $name == direct || $name == tunnel ]] && continue
+            wait_idle
             start_proxy "$name" abuse
             gen flood "$name" plain --quiet $FLOOD_QUIET --attack "$FLOOD_ATTACK" \
                 --newcomers $FLOOD_NEWCOMERS
             stop_proxy
+            wait_idle
             start_proxy "$name" abuse
             gen flood "$name" plain --attack-tls "127.0.0.1:${TLS_PORT[$name]}" \
                 --quiet $FLOOD_QUIET --attack "$FLOOD_TLS_ATTACK" --newcomers $FLOOD_NEWCOMERS
