@@ -5,10 +5,15 @@
 #
 #   bench/compare.sh               # full run (3 repeats, ~10 min), table on stdout
 #   bench/compare.sh --quick       # one short repeat (< 2 min), for development
+#   bench/compare.sh --scenarios flood [--quick]   # issue 17's flood (not in the default set)
 #
 # Options: --repeats N, --targets "direct tunnel wsgate nginx haproxy",
-#          --scenarios "echo latency handshake idle abuse", --out DIR, --idle-max N,
-#          --key rsa|ecdsa (certificate key type, default rsa = RSA 2048).
+#          --scenarios "echo latency handshake idle abuse flood", --out DIR, --idle-max N,
+#          --key rsa|ecdsa (certificate key type, default rsa = RSA 2048),
+#          --wsgate-bin PATH (run this wsgate binary instead of building this tree's),
+#          --flood-attack S, --flood-tls-attack S (attack seconds; the TLS run is shorter),
+#          --wait-idle PCT (before each flood run, wait up to 5 min until both cores are
+#          below PCT % busy over 2 s: for a machine shared with other work).
 #
 # The proxy under test runs on core 0 (taskset -c 0), the load generator and the backend
 # on core 1. Nothing is installed: missing tools are reported with the command to get them.
@@ -23,6 +28,10 @@ SCENARIOS="echo latency handshake idle abuse"
 OUT=""
 IDLE_MAX=""
 KEY=rsa
+WSGATE_BIN=""
+FLOOD_ATTACK=""
+FLOOD_TLS_ATTACK=""
+WAIT_IDLE=""
 
 while [[ $# -gt 0 ]]; do
     case "$1" in
@@ -33,7 +42,11 @@ while [[ $# -gt 0 ]]; do
         --out) OUT=$2; shift ;;
         --idle-max) IDLE_MAX=$2; shift ;;
         --key) KEY=$2; shift ;;
-        -h|--help) sed -n '2,14p' "$0"; exit 0 ;;
+        --wsgate-bin) WSGATE_BIN=$2; shift ;;
+        --flood-attack) FLOOD_ATTACK=$2; shift ;;
+        --flood-tls-attack) FLOOD_TLS_ATTACK=$2; shift ;;
+        --wait-idle) WAIT_IDLE=$2; shift ;;
+        -h|--help) sed -n '2,19p' "$0"; exit 0 ;;
         *) echo "compare.sh: unknown option $1 (see --help)" >&2; exit 2 ;;
     esac
     shift
@@ -43,9 +56,15 @@ done
 if [[ $QUICK == 1 ]]; then
     WARM=0.5; ECHO_S=1.5; OPEN_S=2; HS_S=1.5; QUIET_S=3; ATTACK_S=4; SETTLE=1
     IDLE_MAX=${IDLE_MAX:-2000}
+    # flood: the issue's client counts, shorter phases and fewer newcomers.
+    FLOOD_QUIET=4; FLOOD_ATTACK=${FLOOD_ATTACK:-10}; FLOOD_TLS_ATTACK=${FLOOD_TLS_ATTACK:-5}
+    FLOOD_NEWCOMERS=30
 else
     WARM=1; ECHO_S=2; OPEN_S=4; HS_S=2; QUIET_S=4; ATTACK_S=6; SETTLE=1.5
     IDLE_MAX=${IDLE_MAX:-9900}
+    # flood: issue 17's figures (30 s attack, 100 newcomers); the TLS check needs less.
+    FLOOD_QUIET=10; FLOOD_ATTACK=${FLOOD_ATTACK:-30}; FLOOD_TLS_ATTACK=${FLOOD_TLS_ATTACK:-10}
+    FLOOD_NEWCOMERS=100
 fi
 OPEN_RATE=10000   # msg/s, SPEC §9's fixed rate
 OPEN_CONNS=50
@@ -74,10 +93,16 @@ ulimit -n "$(ulimit -Hn)"
 FD_LIMIT=$(ulimit -n)
 
 # --- build -----------------------------------------------------------------------------
-echo "building wsgate and wsgate-bench (release)..." >&2
-(cd "$ROOT" && cargo build --release --quiet)
+if [[ -n $WSGATE_BIN ]]; then
+    WSGATE=$(realpath "$WSGATE_BIN")
+    [[ -x $WSGATE ]] || { echo "compare.sh: --wsgate-bin $WSGATE_BIN is not an executable" >&2; exit 1; }
+    echo "using wsgate $WSGATE (not built); building wsgate-bench (release)..." >&2
+else
+    WSGATE="$ROOT/target/release/wsgate"
+    echo "building wsgate and wsgate-bench (release)..." >&2
+    (cd "$ROOT" && cargo build --release --quiet)
+fi
 (cd "$BENCH_DIR" && cargo build --release --quiet)
-WSGATE="$ROOT/target/release/wsgate"
 GEN="$BENCH_DIR/target/release/wsgate-bench"
 # A fresh build leaves the kernel writing its output back for a while, which showed up as
 # a 20 % slower first run: let it settle first.
@@ -107,10 +132,11 @@ declare -A PLAIN_PORT=([direct]=19001 [tunnel]=19401 [wsgate]=19101 [nginx]=1920
 declare -A TLS_PORT=([wsgate]=19102 [nginx]=19202 [haproxy]=19302)
 
 # --- configs ---------------------------------------------------------------------------
-# Two of each: "bench" (no per-address limits: every scenario but abuse comes from the
-# generator's many addresses at rates no per-address limit should see) and "abuse"
+# Two of each: "bench" (no per-address limits: every scenario but abuse and flood comes
+# from the generator's many addresses at rates no per-address limit should see) and "abuse"
 # (per-address limits: 64 connections, 10 handshakes/s with a burst of 20, 10 s for a
-# request head; wsgate also limits messages, which the tunnels cannot).
+# request head; wsgate also limits messages, which the tunnels cannot). The flood runs use
+# the abuse configs.
 write_configs() {
     local mode
     for mode in bench abuse; do
@@ -322,6 +348,37 @@ gen() {
 
 has() { [[ " $SCENARIOS " == *" $1 "* ]]; }
 
+# busy_ticks CPU: busy and total clock ticks of one core so far (/proc/stat).
+busy_ticks() {
+    awk -v c="cpu$1" '$1 == c { t = 0; for (i = 2; i <= 9; i++) t += $i; print t - $5 - $6, t }' /proc/stat
+}
+
+# wait_idle: with --wait-idle PCT, waits (at most 150 windows of 2 s) until both cores were
+# below PCT % busy over one window. Our own backend idles meanwhile, so what is measured
+# is someone else's work on a shared machine; the run goes ahead anyway after 5 minutes.
+wait_idle() {
+    [[ -z $WAIT_IDLE ]] && return 0
+    local i b0 t0 b1 t1 c ok busy
+    for i in $(seq 1 150); do
+        read -r b0 t0 < <(busy_ticks 0); read -r b1 t1 < <(busy_ticks 1)
+        sleep 2
+        ok=1; busy=""
+        for c in 0 1; do
+            local bb tt ba ta
+            read -r bb tt < <(busy_ticks $c)
+            if [[ $c == 0 ]]; then ba=$b0; ta=$t0; else ba=$b1; ta=$t1; fi
+            local pct=$(( (bb - ba) * 100 / ( (tt - ta) > 0 ? (tt - ta) : 1 ) ))
+            busy+=" core$c=$pct%"
+            (( pct < WAIT_IDLE )) || ok=0
+        done
+        if [[ $ok == 1 ]]; then
+            [[ $i -gt 1 ]] && echo "  (waited $(( 2 * i )) s for idle cores:$busy)" >&2
+            return 0
+        fi
+    done
+    echo "  (cores still busy after 5 min:$busy; running anyway)" >&2
+}
+
 started=$(date +%s)
 for rep in $(seq 1 "$REPEATS"); do
     echo "repeat $rep/$REPEATS" >&2
@@ -365,11 +422,28 @@ for rep in $(seq 1 "$REPEATS"); do
             stop_proxy
         done
     fi
+    if has flood; then
+        # A fresh proxy for each run, so RSS and CPU are the run's alone. The TLS run sends
+        # the attacker to the TLS listener; the well-behaved clients stay plain.
+        for name in $TARGETS; do
+            [[ $name == direct || $name == tunnel ]] && continue
+            wait_idle
+            start_proxy "$name" abuse
+            gen flood "$name" plain --quiet $FLOOD_QUIET --attack "$FLOOD_ATTACK" \
+                --newcomers $FLOOD_NEWCOMERS
+            stop_proxy
+            wait_idle
+            start_proxy "$name" abuse
+            gen flood "$name" plain --attack-tls "127.0.0.1:${TLS_PORT[$name]}" \
+                --quiet $FLOOD_QUIET --attack "$FLOOD_TLS_ATTACK" --newcomers $FLOOD_NEWCOMERS
+            stop_proxy
+        done
+    fi
 done
 elapsed=$(( $(date +%s) - started ))
 
 {
-    echo "<!-- wsgate-bench $(date -u +%Y-%m-%dT%H:%MZ), $REPEATS repeat(s), ${elapsed}s, $(nproc) cores, $(uname -r), cert $KEY -->"
+    echo "<!-- wsgate-bench $(date -u +%Y-%m-%dT%H:%MZ), $REPEATS repeat(s), ${elapsed}s, $(nproc) cores, $(uname -r), cert $KEY, wsgate $WSGATE -->"
     "$GEN" report "$RUNS" --json "$OUT/summary.json"
 } | tee "$OUT/table.md"
 echo "raw runs: $RUNS; summary: $OUT/summary.json; table: $OUT/table.md" >&2

@@ -242,7 +242,7 @@ pub async fn run(
 }
 
 /// A newcomer: connect, echo once, within 5 s. False when refused or too slow.
-async fn newcomer(target: &Target, src: std::net::Ipv4Addr, rng: &mut Rng) -> bool {
+pub async fn newcomer(target: &Target, src: std::net::Ipv4Addr, rng: &mut Rng) -> bool {
     let Ok(conn) = ws_connect(target, src, rng, Duration::from_secs(5)).await else {
         return false;
     };

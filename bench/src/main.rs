@@ -1,7 +1,7 @@
 //! `wsgate-bench`: the load generator and echo backend behind `bench/compare.sh`.
 //!
 //! Subcommands: `backend` (the echo server every target relays to), `idle`, `echo`,
-//! `handshake`, `abuse` (scenarios; each prints one JSON object on stdout) and `report`
+//! `handshake`, `abuse`, `flood` (scenarios; each prints one JSON object on stdout) and `report`
 //! (folds those JSON lines into the comparison table). Scenarios read the proxy's CPU
 //! and memory from `/proc` for the PIDs given with `--pid`; with none (the `direct`
 //! target) those figures are null. See `bench/README.md`.
@@ -9,6 +9,8 @@
 mod abuse;
 mod backend;
 mod echo;
+mod flood;
+mod flood_attack;
 mod handshake;
 mod hist;
 mod idle;
@@ -127,6 +129,14 @@ enum Cmd {
         #[arg(long, default_value_t = 200)]
         newcomer_every_ms: u64,
     },
+    /// Issue 17's flood: well-behaved clients through a quiet phase and a connection
+    /// flood from one address (see src/flood.rs); defaults are the issue's figures.
+    Flood {
+        #[command(flatten)]
+        common: Common,
+        #[command(flatten)]
+        flood: FloodArgs,
+    },
     /// The cheapest possible byte tunnel (a floor for proxies): epoll or io_uring.
     Tunnel {
         #[arg(long)]
@@ -145,6 +155,79 @@ enum Cmd {
         #[arg(long)]
         json: Option<PathBuf>,
     },
+}
+
+/// The flood scenario's knobs (defaults: issue 17).
+#[derive(Args, Clone)]
+struct FloodArgs {
+    /// Well-behaved clients.
+    #[arg(long, default_value_t = 1000)]
+    clients: u32,
+    /// Source addresses the well-behaved clients are spread over.
+    #[arg(long, default_value_t = 200)]
+    client_addrs: u32,
+    /// Milliseconds between two messages of one well-behaved client.
+    #[arg(long, default_value_t = 500)]
+    interval_ms: u64,
+    #[arg(long, default_value_t = 64)]
+    size: usize,
+    /// Seconds before the attack (the first second is warm-up, not measured).
+    #[arg(long, default_value_t = 10.0)]
+    quiet: f64,
+    /// Seconds of attack.
+    #[arg(long, default_value_t = 30.0)]
+    attack: f64,
+    /// New well-behaved clients arriving during the attack (each from a fresh address).
+    #[arg(long, default_value_t = 100)]
+    newcomers: u32,
+    /// Parallel connect + upgrade loops of the attacker.
+    #[arg(long, default_value_t = 64)]
+    loops: u32,
+    /// Most admitted attacker connections held (the per-address cap).
+    #[arg(long, default_value_t = 64)]
+    hold: u32,
+    /// Held connections flooding messages as fast as they can.
+    #[arg(long, default_value_t = 16)]
+    spam: u32,
+    /// Held connections with an unfinished fragmented message.
+    #[arg(long, default_value_t = 5)]
+    fragments: u32,
+    /// Slowloris request heads (one byte a second).
+    #[arg(long, default_value_t = 200)]
+    slowloris: u32,
+    /// The attacker (loops and slowloris) goes to this TLS listener of the proxy.
+    #[arg(long)]
+    attack_tls: Option<SocketAddr>,
+    /// Threads of the attacker's runtime (all on the generator's core).
+    #[arg(long, default_value_t = 1)]
+    attacker_threads: u32,
+    /// Nice value of the attacker's threads (0: same priority as the clients).
+    #[arg(long, default_value_t = 10)]
+    attacker_nice: i32,
+}
+
+impl FloodArgs {
+    fn options(&self) -> Result<flood::Options> {
+        Ok(flood::Options {
+            clients: self.clients,
+            client_addrs: self.client_addrs,
+            interval: Duration::from_millis(self.interval_ms),
+            size: self.size,
+            quiet: secs(self.quiet)?,
+            attack: secs(self.attack)?,
+            newcomers: self.newcomers,
+            attack_tls: self.attack_tls,
+            plan: flood_attack::Plan {
+                loops: self.loops,
+                hold: self.hold,
+                spam: self.spam,
+                fragments: self.fragments,
+                slowloris: self.slowloris,
+                threads: self.attacker_threads,
+                nice: self.attacker_nice,
+            },
+        })
+    }
 }
 
 /// What every scenario needs to know about the target.
@@ -287,6 +370,12 @@ fn real_main() -> Result<()> {
                     newcomer_every: Duration::from_millis(newcomer_every_ms),
                 };
                 abuse::run(t, p, &common.label, o).await.map(Some)
+            }
+            Cmd::Flood { common, flood } => {
+                let (t, p) = common.parts()?;
+                flood::run(t, p, &common.label, flood.options()?)
+                    .await
+                    .map(Some)
             }
             Cmd::Report { .. } | Cmd::Tunnel { .. } => Ok(None),
         }

@@ -90,3 +90,44 @@ pub fn per_event_us(before: Option<Duration>, after: Option<Duration>, events: u
         _ => None,
     }
 }
+
+/// Busy and total clock ticks of each CPU so far (`/proc/stat`): busy is everything but
+/// idle and iowait. Tells whether something besides the processes measured ran on the
+/// benchmark's cores (the machine may be shared).
+pub fn cpu_ticks() -> Result<Vec<(u64, u64)>> {
+    let stat = std::fs::read_to_string("/proc/stat").context("read /proc/stat")?;
+    let mut out = Vec::new();
+    for line in stat.lines() {
+        let Some(rest) = line.strip_prefix("cpu") else {
+            continue;
+        };
+        // "cpu " is the sum over all CPUs; "cpuN" lines are the ones wanted.
+        if !rest.starts_with(|c: char| c.is_ascii_digit()) {
+            continue;
+        }
+        let fields: Vec<u64> = rest
+            .split_whitespace()
+            .skip(1)
+            .map(|f| f.parse::<u64>().context("/proc/stat field"))
+            .collect::<Result<_>>()?;
+        let total: u64 = fields.iter().take(8).sum();
+        let idle = fields.get(3).copied().unwrap_or(0) + fields.get(4).copied().unwrap_or(0);
+        out.push((total.saturating_sub(idle), total));
+    }
+    Ok(out)
+}
+
+/// Per-CPU busy percentage between two [`cpu_ticks`] readings.
+pub fn busy_pct(a: &[(u64, u64)], b: &[(u64, u64)]) -> Vec<f64> {
+    a.iter()
+        .zip(b)
+        .map(|(&(ba, ta), &(bb, tb))| {
+            let total = tb.saturating_sub(ta);
+            if total == 0 {
+                0.0
+            } else {
+                100.0 * bb.saturating_sub(ba) as f64 / total as f64
+            }
+        })
+        .collect()
+}

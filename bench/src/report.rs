@@ -347,5 +347,165 @@ fn rows(runs: &[Value]) -> Vec<Row> {
         Box::new(ab),
         Box::new(|v| num(v, &["rss_peak_kib"]).map(|k| k / 1024.0)),
     ));
+    for mode in ["plain", "tls"] {
+        flood_rows(runs, mode, &mut rows);
+    }
     rows
+}
+
+/// Keys of a JSON object at `path`, over every run of one flood mode (sorted, unique).
+fn keys_seen(runs: &[Value], mode: &str, path: &[&str]) -> Vec<String> {
+    let mut keys: Vec<String> = runs
+        .iter()
+        .filter(|v| is_flood(v, mode))
+        .filter_map(|v| {
+            let mut cur = v;
+            for p in path {
+                cur = cur.get(p)?;
+            }
+            cur.as_object()
+        })
+        .flat_map(|o| o.keys().cloned())
+        .collect();
+    keys.sort();
+    keys.dedup();
+    keys
+}
+
+fn is_flood(v: &Value, mode: &str) -> bool {
+    is(v, "scenario", json!("flood")) && is(v, "mode", json!(mode))
+}
+
+/// A flood row: `metric` of the runs of one mode.
+fn flood_row(mode: &'static str, title: &str, decimals: usize, metric: Metric) -> Row {
+    let prefix = if mode == "tls" { "flood TLS" } else { "flood" };
+    row(
+        &format!("{prefix}: {title}"),
+        decimals,
+        Box::new(move |v| is_flood(v, mode)),
+        metric,
+    )
+}
+
+/// A count in an object of counts at `path`; absent means none.
+fn count_at(path: Vec<String>) -> Metric {
+    Box::new(move |v| {
+        let mut cur = v;
+        for p in &path {
+            match cur.get(p.as_str()) {
+                Some(next) => cur = next,
+                None => return Some(0.0),
+            }
+        }
+        cur.as_f64()
+    })
+}
+
+fn flood_rows(runs: &[Value], mode: &'static str, rows: &mut Vec<Row>) {
+    if !runs.iter().any(|v| is_flood(v, mode)) {
+        return;
+    }
+    let phases = [("quiet", "quiet"), ("attack", "under attack")];
+    for (q, key) in [("p50", "p50_us"), ("p99", "p99_us"), ("p99.9", "p999_us")] {
+        for (phase, name) in phases {
+            rows.push(flood_row(
+                mode,
+                &format!("well-behaved {q} µs RTT, {name}"),
+                0,
+                Box::new(move |v| num(v, &[phase, key])),
+            ));
+        }
+        let ratio = match q {
+            "p50" => "p50_ratio",
+            "p99" => "p99_ratio",
+            _ => "p999_ratio",
+        };
+        rows.push(flood_row(
+            mode,
+            &format!("{q} under attack ÷ quiet"),
+            1,
+            m_owned(ratio),
+        ));
+    }
+    for (title, key) in [
+        ("messages lost", "lost"),
+        ("messages reordered", "reordered"),
+        ("well-behaved connections dropped", "clients_dropped"),
+        ("newcomers tried", "newcomers"),
+        ("newcomers refused", "newcomers_refused"),
+    ] {
+        rows.push(flood_row(mode, title, 0, m_owned(key)));
+    }
+    rows.push(flood_row(
+        mode,
+        "newcomer connect + echo, max ms",
+        1,
+        Box::new(|v| num(v, &["newcomer_connect_echo", "max_us"]).map(|u| u / 1000.0)),
+    ));
+    for (title, key, d) in [
+        ("attacker attempts", "attempts", 0),
+        ("attacker attempts/s", "attempts_per_sec", 0),
+        ("attacker attempts refused", "refused", 0),
+        ("attacker connections admitted", "admitted", 0),
+        (
+            "TLS handshakes completed for the attacker",
+            "tls_completed",
+            0,
+        ),
+        (
+            "… of which then refused (429 after TLS)",
+            "tls_completed_refused",
+            0,
+        ),
+        ("attacker spam frames sent", "spam_frames", 0),
+        ("slowloris connections made", "slowloris_conns", 0),
+    ] {
+        if mode == "plain" && key.starts_with("tls_") {
+            continue;
+        }
+        rows.push(flood_row(
+            mode,
+            title,
+            d,
+            Box::new(move |v| num(v, &["attacker", key])),
+        ));
+    }
+    for (group, what) in [
+        ("refused_by_kind", "refused by kind"),
+        ("slowloris_ends", "slowloris ended by"),
+        ("held_ends", "held connections ended by"),
+    ] {
+        for k in keys_seen(runs, mode, &["attacker", group]) {
+            let path = vec!["attacker".to_string(), group.to_string(), k.clone()];
+            rows.push(flood_row(mode, &format!("{what}: {k}"), 0, count_at(path)));
+        }
+    }
+    for (title, key, d) in [
+        ("proxy CPU %, quiet", "proxy_cpu_pct_quiet", 0),
+        ("proxy CPU %, attack", "proxy_cpu_pct_attack", 0),
+        ("proxy CPU s during the attack", "proxy_cpu_s_attack", 2),
+        ("proxy CPU µs per refused attempt", "cpu_us_per_refused", 1),
+        (
+            "proxy CPU µs per refused attempt, less the quiet rate",
+            "cpu_us_per_refused_net",
+            1,
+        ),
+        (
+            "generator CPU %, attack (core 1)",
+            "generator_cpu_pct_attack",
+            0,
+        ),
+    ] {
+        rows.push(flood_row(mode, title, d, m_owned(key)));
+    }
+    rows.push(flood_row(
+        mode,
+        "proxy peak RSS MiB",
+        1,
+        Box::new(|v| num(v, &["rss_peak_kib"]).map(|k| k / 1024.0)),
+    ));
+}
+
+fn m_owned(key: &'static str) -> Metric {
+    Box::new(move |v| num(v, &[key]))
 }
