@@ -12,6 +12,7 @@
 #          --key rsa|ecdsa (certificate key type, default rsa = RSA 2048),
 #          --wsgate-bin PATH (run this wsgate binary instead of building this tree's),
 #          --flood-attack S, --flood-tls-attack S (attack seconds; the TLS run is shorter),
+#          --flood-rate N (cap the flood's attempts per second; default 0 = as fast as they go),
 #          --wait-idle PCT (before each flood run, wait up to 5 min until both cores are
 #          below PCT % busy over 2 s: for a machine shared with other work).
 #
@@ -45,8 +46,9 @@ while [[ $# -gt 0 ]]; do
         --wsgate-bin) WSGATE_BIN=$2; shift ;;
         --flood-attack) FLOOD_ATTACK=$2; shift ;;
         --flood-tls-attack) FLOOD_TLS_ATTACK=$2; shift ;;
+        --flood-rate) FLOOD_RATE=$2; shift ;;
         --wait-idle) WAIT_IDLE=$2; shift ;;
-        -h|--help) sed -n '2,19p' "$0"; exit 0 ;;
+        -h|--help) sed -n '2,20p' "$0"; exit 0 ;;
         *) echo "compare.sh: unknown option $1 (see --help)" >&2; exit 2 ;;
     esac
     shift
@@ -66,6 +68,7 @@ else
     FLOOD_QUIET=10; FLOOD_ATTACK=${FLOOD_ATTACK:-30}; FLOOD_TLS_ATTACK=${FLOOD_TLS_ATTACK:-10}
     FLOOD_NEWCOMERS=100
 fi
+FLOOD_RATE=${FLOOD_RATE:-0}   # attacker attempts/s cap (0: as fast as they go)
 OPEN_RATE=10000   # msg/s, SPEC §9's fixed rate
 OPEN_CONNS=50
 ECHO_CONNS=32
@@ -430,12 +433,13 @@ for rep in $(seq 1 "$REPEATS"); do
             wait_idle
             start_proxy "$name" abuse
             gen flood "$name" plain --quiet $FLOOD_QUIET --attack "$FLOOD_ATTACK" \
-                --newcomers $FLOOD_NEWCOMERS
+                --newcomers $FLOOD_NEWCOMERS --attack-rate "$FLOOD_RATE"
             stop_proxy
             wait_idle
             start_proxy "$name" abuse
             gen flood "$name" plain --attack-tls "127.0.0.1:${TLS_PORT[$name]}" \
-                --quiet $FLOOD_QUIET --attack "$FLOOD_TLS_ATTACK" --newcomers $FLOOD_NEWCOMERS
+                --quiet $FLOOD_QUIET --attack "$FLOOD_TLS_ATTACK" --newcomers $FLOOD_NEWCOMERS \
+                --attack-rate "$FLOOD_RATE"
             stop_proxy
         done
     fi

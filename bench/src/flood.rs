@@ -150,7 +150,7 @@ pub async fn run(
         "plan": {
             "loops": o.plan.loops, "hold": o.plan.hold, "spam": o.plan.spam,
             "fragments": o.plan.fragments, "slowloris": o.plan.slowloris,
-            "threads": o.plan.threads, "nice": o.plan.nice,
+            "threads": o.plan.threads, "nice": o.plan.nice, "rate": o.plan.rate,
         },
         "quiet": quiet,
         "attack": under,

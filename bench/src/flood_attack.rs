@@ -59,6 +59,8 @@ pub struct Plan {
     pub slowloris: u32,
     pub threads: u32,
     pub nice: i32,
+    /// Attempts per second over all loops; 0 = as fast as they go.
+    pub rate: u32,
 }
 
 /// How one connection attempt ended.
@@ -215,8 +217,11 @@ async fn attack(target: Target, plan: Plan, tally: Arc<Tally>, stop: watch::Rece
     for w in 0..plan.loops {
         let (target, tally, stop, slots) =
             (target.clone(), tally.clone(), stop.clone(), slots.clone());
+        // With a rate, each loop starts an attempt every `loops / rate` seconds at most.
+        let pace = (plan.rate > 0)
+            .then(|| Duration::from_secs_f64(f64::from(plan.loops) / f64::from(plan.rate)));
         tasks.push(tokio::spawn(async move {
-            flood_loop(w, target, tally, stop, slots).await;
+            flood_loop(w, target, tally, stop, slots, pace).await;
         }));
     }
     for i in 0..plan.slowloris {
@@ -237,12 +242,22 @@ async fn flood_loop(
     tally: Arc<Tally>,
     mut stop: watch::Receiver<bool>,
     slots: Slots,
+    pace: Option<Duration>,
 ) {
     let mut rng = Rng::new(u64::from(w) + 13_000);
     let mut holders = Vec::new();
+    let mut next = tokio::time::Instant::now();
     for _ in 0..MAX_ATTEMPTS_PER_LOOP {
         if *stop.borrow() {
             break;
+        }
+        if let Some(pace) = pace {
+            // Behind schedule (a slow attempt) the loop goes on at once, never in a burst.
+            next = next.max(tokio::time::Instant::now() - pace) + pace;
+            tokio::select! {
+                _ = stop.changed() => break,
+                _ = tokio::time::sleep_until(next) => {}
+            }
         }
         let outcome = tokio::select! {
             _ = stop.changed() => break,

@@ -204,6 +204,11 @@ struct FloodArgs {
     /// Nice value of the attacker's threads (0: same priority as the clients).
     #[arg(long, default_value_t = 10)]
     attacker_nice: i32,
+    /// Cap on the attacker's connection attempts per second, over all loops (0: as fast
+    /// as they go). On a 2-core machine an unbounded attacker saturates its own core with
+    /// the kernel's TCP work, and the well-behaved clients on that core are delayed by it.
+    #[arg(long, default_value_t = 0)]
+    attack_rate: u32,
 }
 
 impl FloodArgs {
@@ -225,6 +230,7 @@ impl FloodArgs {
                 slowloris: self.slowloris,
                 threads: self.attacker_threads,
                 nice: self.attacker_nice,
+                rate: self.attack_rate,
             },
         })
     }
