@@ -142,6 +142,9 @@ pub(crate) fn pending_bound(limits: &crate::config::Limits) -> usize {
 /// line with `count` per address and reason that drew more than ten refusals (SPEC §3).
 fn spawn_refusal_summaries(shared: std::sync::Weak<Shared>) {
     tokio::spawn(async move {
+        // The tally's clock starts before the first tick, so each sweep finds the second
+        // that just ended.
+        crate::observe::refusals::this_second();
         let mut tick = tokio::time::interval(Duration::from_secs(1));
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
@@ -149,14 +152,14 @@ fn spawn_refusal_summaries(shared: std::sync::Weak<Shared>) {
             let Some(shared) = shared.upgrade() else {
                 return;
             };
-            let (summaries, untracked) = shared.refusals.sweep(crate::handshake::this_second());
+            let (summaries, untracked) = shared.refusals.sweep();
             for s in &summaries {
                 crate::handshake::log_summary(&shared, s);
             }
             if untracked > 0 {
                 tracing::warn!(
                     refusals = untracked,
-                    "refusals from more addresses than the refusal tally holds were counted but not logged"
+                    "refusals neither logged nor summarised (more refusing addresses in a second than the tally holds); counted in the metrics"
                 );
             }
         }
@@ -248,7 +251,12 @@ pub async fn start_with(
     let mut running = Vec::with_capacity(bound.len());
     for (config, (tcp, addr)) in bound {
         listeners.push((config.name.clone(), addr));
-        running.push(listener::Running::launch(&shared, &config, tcp, addr));
+        let launched = listener::Running::launch(&shared, &config, tcp, addr);
+        running.push(launched.map_err(|source| StartError::Bind {
+            name: config.name.clone(),
+            addr,
+            source,
+        })?);
     }
     let admin = admin.map(|(l, addr)| {
         tracing::info!(%addr, "admin listening");

@@ -128,9 +128,18 @@ impl Gateway {
                 next.push(kept);
                 continue;
             }
-            match bind(l) {
-                Ok((tcp, addr)) => {
-                    next.push(Running::launch(&self.shared, l, tcp, addr));
+            let launched = bind(l).and_then(|(tcp, addr)| {
+                Running::launch(&self.shared, l, tcp, addr).map_err(|source| {
+                    super::StartError::Bind {
+                        name: l.name.clone(),
+                        addr,
+                        source,
+                    }
+                })
+            });
+            match launched {
+                Ok(running) => {
+                    next.push(running);
                     done.bound.push(l.name.clone());
                 }
                 Err(e) => {

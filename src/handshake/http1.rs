@@ -340,7 +340,8 @@ impl Conn {
         let shared = &self.info.shared;
         shared.metrics.rejected(info.route.as_deref(), r.reason());
         let client = info.client_ip.unwrap_or(self.info.peer.ip());
-        if !super::refused::note(shared, client, &self.info.listener, r).log {
+        let tls = self.info.tls.is_some();
+        if !super::refused::note(shared, client, &self.info.listener, tls, r).log {
             return;
         }
         let mut record = self.record("ws_reject", info, status, backend);

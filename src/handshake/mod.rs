@@ -18,5 +18,5 @@ pub mod upgrade;
 
 pub use admit::EarlyPermit;
 pub use http1::{Accepted, serve};
-pub use refused::{log_at_accept, log_summary, note as note_refusal, this_second};
+pub use refused::{log_at_accept, log_summary, note as note_refusal};
 pub use session::RelayPhase;

@@ -5,27 +5,27 @@
 //! other lines out of the access log's bounded queue.
 
 use std::net::{IpAddr, SocketAddr};
-use std::sync::{Arc, OnceLock};
-use std::time::Instant;
+use std::sync::Arc;
 
-use crate::admission::client_ip::ip_text;
+use crate::admission::client_ip::{IpKey, ip_text};
 use crate::ids;
 use crate::observe::access_log::{Record, TlsInfo, now_rfc3339};
 use crate::observe::refusals::{Noted, Summary};
 use crate::outcome::Refusal;
 use crate::shared::Shared;
 
-/// Whole seconds on the monotonic clock since the first call: the refusal tally's time.
-pub fn this_second() -> u64 {
-    static START: OnceLock<Instant> = OnceLock::new();
-    START.get_or_init(Instant::now).elapsed().as_secs()
-}
-
-/// Counts a refusal of `client` in its second; says whether it gets its own line.
-pub fn note(shared: &Shared, client: IpAddr, listener: &Arc<str>, refusal: Refusal) -> Noted {
-    shared
-        .refusals
-        .note(client, this_second(), listener, refusal)
+/// Counts a refusal of `client` in its second, by the key the per-IP limits use (IPv6 by
+/// its prefix); says whether it gets its own line. `tls`: refused on a TLS listener.
+pub fn note(
+    shared: &Shared,
+    client: IpAddr,
+    listener: &Arc<str>,
+    tls: bool,
+    refusal: Refusal,
+) -> Noted {
+    let prefix = shared.config.load().limits.ipv6_prefix;
+    let key = IpKey::new(client, prefix).addr();
+    shared.refusals.note(key, listener, tls, refusal)
 }
 
 /// The `ws_reject` line of a connection refused at accept: nothing is known of it but its
@@ -55,15 +55,24 @@ pub fn log_at_accept(
     shared.access.log(&record);
 }
 
-/// One summary line: `count` refusals of one address and reason in a second that ended.
+/// One summary line: `count` refusals of one address (its limits key) and reason in a
+/// second that ended. `status` is the refusal's, or 0 on a TLS listener (refused at
+/// accept without an answer); those beyond ten times the address's rate were reset.
 pub fn log_summary(shared: &Shared, s: &Summary) {
+    let status = if s.tls {
+        0
+    } else {
+        s.refusal.status().as_u16()
+    };
+    let tls = s.tls.then(TlsInfo::default);
     let record = Record {
         ts: now_rfc3339(),
         event: "ws_reject",
         conn_id: None,
         listener: &s.listener,
         client_ip: ip_text(s.client_ip),
-        status: s.refusal.status().as_u16(),
+        tls: tls.as_ref(),
+        status,
         proxy_reason: Some(s.refusal.reason()),
         count: Some(s.count),
         ..Record::default()

@@ -1,12 +1,15 @@
 //! The accept loop and admission at accept (SPEC §3 "Admission before work").
 //!
-//! A handshake slot (`max_pending_handshakes`) is taken *before* accepting, so beyond the
-//! bound connections wait in the kernel's queue rather than becoming tasks. When the peer
-//! is the client, the process cap, the handshake rate and the per-IP cap are judged from
-//! its address at once: a refused connection never becomes a task, is never registered
-//! with the reactor, and costs an `accept`, one tally lookup, and its answer — a
-//! precomputed 429/503 on a plain listener, a close without TLS on a TLS one, or a reset
-//! for an address refused more than ten times its handshake rate in the current second.
+//! A handshake slot (`max_pending_handshakes`) is taken before accepting (once a
+//! connection is queued), so beyond the bound connections wait in the kernel's queue
+//! rather than becoming tasks. When the peer is the client, the process cap, the handshake
+//! rate and the per-IP cap are judged from its address at once, and a refused connection
+//! costs an `accept`, one tally lookup and its answer: a reset for an address refused more
+//! than ten times its handshake rate in the current second, a close without TLS on a TLS
+//! listener — neither ever registered with the reactor nor made a task — or a 429/503 on a
+//! plain listener, after which the first ten refusals a second of an address may wait (in
+//! a small task, at most a second, 1,024 at once) for the client's FIN, so that the
+//! answer is not lost to a reset.
 //! Accepting yields to the runtime every few connections, so the relays of established
 //! connections never queue behind an accept storm.
 
@@ -67,7 +70,9 @@ pub(super) fn register(listener: std::net::TcpListener) -> io::Result<Socket> {
     registered.map_err(|e| e.into_parts().1)
 }
 
-/// Accepts until the listener's `Running` is dropped.
+/// Accepts until the listener's `Running` is dropped. A slot is taken only once a
+/// connection is waiting (so an idle listener holds none, and several listeners share the
+/// bound), and kept across refusals until the queue is empty.
 pub(super) async fn accept_loop(
     shared: Weak<Shared>,
     listener: Socket,
@@ -77,39 +82,22 @@ pub(super) async fn accept_loop(
     let mut slot: Option<HandshakeSlot> = None;
     let mut this_turn = 0u32;
     loop {
-        if slot.is_none() {
-            let Some(s) = shared.upgrade() else {
-                return;
-            };
-            let free = match s.handshake_slots.try_acquire() {
-                Some(free) => free,
-                None => tokio::select! {
-                    free = s.handshake_slots.acquire() => free,
-                    _ = stopped.changed() => return serve_backlog(&s, listener, &endpoint),
-                },
-            };
-            slot = Some(free);
-        }
-        let next = tokio::select! {
-            a = accept(&listener) => a,
-            _ = stopped.changed() => {
-                if let Some(s) = shared.upgrade() {
-                    serve_backlog(&s, listener, &endpoint);
-                }
-                return;
-            }
-        };
-        let Some(shared) = shared.upgrade() else {
+        let Some(strong) = shared.upgrade() else {
             return;
+        };
+        let next = tokio::select! {
+            a = accept(&listener, &strong, &mut slot) => a,
+            _ = stopped.changed() => return serve_backlog(&strong, listener, &endpoint),
         };
         match next {
             Ok((stream, peer)) => {
                 if let Some(taken) = slot.take() {
-                    slot = on_accept(&shared, &endpoint, stream, peer, taken);
+                    slot = on_accept(&strong, &endpoint, stream, peer, taken);
                 }
             }
             Err(e) => accept_failed(&endpoint, &e).await,
         }
+        drop(strong);
         this_turn += 1;
         if this_turn >= ACCEPTS_PER_TURN {
             this_turn = 0;
@@ -118,12 +106,21 @@ pub(super) async fn accept_loop(
     }
 }
 
-/// One `accept(2)` once the socket is readable.
-async fn accept(listener: &Socket) -> io::Result<(std::net::TcpStream, SocketAddr)> {
+/// One `accept(2)`: waits until a connection is queued, then for a handshake slot (kept
+/// in `slot`; given back when the queue turns out empty), then accepts.
+async fn accept(
+    listener: &Socket,
+    shared: &Shared,
+    slot: &mut Option<HandshakeSlot>,
+) -> io::Result<(std::net::TcpStream, SocketAddr)> {
     loop {
         let mut ready = listener.readable().await?;
-        if let Ok(accepted) = ready.try_io(|l| l.get_ref().accept()) {
-            return accepted;
+        if slot.is_none() {
+            *slot = Some(shared.handshake_slots.acquire().await);
+        }
+        match ready.try_io(|l| l.get_ref().accept()) {
+            Ok(accepted) => return accepted,
+            Err(_would_block) => *slot = None,
         }
     }
 }
@@ -223,7 +220,8 @@ fn refuse(
     refusal: Refusal,
 ) {
     endpoint.refusals.count(refusal);
-    let noted = handshake::note_refusal(shared, peer.ip(), &endpoint.listener, refusal);
+    let tls = endpoint.tls.is_some();
+    let noted = handshake::note_refusal(shared, peer.ip(), &endpoint.listener, tls, refusal);
     if noted.nth > reset_threshold(config) {
         // Dropping a socket with linger 0 sends RST and frees it at once (no TIME_WAIT).
         let _ = SockRef::from(&stream).set_linger(Some(Duration::ZERO));
@@ -236,7 +234,9 @@ fn refuse(
         handshake::log_at_accept(shared, &endpoint.listener, peer, tls, refusal, status);
     }
     if !tls {
-        answer(stream, &refusal.raw_response());
+        // Only the refusals logged one by one may wait for the client's FIN: a flood of
+        // answered refusals from one address cannot take the lingering budget.
+        answer(stream, &refusal.raw_response(), noted.log);
     }
 }
 
@@ -249,16 +249,16 @@ pub(super) fn reset_threshold(config: &Config) -> u32 {
 }
 
 /// Sends the answer of a refusal made at accept, then closes so the answer is not lost to
-/// a reset: half-close, read what the client already sent, and if more may come, wait for
-/// its FIN in the background (bounded in number, time and bytes).
-fn answer(stream: std::net::TcpStream, answer: &[u8]) {
+/// a reset: half-close, read what the client already sent, and if more may come and
+/// `may_linger`, wait for its FIN in the background (bounded in number, time and bytes).
+fn answer(stream: std::net::TcpStream, answer: &[u8], may_linger: bool) {
     let sock = SockRef::from(&stream);
     let sent = sock.send_with_flags(answer, libc::MSG_DONTWAIT | libc::MSG_NOSIGNAL);
     if sent.is_err() {
         return;
     }
     let _ = sock.shutdown(Shutdown::Write);
-    if !drained_now(&sock) {
+    if !drained_now(&sock) && may_linger {
         linger(stream);
     }
 }
@@ -322,7 +322,13 @@ impl Refused<'_> {
     /// Counts, logs within the address's budget, and answers as at accept.
     pub(super) async fn answer(self, refusal: Refusal, mut stream: Prefixed<TcpStream>) {
         self.refusals.count(refusal);
-        let noted = handshake::note_refusal(self.shared, self.peer.ip(), self.listener, refusal);
+        let noted = handshake::note_refusal(
+            self.shared,
+            self.peer.ip(),
+            self.listener,
+            self.tls,
+            refusal,
+        );
         if noted.nth > reset_threshold(self.config) {
             let _ = SockRef::from(stream.get_ref()).set_linger(Some(Duration::ZERO));
             return;

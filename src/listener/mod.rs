@@ -84,13 +84,14 @@ pub struct Running {
 }
 
 impl Running {
-    /// Starts accepting on `tcp` for the listener `l`.
+    /// Starts accepting on `tcp` for the listener `l`; fails when the socket cannot be put
+    /// under the runtime (then nothing listens on it).
     pub fn launch(
         shared: &Arc<Shared>,
         l: &Listener,
         tcp: TcpListener,
         addr: SocketAddr,
-    ) -> Running {
+    ) -> std::io::Result<Running> {
         let (stop, stopped) = watch::channel(());
         let tls = l
             .tls
@@ -98,34 +99,28 @@ impl Running {
             .map(|t| Arc::new(TlsSlot::new(t.server.clone())));
         let name: Arc<str> = l.name.as_str().into();
         let scheme = if tls.is_some() { "wss://" } else { "ws://" };
-        tracing::info!(listener = %name, %addr, "listening ({scheme})");
         let endpoint = Endpoint {
             listener: name.clone(),
             tls: tls.clone(),
             proxy_protocol: l.proxy_protocol,
             refusals: shared.metrics.accept_refusals(&name),
         };
-        match tcp.into_std().and_then(accept::register) {
-            Ok(socket) => {
-                tokio::spawn(accept::accept_loop(
-                    Arc::downgrade(shared),
-                    socket,
-                    endpoint,
-                    stopped,
-                ));
-            }
-            Err(e) => {
-                tracing::error!(listener = %name, error = %e, "cannot accept on the listener")
-            }
-        }
-        Running {
+        let socket = tcp.into_std().and_then(accept::register)?;
+        tracing::info!(listener = %name, %addr, "listening ({scheme})");
+        tokio::spawn(accept::accept_loop(
+            Arc::downgrade(shared),
+            socket,
+            endpoint,
+            stopped,
+        ));
+        Ok(Running {
             name,
             bind: l.bind,
             addr,
             proxy_protocol: l.proxy_protocol,
             tls,
             _stop: stop,
-        }
+        })
     }
 
     /// Whether `l` can be served by this socket as it is (else it must be re-bound).

@@ -4,9 +4,13 @@
 //! once the second is over. An address refused far beyond its handshake rate is cut with
 //! a reset rather than answered; the tally says how many refusals it drew this second.
 //!
+//! Addresses are the keys the per-IP limits count by (IPv6 by its prefix), so a client
+//! cannot spread its refusals over the addresses of its own network.
+//!
 //! Memory is bounded: entries live at most two seconds (the sweep drops the finished
 //! ones), and the table holds at most [`MAX_ADDRESSES`]; refusals from addresses beyond it
-//! are only counted (one operational warning a second says how many).
+//! are answered as usual but not logged one by one (one operational warning a second says
+//! how many), and a sweep writes at most [`MAX_SUMMARIES`] lines.
 
 use std::collections::HashMap;
 use std::collections::hash_map::Entry;
@@ -25,14 +29,20 @@ pub const MAX_ADDRESSES: usize = 32 * 1024;
 
 const SHARDS: usize = 16;
 
+/// Summary lines one sweep writes at most (the access log's queue holds 16,384 lines);
+/// the rest are only counted, in the sweep's warning.
+pub const MAX_SUMMARIES: usize = 2048;
+
 /// Distinct reasons summarised per address and second; further ones share the last slot.
-const REASON_SLOTS: usize = 3;
+const REASON_SLOTS: usize = 4;
 
 /// One address's refusals in one second.
 #[derive(Default)]
 struct Tally {
     refusals: u32,
     listener: Option<Arc<str>>,
+    /// The listener is a TLS one: its refusals at accept get no answer (status 0).
+    tls: bool,
     /// Refusals counted but not logged, per reason.
     unlogged: [Option<(Refusal, u64)>; REASON_SLOTS],
 }
@@ -58,17 +68,32 @@ fn same_reason(a: &Refusal, b: &Refusal) -> bool {
 /// How a refusal is to be reported.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Noted {
-    /// This is the address's n-th refusal in the current second (1-based).
+    /// This is the address's n-th refusal in the current second (1-based); 0 when the
+    /// table was full and the address is not tracked (never a reason to reset it).
     pub nth: u32,
-    /// Log it as its own line; otherwise it is in a summary to come.
+    /// Log it as its own line; otherwise it is in a summary to come (or, untracked, only
+    /// counted).
     pub log: bool,
+}
+
+/// Whole seconds on the monotonic clock since the first call: the tally's time. Read
+/// under the shard's lock, so a refusal and the sweep agree on which second it is in.
+pub fn this_second() -> u64 {
+    static START: std::sync::OnceLock<std::time::Instant> = std::sync::OnceLock::new();
+    START
+        .get_or_init(std::time::Instant::now)
+        .elapsed()
+        .as_secs()
 }
 
 /// A summary line to write: `count` refusals for `reason` from `client_ip`.
 #[derive(Debug, Clone)]
 pub struct Summary {
+    /// The address as the limits key it (IPv6 masked to its prefix).
     pub client_ip: IpAddr,
     pub listener: Arc<str>,
+    /// The listener is a TLS one (refusals at accept got no answer).
+    pub tls: bool,
     pub refusal: Refusal,
     pub count: u64,
 }
@@ -95,18 +120,28 @@ impl Default for Refusals {
 }
 
 impl Refusals {
-    /// Counts one refusal of `ip` during `second` (any monotonic second count).
-    pub fn note(&self, ip: IpAddr, second: u64, listener: &Arc<str>, refusal: Refusal) -> Noted {
-        let mut shard = self.shard(ip, second);
+    /// Counts one refusal of `ip` (a limits key) now.
+    pub fn note(&self, ip: IpAddr, listener: &Arc<str>, tls: bool, refusal: Refusal) -> Noted {
+        self.note_at(ip, None, listener, tls, refusal)
+    }
+
+    /// [`note`](Self::note) in a given second (tests); `None` reads the clock under the lock.
+    fn note_at(
+        &self,
+        ip: IpAddr,
+        second: Option<u64>,
+        listener: &Arc<str>,
+        tls: bool,
+        refusal: Refusal,
+    ) -> Noted {
+        let mut shard = self.shard(ip);
+        let second = second.unwrap_or_else(this_second);
         let full = shard.len() >= MAX_ADDRESSES / SHARDS;
         let tally = match shard.entry((ip, second)) {
             Entry::Occupied(e) => e.into_mut(),
             Entry::Vacant(_) if full => {
                 self.untracked.fetch_add(1, Ordering::Relaxed);
-                return Noted {
-                    nth: u32::MAX,
-                    log: false,
-                };
+                return Noted { nth: 0, log: false };
             }
             Entry::Vacant(e) => e.insert(Tally::default()),
         };
@@ -115,6 +150,7 @@ impl Refusals {
         if !log {
             if tally.listener.is_none() {
                 tally.listener = Some(listener.clone());
+                tally.tls = tls;
             }
             tally.count_unlogged(refusal);
         }
@@ -124,25 +160,38 @@ impl Refusals {
         }
     }
 
-    /// Takes every finished second's summaries (seconds before `now_second`), and how
-    /// many refusals were not tracked for want of room.
-    pub fn sweep(&self, now_second: u64) -> (Vec<Summary>, u64) {
+    /// Takes every finished second's summaries (at most [`MAX_SUMMARIES`]), and how many
+    /// refusals were neither logged nor summarised (no room in the table or in the sweep).
+    pub fn sweep(&self) -> (Vec<Summary>, u64) {
+        self.sweep_before(None)
+    }
+
+    /// [`sweep`](Self::sweep) of the seconds before `now_second` (`None`: the clock's).
+    fn sweep_before(&self, now_second: Option<u64>) -> (Vec<Summary>, u64) {
         let mut out = Vec::new();
+        let mut unwritten = 0;
         for shard in self.shards.iter() {
             let mut shard = lock(shard);
+            let now_second = now_second.unwrap_or_else(this_second);
             shard.retain(|&(ip, second), tally| {
                 if second >= now_second {
                     return true;
                 }
-                if let Some(listener) = &tally.listener {
-                    for (refusal, count) in tally.unlogged.iter().flatten() {
-                        out.push(Summary {
-                            client_ip: ip,
-                            listener: listener.clone(),
-                            refusal: *refusal,
-                            count: *count,
-                        });
+                let Some(listener) = &tally.listener else {
+                    return false;
+                };
+                for (refusal, count) in tally.unlogged.iter().flatten() {
+                    if out.len() >= MAX_SUMMARIES {
+                        unwritten += count;
+                        continue;
                     }
+                    out.push(Summary {
+                        client_ip: ip,
+                        listener: listener.clone(),
+                        tls: tally.tls,
+                        refusal: *refusal,
+                        count: *count,
+                    });
                 }
                 false
             });
@@ -150,7 +199,7 @@ impl Refusals {
                 shard.shrink_to_fit();
             }
         }
-        (out, self.untracked.swap(0, Ordering::Relaxed))
+        (out, unwritten + self.untracked.swap(0, Ordering::Relaxed))
     }
 
     /// Addresses tracked now (for tests and memory checks).
@@ -162,8 +211,8 @@ impl Refusals {
         self.len() == 0
     }
 
-    fn shard(&self, ip: IpAddr, second: u64) -> MutexGuard<'_, Shard> {
-        let i = (self.hasher.hash_one((ip, second)) % SHARDS as u64) as usize;
+    fn shard(&self, ip: IpAddr) -> MutexGuard<'_, Shard> {
+        let i = (self.hasher.hash_one(ip) % SHARDS as u64) as usize;
         lock(&self.shards[i])
     }
 }
@@ -195,18 +244,18 @@ mod tests {
         let logged = (0..25)
             .map(|i| {
                 let refusal = if i % 2 == 0 { rate() } else { Refusal::IpCap };
-                r.note(ip(1), 7, &l, refusal)
+                r.note_at(ip(1), Some(7), &l, false, refusal)
             })
             .filter(|n| n.log)
             .count();
         assert_eq!(logged, 10);
         assert!(
-            r.note(ip(2), 7, &l, Refusal::IpCap).log,
+            r.note_at(ip(2), Some(7), &l, false, Refusal::IpCap).log,
             "other addresses unaffected"
         );
-        let (none, _) = r.sweep(7);
+        let (none, _) = r.sweep_before(Some(7));
         assert!(none.is_empty(), "the current second is not over");
-        let (mut sums, untracked) = r.sweep(8);
+        let (mut sums, untracked) = r.sweep_before(Some(8));
         assert_eq!(untracked, 0);
         sums.sort_by_key(|s| s.refusal.reason());
         let got: Vec<_> = sums.iter().map(|s| (s.refusal.reason(), s.count)).collect();
@@ -219,11 +268,11 @@ mod tests {
         let r = Refusals::default();
         let l: Arc<str> = "public".into();
         for _ in 0..12 {
-            r.note(ip(1), 1, &l, rate());
+            r.note_at(ip(1), Some(1), &l, false, rate());
         }
-        let n = r.note(ip(1), 2, &l, rate());
+        let n = r.note_at(ip(1), Some(2), &l, false, rate());
         assert_eq!(n, Noted { nth: 1, log: true });
-        let (sums, _) = r.sweep(2);
+        let (sums, _) = r.sweep_before(Some(2));
         assert_eq!(sums.len(), 1);
         assert_eq!(sums[0].count, 2);
         assert_eq!(r.len(), 1);
@@ -247,13 +296,15 @@ mod tests {
         let mut untracked = 0;
         for n in 0..(MAX_ADDRESSES as u32 + 5_000) {
             let a = IpAddr::V4(Ipv4Addr::from(n));
-            if r.note(a, 1, &l, Refusal::IpCap).nth == u32::MAX {
+            let noted = r.note_at(a, Some(1), &l, false, Refusal::IpCap);
+            if noted.nth == 0 {
+                assert!(!noted.log);
                 untracked += 1;
             }
         }
         assert!(r.len() <= MAX_ADDRESSES);
         assert!(untracked >= 5_000);
-        let (_, counted) = r.sweep(2);
+        let (_, counted) = r.sweep_before(Some(2));
         assert_eq!(counted, untracked);
         assert!(r.is_empty());
     }
