@@ -91,9 +91,7 @@ pub(super) async fn accept_loop(
         };
         match next {
             Ok((stream, peer)) => {
-                if let Some(taken) = slot.take() {
-                    slot = on_accept(&strong, &endpoint, stream, peer, taken);
-                }
+                slot = on_accept(&strong, &endpoint, stream, peer, slot.take());
             }
             Err(e) => accept_failed(&endpoint, &e).await,
         }
@@ -149,7 +147,7 @@ fn on_accept(
     endpoint: &Endpoint,
     stream: std::net::TcpStream,
     peer: SocketAddr,
-    slot: HandshakeSlot,
+    slot: Option<HandshakeSlot>,
 ) -> Option<HandshakeSlot> {
     let active = shared.active.fetch_add(1, Ordering::Relaxed) + 1;
     let config = shared.config.load();
@@ -159,7 +157,7 @@ fn on_accept(
         Err(refusal) => {
             shared.active.fetch_sub(1, Ordering::Relaxed);
             refuse(shared, endpoint, &config, stream, peer, refusal);
-            return Some(slot);
+            return slot;
         }
     };
     let stream = match stream
@@ -170,7 +168,7 @@ fn on_accept(
         Err(e) => {
             shared.active.fetch_sub(1, Ordering::Relaxed);
             tracing::debug!(%peer, error = %e, "accepted socket unusable");
-            return Some(slot);
+            return slot;
         }
     };
     let task = ConnTask::new(
@@ -180,7 +178,7 @@ fn on_accept(
         peer,
         active,
         early,
-        Some(slot),
+        slot,
     );
     tokio::spawn(task);
     None
@@ -374,35 +372,6 @@ fn serve_backlog(shared: &Arc<Shared>, listener: Socket, endpoint: &Endpoint) {
             return;
         };
         let slot = shared.handshake_slots.try_acquire();
-        let active = shared.active.fetch_add(1, Ordering::Relaxed) + 1;
-        let config = shared.config.load();
-        let early = match judge(shared, endpoint, &config, peer, active) {
-            Ok(early) => early,
-            Err(refusal) => {
-                shared.active.fetch_sub(1, Ordering::Relaxed);
-                refuse(shared, endpoint, &config, stream, peer, refusal);
-                continue;
-            }
-        };
-        let stream = stream
-            .set_nonblocking(true)
-            .and_then(|()| TcpStream::from_std(stream));
-        match stream {
-            Ok(stream) => {
-                let task = ConnTask::new(
-                    shared.clone(),
-                    endpoint.clone(),
-                    stream,
-                    peer,
-                    active,
-                    early,
-                    slot,
-                );
-                tokio::spawn(task);
-            }
-            Err(_) => {
-                shared.active.fetch_sub(1, Ordering::Relaxed);
-            }
-        }
+        on_accept(shared, endpoint, stream, peer, slot);
     }
 }

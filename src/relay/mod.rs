@@ -1260,6 +1260,27 @@ mod tests {
         ))
     }
 
+    /// A relay whose client reads nothing (a 64-byte pipe) while the upstream sends a
+    /// 1000-byte frame: its u2c direction stalls at once. Returns (client, upstream, relay).
+    async fn stalled_relay(
+        metrics: &crate::observe::metrics::Metrics,
+    ) -> (
+        tokio::io::DuplexStream,
+        tokio::io::DuplexStream,
+        tokio::task::JoinHandle<Report>,
+    ) {
+        let (client, client_relay) = duplex(64);
+        let (upstream_relay, mut upstream) = duplex(1 << 16);
+        let session = spawn_metered_relay(
+            client_relay,
+            upstream_relay,
+            metrics,
+            Duration::from_secs(3600),
+        );
+        send(&mut upstream, &frame(0x82, &[1; 1000], None)).await;
+        (client, upstream, session)
+    }
+
     /// The value of the sample `series` (name and labels) in `metrics`' exposition.
     fn sample(metrics: &crate::observe::metrics::Metrics, series: &str) -> Option<f64> {
         let text = metrics.encode();
@@ -1309,16 +1330,7 @@ mod tests {
     #[tokio::test(start_paused = true)]
     async fn a_client_that_vanishes_while_stalled_ends_its_stall() {
         let metrics = crate::observe::metrics::Metrics::new();
-        // The client's pipe holds 64 bytes and nobody reads them.
-        let (client, client_relay) = duplex(64);
-        let (upstream_relay, mut upstream) = duplex(1 << 16);
-        let session = spawn_metered_relay(
-            client_relay,
-            upstream_relay,
-            &metrics,
-            Duration::from_secs(3600),
-        );
-        send(&mut upstream, &frame(0x82, &[1; 1000], None)).await;
+        let (client, mut upstream, session) = stalled_relay(&metrics).await;
         tokio::time::sleep(Duration::from_millis(700)).await;
         assert_eq!(sample(&metrics, U2C_STALLED), Some(1.0));
         drop(client);
@@ -1334,15 +1346,7 @@ mod tests {
     #[tokio::test(start_paused = true)]
     async fn a_stall_open_when_the_connection_ends_counts_up_to_the_end() {
         let metrics = crate::observe::metrics::Metrics::new();
-        let (mut client, client_relay) = duplex(64);
-        let (upstream_relay, mut upstream) = duplex(1 << 16);
-        let session = spawn_metered_relay(
-            client_relay,
-            upstream_relay,
-            &metrics,
-            Duration::from_secs(3600),
-        );
-        send(&mut upstream, &frame(0x82, &[1; 1000], None)).await;
+        let (mut client, mut upstream, session) = stalled_relay(&metrics).await;
         tokio::time::sleep(Duration::from_millis(700)).await;
         // The client closes but never reads; the upstream's reply can never reach it, so
         // the close wait runs out with the stall still open.
@@ -1362,15 +1366,7 @@ mod tests {
     #[tokio::test(start_paused = true)]
     async fn an_aborted_relay_stops_counting_as_stalled() {
         let metrics = crate::observe::metrics::Metrics::new();
-        let (_client, client_relay) = duplex(64);
-        let (upstream_relay, mut upstream) = duplex(1 << 16);
-        let session = spawn_metered_relay(
-            client_relay,
-            upstream_relay,
-            &metrics,
-            Duration::from_secs(3600),
-        );
-        send(&mut upstream, &frame(0x82, &[1; 1000], None)).await;
+        let (_client, _upstream, session) = stalled_relay(&metrics).await;
         tokio::time::sleep(Duration::from_millis(100)).await;
         assert_eq!(sample(&metrics, U2C_STALLED), Some(1.0));
         // The hard end of a drain: the task is dropped without a report.
