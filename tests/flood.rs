@@ -250,7 +250,9 @@ async fn refusals_beyond_ten_a_second_are_summarised_and_then_reset() {
                     summarised += n;
                     summaries += 1;
                     assert_eq!(l["client_ip"], "127.0.0.1", "{l}");
-                    assert_eq!(l["status"], 429, "{l}");
+                    // Ten answered a second, then resets (ten times 1/min rounds up to
+                    // ten): every summarised refusal was reset, which sends no status.
+                    assert_eq!(l["status"], 0, "{l}");
                     assert_eq!(l["conn_id"], Value::Null, "{l}");
                 }
                 None => single += 1,
@@ -354,4 +356,31 @@ async fn established_connections_relay_through_an_accept_flood() {
         refused >= 1000.0,
         "the flood was refused at accept: {refused}"
     );
+}
+
+/// A summary says the status its refusals were really answered with: heads that never
+/// came are logged with status 0 one by one, and so in their summary (not 408).
+#[tokio::test]
+async fn a_summary_carries_the_status_actually_sent() {
+    let gw = plain_gateway("handshake_timeout: 200ms").await;
+    let silent: Vec<TcpStream> = futures_util::future::join_all(
+        (0..15).map(|_| async { TcpStream::connect(gw.addr()).await }),
+    )
+    .await
+    .into_iter()
+    .filter_map(Result::ok)
+    .collect();
+    assert_eq!(silent.len(), 15);
+    let summary = gw
+        .log_line(|l| l["event"] == "ws_reject" && l.get("count").is_some())
+        .await;
+    assert_eq!(summary["proxy_reason"], "handshake_timeout", "{summary}");
+    assert_eq!(summary["status"], 0, "{summary}");
+    let singles: Vec<Value> = gw
+        .log_lines()
+        .into_iter()
+        .filter(|l| l["event"] == "ws_reject" && l.get("count").is_none())
+        .collect();
+    assert!(singles.iter().all(|l| l["status"] == 0), "{singles:?}");
+    drop(silent);
 }

@@ -340,8 +340,17 @@ impl Conn {
         let shared = &self.info.shared;
         shared.metrics.rejected(info.route.as_deref(), r.reason());
         let client = info.client_ip.unwrap_or(self.info.peer.ip());
-        let tls = self.info.tls.is_some();
-        if !super::refused::note(shared, client, &self.info.listener, tls, r).log {
+        let refused = super::refused::Refused {
+            client,
+            listener: &self.info.listener,
+            tls: self.info.tls.is_some(),
+            refusing: super::Refusing {
+                refusal: r,
+                status,
+                reset_after: u32::MAX,
+            },
+        };
+        if !super::refused::note(shared, refused).log {
             return;
         }
         let mut record = self.record("ws_reject", info, status, backend);

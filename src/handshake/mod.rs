@@ -16,7 +16,8 @@ mod refused;
 mod session;
 pub mod upgrade;
 
+pub use crate::observe::refusals::Refusing;
 pub use admit::EarlyPermit;
 pub use http1::{Accepted, serve};
-pub use refused::{log_at_accept, log_summary, note as note_refusal};
+pub use refused::{Refused, log_at_accept, log_summary, note as note_refusal};
 pub use session::RelayPhase;

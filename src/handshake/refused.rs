@@ -10,22 +10,25 @@ use std::sync::Arc;
 use crate::admission::client_ip::{IpKey, ip_text};
 use crate::ids;
 use crate::observe::access_log::{Record, TlsInfo, now_rfc3339};
-use crate::observe::refusals::{Noted, Summary};
+use crate::observe::refusals::{Noted, Refusing, Summary};
 use crate::outcome::Refusal;
 use crate::shared::Shared;
 
-/// Counts a refusal of `client` in its second, by the key the per-IP limits use (IPv6 by
-/// its prefix); says whether it gets its own line. `tls`: refused on a TLS listener.
-pub fn note(
-    shared: &Shared,
-    client: IpAddr,
-    listener: &Arc<str>,
-    tls: bool,
-    refusal: Refusal,
-) -> Noted {
+/// Who was refused, where, and how.
+pub struct Refused<'a> {
+    pub client: IpAddr,
+    pub listener: &'a Arc<str>,
+    /// On a TLS listener.
+    pub tls: bool,
+    pub refusing: Refusing,
+}
+
+/// Counts a refusal in its second, by the key the per-IP limits use (IPv6 by its prefix);
+/// says whether it gets its own line, and whether it is to be reset instead of answered.
+pub fn note(shared: &Shared, r: Refused<'_>) -> Noted {
     let prefix = shared.config.load().limits.ipv6_prefix;
-    let key = IpKey::new(client, prefix).addr();
-    shared.refusals.note(key, listener, tls, refusal)
+    let key = IpKey::new(r.client, prefix).addr();
+    shared.refusals.note(key, r.listener, r.tls, r.refusing)
 }
 
 /// The `ws_reject` line of a connection refused at accept: nothing is known of it but its
@@ -55,15 +58,10 @@ pub fn log_at_accept(
     shared.access.log(&record);
 }
 
-/// One summary line: `count` refusals of one address (its limits key) and reason in a
-/// second that ended. `status` is the refusal's, or 0 on a TLS listener (refused at
-/// accept without an answer); those beyond ten times the address's rate were reset.
+/// One summary line: `count` refusals of one address (its limits key), reason and status
+/// sent in a second that ended; those beyond ten times the address's rate were reset.
 pub fn log_summary(shared: &Shared, s: &Summary) {
-    let status = if s.tls {
-        0
-    } else {
-        s.refusal.status().as_u16()
-    };
+    let status = s.status;
     let tls = s.tls.then(TlsInfo::default);
     let record = Record {
         ts: now_rfc3339(),

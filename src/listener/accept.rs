@@ -31,7 +31,7 @@ use super::{ConnTask, Endpoint, Prefixed};
 use crate::admission::ip_limit::IpPermit;
 use crate::admission::pending::HandshakeSlot;
 use crate::config::Config;
-use crate::handshake::{self, admit::admit_at_accept};
+use crate::handshake::{self, Refused, Refusing, admit::admit_at_accept};
 use crate::observe::metrics::AcceptRefusals;
 use crate::outcome::Refusal;
 use crate::shared::Shared;
@@ -219,16 +219,25 @@ fn refuse(
 ) {
     endpoint.refusals.count(refusal);
     let tls = endpoint.tls.is_some();
-    let noted = handshake::note_refusal(shared, peer.ip(), &endpoint.listener, tls, refusal);
-    if noted.nth > reset_threshold(config) {
+    // A TLS connection gets no answer: status 0, as for a head that never came.
+    let status = if tls { 0 } else { refusal.status().as_u16() };
+    let refused = Refused {
+        client: peer.ip(),
+        listener: &endpoint.listener,
+        tls,
+        refusing: Refusing {
+            refusal,
+            status,
+            reset_after: reset_threshold(config),
+        },
+    };
+    let noted = handshake::note_refusal(shared, refused);
+    if noted.reset {
         // Dropping a socket with linger 0 sends RST and frees it at once (no TIME_WAIT).
         let _ = SockRef::from(&stream).set_linger(Some(Duration::ZERO));
         return;
     }
-    let tls = endpoint.tls.is_some();
     if noted.log {
-        // A TLS connection gets no answer: status 0, as for a head that never came.
-        let status = if tls { 0 } else { refusal.status().as_u16() };
         handshake::log_at_accept(shared, &endpoint.listener, peer, tls, refusal, status);
     }
     if !tls {
@@ -307,7 +316,7 @@ fn linger(stream: std::net::TcpStream) {
 }
 
 /// A connection refused once a PROXY header named its client (after accept, before TLS).
-pub(super) struct Refused<'a> {
+pub(super) struct RefusedAfterHeader<'a> {
     pub(super) shared: &'a Shared,
     pub(super) config: &'a Config,
     pub(super) listener: &'a Arc<str>,
@@ -316,27 +325,33 @@ pub(super) struct Refused<'a> {
     pub(super) refusals: &'a AcceptRefusals,
 }
 
-impl Refused<'_> {
-    /// Counts, logs within the address's budget, and answers as at accept.
+impl RefusedAfterHeader<'_> {
+    /// Counts, logs within the address's budget, and answers as at accept. Only the
+    /// refusals logged one by one wait for the client's FIN (holding their handshake
+    /// slot); the rest are answered and closed.
     pub(super) async fn answer(self, refusal: Refusal, mut stream: Prefixed<TcpStream>) {
         self.refusals.count(refusal);
-        let noted = handshake::note_refusal(
-            self.shared,
-            self.peer.ip(),
-            self.listener,
-            self.tls,
-            refusal,
-        );
-        if noted.nth > reset_threshold(self.config) {
+        let status = if self.tls {
+            0
+        } else {
+            refusal.status().as_u16()
+        };
+        let refused = Refused {
+            client: self.peer.ip(),
+            listener: self.listener,
+            tls: self.tls,
+            refusing: Refusing {
+                refusal,
+                status,
+                reset_after: reset_threshold(self.config),
+            },
+        };
+        let noted = handshake::note_refusal(self.shared, refused);
+        if noted.reset {
             let _ = SockRef::from(stream.get_ref()).set_linger(Some(Duration::ZERO));
             return;
         }
         if noted.log {
-            let status = if self.tls {
-                0
-            } else {
-                refusal.status().as_u16()
-            };
             let (shared, listener) = (self.shared, self.listener);
             handshake::log_at_accept(shared, listener, self.peer, self.tls, refusal, status);
         }
@@ -344,9 +359,13 @@ impl Refused<'_> {
             return;
         }
         let answer = refusal.raw_response();
+        let linger = noted.log;
         let _ = tokio::time::timeout(LINGER_FOR, async {
             stream.write_all(&answer).await?;
             stream.shutdown().await?;
+            if !linger {
+                return Ok(());
+            }
             let mut sink = [0u8; 512];
             let mut left = LINGER_BYTES;
             while left > 0 {

@@ -309,7 +309,7 @@ async fn serve(conn: Conn, stream: TcpStream) -> Option<RelayPhase> {
                     EarlyPermit::Held(permit)
                 }
                 Err(refusal) => {
-                    let refused = accept::Refused {
+                    let refused = accept::RefusedAfterHeader {
                         shared: &shared,
                         config: &config,
                         listener: &listener,

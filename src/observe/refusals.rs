@@ -43,20 +43,20 @@ struct Tally {
     listener: Option<Arc<str>>,
     /// The listener is a TLS one: its refusals at accept get no answer (status 0).
     tls: bool,
-    /// Refusals counted but not logged, per reason.
-    unlogged: [Option<(Refusal, u64)>; REASON_SLOTS],
+    /// Refusals counted but not logged, per reason and status actually sent.
+    unlogged: [Option<(Refusal, u16, u64)>; REASON_SLOTS],
 }
 
 impl Tally {
-    fn count_unlogged(&mut self, refusal: Refusal) {
-        let free = self
-            .unlogged
-            .iter()
-            .position(|s| s.as_ref().is_none_or(|(r, _)| same_reason(r, &refusal)));
+    fn count_unlogged(&mut self, refusal: Refusal, status: u16) {
+        let free = self.unlogged.iter().position(|s| {
+            s.as_ref()
+                .is_none_or(|(r, st, _)| same_reason(r, &refusal) && *st == status)
+        });
         let slot = &mut self.unlogged[free.unwrap_or(REASON_SLOTS - 1)];
         match slot {
-            Some((_, n)) => *n += 1,
-            None => *slot = Some((refusal, 1)),
+            Some((_, _, n)) => *n += 1,
+            None => *slot = Some((refusal, status, 1)),
         }
     }
 }
@@ -74,6 +74,19 @@ pub struct Noted {
     /// Log it as its own line; otherwise it is in a summary to come (or, untracked, only
     /// counted).
     pub log: bool,
+    /// Past the address's reset threshold this second: cut with a reset, not answered
+    /// (counted with status 0).
+    pub reset: bool,
+}
+
+/// A refusal as the tally counts it.
+#[derive(Debug, Clone, Copy)]
+pub struct Refusing {
+    pub refusal: Refusal,
+    /// The status it is answered with unless reset (0: none).
+    pub status: u16,
+    /// Refusals of the address in a second beyond which it is reset (`u32::MAX`: never).
+    pub reset_after: u32,
 }
 
 /// Whole seconds on the monotonic clock since the first call: the tally's time. Read
@@ -92,9 +105,11 @@ pub struct Summary {
     /// The address as the limits key it (IPv6 masked to its prefix).
     pub client_ip: IpAddr,
     pub listener: Arc<str>,
-    /// The listener is a TLS one (refusals at accept got no answer).
+    /// The listener is a TLS one.
     pub tls: bool,
     pub refusal: Refusal,
+    /// The status these refusals were answered with (0: none, e.g. closed before TLS).
+    pub status: u16,
     pub count: u64,
 }
 
@@ -121,8 +136,8 @@ impl Default for Refusals {
 
 impl Refusals {
     /// Counts one refusal of `ip` (a limits key) now.
-    pub fn note(&self, ip: IpAddr, listener: &Arc<str>, tls: bool, refusal: Refusal) -> Noted {
-        self.note_at(ip, None, listener, tls, refusal)
+    pub fn note(&self, ip: IpAddr, listener: &Arc<str>, tls: bool, r: Refusing) -> Noted {
+        self.note_at(ip, None, listener, tls, r)
     }
 
     /// [`note`](Self::note) in a given second (tests); `None` reads the clock under the lock.
@@ -132,7 +147,7 @@ impl Refusals {
         second: Option<u64>,
         listener: &Arc<str>,
         tls: bool,
-        refusal: Refusal,
+        r: Refusing,
     ) -> Noted {
         let mut shard = self.shard(ip);
         let second = second.unwrap_or_else(this_second);
@@ -141,22 +156,29 @@ impl Refusals {
             Entry::Occupied(e) => e.into_mut(),
             Entry::Vacant(_) if full => {
                 self.untracked.fetch_add(1, Ordering::Relaxed);
-                return Noted { nth: 0, log: false };
+                return Noted {
+                    nth: 0,
+                    log: false,
+                    reset: false,
+                };
             }
             Entry::Vacant(e) => e.insert(Tally::default()),
         };
         tally.refusals = tally.refusals.saturating_add(1);
         let log = tally.refusals <= LOGGED_PER_SECOND;
+        let reset = tally.refusals > r.reset_after;
         if !log {
             if tally.listener.is_none() {
                 tally.listener = Some(listener.clone());
                 tally.tls = tls;
             }
-            tally.count_unlogged(refusal);
+            let status = if reset { 0 } else { r.status };
+            tally.count_unlogged(r.refusal, status);
         }
         Noted {
             nth: tally.refusals,
             log,
+            reset,
         }
     }
 
@@ -180,7 +202,7 @@ impl Refusals {
                 let Some(listener) = &tally.listener else {
                     return false;
                 };
-                for (refusal, count) in tally.unlogged.iter().flatten() {
+                for (refusal, status, count) in tally.unlogged.iter().flatten() {
                     if out.len() >= MAX_SUMMARIES {
                         unwritten += count;
                         continue;
@@ -190,6 +212,7 @@ impl Refusals {
                         listener: listener.clone(),
                         tls: tally.tls,
                         refusal: *refusal,
+                        status: *status,
                         count: *count,
                     });
                 }
@@ -231,6 +254,14 @@ mod tests {
         IpAddr::V4(Ipv4Addr::new(10, 0, 0, n))
     }
 
+    fn refusing(refusal: Refusal, status: u16) -> Refusing {
+        Refusing {
+            refusal,
+            status,
+            reset_after: u32::MAX,
+        }
+    }
+
     fn rate() -> Refusal {
         Refusal::IpRate {
             retry_after_secs: 1,
@@ -244,13 +275,20 @@ mod tests {
         let logged = (0..25)
             .map(|i| {
                 let refusal = if i % 2 == 0 { rate() } else { Refusal::IpCap };
-                r.note_at(ip(1), Some(7), &l, false, refusal)
+                r.note_at(
+                    ip(1),
+                    Some(7),
+                    &l,
+                    false,
+                    refusing(refusal, refusal.status().as_u16()),
+                )
             })
             .filter(|n| n.log)
             .count();
         assert_eq!(logged, 10);
         assert!(
-            r.note_at(ip(2), Some(7), &l, false, Refusal::IpCap).log,
+            r.note_at(ip(2), Some(7), &l, false, refusing(Refusal::IpCap, 429))
+                .log,
             "other addresses unaffected"
         );
         let (none, _) = r.sweep_before(Some(7));
@@ -268,10 +306,17 @@ mod tests {
         let r = Refusals::default();
         let l: Arc<str> = "public".into();
         for _ in 0..12 {
-            r.note_at(ip(1), Some(1), &l, false, rate());
+            r.note_at(ip(1), Some(1), &l, false, refusing(rate(), 429));
         }
-        let n = r.note_at(ip(1), Some(2), &l, false, rate());
-        assert_eq!(n, Noted { nth: 1, log: true });
+        let n = r.note_at(ip(1), Some(2), &l, false, refusing(rate(), 429));
+        assert_eq!(
+            n,
+            Noted {
+                nth: 1,
+                log: true,
+                reset: false
+            }
+        );
         let (sums, _) = r.sweep_before(Some(2));
         assert_eq!(sums.len(), 1);
         assert_eq!(sums[0].count, 2);
@@ -281,12 +326,14 @@ mod tests {
     #[test]
     fn more_reasons_than_slots_share_the_last() {
         let mut t = Tally::default();
-        t.count_unlogged(rate());
-        t.count_unlogged(Refusal::IpCap);
-        t.count_unlogged(Refusal::Capacity);
-        t.count_unlogged(Refusal::Draining);
-        let total: u64 = t.unlogged.iter().flatten().map(|(_, n)| n).sum();
-        assert_eq!(total, 4);
+        t.count_unlogged(rate(), 429);
+        t.count_unlogged(Refusal::IpCap, 429);
+        t.count_unlogged(Refusal::Capacity, 503);
+        t.count_unlogged(Refusal::Draining, 503);
+        t.count_unlogged(Refusal::HandshakeTimeout, 0);
+        t.count_unlogged(Refusal::HandshakeTimeout, 408);
+        let total: u64 = t.unlogged.iter().flatten().map(|(_, _, n)| n).sum();
+        assert_eq!(total, 6);
     }
 
     #[test]
@@ -296,7 +343,7 @@ mod tests {
         let mut untracked = 0;
         for n in 0..(MAX_ADDRESSES as u32 + 5_000) {
             let a = IpAddr::V4(Ipv4Addr::from(n));
-            let noted = r.note_at(a, Some(1), &l, false, Refusal::IpCap);
+            let noted = r.note_at(a, Some(1), &l, false, refusing(Refusal::IpCap, 429));
             if noted.nth == 0 {
                 assert!(!noted.log);
                 untracked += 1;
