@@ -49,6 +49,9 @@ pub enum EarlyPermit {
     Held(IpPermit),
     /// The client was over every route's cap at accept.
     OverCap,
+    /// Held by a kept-alive connection since an earlier plain HTTP request of it: each
+    /// later request counts against the handshake rate again; the cap is already held.
+    Kept(IpPermit),
 }
 
 /// An admitted upgrade: what the upstream connection needs.
@@ -124,8 +127,9 @@ pub fn admit<'r>(
         return Err(Refusal::Capacity);
     }
     let key = IpKey::new(client_ip, config.limits.ipv6_prefix);
-    // Judged at accept already when the peer was the client.
-    if matches!(early, EarlyPermit::NotTaken) {
+    // Judged at accept already when the peer was the client (for the connection's first
+    // request only: every later one counts again).
+    if matches!(early, EarlyPermit::NotTaken | EarlyPermit::Kept(_)) {
         limiters.handshake_rate.admit(key)?;
     }
     let mut upgrade = upgrade::check(parts, &config.routes)?;
@@ -151,8 +155,18 @@ pub fn admit<'r>(
     let cap = route.limits.max_connections_per_ip;
     let permit = match std::mem::replace(early, EarlyPermit::NotTaken) {
         // Counted since accept: only the route's own (possibly lower) cap is left to check.
-        EarlyPermit::Held(p) if p.key() == key && limiters.per_ip.count(key) <= cap => p,
+        EarlyPermit::Held(p) | EarlyPermit::Kept(p)
+            if p.key() == key && limiters.per_ip.count(key) <= cap =>
+        {
+            p
+        }
         EarlyPermit::Held(_) | EarlyPermit::OverCap => return Err(Refusal::IpCap),
+        // A trusted proxy's connection carrying another client's request now.
+        EarlyPermit::Kept(p) if p.key() != key => {
+            drop(p);
+            limiters.per_ip.admit(key, cap)?
+        }
+        EarlyPermit::Kept(_) => return Err(Refusal::IpCap),
         EarlyPermit::NotTaken => limiters.per_ip.admit(key, cap)?,
     };
     let subject_cap = route.limits.max_connections_per_subject;

@@ -12,6 +12,7 @@ pub mod admit;
 mod facts;
 mod forward;
 mod http1;
+mod plain;
 mod refused;
 mod session;
 pub mod upgrade;

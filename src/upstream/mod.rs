@@ -11,6 +11,7 @@
 pub mod hash;
 mod health;
 pub mod http1;
+pub mod plain;
 pub mod pool;
 pub mod resolve;
 pub mod sticky;
