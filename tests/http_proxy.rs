@@ -380,7 +380,7 @@ fn token(sub: &str) -> String {
 async fn plain_requests_meet_the_origin_and_token_checks() {
     let backend = http_backend("one").await;
     let route = format!(
-        r#", origins: ["https://app.example.com"], allow_missing_origin: true, auth: {{ jwt: {{ from: ["header:Authorization"], keys: [{{ alg: HS256, secret: "{SECRET}" }}], forward_claims: {{ sub: X-User-Id }} }} }}"#
+        r#", origins: ["https://app.example.com"], auth: {{ jwt: {{ from: ["header:Authorization"], keys: [{{ alg: HS256, secret: "{SECRET}" }}], forward_claims: {{ sub: X-User-Id }} }} }}"#
     );
     let gw = spawn_gateway(&config(&[backend.addr], &route, "")).await;
     let bearer = format!("Bearer {}", token("alice"));
@@ -420,6 +420,26 @@ async fn plain_requests_meet_the_origin_and_token_checks() {
         .unwrap_or_else(|e| panic!("{e}"));
     let resp = send(&mut sender, req).await;
     assert_eq!(resp.status(), StatusCode::OK);
+    let _ = body_text(resp).await;
+    // No Origin at all (a same-origin GET): the Origin check applies only when present.
+    let req = get("/app/info")
+        .header("authorization", bearer.as_str())
+        .body(full(""))
+        .unwrap_or_else(|e| panic!("{e}"));
+    let resp = send(&mut sender, req).await;
+    assert_eq!(resp.status(), StatusCode::OK);
+    let text = body_text(resp).await;
+    assert!(text.contains("backend=one"), "{text}");
+    assert_eq!(backend.requests.load(Ordering::SeqCst), 2);
+    // An upgrade without Origin is still refused on this route.
+    let mut sender = client(gw.addr()).await;
+    let mut req = upgrade_request("/app/ws");
+    req.headers_mut().insert(
+        "authorization",
+        http::HeaderValue::from_str(&bearer).unwrap_or_else(|e| panic!("{e}")),
+    );
+    let resp = send(&mut sender, req).await;
+    assert_eq!(resp.status(), StatusCode::FORBIDDEN);
     let line = gw
         .log_line(|l| l["event"] == "http" && l["status"] == 200)
         .await;

@@ -34,12 +34,14 @@ use crate::relay::Settings;
 use crate::shared::Shared;
 use crate::upstream::{self, Connected, Failure, Forwarded};
 
+mod plain;
+
 /// Largest request head hyper will buffer (hyper's floor is 8 KiB); beyond → 431.
 const MAX_HEAD: usize = 16 * 1024;
 
 /// What the client gets: the proxy's own answer, an upstream's refusal of an upgrade, or
 /// an upstream's answer to a plain request (`http: proxy`).
-pub(super) type Body = Either<Full<Bytes>, Either<upstream::RefusalBody, super::plain::Relayed>>;
+type Body = Either<Full<Bytes>, Either<upstream::RefusalBody, plain::Relayed>>;
 
 /// A connection as the listener hands it over: accepted, past any PROXY header and TLS
 /// handshake, judged against the caps that apply at accept.
@@ -284,7 +286,7 @@ impl Conn {
             }
         };
         if admission.upgrade.plain {
-            return super::plain::proxy(self.clone(), facts, admission, body, started).await;
+            return plain::proxy(self.clone(), facts, admission, body, started).await;
         }
         drop(body);
         let Admission {

@@ -12,7 +12,6 @@ pub mod admit;
 mod facts;
 mod forward;
 mod http1;
-mod plain;
 mod refused;
 mod session;
 pub mod upgrade;

@@ -7,80 +7,20 @@
 //! session's polls and its upgrade meet on one backend); a backend that cannot be reached
 //! is failed over in rendezvous order, but a request that went out is never sent twice.
 
-use std::error::Error as StdError;
-use std::sync::{Arc, Mutex, PoisonError};
-use std::time::Duration;
+use std::sync::Arc;
 
-use bytes::Bytes;
 use http::header::{self, HeaderValue};
 use http::{Request, Response, Uri, Version, request};
-use http_body_util::combinators::UnsyncBoxBody;
 use hyper::body::Incoming;
-use hyper::client::conn::http1::SendRequest;
 use hyper_util::rt::TokioIo;
-use tokio::time::Instant;
 
+use super::idle::Sender;
+pub use super::idle::{BoxError, RequestBody};
 use super::pool::{BackendState, Lease, Pool};
 use super::stream::open;
 use super::{Failure, Forwarded, MAX_ATTEMPTS, Target, X_REQUEST_ID, is_proxy_set};
 use crate::admission::client_ip::ip_text;
 use crate::outcome::Refusal;
-
-/// What a request body's error is: any error, boxed.
-pub type BoxError = Box<dyn StdError + Send + Sync>;
-/// A request body as the backend gets it (the client's, streamed and capped).
-pub type RequestBody = UnsyncBoxBody<Bytes, BoxError>;
-
-/// Kept-alive connections kept per backend; beyond, a finished one is closed.
-pub const MAX_IDLE_PER_BACKEND: usize = 32;
-/// An idle connection older than this is closed rather than reused.
-pub const IDLE_TIMEOUT: Duration = Duration::from_secs(60);
-
-type Sender = SendRequest<RequestBody>;
-
-/// A backend's idle kept-alive connections, newest last.
-#[derive(Default)]
-pub struct IdleConns(Mutex<Vec<(Sender, Instant)>>);
-
-impl std::fmt::Debug for IdleConns {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        let n = self.0.lock().map_or(0, |v| v.len());
-        f.debug_struct("IdleConns").field("idle", &n).finish()
-    }
-}
-
-impl IdleConns {
-    /// The newest idle connection still open and young enough.
-    fn take(&self) -> Option<Sender> {
-        let mut idle = self.0.lock().unwrap_or_else(PoisonError::into_inner);
-        while let Some((sender, at)) = idle.pop() {
-            if !sender.is_closed() && at.elapsed() < IDLE_TIMEOUT {
-                return Some(sender);
-            }
-        }
-        None
-    }
-
-    fn put(&self, sender: Sender) {
-        if sender.is_closed() {
-            return;
-        }
-        let mut idle = self.0.lock().unwrap_or_else(PoisonError::into_inner);
-        idle.retain(|(s, at)| !s.is_closed() && at.elapsed() < IDLE_TIMEOUT);
-        if idle.len() < MAX_IDLE_PER_BACKEND {
-            idle.push((sender, Instant::now()));
-        }
-    }
-
-    /// Idle connections now held (for tests and the admin view).
-    pub fn len(&self) -> usize {
-        self.0.lock().map_or(0, |v| v.len())
-    }
-
-    pub fn is_empty(&self) -> bool {
-        self.len() == 0
-    }
-}
 
 /// The connection a response came on, and the backend's count of it: hand it back with
 /// [`Checkin::done`] once the response body has been read to its end, so the next request

@@ -99,7 +99,7 @@ pub struct BackendState {
     /// `max_ejected` kept this failing backend in (warned once per episode).
     eject_refused: AtomicBool,
     /// Kept-alive HTTP/1.1 connections for plain requests (`http: proxy` routes).
-    pub(in crate::upstream) idle_http: super::plain::IdleConns,
+    pub(in crate::upstream) idle_http: super::idle::IdleConns,
 }
 
 impl BackendState {

@@ -1,5 +1,5 @@
 //! Plain HTTP requests on `http: proxy` routes (SPEC §3 "HTTP alongside WebSockets"),
-//! once [`admit`](super::admit::admit) let them in: the body capped at
+//! once [`admit`](crate::handshake::admit::admit) let them in: the body capped at
 //! `max_request_body` while it streams (a `Content-Length` over it is refused before any
 //! connect), the backend the sticky key picks, the whole exchange within `http_timeout`,
 //! the answer streamed back, and one `"event":"http"` log line and one
@@ -18,9 +18,9 @@ use http_body_util::{BodyExt, Either};
 use hyper::body::{Body as HttpBody, Frame, Incoming, SizeHint};
 use tokio::time::{Instant, Sleep};
 
-use super::admit::{Admission, EarlyPermit};
-use super::facts::Facts;
-use super::http1::{Body, Conn};
+use super::super::admit::{Admission, EarlyPermit};
+use super::super::facts::Facts;
+use super::{Body, Conn};
 use crate::admission::subject::SubjectPermit;
 use crate::outcome::Refusal;
 use crate::upstream::plain::{self, BoxError, Checkin};
