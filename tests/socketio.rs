@@ -1,0 +1,168 @@
+//! socket.io end to end through `http: proxy` (SPEC §3 "HTTP alongside WebSockets"):
+//! two real python-socketio server processes behind wsgate, and real python-socketio
+//! clients with the default transports (long-polling first, then the upgrade to
+//! websocket). Each session survives its upgrade only if its polls and its WebSocket
+//! reached the same backend. The peer is tests/socketio/peer.py; the tests fail, never
+//! skip, without the package (`.ci/run` installs it).
+
+mod support;
+
+use std::io::{BufRead, BufReader};
+use std::process::{Child, Command, Stdio};
+use std::time::Duration;
+
+use support::*;
+
+const PEER: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/socketio/peer.py");
+
+fn require_socketio() {
+    let ok = Command::new("python3")
+        .args(["-c", "import socketio, aiohttp"])
+        .status()
+        .map(|s| s.success())
+        .unwrap_or(false);
+    assert!(
+        ok,
+        "these tests need python3 with `python-socketio` and `aiohttp`: python3 -m pip install python-socketio aiohttp (.ci/run installs them)"
+    );
+}
+
+/// A python-socketio server process; killed when dropped.
+struct Server {
+    child: Child,
+    port: u16,
+}
+
+impl Drop for Server {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+fn server(name: &str) -> Server {
+    let mut child = Command::new("python3")
+        .args([PEER, "server", name])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap_or_else(|e| panic!("python3: {e}"));
+    let out = child
+        .stdout
+        .take()
+        .unwrap_or_else(|| panic!("no stdout"));
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        for line in BufReader::new(out).lines() {
+            let Ok(line) = line else { break };
+            if tx.send(line).is_err() {
+                break;
+            }
+        }
+    });
+    let first = rx
+        .recv_timeout(Duration::from_secs(20))
+        .unwrap_or_else(|e| panic!("the socket.io server did not start: {e}"));
+    let port = first
+        .strip_prefix("port ")
+        .and_then(|p| p.parse().ok())
+        .unwrap_or_else(|| panic!("unexpected first line {first:?}"));
+    Server { child, port }
+}
+
+/// Runs one client through the gateway as the client `xff` (a trusted proxy's word).
+async fn client(url: String, xff: String) -> serde_json::Value {
+    let out = tokio::task::spawn_blocking(move || {
+        Command::new("python3")
+            .args([PEER, "client", &url, &xff])
+            .output()
+            .unwrap_or_else(|e| panic!("python3: {e}"))
+    })
+    .await
+    .unwrap_or_else(|e| panic!("{e}"));
+    let stdout = String::from_utf8_lossy(&out.stdout).into_owned();
+    serde_json::from_str(stdout.trim()).unwrap_or_else(|_| {
+        panic!(
+            "client: stdout {stdout:?}, stderr {:?}",
+            String::from_utf8_lossy(&out.stderr)
+        )
+    })
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn socketio_sessions_poll_then_upgrade_through_wsgate_on_two_backends() {
+    require_socketio();
+    let a = server("a");
+    let b = server("b");
+    let gw = spawn_gateway(&format!(
+        r#"
+listeners: [{{ name: public, bind: "127.0.0.1:0" }}]
+admin: {{ bind: "127.0.0.1:0" }}
+trusted_proxies: ["127.0.0.1/32"]
+upstreams:
+  io:
+    backends: [{{ addr: "127.0.0.1:{}" }}, {{ addr: "127.0.0.1:{}" }}]
+    connect_timeout: 2s
+    sticky: {{ key: "ip" }}
+routes:
+  - {{ name: io, match: {{ path_prefix: /socket.io/ }}, upstream: io, http: proxy }}
+"#,
+        a.port, b.port
+    ))
+    .await;
+    let url = format!("http://{}", gw.addr());
+    if std::env::var("SIO_DEBUG").is_ok() {
+        let hs: Vec<_> = (0..4).map(|i| tokio::task::spawn_blocking({
+            let url = url.clone();
+            move || Command::new("python3").args([PEER, "client", &url, &format!("203.0.113.{}", 100 + i)]).output()
+        })).collect();
+        for h in hs { eprintln!("{:?}", h.await); }
+        for l in gw.log_lines() {
+            eprintln!("{l}");
+        }
+    }
+    let clients: Vec<_> = (1..=16)
+        .map(|i| tokio::spawn(client(url.clone(), format!("203.0.113.{i}"))))
+        .collect();
+    let mut names = std::collections::BTreeSet::new();
+    for (i, c) in clients.into_iter().enumerate() {
+        let result = tokio::time::timeout(Duration::from_secs(60), c)
+            .await
+            .unwrap_or_else(|_| panic!("client {i} did not finish"));
+        let Ok(result) = result else {
+            for l in gw.log_lines() {
+                if l["status"] != 200 && l["status"] != 101 {
+                    eprintln!("LOG {l}");
+                }
+            }
+            panic!("client {i} failed");
+        };
+        assert_eq!(result["transport"], "websocket", "client {i}: {result}");
+        assert_eq!(result["before"], result["after"], "client {i}: {result}");
+        let echoed: Vec<i64> = (0..5).collect();
+        let got: Vec<i64> = result["echoed"]
+            .as_array()
+            .map(|a| a.iter().filter_map(|v| v["n"].as_i64()).collect())
+            .unwrap_or_default();
+        assert_eq!(got, echoed, "client {i}: {result}");
+        names.insert(result["after"].as_str().unwrap_or("").to_owned());
+    }
+    assert_eq!(names.len(), 2, "sixteen clients all on one backend: {names:?}");
+    // The polls are `http` lines, the upgrades `ws_close` lines, on the same backend per client.
+    let line = gw
+        .log_line(|l| {
+            l["event"] == "http" && l["route"] == "io" && l["client_ip"] == "203.0.113.1"
+        })
+        .await;
+    assert_eq!(line["http"], "1.1");
+    let polled_on = line["upstream"].clone();
+    let ws = gw
+        .log_line(|l| {
+            l["event"] == "ws_close" && l["route"] == "io" && l["client_ip"] == "203.0.113.1"
+        })
+        .await;
+    assert_eq!(ws["status"], 101);
+    assert_eq!(ws["upstream"], polled_on);
+    let scrape = scrape(&gw).await;
+    assert!(metric(&scrape, "wsgate_http_requests_total", &[("route", "io"), ("code", "200")]) >= 32.0);
+}
