@@ -1,6 +1,8 @@
 """A real socket.io peer for tests/socketio.rs (python-socketio over aiohttp).
 
-    peer.py server NAME   serves socket.io on 127.0.0.1 (port printed as `port N`);
+    peer.py server NAME [log]
+                          serves socket.io on 127.0.0.1 (port printed as `port N`;
+                          with `log`, python-socketio's own logs on stderr);
                           `whoami` answers NAME, `echo` answers its data, and each
                           connect and transport upgrade is printed as a line
     peer.py client URL XFF
@@ -19,7 +21,7 @@ import socketio
 
 
 async def server(name):
-    sio = socketio.AsyncServer(async_mode="aiohttp", cors_allowed_origins="*")
+    sio = socketio.AsyncServer(async_mode="aiohttp", cors_allowed_origins="*", logger=bool(sys.argv[3:]), engineio_logger=bool(sys.argv[3:]))
     app = aiohttp.web.Application()
     sio.attach(app)
 
