@@ -620,3 +620,35 @@ async fn a_kept_alive_connection_waits_handshake_timeout_for_its_next_request() 
         started.elapsed()
     );
 }
+
+#[tokio::test]
+async fn a_long_poll_does_not_hold_a_pending_handshake_slot() {
+    let backend = http_backend("one").await;
+    let limits = "max_pending_handshakes: 1, http_timeout: 30s";
+    let gw = spawn_gateway(&config(&[backend.addr], "", limits)).await;
+    // A long poll the backend never answers, in progress.
+    let mut polling = client(gw.addr()).await;
+    let req = get("/app/slow")
+        .body(full(""))
+        .unwrap_or_else(|e| panic!("{e}"));
+    let poll = tokio::spawn(async move { polling.send_request(req).await.map(|r| r.status()) });
+    eventually(
+        "the long poll at the backend",
+        PATIENCE,
+        async || match backend.requests.load(Ordering::SeqCst) {
+            1 => Ok(()),
+            n => Err(n),
+        },
+    )
+    .await;
+    await_metric(&gw, "wsgate_handshakes_pending", &[], 0.0).await;
+    // The only handshake slot is free: another client is served meanwhile.
+    let mut other = client(gw.addr()).await;
+    let req = get("/app/info")
+        .body(full(""))
+        .unwrap_or_else(|e| panic!("{e}"));
+    let resp = send(&mut other, req).await;
+    assert_eq!(resp.status(), StatusCode::OK);
+    assert!(!poll.is_finished());
+    poll.abort();
+}

@@ -18,6 +18,7 @@ use http::{Request, Response, StatusCode, request};
 use http_body_util::{Either, Full};
 use hyper::body::Incoming;
 use hyper_util::rt::TokioIo;
+use prometheus_client::metrics::gauge::Gauge;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, ReadBuf};
 use tokio::time::Instant;
 
@@ -25,6 +26,7 @@ use super::admit::{Admission, EarlyPermit, Limiters, admit};
 use super::facts::{ConnInfo, Facts, request_id};
 use super::session::{Established, RelayPhase, run_relay};
 use crate::admission::client_ip::ip_text;
+use crate::admission::pending::HandshakeSlot;
 use crate::config::Config;
 use crate::ids;
 use crate::observe::access_log::TlsInfo;
@@ -43,9 +45,32 @@ const MAX_HEAD: usize = 16 * 1024;
 /// an upstream's answer to a plain request (`http: proxy`).
 type Body = Either<Full<Bytes>, Either<upstream::RefusalBody, plain::Relayed>>;
 
+/// A connection's `max_pending_handshakes` slot, shown in `wsgate_handshakes_pending`
+/// while held: from accept until its handshake phase ends, or until its first plain
+/// request (`http: proxy`) is admitted — a kept-alive connection between requests, or
+/// waiting on a long poll, is not a handshake in progress.
+pub struct InHandshake {
+    _slot: Option<HandshakeSlot>,
+    gauge: Gauge,
+}
+
+impl InHandshake {
+    pub fn new(slot: Option<HandshakeSlot>, gauge: Gauge) -> InHandshake {
+        gauge.inc();
+        InHandshake { _slot: slot, gauge }
+    }
+}
+
+impl Drop for InHandshake {
+    fn drop(&mut self) {
+        self.gauge.dec();
+    }
+}
+
 /// A connection as the listener hands it over: accepted, past any PROXY header and TLS
 /// handshake, judged against the caps that apply at accept.
 pub struct Accepted {
+    pub pending: InHandshake,
     pub shared: Arc<Shared>,
     /// The config of this connection for its whole life: a reload affects new ones only.
     pub config: Arc<Config>,
@@ -77,6 +102,9 @@ pub(super) struct Conn {
     idle_since: Mutex<Option<Instant>>,
     /// Requests handed to the service so far.
     served: AtomicU32,
+    /// The `max_pending_handshakes` slot, until the handshake phase ends or a plain
+    /// request is admitted.
+    pending: Mutex<Option<InHandshake>>,
 }
 
 impl Conn {
@@ -98,7 +126,14 @@ impl Conn {
             exchanges: AtomicUsize::new(0),
             idle_since: Mutex::new(None),
             served: AtomicU32::new(0),
+            pending: Mutex::new(Some(a.pending)),
         }
+    }
+
+    /// Gives the `max_pending_handshakes` slot back.
+    pub(super) fn release_pending(&self) {
+        let place = self.pending.lock().ok().and_then(|mut p| p.take());
+        drop(place);
     }
 
     /// A plain request gives the per-IP count back to the connection.
@@ -135,7 +170,9 @@ where
     S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
 {
     let conn = Arc::new(Conn::new(accepted));
-    let (client, early, est) = handshake(&conn, stream, deadline).await?;
+    let handshaken = handshake(&conn, stream, deadline).await;
+    conn.release_pending();
+    let (client, early, est) = handshaken?;
     Some(Box::pin(run_relay(&conn.info, client, early, est)))
 }
 

@@ -17,6 +17,6 @@ mod session;
 pub mod upgrade;
 
 pub use admit::EarlyPermit;
-pub use http1::{Accepted, serve};
+pub use http1::{Accepted, InHandshake, serve};
 pub use refused::{log_at_accept, log_summary, note as note_refusal};
 pub use session::RelayPhase;

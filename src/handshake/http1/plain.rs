@@ -43,8 +43,10 @@ pub(super) async fn proxy(
         sticky_key,
         ..
     } = admission;
-    // The connection keeps its per-IP count for the requests that follow on it.
+    // The connection keeps its per-IP count for the requests that follow on it; it is
+    // no longer a handshake in progress.
     conn.keep_permit(EarlyPermit::Kept(permit));
+    conn.release_pending();
     let route = upgrade.route;
     let limits = &route.limits;
     let exchange = Exchange::start(conn.clone());
