@@ -18,7 +18,8 @@
 //!   the forwarded request, log facts, the relayed connection's bookkeeping (SPEC §3).
 //! - [`shared`]: the state every connection reads (config, limiters, pools, metrics).
 //! - [`upstream`]: backend pools (sticky hashing, health, DNS, drain) and the upstream
-//!   handshake before the 101.
+//!   handshake before the 101; plain requests of `http: proxy` routes over kept-alive
+//!   hyper client connections (`upstream::plain`).
 //! - [`relay`]: the frame-aware, unbuffered relay of SPEC §4/§5 ([`relay::deadlines`]
 //!   decides pings and timeouts).
 //! - [`config`]: YAML → validated, typed [`config::Config`]; reads files only through an

@@ -68,6 +68,9 @@ pub enum Refusal {
     /// The token's subject or id was revoked through the admin API (SPEC §7).
     #[error("subject or token revoked")]
     Revoked,
+    /// A plain HTTP request's body over `max_request_body` (`http: proxy` routes): 413.
+    #[error("request body too large")]
+    BodyTooLarge,
 }
 
 impl Refusal {
@@ -87,6 +90,7 @@ impl Refusal {
                 StatusCode::from_u16(s).unwrap_or(StatusCode::BAD_GATEWAY)
             }
             Refusal::HandshakeTimeout => StatusCode::REQUEST_TIMEOUT,
+            Refusal::BodyTooLarge => StatusCode::PAYLOAD_TOO_LARGE,
             Refusal::Origin | Refusal::Revoked => StatusCode::FORBIDDEN,
             Refusal::Token { .. } => StatusCode::UNAUTHORIZED,
             Refusal::IpCap | Refusal::IpRate { .. } | Refusal::SubjectCap => {
@@ -121,6 +125,7 @@ impl Refusal {
             Refusal::IpRate { .. } => "ip_rate\n",
             Refusal::SubjectCap => "subject_cap\n",
             Refusal::Revoked => "revoked\n",
+            Refusal::BodyTooLarge => "body_too_large\n",
         }
     }
 
@@ -450,6 +455,7 @@ mod tests {
             (Refusal::HandshakeTimeout, 408, "handshake_timeout", None),
             (Refusal::SubjectCap, 429, "subject_cap", None),
             (Refusal::Revoked, 403, "revoked", None),
+            (Refusal::BodyTooLarge, 413, "body_too_large", None),
         ];
         for (refusal, status, reason, extra) in cases {
             assert_eq!(refusal.status().as_u16(), status, "{refusal:?}");

@@ -33,6 +33,10 @@ pub const DEFAULT_MAX_MESSAGE_SIZE: u64 = 4 << 20;
 pub const DEFAULT_SEND_TIMEOUT: Duration = Duration::from_secs(30);
 /// `limits.buffer_size`: relay buffer per direction per connection (16 KiB).
 pub const DEFAULT_BUFFER_SIZE: usize = 16 << 10;
+/// `limits.max_request_body`: largest plain HTTP request body on `http: proxy` routes (1 MiB).
+pub const DEFAULT_MAX_REQUEST_BODY: u64 = 1 << 20;
+/// `limits.http_timeout`: a whole plain HTTP request/response exchange (long polls fit).
+pub const DEFAULT_HTTP_TIMEOUT: Duration = Duration::from_secs(60);
 /// Connections per client IP (established + in handshake).
 pub const DEFAULT_MAX_CONNECTIONS_PER_IP: u32 = 64;
 /// Handshakes per client IP: `rate` per `per`, with `burst`.
@@ -220,6 +224,10 @@ pub struct FileLimits {
     pub send_timeout: Option<DurationValue>,
     /// Relay buffer per direction; default 16KiB; 1KiB..=1MiB.
     pub buffer_size: Option<SizeValue>,
+    /// Largest plain HTTP request body (`http: proxy` routes); default 1MiB.
+    pub max_request_body: Option<SizeValue>,
+    /// A whole plain HTTP exchange (`http: proxy` routes); default 60s; must be > 0.
+    pub http_timeout: Option<DurationValue>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -359,6 +367,8 @@ pub struct FileRoute {
     pub auth: Option<FileAuth>,
     /// permessage-deflate: `pass` (default), `strip` or `inspect`.
     pub deflate: Option<Text>,
+    /// Plain HTTP requests: `refuse` (default, 426) or `proxy`.
+    pub http: Option<Text>,
     /// Per-route overrides of the top-level limits.
     pub limits: Option<FileLimits>,
 }

@@ -181,6 +181,10 @@ pub struct Limits {
     /// IPv6 clients are counted per network of this prefix length (default /64); top
     /// level only.
     pub ipv6_prefix: u8,
+    /// Largest plain HTTP request body on `http: proxy` routes; beyond → 413.
+    pub max_request_body: u64,
+    /// A whole plain HTTP exchange on `http: proxy` routes; > 0.
+    pub http_timeout: Duration,
 }
 
 /// A route's admission policy (SPEC §2 `origins`, `auth`), compiled at load.
@@ -343,6 +347,19 @@ pub struct Route {
     pub admission: Arc<RouteAdmission>,
     /// What the proxy does with permessage-deflate (SPEC §2 `deflate`).
     pub deflate: Deflate,
+    /// What the proxy does with plain HTTP requests (SPEC §2 `http`).
+    pub http: HttpMode,
+}
+
+/// A route's `http` key: plain HTTP requests (no upgrade) on a WebSocket route.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum HttpMode {
+    /// 426 `upgrade_required`.
+    #[default]
+    Refuse,
+    /// Admitted like an upgrade and relayed to the route's upstream (SPEC §3 "HTTP
+    /// alongside WebSockets").
+    Proxy,
 }
 
 /// A route's `deflate` key: what the proxy does with permessage-deflate (RFC 7692).

@@ -49,6 +49,9 @@ pub enum EarlyPermit {
     Held(IpPermit),
     /// The client was over every route's cap at accept.
     OverCap,
+    /// Held by a kept-alive connection since an earlier plain HTTP request of it: each
+    /// later request counts against the handshake rate again; the cap is already held.
+    Kept(IpPermit),
 }
 
 /// An admitted upgrade: what the upstream connection needs.
@@ -124,8 +127,9 @@ pub fn admit<'r>(
         return Err(Refusal::Capacity);
     }
     let key = IpKey::new(client_ip, config.limits.ipv6_prefix);
-    // Judged at accept already when the peer was the client.
-    if matches!(early, EarlyPermit::NotTaken) {
+    // Judged at accept already when the peer was the client (for the connection's first
+    // request only: every later one counts again).
+    if matches!(early, EarlyPermit::NotTaken | EarlyPermit::Kept(_)) {
         limiters.handshake_rate.admit(key)?;
     }
     let mut upgrade = upgrade::check(parts, &config.routes)?;
@@ -134,7 +138,11 @@ pub fn admit<'r>(
         facts.route_known(route, &parts.uri, &config.secret_query_names);
     }
     let policy = &route.admission;
-    policy.origins.check_headers(&parts.headers)?;
+    // A plain request meets the Origin check when it has an Origin (SPEC §3 "HTTP
+    // alongside WebSockets"): browsers send none on same-origin GETs.
+    if !upgrade.plain || parts.headers.contains_key(http::header::ORIGIN) {
+        policy.origins.check_headers(&parts.headers)?;
+    }
     let sticky_claim = match &route.upstream.sticky {
         StickyKey::Claim(name) => Some(name.as_str()),
         _ => None,
@@ -151,8 +159,18 @@ pub fn admit<'r>(
     let cap = route.limits.max_connections_per_ip;
     let permit = match std::mem::replace(early, EarlyPermit::NotTaken) {
         // Counted since accept: only the route's own (possibly lower) cap is left to check.
-        EarlyPermit::Held(p) if p.key() == key && limiters.per_ip.count(key) <= cap => p,
+        EarlyPermit::Held(p) | EarlyPermit::Kept(p)
+            if p.key() == key && limiters.per_ip.count(key) <= cap =>
+        {
+            p
+        }
         EarlyPermit::Held(_) | EarlyPermit::OverCap => return Err(Refusal::IpCap),
+        // A trusted proxy's connection carrying another client's request now.
+        EarlyPermit::Kept(p) if p.key() != key => {
+            drop(p);
+            limiters.per_ip.admit(key, cap)?
+        }
+        EarlyPermit::Kept(_) => return Err(Refusal::IpCap),
         EarlyPermit::NotTaken => limiters.per_ip.admit(key, cap)?,
     };
     let subject_cap = route.limits.max_connections_per_subject;
@@ -413,6 +431,53 @@ routes:
         assert_eq!(facts.path.as_deref(), Some("/private/room?x=1"));
         assert!(facts.sticky.is_some());
         assert_eq!(world.per_ip.count(a.permit.key()), 1);
+    }
+
+    /// `http: proxy`: a plain request is admitted (no Origin is fine, a wrong one is not),
+    /// and each later request of a kept-alive connection counts against the rate again,
+    /// keeping the connection's one per-IP place.
+    #[test]
+    fn plain_requests_on_a_proxy_route_are_admitted_and_counted() {
+        let yaml = r#"
+listeners: [{ name: plain, bind: "127.0.0.1:0" }]
+limits: { handshakes_per_ip: { rate: 1, per: 1h, burst: 4 } }
+upstreams:
+  echo: { backends: [{ addr: "127.0.0.1:9" }] }
+routes:
+  - { name: io, match: { path_prefix: /io }, upstream: echo, http: proxy, origins: ["https://app.example.com"] }
+  - { name: ws, match: { path_prefix: / }, upstream: echo }
+"#;
+        let world = match Config::from_yaml_str(yaml, "test.yaml") {
+            Ok(c) => World::new(c),
+            Err(e) => panic!("{e}"),
+        };
+        let evil = parts(
+            http::Request::get("/io/")
+                .header("host", "gw")
+                .header("origin", "https://evil.example"),
+        );
+        assert_eq!(refusal(&world.decide(&evil).1), Some("origin"));
+        let plain_ws = parts(http::Request::get("/elsewhere").header("host", "gw"));
+        assert_eq!(
+            refusal(&world.decide(&plain_ws).1),
+            Some("upgrade_required")
+        );
+        let poll = || parts(http::Request::post("/io/?sid=1").header("host", "gw"));
+        let limiters = world.limiters(false, false);
+        let (_, first) = world.decide_with(&poll(), &limiters, EarlyPermit::NotTaken);
+        let Ok(a) = first else {
+            panic!("refused: {:?}", first.err());
+        };
+        assert!(a.upgrade.plain);
+        assert_eq!(a.upgrade.upstream_target, "/io/?sid=1");
+        let key = a.permit.key();
+        let (_, second) = world.decide_with(&poll(), &limiters, EarlyPermit::Kept(a.permit));
+        let Ok(b) = second else {
+            panic!("refused: {:?}", second.err());
+        };
+        assert_eq!(world.per_ip.count(key), 1);
+        let (_, third) = world.decide_with(&poll(), &limiters, EarlyPermit::Kept(b.permit));
+        assert_eq!(refusal(&third), Some("ip_rate"));
     }
 
     /// Every refusal, each from a request that would pass every later check: the one that

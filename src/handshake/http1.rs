@@ -7,7 +7,7 @@ use std::convert::Infallible;
 use std::future::{Future, poll_fn};
 use std::net::SocketAddr;
 use std::pin::Pin;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU32, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::task::{Context, Poll};
 use std::time::Duration;
@@ -18,6 +18,7 @@ use http::{Request, Response, StatusCode, request};
 use http_body_util::{Either, Full};
 use hyper::body::Incoming;
 use hyper_util::rt::TokioIo;
+use prometheus_client::metrics::gauge::Gauge;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, ReadBuf};
 use tokio::time::Instant;
 
@@ -25,6 +26,7 @@ use super::admit::{Admission, EarlyPermit, Limiters, admit};
 use super::facts::{ConnInfo, Facts, request_id};
 use super::session::{Established, RelayPhase, run_relay};
 use crate::admission::client_ip::ip_text;
+use crate::admission::pending::HandshakeSlot;
 use crate::config::Config;
 use crate::ids;
 use crate::observe::access_log::TlsInfo;
@@ -34,14 +36,41 @@ use crate::relay::Settings;
 use crate::shared::Shared;
 use crate::upstream::{self, Connected, Failure, Forwarded};
 
+mod plain;
+
 /// Largest request head hyper will buffer (hyper's floor is 8 KiB); beyond → 431.
 const MAX_HEAD: usize = 16 * 1024;
 
-type Body = Either<Full<Bytes>, upstream::RefusalBody>;
+/// What the client gets: the proxy's own answer, an upstream's refusal of an upgrade, or
+/// an upstream's answer to a plain request (`http: proxy`).
+type Body = Either<Full<Bytes>, Either<upstream::RefusalBody, plain::Relayed>>;
+
+/// A connection's `max_pending_handshakes` slot, shown in `wsgate_handshakes_pending`
+/// while held: from accept until its handshake phase ends, or until its first plain
+/// request (`http: proxy`) is admitted — a kept-alive connection between requests, or
+/// waiting on a long poll, is not a handshake in progress.
+pub struct InHandshake {
+    _slot: Option<HandshakeSlot>,
+    gauge: Gauge,
+}
+
+impl InHandshake {
+    pub fn new(slot: Option<HandshakeSlot>, gauge: Gauge) -> InHandshake {
+        gauge.inc();
+        InHandshake { _slot: slot, gauge }
+    }
+}
+
+impl Drop for InHandshake {
+    fn drop(&mut self) {
+        self.gauge.dec();
+    }
+}
 
 /// A connection as the listener hands it over: accepted, past any PROXY header and TLS
 /// handshake, judged against the caps that apply at accept.
 pub struct Accepted {
+    pub pending: InHandshake,
     pub shared: Arc<Shared>,
     /// The config of this connection for its whole life: a reload affects new ones only.
     pub config: Arc<Config>,
@@ -57,14 +86,25 @@ pub struct Accepted {
 
 /// Per-connection state shared between the hyper service and the connection task.
 pub(super) struct Conn {
-    info: ConnInfo,
+    pub(super) info: ConnInfo,
     config: Arc<Config>,
     over_capacity: bool,
     /// The request head has arrived: `handshake_timeout` no longer applies.
     head_seen: AtomicBool,
     established: Mutex<Option<Box<Established>>>,
-    /// The per-IP count taken at accept, until admission takes it over.
+    /// The per-IP count taken at accept, until admission takes it over (and given back
+    /// by a plain request, for the requests that follow on the connection).
     early_permit: Mutex<EarlyPermit>,
+    /// Plain HTTP exchanges in progress (`http: proxy`): the head deadline waits.
+    exchanges: AtomicUsize,
+    /// When the last plain exchange ended, while no new head has arrived: the connection
+    /// is kept alive and waits for its next request within `handshake_timeout`.
+    idle_since: Mutex<Option<Instant>>,
+    /// Requests handed to the service so far.
+    served: AtomicU32,
+    /// The `max_pending_handshakes` slot, until the handshake phase ends or a plain
+    /// request is admitted.
+    pending: Mutex<Option<InHandshake>>,
 }
 
 impl Conn {
@@ -83,7 +123,41 @@ impl Conn {
             head_seen: AtomicBool::new(false),
             established: Mutex::new(None),
             early_permit: Mutex::new(a.early_permit),
+            exchanges: AtomicUsize::new(0),
+            idle_since: Mutex::new(None),
+            served: AtomicU32::new(0),
+            pending: Mutex::new(Some(a.pending)),
         }
+    }
+
+    /// Gives the `max_pending_handshakes` slot back.
+    pub(super) fn release_pending(&self) {
+        let place = self.pending.lock().ok().and_then(|mut p| p.take());
+        drop(place);
+    }
+
+    /// A plain request gives the per-IP count back to the connection.
+    pub(super) fn keep_permit(&self, permit: EarlyPermit) {
+        if let Ok(mut slot) = self.early_permit.lock() {
+            *slot = permit;
+        }
+    }
+
+    pub(super) fn exchange_started(&self) {
+        self.exchanges.fetch_add(1, Ordering::AcqRel);
+    }
+
+    pub(super) fn exchange_ended(&self) {
+        if let Ok(mut idle) = self.idle_since.lock() {
+            *idle = Some(Instant::now());
+        }
+        self.exchanges.fetch_sub(1, Ordering::AcqRel);
+    }
+
+    /// When a kept-alive connection's wait for its next head ends, if it is waiting.
+    fn idle_until(&self) -> Option<Instant> {
+        let since = (*self.idle_since.lock().ok()?)?;
+        Some(since + self.config.limits.handshake_timeout)
     }
 }
 
@@ -96,7 +170,9 @@ where
     S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
 {
     let conn = Arc::new(Conn::new(accepted));
-    let (client, early, est) = handshake(&conn, stream, deadline).await?;
+    let handshaken = handshake(&conn, stream, deadline).await;
+    conn.release_pending();
+    let (client, early, est) = handshaken?;
     Some(Box::pin(run_relay(&conn.info, client, early, est)))
 }
 
@@ -123,6 +199,20 @@ where
         tokio::select! {
             r = poll_fn(|cx| http.poll_without_shutdown(cx)) => break Some(r),
             _ = &mut deadline => {
+                if conn.exchanges.load(Ordering::Acquire) > 0 {
+                    // A plain exchange bounds itself (`http_timeout`): look again later.
+                    deadline.as_mut().reset(Instant::now() + conn.config.limits.handshake_timeout);
+                    continue;
+                }
+                if let Some(until) = conn.idle_until() {
+                    // Kept alive after a plain exchange: the next head within the bound.
+                    if Instant::now() < until {
+                        deadline.as_mut().reset(until);
+                        continue;
+                    }
+                    tracing::debug!(conn_id = %conn.info.conn_id, "kept-alive connection idle; closing");
+                    return None;
+                }
                 if answering {
                     // The answer (an upstream's refusal body, relayed) never finished.
                     tracing::debug!(conn_id = %conn.info.conn_id, "response not sent in time; closing");
@@ -157,8 +247,11 @@ where
                 } else {
                     Refusal::BadUpgrade
                 };
-                let io = http.into_parts().io.into_inner().into_inner();
-                answer_and_close(io, &refusal.raw_response()).await;
+                // After a first request, hyper's own answer went out already.
+                if conn.served.load(Ordering::Acquire) == 0 {
+                    let io = http.into_parts().io.into_inner().into_inner();
+                    answer_and_close(io, &refusal.raw_response()).await;
+                }
                 let status = refusal.status().as_u16();
                 conn.log_reject(&Facts::default(), refusal, status, None);
             } else {
@@ -210,8 +303,13 @@ fn answer_budget(config: &Config) -> Duration {
 
 impl Conn {
     async fn handle(self: Arc<Self>, req: Request<Incoming>) -> Response<Body> {
+        let started = Instant::now();
         self.head_seen.store(true, Ordering::Release);
-        let (parts, _body) = req.into_parts();
+        self.served.fetch_add(1, Ordering::AcqRel);
+        if let Ok(mut idle) = self.idle_since.lock() {
+            *idle = None;
+        }
+        let (parts, body) = req.into_parts();
         let mut facts = Facts::from_parts(&parts);
         facts.request_id = request_id(&parts.headers);
         let decided = self.decide(&mut facts, &parts);
@@ -224,6 +322,10 @@ impl Conn {
                 return self.refuse(&facts, refusal, None);
             }
         };
+        if admission.upgrade.plain {
+            return plain::proxy(self.clone(), facts, admission, body, started).await;
+        }
+        drop(body);
         let Admission {
             upgrade,
             upstream_parts,
@@ -294,7 +396,7 @@ impl Conn {
                 head.headers = upstream::end_to_end(&head.headers);
                 head.headers
                     .insert(header::CONNECTION, HeaderValue::from_static("close"));
-                Response::from_parts(head, Either::Right(body))
+                Response::from_parts(head, Either::Right(Either::Left(body)))
             }
         }
     }
@@ -358,7 +460,7 @@ impl Conn {
         self.info.shared.access.log(&record);
     }
 
-    fn record<'a>(
+    pub(super) fn record<'a>(
         &'a self,
         event: &'static str,
         info: &'a Facts,

@@ -1,7 +1,9 @@
 //! A connection from its request head to its end (SPEC §3, §6): the HTTP/1.1 driver
 //! (`http1`), the admission decision it asks ([`admit`], pure), the upgrade checks
 //! ([`upgrade`], pure), the request the upstream gets (`forward`), the log facts
-//! (`facts`) and the relayed connection's bookkeeping (`session`).
+//! (`facts`) and the relayed connection's bookkeeping (`session`). On `http: proxy`
+//! routes the driver also relays plain requests (`http1::plain`), several per kept-alive
+//! connection, before any upgrade.
 //!
 //! The listener hands over an [`Accepted`] connection (PROXY header read, TLS done);
 //! [`serve`] returns the relay phase when the upgrade succeeded. Refusals at accept are
@@ -18,6 +20,6 @@ pub mod upgrade;
 
 pub use crate::observe::refusals::Refusing;
 pub use admit::EarlyPermit;
-pub use http1::{Accepted, serve};
+pub use http1::{Accepted, InHandshake, serve};
 pub use refused::{Refused, log_at_accept, log_summary, note as note_refusal};
 pub use session::RelayPhase;

@@ -5,7 +5,7 @@
 use http::header::{self, HeaderMap, HeaderName};
 use http::{Method, Version, request};
 
-use crate::config::Route;
+use crate::config::{HttpMode, Route};
 use crate::http_util::has_token;
 use crate::outcome::Refusal;
 
@@ -19,6 +19,8 @@ pub struct Upgrade<'r> {
     pub upstream_target: String,
     /// The client's subprotocol offers after the route's allowlist, comma-joined.
     pub protocols: Option<String>,
+    /// A plain HTTP request (no upgrade) on an `http: proxy` route: relayed as it is.
+    pub plain: bool,
 }
 
 impl Upgrade<'_> {
@@ -33,7 +35,8 @@ impl Upgrade<'_> {
     }
 }
 
-/// Picks the route and checks the upgrade (SPEC §3), in this order: route, plain HTTP,
+/// Picks the route and checks the upgrade (SPEC §3), in this order: route, plain HTTP
+/// (admitted as `plain` on an `http: proxy` route, else 426),
 /// method and version, `Connection`/`Upgrade` tokens, WebSocket version, key, body,
 /// subprotocol allowlist.
 pub fn check<'r>(req: &request::Parts, routes: &'r [Route]) -> Result<Upgrade<'r>, Refusal> {
@@ -56,6 +59,15 @@ pub fn check<'r>(req: &request::Parts, routes: &'r [Route]) -> Result<Upgrade<'r
     let looks_websocket = h.contains_key(header::UPGRADE)
         || h.keys().any(|k| k.as_str().starts_with("sec-websocket-"));
     if !looks_websocket {
+        if route.http == HttpMode::Proxy {
+            return Ok(Upgrade {
+                route,
+                upstream_target: upstream_target(route, req),
+                host,
+                protocols: None,
+                plain: true,
+            });
+        }
         return Err(Refusal::UpgradeRequired);
     }
     if req.method != Method::GET || req.version != Version::HTTP_11 {
@@ -87,6 +99,7 @@ pub fn check<'r>(req: &request::Parts, routes: &'r [Route]) -> Result<Upgrade<'r
         upstream_target: upstream_target(route, req),
         host,
         protocols,
+        plain: false,
     })
 }
 

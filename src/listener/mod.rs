@@ -12,7 +12,6 @@ use std::sync::Arc;
 use std::sync::atomic::Ordering;
 
 use arc_swap::ArcSwap;
-use prometheus_client::metrics::gauge::Gauge;
 use tokio::io::AsyncReadExt;
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::watch;
@@ -23,7 +22,7 @@ use crate::admission::pending::HandshakeSlot;
 use crate::admission::proxy_protocol::{self, MAX_HEADER, Parse};
 use crate::config::Listener;
 use crate::handshake::admit::admit_at_accept;
-use crate::handshake::{self, EarlyPermit, RelayPhase};
+use crate::handshake::{self, EarlyPermit, InHandshake, RelayPhase};
 use crate::observe::access_log::TlsInfo;
 use crate::observe::metrics::{AcceptRefusals, Metrics};
 use crate::shared::Shared;
@@ -146,28 +145,7 @@ impl Drop for ActiveGuard {
 /// keeps is the task header, this, and the relay phase.
 struct ConnTask {
     phase: Phase,
-    /// Its `max_pending_handshakes` slot, given back when the relay starts.
-    pending: Option<InHandshake>,
     _active: ActiveGuard,
-}
-
-/// A handshake slot, shown in `wsgate_handshakes_pending` while held.
-struct InHandshake {
-    _slot: Option<HandshakeSlot>,
-    gauge: Gauge,
-}
-
-impl InHandshake {
-    fn new(slot: Option<HandshakeSlot>, gauge: Gauge) -> InHandshake {
-        gauge.inc();
-        InHandshake { _slot: slot, gauge }
-    }
-}
-
-impl Drop for InHandshake {
-    fn drop(&mut self) {
-        self.gauge.dec();
-    }
 }
 
 enum Phase {
@@ -188,6 +166,8 @@ impl ConnTask {
         early: Option<IpPermit>,
         slot: Option<HandshakeSlot>,
     ) -> Self {
+        // Given back by the handshake phase when it ends (or once a plain request of the
+        // connection is admitted).
         let pending = InHandshake::new(slot, shared.metrics.handshakes_pending());
         let conn = Conn {
             shared: shared.clone(),
@@ -195,10 +175,10 @@ impl ConnTask {
             peer,
             active,
             early,
+            pending,
         };
         ConnTask {
             phase: Phase::Handshake(Box::pin(serve(conn, stream))),
-            pending: Some(pending),
             _active: ActiveGuard(shared),
         }
     }
@@ -212,10 +192,7 @@ impl Future for ConnTask {
             match &mut self.phase {
                 Phase::Handshake(handshake) => match std::task::ready!(handshake.as_mut().poll(cx))
                 {
-                    Some(relay) => {
-                        self.pending = None;
-                        self.phase = Phase::Relay(relay);
-                    }
+                    Some(relay) => self.phase = Phase::Relay(relay),
                     None => return std::task::Poll::Ready(()),
                 },
                 Phase::Relay(relay) => return relay.as_mut().poll(cx),
@@ -243,6 +220,8 @@ struct Conn {
     /// The per-IP count taken when it was judged at accept; `None` when the client is
     /// known later (behind a PROXY header or a trusted proxy).
     early: Option<IpPermit>,
+    /// Its `max_pending_handshakes` slot.
+    pending: InHandshake,
 }
 
 /// A connection up to its upgrade; returns the relay phase when there is one.
@@ -253,6 +232,7 @@ async fn serve(conn: Conn, stream: TcpStream) -> Option<RelayPhase> {
         peer,
         active,
         early,
+        pending,
     } = conn;
     let _ = stream.set_nodelay(true);
     let started = Instant::now();
@@ -324,6 +304,7 @@ async fn serve(conn: Conn, stream: TcpStream) -> Option<RelayPhase> {
         }
     };
     let accepted = |tls: Option<TlsInfo>| handshake::Accepted {
+        pending,
         over_capacity,
         early_permit,
         config: config.clone(),

@@ -289,6 +289,9 @@ pub struct Record<'a> {
     pub rtt_ms: Option<RttMs>,
     /// Times the client exceeded its message budget (closed or throttled).
     pub rate_limited: u64,
+    /// The client's HTTP version (`"1.1"`), on `http` lines.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub http: Option<&'static str>,
 }
 
 #[derive(Debug, Serialize)]
@@ -541,6 +544,7 @@ mod tests {
             pings: 0,
             rtt_ms: None,
             rate_limited: 0,
+            http: None,
         }
     }
 }

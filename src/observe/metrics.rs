@@ -53,6 +53,12 @@ struct CloseLabels {
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct HttpLabels {
+    route: String,
+    code: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct DirLabels {
     route: String,
     direction: String,
@@ -103,6 +109,7 @@ pub struct Metrics {
     active: Family<RouteLabel, Gauge>,
     connections: Family<RouteLabel, Counter>,
     rejected: Family<RejectLabels, Counter>,
+    http_requests: Family<HttpLabels, Counter>,
     closes: Family<CloseLabels, Counter>,
     messages: Family<DirLabels, Counter>,
     bytes: Family<DirLabels, Counter>,
@@ -149,6 +156,7 @@ impl Metrics {
         let active = Family::<RouteLabel, Gauge>::default();
         let connections = Family::<RouteLabel, Counter>::default();
         let rejected = Family::<RejectLabels, Counter>::default();
+        let http_requests = Family::<HttpLabels, Counter>::default();
         let closes = Family::<CloseLabels, Counter>::default();
         let messages = Family::<DirLabels, Counter>::default();
         let bytes = Family::<DirLabels, Counter>::default();
@@ -180,6 +188,11 @@ impl Metrics {
             "wsgate_handshake_rejected",
             "Handshakes refused, by SPEC reason",
             rejected.clone(),
+        );
+        registry.register(
+            "wsgate_http_requests",
+            "Plain HTTP requests relayed on `http: proxy` routes, by status sent to the client",
+            http_requests.clone(),
         );
         registry.register(
             "wsgate_closes",
@@ -246,6 +259,7 @@ impl Metrics {
             active,
             connections,
             rejected,
+            http_requests,
             closes,
             messages,
             bytes,
@@ -357,6 +371,17 @@ impl Metrics {
             .get_or_create(&RejectLabels {
                 route: route.unwrap_or("").to_owned(),
                 reason: reason.to_owned(),
+            })
+            .inc();
+    }
+
+    /// A plain HTTP request relayed (or refused after admission) on an `http: proxy`
+    /// route, by the status the client got.
+    pub fn http_request(&self, route: &str, status: u16) {
+        self.http_requests
+            .get_or_create(&HttpLabels {
+                route: route.to_owned(),
+                code: status.to_string(),
             })
             .inc();
     }

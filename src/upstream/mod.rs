@@ -5,12 +5,15 @@
 //! 101), the forwarded request headers, and the checks on the upstream's 101. Pools,
 //! hashing, health, DNS, sticky keys, the HTTP/1.1 wire and the backend stream live in
 //! the submodules, whose dependencies go one way: `pool` → `health` → `stream`,
-//! `http1`; `pool` → `hash`, `resolve`; `hash`, `resolve`, `http1` and `stream` are
-//! leaves within `upstream`.
+//! `http1`; `pool` → `hash`, `resolve`, `idle`; `plain` (plain HTTP requests on `http:
+//! proxy` routes) → `pool`, `idle`, `stream`; `hash`, `resolve`, `http1`, `idle` and
+//! `stream` are leaves within `upstream`.
 
 pub mod hash;
 mod health;
 pub mod http1;
+mod idle;
+pub mod plain;
 pub mod pool;
 pub mod resolve;
 pub mod sticky;

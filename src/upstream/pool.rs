@@ -98,6 +98,8 @@ pub struct BackendState {
     cool_until_ms: AtomicU64,
     /// `max_ejected` kept this failing backend in (warned once per episode).
     eject_refused: AtomicBool,
+    /// Kept-alive HTTP/1.1 connections for plain requests (`http: proxy` routes).
+    pub(in crate::upstream) idle_http: super::idle::IdleConns,
 }
 
 impl BackendState {
@@ -124,6 +126,7 @@ impl BackendState {
             passes: AtomicU32::new(0),
             cool_until_ms: AtomicU64::new(0),
             eject_refused: AtomicBool::new(false),
+            idle_http: Default::default(),
         }
     }
 

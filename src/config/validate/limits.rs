@@ -145,6 +145,12 @@ impl Validator<'_> {
         if let Some(d) = file.send_timeout {
             limits.send_timeout = self.positive(d, &path.key("send_timeout"));
         }
+        if let Some(d) = file.http_timeout {
+            limits.http_timeout = self.positive(d, &path.key("http_timeout"));
+        }
+        if let Some(size) = file.max_request_body {
+            limits.max_request_body = size.0;
+        }
         if let Some(size) = file.buffer_size {
             let size = size.0;
             if (MIN_BUFFER_SIZE..=MAX_BUFFER_SIZE).contains(&size) {

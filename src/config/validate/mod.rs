@@ -28,11 +28,11 @@ use std::time::Duration;
 
 use super::file::{
     DEFAULT_BUFFER_SIZE, DEFAULT_FRAGMENT_TIMEOUT, DEFAULT_HANDSHAKE_BURST, DEFAULT_HANDSHAKE_PER,
-    DEFAULT_HANDSHAKE_RATE, DEFAULT_HANDSHAKE_TIMEOUT, DEFAULT_IDLE_TIMEOUT,
+    DEFAULT_HANDSHAKE_RATE, DEFAULT_HANDSHAKE_TIMEOUT, DEFAULT_HTTP_TIMEOUT, DEFAULT_IDLE_TIMEOUT,
     DEFAULT_MAX_CONNECTIONS, DEFAULT_MAX_CONNECTIONS_PER_IP, DEFAULT_MAX_FRAGMENTS,
     DEFAULT_MAX_FRAME_SIZE, DEFAULT_MAX_MESSAGE_SIZE, DEFAULT_MAX_PENDING_HANDSHAKES,
-    DEFAULT_MESSAGE_BURST, DEFAULT_MESSAGE_PER, DEFAULT_MESSAGE_RATE, DEFAULT_SEND_TIMEOUT,
-    FileConfig,
+    DEFAULT_MAX_REQUEST_BODY, DEFAULT_MESSAGE_BURST, DEFAULT_MESSAGE_PER, DEFAULT_MESSAGE_RATE,
+    DEFAULT_SEND_TIMEOUT, FileConfig,
 };
 use super::files::ReadFile;
 use super::units::{DurationValue, Text, fmt_duration};
@@ -161,6 +161,8 @@ pub fn validate(file: FileConfig, read: &ReadFile<'_>) -> Result<Config, Vec<Iss
         max_connections_per_ip: DEFAULT_MAX_CONNECTIONS_PER_IP,
         max_connections_per_subject: 0,
         ipv6_prefix: crate::admission::client_ip::DEFAULT_V6_PREFIX,
+        max_request_body: DEFAULT_MAX_REQUEST_BODY,
+        http_timeout: DEFAULT_HTTP_TIMEOUT,
         handshakes_per_ip: RatePolicy {
             rate: DEFAULT_HANDSHAKE_RATE,
             per: DEFAULT_HANDSHAKE_PER,

@@ -7,7 +7,7 @@ use std::sync::Arc;
 use super::{Validator, is_token};
 use crate::config::file::FileRoute;
 use crate::config::units::Text;
-use crate::config::{Deflate, KeyPath, Limits, Route, StickyKey, Upstream};
+use crate::config::{Deflate, HttpMode, KeyPath, Limits, Route, StickyKey, Upstream};
 
 impl Validator<'_> {
     pub(super) fn routes(
@@ -113,6 +113,17 @@ impl Validator<'_> {
                     Deflate::Pass
                 }
             };
+            let http = match route.http.as_ref().map(|t| t.value.trim()) {
+                None | Some("refuse") => HttpMode::Refuse,
+                Some("proxy") => HttpMode::Proxy,
+                Some(_) => {
+                    self.issue(
+                        &path.key("http"),
+                        "http must be `refuse` (plain HTTP requests get 426 upgrade_required) or `proxy` (relayed to the route's upstream)".into(),
+                    );
+                    HttpMode::Refuse
+                }
+            };
             let route_limits =
                 self.limits(limits, route.limits.as_ref(), &path.key("limits"), false);
             if self.issues.len() != before {
@@ -129,6 +140,7 @@ impl Validator<'_> {
                     admission: Arc::new(admission),
                     limits: route_limits,
                     deflate,
+                    http,
                 });
             }
         }
@@ -316,6 +328,16 @@ mod tests {
                 "    upstream: echo\n    deflate: compress",
                 "routes[0].deflate",
             ),
+            (
+                "    upstream: echo",
+                "    upstream: echo\n    http: allow",
+                "routes[0].http",
+            ),
+            (
+                "    upstream: echo",
+                "    upstream: echo\n    limits: { http_timeout: 0s }",
+                "routes[0].limits.http_timeout",
+            ),
         ];
         for (from, to, path) in cases {
             let errors = errors_of(&MINIMAL.replace(from, to));
@@ -344,5 +366,17 @@ mod tests {
             );
             assert_eq!(load(&text).unwrap().routes[0].deflate, want, "{word}");
         }
+        assert_eq!(config.routes[0].http, crate::config::HttpMode::Refuse);
+        let text = MINIMAL.replace(
+            "    upstream: echo",
+            "    upstream: echo\n    http: proxy\n    limits: { max_request_body: 64KiB, http_timeout: 90s }",
+        );
+        let proxied = load(&text).unwrap();
+        assert_eq!(proxied.routes[0].http, crate::config::HttpMode::Proxy);
+        assert_eq!(proxied.routes[0].limits.max_request_body, 64 << 10);
+        assert_eq!(
+            proxied.routes[0].limits.http_timeout,
+            std::time::Duration::from_secs(90)
+        );
     }
 }

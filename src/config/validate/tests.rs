@@ -33,6 +33,8 @@ fn minimal_config_gets_every_default() {
         max_connections_per_ip: 64,
         max_connections_per_subject: 0,
         ipv6_prefix: 64,
+        max_request_body: 1 << 20,
+        http_timeout: Duration::from_secs(60),
         handshakes_per_ip: RatePolicy {
             rate: 10,
             per: Duration::from_secs(1),

@@ -1,0 +1,189 @@
+//! Plain HTTP requests relayed to a backend (SPEC §3 "HTTP alongside WebSockets"):
+//! hyper's HTTP/1.1 client over the same backend streams as upgrades (TCP, then TLS when
+//! the upstream has `tls`), with a bounded pool of kept-alive connections per backend.
+//! Bodies stream both ways: nothing here holds one whole.
+//!
+//! The backend is the one the sticky key picks, as for an upgrade (so a socket.io
+//! session's polls and its upgrade meet on one backend); a backend that cannot be reached
+//! is failed over in rendezvous order, but a request that went out is never sent twice.
+
+use std::sync::Arc;
+
+use http::header::{self, HeaderValue};
+use http::{Request, Response, Uri, Version, request};
+use hyper::body::Incoming;
+use hyper_util::rt::TokioIo;
+
+use super::idle::Sender;
+pub use super::idle::{BoxError, RequestBody};
+use super::pool::{BackendState, Lease, Pool};
+use super::stream::open;
+use super::{Failure, Forwarded, MAX_ATTEMPTS, Target, X_REQUEST_ID, is_proxy_set};
+use crate::admission::client_ip::ip_text;
+use crate::outcome::Refusal;
+
+/// The connection a response came on, and the backend's count of it: hand it back with
+/// [`Checkin::done`] once the response body has been read to its end, so the next request
+/// can reuse it; dropped otherwise (the connection closes).
+pub struct Checkin {
+    sender: Option<Sender>,
+    backend: Arc<BackendState>,
+    _lease: Lease,
+}
+
+impl Checkin {
+    /// The response was read to its end: the connection is idle again.
+    pub fn done(mut self) {
+        if let Some(sender) = self.sender.take() {
+            self.backend.idle_http.put(sender);
+        }
+    }
+}
+
+/// A backend's answer to a plain request.
+pub struct Answer {
+    pub response: Response<Incoming>,
+    pub backend: String,
+    pub checkin: Checkin,
+}
+
+/// Sends `body` with the head `req` (as admission left it) to the key's backend and
+/// waits for the answer's head. Connecting is bounded by the upstream's
+/// `connect_timeout` per backend; the caller bounds the whole exchange.
+pub async fn send(
+    req: &request::Parts,
+    body: RequestBody,
+    target: &Target<'_>,
+    fwd: &Forwarded<'_>,
+    pool: &Pool,
+    key: &[u8],
+) -> Result<Answer, Failure> {
+    let upstream = target.upstream;
+    let mut request = upstream_request(req, body, target, fwd)
+        .map_err(|_| Failure::Proxy(Refusal::BadUpgrade, String::new()))?;
+    let mut candidates = pool.candidates(key, upstream.bounded_load);
+    let mut last = Failure::Proxy(Refusal::NoBackend, String::new());
+    for _ in 0..MAX_ATTEMPTS {
+        let Some(lease) = candidates.next() else {
+            break;
+        };
+        let backend = lease.backend().clone();
+        let identity = backend.identity.clone();
+        // A kept-alive connection first; one the backend closed meanwhile gives the request
+        // back unsent, and a fresh connection takes it.
+        let mut reused = backend.idle_http.take();
+        loop {
+            let fresh = reused.is_none();
+            let mut sender = match reused.take() {
+                Some(s) => s,
+                None => {
+                    let tls = upstream.tls.as_ref();
+                    let connect = connect(&backend, tls);
+                    match tokio::time::timeout(upstream.connect_timeout, connect).await {
+                        Ok(Ok(s)) => s,
+                        Ok(Err(e)) => {
+                            tracing::debug!(backend = %identity, error = %e, "upstream connect failed");
+                            pool.connect_failed(&backend);
+                            last = Failure::Proxy(Refusal::UpstreamConnect, identity.clone());
+                            break;
+                        }
+                        Err(_) => {
+                            pool.connect_failed(&backend);
+                            last = Failure::Proxy(Refusal::UpstreamTimeout, identity.clone());
+                            break;
+                        }
+                    }
+                }
+            };
+            if !fresh && sender.ready().await.is_err() {
+                reused = backend.idle_http.take();
+                continue;
+            }
+            match sender.try_send_request(request).await {
+                Ok(response) => {
+                    pool.connect_succeeded(&backend);
+                    return Ok(Answer {
+                        response,
+                        backend: identity,
+                        checkin: Checkin {
+                            sender: Some(sender),
+                            backend,
+                            _lease: lease,
+                        },
+                    });
+                }
+                Err(mut e) => match e.take_message() {
+                    Some(unsent) if !fresh => {
+                        request = unsent;
+                        reused = backend.idle_http.take();
+                    }
+                    _ => {
+                        tracing::debug!(backend = %identity, error = %e.error(), "upstream exchange failed");
+                        pool.exchange_failed(&backend);
+                        return Err(Failure::Proxy(Refusal::UpstreamConnect, identity));
+                    }
+                },
+            }
+        }
+    }
+    Err(last)
+}
+
+/// A new HTTP/1.1 client connection to `backend`, its task spawned.
+async fn connect(
+    backend: &BackendState,
+    tls: Option<&crate::config::UpstreamTls>,
+) -> Result<Sender, BoxError> {
+    let stream = open(backend.addr, &backend.host, tls).await?;
+    let (sender, conn) = hyper::client::conn::http1::Builder::new()
+        .handshake(TokioIo::new(stream))
+        .await?;
+    let identity = backend.identity.clone();
+    tokio::spawn(async move {
+        if let Err(e) = conn.await {
+            tracing::debug!(backend = %identity, error = %e, "upstream HTTP connection ended");
+        }
+    });
+    Ok(sender)
+}
+
+/// The request as the backend gets it: the client's end-to-end headers (as admission
+/// left them), without any the proxy sets, plus `Host` and the `X-Forwarded-*` and
+/// `X-Request-Id` headers (SPEC §3), in origin form, as HTTP/1.1.
+fn upstream_request(
+    req: &request::Parts,
+    body: RequestBody,
+    target: &Target<'_>,
+    fwd: &Forwarded<'_>,
+) -> Result<Request<RequestBody>, http::Error> {
+    let mut headers = super::end_to_end(&req.headers);
+    let ours: Vec<_> = headers
+        .keys()
+        .filter(|n| is_proxy_set(n) || *n == header::HOST)
+        .cloned()
+        .collect();
+    for name in ours {
+        headers.remove(name);
+    }
+    headers.insert(header::HOST, HeaderValue::from_str(target.host)?);
+    headers.insert(
+        header::HeaderName::from_static("x-forwarded-for"),
+        HeaderValue::from_str(&ip_text(fwd.client_ip))?,
+    );
+    headers.insert(
+        header::HeaderName::from_static("x-forwarded-proto"),
+        HeaderValue::from_static(if fwd.tls { "https" } else { "http" }),
+    );
+    headers.insert(
+        header::HeaderName::from_static("x-forwarded-host"),
+        HeaderValue::from_str(target.host)?,
+    );
+    headers.insert(X_REQUEST_ID, HeaderValue::from_str(fwd.conn_id)?);
+    let uri: Uri = target.path.parse()?;
+    let mut out = Request::new(body);
+    *out.method_mut() = req.method.clone();
+    *out.uri_mut() = uri;
+    *out.version_mut() = Version::HTTP_11;
+    *out.headers_mut() = headers;
+    Ok(out)
+}
