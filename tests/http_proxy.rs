@@ -20,6 +20,7 @@ use hyper::body::{Frame, Incoming};
 use hyper::client::conn::http1::SendRequest;
 use hyper_util::rt::TokioIo;
 use support::*;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 use tokio_tungstenite::WebSocketStream;
 use tokio_tungstenite::tungstenite::Message;
@@ -106,6 +107,7 @@ async fn answer(name: &'static str, req: Request<Incoming>) -> Response<TestBody
             tokio::time::sleep(Duration::from_secs(3600)).await;
             Response::new(full(""))
         }
+        (_, "/app/big") => Response::new(full(vec![b'x'; 32 << 20])),
         (_, "/app/sink") => {
             let n = match req.into_body().collect().await {
                 Ok(b) => b.to_bytes().len(),
@@ -651,4 +653,108 @@ async fn a_long_poll_does_not_hold_a_pending_handshake_slot() {
     assert_eq!(resp.status(), StatusCode::OK);
     assert!(!poll.is_finished());
     poll.abort();
+}
+
+/// A client that asks for a large answer and never reads it is cut at `http_timeout`:
+/// its per-IP place and the backend connection are freed, and its line says
+/// `slow_consumer` (a slow reader must not hold them for ever).
+#[tokio::test]
+async fn a_client_that_never_reads_its_answer_is_cut_at_http_timeout() {
+    let backend = http_backend("one").await;
+    let gw = spawn_gateway(&config(
+        &[backend.addr],
+        "",
+        "http_timeout: 1s, handshake_timeout: 300ms",
+    ))
+    .await;
+    let mut s = TcpStream::connect(gw.addr())
+        .await
+        .unwrap_or_else(|e| panic!("{e}"));
+    s.write_all(b"GET /app/big HTTP/1.1\r\nHost: gw.test\r\n\r\n")
+        .await
+        .unwrap_or_else(|e| panic!("{e}"));
+    // Never read: the answer (32 MiB) fills the socket buffers.
+    let line = gw
+        .log_line(|l| l["event"] == "http" && l["path"] == "/app/big")
+        .await;
+    assert_eq!(line["proxy_reason"], "slow_consumer", "{line}");
+    eventually(
+        "the per-IP place freed",
+        PATIENCE,
+        async || match localhost_places(&gw) {
+            0 => Ok(()),
+            n => Err(n),
+        },
+    )
+    .await;
+    drop(s);
+}
+
+/// A backend that answers before it has read the request body keeps reading it; its
+/// connection must not serve another request before that body is sent whole, so a
+/// request right after is not stuck behind it.
+#[tokio::test]
+async fn a_connection_still_taking_a_request_body_is_not_reused() {
+    let listener = TcpListener::bind("127.0.0.1:0")
+        .await
+        .unwrap_or_else(|e| panic!("{e}"));
+    let addr = listener.local_addr().unwrap_or_else(|e| panic!("{e}"));
+    // Answers each request at its head, then reads whatever follows without answering
+    // again: a second request on the same connection would never be answered.
+    tokio::spawn(async move {
+        while let Ok((mut tcp, _)) = listener.accept().await {
+            tokio::spawn(async move {
+                let mut buf = vec![0u8; 64 * 1024];
+                let mut seen = Vec::new();
+                loop {
+                    let Ok(n) = tcp.read(&mut buf).await else {
+                        return;
+                    };
+                    if n == 0 {
+                        return;
+                    }
+                    seen.extend_from_slice(&buf[..n]);
+                    if seen.windows(4).any(|w| w == b"\r\n\r\n") {
+                        break;
+                    }
+                }
+                let _ = tcp
+                    .write_all(b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\nok")
+                    .await;
+                while let Ok(n) = tcp.read(&mut buf).await {
+                    if n == 0 {
+                        return;
+                    }
+                }
+            });
+        }
+    });
+    let gw = spawn_gateway(&config(&[addr], "", "handshake_timeout: 30s")).await;
+    // A: a chunked POST with one chunk, its answer read, the body never finished.
+    let mut a = TcpStream::connect(gw.addr())
+        .await
+        .unwrap_or_else(|e| panic!("{e}"));
+    a.write_all(b"POST /app/up HTTP/1.1\r\nHost: gw.test\r\nTransfer-Encoding: chunked\r\n\r\n5\r\nhello\r\n")
+        .await
+        .unwrap_or_else(|e| panic!("{e}"));
+    let mut got = [0u8; 256];
+    let n = tokio::time::timeout(PATIENCE, a.read(&mut got))
+        .await
+        .unwrap_or_else(|e| panic!("{e}"))
+        .unwrap_or_else(|e| panic!("{e}"));
+    assert!(String::from_utf8_lossy(&got[..n]).starts_with("HTTP/1.1 200"));
+    // B: a plain GET; stuck until A's connection closes if it reused A's backend one.
+    // Let A's answer be wholly relayed first (its backend connection checked in, or not).
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    let mut sender = client(gw.addr()).await;
+    let req = get("/app/b")
+        .body(Empty::new().map_err(|e| match e {}).boxed())
+        .unwrap_or_else(|e| panic!("{e}"));
+    // Reusing A's backend connection would wait for A's body until A is closed (30 s).
+    let answered = tokio::time::timeout(PATIENCE, send(&mut sender, req)).await;
+    assert!(
+        matches!(&answered, Ok(r) if r.status() == StatusCode::OK),
+        "the second request waited behind the first's body"
+    );
+    drop(a);
 }

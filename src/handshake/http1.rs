@@ -97,6 +97,11 @@ pub(super) struct Conn {
     early_permit: Mutex<EarlyPermit>,
     /// Plain HTTP exchanges in progress (`http: proxy`): the head deadline waits.
     exchanges: AtomicUsize,
+    /// When the exchange in progress must be over (`http_timeout`), client's reading
+    /// included: a client that stops reading its answer is cut then.
+    exchange_until: Mutex<Option<Instant>>,
+    /// The connection was cut because its exchange outlived `http_timeout`.
+    cut: AtomicBool,
     /// When the last plain exchange ended, while no new head has arrived: the connection
     /// is kept alive and waits for its next request within `handshake_timeout`.
     idle_since: Mutex<Option<Instant>>,
@@ -124,6 +129,8 @@ impl Conn {
             established: Mutex::new(None),
             early_permit: Mutex::new(a.early_permit),
             exchanges: AtomicUsize::new(0),
+            exchange_until: Mutex::new(None),
+            cut: AtomicBool::new(false),
             idle_since: Mutex::new(None),
             served: AtomicU32::new(0),
             pending: Mutex::new(Some(a.pending)),
@@ -143,8 +150,21 @@ impl Conn {
         }
     }
 
-    pub(super) fn exchange_started(&self) {
+    pub(super) fn exchange_started(&self, until: Instant) {
+        if let Ok(mut u) = self.exchange_until.lock() {
+            *u = Some(until);
+        }
         self.exchanges.fetch_add(1, Ordering::AcqRel);
+    }
+
+    /// When the exchange in progress must be over.
+    fn exchange_until(&self) -> Option<Instant> {
+        *self.exchange_until.lock().ok()?
+    }
+
+    /// This connection was cut for an exchange past `http_timeout`.
+    pub(super) fn was_cut(&self) -> bool {
+        self.cut.load(Ordering::Acquire)
     }
 
     pub(super) fn exchange_ended(&self) {
@@ -200,8 +220,20 @@ where
             r = poll_fn(|cx| http.poll_without_shutdown(cx)) => break Some(r),
             _ = &mut deadline => {
                 if conn.exchanges.load(Ordering::Acquire) > 0 {
-                    // A plain exchange bounds itself (`http_timeout`): look again later.
-                    deadline.as_mut().reset(Instant::now() + conn.config.limits.handshake_timeout);
+                    // A plain exchange must be over by its `http_timeout`, the client's
+                    // reading included: one that stopped reading would otherwise hold
+                    // this connection, a backend connection and its counts for ever
+                    // (its answer body is not even polled while the socket is full).
+                    let now = Instant::now();
+                    match conn.exchange_until() {
+                        Some(until) if now >= until => {
+                            conn.cut.store(true, Ordering::Release);
+                            tracing::debug!(conn_id = %conn.info.conn_id, "plain exchange past http_timeout; closing");
+                            return None;
+                        }
+                        Some(until) => deadline.as_mut().reset(until),
+                        None => deadline.as_mut().reset(now + conn.config.limits.handshake_timeout),
+                    }
                     continue;
                 }
                 if let Some(until) = conn.idle_until() {

@@ -18,8 +18,10 @@ pub type RequestBody = UnsyncBoxBody<Bytes, BoxError>;
 
 /// Kept-alive connections kept per backend; beyond, a finished one is closed.
 pub const MAX_IDLE_PER_BACKEND: usize = 32;
-/// An idle connection older than this is closed rather than reused.
-pub const IDLE_TIMEOUT: Duration = Duration::from_secs(60);
+/// An idle connection older than this is closed rather than reused: below the common
+/// backend keep-alive timeouts (Node and uvicorn 5 s, gunicorn 2 s is the exception), so
+/// a reused connection is rarely one the backend is closing at that moment.
+pub const IDLE_TIMEOUT: Duration = Duration::from_secs(4);
 
 pub(super) type Sender = SendRequest<RequestBody>;
 

@@ -49,7 +49,8 @@ pub(super) async fn proxy(
     conn.release_pending();
     let route = upgrade.route;
     let limits = &route.limits;
-    let exchange = Exchange::start(conn.clone());
+    let deadline = started + limits.http_timeout;
+    let exchange = Exchange::start(conn.clone(), deadline);
     let mut line = Line {
         conn: conn.clone(),
         facts,
@@ -66,11 +67,15 @@ pub(super) async fn proxy(
         return line.refuse(Refusal::BodyTooLarge);
     }
     let over = Arc::new(AtomicBool::new(false));
+    // Whether the client's request body has been sent whole: until then the backend
+    // connection is still busy with it, even after the answer ended.
+    let body_done = Arc::new(AtomicBool::new(body.is_end_stream()));
     let capped = Capped {
         inner: body,
         left: limits.max_request_body,
         sent: line.up_bytes.clone(),
         over: over.clone(),
+        done: body_done.clone(),
     };
     let Some(pool) = conn.info.shared.pools.get(&route.upstream.name) else {
         return line.refuse(Refusal::NoBackend);
@@ -80,7 +85,6 @@ pub(super) async fn proxy(
         tls: conn.info.tls.is_some(),
         conn_id: &conn.info.conn_id,
     };
-    let deadline = started + limits.http_timeout;
     let target = upgrade.target();
     let sent = plain::send(
         &upstream_parts,
@@ -116,6 +120,7 @@ pub(super) async fn proxy(
     let relayed = Relayed {
         inner: body,
         checkin: Some(checkin),
+        request_done: body_done,
         deadline: Box::pin(tokio::time::sleep_until(deadline)),
         complete: false,
         line: Some(Box::new(line)),
@@ -140,8 +145,8 @@ fn declared_length(parts: &request::Parts) -> Option<u64> {
 struct Exchange(Arc<Conn>);
 
 impl Exchange {
-    fn start(conn: Arc<Conn>) -> Exchange {
-        conn.exchange_started();
+    fn start(conn: Arc<Conn>, until: Instant) -> Exchange {
+        conn.exchange_started(until);
         Exchange(conn)
     }
 }
@@ -193,6 +198,10 @@ impl Drop for Line {
         record.duration_ms = self.started.elapsed().as_millis() as u64;
         record.c2u.bytes = self.up_bytes.load(Ordering::Relaxed);
         record.u2c.bytes = self.down_bytes;
+        // Cut at `http_timeout` with the answer unread: the client was the slow side.
+        if self.reason.is_none() && self.conn.was_cut() {
+            self.reason = Some("slow_consumer");
+        }
         record.proxy_reason = self.reason;
         record.http = Some("1.1");
         self.conn.info.shared.access.log(&record);
@@ -206,6 +215,8 @@ struct Capped {
     left: u64,
     sent: Arc<AtomicU64>,
     over: Arc<AtomicBool>,
+    /// Set once the body has ended (sent whole).
+    done: Arc<AtomicBool>,
 }
 
 impl HttpBody for Capped {
@@ -217,7 +228,10 @@ impl HttpBody for Capped {
         cx: &mut Context<'_>,
     ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
         let frame = match ready!(Pin::new(&mut self.inner).poll_frame(cx)) {
-            None => return Poll::Ready(None),
+            None => {
+                self.done.store(true, Ordering::Release);
+                return Poll::Ready(None);
+            }
             Some(Err(e)) => return Poll::Ready(Some(Err(e.into()))),
             Some(Ok(frame)) => frame,
         };
@@ -229,6 +243,9 @@ impl HttpBody for Capped {
             }
             self.left -= n;
             self.sent.fetch_add(n, Ordering::Relaxed);
+        }
+        if self.inner.is_end_stream() {
+            self.done.store(true, Ordering::Release);
         }
         Poll::Ready(Some(Ok(frame)))
     }
@@ -247,6 +264,9 @@ impl HttpBody for Capped {
 pub(super) struct Relayed {
     inner: Incoming,
     checkin: Option<Checkin>,
+    /// The request body was sent whole: only then may the backend connection be reused
+    /// (a backend may answer before reading all of it).
+    request_done: Arc<AtomicBool>,
     deadline: Pin<Box<Sleep>>,
     complete: bool,
     line: Option<Box<Line>>,
@@ -270,7 +290,9 @@ impl HttpBody for Relayed {
         match ready!(Pin::new(&mut this.inner).poll_frame(cx)) {
             None => {
                 this.complete = true;
-                if let Some(c) = this.checkin.take() {
+                if let Some(c) = this.checkin.take()
+                    && this.request_done.load(Ordering::Acquire)
+                {
                     c.done();
                 }
                 Poll::Ready(None)
@@ -298,6 +320,7 @@ impl Drop for Relayed {
     fn drop(&mut self) {
         if let Some(c) = self.checkin.take()
             && (self.complete || self.inner.is_end_stream())
+            && self.request_done.load(Ordering::Acquire)
         {
             c.done();
         }
