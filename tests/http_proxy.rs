@@ -136,6 +136,19 @@ async fn answer(name: &'static str, req: Request<Incoming>) -> Response<TestBody
     }
 }
 
+/// Waits until `wsgate_http_requests_total{route="app",code}` reaches `want`.
+async fn await_http_requests(gw: &TestGateway, code: &str, want: f64) {
+    let labels = [("route", "app"), ("code", code)];
+    await_metric(gw, "wsgate_http_requests_total", &labels, want).await;
+}
+
+/// An empty-bodied GET of `path`.
+fn empty_get(path: &str) -> Request<TestBody> {
+    get(path)
+        .body(Empty::new().map_err(|e| match e {}).boxed())
+        .unwrap_or_else(|e| panic!("{e}"))
+}
+
 /// A hyper client connection to the gateway (upgrades allowed).
 async fn client(addr: SocketAddr) -> SendRequest<TestBody> {
     let tcp = TcpStream::connect(addr)
@@ -311,13 +324,7 @@ async fn get_and_streamed_post_relayed_then_upgrade_on_the_same_connection() {
         get_line["conn_id"], line["conn_id"],
         "one client connection"
     );
-    await_metric(
-        &gw,
-        "wsgate_http_requests_total",
-        &[("route", "app"), ("code", "200")],
-        2.0,
-    )
-    .await;
+    await_http_requests(&gw, "200", 2.0).await;
 }
 
 #[tokio::test]
@@ -491,13 +498,7 @@ async fn bodies_over_max_request_body_get_413() {
         .log_line(|l| l["event"] == "http" && l["proxy_reason"] == "body_too_large")
         .await;
     assert_eq!(line["status"], 413);
-    await_metric(
-        &gw,
-        "wsgate_http_requests_total",
-        &[("route", "app"), ("code", "413")],
-        2.0,
-    )
-    .await;
+    await_http_requests(&gw, "413", 2.0).await;
 }
 
 #[tokio::test]
@@ -506,9 +507,7 @@ async fn a_backend_silent_past_http_timeout_gets_504() {
     let gw = spawn_gateway(&config(&[backend.addr], "", "http_timeout: 300ms")).await;
     let mut sender = client(gw.addr()).await;
     let started = tokio::time::Instant::now();
-    let req = get("/app/slow")
-        .body(Empty::new().map_err(|e| match e {}).boxed())
-        .unwrap_or_else(|e| panic!("{e}"));
+    let req = empty_get("/app/slow");
     let resp = send(&mut sender, req).await;
     assert_eq!(resp.status(), StatusCode::GATEWAY_TIMEOUT);
     assert!(started.elapsed() < Duration::from_secs(5));
@@ -518,13 +517,7 @@ async fn a_backend_silent_past_http_timeout_gets_504() {
         .await;
     assert_eq!(line["proxy_reason"], "upstream_timeout");
     assert_eq!(line["upstream"], serde_json::Value::Null);
-    await_metric(
-        &gw,
-        "wsgate_http_requests_total",
-        &[("route", "app"), ("code", "504")],
-        1.0,
-    )
-    .await;
+    await_http_requests(&gw, "504", 1.0).await;
 }
 
 #[tokio::test]
@@ -747,9 +740,7 @@ async fn a_connection_still_taking_a_request_body_is_not_reused() {
     // Let A's answer be wholly relayed first (its backend connection checked in, or not).
     tokio::time::sleep(Duration::from_millis(200)).await;
     let mut sender = client(gw.addr()).await;
-    let req = get("/app/b")
-        .body(Empty::new().map_err(|e| match e {}).boxed())
-        .unwrap_or_else(|e| panic!("{e}"));
+    let req = empty_get("/app/b");
     // Reusing A's backend connection would wait for A's body until A is closed (30 s).
     let answered = tokio::time::timeout(PATIENCE, send(&mut sender, req)).await;
     assert!(
