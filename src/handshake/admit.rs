@@ -47,7 +47,8 @@ pub enum EarlyPermit {
     /// Judged at accept ([`admit_at_accept`]): the handshake rate counted, and the
     /// connection counted since then against the widest cap any route allows.
     Held(IpPermit),
-    /// The client was over every route's cap at accept.
+    /// Treated as over the cap: what the driver uses when the accept-time count cannot be
+    /// read (a poisoned lock), so nothing is counted afresh.
     OverCap,
     /// Held by a kept-alive connection since an earlier plain HTTP request of it: each
     /// later request counts against the handshake rate again; the cap is already held.
