@@ -131,6 +131,9 @@ pub struct FileListener {
     /// Expect a PROXY v1/v2 header (default false).
     #[serde(default, deserialize_with = "opt_scalar")]
     pub proxy_protocol: Option<bool>,
+    /// HTTP/2: ALPN `h2` on TLS (default true), h2c prior knowledge on plain (default false).
+    #[serde(default, deserialize_with = "opt_scalar")]
+    pub http2: Option<bool>,
 }
 
 #[derive(Debug, Deserialize)]

@@ -70,6 +70,8 @@ pub struct Listener {
     pub tls: Option<ListenerTls>,
     /// Every connection starts with a PROXY v1/v2 header naming the real client.
     pub proxy_protocol: bool,
+    /// HTTP/2 beside HTTP/1.1: ALPN `h2` on TLS, h2c with prior knowledge on plain.
+    pub http2: bool,
 }
 
 /// A listener's TLS, with its certificates already loaded and checked.
@@ -81,6 +83,16 @@ pub struct ListenerTls {
     pub self_signed: bool,
     /// Client certificates are required and verified (mTLS).
     pub mtls: bool,
+}
+
+impl ListenerTls {
+    /// The same, offering HTTP/2 by ALPN (`h2` first, then `http/1.1`).
+    pub fn offering_h2(mut self) -> ListenerTls {
+        let mut server = (*self.server).clone();
+        server.alpn_protocols = vec![b"h2".to_vec(), b"http/1.1".to_vec()];
+        self.server = Arc::new(server);
+        self
+    }
 }
 
 /// TLS towards an upstream's backends (wss://).

@@ -23,6 +23,8 @@ pub(super) struct ConnInfo {
     pub(super) peer: std::net::SocketAddr,
     pub(super) started: Instant,
     pub(super) tls: Option<TlsInfo>,
+    /// The client's HTTP version as the log writes it: `"1.1"` or `"2"`.
+    pub(super) http: &'static str,
 }
 
 /// What the access log says about a request, gathered as it is decided.
@@ -117,6 +119,7 @@ pub(super) struct LogFacts {
     started: Instant,
     tls: Option<Box<TlsInfo>>,
     sticky: Option<sticky::KeyLog>,
+    http: &'static str,
 }
 
 impl LogFacts {
@@ -154,6 +157,7 @@ impl LogFacts {
             started: conn.started,
             tls: conn.tls.clone().map(Box::new),
             sticky: info.sticky,
+            http: conn.http,
         }
     }
 
@@ -186,6 +190,7 @@ impl LogFacts {
             status,
             duration_ms: self.started.elapsed().as_millis() as u64,
             sticky: self.sticky,
+            http: Some(self.http),
             ..Record::default()
         }
     }

@@ -43,7 +43,7 @@ const MAX_HEAD: usize = 16 * 1024;
 
 /// What the client gets: the proxy's own answer, an upstream's refusal of an upgrade, or
 /// an upstream's answer to a plain request (`http: proxy`).
-type Body = Either<Full<Bytes>, Either<upstream::RefusalBody, plain::Relayed>>;
+pub(super) type Body = Either<Full<Bytes>, Either<upstream::RefusalBody, plain::Relayed>>;
 
 /// A connection's `max_pending_handshakes` slot, shown in `wsgate_handshakes_pending`
 /// while held: from accept until its handshake phase ends, or until its first plain
@@ -114,27 +114,49 @@ pub(super) struct Conn {
 
 impl Conn {
     fn new(a: Accepted) -> Conn {
+        let info = ConnInfo {
+            shared: a.shared,
+            listener: a.listener,
+            peer: a.peer,
+            conn_id: ids::next(),
+            started: a.started,
+            tls: a.tls,
+            http: "1.1",
+        };
+        let mut conn = Conn::for_stream(info, a.config, a.over_capacity, a.early_permit);
+        conn.pending = Mutex::new(Some(a.pending));
+        // Until hyper hands the head over, its own answers are held back (`OwnRefusals`).
+        conn.head_seen = AtomicBool::new(false);
+        conn
+    }
+
+    /// One request's state with nothing of HTTP/1.1's connection around it: a stream of
+    /// an HTTP/2 connection (whose driver holds the handshake slot).
+    pub(super) fn for_stream(
+        info: ConnInfo,
+        config: Arc<Config>,
+        over_capacity: bool,
+        early_permit: EarlyPermit,
+    ) -> Conn {
         Conn {
-            info: ConnInfo {
-                shared: a.shared,
-                listener: a.listener,
-                peer: a.peer,
-                conn_id: ids::next(),
-                started: a.started,
-                tls: a.tls,
-            },
-            config: a.config,
-            over_capacity: a.over_capacity,
-            head_seen: AtomicBool::new(false),
+            info,
+            config,
+            over_capacity,
+            head_seen: AtomicBool::new(true),
             established: Mutex::new(None),
-            early_permit: Mutex::new(a.early_permit),
+            early_permit: Mutex::new(early_permit),
             exchanges: AtomicUsize::new(0),
             exchange_until: Mutex::new(None),
             cut: AtomicBool::new(false),
             idle_since: Mutex::new(None),
             served: AtomicU32::new(0),
-            pending: Mutex::new(Some(a.pending)),
+            pending: Mutex::new(None),
         }
+    }
+
+    /// What an admitted upgrade left for its relay.
+    pub(super) fn take_established(&self) -> Option<Box<Established>> {
+        self.established.lock().ok()?.take()
     }
 
     /// Gives the `max_pending_handshakes` slot back.
@@ -334,7 +356,7 @@ fn answer_budget(config: &Config) -> Duration {
 }
 
 impl Conn {
-    async fn handle(self: Arc<Self>, req: Request<Incoming>) -> Response<Body> {
+    pub(super) async fn handle(self: Arc<Self>, req: Request<Incoming>) -> Response<Body> {
         let started = Instant::now();
         self.head_seen.store(true, Ordering::Release);
         self.served.fetch_add(1, Ordering::AcqRel);
@@ -465,7 +487,7 @@ impl Conn {
         )
     }
 
-    fn refuse(&self, info: &Facts, r: Refusal, backend: Option<&str>) -> Response<Body> {
+    pub(super) fn refuse(&self, info: &Facts, r: Refusal, backend: Option<&str>) -> Response<Body> {
         self.log_reject(info, r, r.status().as_u16(), backend);
         r.response::<Full<Bytes>>().map(Either::Left)
     }
@@ -518,6 +540,7 @@ impl Conn {
             sticky: info.sticky,
             status,
             duration_ms: self.info.started.elapsed().as_millis() as u64,
+            http: Some(self.info.http),
             ..Record::default()
         }
     }

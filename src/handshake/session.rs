@@ -75,6 +75,7 @@ where
         subject: info.subject.as_deref().map(Into::into),
         jti,
         since_ms: unix_ms(),
+        protocol: if conn.http == "2" { "h2" } else { "http/1.1" },
     }));
     let registration = registry.register(control.clone());
     // A revocation that landed between the admission check and this registration did not

@@ -78,6 +78,7 @@ pub struct Running {
     pub bind: SocketAddr,
     pub addr: SocketAddr,
     pub proxy_protocol: bool,
+    pub http2: bool,
     pub tls: Option<Arc<TlsSlot>>,
     _stop: watch::Sender<()>,
 }
@@ -102,6 +103,7 @@ impl Running {
             listener: name.clone(),
             tls: tls.clone(),
             proxy_protocol: l.proxy_protocol,
+            http2: l.http2,
             refusals: shared.metrics.accept_refusals(&name),
         };
         let socket = tcp.into_std().and_then(accept::register)?;
@@ -117,6 +119,7 @@ impl Running {
             bind: l.bind,
             addr,
             proxy_protocol: l.proxy_protocol,
+            http2: l.http2,
             tls,
             _stop: stop,
         })
@@ -127,6 +130,7 @@ impl Running {
         *self.name == *l.name
             && (self.bind == l.bind || self.addr == l.bind)
             && self.proxy_protocol == l.proxy_protocol
+            && self.http2 == l.http2
             && self.tls.is_some() == l.tls.is_some()
     }
 }
@@ -207,6 +211,8 @@ struct Endpoint {
     listener: Arc<str>,
     tls: Option<Arc<TlsSlot>>,
     proxy_protocol: bool,
+    /// h2c with prior knowledge on a plain listener (TLS listeners offer `h2` by ALPN).
+    http2: bool,
     refusals: AcceptRefusals,
 }
 
@@ -245,6 +251,7 @@ async fn serve(conn: Conn, stream: TcpStream) -> Option<RelayPhase> {
         listener,
         tls,
         proxy_protocol,
+        http2,
         refusals,
     } = endpoint;
     let (stream, peer) = if proxy_protocol {
@@ -317,6 +324,11 @@ async fn serve(conn: Conn, stream: TcpStream) -> Option<RelayPhase> {
     // The TLS path is boxed, as is the relay phase: a plain connection never carries the
     // size of a TLS session (this future is moved into its task's allocation whole).
     match tls {
+        None if http2 => match sniff_h2(stream, deadline).await {
+            Some((stream, true)) => handshake::serve_h2(accepted(None), stream, deadline).await,
+            Some((stream, false)) => handshake::serve(accepted(None), stream, deadline).await,
+            None => None,
+        },
         None => handshake::serve(accepted(None), stream, deadline).await,
         Some(slot) => {
             let tls = TlsAccept {
@@ -367,7 +379,32 @@ async fn serve_tls(
         }
     };
     let info = tls_info(stream.get_ref().1);
+    if stream.get_ref().1.alpn_protocol() == Some(b"h2") {
+        return handshake::serve_h2(accepted(Some(info)), stream, deadline).await;
+    }
     handshake::serve(accepted(Some(info)), stream, deadline).await
+}
+
+/// Reads far enough into a plain connection to tell an HTTP/2 connection preface (h2c with
+/// prior knowledge) from an HTTP/1.1 head; the bytes read stay in front of the stream.
+/// `None` when the client sends nothing decisive before the deadline or goes away.
+async fn sniff_h2(
+    mut stream: Prefixed<TcpStream>,
+    deadline: Instant,
+) -> Option<(Prefixed<TcpStream>, bool)> {
+    const PREFACE: &[u8] = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n";
+    let mut seen = Vec::with_capacity(PREFACE.len());
+    let mut byte = [0u8; PREFACE.len()];
+    while seen.len() < PREFACE.len() && PREFACE.starts_with(&seen) {
+        let want = PREFACE.len() - seen.len();
+        let read = tokio::time::timeout_at(deadline, stream.read(&mut byte[..want]));
+        match read.await {
+            Ok(Ok(n)) if n > 0 => seen.extend_from_slice(&byte[..n]),
+            _ => return None,
+        }
+    }
+    let h2 = seen == PREFACE;
+    Some((stream.with_front(seen), h2))
 }
 
 fn tls_info(session: &rustls::ServerConnection) -> TlsInfo {

@@ -21,6 +21,14 @@ impl<S> Prefixed<S> {
         }
     }
 
+    /// Puts `front` before what is left of the prefix (bytes read to look ahead).
+    pub(super) fn with_front(mut self, mut front: Vec<u8>) -> Prefixed<S> {
+        front.extend_from_slice(&self.prefix[self.at..]);
+        self.prefix = front;
+        self.at = 0;
+        self
+    }
+
     pub(super) fn get_ref(&self) -> &S {
         &self.inner
     }

@@ -289,7 +289,7 @@ pub struct Record<'a> {
     pub rtt_ms: Option<RttMs>,
     /// Times the client exceeded its message budget (closed or throttled).
     pub rate_limited: u64,
-    /// The client's HTTP version (`"1.1"`), on `http` lines.
+    /// The client's HTTP version (`"1.1"` or `"2"`), on every line whose request was read.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub http: Option<&'static str>,
 }

@@ -138,6 +138,8 @@ pub struct Entry {
     pub jti: Option<Box<str>>,
     /// Unix milliseconds of the upgrade.
     pub since_ms: u64,
+    /// How the client speaks: `http/1.1`, or `h2` for a stream of an HTTP/2 connection.
+    pub protocol: &'static str,
 }
 
 /// Which live connections an admin close picks (SPEC §7 `/connections/close`, `/revoke`).
@@ -172,6 +174,8 @@ pub struct Registry {
     names: Mutex<HashSet<Arc<str>>>,
     /// Set once a process-wide drain began: its end, so late upgrades drain too.
     draining_until: Mutex<Option<Instant>>,
+    /// Turns true when a process-wide drain begins: HTTP/2 connections send GOAWAY then.
+    drain_started: tokio::sync::watch::Sender<bool>,
 }
 
 /// Keeps a connection listed until dropped.
@@ -305,8 +309,14 @@ impl Registry {
         n
     }
 
+    /// Watches for the start of a process-wide drain.
+    pub fn drain_started(&self) -> tokio::sync::watch::Receiver<bool> {
+        self.drain_started.subscribe()
+    }
+
     /// Drains everything, including connections upgraded from now on (shutdown).
     pub fn drain_all(&self, spread: Duration) -> usize {
+        self.drain_started.send_replace(true);
         if let Ok(_live) = self.live.lock()
             && let Ok(mut d) = self.draining_until.lock()
         {
@@ -348,6 +358,7 @@ impl Registry {
                 upstream: e.upstream.to_string(),
                 backend: e.backend.to_string(),
                 client_ip: e.client_ip.to_string(),
+                protocol: e.protocol,
                 age_s: now.saturating_sub(e.since_ms) / 1000,
             })
             .collect();
@@ -372,6 +383,8 @@ pub struct Oldest {
     pub upstream: String,
     pub backend: String,
     pub client_ip: String,
+    /// `http/1.1`, or `h2` for a WebSocket over HTTP/2 (RFC 8441).
+    pub protocol: &'static str,
     pub age_s: u64,
 }
 
@@ -404,6 +417,7 @@ mod tests {
             subject: Some(format!("user-{route}").into()),
             jti: None,
             since_ms: unix_ms(),
+            protocol: "http/1.1",
         }))
     }
 

@@ -28,6 +28,8 @@ impl Validator<'_> {
                 .tls
                 .and_then(|t| self.listener_tls(t, &path.key("tls")));
             let proxy_protocol = listener.proxy_protocol.unwrap_or(false);
+            let http2 = listener.http2.unwrap_or(tls.is_some());
+            let tls = tls.map(|t| if http2 { t.offering_h2() } else { t });
             let Some(bind) = self.socket_addr(&listener.bind, &path.key("bind")) else {
                 continue;
             };
@@ -60,6 +62,7 @@ impl Validator<'_> {
                 bind,
                 tls,
                 proxy_protocol,
+                http2,
             });
         }
         listeners

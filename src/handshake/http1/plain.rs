@@ -203,7 +203,6 @@ impl Drop for Line {
             self.reason = Some("slow_consumer");
         }
         record.proxy_reason = self.reason;
-        record.http = Some("1.1");
         self.conn.info.shared.access.log(&record);
     }
 }
@@ -261,7 +260,7 @@ impl HttpBody for Capped {
 
 /// The backend's answer body as the client gets it: counted, bounded by the exchange's
 /// deadline, and its connection handed back to the pool once read to the end.
-pub(super) struct Relayed {
+pub(in crate::handshake) struct Relayed {
     inner: Incoming,
     checkin: Option<Checkin>,
     /// The request body was sent whole: only then may the backend connection be reused

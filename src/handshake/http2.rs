@@ -1,0 +1,448 @@
+//! The HTTP/2 driver (SPEC §3 "WebSocket over HTTP/2", RFC 8441): hyper's HTTP/2 server on
+//! one client connection, each stream judged as a connection of its own would be on
+//! HTTP/1.1. An extended CONNECT with `:protocol: websocket` is rewritten into the HTTP/1.1
+//! upgrade it stands for, so the same admission, upstream handshake and log lines apply;
+//! the upstream's 101 becomes the client's 200, and the stream's relay runs in a task of
+//! its own over the stream. Other requests follow the route's `http` setting.
+//!
+//! Per connection, not per stream: keepalive (one HTTP/2 PING every `ping_interval`, a
+//! connection silent past `pong_timeout` ends with all its streams), GOAWAY when a drain
+//! begins, and closing once no stream has been open for `handshake_timeout`. Flow-control
+//! windows are `buffer_size` per stream, so a stream holds at most that much per
+//! direction, and the connection window leaves room for every stream's.
+
+use std::convert::Infallible;
+use std::net::SocketAddr;
+use std::pin::Pin;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+use std::task::{Context, Poll};
+
+use bytes::Bytes;
+use http::header::{self, HeaderValue};
+use http::{Method, Request, Response, StatusCode, Version, request};
+use hyper::body::{Body as HttpBody, Frame, Incoming, SizeHint};
+use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
+use tokio::io::{AsyncRead, AsyncWrite};
+use tokio::sync::Notify;
+use tokio::time::Instant;
+
+use super::admit::EarlyPermit;
+use super::facts::{ConnInfo, Facts, request_id};
+use super::http1::{Accepted, Body, Conn, InHandshake};
+use super::session::{Established, RelayPhase, run_relay};
+use crate::config::Config;
+use crate::observe::access_log::TlsInfo;
+use crate::outcome::Refusal;
+use crate::shared::Shared;
+
+/// Streams one connection may have open at once (SPEC §3).
+pub const MAX_STREAMS: u32 = 100;
+
+/// Largest header list a client may send (as on HTTP/1.1, the head's bound); it also
+/// bounds what HPACK may expand to.
+const MAX_HEADER_LIST: u32 = 16 * 1024;
+
+/// The largest flow-control window HTTP/2 allows.
+const MAX_WINDOW: u64 = (1 << 31) - 1;
+
+/// What the streams of one connection share.
+struct H2Conn {
+    shared: Arc<Shared>,
+    config: Arc<Config>,
+    listener: Arc<str>,
+    peer: SocketAddr,
+    tls: Option<TlsInfo>,
+    over_capacity: bool,
+    /// The per-IP count taken at accept: the first stream's. Later streams count afresh.
+    early: Mutex<Option<EarlyPermit>>,
+    /// The `max_pending_handshakes` slot, until the first stream arrives.
+    pending: Mutex<Option<InHandshake>>,
+    /// Streams being answered or relayed.
+    open: AtomicUsize,
+    /// When the last stream ended (or the connection began), while none is open.
+    idle_since: Mutex<Instant>,
+    /// The last open stream ended: the idle bound starts.
+    went_idle: Notify,
+}
+
+/// Serves an HTTP/2 connection until it ends; its WebSocket streams are relayed in tasks of
+/// their own, so nothing is left for the caller's relay phase. `deadline` bounds the wait
+/// for the first stream.
+pub async fn serve<S>(accepted: Accepted, stream: S, deadline: Instant) -> Option<RelayPhase>
+where
+    S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+{
+    let Accepted {
+        pending,
+        shared,
+        config,
+        listener,
+        peer,
+        started,
+        over_capacity,
+        early_permit,
+        tls,
+    } = accepted;
+    let h2 = Arc::new(H2Conn {
+        shared,
+        config,
+        listener,
+        peer,
+        tls,
+        over_capacity,
+        early: Mutex::new(Some(early_permit)),
+        pending: Mutex::new(Some(pending)),
+        open: AtomicUsize::new(0),
+        idle_since: Mutex::new(started),
+        went_idle: Notify::new(),
+    });
+    let server = builder(&h2.config);
+    let service = {
+        let h2 = h2.clone();
+        hyper::service::service_fn(move |req| {
+            let h2 = h2.clone();
+            async move { Ok::<_, Infallible>(answer(h2, req).await) }
+        })
+    };
+    let http = server.serve_connection(TokioIo::new(stream), service);
+    tokio::pin!(http);
+    let mut draining = h2.shared.registry.drain_started();
+    let idle = tokio::time::sleep_until(deadline);
+    tokio::pin!(idle);
+    let mut closing = false;
+    loop {
+        let idle_armed = !closing && h2.open.load(Ordering::Acquire) == 0;
+        tokio::select! {
+            r = http.as_mut() => {
+                if let Err(e) = r {
+                    tracing::debug!(peer = %h2.peer, error = %e, "HTTP/2 connection ended");
+                }
+                return None;
+            }
+            () = h2.went_idle.notified(), if !closing => {
+                let since = h2.idle_since.lock().map(|s| *s).unwrap_or_else(|_| Instant::now());
+                idle.as_mut().reset(since + h2.config.limits.handshake_timeout);
+            }
+            () = &mut idle, if idle_armed => {
+                // GOAWAY: the client opens a new connection for what it sends next.
+                http.as_mut().graceful_shutdown();
+                closing = true;
+            }
+            true = async { draining.wait_for(|d| *d).await.is_ok() }, if !closing => {
+                http.as_mut().graceful_shutdown();
+                closing = true;
+            }
+        }
+    }
+}
+
+/// The server side of HTTP/2 as SPEC §3 sets it.
+fn builder(config: &Config) -> hyper::server::conn::http2::Builder<TokioExecutor> {
+    let buffer = config.limits.buffer_size as u64;
+    let stream_window = buffer.clamp(1, MAX_WINDOW) as u32;
+    let conn_window = (buffer * u64::from(MAX_STREAMS)).clamp(65_535, MAX_WINDOW) as u32;
+    let mut b = hyper::server::conn::http2::Builder::new(TokioExecutor::new());
+    b.timer(TokioTimer::new())
+        .enable_connect_protocol()
+        .max_concurrent_streams(MAX_STREAMS)
+        .initial_stream_window_size(stream_window)
+        .initial_connection_window_size(conn_window)
+        .adaptive_window(false)
+        .max_send_buf_size(config.limits.buffer_size.max(1))
+        .max_header_list_size(MAX_HEADER_LIST);
+    let keepalive = &config.keepalive;
+    if !keepalive.ping_interval.is_zero() {
+        b.keep_alive_interval(keepalive.ping_interval)
+            .keep_alive_timeout(keepalive.pong_timeout);
+    }
+    b
+}
+
+/// One stream: refused, relayed as plain HTTP, or admitted as a WebSocket whose relay is
+/// started once the 200 is out.
+async fn answer(h2: Arc<H2Conn>, mut req: Request<Incoming>) -> Response<Tracked> {
+    let open = StreamOpen::new(&h2);
+    let upgrade = hyper::upgrade::on(&mut req);
+    let (mut parts, body) = req.into_parts();
+    let normalized = normalize(&mut parts);
+    let early = h2.early.lock().ok().and_then(|mut e| e.take());
+    let conn = Arc::new(Conn::for_stream(
+        ConnInfo {
+            shared: h2.shared.clone(),
+            listener: h2.listener.clone(),
+            conn_id: crate::ids::next(),
+            peer: h2.peer,
+            started: Instant::now(),
+            tls: h2.tls.clone(),
+            http: "2",
+        },
+        h2.config.clone(),
+        open.over_capacity,
+        early.unwrap_or(EarlyPermit::NotTaken),
+    ));
+    if let Err(refusal) = normalized {
+        let mut facts = Facts::from_parts(&parts);
+        facts.request_id = request_id(&parts.headers);
+        return open.track(conn.refuse(&facts, refusal, None));
+    }
+    let resp = conn.clone().handle(Request::from_parts(parts, body)).await;
+    if resp.status() != StatusCode::SWITCHING_PROTOCOLS {
+        return open.track(resp);
+    }
+    let Some(est) = conn.take_established() else {
+        return open.track(
+            Refusal::UpstreamConnect
+                .response()
+                .map(http_body_util::Either::Left),
+        );
+    };
+    tokio::spawn(relay(conn, upgrade, est, open.keep()));
+    let (mut head, body) = resp.into_parts();
+    head.status = StatusCode::OK;
+    for name in [
+        header::CONNECTION,
+        header::UPGRADE,
+        header::SEC_WEBSOCKET_ACCEPT,
+    ] {
+        head.headers.remove(name);
+    }
+    Response::from_parts(
+        head,
+        Tracked {
+            inner: body,
+            _open: None,
+        },
+    )
+}
+
+/// Relays an admitted stream once hyper hands it over (the 200 sent).
+async fn relay(
+    conn: Arc<Conn>,
+    upgrade: hyper::upgrade::OnUpgrade,
+    est: Box<Established>,
+    _open: StreamOpen,
+) {
+    let client = match upgrade.await {
+        Ok(upgraded) => TokioIo::new(upgraded),
+        Err(e) => {
+            // The client reset the stream before it had its 200.
+            tracing::debug!(conn_id = %conn.info.conn_id, error = %e, "HTTP/2 stream gone before its relay");
+            return;
+        }
+    };
+    let relaying = run_relay(&conn.info, client, Bytes::new(), *est);
+    drop(conn);
+    relaying.await;
+}
+
+/// Rewrites an HTTP/2 request into the HTTP/1.1 request it stands for: `Host` from
+/// `:authority`, an origin-form target, cookies joined (RFC 9113 §8.2.3), and an extended
+/// CONNECT for `websocket` as the upgrade (with a key of our own: RFC 8441 has none).
+fn normalize(parts: &mut request::Parts) -> Result<(), Refusal> {
+    let protocol = parts.extensions.get::<hyper::ext::Protocol>();
+    let websocket = match (&parts.method, protocol) {
+        (&Method::CONNECT, Some(p)) if p.as_str().eq_ignore_ascii_case("websocket") => true,
+        // A CONNECT tunnel, or another protocol: not what a WebSocket gateway relays.
+        (&Method::CONNECT, _) | (_, Some(_)) => return Err(Refusal::BadUpgrade),
+        _ => false,
+    };
+    parts.version = Version::HTTP_11;
+    if let Some(authority) = parts.uri.authority() {
+        if !parts.headers.contains_key(header::HOST) {
+            let host =
+                HeaderValue::from_str(authority.as_str()).map_err(|_| Refusal::BadUpgrade)?;
+            parts.headers.insert(header::HOST, host);
+        }
+        let target = parts
+            .uri
+            .path_and_query()
+            .map_or("/", |p| p.as_str())
+            .parse()
+            .map_err(|_| Refusal::BadUpgrade)?;
+        parts.uri = target;
+    }
+    join_cookies(&mut parts.headers);
+    if websocket {
+        let h = &mut parts.headers;
+        h.insert(header::CONNECTION, HeaderValue::from_static("upgrade"));
+        h.insert(header::UPGRADE, HeaderValue::from_static("websocket"));
+        let key = tungstenite::handshake::client::generate_key();
+        let key = HeaderValue::from_str(&key).map_err(|_| Refusal::BadUpgrade)?;
+        h.insert(header::SEC_WEBSOCKET_KEY, key);
+        parts.method = Method::GET;
+    }
+    Ok(())
+}
+
+/// HTTP/2 may split `Cookie` into one header per pair; HTTP/1.1 wants one.
+fn join_cookies(h: &mut http::HeaderMap) {
+    let mut all = h.get_all(header::COOKIE).iter();
+    let (Some(first), Some(_)) = (all.next(), all.next()) else {
+        return;
+    };
+    let mut joined = first.as_bytes().to_vec();
+    for v in h.get_all(header::COOKIE).iter().skip(1) {
+        joined.extend_from_slice(b"; ");
+        joined.extend_from_slice(v.as_bytes());
+    }
+    if let Ok(v) = HeaderValue::from_bytes(&joined) {
+        h.insert(header::COOKIE, v);
+    }
+}
+
+/// A stream counted open on its connection (the idle bound waits) and, beyond the
+/// connection's first open stream, as a connection of its own for `max_connections`.
+struct StreamOpen {
+    h2: Arc<H2Conn>,
+    /// Counted in `Shared::active` by this stream.
+    counted: bool,
+    over_capacity: bool,
+}
+
+impl StreamOpen {
+    fn new(h2: &Arc<H2Conn>) -> StreamOpen {
+        let before = h2.open.fetch_add(1, Ordering::AcqRel);
+        // The connection is no longer a handshake in progress once a stream arrives.
+        let slot = h2.pending.lock().ok().and_then(|mut p| p.take());
+        drop(slot);
+        let (counted, over_capacity) = if before == 0 {
+            (false, h2.over_capacity)
+        } else {
+            let now = h2.shared.active.fetch_add(1, Ordering::Relaxed) + 1;
+            (true, now > h2.config.limits.max_connections)
+        };
+        StreamOpen {
+            h2: h2.clone(),
+            counted,
+            over_capacity,
+        }
+    }
+
+    /// The response, keeping the stream counted until its body is sent.
+    fn track(self, inner: Response<Body>) -> Response<Tracked> {
+        inner.map(|inner| Tracked {
+            inner,
+            _open: Some(self),
+        })
+    }
+
+    fn keep(self) -> StreamOpen {
+        self
+    }
+}
+
+impl Drop for StreamOpen {
+    fn drop(&mut self) {
+        if self.counted {
+            self.h2.shared.active.fetch_sub(1, Ordering::Relaxed);
+        }
+        if self.h2.open.fetch_sub(1, Ordering::AcqRel) == 1 {
+            if let Ok(mut since) = self.h2.idle_since.lock() {
+                *since = Instant::now();
+            }
+            self.h2.went_idle.notify_one();
+        }
+    }
+}
+
+/// A response body that keeps its stream counted open until it is sent (or dropped).
+struct Tracked {
+    inner: Body,
+    _open: Option<StreamOpen>,
+}
+
+impl HttpBody for Tracked {
+    type Data = Bytes;
+    type Error = <Body as HttpBody>::Error;
+
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, Self::Error>>> {
+        Pin::new(&mut self.inner).poll_frame(cx)
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.inner.is_end_stream()
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        self.inner.size_hint()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn parts(req: Request<()>) -> request::Parts {
+        req.into_parts().0
+    }
+
+    #[test]
+    fn extended_connect_becomes_an_upgrade() {
+        let mut req = Request::builder()
+            .method(Method::CONNECT)
+            .version(Version::HTTP_2)
+            .uri("https://chat.example.com/ws?room=1")
+            .header("sec-websocket-version", "13")
+            .header("cookie", "a=1")
+            .header("cookie", "b=2")
+            .body(())
+            .unwrap();
+        req.extensions_mut()
+            .insert(hyper::ext::Protocol::from_static("websocket"));
+        let mut p = parts(req);
+        normalize(&mut p).unwrap();
+        assert_eq!(p.method, Method::GET);
+        assert_eq!(p.version, Version::HTTP_11);
+        assert_eq!(p.uri, "/ws?room=1");
+        assert_eq!(p.headers[header::HOST], "chat.example.com");
+        assert_eq!(p.headers[header::UPGRADE], "websocket");
+        assert_eq!(p.headers[header::CONNECTION], "upgrade");
+        assert_eq!(p.headers[header::SEC_WEBSOCKET_KEY].len(), 24);
+        assert_eq!(p.headers[header::COOKIE], "a=1; b=2");
+    }
+
+    #[test]
+    fn other_connects_are_refused() {
+        let plain = Request::builder()
+            .method(Method::CONNECT)
+            .uri("example.com:443")
+            .body(())
+            .unwrap();
+        assert_eq!(
+            normalize(&mut parts(plain)).unwrap_err(),
+            Refusal::BadUpgrade
+        );
+        let mut other = Request::builder()
+            .method(Method::CONNECT)
+            .uri("https://example.com/x")
+            .body(())
+            .unwrap();
+        other
+            .extensions_mut()
+            .insert(hyper::ext::Protocol::from_static("webtransport"));
+        assert_eq!(
+            normalize(&mut parts(other)).unwrap_err(),
+            Refusal::BadUpgrade
+        );
+    }
+
+    #[test]
+    fn plain_requests_keep_their_method() {
+        let req = Request::builder()
+            .method(Method::POST)
+            .version(Version::HTTP_2)
+            .uri("https://app.example.com/socket.io/?EIO=4")
+            .body(())
+            .unwrap();
+        let mut p = parts(req);
+        normalize(&mut p).unwrap();
+        assert_eq!(p.method, Method::POST);
+        assert_eq!(p.uri, "/socket.io/?EIO=4");
+        assert_eq!(p.headers[header::HOST], "app.example.com");
+        assert!(!p.headers.contains_key(header::UPGRADE));
+    }
+}
