@@ -14,6 +14,8 @@ use h2client::*;
 use http::StatusCode;
 use support::*;
 use tokio_tungstenite::tungstenite::Message;
+use tokio_tungstenite::tungstenite::protocol::CloseFrame;
+use tokio_tungstenite::tungstenite::protocol::frame::coding::CloseCode;
 
 /// One listener (`plain` h2c, or TLS with a self-signed certificate), an admin listener,
 /// one route to `backend`, and extra top-level YAML.
@@ -79,13 +81,22 @@ async fn h2c_prior_knowledge_carries_a_websocket_logged_as_http_2() {
     assert_eq!(status, 200);
     let view: serde_json::Value = serde_json::from_str(&body).unwrap_or_else(|e| panic!("{e}"));
     assert_eq!(view["oldest"][0]["protocol"], "h2", "{view}");
-    ws.close(None)
+    let bye = CloseFrame {
+        code: CloseCode::from(4000),
+        reason: "bye".into(),
+    };
+    ws.close(Some(bye))
         .await
         .unwrap_or_else(|e| panic!("close: {e}"));
+    // The backend's answer comes back on the stream, then the stream ends.
+    assert_eq!(close_code(&mut ws).await, Some(4000));
     let line = gw.log_line(|l| l["event"] == "ws_close").await;
     assert_eq!(line["http"], "2", "{line}");
     assert_eq!(line["status"], 101, "{line}");
-    assert_eq!(line["close"]["code"], 1005, "{line}");
+    assert_eq!(line["close"]["code"], 4000, "{line}");
+    assert_eq!(line["close"]["by"], "client", "{line}");
+    // Not held for the close wait (5 s) waiting for an END_STREAM clients do not send.
+    assert!(line["duration_ms"].as_u64() < Some(4000), "{line}");
     assert_eq!(line["path"], "/chat?room=1", "{line}");
     assert_eq!(line["host"], "localhost", "{line}");
 }
@@ -217,4 +228,611 @@ async fn bad_connects_get_a_clear_400_and_nothing_stays_counted() {
     let mut b = open_ws(&mut conn, "/b").await;
     echo_round_trip(&mut a, "a").await;
     echo_round_trip(&mut b, "b").await;
+}
+
+/// Two routes: `/flood` to a backend the test drives, anything else to an echo backend.
+fn two_route_config(
+    driven: std::net::SocketAddr,
+    echo: std::net::SocketAddr,
+    limits: &str,
+) -> String {
+    format!(
+        r#"
+listeners: [{{ name: public, bind: "127.0.0.1:0", http2: true }}]
+admin: {{ bind: "127.0.0.1:0" }}
+limits: {{ {limits} }}
+upstreams:
+  driven: {{ backends: [{{ addr: "{driven}" }}], connect_timeout: 2s }}
+  echo: {{ backends: [{{ addr: "{echo}" }}], connect_timeout: 2s }}
+routes:
+  - {{ name: flood, match: {{ path_prefix: /flood }}, upstream: driven }}
+  - {{ name: echo, match: {{ path_prefix: / }}, upstream: echo }}
+"#
+    )
+}
+
+#[tokio::test]
+async fn a_stalled_stream_neither_stalls_its_siblings_nor_buffers_past_its_window() {
+    let (driven, mut backends) = ws_backend().await;
+    let echo = echo_backend().await;
+    let limits = "buffer_size: 16KiB, send_timeout: 2s";
+    let gw = spawn_gateway(&two_route_config(driven, echo, limits)).await;
+    let mut conn = connect_h2c(gw.addr()).await;
+    // The client never reads this one.
+    let mut stalled = open_ws(&mut conn, "/flood").await;
+    let mut upstream = next_accepted(&mut backends).await;
+    let mut sibling = open_ws(&mut conn, "/echo").await;
+    // The backend writes as fast as it is let.
+    let flood = tokio::spawn(async move {
+        let chunk = vec![b'x'; 16 * 1024];
+        for _ in 0..4096 {
+            if upstream.send(Message::binary(chunk.clone())).await.is_err() {
+                break;
+            }
+        }
+    });
+    // The relay stops reading the backend (backpressure) instead of buffering for a
+    // client that reads nothing: the stream's window is full.
+    let stalled_now = [("route", "flood"), ("direction", "u2c")];
+    await_metric(&gw, "wsgate_connections_stalled", &stalled_now, 1.0).await;
+    // Meanwhile the sibling on the same connection goes on.
+    for i in 0..5 {
+        echo_round_trip(&mut sibling, &format!("sibling {i}")).await;
+    }
+    // The stalled stream is cut at send_timeout as a slow consumer.
+    let line = gw
+        .log_line(|l| l["event"] == "ws_close" && l["path"] == "/flood")
+        .await;
+    assert_eq!(line["proxy_reason"], "slow_consumer", "{line}");
+    assert_eq!(line["http"], "2", "{line}");
+    echo_round_trip(&mut sibling, "after the cut").await;
+    // What the client gets of it: what its window held, then RST_STREAM (no close frame
+    // can reach a client that reads nothing).
+    let mut tail = 0;
+    let ended = loop {
+        match tokio::time::timeout(PATIENCE, stalled.next()).await {
+            Ok(Some(Ok(Message::Binary(b)))) => tail += b.len(),
+            Ok(Some(Ok(Message::Close(_)))) => break "close frame",
+            Ok(Some(Ok(_))) => {}
+            Ok(Some(Err(_)) | None) => break "reset",
+            Err(_) => panic!("the stalled stream never ended"),
+        }
+    };
+    assert_eq!(ended, "reset", "after {tail} bytes");
+    assert!(
+        tail <= 256 * 1024,
+        "{tail} bytes were buffered for a stalled stream"
+    );
+    flood.abort();
+}
+
+// === Raw HTTP/2 frames, for what a well-behaved client library will not send ===
+
+const PREFACE: &[u8] = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n";
+const HEADERS: u8 = 0x1;
+const RST_STREAM: u8 = 0x3;
+const SETTINGS: u8 = 0x4;
+const PING: u8 = 0x6;
+const GOAWAY: u8 = 0x7;
+const END_HEADERS: u8 = 0x4;
+const ACK: u8 = 0x1;
+
+fn h2_frame(ty: u8, flags: u8, stream: u32, payload: &[u8]) -> Vec<u8> {
+    let len = payload.len() as u32;
+    let mut f = vec![(len >> 16) as u8, (len >> 8) as u8, len as u8, ty, flags];
+    f.extend_from_slice(&stream.to_be_bytes());
+    f.extend_from_slice(payload);
+    f
+}
+
+/// HPACK integer with an `n`-bit prefix and the given first-byte flags (RFC 7541 §5.1).
+fn hpack_int(out: &mut Vec<u8>, flags: u8, n: u32, mut v: usize) {
+    let max = (1usize << n) - 1;
+    if v < max {
+        out.push(flags | v as u8);
+        return;
+    }
+    out.push(flags | max as u8);
+    v -= max;
+    while v >= 128 {
+        out.push((v % 128 + 128) as u8);
+        v /= 128;
+    }
+    out.push(v as u8);
+}
+
+/// A literal header field, new name; `indexed` adds it to the dynamic table.
+fn hpack_literal(out: &mut Vec<u8>, name: &str, value: &str, indexed: bool) {
+    if indexed {
+        out.push(0x40);
+    } else {
+        out.push(0x00);
+    }
+    hpack_int(out, 0, 7, name.len());
+    out.extend_from_slice(name.as_bytes());
+    hpack_int(out, 0, 7, value.len());
+    out.extend_from_slice(value.as_bytes());
+}
+
+/// The header block of an extended CONNECT for a WebSocket on `path`.
+fn connect_block(path: &str) -> Vec<u8> {
+    let mut b = Vec::new();
+    for (n, v) in [
+        (":method", "CONNECT"),
+        (":protocol", "websocket"),
+        (":scheme", "http"),
+        (":authority", "localhost"),
+        (":path", path),
+        ("sec-websocket-version", "13"),
+    ] {
+        hpack_literal(&mut b, n, v, false);
+    }
+    b
+}
+
+/// A raw client: the preface and an empty SETTINGS, then the server's SETTINGS acked.
+async fn raw_h2(addr: std::net::SocketAddr) -> tokio::net::TcpStream {
+    use tokio::io::AsyncWriteExt;
+    let mut s = tokio::net::TcpStream::connect(addr)
+        .await
+        .unwrap_or_else(|e| panic!("{e}"));
+    let mut hello = PREFACE.to_vec();
+    hello.extend(h2_frame(SETTINGS, 0, 0, &[]));
+    hello.extend(h2_frame(SETTINGS, ACK, 0, &[]));
+    s.write_all(&hello).await.unwrap_or_else(|e| panic!("{e}"));
+    s
+}
+
+/// The next frame from the server: (type, flags, stream, payload); `None` at EOF.
+async fn read_h2_frame(s: &mut tokio::net::TcpStream) -> Option<(u8, u8, u32, Vec<u8>)> {
+    use tokio::io::AsyncReadExt;
+    let mut head = [0u8; 9];
+    tokio::time::timeout(PATIENCE, s.read_exact(&mut head))
+        .await
+        .unwrap_or_else(|_| panic!("no frame within {PATIENCE:?}"))
+        .ok()?;
+    let len = (usize::from(head[0]) << 16) | (usize::from(head[1]) << 8) | usize::from(head[2]);
+    let mut payload = vec![0u8; len];
+    s.read_exact(&mut payload).await.ok()?;
+    let stream = u32::from_be_bytes([head[5], head[6], head[7], head[8]]) & 0x7fff_ffff;
+    Some((head[3], head[4], stream, payload))
+}
+
+/// Reads frames until `pred` matches one (answering PINGs); panics at EOF.
+async fn until_frame(
+    s: &mut tokio::net::TcpStream,
+    pred: impl Fn(u8, u8, u32, &[u8]) -> bool,
+) -> (u8, u8, u32, Vec<u8>) {
+    for _ in 0..10_000 {
+        let Some((ty, flags, id, payload)) = read_h2_frame(s).await else {
+            panic!("the server closed the connection first");
+        };
+        if pred(ty, flags, id, &payload) {
+            return (ty, flags, id, payload);
+        }
+    }
+    panic!("no matching frame in 10,000");
+}
+
+#[tokio::test]
+async fn streams_past_the_concurrent_limit_are_refused_and_the_limit_is_advertised() {
+    use tokio::io::AsyncWriteExt;
+    // A backend that accepts and never answers: every admitted stream stays open.
+    let silent = tokio::net::TcpListener::bind("127.0.0.1:0")
+        .await
+        .unwrap_or_else(|e| panic!("{e}"));
+    let silent_addr = silent.local_addr().unwrap_or_else(|e| panic!("{e}"));
+    let held = tokio::spawn(async move {
+        let mut kept = Vec::new();
+        while let Ok((s, _)) = silent.accept().await {
+            kept.push(s);
+        }
+    });
+    let limits =
+        "max_connections_per_ip: 1000, handshakes_per_ip: { rate: 1000, per: 1s, burst: 1000 }";
+    let gw = spawn_gateway(&config(silent_addr, false, limits, "")).await;
+    let mut s = raw_h2(gw.addr()).await;
+    let (_, _, _, settings) =
+        until_frame(&mut s, |ty, flags, _, _| ty == SETTINGS && flags & ACK == 0).await;
+    let advertised: Vec<(u16, u32)> = settings
+        .chunks(6)
+        .map(|c| {
+            (
+                u16::from_be_bytes([c[0], c[1]]),
+                u32::from_be_bytes([c[2], c[3], c[4], c[5]]),
+            )
+        })
+        .collect();
+    assert!(
+        advertised.contains(&(0x3, 100)),
+        "MAX_CONCURRENT_STREAMS 100: {advertised:?}"
+    );
+    assert!(
+        advertised.contains(&(0x8, 1)),
+        "ENABLE_CONNECT_PROTOCOL: {advertised:?}"
+    );
+    let mut burst = Vec::new();
+    for i in 0..101u32 {
+        burst.extend(h2_frame(
+            HEADERS,
+            END_HEADERS,
+            2 * i + 1,
+            &connect_block("/held"),
+        ));
+    }
+    s.write_all(&burst).await.unwrap_or_else(|e| panic!("{e}"));
+    let (_, _, id, payload) =
+        until_frame(&mut s, |ty, _, _, _| ty == RST_STREAM || ty == GOAWAY).await;
+    assert_eq!(id, 201, "the 101st stream is the one refused");
+    assert_eq!(payload, 7u32.to_be_bytes(), "REFUSED_STREAM");
+    held.abort();
+}
+
+#[tokio::test]
+async fn an_hpack_bomb_is_refused_without_expanding_it() {
+    use tokio::io::AsyncWriteExt;
+    let backend = echo_backend().await;
+    let gw = spawn_gateway(&config(backend, false, "", "")).await;
+    let mut s = raw_h2(gw.addr()).await;
+    // One 4 KiB header into the dynamic table, then 4,000 one-byte references to it: a
+    // 16 MiB header list from a 4 KiB block.
+    let mut block = connect_block("/bomb");
+    hpack_literal(&mut block, "x-bomb", &"b".repeat(4000), true);
+    block.extend(std::iter::repeat_n(0x80 | 62, 4000));
+    let mut frames = Vec::new();
+    // Sent in 16 KiB HEADERS + CONTINUATION pieces (the default max frame size).
+    let mut pieces = block.chunks(16 * 1024).peekable();
+    let mut first = true;
+    while let Some(piece) = pieces.next() {
+        let last = pieces.peek().is_none();
+        let ty = if first { HEADERS } else { 0x9 };
+        frames.extend(h2_frame(ty, if last { END_HEADERS } else { 0 }, 1, piece));
+        first = false;
+    }
+    s.write_all(&frames).await.unwrap_or_else(|e| panic!("{e}"));
+    // Refused: a 431 answer, a reset of the stream, or the connection closed; never a 200.
+    loop {
+        match read_h2_frame(&mut s).await {
+            None => break,
+            Some((HEADERS, _, 1, payload)) => {
+                assert!(!payload.starts_with(&[0x88]), "the bomb was admitted (200)");
+                break;
+            }
+            Some((RST_STREAM | GOAWAY, ..)) => break,
+            Some(_) => continue,
+        }
+    }
+    // The gateway is fine: a new connection carries a WebSocket.
+    let mut conn = connect_h2c(gw.addr()).await;
+    let mut ws = open_ws(&mut conn, "/after").await;
+    echo_round_trip(&mut ws, "still serving").await;
+}
+
+#[tokio::test]
+async fn one_http2_ping_per_connection_finds_a_dead_client_and_ends_all_its_streams() {
+    use tokio::io::AsyncWriteExt;
+    let backend = echo_backend().await;
+    let gw = spawn_gateway(&config(
+        backend,
+        false,
+        "",
+        "keepalive: { ping_interval: 500ms, pong_timeout: 500ms }",
+    ))
+    .await;
+    let mut s = raw_h2(gw.addr()).await;
+    let mut two = h2_frame(HEADERS, END_HEADERS, 1, &connect_block("/one"));
+    two.extend(h2_frame(HEADERS, END_HEADERS, 3, &connect_block("/two")));
+    s.write_all(&two).await.unwrap_or_else(|e| panic!("{e}"));
+    // From here on the client answers nothing: no PING ack, no pong.
+    let mut pings = 0;
+    let mut ended = false;
+    for _ in 0..1000 {
+        match read_h2_frame(&mut s).await {
+            Some((PING, flags, _, _)) if flags & ACK == 0 => pings += 1,
+            Some((GOAWAY, ..)) | None => {
+                ended = true;
+                break;
+            }
+            Some(_) => {}
+        }
+    }
+    assert!(ended, "the silent connection was never closed");
+    assert!(pings >= 1, "no HTTP/2 PING before the close");
+    for path in ["/one", "/two"] {
+        let line = gw
+            .log_line(|l| l["event"] == "ws_close" && l["path"] == path)
+            .await;
+        assert_eq!(line["http"], "2", "{line}");
+    }
+}
+
+// === A backend with a page, plain requests and WebSockets on one port (`http: proxy`) ===
+
+/// The page a browser loads: it opens a WebSocket to its own origin, says hello, waits
+/// for proxy pings, then closes with 4000 and reports what it saw.
+const PAGE: &str = "<!doctype html><title>wsgate h2</title><p>page</p>";
+
+/// A hyper HTTP/1.1 backend: `GET /page` answers [`PAGE`], `POST /echo` echoes its body, an
+/// upgrade becomes an echoing WebSocket.
+async fn page_backend() -> std::net::SocketAddr {
+    use http_body_util::{BodyExt, Full};
+    use hyper_util::rt::TokioIo;
+    type B = http_body_util::combinators::BoxBody<bytes::Bytes, hyper::Error>;
+    fn full(text: impl Into<bytes::Bytes>) -> B {
+        Full::new(text.into()).map_err(|e| match e {}).boxed()
+    }
+    async fn answer(req: http::Request<hyper::body::Incoming>) -> http::Response<B> {
+        if req.headers().contains_key(http::header::UPGRADE) {
+            let key = req
+                .headers()
+                .get("sec-websocket-key")
+                .map(|v| v.as_bytes().to_vec())
+                .unwrap_or_default();
+            let accept = tokio_tungstenite::tungstenite::handshake::derive_accept_key(&key);
+            tokio::spawn(async move {
+                let Ok(up) = hyper::upgrade::on(req).await else {
+                    return;
+                };
+                let mut ws = tokio_tungstenite::WebSocketStream::from_raw_socket(
+                    TokioIo::new(up),
+                    tokio_tungstenite::tungstenite::protocol::Role::Server,
+                    None,
+                )
+                .await;
+                while let Some(Ok(msg)) = ws.next().await {
+                    if (msg.is_text() || msg.is_binary()) && ws.send(msg).await.is_err() {
+                        break;
+                    }
+                }
+            });
+            return http::Response::builder()
+                .status(StatusCode::SWITCHING_PROTOCOLS)
+                .header("connection", "Upgrade")
+                .header("upgrade", "websocket")
+                .header("sec-websocket-accept", accept)
+                .body(full(""))
+                .unwrap_or_else(|e| panic!("{e}"));
+        }
+        match req.uri().path() {
+            "/echo" => http::Response::new(req.into_body().boxed()),
+            "/page" => http::Response::builder()
+                .header("content-type", "text/html")
+                .body(full(PAGE))
+                .unwrap_or_else(|e| panic!("{e}")),
+            _ => http::Response::builder()
+                .status(404)
+                .body(full("not here"))
+                .unwrap_or_else(|e| panic!("{e}")),
+        }
+    }
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+        .await
+        .unwrap_or_else(|e| panic!("{e}"));
+    let addr = listener.local_addr().unwrap_or_else(|e| panic!("{e}"));
+    tokio::spawn(async move {
+        while let Ok((tcp, _)) = listener.accept().await {
+            tokio::spawn(async move {
+                let service = hyper::service::service_fn(|req| async {
+                    Ok::<_, std::convert::Infallible>(answer(req).await)
+                });
+                let _ = hyper::server::conn::http1::Builder::new()
+                    .serve_connection(TokioIo::new(tcp), service)
+                    .with_upgrades()
+                    .await;
+            });
+        }
+    });
+    addr
+}
+
+/// A TLS listener (self-signed, so h2 by ALPN) with `http: proxy` in front of `backend`.
+fn proxy_config(backend: std::net::SocketAddr, extra: &str) -> String {
+    format!(
+        r#"
+listeners: [{{ name: public, bind: "127.0.0.1:0", tls: {{ self_signed: true }} }}]
+upstreams:
+  app: {{ backends: [{{ addr: "{backend}" }}], connect_timeout: 2s }}
+routes:
+  - {{ name: app, match: {{ path_prefix: / }}, upstream: app, http: proxy }}
+{extra}
+"#
+    )
+}
+
+#[tokio::test]
+async fn plain_requests_over_h2_are_proxied_beside_a_websocket_on_the_same_connection() {
+    let backend = page_backend().await;
+    let gw = spawn_gateway(&proxy_config(backend, "")).await;
+    let mut conn = connect_h2_tls(gw.addr()).await;
+    let ready = conn
+        .send
+        .clone()
+        .ready()
+        .await
+        .unwrap_or_else(|e| panic!("{e}"));
+    let req = http::Request::builder()
+        .method("POST")
+        .uri("https://localhost/echo")
+        .body(())
+        .unwrap_or_else(|e| panic!("{e}"));
+    let (resp, mut body_tx) = ready
+        .clone()
+        .send_request(req, false)
+        .unwrap_or_else(|e| panic!("{e}"));
+    body_tx
+        .send_data(bytes::Bytes::from_static(b"posted over h2"), true)
+        .unwrap_or_else(|e| panic!("{e}"));
+    let resp = tokio::time::timeout(PATIENCE, resp)
+        .await
+        .unwrap_or_else(|_| panic!("no answer"))
+        .unwrap_or_else(|e| panic!("{e}"));
+    assert_eq!(resp.status(), StatusCode::OK);
+    let mut body = resp.into_body();
+    let mut got = Vec::new();
+    while let Some(chunk) = tokio::time::timeout(PATIENCE, body.data())
+        .await
+        .ok()
+        .flatten()
+    {
+        let chunk = chunk.unwrap_or_else(|e| panic!("{e}"));
+        let _ = body.flow_control().release_capacity(chunk.len());
+        got.extend_from_slice(&chunk);
+    }
+    assert_eq!(got, b"posted over h2");
+    let mut ws = open_ws(&mut conn, "/ws").await;
+    echo_round_trip(&mut ws, "beside the plain request").await;
+    let line = gw.log_line(|l| l["event"] == "http").await;
+    assert_eq!(line["http"], "2", "{line}");
+    assert_eq!(line["status"], 200, "{line}");
+    assert_eq!(line["c2u"]["bytes"], 14, "{line}");
+}
+
+// === Chromium over HTTP/2 ===
+
+/// A free loopback port (bound, then released for a child process to take).
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .map(|a| a.port())
+        .unwrap_or_else(|e| panic!("{e}"))
+}
+
+/// A WebDriver command to chromedriver; the JSON `value` of its answer.
+async fn webdriver(
+    port: u16,
+    method: &str,
+    path: &str,
+    body: &serde_json::Value,
+) -> serde_json::Value {
+    let body = body.to_string();
+    let req = format!(
+        "{method} {path} HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
+        body.len()
+    );
+    let addr = std::net::SocketAddr::from(([127, 0, 0, 1], port));
+    let resp = raw_request(addr, req.as_bytes()).await;
+    let json = resp
+        .find('{')
+        .and_then(|start| resp.rfind('}').map(|end| &resp[start..=end]))
+        .unwrap_or_else(|| panic!("chromedriver {method} {path}: {resp}"));
+    let v: serde_json::Value =
+        serde_json::from_str(json).unwrap_or_else(|e| panic!("chromedriver answer {json}: {e}"));
+    v["value"].clone()
+}
+
+/// Debian's `chromium` and its `chromedriver`: a missing one fails the test, saying what
+/// to install (`.ci/run` installs both).
+fn browser_binaries() -> (String, String) {
+    let find = |name: &str| {
+        ["/usr/bin", "/usr/local/bin", "/usr/lib/chromium"]
+            .iter()
+            .map(|d| format!("{d}/{name}"))
+            .find(|p| std::path::Path::new(p).exists())
+    };
+    match (find("chromium"), find("chromedriver")) {
+        (Some(c), Some(d)) => (c, d),
+        _ => panic!(
+            "this test drives Debian's headless Chromium: install it with `apt-get install chromium chromium-driver` (.ci/run does)"
+        ),
+    }
+}
+
+/// Kills chromedriver (and with it the browser) however the test ends.
+struct Driver(std::process::Child);
+
+impl Drop for Driver {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+#[tokio::test]
+async fn chromium_loads_a_page_then_runs_its_websocket_over_http2() {
+    let (chromium, chromedriver) = browser_binaries();
+    let backend = page_backend().await;
+    let gw = spawn_gateway(&proxy_config(
+        backend,
+        "keepalive: { ping_interval: 1s, pong_timeout: 5s }",
+    ))
+    .await;
+    let port = free_port();
+    let _driver = Driver(
+        std::process::Command::new(&chromedriver)
+            .arg(format!("--port={port}"))
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .unwrap_or_else(|e| panic!("starting {chromedriver}: {e}")),
+    );
+    let status = std::net::SocketAddr::from(([127, 0, 0, 1], port));
+    eventually("chromedriver listening", PATIENCE, async || {
+        tokio::net::TcpStream::connect(status).await.map(drop)
+    })
+    .await;
+    let profile = std::env::temp_dir().join(format!("wsgate-chromium-{}", std::process::id()));
+    let caps = serde_json::json!({"capabilities": {"alwaysMatch": {
+        "acceptInsecureCerts": true,
+        "goog:chromeOptions": {
+            "binary": chromium,
+            "args": ["--headless=new", "--no-sandbox", "--disable-gpu", "--no-proxy-server",
+                     "--disable-dev-shm-usage", format!("--user-data-dir={}", profile.display())]
+        }
+    }}});
+    let session = webdriver(port, "POST", "/session", &caps).await;
+    let id = session["sessionId"]
+        .as_str()
+        .unwrap_or_else(|| panic!("no WebDriver session: {session}"))
+        .to_owned();
+    let page = format!("https://localhost:{}/page", gw.addr().port());
+    webdriver(
+        port,
+        "POST",
+        &format!("/session/{id}/url"),
+        &serde_json::json!({ "url": page }),
+    )
+    .await;
+    let script = r#"
+        const done = arguments[arguments.length - 1];
+        const seen = { echo: null, code: null, error: false };
+        const ws = new WebSocket('wss://' + location.host + '/ws');
+        ws.onopen = () => ws.send('hello from chromium');
+        ws.onmessage = (e) => { seen.echo = e.data; setTimeout(() => ws.close(4000, 'bye'), 2500); };
+        ws.onerror = () => { seen.error = true; };
+        ws.onclose = (e) => { seen.code = e.code; done(seen); };
+    "#;
+    let seen = webdriver(
+        port,
+        "POST",
+        &format!("/session/{id}/execute/async"),
+        &serde_json::json!({ "script": script, "args": [] }),
+    )
+    .await;
+    webdriver(
+        port,
+        "DELETE",
+        &format!("/session/{id}"),
+        &serde_json::json!({}),
+    )
+    .await;
+    let _ = std::fs::remove_dir_all(&profile);
+    assert_eq!(seen["echo"], "hello from chromium", "{seen}");
+    assert_eq!(seen["error"], false, "{seen}");
+    let page_line = gw
+        .log_line(|l| l["event"] == "http" && l["path"] == "/page")
+        .await;
+    assert_eq!(page_line["http"], "2", "the page came over h2: {page_line}");
+    let line = gw.log_line(|l| l["event"] == "ws_close").await;
+    assert_eq!(
+        line["http"], "2",
+        "the WebSocket came over h2 (RFC 8441): {line}"
+    );
+    assert_eq!(line["close"]["code"], 4000, "{line}");
+    assert_eq!(line["close"]["by"], "client", "{line}");
+    assert!(
+        line["pings"].as_u64() >= Some(1),
+        "proxy pings answered: {line}"
+    );
+    assert!(line["rtt_ms"]["max"].is_number(), "{line}");
+    assert_eq!(line["u2c"]["messages"], 1, "{line}");
 }

@@ -231,7 +231,9 @@ async fn relay(
             return;
         }
     };
-    let relaying = run_relay(&conn.info, client, Bytes::new(), *est);
+    let mut est = *est;
+    est.settings.linger_client = false;
+    let relaying = run_relay(&conn.info, client, Bytes::new(), est);
     drop(conn);
     relaying.await;
 }

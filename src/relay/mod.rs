@@ -72,6 +72,11 @@ pub struct Settings {
     pub control: Option<Arc<Control>>,
     /// The route's counters, fed as the relay goes.
     pub metrics: Option<Arc<RouteMetrics>>,
+    /// After the close handshake, read the client until it closes too, so no unread byte
+    /// turns a TCP close into a reset. Off for an HTTP/2 stream: its END_STREAM and what
+    /// precedes it are sent before the RST_STREAM that dropping it queues, and browsers
+    /// do not end their side first.
+    pub linger_client: bool,
 }
 
 impl Settings {
@@ -94,6 +99,7 @@ impl Settings {
             expires_at: None,
             control: None,
             metrics: None,
+            linger_client: true,
         }
     }
 
@@ -122,6 +128,7 @@ impl Settings {
             expires_at: None,
             control: None,
             metrics: None,
+            linger_client: true,
         }
     }
 }
@@ -257,6 +264,8 @@ struct Session<C, U> {
     failed: bool,
     /// Give up: drop both sockets now (a second failure, or one after both closes).
     aborted: bool,
+    /// [`Settings::linger_client`].
+    linger_client: bool,
 }
 
 impl<C, U> Session<C, U>
@@ -322,6 +331,7 @@ where
             report: Report::default(),
             failed: false,
             aborted: false,
+            linger_client: settings.linger_client,
         }
     }
 
@@ -822,7 +832,9 @@ where
             &mut self.upstream,
             cx,
         );
-        let client = if self.client_state == SideState::Dead {
+        let done_with_client = self.client_state == SideState::Dead
+            || (!self.linger_client && self.client_state == SideState::Shut);
+        let client = if done_with_client {
             Poll::Ready(())
         } else {
             self.c2u.poll_drain(cx, &mut self.client)

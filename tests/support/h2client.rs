@@ -131,7 +131,13 @@ async fn handshake<S>(io: S) -> H2Conn
 where
     S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
 {
-    let (send, conn) = tokio::time::timeout(PATIENCE, h2::client::handshake(io))
+    // Windows as browsers set them (Chrome: 15 MiB for the connection): one stream the
+    // application does not read must not take the whole connection's window.
+    let handshake = h2::client::Builder::new()
+        .initial_window_size(65_535)
+        .initial_connection_window_size(15 << 20)
+        .handshake(io);
+    let (send, conn) = tokio::time::timeout(PATIENCE, handshake)
         .await
         .unwrap_or_else(|_| panic!("h2 handshake timed out"))
         .unwrap_or_else(|e| panic!("h2 handshake: {e}"));
