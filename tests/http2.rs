@@ -836,3 +836,91 @@ async fn chromium_loads_a_page_then_runs_its_websocket_over_http2() {
     assert!(line["rtt_ms"]["max"].is_number(), "{line}");
     assert_eq!(line["u2c"]["messages"], 1, "{line}");
 }
+
+// === Refused streams leave nothing behind, measured on the binary ===
+
+/// The resident set of process `pid`, in KiB.
+fn rss_kib(pid: u32) -> u64 {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status"))
+        .unwrap_or_else(|e| panic!("/proc/{pid}/status: {e}"));
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmRSS:"))
+        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+        .unwrap_or_else(|| panic!("no VmRSS in {status}"))
+}
+
+/// `n` extended CONNECTs for a protocol the gateway does not relay, 64 in flight; each
+/// must be answered 400.
+async fn refuse_streams(conn: &H2Conn, n: usize) {
+    let send = conn.send.clone();
+    let answers = futures_util::stream::iter(0..n)
+        .map(|_| {
+            let send = send.clone();
+            async move {
+                let mut req = http::Request::builder()
+                    .method("CONNECT")
+                    .uri("http://localhost/x")
+                    .header("sec-websocket-version", "13")
+                    .body(())
+                    .unwrap_or_else(|e| panic!("{e}"));
+                req.extensions_mut()
+                    .insert(h2::ext::Protocol::from_static("webtransport"));
+                let mut ready = send.ready().await.unwrap_or_else(|e| panic!("{e}"));
+                let (resp, _) = ready
+                    .send_request(req, true)
+                    .unwrap_or_else(|e| panic!("{e}"));
+                resp.await.map(|r| r.status())
+            }
+        })
+        .buffer_unordered(64)
+        .collect::<Vec<_>>();
+    let answers = tokio::time::timeout(Duration::from_secs(120), answers)
+        .await
+        .unwrap_or_else(|_| panic!("{n} refusals not answered in time"));
+    for a in answers {
+        assert_eq!(a.unwrap_or_else(|e| panic!("{e}")), StatusCode::BAD_REQUEST);
+    }
+}
+
+#[tokio::test]
+async fn ten_thousand_refused_streams_leave_memory_flat() {
+    let port = free_port();
+    let yaml = format!(
+        r#"
+listeners: [{{ name: public, bind: "127.0.0.1:{port}", http2: true }}]
+upstreams:
+  app: {{ backends: [{{ addr: "127.0.0.1:9" }}] }}
+routes:
+  - {{ name: app, match: {{ path_prefix: / }}, upstream: app }}
+"#
+    );
+    let path = std::env::temp_dir().join(format!("wsgate-h2-refused-{}.yaml", std::process::id()));
+    std::fs::write(&path, yaml).unwrap_or_else(|e| panic!("{e}"));
+    let child = std::process::Command::new(env!("CARGO_BIN_EXE_wsgate"))
+        .arg("--config")
+        .arg(&path)
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap_or_else(|e| panic!("{e}"));
+    let child = Driver(child);
+    let addr = std::net::SocketAddr::from(([127, 0, 0, 1], port));
+    eventually("wsgate listening", PATIENCE, async || {
+        tokio::net::TcpStream::connect(addr).await.map(drop)
+    })
+    .await;
+    let conn = connect_h2c(addr).await;
+    // Warm up: allocator arenas, the refusal tally, hyper's buffers.
+    refuse_streams(&conn, 1_000).await;
+    let before = rss_kib(child.0.id());
+    refuse_streams(&conn, 10_000).await;
+    let after = rss_kib(child.0.id());
+    let _ = std::fs::remove_file(&path);
+    eprintln!("RSS {before} KiB after 1,000 refused streams, {after} KiB after 10,000 more");
+    assert!(
+        after <= before + 1024,
+        "RSS grew {} KiB over 10,000 refused streams ({before} → {after})",
+        after.saturating_sub(before)
+    );
+}
