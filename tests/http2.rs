@@ -924,3 +924,22 @@ routes:
         after.saturating_sub(before)
     );
 }
+
+#[tokio::test]
+async fn a_connection_without_streams_gets_goaway_after_handshake_timeout_then_is_dropped() {
+    let backend = echo_backend().await;
+    let gw = spawn_gateway(&config(backend, false, "handshake_timeout: 500ms", "")).await;
+    let mut s = raw_h2(gw.addr()).await;
+    // The client never opens a stream, and never closes: GOAWAY, then the connection is
+    // dropped by the proxy.
+    let mut goaway = false;
+    let closed = loop {
+        match read_h2_frame(&mut s).await {
+            Some((GOAWAY, ..)) => goaway = true,
+            Some(_) => {}
+            None => break true,
+        }
+    };
+    assert!(goaway && closed, "goaway {goaway}, closed {closed}");
+    await_metric(&gw, "wsgate_handshakes_pending", &[], 0.0).await;
+}

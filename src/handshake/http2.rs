@@ -43,6 +43,10 @@ pub const MAX_STREAMS: u32 = 100;
 /// bounds what HPACK may expand to.
 const MAX_HEADER_LIST: u32 = 16 * 1024;
 
+/// After GOAWAY, how long a connection with no stream left may stay open for the client
+/// to close it.
+const GOAWAY_GRACE: std::time::Duration = std::time::Duration::from_secs(1);
+
 /// The largest flow-control window HTTP/2 allows.
 const MAX_WINDOW: u64 = (1 << 31) - 1;
 
@@ -108,11 +112,13 @@ where
     let http = server.serve_connection(TokioIo::new(stream), service);
     tokio::pin!(http);
     let mut draining = h2.shared.registry.drain_started();
+    // Armed while no stream is open: the wait for the next stream, then, once GOAWAY is
+    // out, the grace the client has to close before the connection is dropped.
     let idle = tokio::time::sleep_until(deadline);
     tokio::pin!(idle);
     let mut closing = false;
     loop {
-        let idle_armed = !closing && h2.open.load(Ordering::Acquire) == 0;
+        let no_stream = h2.open.load(Ordering::Acquire) == 0;
         tokio::select! {
             r = http.as_mut() => {
                 if let Err(e) = r {
@@ -120,18 +126,28 @@ where
                 }
                 return None;
             }
-            () = h2.went_idle.notified(), if !closing => {
+            () = h2.went_idle.notified() => {
                 let since = h2.idle_since.lock().map(|s| *s).unwrap_or_else(|_| Instant::now());
-                idle.as_mut().reset(since + h2.config.limits.handshake_timeout);
+                let wait = if closing { GOAWAY_GRACE } else { h2.config.limits.handshake_timeout };
+                idle.as_mut().reset(since + wait);
             }
-            () = &mut idle, if idle_armed => {
+            () = &mut idle, if no_stream => {
+                if h2.open.load(Ordering::Acquire) > 0 {
+                    continue;
+                }
+                if closing {
+                    // GOAWAY went out and the client still holds the connection.
+                    return None;
+                }
                 // GOAWAY: the client opens a new connection for what it sends next.
                 http.as_mut().graceful_shutdown();
                 closing = true;
+                idle.as_mut().reset(Instant::now() + GOAWAY_GRACE);
             }
             true = async { draining.wait_for(|d| *d).await.is_ok() }, if !closing => {
                 http.as_mut().graceful_shutdown();
                 closing = true;
+                idle.as_mut().reset(Instant::now() + GOAWAY_GRACE);
             }
         }
     }
