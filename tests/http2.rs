@@ -928,7 +928,15 @@ routes:
 #[tokio::test]
 async fn a_connection_without_streams_gets_goaway_after_handshake_timeout_then_is_dropped() {
     let backend = echo_backend().await;
-    let gw = spawn_gateway(&config(backend, false, "handshake_timeout: 500ms", "")).await;
+    // Keepalive off: nothing of HTTP/2's own would end a connection whose client ignores
+    // the PING that follows GOAWAY.
+    let gw = spawn_gateway(&config(
+        backend,
+        false,
+        "handshake_timeout: 500ms",
+        "keepalive: { ping_interval: 0s }",
+    ))
+    .await;
     let mut s = raw_h2(gw.addr()).await;
     // The client never opens a stream, and never closes: GOAWAY, then the connection is
     // dropped by the proxy.
@@ -942,4 +950,143 @@ async fn a_connection_without_streams_gets_goaway_after_handshake_timeout_then_i
     };
     assert!(goaway && closed, "goaway {goaway}, closed {closed}");
     await_metric(&gw, "wsgate_handshakes_pending", &[], 0.0).await;
+}
+
+#[tokio::test]
+async fn a_connection_with_a_live_stream_is_not_sent_goaway_when_handshake_timeout_passes() {
+    let backend = echo_backend().await;
+    let gw = spawn_gateway(&config(backend, false, "handshake_timeout: 300ms", "")).await;
+    let mut conn = connect_h2c(gw.addr()).await;
+    let mut first = open_ws(&mut conn, "/first").await;
+    // Past handshake_timeout, with a stream open all along.
+    tokio::time::sleep(Duration::from_millis(900)).await;
+    echo_round_trip(&mut first, "still open").await;
+    let mut second = open_ws(&mut conn, "/second").await;
+    echo_round_trip(&mut second, "a new stream on the same connection").await;
+}
+
+#[tokio::test]
+async fn a_client_that_never_reads_its_answers_is_cut_and_frees_its_places() {
+    use tokio::io::AsyncWriteExt;
+    let backend = echo_backend().await;
+    let limits = "max_connections: 50, handshake_timeout: 1s, handshakes_per_ip: { rate: 1000, per: 1s, burst: 1000 }";
+    let gw = spawn_gateway(&config(backend, false, limits, "")).await;
+    let mut s = tokio::net::TcpStream::connect(gw.addr())
+        .await
+        .unwrap_or_else(|e| panic!("{e}"));
+    // SETTINGS_INITIAL_WINDOW_SIZE 0: no response body can be sent to this client.
+    let mut hello = PREFACE.to_vec();
+    hello.extend(h2_frame(SETTINGS, 0, 0, &[0, 4, 0, 0, 0, 0]));
+    for i in 0..60u32 {
+        // Plain GETs on a route that refuses them: 60 answers with a body (426).
+        let mut block = Vec::new();
+        for (n, v) in [
+            (":method", "GET"),
+            (":scheme", "http"),
+            (":authority", "localhost"),
+            (":path", "/x"),
+        ] {
+            hpack_literal(&mut block, n, v, false);
+        }
+        hello.extend(h2_frame(HEADERS, END_HEADERS | 0x1, 2 * i + 1, &block));
+    }
+    s.write_all(&hello).await.unwrap_or_else(|e| panic!("{e}"));
+    // The answers' heads come, their bodies cannot: the connection is cut at their bound.
+    let mut heads = 0;
+    loop {
+        match read_h2_frame(&mut s).await {
+            Some((HEADERS, ..)) => heads += 1,
+            Some((PING, flags, _, payload)) if flags & ACK == 0 => {
+                let _ = s.write_all(&h2_frame(PING, ACK, 0, &payload)).await;
+            }
+            Some(_) => {}
+            None => break,
+        }
+    }
+    assert!(heads > 0, "no answer head at all");
+    // Nothing of it stays counted: a plain HTTP/1.1 client is served, not 503.
+    let (_, head) = raw_upgrade(gw.addr(), "/ws", "").await;
+    assert!(head.starts_with("HTTP/1.1 101"), "{head}");
+}
+
+#[tokio::test]
+async fn idle_http2_connections_count_against_the_per_ip_cap() {
+    let backend = echo_backend().await;
+    let limits =
+        "max_connections_per_ip: 3, handshakes_per_ip: { rate: 1000, per: 1s, burst: 1000 }";
+    let gw = spawn_gateway(&config(backend, false, limits, "")).await;
+    let mut held = Vec::new();
+    for _ in 0..3 {
+        let mut conn = connect_h2c(gw.addr()).await;
+        // A refused stream: the connection gives up its place to it, then takes it back.
+        let refused = extended_connect(&mut conn, "/x", Some("webtransport"), &[]).await;
+        assert!(matches!(
+            refused,
+            Ok(Opened::Refused(StatusCode::BAD_REQUEST, _))
+        ));
+        held.push(conn);
+    }
+    // A fourth connection from the same address is refused at accept.
+    let resp = raw_request(gw.addr(), PREFACE).await;
+    assert!(resp.starts_with("HTTP/1.1 429"), "{resp:?}");
+    // A stream on a held connection takes that connection's place: still admitted.
+    let mut ws = open_ws(&mut held[0], "/ok").await;
+    echo_round_trip(&mut ws, "on a counted connection").await;
+}
+
+#[tokio::test]
+async fn a_stream_is_judged_by_the_config_of_its_time_not_its_connection_s() {
+    let backend = echo_backend().await;
+    let yaml = |origins: &str| {
+        format!(
+            r#"
+listeners: [{{ name: public, bind: "127.0.0.1:0", http2: true }}]
+upstreams:
+  app: {{ backends: [{{ addr: "{backend}" }}] }}
+routes:
+  - {{ name: app, match: {{ path_prefix: / }}, upstream: app, origins: [{origins}] }}
+"#
+        )
+    };
+    let gw = spawn_gateway(&yaml("\"https://old.test\"")).await;
+    let mut conn = connect_h2c(gw.addr()).await;
+    let origin = [("origin", "https://old.test")];
+    let mut before = extended_connect(&mut conn, "/a", Some("websocket"), &origin)
+        .await
+        .unwrap_or_else(|e| panic!("{e}"))
+        .ws();
+    let mut text = yaml("\"https://new.test\"");
+    // Keep the bound port: the listener is the same one.
+    text = text.replace("127.0.0.1:0", &gw.addr().to_string());
+    let config = wsgate::config::Config::from_yaml_str_with_env(&text, "reload.yaml", &|_| None)
+        .unwrap_or_else(|e| panic!("{e}"));
+    gw.gw.reload(config).await;
+    match extended_connect(&mut conn, "/b", Some("websocket"), &origin).await {
+        Ok(Opened::Refused(status, _)) => assert_eq!(status, StatusCode::FORBIDDEN),
+        Ok(Opened::Ws(_)) => panic!("a new stream was judged by the old config"),
+        Err(e) => panic!("{e}"),
+    }
+    echo_round_trip(&mut before, "established streams keep their config").await;
+}
+
+#[tokio::test]
+async fn host_and_authority_must_agree() {
+    let backend = echo_backend().await;
+    let gw = spawn_gateway(&config(backend, false, "", "")).await;
+    let mut conn = connect_h2c(gw.addr()).await;
+    match extended_connect(
+        &mut conn,
+        "/x",
+        Some("websocket"),
+        &[("host", "internal.example")],
+    )
+    .await
+    {
+        Ok(Opened::Refused(status, body)) => {
+            assert_eq!(status, StatusCode::BAD_REQUEST);
+            assert!(body.contains("bad_upgrade"), "{body}");
+        }
+        Ok(Opened::Ws(_)) => panic!("Host overrode :authority"),
+        Err(e) => panic!("{e}"),
+    }
 }

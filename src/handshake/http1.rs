@@ -36,7 +36,7 @@ use crate::relay::Settings;
 use crate::shared::Shared;
 use crate::upstream::{self, Connected, Failure, Forwarded};
 
-mod plain;
+pub(super) mod plain;
 
 /// Largest request head hyper will buffer (hyper's floor is 8 KiB); beyond → 431.
 const MAX_HEAD: usize = 16 * 1024;
@@ -182,6 +182,12 @@ impl Conn {
     /// When the exchange in progress must be over.
     fn exchange_until(&self) -> Option<Instant> {
         *self.exchange_until.lock().ok()?
+    }
+
+    /// The exchange outlived its bound and is being cut (its log line says
+    /// `slow_consumer`).
+    pub(super) fn mark_cut(&self) {
+        self.cut.store(true, Ordering::Release);
     }
 
     /// This connection was cut for an exchange past `http_timeout`.

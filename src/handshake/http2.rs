@@ -14,7 +14,7 @@
 use std::convert::Infallible;
 use std::net::SocketAddr;
 use std::pin::Pin;
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::task::{Context, Poll};
 
@@ -29,8 +29,10 @@ use tokio::time::Instant;
 
 use super::admit::EarlyPermit;
 use super::facts::{ConnInfo, Facts, request_id};
+use super::http1::plain::ExchangeDeadline;
 use super::http1::{Accepted, Body, Conn, InHandshake};
 use super::session::{Established, RelayPhase, run_relay};
+use crate::admission::client_ip::IpKey;
 use crate::config::Config;
 use crate::observe::access_log::TlsInfo;
 use crate::outcome::Refusal;
@@ -57,9 +59,23 @@ struct H2Conn {
     listener: Arc<str>,
     peer: SocketAddr,
     tls: Option<TlsInfo>,
+    /// `max_connections` was exceeded at accept: for the connection's first stream.
     over_capacity: bool,
-    /// The per-IP count taken at accept: the first stream's. Later streams count afresh.
+    /// A stream arrived already.
+    streams_seen: AtomicBool,
+    /// The connection's own per-IP place, while no stream holds it: taken at accept, taken
+    /// over by the next stream, taken again when the last stream ends; so a connection
+    /// counts as one connection while idle and each stream counts as one, as on HTTP/1.1.
     early: Mutex<Option<EarlyPermit>>,
+    /// What the connection counts under per IP (`None` behind a trusted proxy, whose
+    /// clients are known from each request).
+    ip_key: Option<IpKey>,
+    /// Answers being sent (refusals, plain exchanges) and when each must be done: hyper
+    /// polls a body only while the client's window lets it, so their bounds are enforced
+    /// here, by cutting the connection.
+    answers: Mutex<Vec<Due>>,
+    next_due: AtomicU64,
+    answers_changed: Notify,
     /// The `max_pending_handshakes` slot, until the first stream arrives.
     pending: Mutex<Option<InHandshake>>,
     /// Streams being answered or relayed.
@@ -88,6 +104,10 @@ where
         early_permit,
         tls,
     } = accepted;
+    let ip_key = match &early_permit {
+        EarlyPermit::Held(p) | EarlyPermit::Kept(p) => Some(p.key()),
+        EarlyPermit::NotTaken | EarlyPermit::OverCap => None,
+    };
     let h2 = Arc::new(H2Conn {
         shared,
         config,
@@ -95,7 +115,12 @@ where
         peer,
         tls,
         over_capacity,
+        streams_seen: AtomicBool::new(false),
         early: Mutex::new(Some(early_permit)),
+        ip_key,
+        answers: Mutex::new(Vec::new()),
+        next_due: AtomicU64::new(0),
+        answers_changed: Notify::new(),
         pending: Mutex::new(Some(pending)),
         open: AtomicUsize::new(0),
         idle_since: Mutex::new(started),
@@ -117,9 +142,37 @@ where
     let idle = tokio::time::sleep_until(deadline);
     tokio::pin!(idle);
     let mut closing = false;
+    // Armed at the earliest answer's bound while answers are being sent.
+    let due = tokio::time::sleep_until(deadline);
+    tokio::pin!(due);
+    let mut due_armed = false;
     loop {
         let no_stream = h2.open.load(Ordering::Acquire) == 0;
         tokio::select! {
+            () = h2.answers_changed.notified() => {
+                due_armed = match h2.earliest_due() {
+                    Some(at) => {
+                        due.as_mut().reset(at);
+                        true
+                    }
+                    None => false,
+                };
+            }
+            () = &mut due, if due_armed => {
+                if h2.cut_overdue(Instant::now()) {
+                    // As on HTTP/1.1: a client that does not read its answer in time
+                    // loses the connection (and its streams, all on the same flow).
+                    tracing::debug!(peer = %h2.peer, "HTTP/2 answer not read in time; closing");
+                    return None;
+                }
+                due_armed = match h2.earliest_due() {
+                    Some(at) => {
+                        due.as_mut().reset(at);
+                        true
+                    }
+                    None => false,
+                };
+            }
             r = http.as_mut() => {
                 if let Err(e) = r {
                     tracing::debug!(peer = %h2.peer, error = %e, "HTTP/2 connection ended");
@@ -183,6 +236,9 @@ async fn answer(h2: Arc<H2Conn>, mut req: Request<Incoming>) -> Response<Tracked
     let (mut parts, body) = req.into_parts();
     let normalized = normalize(&mut parts);
     let early = h2.early.lock().ok().and_then(|mut e| e.take());
+    // A stream is judged under the config of its own time: an HTTP/2 connection may
+    // live for hours, across reloads.
+    let config = h2.shared.config.load_full();
     let conn = Arc::new(Conn::for_stream(
         ConnInfo {
             shared: h2.shared.clone(),
@@ -193,25 +249,31 @@ async fn answer(h2: Arc<H2Conn>, mut req: Request<Incoming>) -> Response<Tracked
             tls: h2.tls.clone(),
             http: "2",
         },
-        h2.config.clone(),
+        config.clone(),
         open.over_capacity,
         early.unwrap_or(EarlyPermit::NotTaken),
     ));
+    // The bound of an answer that is not a WebSocket: its exchange's, or the time a
+    // refusal gets to be sent.
+    let answer_by = Instant::now() + config.limits.handshake_timeout;
     if let Err(refusal) = normalized {
         let mut facts = Facts::from_parts(&parts);
         facts.request_id = request_id(&parts.headers);
-        return open.track(conn.refuse(&facts, refusal, None));
+        return open.track(conn.refuse(&facts, refusal, None), &conn, answer_by);
     }
     let resp = conn.clone().handle(Request::from_parts(parts, body)).await;
     if resp.status() != StatusCode::SWITCHING_PROTOCOLS {
-        return open.track(resp);
+        let by = resp
+            .extensions()
+            .get::<ExchangeDeadline>()
+            .map_or(answer_by, |d| d.0);
+        return open.track(resp, &conn, by);
     }
     let Some(est) = conn.take_established() else {
-        return open.track(
-            Refusal::UpstreamConnect
-                .response()
-                .map(http_body_util::Either::Left),
-        );
+        let resp = Refusal::UpstreamConnect
+            .response()
+            .map(http_body_util::Either::Left);
+        return open.track(resp, &conn, answer_by);
     };
     tokio::spawn(relay(conn, upgrade, est, open.keep()));
     let (mut head, body) = resp.into_parts();
@@ -228,6 +290,7 @@ async fn answer(h2: Arc<H2Conn>, mut req: Request<Incoming>) -> Response<Tracked
         Tracked {
             inner: body,
             _open: None,
+            _due: None,
         },
     )
 }
@@ -267,10 +330,21 @@ fn normalize(parts: &mut request::Parts) -> Result<(), Refusal> {
     };
     parts.version = Version::HTTP_11;
     if let Some(authority) = parts.uri.authority() {
-        if !parts.headers.contains_key(header::HOST) {
-            let host =
-                HeaderValue::from_str(authority.as_str()).map_err(|_| Refusal::BadUpgrade)?;
-            parts.headers.insert(header::HOST, host);
+        match parts.headers.get(header::HOST) {
+            // RFC 9113 §8.3.1: both present, they must agree (routes match `Host`).
+            Some(host)
+                if !host
+                    .as_bytes()
+                    .eq_ignore_ascii_case(authority.as_str().as_bytes()) =>
+            {
+                return Err(Refusal::BadUpgrade);
+            }
+            Some(_) => {}
+            None => {
+                let host =
+                    HeaderValue::from_str(authority.as_str()).map_err(|_| Refusal::BadUpgrade)?;
+                parts.headers.insert(header::HOST, host);
+            }
         }
         let target = parts
             .uri
@@ -324,11 +398,19 @@ impl StreamOpen {
         // The connection is no longer a handshake in progress once a stream arrives.
         let slot = h2.pending.lock().ok().and_then(|mut p| p.take());
         drop(slot);
+        let max = h2.config.limits.max_connections;
+        let first_ever = !h2.streams_seen.swap(true, Ordering::AcqRel);
         let (counted, over_capacity) = if before == 0 {
-            (false, h2.over_capacity)
+            // Rides on the connection's own count.
+            let over = if first_ever {
+                h2.over_capacity
+            } else {
+                h2.shared.active.load(Ordering::Relaxed) > max
+            };
+            (false, over)
         } else {
             let now = h2.shared.active.fetch_add(1, Ordering::Relaxed) + 1;
-            (true, now > h2.config.limits.max_connections)
+            (true, now > max)
         };
         StreamOpen {
             h2: h2.clone(),
@@ -337,11 +419,14 @@ impl StreamOpen {
         }
     }
 
-    /// The response, keeping the stream counted until its body is sent.
-    fn track(self, inner: Response<Body>) -> Response<Tracked> {
+    /// The response, keeping the stream counted until its body is sent, which must be
+    /// by `until` (else the connection is cut, `conn`'s log line saying why).
+    fn track(self, inner: Response<Body>, conn: &Arc<Conn>, until: Instant) -> Response<Tracked> {
+        let due = DueGuard::register(&self.h2, conn.clone(), until);
         inner.map(|inner| Tracked {
             inner,
             _open: Some(self),
+            _due: Some(due),
         })
     }
 
@@ -356,6 +441,7 @@ impl Drop for StreamOpen {
             self.h2.shared.active.fetch_sub(1, Ordering::Relaxed);
         }
         if self.h2.open.fetch_sub(1, Ordering::AcqRel) == 1 {
+            self.h2.count_idle_connection();
             if let Ok(mut since) = self.h2.idle_since.lock() {
                 *since = Instant::now();
             }
@@ -368,6 +454,76 @@ impl Drop for StreamOpen {
 struct Tracked {
     inner: Body,
     _open: Option<StreamOpen>,
+    _due: Option<DueGuard>,
+}
+
+/// An answer being sent and when it must be done.
+struct Due {
+    id: u64,
+    until: Instant,
+    /// The stream's request state: marked cut when the bound passes.
+    conn: Arc<Conn>,
+}
+
+/// Lists an answer on its connection until it is sent or dropped.
+struct DueGuard {
+    h2: Arc<H2Conn>,
+    id: u64,
+}
+
+impl DueGuard {
+    fn register(h2: &Arc<H2Conn>, conn: Arc<Conn>, until: Instant) -> DueGuard {
+        let id = h2.next_due.fetch_add(1, Ordering::Relaxed);
+        if let Ok(mut answers) = h2.answers.lock() {
+            answers.push(Due { id, until, conn });
+        }
+        h2.answers_changed.notify_one();
+        DueGuard { h2: h2.clone(), id }
+    }
+}
+
+impl Drop for DueGuard {
+    fn drop(&mut self) {
+        if let Ok(mut answers) = self.h2.answers.lock() {
+            answers.retain(|d| d.id != self.id);
+        }
+        self.h2.answers_changed.notify_one();
+    }
+}
+
+impl H2Conn {
+    fn earliest_due(&self) -> Option<Instant> {
+        self.answers.lock().ok()?.iter().map(|d| d.until).min()
+    }
+
+    /// Marks every answer past its bound as cut; whether there was one.
+    fn cut_overdue(&self, now: Instant) -> bool {
+        let Ok(answers) = self.answers.lock() else {
+            return false;
+        };
+        let mut any = false;
+        for d in answers.iter().filter(|d| d.until <= now) {
+            d.conn.mark_cut();
+            any = true;
+        }
+        any
+    }
+
+    /// No stream is open: the connection itself counts per IP again (as an idle HTTP/1.1
+    /// connection does), unless it still holds its place.
+    fn count_idle_connection(&self) {
+        let Some(key) = self.ip_key else {
+            return;
+        };
+        let Ok(mut early) = self.early.lock() else {
+            return;
+        };
+        if early.is_none()
+            && let Some(p) = self.shared.per_ip.try_acquire(key, u32::MAX)
+        {
+            *early = Some(EarlyPermit::Kept(p));
+        }
+    }
 }
 
 impl HttpBody for Tracked {

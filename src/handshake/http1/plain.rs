@@ -57,6 +57,7 @@ pub(super) async fn proxy(
         status: 0,
         backend: None,
         started,
+        deadline,
         up_bytes: Arc::new(AtomicU64::new(0)),
         down_bytes: 0,
         reason: None,
@@ -125,8 +126,16 @@ pub(super) async fn proxy(
         complete: false,
         line: Some(Box::new(line)),
     };
-    Response::from_parts(head, Either::Right(Either::Right(relayed)))
+    let mut resp = Response::from_parts(head, Either::Right(Either::Right(relayed)));
+    resp.extensions_mut().insert(ExchangeDeadline(deadline));
+    resp
 }
+
+/// When a plain exchange must be over, client's reading included (`http_timeout`): for a
+/// driver that has to enforce it without polling the body (HTTP/2 polls a body only when
+/// the client's window lets it).
+#[derive(Clone, Copy)]
+pub(in crate::handshake) struct ExchangeDeadline(pub(in crate::handshake) Instant);
 
 /// The `Content-Length` a request declares, when it declares one that parses.
 fn declared_length(parts: &request::Parts) -> Option<u64> {
@@ -164,6 +173,8 @@ struct Line {
     status: u16,
     backend: Option<String>,
     started: Instant,
+    /// When the exchange must be over (`http_timeout`).
+    deadline: Instant,
     /// Request body bytes sent upstream.
     up_bytes: Arc<AtomicU64>,
     /// Answer body bytes sent to the client.
@@ -179,8 +190,12 @@ impl Line {
     fn refuse(mut self, r: Refusal) -> Response<Body> {
         self.status = r.status().as_u16();
         self.reason = Some(r.reason());
-        r.response::<http_body_util::Full<Bytes>>()
-            .map(Either::Left)
+        let deadline = self.deadline;
+        let mut resp = r
+            .response::<http_body_util::Full<Bytes>>()
+            .map(Either::Left);
+        resp.extensions_mut().insert(ExchangeDeadline(deadline));
+        resp
     }
 }
 
