@@ -148,7 +148,15 @@ where
     let mut due_armed = false;
     loop {
         let no_stream = h2.open.load(Ordering::Acquire) == 0;
+        // Biased, the connection first: it is what every frame of every stream wakes.
         tokio::select! {
+            biased;
+            r = http.as_mut() => {
+                if let Err(e) = r {
+                    tracing::debug!(peer = %h2.peer, error = %e, "HTTP/2 connection ended");
+                }
+                return None;
+            }
             () = h2.answers_changed.notified() => {
                 due_armed = match h2.earliest_due() {
                     Some(at) => {
@@ -172,12 +180,6 @@ where
                     }
                     None => false,
                 };
-            }
-            r = http.as_mut() => {
-                if let Err(e) = r {
-                    tracing::debug!(peer = %h2.peer, error = %e, "HTTP/2 connection ended");
-                }
-                return None;
             }
             () = h2.went_idle.notified() => {
                 let since = h2.idle_since.lock().map(|s| *s).unwrap_or_else(|_| Instant::now());
