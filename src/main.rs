@@ -21,7 +21,7 @@ const USAGE: &str = "usage: wsgate [--config FILE] [--check] [--takeover] [--ver
   --check            validate the configuration and exit 0 (valid) or 1 (invalid)
   --takeover         start even though another process (an older wsgate) listens on the
                      same address: both share it (SO_REUSEPORT) until the old one is
-                     stopped; used for zero-downtime restarts
+                     stopped; used for zero-downtime restarts (or WSGATE_TAKEOVER=1)
   --version          print the version and exit
 proxy: one route (every path) from --listen to the backend --to, with the default limits
   --tls-self-signed  serve wss:// with a certificate of the local development CA
@@ -204,7 +204,10 @@ fn main() -> ExitCode {
         }
         None => None,
     };
-    if let Err(e) = check_not_taken(&config, args.takeover) {
+    // `WSGATE_TAKEOVER=1` does what `--takeover` does, for service managers whose command
+    // line is fixed (a systemd template's second instance).
+    let takeover = args.takeover || std::env::var("WSGATE_TAKEOVER").is_ok_and(|v| v == "1");
+    if let Err(e) = check_not_taken(&config, takeover) {
         tracing::error!("{e}");
         return ExitCode::FAILURE;
     }
