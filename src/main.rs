@@ -186,6 +186,14 @@ fn main() -> ExitCode {
         return ExitCode::SUCCESS;
     }
     observe::init_tracing(&config.log.format);
+    // Before anything is written (the development CA): a refused start leaves no trace.
+    // `WSGATE_TAKEOVER=1` does what `--takeover` does, for service managers whose command
+    // line is fixed (a systemd template's second instance).
+    let takeover = args.takeover || std::env::var("WSGATE_TAKEOVER").is_ok_and(|v| v == "1");
+    if let Err(e) = check_not_taken(&config, takeover) {
+        tracing::error!("{e}");
+        return ExitCode::FAILURE;
+    }
     let dev_ca = match dev_ca_for(&config) {
         Some(Ok((path, created))) => match args.source.load() {
             // Loaded again: the development certificates are now signed by the CA.
@@ -204,13 +212,6 @@ fn main() -> ExitCode {
         }
         None => None,
     };
-    // `WSGATE_TAKEOVER=1` does what `--takeover` does, for service managers whose command
-    // line is fixed (a systemd template's second instance).
-    let takeover = args.takeover || std::env::var("WSGATE_TAKEOVER").is_ok_and(|v| v == "1");
-    if let Err(e) = check_not_taken(&config, takeover) {
-        tracing::error!("{e}");
-        return ExitCode::FAILURE;
-    }
     let runtime = match build_runtime() {
         Ok(rt) => rt,
         Err(e) => {

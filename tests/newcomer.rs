@@ -273,14 +273,20 @@ async fn a_second_instance_on_a_taken_port_refuses_unless_takeover() {
     let data = unique("data-takeover");
     let port = free_port();
     let text = format!(
-        "listeners: [{{ name: public, bind: \"127.0.0.1:{port}\" }}]\nupstreams:\n  echo: {{ builtin: echo }}\nroutes:\n  - {{ name: echo, match: {{ path_prefix: / }}, upstream: echo }}\n"
+        "listeners:\n  - {{ name: public, bind: \"127.0.0.1:{port}\" }}\n  - {{ name: secure, bind: \"127.0.0.1:0\", tls: {{ self_signed: true }} }}\nupstreams:\n  echo: {{ builtin: echo }}\nroutes:\n  - {{ name: echo, match: {{ path_prefix: / }}, upstream: echo }}\n"
     );
     let config = write_config("takeover", &text);
     let args = ["--config", &*config.to_string_lossy()];
     let first = Wsgate::start(&args, &data);
     first.listening("ws").await;
-    let mut second = Wsgate::start(&args, &data);
+    let refused_data = unique("data-takeover-refused");
+    let _ = std::fs::remove_dir_all(&refused_data);
+    let mut second = Wsgate::start(&args, &refused_data);
     assert_eq!(second.exit_code(WAIT).await, Some(1));
+    assert!(
+        !refused_data.exists(),
+        "a refused start writes nothing (no development CA)"
+    );
     let line = second.stderr_line("another process already listens").await;
     assert!(
         line.contains(&format!("127.0.0.1:{port}")) && line.contains("--takeover"),
