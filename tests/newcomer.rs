@@ -552,3 +552,41 @@ fn config_mistakes_are_explained() {
         "{err}"
     );
 }
+
+/// Issue 22 item 7: the example PKI (`cargo run --example dev_pki -- DIR`) writes its
+/// private keys readable by their owner only. `cargo test` builds the example next to the
+/// test binaries.
+#[test]
+fn the_example_pki_writes_private_keys_0600() {
+    let exe = std::env::current_exe().unwrap_or_else(|e| panic!("{e}"));
+    let example = exe
+        .parent()
+        .and_then(|deps| deps.parent())
+        .map(|profile| profile.join("examples").join("dev_pki"))
+        .unwrap_or_else(|| panic!("no target directory above {exe:?}"));
+    assert!(
+        example.exists(),
+        "{example:?} missing: run the tests with `cargo test`, which builds the examples"
+    );
+    let dir = unique("pki");
+    let _ = std::fs::remove_dir_all(&dir);
+    let out = Command::new(&example)
+        .arg(&dir)
+        .output()
+        .unwrap_or_else(|e| panic!("{e}"));
+    assert!(out.status.success(), "{out:?}");
+    let mode = |name: &str| {
+        std::os::unix::fs::PermissionsExt::mode(
+            &std::fs::metadata(dir.join(name))
+                .unwrap_or_else(|e| panic!("{name}: {e}"))
+                .permissions(),
+        ) & 0o777
+    };
+    assert_eq!(mode("ca.key"), 0o600);
+    assert_eq!(mode("server.key"), 0o600);
+    assert_eq!(
+        mode("server.crt") & 0o077,
+        mode("server.crt") & 0o044 & 0o077
+    );
+    let _ = std::fs::remove_dir_all(&dir);
+}
