@@ -70,8 +70,9 @@ fn write_file(path: &Path, bytes: &[u8], mode: u32) -> Result<(), String> {
 /// URL.
 pub fn trust_recipe(cert: &Path, url: &str) -> String {
     let c = cert.display();
+    let https = url.replacen("wss://", "https://", 1);
     format!(
-        "trust it: SSL_CERT_FILE={c} python3 -m websockets {url} | curl --cacert {c} ... | Node: NODE_EXTRA_CA_CERTS={c} | browsers: import {c} as a certificate authority (Firefox: Settings > Certificates > Authorities; Chrome/Linux: Settings > Privacy > Security > Manage certificates > Authorities)"
+        "trust it: SSL_CERT_FILE={c} python3 -m websockets {url} | curl --cacert {c} {https} | Node: NODE_EXTRA_CA_CERTS={c} | browsers: import {c} as a certificate authority (Firefox: Settings > Certificates > Authorities; Chrome/Linux: Settings > Privacy > Security > Manage certificates > Authorities)"
     )
 }
 

@@ -449,13 +449,20 @@ fn rejected_certificate(error: &io::Error) -> Option<String> {
     if !alert && error.kind() != io::ErrorKind::UnexpectedEof {
         return None;
     }
-    Some(match DEV_CA.get() {
+    // A connection that sent nothing before closing ends the same way.
+    let or_probe = if alert {
+        ""
+    } else {
+        "; or it was a port check that sent nothing"
+    };
+    let advice = match DEV_CA.get() {
         Some(ca) => format!(
             " (it is signed by the development CA {0}: trust that file, e.g. SSL_CERT_FILE={0}, curl --cacert {0}, or import it as an authority in the browser)",
             ca.cert_path
         ),
         None => " (is it signed by a CA the client trusts, and does it name the host the client asked for?)".to_owned(),
-    })
+    };
+    Some(format!("{advice}{or_probe}"))
 }
 
 /// Protocol version as the access log writes it.

@@ -202,7 +202,12 @@ async fn wss_works_for_a_client_trusting_the_printed_development_ca() {
     let cert = data.join("dev-ca.crt");
     let recipe = format!("SSL_CERT_FILE={}", cert.display());
     assert!(announced.contains(&recipe), "{announced}");
-    assert!(announced.contains("curl --cacert"), "{announced}");
+    let curl = format!(
+        "curl --cacert {} https://localhost:{}/echo",
+        cert.display(),
+        wss.port()
+    );
+    assert!(announced.contains(&curl), "{announced}");
     gw.stderr_line(&format!(
         "try it: python3 -m websockets ws://127.0.0.1:{}/echo",
         ws.port()
