@@ -177,6 +177,7 @@ async fn default_config_serves_the_echo_demo() {
     let status = child.wait().unwrap_or_else(|e| panic!("{e}"));
     assert!(status.success(), "exit: {status:?}");
     let _ = std::fs::remove_file(path);
+    let _ = std::fs::remove_dir_all(data);
 }
 
 /// SPEC §2 `admin.token`: an admin listener off loopback without a token serves no

@@ -307,6 +307,8 @@ async fn a_second_instance_on_a_taken_port_refuses_unless_takeover() {
     takeover
         .stderr_line("--takeover: sharing the address")
         .await;
+    drop((first, takeover));
+    let _ = std::fs::remove_dir_all(&data);
     let _ = std::fs::remove_file(config);
 }
 
