@@ -3,7 +3,8 @@
 //!     cargo run --example dev_pki -- DIR [NAME...]      # default names: localhost 127.0.0.1
 //!
 //! Writes DIR/ca.crt, DIR/ca.key, DIR/server.crt (leaf + CA) and DIR/server.key. For
-//! testing only: keep the keys out of version control (certs/.gitignore does).
+//! testing only: keep the keys out of version control (certs/.gitignore does). The keys are
+//! written readable by their owner only (0600).
 
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -50,11 +51,25 @@ fn make(dir: &std::path::Path, names: Vec<String>) -> Result<(), Box<dyn std::er
         .push(DnType::CommonName, names[0].as_str());
     let cert = leaf.signed_by(&key, &ca)?;
     std::fs::write(dir.join("ca.crt"), ca.pem())?;
-    std::fs::write(dir.join("ca.key"), ca_key_pem)?;
+    write_private(&dir.join("ca.key"), ca_key_pem.as_bytes())?;
     std::fs::write(
         dir.join("server.crt"),
         format!("{}{}", cert.pem(), ca.pem()),
     )?;
-    std::fs::write(dir.join("server.key"), key.serialize_pem())?;
+    write_private(&dir.join("server.key"), key.serialize_pem().as_bytes())?;
     Ok(())
+}
+
+/// Writes a private key readable by its owner only (0600), also when the file existed.
+fn write_private(path: &std::path::Path, bytes: &[u8]) -> std::io::Result<()> {
+    use std::io::Write;
+    use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
+    let mut file = std::fs::OpenOptions::new()
+        .write(true)
+        .create(true)
+        .truncate(true)
+        .mode(0o600)
+        .open(path)?;
+    file.set_permissions(std::fs::Permissions::from_mode(0o600))?;
+    file.write_all(bytes)
 }

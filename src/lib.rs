@@ -25,7 +25,8 @@
 //! - [`config`]: YAML → validated, typed [`config::Config`]; reads files only through an
 //!   injected reader (SPEC §2).
 //! - [`admission`]: the pure rules: origins, tokens, API keys, client IP, per-IP limits.
-//! - [`tls`]: rustls configurations and certificate loading.
+//! - [`tls`]: rustls configurations and certificate loading; [`devca`]: the local
+//!   development CA's files.
 //! - [`ops`]: the registry of live connections, memory trimming.
 //! - [`observe`]: the access log, metrics and tracing; plain records in (SPEC §6, §7).
 //! - [`outcome`]: refusals, endings, close codes and reason words (SPEC §3, §5).
@@ -35,6 +36,7 @@
 pub mod admin;
 pub mod admission;
 pub mod config;
+pub mod devca;
 pub mod echo;
 #[cfg(feature = "fuzzing")]
 pub mod fuzzing;

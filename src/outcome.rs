@@ -156,7 +156,23 @@ impl Refusal {
     /// The proxy's own refusal: the status, the one-word body, `Connection: close` and the
     /// [`extra_header`](Self::extra_header). Never echoes request data.
     pub fn response<B: From<&'static str>>(self) -> Response<B> {
-        let mut resp = Response::new(B::from(self.body()));
+        self.respond(B::from(self.body()))
+    }
+
+    /// [`Self::response`] with a second line saying what to change, e.g. `origin` then
+    /// `origin not allowed: https://x (allowed: ...)`. The reason word stays the first
+    /// line; the caller keeps secrets (tokens, query values) out of `hint`.
+    pub fn response_with_hint<B: From<String>>(self, hint: &str) -> Response<B> {
+        let hint: String = hint
+            .chars()
+            .map(|c| if c.is_control() { ' ' } else { c })
+            .take(MAX_HINT)
+            .collect();
+        self.respond(B::from(format!("{}{hint}\n", self.body())))
+    }
+
+    fn respond<B>(self, body: B) -> Response<B> {
+        let mut resp = Response::new(body);
         *resp.status_mut() = self.status();
         let h = resp.headers_mut();
         h.insert(
@@ -193,6 +209,9 @@ impl Refusal {
         out
     }
 }
+
+/// Characters of a refusal's hint line at most (it may quote a client's `Origin` or host).
+const MAX_HINT: usize = 600;
 
 /// Who ended a connection (SPEC §6 `close.by`).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]

@@ -104,19 +104,109 @@ fn pem_items<T: PemObject>(read: &ReadFile<'_>, path: &Path) -> Result<Vec<T>, p
     T::pem_reader_iter(bytes.as_slice()).collect()
 }
 
-/// A self-signed certificate for `localhost`, `127.0.0.1` and `::1`, generated in memory
-/// (nothing is written to disk); for development only.
+/// The names a development certificate (`self_signed: true`) is valid for.
+const DEV_NAMES: [&str; 3] = ["localhost", "127.0.0.1", "::1"];
+
+/// A certificate for `localhost`, `127.0.0.1` and `::1`, generated in memory for
+/// development: signed by the local development CA when one is installed
+/// ([`install_dev_ca`], what the binary does at start-up), else self-signed (`--check`,
+/// tests in process).
 pub fn self_signed() -> Result<LoadedCert, String> {
-    let names = vec![
-        "localhost".to_owned(),
-        "127.0.0.1".to_owned(),
-        "::1".to_owned(),
-    ];
-    let generated = rcgen::generate_simple_self_signed(names)
-        .map_err(|e| format!("cannot generate a certificate: {e}"))?;
+    let names: Vec<String> = DEV_NAMES.iter().map(|n| (*n).to_owned()).collect();
+    let fail = |e: rcgen::Error| format!("cannot generate a certificate: {e}");
+    if let Some(ca) = DEV_CA.get() {
+        let key = rcgen::KeyPair::generate().map_err(fail)?;
+        let mut params = rcgen::CertificateParams::new(names).map_err(fail)?;
+        params
+            .distinguished_name
+            .push(rcgen::DnType::CommonName, "localhost");
+        params.use_authority_key_identifier_extension = true;
+        params.key_usages = vec![rcgen::KeyUsagePurpose::DigitalSignature];
+        params.extended_key_usages = vec![rcgen::ExtendedKeyUsagePurpose::ServerAuth];
+        let cert = params.signed_by(&key, &ca.issuer).map_err(fail)?;
+        let key = PrivateKeyDer::try_from(key.serialize_der()).map_err(|e| e.to_owned())?;
+        return certified(vec![cert.der().clone(), ca.cert.clone()], key);
+    }
+    let generated = rcgen::generate_simple_self_signed(names).map_err(fail)?;
     let key =
         PrivateKeyDer::try_from(generated.signing_key.serialize_der()).map_err(|e| e.to_owned())?;
     certified(vec![generated.cert.der().clone()], key)
+}
+
+/// The local development CA: it signs every `self_signed` certificate of this process, so
+/// a client that trusts its certificate file once trusts every restart (as Caddy's local
+/// CA). Files are the caller's business (`crate::devca`); this holds it in memory.
+pub struct DevCa {
+    issuer: rcgen::Issuer<'static, rcgen::KeyPair>,
+    cert: CertificateDer<'static>,
+    /// Where the CA's certificate is, for messages.
+    pub cert_path: String,
+}
+
+static DEV_CA: std::sync::OnceLock<DevCa> = std::sync::OnceLock::new();
+
+/// The CA's parameters, rebuilt from its key alone: its name carries the key's
+/// identifier, so two machines' CAs never share a name, and the issuer of certificates
+/// signed with a reloaded key is the name in the certificate file written the first time.
+fn dev_ca_params(key: &rcgen::KeyPair) -> Result<rcgen::CertificateParams, rcgen::Error> {
+    let mut params = rcgen::CertificateParams::new(Vec::<String>::new())?;
+    let id: String = params
+        .key_identifier(key)
+        .iter()
+        .take(6)
+        .map(|b| format!("{b:02x}"))
+        .collect();
+    params.distinguished_name.push(
+        rcgen::DnType::CommonName,
+        format!("wsgate local development CA {id}"),
+    );
+    params
+        .distinguished_name
+        .push(rcgen::DnType::OrganizationName, "wsgate development");
+    params.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Constrained(0));
+    params.key_usages = vec![
+        rcgen::KeyUsagePurpose::KeyCertSign,
+        rcgen::KeyUsagePurpose::CrlSign,
+        rcgen::KeyUsagePurpose::DigitalSignature,
+    ];
+    Ok(params)
+}
+
+/// A new development CA: (its certificate PEM, its private key PEM).
+pub fn new_dev_ca() -> Result<(String, String), String> {
+    let fail = |e: rcgen::Error| format!("cannot generate the development CA: {e}");
+    let key = rcgen::KeyPair::generate().map_err(fail)?;
+    let cert = dev_ca_params(&key)
+        .and_then(|p| p.self_signed(&key))
+        .map_err(fail)?;
+    Ok((cert.pem(), key.serialize_pem()))
+}
+
+/// Makes the CA of `cert_pem` and `key_pem` sign every later [`self_signed`] certificate.
+/// Refuses a key that is not the certificate's. Only the first call in a process counts.
+pub fn install_dev_ca(cert_pem: &str, key_pem: &str, cert_path: &str) -> Result<(), String> {
+    let key = rcgen::KeyPair::from_pem(key_pem).map_err(|e| format!("development CA key: {e}"))?;
+    let cert = CertificateDer::from_pem_slice(cert_pem.as_bytes())
+        .map_err(|e| format!("development CA certificate: {e}"))?;
+    let params = dev_ca_params(&key).map_err(|e| e.to_string())?;
+    let own_key = x509_parser::parse_x509_certificate(&cert)
+        .map(|(_, c)| c.public_key().subject_public_key.data.to_vec())
+        .map_err(|e| format!("development CA certificate: {e}"))?;
+    if own_key != rcgen::PublicKeyData::der_bytes(&key) {
+        return Err("the development CA key does not match its certificate".into());
+    }
+    let issuer = rcgen::Issuer::new(params, key);
+    let _ = DEV_CA.set(DevCa {
+        issuer,
+        cert,
+        cert_path: cert_path.to_owned(),
+    });
+    Ok(())
+}
+
+/// The installed development CA, if any.
+pub fn dev_ca() -> Option<&'static DevCa> {
+    DEV_CA.get()
 }
 
 fn certified(
@@ -320,6 +410,59 @@ pub fn log_handshake_failure(peer: SocketAddr, reason: &dyn std::fmt::Display, t
     if crate::log_budget::warn_budget() {
         tracing::warn!(client_ip = %peer.ip(), client_port = peer.port(), %reason, failures_total = total, "TLS handshake failed");
     }
+}
+
+/// Logs a TLS handshake that failed with an I/O error: when the client hung up or sent a
+/// certificate alert, the line says that it most likely rejected the certificate (the
+/// usual first wss:// failure with a development certificate) and how to trust it.
+pub fn log_handshake_error(peer: SocketAddr, error: &io::Error, total: u64) {
+    if !crate::log_budget::warn_budget() {
+        return;
+    }
+    let Some(hint) = rejected_certificate(error) else {
+        tracing::warn!(client_ip = %peer.ip(), client_port = peer.port(), reason = %error, failures_total = total, "TLS handshake failed");
+        return;
+    };
+    tracing::warn!(client_ip = %peer.ip(), client_port = peer.port(), reason = %error, failures_total = total, "TLS handshake failed: the client most likely rejected the certificate{hint}");
+}
+
+/// `Some(advice)` when `error` looks like a client refusing the server's certificate: an
+/// end of stream mid-handshake (Python, curl and browsers just hang up) or a certificate
+/// alert (rustls, Go, Java).
+fn rejected_certificate(error: &io::Error) -> Option<String> {
+    use rustls::AlertDescription as A;
+    let alert = error
+        .get_ref()
+        .and_then(|e| e.downcast_ref::<rustls::Error>())
+        .is_some_and(|e| {
+            matches!(
+                e,
+                rustls::Error::AlertReceived(
+                    A::BadCertificate
+                        | A::UnknownCA
+                        | A::CertificateUnknown
+                        | A::CertificateExpired
+                        | A::UnsupportedCertificate
+                )
+            )
+        });
+    if !alert && error.kind() != io::ErrorKind::UnexpectedEof {
+        return None;
+    }
+    // A connection that sent nothing before closing ends the same way.
+    let or_probe = if alert {
+        ""
+    } else {
+        "; or it was a port check that sent nothing"
+    };
+    let advice = match DEV_CA.get() {
+        Some(ca) => format!(
+            " (it is signed by the development CA {0}: trust that file, e.g. SSL_CERT_FILE={0}, curl --cacert {0}, or import it as an authority in the browser)",
+            ca.cert_path
+        ),
+        None => " (is it signed by a CA the client trusts, and does it name the host the client asked for?)".to_owned(),
+    };
+    Some(format!("{advice}{or_probe}"))
 }
 
 /// Protocol version as the access log writes it.

@@ -75,7 +75,7 @@ async fn refused(gw: &TestGateway, req: &[u8], status: u16, reason: &str) -> Str
         resp.starts_with(&format!("HTTP/1.1 {status} ")),
         "want {status}: {resp}"
     );
-    assert!(resp.ends_with(&format!("{reason}\n")), "{resp}");
+    assert_eq!(support::refusal_word(&resp), reason, "{resp}");
     gw.log_line(|l| l["event"] == "ws_reject" && l["proxy_reason"] == reason)
         .await;
     resp

@@ -115,8 +115,11 @@ async fn default_config_serves_the_echo_demo() {
         .replace("127.0.0.1:8443", "127.0.0.1:0")
         .replace("127.0.0.1:9090", "127.0.0.1:0");
     let path = temp_config("default", &text);
+    let data = std::env::temp_dir().join(format!("wsgate-test-{}-data", std::process::id()));
     let mut child = Command::new(BIN)
         .args(["--config", path.to_str().unwrap_or_default()])
+        // The wss:// listener's development CA goes here, not into the user's data dir.
+        .env("WSGATE_DATA_DIR", &data)
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
         .spawn()
@@ -174,6 +177,7 @@ async fn default_config_serves_the_echo_demo() {
     let status = child.wait().unwrap_or_else(|e| panic!("{e}"));
     assert!(status.success(), "exit: {status:?}");
     let _ = std::fs::remove_file(path);
+    let _ = std::fs::remove_dir_all(data);
 }
 
 /// SPEC §2 `admin.token`: an admin listener off loopback without a token serves no

@@ -25,9 +25,10 @@ async fn assert_refused(gw: &TestGateway, request: &[u8], status: u16, reason: &
         resp.starts_with(&format!("HTTP/1.1 {status} ")),
         "want {status}, got {resp:?}"
     );
-    assert!(
-        resp.ends_with(&format!("{reason}\n")),
-        "body should name {reason}: {resp:?}"
+    assert_eq!(
+        support::refusal_word(&resp),
+        reason,
+        "body should name {reason} first: {resp:?}"
     );
     let line = gw
         .log_line(|l| l["event"] == "ws_reject" && l["proxy_reason"] == reason)

@@ -152,7 +152,7 @@ async fn assert_rejected(
         "one response: {resp:?}"
     );
     if reason != "upstream_status" {
-        assert!(resp.ends_with(&format!("{reason}\n")), "{resp:?}");
+        assert_eq!(refusal_word(&resp), reason, "{resp:?}");
     }
     let lines = await_lines(gw, before_lines + 1, &is_it).await;
     assert_eq!(lines.len(), before_lines + 1, "one line per refusal");

@@ -321,8 +321,13 @@ struct Proc {
 
 impl Proc {
     fn start(config: &std::path::Path) -> Proc {
+        Proc::start_with(config, &[])
+    }
+
+    fn start_with(config: &std::path::Path, extra: &[&str]) -> Proc {
         let child = Command::new(BIN)
             .args(["--config", &config.to_string_lossy()])
+            .args(extra)
             .stdout(Stdio::null())
             .stderr(Stdio::null())
             .spawn()
@@ -577,7 +582,8 @@ async fn restart_on_the_same_port_refuses_nobody() {
         .collect();
     // Part of the scenario: the load runs on the old process alone for a while.
     tokio::time::sleep(Duration::from_millis(300)).await;
-    let new = Proc::start(&path);
+    // Without --takeover the new process would refuse to share the port (tests/cli.rs).
+    let new = Proc::start_with(&path, &["--takeover"]);
     // Both serve now (SO_REUSEPORT); the new one is ready when its admin listens too
     // (bound after its listeners).
     eventually("the new process listening", PATIENCE, async || {

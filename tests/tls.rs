@@ -481,6 +481,15 @@ routes:
     let bad = spawn_gateway(&yaml).await;
     let resp = raw_request(bad.addr(), b"GET /x HTTP/1.1\r\nHost: h\r\nConnection: Upgrade\r\nUpgrade: websocket\r\nSec-WebSocket-Version: 13\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n\r\n").await;
     assert!(resp.starts_with("HTTP/1.1 502 "), "{resp}");
+    // The log line says why: the TLS failure with its reason (issue 22 item 3).
+    let line = bad
+        .log_line(|l| l["proxy_reason"] == "upstream_connect")
+        .await;
+    let error = line["upstream_error"].as_str().unwrap_or_default();
+    assert!(
+        error.starts_with("connect: TLS: ") && error.contains("certificate"),
+        "{line}"
+    );
 }
 
 /// An echo server speaking wss with the given certificate; with `client_ca`, it requires

@@ -29,6 +29,8 @@ struct List {
     exact: Vec<Origin>,
     wildcards: Vec<Wildcard>,
     allow_null: bool,
+    /// The entries as configured, for a refusal's hint.
+    shown: Vec<String>,
 }
 
 /// A parsed, normalised tuple origin.
@@ -74,6 +76,7 @@ impl OriginPolicy {
             exact: Vec::new(),
             wildcards: Vec::new(),
             allow_null: false,
+            shown: origins.to_vec(),
         };
         for (i, entry) in origins.iter().enumerate() {
             add_entry(&mut list, entry).map_err(|e| format!("origins[{i}] {entry:?}: {e}"))?;
@@ -82,6 +85,15 @@ impl OriginPolicy {
             list: Some(list),
             allow_missing,
         })
+    }
+
+    /// The configured entries (`None`: any origin) and whether a missing `Origin` passes,
+    /// for the hint of an `origin` refusal.
+    pub fn allowed(&self) -> (Option<&[String]>, bool) {
+        (
+            self.list.as_ref().map(|l| l.shown.as_slice()),
+            self.allow_missing,
+        )
     }
 
     /// Decides on the request's `Origin` header (`None` when the client sent none).

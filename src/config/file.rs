@@ -294,14 +294,51 @@ pub struct FileUpstream {
     pub max_ejected: Option<Text>,
 }
 
-#[derive(Debug, Deserialize)]
-#[serde(deny_unknown_fields)]
+/// A backend: `{ addr: "host:port", weight: 2 }`, or just `"host:port"` (weight 1).
+#[derive(Debug)]
 pub struct FileBackend {
     /// `host:port`; IPv6 in brackets.
     pub addr: Text,
     /// Relative share; default 1; at least 1.
-    #[serde(default, deserialize_with = "opt_scalar")]
     pub weight: Option<u32>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct FileBackendMap {
+    addr: Text,
+    #[serde(default, deserialize_with = "opt_scalar")]
+    weight: Option<u32>,
+}
+
+impl<'de> Deserialize<'de> for FileBackend {
+    fn deserialize<D: serde::Deserializer<'de>>(deserializer: D) -> Result<FileBackend, D::Error> {
+        struct BackendVisitor;
+        impl<'de> serde::de::Visitor<'de> for BackendVisitor {
+            type Value = FileBackend;
+            fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+                f.write_str("a backend: \"host:port\" or { addr: \"host:port\", weight: N }")
+            }
+            fn visit_str<E: serde::de::Error>(self, v: &str) -> Result<FileBackend, E> {
+                Ok(FileBackend {
+                    addr: Text::from_raw(v)?,
+                    weight: None,
+                })
+            }
+            fn visit_map<A: serde::de::MapAccess<'de>>(
+                self,
+                map: A,
+            ) -> Result<FileBackend, A::Error> {
+                let m =
+                    FileBackendMap::deserialize(serde::de::value::MapAccessDeserializer::new(map))?;
+                Ok(FileBackend {
+                    addr: m.addr,
+                    weight: m.weight,
+                })
+            }
+        }
+        deserializer.deserialize_any(BackendVisitor)
+    }
 }
 
 #[derive(Debug, Deserialize)]

@@ -391,8 +391,7 @@ pub enum Deflate {
 
 /// One config problem. `line`/`column` are 1-based; 0 only when the position is unknown
 /// (e.g. the file could not be read).
-#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
-#[error("{file}:{line}:{column}: {path}: {message}")]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub struct ConfigError {
     pub file: String,
     pub line: usize,
@@ -402,6 +401,23 @@ pub struct ConfigError {
     /// The rule broken and how to fix it; never contains env-substituted text.
     pub message: String,
 }
+
+/// `FILE:LINE:COLUMN: key.path: message`; a problem with no position (the file could not
+/// be read) is `FILE: message`.
+impl fmt::Display for ConfigError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        if self.line == 0 {
+            return write!(f, "{}: {}", self.file, self.message);
+        }
+        write!(
+            f,
+            "{}:{}:{}: {}: {}",
+            self.file, self.line, self.column, self.path, self.message
+        )
+    }
+}
+
+impl std::error::Error for ConfigError {}
 
 /// All problems found; displayed one per line.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -484,7 +500,7 @@ impl Config {
                 column: 0,
                 path: ROOT_PATH.to_string(),
                 message: format!(
-                    "cannot read the config file: {err}; check the path given to --config"
+                    "cannot read the config file: {err}; give one with --config FILE (the default, conf/wsgate.yaml, is relative to the working directory: run from the repository root), or run without a file: wsgate proxy --listen 127.0.0.1:8080 --to 127.0.0.1:9001"
                 ),
             }])),
         }

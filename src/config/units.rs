@@ -47,18 +47,33 @@ pub fn parse_duration(text: &str) -> Result<Duration, String> {
         let number: u64 = s[start..i]
             .parse()
             .map_err(|_| "duration is too large".to_string())?;
+        // A decimal part (`1.5s`, as Go and Caddy accept): its digits and their count.
+        let mut fraction = (0u64, 0u32);
+        if bytes.get(i) == Some(&b'.') {
+            i += 1;
+            let digits = i;
+            while i < bytes.len() && bytes[i].is_ascii_digit() {
+                i += 1;
+            }
+            if i == digits || i - digits > 9 {
+                return Err(
+                    "a decimal duration needs 1 to 9 digits after the point, e.g. `1.5s`".into(),
+                );
+            }
+            let value = s[digits..i]
+                .parse()
+                .map_err(|_| "not a duration".to_string())?;
+            fraction = (value, (i - digits) as u32);
+        }
         let unit_start = i;
         while i < bytes.len() && bytes[i].is_ascii_alphabetic() {
             i += 1;
         }
         let unit = &s[unit_start..i];
         if unit.is_empty() {
-            return Err(if bytes.get(i) == Some(&b'.') {
-                "fractions are not supported; use a smaller unit, e.g. `1500ms` instead of `1.5s`"
-                    .into()
-            } else {
-                "every number in a duration needs a unit (ms, s, m, h), e.g. `1m30s`".into()
-            });
+            return Err(
+                "every number in a duration needs a unit (ms, s, m, h), e.g. `1m30s`".into(),
+            );
         }
         let Some(index) = DURATION_UNITS.iter().position(|(name, _)| *name == unit) else {
             return Err(format!(
@@ -73,8 +88,20 @@ pub fn parse_duration(text: &str) -> Result<Duration, String> {
             );
         }
         last_unit = Some(index);
+        let unit_ms = DURATION_UNITS[index].1;
+        let scale = 10u64.pow(fraction.1);
+        let fraction_ms = fraction
+            .0
+            .checked_mul(unit_ms)
+            .ok_or_else(|| "duration is too large".to_string())?;
+        if fraction_ms % scale != 0 {
+            return Err(format!(
+                "durations are counted in whole milliseconds; `{s}` is finer than that"
+            ));
+        }
         total_ms = number
-            .checked_mul(DURATION_UNITS[index].1)
+            .checked_mul(unit_ms)
+            .and_then(|ms| ms.checked_add(fraction_ms / scale))
             .and_then(|ms| total_ms.checked_add(ms))
             .ok_or_else(|| "duration is too large".to_string())?;
     }
@@ -309,7 +336,7 @@ impl Text {
         }
     }
 
-    fn from_raw<E: de::Error>(raw: &str) -> Result<Text, E> {
+    pub(super) fn from_raw<E: de::Error>(raw: &str) -> Result<Text, E> {
         let (value, substituted) = interpolate(raw, &scoped_env).map_err(E::custom)?;
         Ok(Text {
             value,
@@ -566,6 +593,15 @@ mod tests {
     }
 
     #[test]
+    fn decimal_durations_parse_to_whole_milliseconds() {
+        assert_eq!(parse_duration("1.5s"), Ok(Duration::from_millis(1500)));
+        assert_eq!(parse_duration("0.25s"), Ok(Duration::from_millis(250)));
+        assert_eq!(parse_duration("1.5m"), Ok(Duration::from_secs(90)));
+        assert_eq!(parse_duration("2h0.5m"), Ok(Duration::from_secs(7230)));
+        assert_eq!(parse_duration("1.500s"), Ok(Duration::from_millis(1500)));
+    }
+
+    #[test]
     fn bare_number_duration_says_to_add_a_unit() {
         let err = parse_duration("30").unwrap_err();
         assert!(
@@ -580,7 +616,11 @@ mod tests {
         for bad in [
             "",
             "s",
-            "1.5s",
+            "1.5",
+            "1.s",
+            ".5s",
+            "1.0005s",
+            "0.5ms",
             "1x",
             "1 s",
             "-1s",

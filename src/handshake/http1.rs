@@ -441,8 +441,10 @@ impl Conn {
                 }
                 switching_protocols(response_headers)
             }
-            Err(Failure::Proxy(r, backend)) => {
-                self.refuse(&facts, r, Some(backend.as_str()).filter(|b| !b.is_empty()))
+            Err(Failure::Proxy(r, backend, error)) => {
+                let backend = Some(backend.as_str()).filter(|b| !b.is_empty());
+                self.log_reject_with(&facts, r, r.status().as_u16(), backend, error.as_deref());
+                self.answer(&facts, r)
             }
             Err(Failure::Status(resp, backend)) => {
                 let status = resp.status().as_u16();
@@ -495,10 +497,30 @@ impl Conn {
 
     pub(super) fn refuse(&self, info: &Facts, r: Refusal, backend: Option<&str>) -> Response<Body> {
         self.log_reject(info, r, r.status().as_u16(), backend);
-        r.response::<Full<Bytes>>().map(Either::Left)
+        self.answer(info, r)
+    }
+
+    /// The refusal's answer: the reason word, then what to change when there is a hint.
+    fn answer(&self, info: &Facts, r: Refusal) -> Response<Body> {
+        match super::hints::hint(r, info, &self.config) {
+            Some(hint) => r.response_with_hint::<Full<Bytes>>(&hint).map(Either::Left),
+            None => r.response::<Full<Bytes>>().map(Either::Left),
+        }
     }
 
     fn log_reject(&self, info: &Facts, r: Refusal, status: u16, backend: Option<&str>) {
+        self.log_reject_with(info, r, status, backend, None);
+    }
+
+    /// [`Self::log_reject`] with what went wrong with the backend (`upstream_error`).
+    fn log_reject_with(
+        &self,
+        info: &Facts,
+        r: Refusal,
+        status: u16,
+        backend: Option<&str>,
+        upstream_error: Option<&str>,
+    ) {
         let shared = &self.info.shared;
         shared.metrics.rejected(info.route.as_deref(), r.reason());
         let client = info.client_ip.unwrap_or(self.info.peer.ip());
@@ -517,6 +539,7 @@ impl Conn {
         }
         let mut record = self.record("ws_reject", info, status, backend);
         record.proxy_reason = Some(r.reason());
+        record.upstream_error = upstream_error;
         self.info.shared.access.log(&record);
     }
 

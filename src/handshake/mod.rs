@@ -13,6 +13,7 @@
 pub mod admit;
 mod facts;
 mod forward;
+mod hints;
 mod http1;
 mod http2;
 mod refused;

@@ -70,6 +70,24 @@ pub fn bind_reuseport(addr: SocketAddr) -> std::io::Result<(TcpListener, SocketA
     Ok((listener, local))
 }
 
+/// Whether some socket already listens on `addr` (port not 0): a bind without
+/// SO_REUSEPORT then fails, although [`bind_reuseport`] would succeed next to another
+/// process's SO_REUSEPORT socket and silently share the port with it. SO_REUSEADDR is set
+/// so that connections left in TIME_WAIT do not count.
+pub fn listened_on(addr: SocketAddr) -> bool {
+    let probe = socket2::Socket::new(
+        socket2::Domain::for_address(addr),
+        socket2::Type::STREAM,
+        None,
+    );
+    probe
+        .and_then(|s| {
+            s.set_reuse_address(true)?;
+            s.bind(&addr.into())
+        })
+        .is_err_and(|e| e.kind() == std::io::ErrorKind::AddrInUse)
+}
+
 /// A listener accepting connections; dropping it closes the socket (established
 /// connections are not affected).
 pub struct Running {
@@ -370,7 +388,7 @@ async fn serve_tls(
     let stream = match handshake.await {
         Ok(Ok(stream)) => stream,
         Ok(Err(e)) => {
-            crate::tls::log_handshake_failure(peer, &e, metrics.tls_handshake_failed());
+            crate::tls::log_handshake_error(peer, &e, metrics.tls_handshake_failed());
             return None;
         }
         Err(_) => {

@@ -280,6 +280,10 @@ pub struct Record<'a> {
     pub stalls: StallsLog,
     pub close: Option<Close<'a>>,
     pub proxy_reason: Option<&'a str>,
+    /// On a 502/504 of the proxy's own: what went wrong with the backend, as the OS or TLS
+    /// said it (`connect: Connection refused (os error 111)`); absent otherwise.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub upstream_error: Option<&'a str>,
     /// On a summarised `ws_reject` line only: how many refusals it stands for (SPEC §3).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub count: Option<u64>,
@@ -540,6 +544,7 @@ mod tests {
             stalls: StallsLog::default(),
             close: None,
             proxy_reason: Some("no_route"),
+            upstream_error: None,
             count: None,
             pings: 0,
             rtt_ms: None,

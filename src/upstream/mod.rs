@@ -83,8 +83,10 @@ pub struct Connected {
 
 /// Why the upstream handshake failed.
 pub enum Failure {
-    /// A refusal of the proxy's own (502/504).
-    Proxy(Refusal, String),
+    /// A refusal of the proxy's own (502/504): the backend (empty when none was tried)
+    /// and, when one failed, what went wrong with it (the OS error, the TLS alert, the
+    /// broken answer), for the access log's `upstream_error`.
+    Proxy(Refusal, String, Option<String>),
     /// The upstream answered with a status other than 101: relayed as it is.
     Status(Response<RefusalBody>, String),
 }
@@ -122,7 +124,7 @@ pub async fn connect(
 ) -> Result<Connected, Failure> {
     let upstream = target.upstream;
     let mut candidates = pool.candidates(key, upstream.bounded_load);
-    let mut last = Failure::Proxy(Refusal::NoBackend, String::new());
+    let mut last = Failure::Proxy(Refusal::NoBackend, String::new(), None);
     for _ in 0..MAX_ATTEMPTS {
         let Some(lease) = candidates.next() else {
             break;
@@ -145,10 +147,20 @@ pub async fn connect(
                 return Err(f);
             }
             // Our own request could not be built: no other backend would take it either.
-            Ok(Err(f @ Failure::Proxy(Refusal::BadUpgrade, _))) => return Err(f),
+            Ok(Err(f @ Failure::Proxy(Refusal::BadUpgrade, ..))) => return Err(f),
             Ok(Err(f)) => f,
-            Err(_) => Failure::Proxy(Refusal::UpstreamTimeout, backend.identity.clone()),
+            Err(_) => Failure::Proxy(
+                Refusal::UpstreamTimeout,
+                backend.identity.clone(),
+                Some(format!(
+                    "no 101 within connect_timeout ({})",
+                    crate::config::units::fmt_duration(upstream.connect_timeout)
+                )),
+            ),
         };
+        if let Failure::Proxy(_, _, Some(error)) = &failure {
+            warn_backend_failure(&upstream.name, &backend.identity, error);
+        }
         let sent = sent.load(Ordering::Acquire);
         if sent {
             pool.exchange_failed(&backend);
@@ -170,15 +182,15 @@ async fn handshake(
 ) -> Result<Connected, Failure> {
     let b = lease.backend().clone();
     let backend = b.identity.as_str();
-    let fail = |r: Refusal| Failure::Proxy(r, backend.to_owned());
+    let fail = |r: Refusal, error: String| Failure::Proxy(r, backend.to_owned(), Some(error));
     let head = request_head(req, target, fwd).map_err(|why| {
         tracing::debug!(backend, why, "upstream request cannot be built");
-        fail(Refusal::BadUpgrade)
+        Failure::Proxy(Refusal::BadUpgrade, backend.to_owned(), None)
     })?;
     let tls = target.upstream.tls.as_ref();
     let mut stream = open(b.addr, &b.host, tls).await.map_err(|e| {
         tracing::debug!(backend, error = %e, "upstream connect failed");
-        fail(Refusal::UpstreamConnect)
+        fail(Refusal::UpstreamConnect, format!("connect: {e}"))
     })?;
     sent.store(true, Ordering::Release);
     let mut buf = BytesMut::new();
@@ -189,18 +201,21 @@ async fn handshake(
     };
     let answer = answer.await.map_err(|e| {
         tracing::debug!(backend, error = %e, "upstream handshake failed");
-        fail(Refusal::UpstreamConnect)
+        fail(Refusal::UpstreamConnect, format!("upgrade request: {e}"))
     })?;
     if answer.status != StatusCode::SWITCHING_PROTOCOLS {
         let refusal = http1::refusal(answer, stream, buf).map_err(|e| {
             tracing::debug!(backend, error = %e, "upstream refusal cannot be relayed");
-            fail(Refusal::UpstreamConnect)
+            fail(
+                Refusal::UpstreamConnect,
+                format!("refusal not relayable: {e}"),
+            )
         })?;
         return Err(Failure::Status(refusal, backend.to_owned()));
     }
     let extensions = check_101(req, target, &answer.headers).map_err(|why| {
         tracing::warn!(backend, why, "upstream sent an invalid 101");
-        fail(Refusal::UpstreamConnect)
+        fail(Refusal::UpstreamConnect, format!("invalid 101: {why}"))
     })?;
     Ok(Connected {
         stream,
@@ -210,6 +225,41 @@ async fn handshake(
         extensions,
         lease,
     })
+}
+
+/// How long a backend's failures stay out of stderr after one was written there (the
+/// access log's `upstream_error` has every one).
+const BACKEND_WARN_EVERY: std::time::Duration = std::time::Duration::from_secs(10);
+
+/// Writes a backend's failure to stderr, at most once per [`BACKEND_WARN_EVERY`] per
+/// backend, so the first failure of a backend is always seen and a dead one does not
+/// flood the log.
+pub fn warn_backend_failure(upstream: &str, backend: &str, error: &str) {
+    use std::collections::HashMap;
+    use std::sync::{LazyLock, Mutex};
+    use std::time::Instant;
+    static LAST: LazyLock<Mutex<HashMap<String, Instant>>> = LazyLock::new(Default::default);
+    let Ok(mut last) = LAST.lock() else {
+        return;
+    };
+    let now = Instant::now();
+    if last
+        .get(backend)
+        .is_some_and(|t| now.duration_since(*t) < BACKEND_WARN_EVERY)
+    {
+        return;
+    }
+    // Bounded: backends come from the config (and DNS, at most 256 per name).
+    if last.len() >= 4096 {
+        last.retain(|_, t| now.duration_since(*t) < BACKEND_WARN_EVERY);
+    }
+    last.insert(backend.to_owned(), now);
+    tracing::warn!(
+        upstream,
+        backend,
+        error,
+        "backend failed (its later failures within 10 s are only in the access log's upstream_error)"
+    );
 }
 
 /// The request head sent upstream, in one piece: the client's end-to-end headers, minus

@@ -60,9 +60,9 @@ pub async fn send(
 ) -> Result<Answer, Failure> {
     let upstream = target.upstream;
     let mut request = upstream_request(req, body, target, fwd)
-        .map_err(|_| Failure::Proxy(Refusal::BadUpgrade, String::new()))?;
+        .map_err(|_| Failure::Proxy(Refusal::BadUpgrade, String::new(), None))?;
     let mut candidates = pool.candidates(key, upstream.bounded_load);
-    let mut last = Failure::Proxy(Refusal::NoBackend, String::new());
+    let mut last = Failure::Proxy(Refusal::NoBackend, String::new(), None);
     for _ in 0..MAX_ATTEMPTS {
         let Some(lease) = candidates.next() else {
             break;
@@ -84,12 +84,24 @@ pub async fn send(
                         Ok(Err(e)) => {
                             tracing::debug!(backend = %identity, error = %e, "upstream connect failed");
                             pool.connect_failed(&backend);
-                            last = Failure::Proxy(Refusal::UpstreamConnect, identity.clone());
+                            let error = format!("connect: {e}");
+                            super::warn_backend_failure(&upstream.name, &identity, &error);
+                            last = Failure::Proxy(
+                                Refusal::UpstreamConnect,
+                                identity.clone(),
+                                Some(error),
+                            );
                             break;
                         }
                         Err(_) => {
                             pool.connect_failed(&backend);
-                            last = Failure::Proxy(Refusal::UpstreamTimeout, identity.clone());
+                            let error = "connect: no connection within connect_timeout".to_owned();
+                            super::warn_backend_failure(&upstream.name, &identity, &error);
+                            last = Failure::Proxy(
+                                Refusal::UpstreamTimeout,
+                                identity.clone(),
+                                Some(error),
+                            );
                             break;
                         }
                     }
@@ -120,7 +132,13 @@ pub async fn send(
                     _ => {
                         tracing::debug!(backend = %identity, error = %e.error(), "upstream exchange failed");
                         pool.exchange_failed(&backend);
-                        return Err(Failure::Proxy(Refusal::UpstreamConnect, identity));
+                        let error = format!("request: {}", e.error());
+                        super::warn_backend_failure(&upstream.name, &identity, &error);
+                        return Err(Failure::Proxy(
+                            Refusal::UpstreamConnect,
+                            identity,
+                            Some(error),
+                        ));
                     }
                 },
             }

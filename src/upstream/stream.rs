@@ -27,7 +27,10 @@ pub(crate) async fn open(
     let name = rustls_pki_types::ServerName::try_from(name)
         .map_err(|e| io::Error::new(io::ErrorKind::InvalidInput, e))?;
     let connector = tokio_rustls::TlsConnector::from(tls.client.clone());
-    let stream = connector.connect(name, tcp).await?;
+    let stream = connector
+        .connect(name, tcp)
+        .await
+        .map_err(|e| io::Error::new(e.kind(), format!("TLS: {e}")))?;
     Ok(UpstreamStream::Tls(Box::new(stream)))
 }
 

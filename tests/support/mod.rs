@@ -671,3 +671,10 @@ pub fn is_conn_id(id: &str) -> bool {
             .bytes()
             .all(|c| b"0123456789ABCDEFGHJKMNPQRSTVWXYZ".contains(&c))
 }
+
+/// The reason word of a refusal: the first line of its body (SPEC §3). A second line, when
+/// present, says what to change.
+pub fn refusal_word(resp: &str) -> &str {
+    let body = resp.split_once("\r\n\r\n").map_or("", |(_, b)| b);
+    body.lines().next().unwrap_or("")
+}

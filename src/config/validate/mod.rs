@@ -234,10 +234,15 @@ impl Validator<'_> {
         match text.value.trim().parse::<SocketAddr>() {
             Ok(addr) => Some(addr),
             Err(_) => {
+                let scheme = if text.value.contains("://") {
+                    "an address is IP:port, without a scheme or path; "
+                } else {
+                    ""
+                };
                 self.issue(
                     path,
                     format!(
-                        "{} is not an IP:port address; write e.g. `0.0.0.0:8080` or `[::1]:9090` (host names are not resolved here)",
+                        "{} is not an IP:port address; {scheme}write e.g. `0.0.0.0:8080` or `[::1]:9090` (host names are not resolved here)",
                         text.shown()
                     ),
                 );

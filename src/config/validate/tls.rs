@@ -51,9 +51,15 @@ impl Validator<'_> {
                 Ok(c) => certificates.push(c),
                 Err(e) => self.issue(&path.key("self_signed"), e),
             }
-            self.warnings.push(format!(
-                "{path}: serving a generated self-signed certificate for localhost; clients will not trust it; use real certificates in production (see certs/README.md)"
-            ));
+            self.warnings.push(match tls::dev_ca() {
+                Some(ca) => format!(
+                    "{path}: serving a localhost certificate of the local development CA {}; clients trust it only once told to (the start-up log prints how); use real certificates in production (see certs/README.md)",
+                    ca.cert_path
+                ),
+                None => format!(
+                    "{path}: serving a generated self-signed certificate for localhost; clients will not trust it; use real certificates in production (see certs/README.md)"
+                ),
+            });
         }
         if certificates.is_empty() && self.issues.len() == before {
             self.issue(

@@ -241,6 +241,9 @@ impl Validator<'_> {
 
 /// `host:port` with a non-empty host (IPv6 in brackets) and a port in 1..=65535.
 fn check_host_port(addr: &str) -> Result<(), &'static str> {
+    if addr.contains("://") {
+        return Err("an address is host:port, without a scheme (`ws://`, `http://`) or a path");
+    }
     let Some((host, port)) = addr.rsplit_once(':') else {
         return Err("missing `:port`");
     };

@@ -61,6 +61,7 @@ pub(super) async fn proxy(
         up_bytes: Arc::new(AtomicU64::new(0)),
         down_bytes: 0,
         reason: None,
+        upstream_error: None,
         _subject_permit: subject_permit,
         _exchange: exchange,
     };
@@ -97,8 +98,9 @@ pub(super) async fn proxy(
     );
     let answer = match tokio::time::timeout_at(deadline, sent).await {
         Ok(Ok(answer)) => answer,
-        Ok(Err(Failure::Proxy(r, backend))) => {
+        Ok(Err(Failure::Proxy(r, backend, error))) => {
             line.backend = Some(backend).filter(|b| !b.is_empty());
+            line.upstream_error = error;
             let r = if over.load(Ordering::Acquire) {
                 Refusal::BodyTooLarge
             } else {
@@ -180,6 +182,8 @@ struct Line {
     /// Answer body bytes sent to the client.
     down_bytes: u64,
     reason: Option<&'static str>,
+    /// What went wrong with the backend, for `upstream_error`.
+    upstream_error: Option<String>,
     _subject_permit: Option<SubjectPermit>,
     _exchange: Exchange,
 }
@@ -218,6 +222,7 @@ impl Drop for Line {
             self.reason = Some("slow_consumer");
         }
         record.proxy_reason = self.reason;
+        record.upstream_error = self.upstream_error.as_deref();
         self.conn.info.shared.access.log(&record);
     }
 }
