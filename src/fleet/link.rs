@@ -29,7 +29,12 @@ async fn heartbeat(fleet: Weak<Fleet>) {
         let Some(f) = fleet.upgrade() else {
             return;
         };
-        let healthy = if f.is_up() {
+        let healthy = if f.is_up() && f.dirty.swap(false, Ordering::AcqRel) {
+            match f.connection() {
+                Ok(conn) => f.register(conn).await,
+                Err(_) => false,
+            }
+        } else if f.is_up() {
             f.beat().await
         } else {
             f.connect_and_register().await
@@ -135,7 +140,7 @@ impl Fleet {
     /// anew) and lets handshakes ask Redis again.
     async fn register(&self, mut conn: redis::aio::MultiplexedConnection) -> bool {
         // No handshake's script call or flush runs between the snapshot and the write.
-        let _gate = self.gate.write().await;
+        let gate = self.gate.write().await;
         let held = self.counts.snapshot_and_track();
         let mut call = scripts::REGISTER.key(&self.keys.instances);
         call.key(&self.keys.mine)
@@ -153,13 +158,14 @@ impl Fleet {
                 true
             }
             Ok(Err(e)) => {
-                self.counts.untrack();
-                tracing::debug!(instance = %self.name, error = %e, "cluster: registration failed");
+                drop(gate);
+                self.mark_down(&e.to_string());
                 self.warn_unavailable();
                 false
             }
             Err(_) => {
-                self.counts.untrack();
+                drop(gate);
+                self.mark_down("registration unanswered");
                 self.warn_unavailable();
                 false
             }

@@ -79,6 +79,12 @@ pub struct Fleet {
     gate: RwLock<()>,
     /// Wakes the heartbeat early (the store just failed).
     wake: Notify,
+    /// The revocations in Redis have been copied here since the order listener last
+    /// (re)subscribed.
+    revocations_loaded: AtomicBool,
+    /// A script call was cut at the bound: Redis may have counted a connection this
+    /// instance did not. The heartbeat registers the truth again at once.
+    dirty: AtomicBool,
 }
 
 /// A fleet that could not be set up.
@@ -114,6 +120,8 @@ impl Fleet {
             counts: Arc::new(Counts::default()),
             gate: RwLock::new(()),
             wake: Notify::new(),
+            revocations_loaded: AtomicBool::new(false),
+            dirty: AtomicBool::new(false),
         });
         let revocations = store::FleetRevocations::new(fleet.clone(), registry);
         link::spawn(&fleet);
@@ -134,6 +142,12 @@ impl Fleet {
     /// Whether Redis answers and holds this instance's registration.
     pub fn is_up(&self) -> bool {
         self.up.load(Ordering::Acquire)
+    }
+
+    /// Whether this instance holds the fleet's revocations (copied from Redis since its
+    /// order listener subscribed): until then only its own are refused.
+    pub fn revocations_loaded(&self) -> bool {
+        self.revocations_loaded.load(Ordering::Acquire)
     }
 
     /// Connections this instance counts under a client address (tests, `/connections`).
@@ -162,7 +176,13 @@ impl Fleet {
                 Ok(Ok(Ok(permit))) => return Ok(Some(permit)),
                 Ok(Ok(Err(refusal))) => return Err(refusal),
                 Ok(Err(why)) => self.mark_down(&why),
-                Err(_) => self.mark_down("no answer within 50ms"),
+                // Slow, perhaps only this once: this handshake goes on without Redis, the
+                // next ones still ask (each within the bound); the heartbeat writes the
+                // truth again in case the cut call counted, and finds out if Redis hangs.
+                Err(_) => {
+                    self.dirty.store(true, Ordering::Release);
+                    self.wake.notify_one();
+                }
             }
         }
         self.fallbacks.fetch_add(1, Ordering::Relaxed);

@@ -8,7 +8,10 @@ use std::net::IpAddr;
 use std::sync::{Arc, Weak};
 use std::time::Duration;
 
+use std::sync::atomic::Ordering;
+
 use futures_util::StreamExt;
+use redis::aio::MultiplexedConnection;
 use serde::{Deserialize, Serialize};
 
 use super::{Fleet, scripts};
@@ -135,11 +138,16 @@ impl FleetRevocations {
         }
     }
 
-    /// Rebuilds the local copy from Redis.
-    async fn reload(&self) -> Result<usize, StoreError> {
+    /// Rebuilds the local copy from Redis, over `conn` (the listener's own: it does not
+    /// wait for this instance's registration).
+    async fn reload(&self, conn: &mut MultiplexedConnection) -> Result<usize, String> {
         let mut call = scripts::REVOKED.key(&self.fleet.keys.revoked);
         call.arg(MAX_ENTRIES);
-        let listed: Vec<String> = self.write(call).await?;
+        let listed: Vec<String> =
+            match tokio::time::timeout(WRITE_WITHIN, call.invoke_async(conn)).await {
+                Ok(r) => r.map_err(|e| e.to_string())?,
+                Err(_) => return Err("no answer within 1s".into()),
+            };
         let entries: Vec<(Target, Duration)> = listed
             .chunks_exact(2)
             .filter_map(|pair| {
@@ -150,6 +158,7 @@ impl FleetRevocations {
             .collect();
         let n = entries.len();
         self.local.replace_all(entries);
+        self.fleet.revocations_loaded.store(true, Ordering::Release);
         Ok(n)
     }
 }
@@ -230,8 +239,17 @@ pub(super) fn spawn_listener(store: &Arc<FleetRevocations>) {
                 tokio::time::timeout(WRITE_WITHIN, client.get_async_pubsub()).await
                 && let Ok(Ok(())) =
                     tokio::time::timeout(WRITE_WITHIN, pubsub.subscribe(&channel)).await
+                && let Ok(Ok(conn)) =
+                    tokio::time::timeout(WRITE_WITHIN, client.get_multiplexed_async_connection())
+                        .await
             {
-                listen(&weak, pubsub.into_on_message()).await;
+                listen(&weak, pubsub.into_on_message(), conn).await;
+            }
+            if let Some(store) = weak.upgrade() {
+                store
+                    .fleet
+                    .revocations_loaded
+                    .store(false, Ordering::Release);
             }
             tokio::time::sleep(RESUBSCRIBE_AFTER).await;
         }
@@ -239,7 +257,11 @@ pub(super) fn spawn_listener(store: &Arc<FleetRevocations>) {
 }
 
 /// Applies orders until the channel breaks or the store is gone.
-async fn listen(weak: &Weak<FleetRevocations>, mut messages: redis::aio::PubSubStream) {
+async fn listen(
+    weak: &Weak<FleetRevocations>,
+    mut messages: redis::aio::PubSubStream,
+    mut conn: MultiplexedConnection,
+) {
     let mut reloaded = false;
     loop {
         let Some(store) = weak.upgrade() else {
@@ -247,7 +269,7 @@ async fn listen(weak: &Weak<FleetRevocations>, mut messages: redis::aio::PubSubS
         };
         if !reloaded {
             // Orders published from now on arrive; what was decided before is in Redis.
-            match store.reload().await {
+            match store.reload(&mut conn).await {
                 Ok(n) => {
                     reloaded = true;
                     tracing::debug!(entries = n, "cluster: revocations loaded");
