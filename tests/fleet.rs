@@ -177,6 +177,8 @@ async fn a_client_address_gets_exactly_its_fleet_cap_across_three_instances() {
     for at in all {
         assert_eq!(refused(at, "/").await, (429, "ip_cap".into()), "on {at}");
     }
+    let line = b.log_line(|l| l["proxy_reason"] == "ip_cap").await;
+    assert_eq!(line["instance"], "b", "{line}");
     let in_redis = redis.hget(&format!("{p}conns:a"), "i:127.0.0.1").await
         + redis.hget(&format!("{p}conns:b"), "i:127.0.0.1").await
         + redis.hget(&format!("{p}conns:c"), "i:127.0.0.1").await;
@@ -610,4 +612,39 @@ async fn one_handshake_costs_one_script_call() {
         "EVALSHA calls for ten handshakes: {}",
         after - before
     );
+}
+
+/// The shipped fleet example (conf/fleet) and the commented Kubernetes option validate;
+/// `--check` needs no Redis.
+#[test]
+fn the_fleet_examples_pass_check_without_redis() {
+    let k8s = std::fs::read_to_string("conf/k8s/wsgate.yaml").unwrap_or_else(|e| panic!("{e}"));
+    let uncommented: String = k8s
+        .lines()
+        .map(|l| match l.strip_prefix("# ") {
+            Some(rest) if rest.starts_with("cluster:") || l.starts_with("#   ") => {
+                l[2..].to_owned()
+            }
+            _ => l.to_owned(),
+        })
+        .collect::<Vec<_>>()
+        .join("\n");
+    assert!(uncommented.contains("\ncluster:\n"), "{uncommented}");
+    let dir = std::env::temp_dir().join(format!("wsgate-fleet-check-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap_or_else(|e| panic!("{e}"));
+    let k8s_file = dir.join("k8s.yaml");
+    std::fs::write(&k8s_file, uncommented).unwrap_or_else(|e| panic!("{e}"));
+    for file in [std::path::PathBuf::from("conf/fleet/wsgate.yaml"), k8s_file] {
+        let out = std::process::Command::new(env!("CARGO_BIN_EXE_wsgate"))
+            .arg("--check")
+            .arg("--config")
+            .arg(&file)
+            .env("WSGATE_ADMIN_TOKEN", "a-long-random-token-from-a-secret")
+            .env("WSGATE_INSTANCE", "wsgate-a")
+            .env("POD_NAME", "wsgate-0")
+            .output()
+            .unwrap_or_else(|e| panic!("{e}"));
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(0), "{file:?}: {err}");
+    }
 }

@@ -236,6 +236,7 @@ pub async fn start_with(
             let (fleet, store) = Fleet::start(cluster, registry.clone())?;
             let (up, fallbacks) = fleet.gauges();
             metrics.watch_cluster(up, fallbacks);
+            access.set_instance(fleet.name());
             tracing::info!(instance = fleet.name(), "cluster: joining the fleet");
             (Some(fleet), store)
         }
