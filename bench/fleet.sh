@@ -19,8 +19,9 @@ WSGATE="$ROOT/target/release/wsgate"
 OUT=${1:-$(mktemp -d /tmp/wsgate-fleet.XXXXXX)}
 REPEATS=${REPEATS:-3}
 DURATION=${DURATION:-5}
-REDIS_PORT=19379
-BACKEND_PORT=19001
+# Ports of their own (other benchmarks use 19xxx).
+REDIS_PORT=29379
+BACKEND_PORT=29001
 mkdir -p "$OUT"
 for bin in "$GEN" "$WSGATE"; do [[ -x $bin ]] || { echo "build $bin first" >&2; exit 1; }; done
 command -v redis-server >/dev/null || { echo "needs redis-server (apt-get install -y redis-server)" >&2; exit 1; }
@@ -31,7 +32,7 @@ trap cleanup EXIT
 
 wait_port() { for _ in $(seq 1 100); do (exec 3<>"/dev/tcp/127.0.0.1/$1") 2>/dev/null && return 0; sleep 0.1; done; echo "port $1 never opened" >&2; exit 1; }
 
-taskset -c 1 "$GEN" backend --bind "127.0.0.1:$BACKEND_PORT" >/dev/null 2>&1 & PIDS+=($!)
+taskset -c 1 "$GEN" backend --bind "127.0.0.1:$BACKEND_PORT" >"$OUT/backend.log" 2>&1 & PIDS+=($!)
 taskset -c 1 redis-server --port "$REDIS_PORT" --bind 127.0.0.1 --save "" --appendonly no \
     --daemonize no >"$OUT/redis.log" 2>&1 & PIDS+=($!)
 wait_port "$BACKEND_PORT"; wait_port "$REDIS_PORT"
@@ -67,27 +68,35 @@ EOF
     echo "$f"
 }
 
+# "ROUND_TRIPS SERVER_COMMANDS": commands clients sent (scripts count once) and every
+# command the server ran (those inside scripts too), from INFO commandstats.
 calls() { redis-cli -p "$REDIS_PORT" info commandstats | tr -d '\r' |
-    awk -F'[:,=]' '/^cmdstat_/ {s += $3} END {print s + 0}'; }
+    awk -F'[:,=]' '/^cmdstat_/ { all += $3
+        if ($1 ~ /^cmdstat_(evalsha|eval|publish|subscribe|info|hello|ping|client.*|script.*)$/) sent += $3 }
+        END { print sent + 0, all + 0 }'; }
 fallbacks() { curl -s "127.0.0.1:$1/metrics" | awk '/^wsgate_cluster_fallbacks_total/ {print $2}'; }
 
 # pinned RUN_LABEL CLUSTER: one wsgate on core 0, the generator on core 1.
 pinned() {
     local label=$1 cluster=$2 cfg pid before after
-    cfg=$(config "$label" 19101 19191 "$cluster" bench-a)
+    cfg=$(config "$label" 29101 29191 "$cluster" bench-a)
     taskset -c 0 "$WSGATE" --config "$cfg" 2>"$OUT/$label.stderr" & pid=$!
-    wait_port 19101
+    wait_port 29101
     sleep 0.5
     before=$(calls)
-    taskset -c 1 "$GEN" handshake --target 127.0.0.1:19101 --pid "$pid" --label "$label" \
-        --concurrency 16 --warmup 1 --duration "$DURATION" >"$OUT/run.json"
+    # Warmed up by a run of its own, so that the Redis counts cover the measured run only.
+    taskset -c 1 "$GEN" handshake --target 127.0.0.1:29101 --label warmup \
+        --concurrency 16 --warmup 0 --duration 1 >/dev/null
+    before=$(calls)
+    taskset -c 1 "$GEN" handshake --target 127.0.0.1:29101 --pid "$pid" --label "$label" \
+        --concurrency 16 --warmup 0 --duration "$DURATION" >"$OUT/run.json"
     after=$(calls)
-    python3 - "$OUT/run.json" "$before" "$after" "$cluster" "$(fallbacks 19191)" <<'EOF' >>"$OUT/runs.jsonl"
+    python3 - "$OUT/run.json" "$before" "$after" "$cluster" "$(fallbacks 29191)" <<'EOF' >>"$OUT/runs.jsonl"
 import json, sys
 r = json.load(open(sys.argv[1]))
-# The warm-up's handshakes are in the Redis counts too: per handshake over the whole run
-# is close enough when the warm-up is short; reported as an upper bound.
-r["redis_calls"] = int(sys.argv[3]) - int(sys.argv[2])
+b, a = sys.argv[2].split(), sys.argv[3].split()
+r["redis_sent"] = int(a[0]) - int(b[0])
+r["redis_server_commands"] = int(a[1]) - int(b[1])
 r["cluster"] = sys.argv[4] == "1"
 r["fallbacks"] = sys.argv[5] or None
 print(json.dumps(r))
@@ -99,18 +108,18 @@ EOF
 # pair LABEL CLUSTER: two instances (one without cluster: just one), unpinned.
 pair() {
     local label=$1 cluster=$2 a b cfg_a cfg_b
-    cfg_a=$(config "$label-a" 19201 19291 "$cluster" bench-a)
+    cfg_a=$(config "$label-a" 29201 29291 "$cluster" bench-a)
     "$WSGATE" --config "$cfg_a" 2>"$OUT/$label-a.stderr" & a=$!
-    wait_port 19201
+    wait_port 29201
     if [[ $cluster == 1 ]]; then
-        cfg_b=$(config "$label-b" 19202 19292 1 bench-b)
+        cfg_b=$(config "$label-b" 29202 29292 1 bench-b)
         "$WSGATE" --config "$cfg_b" 2>"$OUT/$label-b.stderr" & b=$!
-        wait_port 19202
+        wait_port 29202
         sleep 0.5
-        "$GEN" handshake --target 127.0.0.1:19201 --pid "$a" --label "$label-a" \
+        "$GEN" handshake --target 127.0.0.1:29201 --pid "$a" --label "$label-a" \
             --concurrency 16 --warmup 1 --duration "$DURATION" >"$OUT/pair-a.json" &
         local ga=$!
-        "$GEN" handshake --target 127.0.0.1:19202 --pid "$b" --label "$label-b" \
+        "$GEN" handshake --target 127.0.0.1:29202 --pid "$b" --label "$label-b" \
             --concurrency 16 --warmup 1 --duration "$DURATION" >"$OUT/pair-b.json"
         wait "$ga"
         python3 -c 'import json,sys; a,b=(json.load(open(f)) for f in sys.argv[1:3]); print(json.dumps({"scenario":"pair","label":"two instances + redis","per_sec":a["per_sec"]+b["per_sec"],"each":[a["per_sec"],b["per_sec"]],"failed":a["failed"]+b["failed"]}))' \
@@ -118,7 +127,7 @@ pair() {
         kill "$b"; wait "$b" 2>/dev/null || true
     else
         sleep 0.5
-        "$GEN" handshake --target 127.0.0.1:19201 --pid "$a" --label "$label" \
+        "$GEN" handshake --target 127.0.0.1:29201 --pid "$a" --label "$label" \
             --concurrency 32 --warmup 1 --duration "$DURATION" | python3 -c 'import json,sys; r=json.load(sys.stdin); r["scenario"]="pair"; r["label"]="one instance, no cluster"; print(json.dumps(r))' >>"$OUT/runs.jsonl"
     fi
     tail -1 "$OUT/runs.jsonl"
@@ -150,8 +159,10 @@ cc = [r["cpu_us_per_handshake"] for r in clus]
 print(f"proxy CPU µs per plain handshake, no cluster: {span(cp)}")
 print(f"proxy CPU µs per plain handshake, cluster:    {span(cc)}  ratio {med(cc)/med(cp):.2f}")
 print(f"handshakes/s pinned, no cluster: {span([r['per_sec'] for r in plain])}; cluster: {span([r['per_sec'] for r in clus])}")
-per = [r["redis_calls"] / (r["per_sec"] * r["secs"]) for r in clus]
-print(f"Redis commands per handshake (all commands, warm-up included): {min(per):.2f}–{max(per):.2f}")
+sent = [r["redis_sent"] / r["handshakes"] for r in clus if r["handshakes"]]
+inner = [r["redis_server_commands"] / r["handshakes"] for r in clus if r["handshakes"]]
+print(f"Redis round trips per handshake (commands sent; a script counts once): {min(sent):.2f}–{max(sent):.2f}")
+print(f"Redis commands executed per handshake (those inside scripts included): {min(inner):.2f}–{max(inner):.2f}")
 print(f"fallbacks during cluster runs: {[r['fallbacks'] for r in clus]}; failed: {[r['failed'] for r in clus]}")
 print(f"handshakes/s, one instance without cluster (unpinned): {span([r['per_sec'] for r in single])}")
 print(f"handshakes/s, two instances sharing one Redis (unpinned): {span([r['per_sec'] for r in pairs])}")

@@ -16,6 +16,10 @@ const CONNECT_WITHIN: Duration = Duration::from_secs(1);
 /// Longest wait between two attempts while Redis is unusable: when it is back, counts
 /// converge within this plus one registration.
 const PROBE_EVERY: Duration = Duration::from_millis(500);
+/// How long the flusher gathers releases after the first one: under load one call carries
+/// many (each call costs the proxy a round trip), and a released place is back in the
+/// fleet's count within this.
+const GATHER: Duration = Duration::from_millis(5);
 /// How often a task holding the fleet weakly looks whether it is gone.
 const LOOK_EVERY: Duration = Duration::from_secs(1);
 
@@ -67,6 +71,7 @@ async fn flusher(fleet: Weak<Fleet>) {
         {
             continue;
         }
+        tokio::time::sleep(GATHER).await;
         let Some(f) = fleet.upgrade() else {
             return;
         };
