@@ -70,6 +70,7 @@ listeners: [{{ name: public, bind: "{listen}" }}]
 admin: {{ bind: "{admin}" }}
 limits: {{ max_connections_per_ip: 100, handshakes_per_ip: {{ rate: 1000, per: 1s, burst: 1000 }} }}
 keepalive: {{ ping_interval: 0s }}
+drain: {{ spread: 0s, timeout: 1s }}
 upstreams:
   app: {{ backends: [{{ addr: "{backend}" }}], connect_timeout: 2s }}
 routes:
@@ -248,6 +249,40 @@ async fn the_handshake_rate_holds_fleet_wide() {
             .unwrap_or(0);
         assert!(retry > 3000, "Retry-After names the hour's refill: {head}");
     }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_drained_instance_leaves_the_fleet_at_once() {
+    let _serial = ONE_AT_A_TIME.lock().await;
+    let redis = Redis::start().await;
+    let backend = echo_backend().await;
+    let p = prefix();
+    let cap = "limits: { max_connections_per_ip: 4 }";
+    let a = instance(backend, &redis.url(), "a", &p, cap).await;
+    let _held = [open(addr(&a), "/").await, open(addr(&a), "/").await];
+    assert_eq!(
+        redis.hget(&format!("{p}conns:a"), "~").await,
+        1,
+        "registered"
+    );
+    a.gw.drain().await;
+    let mut c = redis.conn().await;
+    let exists: i64 = redis::cmd("EXISTS")
+        .arg(format!("{p}conns:a"))
+        .query_async(&mut c)
+        .await
+        .unwrap_or_else(|e| panic!("{e}"));
+    let member: Option<f64> = redis::cmd("ZSCORE")
+        .arg(format!("{p}instances"))
+        .arg("a")
+        .query_async(&mut c)
+        .await
+        .unwrap_or_else(|e| panic!("{e}"));
+    assert_eq!(
+        (exists, member),
+        (0, None),
+        "gone from the fleet before its lease"
+    );
 }
 
 /// A gateway child process (the built binary) with its config in a scratch file.

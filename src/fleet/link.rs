@@ -33,6 +33,9 @@ async fn heartbeat(fleet: Weak<Fleet>) {
         let Some(f) = fleet.upgrade() else {
             return;
         };
+        if f.left.load(Ordering::Acquire) {
+            return;
+        }
         let healthy = if f.is_up() && f.dirty.swap(false, Ordering::AcqRel) {
             match f.connection() {
                 Ok(conn) => f.register(conn).await,
@@ -63,6 +66,9 @@ async fn flusher(fleet: Weak<Fleet>) {
         let Some(f) = fleet.upgrade() else {
             return;
         };
+        if f.left.load(Ordering::Acquire) {
+            return;
+        }
         let counts = f.counts.clone();
         drop(f);
         if tokio::time::timeout(LOOK_EVERY, counts.flush.notified())
@@ -174,6 +180,29 @@ impl Fleet {
                 self.warn_unavailable();
                 false
             }
+        }
+    }
+
+    /// Leaves the fleet at the end of a drain: this instance's counts go at once instead
+    /// of at the end of its lease. Within [`CONNECT_WITHIN`]; a failure only leaves the
+    /// lease to run out.
+    pub async fn leave(&self) {
+        self.left.store(true, Ordering::Release);
+        self.wake.notify_one();
+        let Ok(mut conn) = self.connection() else {
+            return;
+        };
+        self.up.store(false, Ordering::Release);
+        let _gate = self.gate.write().await;
+        self.counts.untrack();
+        let mut pipe = redis::pipe();
+        pipe.del(&self.keys.mine)
+            .ignore()
+            .zrem(&self.keys.instances, &*self.name)
+            .ignore();
+        let left = tokio::time::timeout(CONNECT_WITHIN, pipe.query_async::<()>(&mut conn)).await;
+        if !matches!(left, Ok(Ok(()))) {
+            tracing::debug!(instance = %self.name, "cluster: could not leave; the lease will run out");
         }
     }
 

@@ -85,6 +85,8 @@ pub struct Fleet {
     /// A script call was cut at the bound: Redis may have counted a connection this
     /// instance did not. The heartbeat registers the truth again at once.
     dirty: AtomicBool,
+    /// Drained: the heartbeat and the flusher stop, and nothing registers again.
+    left: AtomicBool,
 }
 
 /// A fleet that could not be set up.
@@ -122,6 +124,7 @@ impl Fleet {
             wake: Notify::new(),
             revocations_loaded: AtomicBool::new(false),
             dirty: AtomicBool::new(false),
+            left: AtomicBool::new(false),
         });
         let revocations = store::FleetRevocations::new(fleet.clone(), registry);
         link::spawn(&fleet);

@@ -110,11 +110,20 @@ impl Gateway {
                     left = self.shared.active.load(Ordering::Acquire),
                     "drain timeout: closing the rest"
                 );
+                self.leave_fleet().await;
                 return;
             }
             tokio::time::sleep(Duration::from_millis(50)).await;
         }
         tracing::info!("drained");
+        self.leave_fleet().await;
+    }
+
+    /// With `cluster`: this instance's counts leave the fleet now, not a lease later.
+    async fn leave_fleet(&self) {
+        if let Some(fleet) = &self.shared.fleet {
+            fleet.leave().await;
+        }
     }
 }
 
