@@ -1,5 +1,6 @@
 //! The server-side scripts of the fleet (Lua, run atomically by Redis and called by their
-//! SHA: EVALSHA, falling back to EVAL once after a Redis restart empties its cache). Time
+//! SHA: EVALSHA; after a Redis restart emptied its cache, redis-rs loads the script and
+//! retries once). Time
 //! is Redis's own (`TIME`), so instances' clocks never disagree about a lease or a rate.
 //!
 //! Keys (prefix `P`): `P instances` (sorted set: instance → lease deadline, ms),
