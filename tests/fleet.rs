@@ -625,7 +625,7 @@ async fn one_handshake_costs_one_script_call() {
         "limits: { max_connections_per_ip: 100, handshakes_per_ip: { rate: 1000, per: 1s } }",
     )
     .await;
-    // The script is cached by the first handshake (EVALSHA, then EVAL once).
+    // The scripts are loaded by the first handshake (a NOSCRIPT answer, then SCRIPT LOAD).
     drop(open(addr(&gw), "/").await);
     let evalsha = async || {
         redis
