@@ -17,6 +17,8 @@
 //! - [`handshake`]: the HTTP/1.1 driver, the pure admission decision, the upgrade checks,
 //!   the forwarded request, log facts, the relayed connection's bookkeeping (SPEC §3).
 //! - [`shared`]: the state every connection reads (config, limiters, pools, metrics).
+//! - [`fleet`]: what a fleet of instances shares through Redis (SPEC §10): fleet-wide
+//!   caps and handshake rate, revocations and admin closes; never the relay.
 //! - [`upstream`]: backend pools (sticky hashing, health, DNS, drain) and the upstream
 //!   handshake before the 101; plain requests of `http: proxy` routes over kept-alive
 //!   hyper client connections (`upstream::plain`).
@@ -38,6 +40,7 @@ pub mod admission;
 pub mod config;
 pub mod devca;
 pub mod echo;
+pub mod fleet;
 #[cfg(feature = "fuzzing")]
 pub mod fuzzing;
 pub mod gateway;

@@ -71,6 +71,9 @@ pub enum Refusal {
     /// A plain HTTP request's body over `max_request_body` (`http: proxy` routes): 413.
     #[error("request body too large")]
     BodyTooLarge,
+    /// The fleet store (SPEC §10) is unusable and `cluster.on_unavailable` is `refuse`.
+    #[error("fleet store unavailable")]
+    Cluster,
 }
 
 impl Refusal {
@@ -81,7 +84,7 @@ impl Refusal {
             Refusal::HeadTooLarge => StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE,
             Refusal::BadVersion | Refusal::UpgradeRequired => StatusCode::UPGRADE_REQUIRED,
             Refusal::NoRoute => StatusCode::NOT_FOUND,
-            Refusal::Capacity | Refusal::Draining | Refusal::NoBackend => {
+            Refusal::Capacity | Refusal::Draining | Refusal::NoBackend | Refusal::Cluster => {
                 StatusCode::SERVICE_UNAVAILABLE
             }
             Refusal::UpstreamConnect => StatusCode::BAD_GATEWAY,
@@ -126,6 +129,7 @@ impl Refusal {
             Refusal::SubjectCap => "subject_cap\n",
             Refusal::Revoked => "revoked\n",
             Refusal::BodyTooLarge => "body_too_large\n",
+            Refusal::Cluster => "cluster\n",
         }
     }
 
@@ -450,6 +454,7 @@ mod tests {
                 Some(("retry-after", "3")),
             ),
             (Refusal::Capacity, 503, "capacity", None),
+            (Refusal::Cluster, 503, "cluster", None),
             (Refusal::BadUpgrade, 400, "bad_upgrade", None),
             (Refusal::HeadTooLarge, 431, "bad_upgrade", None),
             (

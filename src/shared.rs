@@ -10,6 +10,7 @@ use crate::admission::ip_limit::{HandshakeRate, IpLimiter};
 use crate::admission::pending::HandshakeSlots;
 use crate::admission::subject::SubjectLimiter;
 use crate::config::Config;
+use crate::fleet::Fleet;
 use crate::observe::access_log::AccessLog;
 use crate::observe::metrics::Metrics;
 use crate::observe::refusals::Refusals;
@@ -46,6 +47,8 @@ pub struct Shared {
     pub handshake_slots: HandshakeSlots,
     /// Refusals per address and second: beyond ten, summarised (SPEC §3).
     pub refusals: Refusals,
+    /// This instance's membership of a fleet (`cluster`, SPEC §10); fixed at start.
+    pub fleet: Option<Arc<Fleet>>,
 }
 
 impl Shared {

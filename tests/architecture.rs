@@ -400,11 +400,17 @@ fn leaves_import_nothing_and_observability_only_the_vocabulary() {
         "observe",
         "ops",
         "shared",
+        "fleet",
     ] {
         let got = imports.get(low).cloned().unwrap_or_default();
         for high in ["handshake", "listener", "gateway", "admin"] {
             assert!(!got.contains(high), "`{low}` imports `{high}`");
         }
+    }
+    // The relay never touches the fleet store (SPEC §10), nor do the rules beneath it.
+    for low in ["relay", "admission", "upstream", "config", "observe", "ops"] {
+        let got = imports.get(low).cloned().unwrap_or_default();
+        assert!(!got.contains("fleet"), "`{low}` imports `fleet`");
     }
 }
 

@@ -86,6 +86,10 @@ pub const DEFAULT_STRIP_HEADERS: [&str; 2] = ["Forwarded", "X-Real-IP"];
 pub const DEFAULT_LOG_ACCESS: &str = "stdout";
 /// `log.format`: format of operational logs on stderr.
 pub const DEFAULT_LOG_FORMAT: &str = "text";
+/// `cluster.prefix`: instances sharing one Redis and this prefix form one fleet.
+pub const DEFAULT_CLUSTER_PREFIX: &str = "wsgate:";
+/// `cluster.lease`: an instance silent this long has its counts dropped.
+pub const DEFAULT_CLUSTER_LEASE: Duration = Duration::from_secs(15);
 
 // === File* structs ===
 //
@@ -117,6 +121,40 @@ pub struct FileConfig {
     pub upstreams: Option<NamedMap<FileUpstream>>,
     /// Routes; first match wins.
     pub routes: Option<Vec<FileRoute>>,
+    /// A fleet sharing limits and revocations through Redis (SPEC §10); absent → per process.
+    pub cluster: Option<FileCluster>,
+}
+
+/// `cluster` (SPEC §2, §10).
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct FileCluster {
+    /// `redis://` or `rediss://` (TLS) URL; `${NAME}` for credentials.
+    pub redis: Text,
+    /// This instance's unique name in the fleet; default `hostname:pid`.
+    pub instance: Option<Text>,
+    /// Key prefix; instances sharing Redis and prefix form one fleet. Default `wsgate:`.
+    pub prefix: Option<Text>,
+    /// An instance silent this long has its counts dropped. Default 15s.
+    pub lease: Option<DurationValue>,
+    /// `local` (per-process limits go on) or `refuse` (503 `cluster`) while Redis is unusable.
+    pub on_unavailable: Option<Text>,
+    /// Limits judged across the fleet, on top of the per-process ones; each absent → off.
+    pub limits: Option<FileClusterLimits>,
+}
+
+/// `cluster.limits`.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct FileClusterLimits {
+    /// Connections per client address across the fleet (0 or absent = off).
+    #[serde(default, deserialize_with = "opt_scalar")]
+    pub max_connections_per_ip: Option<u32>,
+    /// Connections per subject across the fleet (0 or absent = off).
+    #[serde(default, deserialize_with = "opt_scalar")]
+    pub max_connections_per_subject: Option<u32>,
+    /// Handshakes per client address across the fleet (absent = off).
+    pub handshakes_per_ip: Option<FileRate>,
 }
 
 #[derive(Debug, Deserialize)]

@@ -59,6 +59,51 @@ pub struct Config {
     pub upstreams: BTreeMap<String, Arc<Upstream>>,
     /// Routes in file order; the first match wins.
     pub routes: Vec<Route>,
+    /// `cluster`: the fleet's shared store and limits (SPEC §10); `None` → per process.
+    pub cluster: Option<Cluster>,
+}
+
+/// `cluster` (SPEC §2, §10), validated: the URL parses, the lease is sane.
+#[derive(Clone, PartialEq, Eq)]
+pub struct Cluster {
+    /// The Redis URL as configured (it may carry a password: never logged, see `Debug`).
+    pub redis: String,
+    /// `None` → `hostname:pid`, decided at start.
+    pub instance: Option<String>,
+    pub prefix: String,
+    pub lease: Duration,
+    pub on_unavailable: OnUnavailable,
+    pub limits: ClusterLimits,
+}
+
+impl fmt::Debug for Cluster {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Cluster")
+            .field("redis", &"<redacted>")
+            .field("instance", &self.instance)
+            .field("prefix", &self.prefix)
+            .field("lease", &self.lease)
+            .field("on_unavailable", &self.on_unavailable)
+            .field("limits", &self.limits)
+            .finish()
+    }
+}
+
+/// What handshakes meet while the fleet store is unusable (SPEC §10).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum OnUnavailable {
+    /// Per-process limits only.
+    Local,
+    /// 503 `cluster`.
+    Refuse,
+}
+
+/// `cluster.limits`: 0 / `None` is off.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct ClusterLimits {
+    pub max_connections_per_ip: u32,
+    pub max_connections_per_subject: u32,
+    pub handshakes_per_ip: Option<crate::admission::ip_limit::RatePolicy>,
 }
 
 #[derive(Debug, Clone)]

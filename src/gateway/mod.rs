@@ -16,12 +16,13 @@ use crate::admission::ip_limit::{HandshakeRate, IpLimiter};
 use crate::admission::pending::HandshakeSlots;
 use crate::admission::subject::SubjectLimiter;
 use crate::config::{Config, Listener, UpstreamKind};
+use crate::fleet::Fleet;
 use crate::listener::{self, Running};
 use crate::observe::access_log::{AccessLog, Sink};
 use crate::observe::metrics::Metrics;
 use crate::observe::refusals::Refusals;
 use crate::ops::registry::Registry;
-use crate::ops::revocation::InMemory;
+use crate::ops::revocation::{InMemory, RevocationStore};
 use crate::shared::Shared;
 use crate::upstream::pool::{PoolOptions, Pools};
 use crate::{admin, echo, ops};
@@ -48,6 +49,8 @@ pub enum StartError {
     Echo(std::io::Error),
     #[error("limits.handshakes_per_ip: {0}")]
     Rate(String),
+    #[error("{0}")]
+    Fleet(#[from] crate::fleet::FleetError),
 }
 
 /// A running gateway: its bound addresses, and the switches that reload and stop it.
@@ -107,11 +110,20 @@ impl Gateway {
                     left = self.shared.active.load(Ordering::Acquire),
                     "drain timeout: closing the rest"
                 );
+                self.leave_fleet().await;
                 return;
             }
             tokio::time::sleep(Duration::from_millis(50)).await;
         }
         tracing::info!("drained");
+        self.leave_fleet().await;
+    }
+
+    /// With `cluster`: this instance's counts leave the fleet now, not a lease later.
+    async fn leave_fleet(&self) {
+        if let Some(fleet) = &self.shared.fleet {
+            fleet.leave().await;
+        }
     }
 }
 
@@ -228,11 +240,22 @@ pub async fn start_with(
     }
     let registry = Registry::new();
     let config_limits = config.limits.clone();
+    let (fleet, revocations): (_, Arc<dyn RevocationStore>) = match &config.cluster {
+        Some(cluster) => {
+            let (fleet, store) = Fleet::start(cluster, registry.clone())?;
+            let (up, fallbacks) = fleet.gauges();
+            metrics.watch_cluster(up, fallbacks);
+            access.set_instance(fleet.name());
+            tracing::info!(instance = fleet.name(), "cluster: joining the fleet");
+            (Some(fleet), store)
+        }
+        None => (None, Arc::new(InMemory::new(registry.clone()))),
+    };
     let shared = Arc::new(Shared {
         config: ArcSwap::from_pointee(config),
         access,
         metrics,
-        revocations: Arc::new(InMemory::new(registry.clone())),
+        revocations,
         registry,
         pools,
         active: AtomicU64::new(0),
@@ -242,6 +265,7 @@ pub async fn start_with(
         ready: ready.clone(),
         handshake_slots: HandshakeSlots::new(pending_bound(&config_limits)),
         refusals: Refusals::default(),
+        fleet,
     });
     spawn_refusal_summaries(Arc::downgrade(&shared));
     spawn_housekeeping(Arc::downgrade(&shared));

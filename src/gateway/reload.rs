@@ -165,5 +165,9 @@ fn restart_only(old: &Config, new: &Config) -> Vec<&'static str> {
     if old.log != new.log {
         keys.push("log");
     }
+    // The fleet membership (store, name, lease, limits) is fixed at start.
+    if old.cluster != new.cluster {
+        keys.push("cluster");
+    }
     keys
 }

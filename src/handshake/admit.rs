@@ -65,6 +65,9 @@ pub struct Admission<'r> {
     /// Counts it against its subject's cap (`max_connections_per_subject` on, and a
     /// subject known).
     pub subject_permit: Option<SubjectPermit>,
+    /// Whom the connection belongs to (JWT `iss`+`sub`, or the API key), capped or not:
+    /// the fleet's subject cap (SPEC §10) counts it too.
+    pub subject: Option<SubjectKey>,
     /// The token's id (JWT `jti`), for `/revoke?jti=`.
     pub jti: Option<Box<str>>,
     pub client_ip: IpAddr,
@@ -180,8 +183,8 @@ pub fn admit<'r>(
         (None, Some(digest)) => Some(SubjectKey::ApiKey(digest)),
         (None, None) => None,
     };
-    let subject_permit = match subject_key {
-        Some(k) if subject_cap > 0 => Some(limiters.per_subject.admit(k, subject_cap)?),
+    let subject_permit = match &subject_key {
+        Some(k) if subject_cap > 0 => Some(limiters.per_subject.admit(k.clone(), subject_cap)?),
         _ => None,
     };
     let upstream_parts = pass.upstream_parts(parts, &mut upgrade, &config.strip_headers)?;
@@ -197,6 +200,7 @@ pub fn admit<'r>(
         upstream_parts,
         permit,
         subject_permit,
+        subject: subject_key,
         jti: who.jti.map(String::into_boxed_str),
         client_ip,
         sticky_key: key.bytes,

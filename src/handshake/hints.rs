@@ -40,13 +40,13 @@ pub(super) fn hint(r: Refusal, facts: &Facts, config: &Config) -> Option<String>
             "token {error}: send a valid token or API key where the route's auth reads it (auth.jwt.from, auth.api_keys)"
         ),
         Refusal::IpCap => {
-            "too many connections from this address (limits.max_connections_per_ip)".into()
+            "too many connections from this address (limits.max_connections_per_ip, or cluster.limits across a fleet)".into()
         }
         Refusal::IpRate { retry_after_secs } => format!(
-            "too many handshakes from this address (limits.handshakes_per_ip); retry in {retry_after_secs} s"
+            "too many handshakes from this address (limits.handshakes_per_ip, or cluster.limits across a fleet); retry in {retry_after_secs} s"
         ),
         Refusal::SubjectCap => {
-            "too many connections for this subject (limits.max_connections_per_subject)".into()
+            "too many connections for this subject (limits.max_connections_per_subject, or cluster.limits across a fleet)".into()
         }
         Refusal::Capacity => "the gateway is full (limits.max_connections)".into(),
         Refusal::NoBackend => {

@@ -386,6 +386,18 @@ impl Conn {
             return plain::proxy(self.clone(), facts, admission, body, started).await;
         }
         drop(body);
+        // The fleet's caps and rate (SPEC §10): one round trip, at most 50 ms, after every
+        // per-process check passed.
+        let fleet_permit = match &self.info.shared.fleet {
+            Some(fleet) => {
+                let ip = permit_ip(&admission, &self.config);
+                match fleet.admit(ip, admission.subject.as_ref()).await {
+                    Ok(p) => p,
+                    Err(refusal) => return self.refuse(&facts, refusal, None),
+                }
+            }
+            None => None,
+        };
         let Admission {
             upgrade,
             upstream_parts,
@@ -396,6 +408,7 @@ impl Conn {
             sticky_key,
             expires_at,
             answer_bearer,
+            subject: _,
         } = admission;
         let route = upgrade.route;
         let fwd = Forwarded {
@@ -436,6 +449,7 @@ impl Conn {
                         jti,
                         _permit: permit,
                         _subject_permit: subject_permit,
+                        _fleet_permit: fleet_permit,
                         _lease: lease,
                     }));
                 }
@@ -573,6 +587,11 @@ impl Conn {
             ..Record::default()
         }
     }
+}
+
+/// The client's address as the caps key it (IPv6 by prefix).
+fn permit_ip(admission: &Admission<'_>, config: &Config) -> crate::admission::client_ip::IpKey {
+    crate::admission::client_ip::IpKey::new(admission.client_ip, config.limits.ipv6_prefix)
 }
 
 /// The 101 for the client: the upstream's end-to-end headers plus the upgrade pair.

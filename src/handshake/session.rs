@@ -12,6 +12,7 @@ use tokio::io::{AsyncRead, AsyncWrite};
 use super::facts::{ConnInfo, Facts, LogFacts};
 use crate::admission::ip_limit::IpPermit;
 use crate::admission::subject::SubjectPermit;
+use crate::fleet::FleetPermit;
 use crate::observe::access_log::Record;
 use crate::ops::registry::{Entry, unix_ms};
 use crate::relay::{self, Settings};
@@ -32,6 +33,9 @@ pub(super) struct Established {
     pub(super) _permit: IpPermit,
     /// Counts it against its subject's cap, when one applies.
     pub(super) _subject_permit: Option<SubjectPermit>,
+    /// Counts it in the fleet's caps (`cluster`), until the task ends: its drop only
+    /// queues the release, the relay never reaches Redis.
+    pub(super) _fleet_permit: Option<FleetPermit>,
     /// Counts the connection on its backend (bounded load, metrics) until the task ends.
     pub(super) _lease: Lease,
 }
@@ -60,6 +64,7 @@ where
         jti,
         _permit,
         _subject_permit,
+        _fleet_permit,
         _lease,
     } = est;
     let route = info.route.as_deref().unwrap_or("");
@@ -106,6 +111,7 @@ where
             registration,
             _permit,
             _subject_permit,
+            _fleet_permit,
             _lease,
         }),
     }
@@ -126,6 +132,8 @@ pub(super) struct RelayTail {
     _permit: IpPermit,
     /// And against its subject's cap.
     _subject_permit: Option<SubjectPermit>,
+    /// And in the fleet's counts (`cluster`).
+    _fleet_permit: Option<FleetPermit>,
     /// Counts it on its backend (bounded load, `wsgate_backend_connections`).
     _lease: Lease,
 }
@@ -180,6 +188,7 @@ impl RelayTail {
             registration,
             _permit,
             _subject_permit,
+            _fleet_permit,
             _lease,
         } = self;
         drop(registration);
@@ -189,6 +198,7 @@ impl RelayTail {
         log.shared.access.log(&record);
         drop(_permit);
         drop(_subject_permit);
+        drop(_fleet_permit);
         drop(_lease);
     }
 }

@@ -72,6 +72,8 @@ pub struct AccessLog {
     pending: Arc<AtomicU64>,
     /// Heap bytes of those lines, held under [`QUEUE_BYTES`].
     queued_bytes: Arc<AtomicU64>,
+    /// `,"instance":"<name>"` with `cluster` (SPEC §6), added to every line.
+    instance: std::sync::OnceLock<String>,
 }
 
 impl AccessLog {
@@ -109,14 +111,29 @@ impl AccessLog {
             reopen: Arc::default(),
             pending: Arc::default(),
             queued_bytes: Arc::default(),
+            instance: std::sync::OnceLock::new(),
         }
+    }
+
+    /// Names this instance of a fleet on every line from now on (`cluster`, SPEC §6);
+    /// the first name set stays.
+    pub fn set_instance(&self, name: &str) {
+        let quoted = serde_json::to_string(name).unwrap_or_default();
+        let _ = self.instance.set(format!(",\"instance\":{quoted}"));
     }
 
     /// Queues one record; never blocks.
     pub fn log(&self, record: &Record<'_>) {
-        let Ok(line) = serde_json::to_string(record) else {
+        let Ok(mut line) = serde_json::to_string(record) else {
             return;
         };
+        if let Some(instance) = self.instance.get()
+            && line.ends_with('}')
+        {
+            line.pop();
+            line.push_str(instance);
+            line.push('}');
+        }
         let bytes = line_bytes(&line);
         let before = self.queued_bytes.fetch_add(bytes, Ordering::AcqRel);
         if before.saturating_add(bytes) > QUEUE_BYTES {

@@ -10,7 +10,7 @@
 //! relaxed atomics when its relay wakes.
 
 use std::collections::HashMap;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -100,6 +100,8 @@ pub trait BackendSource: Send + Sync + 'static {
 #[derive(Default)]
 struct Sources {
     log_dropped: Option<Arc<AtomicU64>>,
+    /// `cluster`: the fleet store's state and the handshakes decided without it.
+    cluster: Option<(Arc<AtomicBool>, Arc<AtomicU64>)>,
     backends: Option<Arc<dyn BackendSource>>,
 }
 
@@ -281,6 +283,14 @@ impl Metrics {
     pub fn watch_log_drops(&self, dropped: Arc<AtomicU64>) {
         if let Ok(mut s) = self.sources.lock() {
             s.log_dropped = Some(dropped);
+        }
+    }
+
+    /// Reads the fleet's state at scrape time (`wsgate_cluster_up`,
+    /// `wsgate_cluster_fallbacks_total`; absent without `cluster`).
+    pub fn watch_cluster(&self, up: Arc<AtomicBool>, fallbacks: Arc<AtomicU64>) {
+        if let Ok(mut s) = self.sources.lock() {
+            s.cluster = Some((up, fallbacks));
         }
     }
 
@@ -665,13 +675,30 @@ impl std::fmt::Debug for ScrapeTime {
 
 impl Collector for ScrapeTime {
     fn encode(&self, mut enc: DescriptorEncoder) -> Result<(), std::fmt::Error> {
-        let (dropped, backends) = match self.sources.lock() {
+        let (dropped, backends, cluster) = match self.sources.lock() {
             Ok(s) => (
                 s.log_dropped.as_ref().map(|d| d.load(Ordering::Relaxed)),
                 s.backends.clone(),
+                s.cluster
+                    .as_ref()
+                    .map(|(up, f)| (up.load(Ordering::Acquire), f.load(Ordering::Relaxed))),
             ),
-            Err(_) => (None, None),
+            Err(_) => (None, None, None),
         };
+        if let Some((up, fallbacks)) = cluster {
+            gauge(
+                &mut enc,
+                "wsgate_cluster_up",
+                "1 while the fleet store (Redis) answers and holds this instance's registration",
+                i64::from(up),
+            )?;
+            counter(
+                &mut enc,
+                "wsgate_cluster_fallbacks",
+                "Handshakes decided without the fleet store (on_unavailable: local or refuse)",
+                fallbacks,
+            )?;
+        }
         counter(
             &mut enc,
             "wsgate_log_dropped",

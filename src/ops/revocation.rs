@@ -155,6 +155,37 @@ impl InMemory {
         Ok(())
     }
 
+    /// Makes the store hold exactly `entries` (target, time left), at most
+    /// [`MAX_ENTRIES`]: a fleet instance's view after it (re)joined, when revocations may
+    /// have been added or lifted while it was away. Closes nothing.
+    pub fn replace_all(&self, entries: impl IntoIterator<Item = (Target, Duration)>) {
+        let now = Instant::now();
+        let mut subjects = self
+            .subjects
+            .write()
+            .unwrap_or_else(PoisonError::into_inner);
+        let mut token_ids = self
+            .token_ids
+            .write()
+            .unwrap_or_else(PoisonError::into_inner);
+        subjects.clear();
+        token_ids.clear();
+        for (target, ttl) in entries.into_iter().take(MAX_ENTRIES) {
+            let Some(until) = now.checked_add(ttl) else {
+                continue;
+            };
+            let (map, key) = match target {
+                Target::Subject(s) => (&mut *subjects, s),
+                Target::TokenId(j) => (&mut *token_ids, j),
+            };
+            if key.len() <= MAX_KEY_LEN {
+                map.insert(key.into_boxed_str(), until);
+            }
+        }
+        self.len
+            .store(subjects.len() + token_ids.len(), Ordering::Release);
+    }
+
     /// Drops expired entries (the caller holds no lock).
     fn purge(&self, now: Instant) {
         for map in [&self.subjects, &self.token_ids] {

@@ -3,6 +3,8 @@
 //! Every wait is bounded; nothing binds outside 127.0.0.1.
 #![allow(dead_code)]
 
+pub mod redis_server;
+
 use std::net::SocketAddr;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;

@@ -8,6 +8,7 @@
 //! `upstreams`, `routes`).
 
 mod auth;
+mod cluster;
 mod headers;
 mod limits;
 mod listeners;
@@ -189,6 +190,7 @@ pub fn validate(file: FileConfig, read: &ReadFile<'_>) -> Result<Config, Vec<Iss
         &defined,
     );
 
+    let cluster = v.cluster(file.cluster, &root.key("cluster"));
     let strip_headers = headers::removed_headers(configured_strip, &routes);
     let secret_query_names = headers::secret_query_names(&routes);
 
@@ -207,6 +209,7 @@ pub fn validate(file: FileConfig, read: &ReadFile<'_>) -> Result<Config, Vec<Iss
             jwks_urls: v.jwks_urls,
             upstreams,
             routes,
+            cluster,
         })
     } else {
         Err(v.issues)
