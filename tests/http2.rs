@@ -1090,3 +1090,37 @@ async fn host_and_authority_must_agree() {
         Err(e) => panic!("{e}"),
     }
 }
+
+#[tokio::test]
+async fn a_connect_announcing_a_body_is_refused_and_the_connection_goes_on() {
+    use tokio::io::AsyncWriteExt;
+    let backend = echo_backend().await;
+    let gw = spawn_gateway(&config(backend, false, "", "")).await;
+    let mut s = raw_h2(gw.addr()).await;
+    let mut block = connect_block("/with-body");
+    hpack_literal(&mut block, "content-length", "5", false);
+    s.write_all(&h2_frame(HEADERS, END_HEADERS, 1, &block))
+        .await
+        .unwrap_or_else(|e| panic!("{e}"));
+    // Refused: a 400 (its first header byte is not 200's 0x88) or a reset, never a 200.
+    let (ty, _, id, payload) = until_frame(&mut s, |ty, _, id, _| {
+        id == 1 && (ty == HEADERS || ty == RST_STREAM)
+    })
+    .await;
+    assert_eq!(id, 1);
+    if ty == HEADERS {
+        assert!(
+            !payload.starts_with(&[0x88]),
+            "a CONNECT with a body was admitted"
+        );
+    }
+    // The same connection still carries a well-formed stream.
+    s.write_all(&h2_frame(HEADERS, END_HEADERS, 3, &connect_block("/ok")))
+        .await
+        .unwrap_or_else(|e| panic!("{e}"));
+    let (_, _, _, status) = until_frame(&mut s, |ty, _, id, _| id == 3 && ty == HEADERS).await;
+    assert!(
+        status.starts_with(&[0x88]),
+        "the next stream was not admitted: {status:?}"
+    );
+}
