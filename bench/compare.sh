@@ -382,8 +382,9 @@ gen_h2() {
 
 # run_h2: one repeat of the h2 scenario for every target that speaks RFC 8441. Echo: the
 # HTTP/1.1 TLS closed loop (32 connections, as the echo scenario), then the same 32
-# WebSockets as streams of one HTTP/2 connection (a browser's one connection per origin)
-# and spread over 4 connections × 8 streams, all in one proxy process. Idle: per TLS
+# WebSockets as streams of one HTTP/2 connection (a browser's one connection per origin),
+# over 4 connections × 8 streams, and over 32 connections × 1 stream (no multiplexing:
+# HTTP/2's own cost per message, nothing shared), all in one proxy process. Idle: per TLS
 # connection (plain too, for reference) and per stream with 100 streams on each
 # connection, each run in a fresh proxy.
 run_h2() {
@@ -397,6 +398,8 @@ run_h2() {
             --warmup $WARM --duration $ECHO_S
         gen_h2 h2-echo "$name" --connections 4 --streams-per-conn $((ECHO_CONNS / 4)) \
             --size 64 --warmup $WARM --duration $ECHO_S
+        gen_h2 h2-echo "$name" --connections $ECHO_CONNS --streams-per-conn 1 --size 64 \
+            --warmup $WARM --duration $ECHO_S
         stop_proxy
     done
     for n in 1000 "$IDLE_MAX"; do
