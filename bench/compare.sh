@@ -6,9 +6,10 @@
 #   bench/compare.sh               # full run (3 repeats, ~10 min), table on stdout
 #   bench/compare.sh --quick       # one short repeat (< 2 min), for development
 #   bench/compare.sh --scenarios flood [--quick]   # issue 17's flood (not in the default set)
+#   bench/compare.sh --scenarios h2 --targets "wsgate haproxy" [--quick]   # WebSocket over HTTP/2
 #
 # Options: --repeats N, --targets "direct tunnel wsgate nginx haproxy",
-#          --scenarios "echo latency handshake idle abuse flood", --out DIR, --idle-max N,
+#          --scenarios "echo latency handshake idle abuse flood h2", --out DIR, --idle-max N,
 #          --key rsa|ecdsa (certificate key type, default rsa = RSA 2048),
 #          --wsgate-bin PATH (run this wsgate binary instead of building this tree's),
 #          --flood-attack S, --flood-tls-attack S (attack seconds; the TLS run is shorter),
@@ -252,6 +253,19 @@ EOF
 }
 write_configs
 
+# --- HTTP/2 (scenario h2) ----------------------------------------------------------------
+# WebSockets over HTTP/2 (RFC 8441) on the TLS listeners: wsgate offers ALPN h2 there by
+# default (said explicitly here); HAProxy needs "alpn h2,http/1.1" on its bind line and
+# then accepts extended CONNECT on its own (it advertises SETTINGS_ENABLE_CONNECT_PROTOCOL
+# unless "option h2-workaround-bogus-websocket-clients" is set). Backends stay HTTP/1.1.
+# nginx has no RFC 8441 (its HTTP/2 refuses CONNECT): it is left out of this scenario.
+write_h2_configs() {
+    sed 's|^    tls: {|    http2: true\n    tls: {|' "$OUT/wsgate-bench.yaml" >"$OUT/wsgate-h2.yaml"
+    sed "s|ssl crt $OUT/haproxy.pem backlog|ssl crt $OUT/haproxy.pem alpn h2,http/1.1 backlog|" \
+        "$OUT/haproxy-bench.cfg" >"$OUT/haproxy-h2.cfg"
+}
+write_h2_configs
+
 # --- processes -------------------------------------------------------------------------
 BACKEND_PID=""
 PROXY_PID=""
@@ -351,6 +365,60 @@ gen() {
 
 has() { [[ " $SCENARIOS " == *" $1 "* ]]; }
 
+# gen_h2 SCENARIO NAME ARGS...: an HTTP/2 scenario (h2-echo, h2-idle) on core 1 against
+# NAME's TLS listener.
+gen_h2() {
+    local scenario=$1 name=$2; shift 2
+    local pidargs=() p line
+    for p in $PIDS; do pidargs+=(--pid "$p"); done
+    if line=$(taskset -c 1 "$GEN" "$scenario" --target "127.0.0.1:${TLS_PORT[$name]}" \
+        --label "$name" "${pidargs[@]}" "$@" 2>>"$OUT/generator-stderr.log"); then
+        echo "$line" >>"$RUNS"
+        echo "  $name $scenario $*: ok" >&2
+    else
+        echo "  $name $scenario $*: FAILED (see $OUT/generator-stderr.log)" >&2
+    fi
+}
+
+# run_h2: one repeat of the h2 scenario for every target that speaks RFC 8441. Echo: the
+# HTTP/1.1 TLS closed loop (32 connections, as the echo scenario), then the same 32
+# WebSockets as streams of one HTTP/2 connection (a browser's one connection per origin),
+# over 4 connections × 8 streams, and over 32 connections × 1 stream (no multiplexing:
+# HTTP/2's own cost per message, nothing shared), all in one proxy process. Idle: per TLS
+# connection (plain too, for reference) and per stream with 100 streams on each
+# connection, each run in a fresh proxy.
+run_h2() {
+    local name n
+    for name in $TARGETS; do
+        case $name in direct|tunnel|nginx) continue ;; esac
+        wait_idle
+        start_proxy "$name" h2
+        gen echo "$name" tls --conns $ECHO_CONNS --size 64 --warmup $WARM --duration $ECHO_S
+        gen_h2 h2-echo "$name" --connections 1 --streams-per-conn $ECHO_CONNS --size 64 \
+            --warmup $WARM --duration $ECHO_S
+        gen_h2 h2-echo "$name" --connections 4 --streams-per-conn $((ECHO_CONNS / 4)) \
+            --size 64 --warmup $WARM --duration $ECHO_S
+        gen_h2 h2-echo "$name" --connections $ECHO_CONNS --streams-per-conn 1 --size 64 \
+            --warmup $WARM --duration $ECHO_S
+        stop_proxy
+    done
+    for n in 1000 "$IDLE_MAX"; do
+        for name in $TARGETS; do
+            case $name in direct|tunnel|nginx) continue ;; esac
+            start_proxy "$name" h2
+            gen idle "$name" plain --connections "$n" --settle $SETTLE
+            stop_proxy
+            start_proxy "$name" h2
+            gen idle "$name" tls --connections "$n" --settle $SETTLE
+            stop_proxy
+            start_proxy "$name" h2
+            gen_h2 h2-idle "$name" --connections $(( (n + 99) / 100 )) --streams "$n" \
+                --settle $SETTLE
+            stop_proxy
+        done
+    done
+}
+
 # busy_ticks CPU: busy and total clock ticks of one core so far (/proc/stat).
 busy_ticks() {
     awk -v c="cpu$1" '$1 == c { t = 0; for (i = 2; i <= 9; i++) t += $i; print t - $5 - $6, t }' /proc/stat
@@ -425,6 +493,7 @@ for rep in $(seq 1 "$REPEATS"); do
             stop_proxy
         done
     fi
+    if has h2; then run_h2; fi
     if has flood; then
         # A fresh proxy for each run, so RSS and CPU are the run's alone. The TLS run sends
         # the attacker to the TLS listener; the well-behaved clients stay plain.

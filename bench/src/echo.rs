@@ -117,13 +117,15 @@ async fn run_closed(
         }));
     }
     tokio::time::sleep(o.warmup).await;
-    let cpu0 = procs.cpu_opt()?;
+    // This generator's own CPU and each core's busy %: is the generator the bottleneck?
+    let me = Procs(vec![std::process::id()]);
+    let (cpu0, gen0, ticks0) = (procs.cpu_opt()?, me.cpu()?, crate::procfs::cpu_ticks()?);
     let t0 = Instant::now();
     measuring.store(true, Ordering::Relaxed);
     tokio::time::sleep(o.duration).await;
     measuring.store(false, Ordering::Relaxed);
     let secs = t0.elapsed().as_secs_f64();
-    let cpu1 = procs.cpu_opt()?;
+    let (cpu1, gen1, ticks1) = (procs.cpu_opt()?, me.cpu()?, crate::procfs::cpu_ticks()?);
     stop.store(true, Ordering::Relaxed);
     let mut total = 0u64;
     let mut all = hist::new()?;
@@ -144,6 +146,8 @@ async fn run_closed(
         "msgs_per_sec": total as f64 / secs,
         "cpu_us_per_msg": per_event_us(cpu0, cpu1, total),
         "cpu_pct": cpu_pct(cpu0, cpu1, secs),
+        "generator_cpu_pct": 100.0 * gen1.saturating_sub(gen0).as_secs_f64() / secs,
+        "core_busy_pct": crate::procfs::busy_pct(&ticks0, &ticks1),
         "latency": hist::summary(&all),
     }))
 }

@@ -1,7 +1,7 @@
 //! `wsgate-bench`: the load generator and echo backend behind `bench/compare.sh`.
 //!
 //! Subcommands: `backend` (the echo server every target relays to), `idle`, `echo`,
-//! `handshake`, `abuse`, `flood` (scenarios; each prints one JSON object on stdout) and `report`
+//! `handshake`, `abuse`, `flood`, `h2-idle`, `h2-echo` (scenarios; each prints one JSON object on stdout) and `report`
 //! (folds those JSON lines into the comparison table). Scenarios read the proxy's CPU
 //! and memory from `/proc` for the PIDs given with `--pid`; with none (the `direct`
 //! target) those figures are null. See `bench/README.md`.
@@ -11,6 +11,7 @@ mod backend;
 mod echo;
 mod flood;
 mod flood_attack;
+mod h2;
 mod handshake;
 mod hist;
 mod idle;
@@ -137,6 +138,43 @@ enum Cmd {
         #[command(flatten)]
         flood: FloodArgs,
     },
+    /// WebSockets over HTTP/2 (RFC 8441): hold many idle streams on few connections;
+    /// report the proxy's RSS per stream.
+    H2Idle {
+        #[command(flatten)]
+        common: H2Common,
+        /// HTTP/2 connections the streams are spread over (round-robin).
+        #[arg(long, default_value_t = 10)]
+        connections: u32,
+        /// Streams in all (100 per connection is every proxy's concurrency limit).
+        #[arg(long, default_value_t = 1000)]
+        streams: u32,
+        /// Stream openings in flight at once.
+        #[arg(long, default_value_t = 64)]
+        concurrency: u32,
+        /// Streams on one warm-up connection, opened before the baseline.
+        #[arg(long, default_value_t = 20)]
+        warm_streams: u32,
+        /// Seconds between the last stream and the second RSS reading.
+        #[arg(long, default_value_t = 2.0)]
+        settle: f64,
+    },
+    /// WebSockets over HTTP/2 (RFC 8441): closed-loop echo on C connections × S streams.
+    H2Echo {
+        #[command(flatten)]
+        common: H2Common,
+        #[arg(long, default_value_t = 1)]
+        connections: u32,
+        #[arg(long, default_value_t = 32)]
+        streams_per_conn: u32,
+        /// Message payload bytes (at least 16).
+        #[arg(long, default_value_t = 64)]
+        size: usize,
+        #[arg(long, default_value_t = 1.0)]
+        warmup: f64,
+        #[arg(long, default_value_t = 5.0)]
+        duration: f64,
+    },
     /// The cheapest possible byte tunnel (a floor for proxies): epoll or io_uring.
     Tunnel {
         #[arg(long)]
@@ -233,6 +271,35 @@ impl FloodArgs {
                 rate: self.attack_rate,
             },
         })
+    }
+}
+
+/// What the HTTP/2 scenarios need to know about the target.
+#[derive(Args, Clone)]
+struct H2Common {
+    /// Address of the proxy's TLS listener (or its h2c listener with --h2c).
+    #[arg(long)]
+    target: SocketAddr,
+    /// Request path of the extended CONNECT.
+    #[arg(long, default_value = "/bench")]
+    path: String,
+    /// h2c with prior knowledge instead of TLS with ALPN h2.
+    #[arg(long)]
+    h2c: bool,
+    /// Name of the target in the JSON output.
+    #[arg(long, default_value = "target")]
+    label: String,
+    /// PID of a proxy process whose CPU and memory are measured (repeatable).
+    #[arg(long = "pid")]
+    pids: Vec<u32>,
+}
+
+impl H2Common {
+    fn parts(&self) -> Result<(h2::H2Target, procfs::Procs)> {
+        Ok((
+            h2::H2Target::new(self.target, &self.path, self.h2c)?,
+            procfs::Procs(self.pids.clone()),
+        ))
     }
 }
 
@@ -382,6 +449,42 @@ fn real_main() -> Result<()> {
                 flood::run(t, p, &common.label, flood.options()?)
                     .await
                     .map(Some)
+            }
+            Cmd::H2Idle {
+                common,
+                connections,
+                streams,
+                concurrency,
+                warm_streams,
+                settle,
+            } => {
+                let (t, p) = common.parts()?;
+                let o = h2::IdleOptions {
+                    connections,
+                    streams,
+                    concurrency,
+                    warm_streams,
+                    settle: secs(settle)?,
+                };
+                h2::run_idle(t, p, &common.label, o).await.map(Some)
+            }
+            Cmd::H2Echo {
+                common,
+                connections,
+                streams_per_conn,
+                size,
+                warmup,
+                duration,
+            } => {
+                let (t, p) = common.parts()?;
+                let o = h2::EchoOptions {
+                    connections,
+                    streams_per_conn,
+                    size,
+                    warmup: secs(warmup)?,
+                    duration: secs(duration)?,
+                };
+                h2::run_echo(t, p, &common.label, o).await.map(Some)
             }
             Cmd::Report { .. } | Cmd::Tunnel { .. } => Ok(None),
         }

@@ -325,8 +325,13 @@ impl FrameReader {
 }
 
 /// A TLS connector that accepts any server certificate and never resumes sessions, so
-/// every handshake is a full one.
+/// every handshake is a full one. No ALPN: the HTTP/1.1 scenarios.
 pub fn tls_connector() -> Result<TlsConnector> {
+    tls_connector_alpn(&[])
+}
+
+/// [`tls_connector`] offering the ALPN protocols `alpn` (`h2` for the HTTP/2 scenarios).
+pub fn tls_connector_alpn(alpn: &[&[u8]]) -> Result<TlsConnector> {
     let provider = Arc::new(rustls::crypto::ring::default_provider());
     let schemes = provider
         .signature_verification_algorithms
@@ -338,6 +343,7 @@ pub fn tls_connector() -> Result<TlsConnector> {
         .with_custom_certificate_verifier(Arc::new(AnyCert(schemes)))
         .with_no_client_auth();
     config.resumption = rustls::client::Resumption::disabled();
+    config.alpn_protocols = alpn.iter().map(|p| p.to_vec()).collect();
     Ok(TlsConnector::from(Arc::new(config)))
 }
 

@@ -6,6 +6,7 @@
 //! `direct` target's median from each proxy's.
 
 use std::collections::BTreeMap;
+use std::rc::Rc;
 
 use anyhow::{Context, Result};
 use serde_json::{Value, json};
@@ -177,6 +178,7 @@ fn rows(runs: &[Value]) -> Vec<Row> {
                 is(v, "scenario", json!("echo"))
                     && is(v, "mode", json!("closed"))
                     && is(v, "size", json!(size))
+                    && is(v, "tls", json!(false))
             }),
             m(&["cpu_us_per_msg"]),
         ));
@@ -187,6 +189,7 @@ fn rows(runs: &[Value]) -> Vec<Row> {
                 is(v, "scenario", json!("echo"))
                     && is(v, "mode", json!("closed"))
                     && is(v, "size", json!(size))
+                    && is(v, "tls", json!(false))
             }),
             m(&["msgs_per_sec"]),
         ));
@@ -350,7 +353,110 @@ fn rows(runs: &[Value]) -> Vec<Row> {
     for mode in ["plain", "tls"] {
         flood_rows(runs, mode, &mut rows);
     }
+    h2_rows(runs, &mut rows);
     rows
+}
+
+/// The `h2` scenario's rows: echo over HTTP/1.1 TLS and over HTTP/2 (per layout of
+/// connections × streams), idle memory per HTTP/2 stream.
+fn h2_rows(runs: &[Value], rows: &mut Vec<Row>) {
+    let h2echo = |v: &Value| is(v, "scenario", json!("h2echo"));
+    if !runs
+        .iter()
+        .any(|v| h2echo(v) || is(v, "scenario", json!("h2idle")))
+    {
+        return;
+    }
+    let tls_echo = |v: &Value| {
+        is(v, "scenario", json!("echo"))
+            && is(v, "mode", json!("closed"))
+            && is(v, "tls", json!(true))
+            && is(v, "size", json!(64))
+    };
+    let conns = runs
+        .iter()
+        .find(|v| tls_echo(v))
+        .and_then(|v| num(v, &["conns"]))
+        .unwrap_or(0.0);
+    let h1 = format!("HTTP/1.1 TLS, {conns:.0} connections");
+    let mut layouts: Vec<(u64, u64)> = runs
+        .iter()
+        .filter(|v| h2echo(v))
+        .filter_map(|v| {
+            Some((
+                v.get("connections")?.as_u64()?,
+                v.get("streams_per_conn")?.as_u64()?,
+            ))
+        })
+        .collect();
+    layouts.sort_unstable();
+    layouts.dedup();
+    type Pick = (String, Rc<dyn Fn(&Value) -> bool>);
+    let mut kinds: Vec<Pick> = vec![(h1, Rc::new(tls_echo))];
+    for (c, s) in layouts {
+        kinds.push((
+            format!("h2 (TLS), {c} connection(s) × {s} streams"),
+            Rc::new(move |v: &Value| {
+                h2echo(v)
+                    && is(v, "connections", json!(c))
+                    && is(v, "streams_per_conn", json!(s))
+                    && is(v, "size", json!(64))
+            }),
+        ));
+    }
+    for (title, d, metric) in [
+        ("proxy CPU µs per echoed 64 B message", 1, "cpu_us_per_msg"),
+        ("echoes/s, 64 B closed loop", 0, "msgs_per_sec"),
+        ("proxy CPU %", 0, "cpu_pct"),
+        ("generator CPU %", 0, "generator_cpu_pct"),
+    ] {
+        for (kind, f) in &kinds {
+            let f = f.clone();
+            rows.push(row(
+                &format!("h2 echo: {title}, {kind}"),
+                d,
+                Box::new(move |v| f(v)),
+                m_owned(metric),
+            ));
+        }
+    }
+    for (kind, f) in &kinds {
+        for core in 0..2usize {
+            let f = f.clone();
+            rows.push(row(
+                &format!("h2 echo: core {core} busy %, {kind}"),
+                0,
+                Box::new(move |v| f(v)),
+                Box::new(move |v| v.get("core_busy_pct")?.get(core)?.as_f64()),
+            ));
+        }
+    }
+    let mut sizes: Vec<(u64, u64)> = runs
+        .iter()
+        .filter(|v| is(v, "scenario", json!("h2idle")))
+        .filter_map(|v| Some((v.get("streams")?.as_u64()?, v.get("connections")?.as_u64()?)))
+        .collect();
+    sizes.sort_unstable();
+    sizes.dedup();
+    for (n, c) in sizes {
+        let f = move |v: &Value| {
+            is(v, "scenario", json!("h2idle"))
+                && is(v, "streams", json!(n))
+                && is(v, "connections", json!(c))
+        };
+        rows.push(row(
+            &format!("h2 idle: KiB RSS per idle stream, {n} streams on {c} TLS connections"),
+            2,
+            Box::new(f),
+            m_owned("kib_per_stream"),
+        ));
+        rows.push(row(
+            &format!("h2 idle: streams actually held (of {n})"),
+            0,
+            Box::new(f),
+            m_owned("open"),
+        ));
+    }
 }
 
 /// Keys of a JSON object at `path`, over every run of one flood mode (sorted, unique).
