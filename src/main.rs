@@ -124,7 +124,24 @@ fn parse_proxy(it: impl Iterator<Item = std::ffi::OsString>) -> Result<Option<Ar
     }
     let listen = listen.ok_or("wsgate proxy needs --listen IP:PORT")?;
     let to = to.ok_or("wsgate proxy needs --to HOST:PORT (the backend)")?;
+    for (flag, v) in [("--listen", &listen), ("--to", &to)]
+        .into_iter()
+        .chain(admin.as_ref().map(|a| ("--admin", a)))
+    {
+        if v.chars().any(|c| c.is_control() || c.is_whitespace()) {
+            return Err(format!("{flag}: {v:?} holds spaces or control characters"));
+        }
+    }
     let yaml = proxy_yaml(&listen, &to, tls, admin.as_deref());
+    // Checked before printing or running, and told in terms of the flags the user typed.
+    if let Err(errors) = Config::from_yaml_str(&yaml, "(wsgate proxy)") {
+        return Err(errors
+            .0
+            .iter()
+            .map(|e| format!("{}: {}", proxy_flag(&e.path), e.message))
+            .collect::<Vec<_>>()
+            .join("\n"));
+    }
     if print {
         print!("{yaml}");
         return Ok(None);
@@ -134,6 +151,19 @@ fn parse_proxy(it: impl Iterator<Item = std::ffi::OsString>) -> Result<Option<Ar
         check: false,
         takeover,
     }))
+}
+
+/// The flag of `wsgate proxy` that set the key at `path` of its configuration.
+fn proxy_flag(path: &str) -> &'static str {
+    if path.starts_with("listeners") {
+        "--listen"
+    } else if path.starts_with("admin") {
+        "--admin"
+    } else if path.starts_with("upstreams") {
+        "--to"
+    } else {
+        "wsgate proxy"
+    }
 }
 
 /// The configuration `wsgate proxy` runs: one listener, one backend, one route for every
@@ -251,9 +281,7 @@ fn check_not_taken(config: &Config, takeover: bool) -> Result<(), String> {
             tracing::warn!(listener = %name, %addr, "--takeover: sharing the address with the process already listening there (SO_REUSEPORT); stop that one (SIGTERM) to finish the restart");
             continue;
         }
-        return Err(format!(
-            "`{name}`: another process already listens on {addr} (most likely another wsgate: both would share the port, each getting part of the connections and of the /metrics scrapes). Stop it first, or pass --takeover for a zero-downtime restart (then SIGTERM the old process)"
-        ));
+        return Err(wsgate::listener::taken_message(&name, addr));
     }
     Ok(())
 }
@@ -411,7 +439,7 @@ impl Signals {
 async fn reload(gateway: &wsgate::Gateway, source: &Source) {
     let before = source_text_cache().lock().ok().and_then(|t| t.clone());
     let after = source.text();
-    match source.load() {
+    match source.load().and_then(|c| first_dev_ca(c, source)) {
         Ok(config) => {
             for warning in &config.warnings {
                 tracing::warn!("{warning}");
@@ -445,6 +473,38 @@ async fn reload(gateway: &wsgate::Gateway, source: &Source) {
                 source.name()
             );
         }
+    }
+}
+
+/// On reload, the first `self_signed` listener brings the development CA (made or found
+/// as at start-up), and the config is loaded again so that its certificate is signed by
+/// it: a client trusting `dev-ca.crt` then trusts that listener too.
+fn first_dev_ca(config: Config, source: &Source) -> Result<Config, wsgate::config::ConfigErrors> {
+    if wsgate::tls::dev_ca().is_some() {
+        return Ok(config);
+    }
+    match dev_ca_for(&config) {
+        Some(Ok((path, created))) => {
+            let signed = source.load()?;
+            let state = if created { "created now" } else { "reused" };
+            let port = signed
+                .listeners
+                .iter()
+                .find(|l| l.tls.as_ref().is_some_and(|t| t.self_signed))
+                .map_or(0, |l| l.bind.port());
+            let url = format!("wss://localhost:{port}/");
+            tracing::info!(
+                "development CA ({state}): {}; {}",
+                path.display(),
+                wsgate::devca::trust_recipe(&path, &url)
+            );
+            Ok(signed)
+        }
+        Some(Err(e)) => {
+            tracing::warn!("development CA: {e}; serving a self-signed certificate instead");
+            Ok(config)
+        }
+        None => Ok(config),
     }
 }
 

@@ -238,3 +238,47 @@ fn the_container_config_needs_an_admin_token_from_the_environment() {
     assert_eq!(out.status.code(), Some(0), "{err}");
     assert!(!err.contains("admin.token is not set"), "{err}");
 }
+
+/// Review of #22: `wsgate proxy` validates before printing or running, and its errors name
+/// the flag the user typed, not a line of a file they never wrote.
+#[test]
+fn proxy_mode_errors_name_the_flag() {
+    let (code, out, err) = run(&[
+        "proxy",
+        "--listen",
+        ":8080",
+        "--to",
+        "127.0.0.1:9001",
+        "--print-config",
+    ]);
+    assert_eq!(code, 64, "{out}{err}");
+    assert!(out.is_empty(), "{out}");
+    assert!(
+        err.contains("--listen: ") && !err.contains("(wsgate proxy)"),
+        "{err}"
+    );
+    let (code, _, err) = run(&[
+        "proxy",
+        "--listen",
+        "127.0.0.1:8080\nx",
+        "--to",
+        "127.0.0.1:9001",
+    ]);
+    assert_eq!(code, 64, "{err}");
+    assert!(err.contains("control characters"), "{err}");
+}
+
+/// docs/configuration.md: once the file reads, every error among its values is printed
+/// together (an error of form, such as an unknown key, stops reading at that point).
+#[test]
+fn check_prints_every_value_error_at_once() {
+    let path = temp_config(
+        "values",
+        "listeners: [{ name: a, bind: \"nowhere\" }, { name: b, bind: \"127.0.0.1:0\" }]\nupstreams:\n  e: { builtin: echo }\nroutes:\n  - { name: r, match: { path_prefix: /x }, upstream: missing }\n",
+    );
+    let (code, _, err) = run(&["--check", "--config", path.to_str().unwrap_or_default()]);
+    assert_eq!(code, 1, "{err}");
+    assert!(err.contains("listeners[0].bind"), "{err}");
+    assert!(err.contains("routes[0].upstream"), "{err}");
+    let _ = std::fs::remove_file(path);
+}

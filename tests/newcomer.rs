@@ -424,6 +424,25 @@ async fn refusal_bodies_say_what_to_change_without_echoing_secrets() {
     assert_eq!(support::refusal_word(&resp), "origin", "{resp}");
     assert!(body(&resp).contains("allow_missing_origin: true"), "{resp}");
 
+    // Two Origin headers, both allowed: the hint names the real problem.
+    let twice = "Origin: https://app.example.com\r\nOrigin: https://app.example.com\r\n";
+    let resp = support::raw_request(addr, upgrade("/chat", twice).as_bytes()).await;
+    assert_eq!(support::refusal_word(&resp), "origin", "{resp}");
+    assert!(
+        body(&resp).contains("more than one Origin header"),
+        "{resp}"
+    );
+    assert!(!body(&resp).contains("origin not allowed"), "{resp}");
+    // An Origin that is not text: not "no Origin header".
+    let mut request = upgrade("/chat", "Origin: https://\u{1}\r\n").into_bytes();
+    if let Some(at) = request.iter().position(|b| *b == 1) {
+        request[at] = 0xff;
+    }
+    let resp = support::raw_request(addr, &request).await;
+    assert_eq!(support::refusal_word(&resp), "origin", "{resp}");
+    assert!(body(&resp).contains("not valid text"), "{resp}");
+    assert!(!body(&resp).contains("allow_missing_origin"), "{resp}");
+
     let resp = support::raw_request(
         addr,
         upgrade("/nowhere?access_token=s3cr3t-value", "").as_bytes(),
@@ -596,4 +615,166 @@ fn the_example_pki_writes_private_keys_0600() {
         mode("server.crt") & 0o044 & 0o077
     );
     let _ = std::fs::remove_dir_all(&dir);
+}
+
+/// Review of #22, bug 1: a client's request body that fails (over `max_request_body`, or
+/// aborted mid-body) is the client's doing: no "backend failed" warning about a healthy
+/// backend (which would also hold back a genuine one for 10 s), no `upstream_error`, and
+/// an abort is not a `502 upstream_connect`.
+#[tokio::test]
+async fn a_client_body_failure_is_not_blamed_on_the_backend() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    // A slow backend: takes connections and reads, never answers.
+    let backend = tokio::net::TcpListener::bind("127.0.0.1:0")
+        .await
+        .unwrap_or_else(|e| panic!("{e}"));
+    let backend_addr = backend.local_addr().unwrap_or_else(|e| panic!("{e}"));
+    tokio::spawn(async move {
+        while let Ok((mut s, _)) = backend.accept().await {
+            tokio::spawn(async move {
+                let mut buf = [0u8; 4096];
+                while matches!(s.read(&mut buf).await, Ok(n) if n > 0) {}
+            });
+        }
+    });
+    let data = unique("data-body");
+    let text = format!(
+        "listeners: [{{ name: public, bind: \"127.0.0.1:0\" }}]\nlimits: {{ max_request_body: 1KiB }}\nupstreams:\n  app: {{ backends: [\"{backend_addr}\"] }}\nroutes:\n  - {{ name: app, match: {{ path_prefix: / }}, upstream: app, http: proxy }}\n"
+    );
+    let config = write_config("body", &text);
+    let gw = Wsgate::start(&["--config", &config.to_string_lossy()], &data);
+    let addr = gw.listening("ws").await;
+
+    // Chunked, past the cap while the backend is still reading.
+    let mut over = TcpStream::connect(addr)
+        .await
+        .unwrap_or_else(|e| panic!("{e}"));
+    let head = "POST /over HTTP/1.1\r\nHost: gw.test\r\nTransfer-Encoding: chunked\r\n\r\n";
+    over.write_all(head.as_bytes())
+        .await
+        .unwrap_or_else(|e| panic!("{e}"));
+    let chunk = format!("258\r\n{}\r\n", "x".repeat(600));
+    for _ in 0..3 {
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        if over.write_all(chunk.as_bytes()).await.is_err() {
+            break;
+        }
+    }
+    let mut answer = vec![0u8; 1024];
+    let n = tokio::time::timeout(WAIT, over.read(&mut answer))
+        .await
+        .unwrap_or_else(|_| panic!("no answer"))
+        .unwrap_or(0);
+    let answer = String::from_utf8_lossy(&answer[..n]).into_owned();
+    assert!(answer.starts_with("HTTP/1.1 413 "), "{answer}");
+
+    // Aborted mid-body, once the request went upstream.
+    let mut aborted = TcpStream::connect(addr)
+        .await
+        .unwrap_or_else(|e| panic!("{e}"));
+    let head = "POST /aborted HTTP/1.1\r\nHost: gw.test\r\nContent-Length: 500\r\n\r\n";
+    aborted
+        .write_all(format!("{head}{}", "y".repeat(100)).as_bytes())
+        .await
+        .unwrap_or_else(|e| panic!("{e}"));
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    drop(aborted);
+
+    let line = |path: &'static str| {
+        let gw = &gw;
+        async move {
+            let l = gw.stdout_line(&format!("\"path\":\"{path}\"")).await;
+            serde_json::from_str::<serde_json::Value>(&l).unwrap_or_else(|e| panic!("{e}: {l}"))
+        }
+    };
+    let over_line = line("/over").await;
+    assert_eq!(over_line["status"], 413, "{over_line}");
+    assert_eq!(over_line["proxy_reason"], "body_too_large", "{over_line}");
+    assert!(over_line.get("upstream_error").is_none(), "{over_line}");
+    let aborted_line = line("/aborted").await;
+    assert_ne!(aborted_line["status"], 502, "{aborted_line}");
+    assert_ne!(
+        aborted_line["proxy_reason"], "upstream_connect",
+        "{aborted_line}"
+    );
+    assert!(
+        aborted_line.get("upstream_error").is_none(),
+        "{aborted_line}"
+    );
+    let warned: Vec<String> = Wsgate::lines(&gw.stderr)
+        .into_iter()
+        .filter(|l| l.contains("backend failed"))
+        .collect();
+    assert!(warned.is_empty(), "{warned:?}");
+    drop(gw);
+    let _ = std::fs::remove_dir_all(&data);
+    let _ = std::fs::remove_file(config);
+}
+
+/// Review of #22, bugs 2 and 5: a listener a reload adds is checked as at start-up (not
+/// bound next to another process already listening there, the rest of the reload still
+/// applied), and a `self_signed` listener a reload adds is signed by the development CA,
+/// which a client trusting `dev-ca.crt` then accepts.
+#[tokio::test]
+async fn a_reload_checks_new_listeners_and_signs_them_with_the_development_ca() {
+    let data = unique("data-reload-listeners");
+    let _ = std::fs::remove_dir_all(&data);
+    let taken = free_port();
+    let other_text = format!(
+        "listeners: [{{ name: other, bind: \"127.0.0.1:{taken}\" }}]\nupstreams:\n  echo: {{ builtin: echo }}\nroutes:\n  - {{ name: echo, match: {{ path_prefix: / }}, upstream: echo }}\n"
+    );
+    let other_config = write_config("reload-other", &other_text);
+    let other_data = unique("data-reload-other");
+    let other = Wsgate::start(&["--config", &other_config.to_string_lossy()], &other_data);
+    other.listening("ws").await;
+
+    let tail = "upstreams:\n  echo: { builtin: echo }\nroutes:\n  - { name: echo, match: { path_prefix: / }, upstream: echo }\n";
+    let config = write_config(
+        "reload-listeners",
+        &format!("listeners:\n  - {{ name: public, bind: \"127.0.0.1:0\" }}\n{tail}"),
+    );
+    let gw = Wsgate::start(&["--config", &config.to_string_lossy()], &data);
+    gw.listening("ws").await;
+    assert!(
+        !data.join("dev-ca.crt").exists(),
+        "no CA without a self_signed listener"
+    );
+    let secure = free_port();
+    std::fs::write(
+        &config,
+        format!(
+            "listeners:\n  - {{ name: public, bind: \"127.0.0.1:0\" }}\n  - {{ name: stolen, bind: \"127.0.0.1:{taken}\" }}\n  - {{ name: secure, bind: \"127.0.0.1:{secure}\", tls: {{ self_signed: true }} }}\n{tail}"
+        ),
+    )
+    .unwrap_or_else(|e| panic!("{e}"));
+    gw.signal("HUP");
+    let reloaded = gw.stderr_line("configuration reloaded").await;
+    let refused = gw.stderr_line("another process already listens").await;
+    assert!(
+        refused.contains("`stolen`") && refused.contains(&format!("127.0.0.1:{taken}")),
+        "{refused}"
+    );
+    assert!(
+        reloaded.contains(r#"bound=["secure"]"#),
+        "the rest of the reload applies: {reloaded}"
+    );
+
+    let pem = std::fs::read(data.join("dev-ca.crt")).unwrap_or_else(|e| panic!("{e}"));
+    let mut roots = rustls::RootCertStore::empty();
+    for c in rustls_pki_types::CertificateDer::pem_slice_iter(&pem) {
+        roots
+            .add(c.unwrap_or_else(|e| panic!("{e}")))
+            .unwrap_or_else(|e| panic!("{e}"));
+    }
+    let addr: SocketAddr = format!("127.0.0.1:{secure}")
+        .parse()
+        .unwrap_or_else(|e| panic!("{e}"));
+    wss_echo(addr, tls_client(roots))
+        .await
+        .unwrap_or_else(|e| panic!("trusting the CA after a reload: {e}"));
+    drop((gw, other));
+    let _ = std::fs::remove_dir_all(&data);
+    let _ = std::fs::remove_dir_all(&other_data);
+    let _ = std::fs::remove_file(config);
+    let _ = std::fs::remove_file(other_config);
 }

@@ -128,6 +128,17 @@ impl Gateway {
                 next.push(kept);
                 continue;
             }
+            // As at start-up (without `--takeover`): another process listening there would
+            // silently share the port. Our own listeners on that port are not another.
+            let ours = running.iter().any(|r| same_port(r.addr, l.bind));
+            if l.bind.port() != 0 && !ours && crate::listener::listened_on(l.bind) {
+                let why = crate::listener::taken_message(&l.name, l.bind);
+                tracing::error!("reload: {why}; not bound");
+                if let Some(i) = running.iter().position(|r| *r.name == *l.name) {
+                    next.push(running.swap_remove(i));
+                }
+                continue;
+            }
             let launched = bind(l).and_then(|(tcp, addr)| {
                 Running::launch(&self.shared, l, tcp, addr).map_err(|source| {
                     super::StartError::Bind {
@@ -154,6 +165,13 @@ impl Gateway {
         // Dropping what is left closes those sockets.
         *running = next;
     }
+}
+
+/// Whether a socket bound to `held` takes connections for `wanted` (same port, and the
+/// same address or either one a wildcard).
+fn same_port(held: std::net::SocketAddr, wanted: std::net::SocketAddr) -> bool {
+    held.port() == wanted.port()
+        && (held.ip() == wanted.ip() || held.ip().is_unspecified() || wanted.ip().is_unspecified())
 }
 
 /// Settings read once at start.

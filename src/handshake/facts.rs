@@ -34,6 +34,9 @@ pub struct Facts {
     /// Path and query, token query values redacted once the route is known.
     pub path: Option<String>,
     pub origin: Option<String>,
+    /// How many `Origin` headers the request carried (an `origin` refusal's hint tells
+    /// two apart from one that is not text).
+    pub origin_headers: usize,
     pub user_agent: Option<String>,
     pub route: Option<String>,
     /// The real client (PROXY header or trusted `X-Forwarded-For`), when not the peer.
@@ -60,6 +63,7 @@ impl Facts {
         Facts {
             host: text(header::HOST),
             origin: text(header::ORIGIN),
+            origin_headers: parts.headers.get_all(header::ORIGIN).iter().count(),
             user_agent: text(header::USER_AGENT),
             // The query is left out until the route says which of its values are secret.
             path: Some(parts.uri.path().to_owned()),

@@ -60,11 +60,17 @@ pub(super) fn hint(r: Refusal, facts: &Facts, config: &Config) -> Option<String>
 }
 
 fn origin(facts: &Facts, route: &Route) -> String {
-    let (list, allow_missing) = route.admission.origins.allowed();
+    let (list, _) = route.admission.origins.allowed();
     let allowed = list.map_or("any".to_owned(), |l| l.join(", "));
-    match (&facts.origin, allow_missing) {
+    match (&facts.origin, facts.origin_headers) {
+        (_, 2..) => format!(
+            "more than one Origin header: send exactly one (a browser does; which one was meant is unknowable) (allowed: {allowed})"
+        ),
         (Some(origin), _) => format!(
             "origin not allowed: {origin} (allowed: {allowed}; non-browser clients send no Origin: allow_missing_origin)"
+        ),
+        (None, 1) => format!(
+            "the Origin header is not valid text (visible ASCII): send a serialized origin such as https://app.example.com (allowed: {allowed})"
         ),
         (None, _) => format!(
             "no Origin header, and route {} requires one (allowed: {allowed}); for non-browser clients set allow_missing_origin: true",

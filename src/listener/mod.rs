@@ -88,6 +88,14 @@ pub fn listened_on(addr: SocketAddr) -> bool {
         .is_err_and(|e| e.kind() == std::io::ErrorKind::AddrInUse)
 }
 
+/// Why a listener is not bound next to another process already listening on its address
+/// (at start-up without `--takeover`, and on reload).
+pub fn taken_message(name: &str, addr: SocketAddr) -> String {
+    format!(
+        "`{name}`: another process already listens on {addr} (most likely another wsgate: both would share the port, each getting part of the connections and of the /metrics scrapes). Stop it first, or pass --takeover for a zero-downtime restart (then SIGTERM the old process)"
+    )
+}
+
 /// A listener accepting connections; dropping it closes the socket (established
 /// connections are not affected).
 pub struct Running {

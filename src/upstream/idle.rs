@@ -16,6 +16,19 @@ pub type BoxError = Box<dyn StdError + Send + Sync>;
 /// A request body as the backend gets it (the client's, streamed and capped).
 pub type RequestBody = UnsyncBoxBody<Bytes, BoxError>;
 
+/// An error of the client's request body (cut at `max_request_body`, aborted, malformed):
+/// the client's doing, so an exchange failing with it is not the backend's failure.
+#[derive(Debug)]
+pub struct ClientBodyError(pub BoxError);
+
+impl std::fmt::Display for ClientBodyError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "client request body: {}", self.0)
+    }
+}
+
+impl StdError for ClientBodyError {}
+
 /// Kept-alive connections kept per backend; beyond, a finished one is closed.
 pub const MAX_IDLE_PER_BACKEND: usize = 32;
 /// An idle connection older than this is closed rather than reused: below the common

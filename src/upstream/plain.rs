@@ -15,7 +15,7 @@ use hyper::body::Incoming;
 use hyper_util::rt::TokioIo;
 
 use super::idle::Sender;
-pub use super::idle::{BoxError, RequestBody};
+pub use super::idle::{BoxError, ClientBodyError, RequestBody};
 use super::pool::{BackendState, Lease, Pool};
 use super::stream::open;
 use super::{Failure, Forwarded, MAX_ATTEMPTS, Target, X_REQUEST_ID, is_proxy_set};
@@ -129,6 +129,12 @@ pub async fn send(
                         request = unsent;
                         reused = backend.idle_http.take();
                     }
+                    // The client's body failed (too large, aborted): not the backend's
+                    // failure, so no warning and no count against it.
+                    _ if from_client_body(e.error()) => {
+                        tracing::debug!(backend = %identity, error = %e.error(), "client request body failed");
+                        return Err(Failure::Proxy(Refusal::BadUpgrade, identity, None));
+                    }
                     _ => {
                         tracing::debug!(backend = %identity, error = %e.error(), "upstream exchange failed");
                         pool.exchange_failed(&backend);
@@ -145,6 +151,18 @@ pub async fn send(
         }
     }
     Err(last)
+}
+
+/// Whether hyper's error came from the request body we gave it (the client's).
+fn from_client_body(e: &hyper::Error) -> bool {
+    let mut source = std::error::Error::source(e);
+    while let Some(s) = source {
+        if s.is::<ClientBodyError>() {
+            return true;
+        }
+        source = s.source();
+    }
+    false
 }
 
 /// A new HTTP/1.1 client connection to `backend`, its task spawned.

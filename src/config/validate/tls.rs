@@ -57,7 +57,7 @@ impl Validator<'_> {
                     ca.cert_path
                 ),
                 None => format!(
-                    "{path}: serving a generated self-signed certificate for localhost; clients will not trust it; use real certificates in production (see certs/README.md)"
+                    "{path}: serves a localhost certificate of the local development CA (made or found at start-up in $WSGATE_DATA_DIR, else $XDG_DATA_HOME/wsgate or ~/.local/share/wsgate; without it, a self-signed one no client trusts); clients trust it once told to (the start-up log prints how); use real certificates in production (see certs/README.md)"
                 ),
             });
         }

@@ -23,7 +23,7 @@ use super::super::facts::Facts;
 use super::{Body, Conn};
 use crate::admission::subject::SubjectPermit;
 use crate::outcome::Refusal;
-use crate::upstream::plain::{self, BoxError, Checkin};
+use crate::upstream::plain::{self, BoxError, Checkin, ClientBodyError};
 use crate::upstream::{Failure, Forwarded};
 
 /// Relays one admitted plain request and returns the answer for the client.
@@ -100,12 +100,13 @@ pub(super) async fn proxy(
         Ok(Ok(answer)) => answer,
         Ok(Err(Failure::Proxy(r, backend, error))) => {
             line.backend = Some(backend).filter(|b| !b.is_empty());
+            // Past the cap, the exchange failed because of the client's body, whatever
+            // the backend did meanwhile. A body the client aborted (or sent malformed) is
+            // `bad_upgrade` (400), also without an `upstream_error`.
+            if over.load(Ordering::Acquire) {
+                return line.refuse(Refusal::BodyTooLarge);
+            }
             line.upstream_error = error;
-            let r = if over.load(Ordering::Acquire) {
-                Refusal::BodyTooLarge
-            } else {
-                r
-            };
             return line.refuse(r);
         }
         Ok(Err(Failure::Status(..))) => return line.refuse(Refusal::UpstreamConnect),
@@ -251,14 +252,16 @@ impl HttpBody for Capped {
                 self.done.store(true, Ordering::Release);
                 return Poll::Ready(None);
             }
-            Some(Err(e)) => return Poll::Ready(Some(Err(e.into()))),
+            Some(Err(e)) => return Poll::Ready(Some(Err(client_body(e.into())))),
             Some(Ok(frame)) => frame,
         };
         if let Some(data) = frame.data_ref() {
             let n = data.len() as u64;
             if n > self.left {
                 self.over.store(true, Ordering::Release);
-                return Poll::Ready(Some(Err("request body over max_request_body".into())));
+                return Poll::Ready(Some(Err(client_body(
+                    "request body over max_request_body".into(),
+                ))));
             }
             self.left -= n;
             self.sent.fetch_add(n, Ordering::Relaxed);
@@ -276,6 +279,12 @@ impl HttpBody for Capped {
     fn size_hint(&self) -> SizeHint {
         self.inner.size_hint()
     }
+}
+
+/// Marks an error as the client's body's, so that the upstream side does not take it
+/// for a backend failure.
+fn client_body(e: BoxError) -> BoxError {
+    Box::new(ClientBodyError(e))
 }
 
 /// The backend's answer body as the client gets it: counted, bounded by the exchange's
