@@ -82,12 +82,15 @@ pub struct Fleet {
     /// The revocations in Redis have been copied here since the order listener last
     /// (re)subscribed.
     revocations_loaded: AtomicBool,
-    /// A script call was cut at the bound: Redis may have counted a connection this
-    /// instance did not. The heartbeat registers the truth again at once.
+    /// Redis may hold counts this instance does not: the heartbeat registers the truth
+    /// again at once.
     dirty: AtomicBool,
     /// Drained: the heartbeat and the flusher stop, and nothing registers again.
     left: AtomicBool,
 }
+
+/// The fleet's answer to a handshake; `Err`: Redis did not judge.
+type Admission = Result<Result<FleetPermit, Refusal>, String>;
 
 /// A fleet that could not be set up.
 #[derive(Debug, thiserror::Error)]
@@ -162,8 +165,13 @@ impl Fleet {
     /// limits: one script call within [`BOUND`]. `Ok(None)`: no fleet limit applies.
     /// Redis unusable: `on_unavailable` decides (`local` counts the connection here, so
     /// that the next registration carries it).
+    ///
+    /// The call runs in a task of its own that always sees its answer through, so that a
+    /// handshake dropped mid-call (an HTTP/2 stream reset, a closed socket) or cut at the
+    /// bound never leaves a count in Redis: an admission nobody receives drops its
+    /// permit, which releases the count like any connection's end.
     pub async fn admit(
-        &self,
+        self: &Arc<Self>,
         ip: IpKey,
         subject: Option<&SubjectKey>,
     ) -> Result<Option<FleetPermit>, Refusal> {
@@ -175,17 +183,29 @@ impl Fleet {
             return Ok(None);
         }
         if self.is_up() {
-            match tokio::time::timeout(BOUND, self.ask(ip, ip_f.clone(), sub_f.clone())).await {
-                Ok(Ok(Ok(permit))) => return Ok(Some(permit)),
-                Ok(Ok(Err(refusal))) => return Err(refusal),
-                Ok(Err(why)) => self.mark_down(&why),
-                // Slow, perhaps only this once: this handshake goes on without Redis, the
-                // next ones still ask (each within the bound); the heartbeat writes the
-                // truth again in case the cut call counted, and finds out if Redis hangs.
-                Err(_) => {
-                    self.dirty.store(true, Ordering::Release);
-                    self.wake.notify_one();
+            let (tx, rx) = tokio::sync::oneshot::channel();
+            let fleet = self.clone();
+            let (ip_c, sub_c) = (ip_f.clone(), sub_f.clone());
+            tokio::spawn(async move {
+                let answer = fleet.ask(ip, ip_c, sub_c, &tx).await;
+                if let Some(Err(why)) = &answer {
+                    fleet.mark_down(why);
                 }
+                // Unreceived (the handshake is gone): a permit in it is dropped here.
+                if let Some(answer) = answer {
+                    let _ = tx.send(answer);
+                }
+            });
+            match tokio::time::timeout(BOUND, rx).await {
+                Ok(Ok(Ok(Ok(permit)))) => return Ok(Some(permit)),
+                Ok(Ok(Ok(Err(refusal)))) => return Err(refusal),
+                // Marked down by the task.
+                Ok(Ok(Err(_))) | Ok(Err(_)) => {}
+                // Slow, perhaps only this once: this handshake goes on without Redis, the
+                // next ones still ask (each within the bound). The call goes on to its
+                // end: counted, it releases at once; failed (a hung Redis fails at the
+                // connection's response timeout), it marks the store down.
+                Err(_) => {}
             }
         }
         self.fallbacks.fetch_add(1, Ordering::Relaxed);
@@ -198,13 +218,22 @@ impl Fleet {
 
     /// The script call. `Err`: Redis did not judge (unreachable, an error, an answer that
     /// makes no sense, this instance's registration gone).
+    /// `None`: the handshake went away before the call was sent (nothing asked).
     async fn ask(
         &self,
         ip: IpKey,
         ip_f: Option<Field>,
         sub_f: Option<Field>,
-    ) -> Result<Result<FleetPermit, Refusal>, String> {
+        waiting: &tokio::sync::oneshot::Sender<Admission>,
+    ) -> Option<Admission> {
         let _gate = self.gate.read().await;
+        if waiting.is_closed() {
+            return None;
+        }
+        Some(self.ask_now(ip, ip_f, sub_f).await)
+    }
+
+    async fn ask_now(&self, ip: IpKey, ip_f: Option<Field>, sub_f: Option<Field>) -> Admission {
         let mut conn = self.connection()?;
         let (step, tolerance) = match self.limits.handshakes_per_ip {
             Some(r) => gcra(r),
