@@ -115,7 +115,11 @@ impl Fleet {
         match renewed {
             Ok(Ok(1)) => true,
             Ok(Ok(_)) => {
-                tracing::warn!(instance = %self.name, "cluster: this instance's registration was lost (lease expired or Redis restarted); registering again");
+                if self.may_warn() {
+                    tracing::warn!(instance = %self.name, "cluster: this instance's registration was lost (lease expired or Redis restarted); registering again");
+                } else {
+                    tracing::debug!(instance = %self.name, "cluster: registration lost; registering again");
+                }
                 self.up.store(false, Ordering::Release);
                 self.counts.untrack();
                 self.register(conn).await

@@ -276,8 +276,11 @@ impl Fleet {
     /// Redis failed: handshakes stop asking it until the heartbeat has re-registered.
     fn mark_down(&self, why: &str) {
         if self.up.swap(false, Ordering::AcqRel) {
-            tracing::warn!(instance = %self.name, error = why, "cluster: fleet store unusable; following on_unavailable until it is back");
-            self.note_warned();
+            if self.may_warn() {
+                tracing::warn!(instance = %self.name, error = why, "cluster: fleet store unusable; following on_unavailable until it is back");
+            } else {
+                tracing::debug!(instance = %self.name, error = why, "cluster: fleet store unusable");
+            }
         }
         self.counts.untrack();
         self.conn.store(None);
@@ -285,16 +288,9 @@ impl Fleet {
     }
 
     fn warn_unavailable(&self) {
-        let mut last = self
-            .last_warning
-            .lock()
-            .unwrap_or_else(PoisonError::into_inner);
-        let now = Instant::now();
-        if last.is_some_and(|at| now.duration_since(at) < WARN_EVERY) {
+        if !self.may_warn() {
             return;
         }
-        *last = Some(now);
-        drop(last);
         let policy = match self.on_unavailable {
             OnUnavailable::Local => "per-process limits only",
             OnUnavailable::Refuse => "refusing with 503 cluster",
@@ -306,12 +302,19 @@ impl Fleet {
         );
     }
 
-    fn note_warned(&self) {
+    /// Whether a warning about the store may be logged now: at most one per
+    /// [`WARN_EVERY`], whatever it says, however often Redis flaps (SPEC §10).
+    fn may_warn(&self) -> bool {
         let mut last = self
             .last_warning
             .lock()
             .unwrap_or_else(PoisonError::into_inner);
-        *last = Some(Instant::now());
+        let now = Instant::now();
+        if last.is_some_and(|at| now.duration_since(at) < WARN_EVERY) {
+            return false;
+        }
+        *last = Some(now);
+        true
     }
 }
 
@@ -377,6 +380,55 @@ mod tests {
         assert_eq!(a.len(), 34);
         assert!(a != b && a != k);
         assert_eq!(a, subject_field(&SubjectKey::jwt(Some("i"), "alice")));
+    }
+
+    /// A writer the test reads back.
+    #[derive(Clone, Default)]
+    struct Captured(Arc<Mutex<Vec<u8>>>);
+
+    impl std::io::Write for Captured {
+        fn write(&mut self, b: &[u8]) -> std::io::Result<usize> {
+            self.0
+                .lock()
+                .unwrap_or_else(PoisonError::into_inner)
+                .extend_from_slice(b);
+            Ok(b.len())
+        }
+        fn flush(&mut self) -> std::io::Result<()> {
+            Ok(())
+        }
+    }
+
+    #[tokio::test(flavor = "current_thread")]
+    async fn a_flapping_store_warns_once_per_period() {
+        let out = Captured::default();
+        let writer = out.clone();
+        let subscriber = tracing_subscriber::fmt()
+            .with_max_level(tracing::Level::WARN)
+            .with_writer(move || writer.clone())
+            .finish();
+        let _default = tracing::subscriber::set_default(subscriber);
+        let cluster = Cluster {
+            // Nothing listens there: the background tasks only fail to connect.
+            redis: "redis://127.0.0.1:1/0".into(),
+            instance: Some("flap".into()),
+            prefix: "t:".into(),
+            lease: Duration::from_secs(1),
+            on_unavailable: OnUnavailable::Local,
+            limits: ClusterLimits::default(),
+        };
+        let registry = crate::ops::registry::Registry::new();
+        let (fleet, _revocations) =
+            Fleet::start(&cluster, registry).unwrap_or_else(|e| panic!("{e}"));
+        for _ in 0..20 {
+            // Up, then down again: every path that warns, many times within 10 s.
+            fleet.up.store(true, Ordering::Release);
+            fleet.mark_down("flap");
+            fleet.warn_unavailable();
+        }
+        let text = String::from_utf8_lossy(&out.0.lock().unwrap_or_else(PoisonError::into_inner))
+            .into_owned();
+        assert_eq!(text.matches("WARN").count(), 1, "{text}");
     }
 
     #[test]
