@@ -6,6 +6,10 @@
 //! Redis stopped (local fallback, or 503 `cluster`) and started again (counts converge);
 //! a Redis that hangs or answers garbage never wedges a handshake or the relay.
 
+// Only its h2c connection is used here.
+#[allow(dead_code)]
+#[path = "support/h2client.rs"]
+mod h2client;
 mod support;
 
 use std::net::SocketAddr;
@@ -684,4 +688,81 @@ fn the_fleet_examples_pass_check_without_redis() {
         let err = String::from_utf8_lossy(&out.stderr);
         assert_eq!(out.status.code(), Some(0), "{file:?}: {err}");
     }
+}
+
+/// An HTTP/2 client resets its extended CONNECT (RST_STREAM) while the fleet's script call
+/// is in flight: hyper drops the stream's handshake, Redis still runs the call. The count
+/// it took must come back at once (not after a re-registration), or the address stays
+/// capped fleet-wide with no connection.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_http2_stream_reset_mid_call_leaves_no_count_in_redis() {
+    let _serial = ONE_AT_A_TIME.lock().await;
+    let redis = Redis::start().await;
+    let freezer = Freezer::start(redis.port).await;
+    let backend = echo_backend().await;
+    let p = prefix();
+    let yaml = instance_yaml(
+        "127.0.0.1:0",
+        "127.0.0.1:0",
+        backend,
+        &freezer.url(),
+        "a",
+        &p,
+        "limits: { max_connections_per_ip: 1 }",
+    )
+    .replace(
+        r#"bind: "127.0.0.1:0" }]"#,
+        r#"bind: "127.0.0.1:0", http2: true }]"#,
+    );
+    let gw = spawn_gateway(&yaml).await;
+    await_up(&gw, true).await;
+    let mut h2 = h2client::connect_h2c(addr(&gw)).await;
+    // Resets well within the 50 ms bound (a call cut at the bound is another path) and
+    // late enough that the call was sent: Redis runs it when the freezer lets it through.
+    for delay_ms in [15u64, 20, 25].repeat(3) {
+        freezer.freeze(true);
+        let mut req = http::Request::builder()
+            .method(http::Method::CONNECT)
+            .uri("http://localhost/")
+            .header("sec-websocket-version", "13")
+            .body(())
+            .unwrap_or_else(|e| panic!("{e}"));
+        req.extensions_mut()
+            .insert(h2::ext::Protocol::from_static("websocket"));
+        h2.send = tokio::time::timeout(PATIENCE, h2.send.clone().ready())
+            .await
+            .unwrap_or_else(|_| panic!("h2 not ready"))
+            .unwrap_or_else(|e| panic!("{e}"));
+        let (_response, mut stream) = h2
+            .send
+            .send_request(req, false)
+            .unwrap_or_else(|e| panic!("{e}"));
+        tokio::time::sleep(Duration::from_millis(delay_ms)).await;
+        stream.send_reset(h2::Reason::CANCEL);
+        tokio::time::sleep(Duration::from_millis(3)).await;
+        freezer.freeze(false);
+        // Lets the call the freezer held reach Redis (the freezer looks every 5 ms; one
+        // connection: it runs before any later handshake's).
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    // Well within the periodic re-registration (ten leases): only a release can do it.
+    eventually(
+        "an upgrade under a cap of 1 with no connection",
+        Duration::from_millis(1500),
+        async || match refused(addr(&gw), "/").await {
+            (101, _) => Ok(()),
+            other => Err(other),
+        },
+    )
+    .await;
+    let key = format!("{p}conns:a");
+    eventually(
+        "no count left for an address without connections",
+        PATIENCE,
+        async || match redis.hget(&key, "i:127.0.0.1").await {
+            0 => Ok(()),
+            n => Err(n),
+        },
+    )
+    .await;
 }

@@ -20,6 +20,10 @@ const PROBE_EVERY: Duration = Duration::from_millis(500);
 /// many (each call costs the proxy a round trip), and a released place is back in the
 /// fleet's count within this.
 const GATHER: Duration = Duration::from_millis(5);
+/// Every this many heartbeats (ten leases) the instance registers its whole truth again,
+/// so that whatever Redis may have counted wrongly (a call whose end nobody saw) is
+/// corrected within that time.
+const REREGISTER_EVERY: u32 = 30;
 /// How often a task holding the fleet weakly looks whether it is gone.
 const LOOK_EVERY: Duration = Duration::from_secs(1);
 
@@ -29,12 +33,18 @@ pub(super) fn spawn(fleet: &Arc<Fleet>) {
 }
 
 async fn heartbeat(fleet: Weak<Fleet>) {
+    let mut beats = 0u32;
     loop {
         let Some(f) = fleet.upgrade() else {
             return;
         };
         if f.left.load(Ordering::Acquire) {
             return;
+        }
+        beats = beats.saturating_add(1);
+        if beats >= REREGISTER_EVERY {
+            beats = 0;
+            f.dirty.store(true, Ordering::Release);
         }
         let healthy = if f.is_up() && f.dirty.swap(false, Ordering::AcqRel) {
             match f.connection() {
@@ -105,7 +115,11 @@ impl Fleet {
         match renewed {
             Ok(Ok(1)) => true,
             Ok(Ok(_)) => {
-                tracing::warn!(instance = %self.name, "cluster: this instance's registration was lost (lease expired or Redis restarted); registering again");
+                if self.may_warn() {
+                    tracing::warn!(instance = %self.name, "cluster: this instance's registration was lost (lease expired or Redis restarted); registering again");
+                } else {
+                    tracing::debug!(instance = %self.name, "cluster: registration lost; registering again");
+                }
                 self.up.store(false, Ordering::Release);
                 self.counts.untrack();
                 self.register(conn).await

@@ -82,12 +82,15 @@ pub struct Fleet {
     /// The revocations in Redis have been copied here since the order listener last
     /// (re)subscribed.
     revocations_loaded: AtomicBool,
-    /// A script call was cut at the bound: Redis may have counted a connection this
-    /// instance did not. The heartbeat registers the truth again at once.
+    /// Redis may hold counts this instance does not: the heartbeat registers the truth
+    /// again at once.
     dirty: AtomicBool,
     /// Drained: the heartbeat and the flusher stop, and nothing registers again.
     left: AtomicBool,
 }
+
+/// The fleet's answer to a handshake; `Err`: Redis did not judge.
+type Admission = Result<Result<FleetPermit, Refusal>, String>;
 
 /// A fleet that could not be set up.
 #[derive(Debug, thiserror::Error)]
@@ -162,8 +165,13 @@ impl Fleet {
     /// limits: one script call within [`BOUND`]. `Ok(None)`: no fleet limit applies.
     /// Redis unusable: `on_unavailable` decides (`local` counts the connection here, so
     /// that the next registration carries it).
+    ///
+    /// The call runs in a task of its own that always sees its answer through, so that a
+    /// handshake dropped mid-call (an HTTP/2 stream reset, a closed socket) or cut at the
+    /// bound never leaves a count in Redis: an admission nobody receives drops its
+    /// permit, which releases the count like any connection's end.
     pub async fn admit(
-        &self,
+        self: &Arc<Self>,
         ip: IpKey,
         subject: Option<&SubjectKey>,
     ) -> Result<Option<FleetPermit>, Refusal> {
@@ -175,17 +183,29 @@ impl Fleet {
             return Ok(None);
         }
         if self.is_up() {
-            match tokio::time::timeout(BOUND, self.ask(ip, ip_f.clone(), sub_f.clone())).await {
-                Ok(Ok(Ok(permit))) => return Ok(Some(permit)),
-                Ok(Ok(Err(refusal))) => return Err(refusal),
-                Ok(Err(why)) => self.mark_down(&why),
-                // Slow, perhaps only this once: this handshake goes on without Redis, the
-                // next ones still ask (each within the bound); the heartbeat writes the
-                // truth again in case the cut call counted, and finds out if Redis hangs.
-                Err(_) => {
-                    self.dirty.store(true, Ordering::Release);
-                    self.wake.notify_one();
+            let (tx, rx) = tokio::sync::oneshot::channel();
+            let fleet = self.clone();
+            let (ip_c, sub_c) = (ip_f.clone(), sub_f.clone());
+            tokio::spawn(async move {
+                let answer = fleet.ask(ip, ip_c, sub_c, &tx).await;
+                if let Some(Err(why)) = &answer {
+                    fleet.mark_down(why);
                 }
+                // Unreceived (the handshake is gone): a permit in it is dropped here.
+                if let Some(answer) = answer {
+                    let _ = tx.send(answer);
+                }
+            });
+            match tokio::time::timeout(BOUND, rx).await {
+                Ok(Ok(Ok(Ok(permit)))) => return Ok(Some(permit)),
+                Ok(Ok(Ok(Err(refusal)))) => return Err(refusal),
+                // Marked down by the task.
+                Ok(Ok(Err(_))) | Ok(Err(_)) => {}
+                // Slow, perhaps only this once: this handshake goes on without Redis, the
+                // next ones still ask (each within the bound). The call goes on to its
+                // end: counted, it releases at once; failed (a hung Redis fails at the
+                // connection's response timeout), it marks the store down.
+                Err(_) => {}
             }
         }
         self.fallbacks.fetch_add(1, Ordering::Relaxed);
@@ -198,13 +218,22 @@ impl Fleet {
 
     /// The script call. `Err`: Redis did not judge (unreachable, an error, an answer that
     /// makes no sense, this instance's registration gone).
+    /// `None`: the handshake went away before the call was sent (nothing asked).
     async fn ask(
         &self,
         ip: IpKey,
         ip_f: Option<Field>,
         sub_f: Option<Field>,
-    ) -> Result<Result<FleetPermit, Refusal>, String> {
+        waiting: &tokio::sync::oneshot::Sender<Admission>,
+    ) -> Option<Admission> {
         let _gate = self.gate.read().await;
+        if waiting.is_closed() {
+            return None;
+        }
+        Some(self.ask_now(ip, ip_f, sub_f).await)
+    }
+
+    async fn ask_now(&self, ip: IpKey, ip_f: Option<Field>, sub_f: Option<Field>) -> Admission {
         let mut conn = self.connection()?;
         let (step, tolerance) = match self.limits.handshakes_per_ip {
             Some(r) => gcra(r),
@@ -247,8 +276,11 @@ impl Fleet {
     /// Redis failed: handshakes stop asking it until the heartbeat has re-registered.
     fn mark_down(&self, why: &str) {
         if self.up.swap(false, Ordering::AcqRel) {
-            tracing::warn!(instance = %self.name, error = why, "cluster: fleet store unusable; following on_unavailable until it is back");
-            self.note_warned();
+            if self.may_warn() {
+                tracing::warn!(instance = %self.name, error = why, "cluster: fleet store unusable; following on_unavailable until it is back");
+            } else {
+                tracing::debug!(instance = %self.name, error = why, "cluster: fleet store unusable");
+            }
         }
         self.counts.untrack();
         self.conn.store(None);
@@ -256,16 +288,9 @@ impl Fleet {
     }
 
     fn warn_unavailable(&self) {
-        let mut last = self
-            .last_warning
-            .lock()
-            .unwrap_or_else(PoisonError::into_inner);
-        let now = Instant::now();
-        if last.is_some_and(|at| now.duration_since(at) < WARN_EVERY) {
+        if !self.may_warn() {
             return;
         }
-        *last = Some(now);
-        drop(last);
         let policy = match self.on_unavailable {
             OnUnavailable::Local => "per-process limits only",
             OnUnavailable::Refuse => "refusing with 503 cluster",
@@ -277,12 +302,19 @@ impl Fleet {
         );
     }
 
-    fn note_warned(&self) {
+    /// Whether a warning about the store may be logged now: at most one per
+    /// [`WARN_EVERY`], whatever it says, however often Redis flaps (SPEC §10).
+    fn may_warn(&self) -> bool {
         let mut last = self
             .last_warning
             .lock()
             .unwrap_or_else(PoisonError::into_inner);
-        *last = Some(Instant::now());
+        let now = Instant::now();
+        if last.is_some_and(|at| now.duration_since(at) < WARN_EVERY) {
+            return false;
+        }
+        *last = Some(now);
+        true
     }
 }
 
@@ -348,6 +380,55 @@ mod tests {
         assert_eq!(a.len(), 34);
         assert!(a != b && a != k);
         assert_eq!(a, subject_field(&SubjectKey::jwt(Some("i"), "alice")));
+    }
+
+    /// A writer the test reads back.
+    #[derive(Clone, Default)]
+    struct Captured(Arc<Mutex<Vec<u8>>>);
+
+    impl std::io::Write for Captured {
+        fn write(&mut self, b: &[u8]) -> std::io::Result<usize> {
+            self.0
+                .lock()
+                .unwrap_or_else(PoisonError::into_inner)
+                .extend_from_slice(b);
+            Ok(b.len())
+        }
+        fn flush(&mut self) -> std::io::Result<()> {
+            Ok(())
+        }
+    }
+
+    #[tokio::test(flavor = "current_thread")]
+    async fn a_flapping_store_warns_once_per_period() {
+        let out = Captured::default();
+        let writer = out.clone();
+        let subscriber = tracing_subscriber::fmt()
+            .with_max_level(tracing::Level::WARN)
+            .with_writer(move || writer.clone())
+            .finish();
+        let _default = tracing::subscriber::set_default(subscriber);
+        let cluster = Cluster {
+            // Nothing listens there: the background tasks only fail to connect.
+            redis: "redis://127.0.0.1:1/0".into(),
+            instance: Some("flap".into()),
+            prefix: "t:".into(),
+            lease: Duration::from_secs(1),
+            on_unavailable: OnUnavailable::Local,
+            limits: ClusterLimits::default(),
+        };
+        let registry = crate::ops::registry::Registry::new();
+        let (fleet, _revocations) =
+            Fleet::start(&cluster, registry).unwrap_or_else(|e| panic!("{e}"));
+        for _ in 0..20 {
+            // Up, then down again: every path that warns, many times within 10 s.
+            fleet.up.store(true, Ordering::Release);
+            fleet.mark_down("flap");
+            fleet.warn_unavailable();
+        }
+        let text = String::from_utf8_lossy(&out.0.lock().unwrap_or_else(PoisonError::into_inner))
+            .into_owned();
+        assert_eq!(text.matches("WARN").count(), 1, "{text}");
     }
 
     #[test]

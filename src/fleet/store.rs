@@ -228,6 +228,7 @@ impl RevocationStore for FleetRevocations {
 pub(super) fn spawn_listener(store: &Arc<FleetRevocations>) {
     let weak = Arc::downgrade(store);
     tokio::spawn(async move {
+        let mut warned: Option<tokio::time::Instant> = None;
         loop {
             let Some(store) = weak.upgrade() else {
                 return;
@@ -244,6 +245,11 @@ pub(super) fn spawn_listener(store: &Arc<FleetRevocations>) {
                         .await
             {
                 listen(&weak, pubsub.into_on_message(), conn).await;
+            } else if warned.is_none_or(|at| at.elapsed() >= Duration::from_secs(10)) {
+                // Fails open: until the listener is back, a handshake is refused only
+                // for the revocations this instance holds.
+                warned = Some(tokio::time::Instant::now());
+                tracing::warn!(channel = %channel, "cluster: cannot subscribe to the fleet's orders (Redis unreachable, or an ACL without channel permission); revocations made elsewhere are not enforced here until it can");
             }
             if let Some(store) = weak.upgrade() {
                 store
@@ -263,6 +269,7 @@ async fn listen(
     mut conn: MultiplexedConnection,
 ) {
     let mut reloaded = false;
+    let mut warned = false;
     loop {
         let Some(store) = weak.upgrade() else {
             return;
@@ -273,6 +280,10 @@ async fn listen(
                 Ok(n) => {
                     reloaded = true;
                     tracing::debug!(entries = n, "cluster: revocations loaded");
+                }
+                Err(e) if !warned => {
+                    warned = true;
+                    tracing::warn!(error = %e, "cluster: the fleet's revocations cannot be loaded; only this instance's own are enforced until they are");
                 }
                 Err(e) => tracing::debug!(error = %e, "cluster: revocations not loaded yet"),
             }

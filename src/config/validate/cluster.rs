@@ -2,7 +2,7 @@
 //! Redis), the instance name, prefix, lease, failure policy and the fleet-wide limits.
 
 use super::super::file::{DEFAULT_CLUSTER_LEASE, DEFAULT_CLUSTER_PREFIX, FileCluster};
-use super::super::units::fmt_duration;
+use super::super::units::{Text, fmt_duration};
 use super::super::{Cluster, ClusterLimits, KeyPath, OnUnavailable};
 use super::Validator;
 use crate::admission::ip_limit::RatePolicy;
@@ -26,7 +26,7 @@ impl Validator<'_> {
                 &at,
                 format!(
                     "{} must be a redis:// or rediss:// (TLS) URL, e.g. `redis://127.0.0.1:6379/0`",
-                    file.redis.shown()
+                    shown_url(&file.redis)
                 ),
             );
         } else if let Err(e) = redis::Client::open(url.as_str()) {
@@ -36,7 +36,7 @@ impl Validator<'_> {
                 &at,
                 format!(
                     "{} is not a usable Redis URL ({kind}); write e.g. `redis://:${{REDIS_PASSWORD}}@redis:6379/0`",
-                    file.redis.shown()
+                    shown_url(&file.redis)
                 ),
             );
         }
@@ -122,6 +122,25 @@ impl Validator<'_> {
     }
 }
 
+/// The URL as an error message may quote it: credentials (user info) and the query
+/// hidden, since a literal password may be written there.
+fn shown_url(url: &Text) -> String {
+    if url.template.is_some() {
+        return url.shown();
+    }
+    let v = url.value.trim();
+    let v = v.split(['?', '#']).next().unwrap_or("");
+    let (scheme, rest) = v.split_once("://").unwrap_or(("", v));
+    let end = rest.find('/').unwrap_or(rest.len());
+    let (authority, path) = rest.split_at(end);
+    let host = match authority.rfind('@') {
+        Some(at) => format!("***@{}", &authority[at + 1..]),
+        None => authority.to_owned(),
+    };
+    let sep = if scheme.is_empty() { "" } else { "://" };
+    Text::literal(&format!("{scheme}{sep}{host}{path}")).shown()
+}
+
 #[cfg(test)]
 mod tests {
     use crate::config::{Config, OnUnavailable};
@@ -173,6 +192,20 @@ mod tests {
         ] {
             let err = load(yaml).err().unwrap_or_else(|| panic!("{yaml} passed"));
             assert!(err.contains(key), "{yaml}: {err}");
+        }
+    }
+
+    #[test]
+    fn a_password_in_a_bad_url_is_never_shown() {
+        for yaml in [
+            "cluster: { redis: \"redis://:hunter2@localhost:6379/notadb\" }\n",
+            "cluster: { redis: \"http://user:hunter2@localhost:6379/0\" }\n",
+            "cluster: { redis: \"redis://u:hunter2@h:6379/x?password=hunter2\" }\n",
+        ] {
+            let err = load(yaml).err().unwrap_or_else(|| panic!("{yaml} passed"));
+            assert!(err.contains("cluster.redis"), "{err}");
+            assert!(!err.contains("hunter2"), "the password is shown: {err}");
+            assert!(err.contains("***@"), "{err}");
         }
     }
 }
