@@ -766,3 +766,32 @@ async fn an_http2_stream_reset_mid_call_leaves_no_count_in_redis() {
     )
     .await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_revocation_made_while_redis_was_down_survives_its_return_and_reaches_the_fleet() {
+    let _serial = ONE_AT_A_TIME.lock().await;
+    let mut redis = Redis::start().await;
+    let backend = echo_backend().await;
+    let p = prefix();
+    let a = instance(backend, &redis.url(), "a", &p, "").await;
+    let alice = format!("/user?access_token={}", jwt("alice"));
+    redis.stop();
+    await_up(&a, false).await;
+    let revoked = admin_request(admin(&a), "POST", "/revoke?subject=alice&for=1h").await;
+    assert_eq!(status_and_body(&revoked).0, 503, "{revoked}");
+    assert_eq!(refused(addr(&a), &alice).await, (403, "revoked".into()));
+    let redis = Redis::start_on(redis.port).await;
+    await_up(&a, true).await;
+    // Written to the fleet store once it is back: still refused here, and by an
+    // instance that joins now.
+    let b = instance(backend, &redis.url(), "b", &p, "").await;
+    for at in [addr(&a), addr(&b)] {
+        eventually("alice refused", PATIENCE, async || {
+            match refused(at, &alice).await {
+                (403, r) if r == "revoked" => Ok(()),
+                other => Err(other),
+            }
+        })
+        .await;
+    }
+}

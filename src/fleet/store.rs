@@ -56,6 +56,10 @@ pub struct FleetRevocations {
     fleet: Arc<Fleet>,
     local: InMemory,
     registry: Arc<Registry>,
+    /// Revocations applied here while the store could not take them (the admin was told
+    /// 503 "applied on this instance only"), with when each ends: written to the store
+    /// when it is back, and kept here until then, so its return does not wipe them.
+    pending: std::sync::Mutex<Vec<(Target, tokio::time::Instant)>>,
 }
 
 impl FleetRevocations {
@@ -64,6 +68,7 @@ impl FleetRevocations {
             fleet,
             local: InMemory::new(registry.clone()),
             registry,
+            pending: std::sync::Mutex::new(Vec::new()),
         })
     }
 
@@ -158,8 +163,45 @@ impl FleetRevocations {
             .collect();
         let n = entries.len();
         self.local.replace_all(entries);
+        // What this instance revoked while the store was away: written now, and applied
+        // here again (the copy just loaded may predate it).
+        for (target, ttl) in self.push_pending(conn).await {
+            let _ = futures_util::FutureExt::now_or_never(self.local.revoke(target, ttl));
+        }
         self.fleet.revocations_loaded.store(true, Ordering::Release);
         Ok(n)
+    }
+
+    /// Writes the pending revocations to the store over `conn`; returns every one still in
+    /// force with its time left (written or not: those not written stay pending).
+    async fn push_pending(&self, conn: &mut MultiplexedConnection) -> Vec<(Target, Duration)> {
+        let now = tokio::time::Instant::now();
+        let pending = match self.pending.lock() {
+            Ok(mut p) => {
+                p.retain(|(_, until)| *until > now);
+                p.clone()
+            }
+            Err(_) => return Vec::new(),
+        };
+        let mut live = Vec::new();
+        for (target, until) in pending {
+            let ttl = until.saturating_duration_since(now);
+            let (what, value) = named(&target);
+            let order = self.order(Op::Revoke, what, value, ttl, Ending::REVOKED_CODE);
+            let mut call = scripts::REVOKE.key(&self.fleet.keys.revoked);
+            call.key(&self.fleet.keys.orders)
+                .arg(member(&target))
+                .arg(u64::try_from(ttl.as_millis()).unwrap_or(u64::MAX))
+                .arg(order);
+            let written = tokio::time::timeout(WRITE_WITHIN, call.invoke_async::<i64>(conn)).await;
+            if matches!(written, Ok(Ok(_)))
+                && let Ok(mut p) = self.pending.lock()
+            {
+                p.retain(|(t, _)| *t != target);
+            }
+            live.push((target, ttl));
+        }
+        live
     }
 }
 
@@ -174,7 +216,16 @@ impl RevocationStore for FleetRevocations {
                 .arg(member(&target))
                 .arg(u64::try_from(ttl.as_millis()).unwrap_or(u64::MAX))
                 .arg(order);
-            self.write::<i64>(call).await?;
+            if let Err(e) = self.write::<i64>(call).await {
+                if let (Ok(mut p), Some(until)) = (
+                    self.pending.lock(),
+                    tokio::time::Instant::now().checked_add(ttl),
+                ) {
+                    p.retain(|(t, _)| *t != target);
+                    p.push((target, until));
+                }
+                return Err(e);
+            }
             Ok(closed)
         })
     }
@@ -182,6 +233,9 @@ impl RevocationStore for FleetRevocations {
     fn lift(&self, target: Target) -> StoreFuture<'_, bool> {
         Box::pin(async move {
             let here = self.local.lift(target.clone()).await?;
+            if let Ok(mut p) = self.pending.lock() {
+                p.retain(|(t, _)| *t != target);
+            }
             let (what, value) = named(&target);
             let order = self.order(Op::Lift, what, value, Duration::ZERO, 0);
             let mut call = scripts::LIFT.key(&self.fleet.keys.revoked);
