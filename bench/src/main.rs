@@ -1,7 +1,7 @@
 //! `wsgate-bench`: the load generator and echo backend behind `bench/compare.sh`.
 //!
 //! Subcommands: `backend` (the echo server every target relays to), `idle`, `echo`,
-//! `handshake`, `abuse`, `flood` (scenarios; each prints one JSON object on stdout) and `report`
+//! `handshake`, `abuse`, `flood`, `storm` (scenarios; each prints one JSON object on stdout) and `report`
 //! (folds those JSON lines into the comparison table). Scenarios read the proxy's CPU
 //! and memory from `/proc` for the PIDs given with `--pid`; with none (the `direct`
 //! target) those figures are null. See `bench/README.md`.
@@ -17,6 +17,7 @@ mod idle;
 mod net;
 mod procfs;
 mod report;
+mod storm;
 mod tunnel;
 mod ws;
 
@@ -137,6 +138,14 @@ enum Cmd {
         #[command(flatten)]
         flood: FloodArgs,
     },
+    /// Issue 19's reconnect storm: a capacity-limited backend in this process, killed and
+    /// restarted under N echoing clients (see src/storm.rs); defaults are the issue's.
+    Storm {
+        #[command(flatten)]
+        common: Common,
+        #[command(flatten)]
+        storm: StormArgs,
+    },
     /// The cheapest possible byte tunnel (a floor for proxies): epoll or io_uring.
     Tunnel {
         #[arg(long)]
@@ -232,6 +241,78 @@ impl FloodArgs {
                 nice: self.attacker_nice,
                 rate: self.attack_rate,
             },
+        })
+    }
+}
+
+/// The storm scenario's knobs (defaults: issue 19).
+#[derive(Args, Clone)]
+struct StormArgs {
+    /// Clients (N).
+    #[arg(long, default_value_t = 4000)]
+    clients: u32,
+    /// Clients per source address (127.21.x.y).
+    #[arg(long, default_value_t = 10)]
+    per_addr: u32,
+    /// Where the capacity-limited backend listens (the proxy's upstream).
+    #[arg(long, default_value = "127.0.0.1:19011")]
+    backend: SocketAddr,
+    /// Upgrade slots of the backend (K).
+    #[arg(long, default_value_t = 32)]
+    slots: u32,
+    /// Milliseconds an upgrade holds its slot (R = slots / hold).
+    #[arg(long, default_value_t = 20)]
+    hold_ms: u64,
+    /// Upgrades waiting for a slot beyond which the backend answers 503 at once.
+    #[arg(long, default_value_t = 256)]
+    max_waiting: u32,
+    /// Milliseconds an upgrade may wait for a slot before it gets 503.
+    #[arg(long, default_value_t = 2000)]
+    max_wait_ms: u64,
+    /// Seconds between the kill and the restart.
+    #[arg(long, default_value_t = 1.0)]
+    outage: f64,
+    /// Seconds of echoing between the last initial connection and the kill.
+    #[arg(long, default_value_t = 2.0)]
+    settle: f64,
+    /// Seconds after the restart to wait for every client.
+    #[arg(long, default_value_t = 40.0)]
+    deadline: f64,
+    /// Exponential back-off with full jitter (the control) instead of a fixed retry.
+    #[arg(long)]
+    jitter: bool,
+    /// Milliseconds: the naive clients' retry interval, the jitter's base, the echo period.
+    #[arg(long, default_value_t = 1000)]
+    interval_ms: u64,
+    /// Milliseconds: the jittered back-off's ceiling.
+    #[arg(long, default_value_t = 32000)]
+    backoff_cap_ms: u64,
+    /// Seconds a client waits for its 101 before it gives up (and retries).
+    #[arg(long, default_value_t = 15.0)]
+    attempt_timeout: f64,
+    /// What the proxy was configured with (a label in the JSON: plain, queue, rate).
+    #[arg(long, default_value = "plain")]
+    variant: String,
+}
+
+impl StormArgs {
+    fn options(&self) -> Result<storm::Options> {
+        Ok(storm::Options {
+            clients: self.clients,
+            per_addr: self.per_addr,
+            backend: self.backend,
+            slots: self.slots.max(1),
+            hold: Duration::from_millis(self.hold_ms.max(1)),
+            max_waiting: self.max_waiting,
+            max_wait: Duration::from_millis(self.max_wait_ms),
+            outage: secs(self.outage)?,
+            settle: secs(self.settle)?,
+            deadline: secs(self.deadline)?,
+            jitter: self.jitter,
+            interval: Duration::from_millis(self.interval_ms.max(1)),
+            backoff_cap: Duration::from_millis(self.backoff_cap_ms.max(1)),
+            attempt_timeout: secs(self.attempt_timeout)?,
+            variant: self.variant.clone(),
         })
     }
 }
@@ -380,6 +461,12 @@ fn real_main() -> Result<()> {
             Cmd::Flood { common, flood } => {
                 let (t, p) = common.parts()?;
                 flood::run(t, p, &common.label, flood.options()?)
+                    .await
+                    .map(Some)
+            }
+            Cmd::Storm { common, storm } => {
+                let (t, p) = common.parts()?;
+                storm::run(t, p, &common.label, storm.options()?)
                     .await
                     .map(Some)
             }
