@@ -272,10 +272,11 @@ write_configs
 # the operator must know R), hc (wsgate with a 500 ms health check).
 write_storm_configs() {
     local v extra
-    for v in plain queue hc ej100; do
+    for v in plain queue queue40 hc ej100; do
         case $v in
             plain) extra="" ;;
             queue) extra=", max_pending: 32" ;;
+            queue40) extra=", max_pending: 40" ;;
             hc) extra=", health_check: { interval: 500ms, timeout: 250ms }" ;;
             ej100) extra=", max_ejected: 100%" ;;
         esac
@@ -558,7 +559,7 @@ for rep in $(seq 1 "$REPEATS"); do
             [[ $name == tunnel ]] && continue
             for v in $STORM_VARIANTS; do
                 case "$name/$v" in
-                    direct/plain|wsgate/plain|wsgate/queue|wsgate/hc|wsgate/ej100|nginx/plain|nginx/rate|haproxy/plain|haproxy/rate) ;;
+                    direct/plain|wsgate/plain|wsgate/queue|wsgate/queue40|wsgate/hc|wsgate/ej100|nginx/plain|nginx/rate|haproxy/plain|haproxy/rate) ;;
                     *) continue ;;
                 esac
                 for mode in $STORM_MODES; do

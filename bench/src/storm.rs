@@ -447,6 +447,9 @@ async fn run_local(target: Target, procs: Procs, label: &str, o: Options) -> Res
     let cpu0 = procs.cpu_opt()?;
     let killed = Instant::now();
     w.phase.set(Phase::Down);
+    // Every client has to come back, whether its connection breaks now or was being
+    // re-made when the backend went.
+    w.lost.borrow_mut().iter_mut().for_each(|l| *l = true);
     backend.kill();
     tokio::time::sleep(o.outage).await;
     backend.reset();

@@ -91,9 +91,28 @@ pub struct BackendSample {
     pub connect_errors: u64,
 }
 
+/// One upstream's `max_pending` queues at scrape time (`wsgate_upstream_queue*`).
+#[derive(Debug)]
+pub struct QueueSample {
+    pub upstream: String,
+    /// Upgrades waiting for a place now.
+    pub waiting: i64,
+    /// Seconds each admitted or timed-out upgrade waited (the pool's own histogram).
+    pub seconds: Histogram,
+}
+
 /// Something that can list backends at scrape time (the upstream pools).
 pub trait BackendSource: Send + Sync + 'static {
     fn backend_samples(&self) -> Vec<BackendSample>;
+
+    fn queue_samples(&self) -> Vec<QueueSample> {
+        Vec::new()
+    }
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct UpstreamLabel {
+    upstream: String,
 }
 
 /// Counts that live elsewhere and are read at scrape time.
@@ -692,6 +711,7 @@ impl Collector for ScrapeTime {
         )?;
         if let Some(source) = backends {
             encode_backends(&mut enc, &source.backend_samples())?;
+            encode_queues(&mut enc, &source.queue_samples())?;
         }
         encode_process(&mut enc)
     }
@@ -715,6 +735,34 @@ fn gauge(
 ) -> Result<(), std::fmt::Error> {
     let g = ConstGauge::new(value);
     g.encode(enc.encode_descriptor(name, help, None, g.metric_type())?)
+}
+
+fn encode_queues(
+    enc: &mut DescriptorEncoder,
+    samples: &[QueueSample],
+) -> Result<(), std::fmt::Error> {
+    let label = |s: &QueueSample| UpstreamLabel {
+        upstream: s.upstream.clone(),
+    };
+    let mut family = enc.encode_descriptor(
+        "wsgate_upstream_queue",
+        "Upgrades waiting for a backend's max_pending place",
+        None,
+        prometheus_client::metrics::MetricType::Gauge,
+    )?;
+    for s in samples {
+        ConstGauge::new(s.waiting).encode(family.encode_family(&label(s))?)?;
+    }
+    let mut family = enc.encode_descriptor(
+        "wsgate_upstream_queue_seconds",
+        "Time upgrades waited for a backend's max_pending place",
+        None,
+        prometheus_client::metrics::MetricType::Histogram,
+    )?;
+    for s in samples {
+        s.seconds.encode(family.encode_family(&label(s))?)?;
+    }
+    Ok(())
 }
 
 fn encode_backends(
