@@ -148,6 +148,11 @@ pub struct FileListenerTls {
     pub min_version: Option<Text>,
     /// CA bundle to require client certificates (mTLS).
     pub client_ca: Option<Text>,
+    /// TLS resumption with stateless tickets; default true.
+    #[serde(default, deserialize_with = "opt_scalar")]
+    pub session_tickets: Option<bool>,
+    /// File of shared ticket keys (fleet-wide resumption); re-read on SIGHUP.
+    pub ticket_keys: Option<Text>,
 }
 
 #[derive(Debug, Deserialize)]

@@ -322,6 +322,7 @@ async fn serve(conn: Conn, stream: TcpStream) -> Option<RelayPhase> {
             let tls = TlsAccept {
                 config: slot.get(),
                 metrics: &shared.metrics,
+                listener: &listener,
                 peer,
                 deadline,
             };
@@ -334,6 +335,7 @@ async fn serve(conn: Conn, stream: TcpStream) -> Option<RelayPhase> {
 struct TlsAccept<'a> {
     config: Arc<rustls::ServerConfig>,
     metrics: &'a Metrics,
+    listener: &'a str,
     peer: SocketAddr,
     deadline: Instant,
 }
@@ -348,6 +350,7 @@ async fn serve_tls(
     let TlsAccept {
         config,
         metrics,
+        listener,
         peer,
         deadline,
     } = tls;
@@ -367,6 +370,7 @@ async fn serve_tls(
         }
     };
     let info = tls_info(stream.get_ref().1);
+    metrics.tls_handshake(listener, info.resumed);
     handshake::serve(accepted(Some(info)), stream, deadline).await
 }
 
@@ -378,6 +382,7 @@ fn tls_info(session: &rustls::ServerConnection) -> TlsInfo {
             .peer_certificates()
             .and_then(|c| c.first())
             .and_then(crate::tls::subject_of),
+        resumed: session.handshake_kind() == Some(rustls::HandshakeKind::Resumed),
     }
 }
 

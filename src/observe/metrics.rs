@@ -71,6 +71,12 @@ struct ListenerReason {
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct ListenerResumed {
+    listener: String,
+    resumed: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct ResultLabel {
     result: &'static str,
 }
@@ -140,6 +146,7 @@ pub struct Metrics {
     reload_failures: Counter,
     revocations: Counter,
     jwks_refreshes: Family<ResultLabel, Counter>,
+    tls_handshakes: Family<ListenerResumed, Counter>,
     accept: AcceptFamilies,
     routes: Mutex<HashMap<String, Arc<RouteMetrics>>>,
     sources: Arc<Mutex<Sources>>,
@@ -161,6 +168,16 @@ impl Metrics {
     }
 
     /// Counts a failed TLS handshake; returns the total so far.
+    /// Counts a completed TLS handshake of `listener`, resumed (a ticket) or full.
+    pub fn tls_handshake(&self, listener: &str, resumed: bool) {
+        self.tls_handshakes
+            .get_or_create(&ListenerResumed {
+                listener: listener.to_owned(),
+                resumed: if resumed { "true" } else { "false" },
+            })
+            .inc();
+    }
+
     pub fn tls_handshake_failed(&self) -> u64 {
         self.tls_handshake_failures.fetch_add(1, Ordering::Relaxed) + 1
     }
@@ -191,6 +208,12 @@ impl Metrics {
             // Both series exist from the start, so an alert on `error` sees a 0 first.
             drop(jwks_refreshes.get_or_create(&ResultLabel { result }));
         }
+        let tls_handshakes = Family::<ListenerResumed, Counter>::default();
+        registry.register(
+            "wsgate_tls_handshakes",
+            "TLS handshakes completed, by listener and whether the session was resumed",
+            tls_handshakes.clone(),
+        );
         let sources = Arc::new(Mutex::new(Sources::default()));
         let accept = AcceptFamilies::register(&mut registry);
         registry.register(
@@ -290,6 +313,7 @@ impl Metrics {
             reload_failures,
             revocations,
             jwks_refreshes,
+            tls_handshakes,
             accept,
             routes: Mutex::new(HashMap::new()),
             sources,
