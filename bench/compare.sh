@@ -18,7 +18,8 @@
 #          below PCT % busy over 2 s: for a machine shared with other work),
 #          --storm-clients N (default 4,000; quick 1,000), --storm-variants "plain queue rate hc"
 #          (proxy configs: plain; wsgate max_pending 32; nginx/HAProxy global rate just
-#          under R; wsgate 500 ms health check), --storm-modes "naive jitter".
+#          under R; wsgate 500 ms health check), --storm-modes "naive jitter",
+#          --port-offset N (add N to every port: another run of this script on the machine).
 #
 # The proxy under test runs on core 0 (taskset -c 0), the load generator and the backend
 # on core 1. Nothing is installed: missing tools are reported with the command to get them.
@@ -40,6 +41,7 @@ WAIT_IDLE=""
 STORM_CLIENTS=""
 STORM_VARIANTS="plain queue rate"
 STORM_MODES="naive jitter"
+PORT_OFFSET=0
 
 while [[ $# -gt 0 ]]; do
     case "$1" in
@@ -58,6 +60,7 @@ while [[ $# -gt 0 ]]; do
         --storm-clients) STORM_CLIENTS=$2; shift ;;
         --storm-variants) STORM_VARIANTS=$2; shift ;;
         --storm-modes) STORM_MODES=$2; shift ;;
+        --port-offset) PORT_OFFSET=$2; shift ;;
         -h|--help) sed -n '2,20p' "$0"; exit 0 ;;
         *) echo "compare.sh: unknown option $1 (see --help)" >&2; exit 2 ;;
     esac
@@ -142,10 +145,11 @@ openssl req -x509 "${KEYARGS[@]}" -nodes -days 30 -subj /CN=localhost \
 cat "$OUT/cert.pem" "$OUT/key.pem" >"$OUT/haproxy.pem"
 
 # --- ports -----------------------------------------------------------------------------
-BACKEND_PORT=19001
-STORM_PORT=19011   # the storm's capacity-limited backend (inside the generator)
-declare -A PLAIN_PORT=([direct]=19001 [tunnel]=19401 [wsgate]=19101 [nginx]=19201 [haproxy]=19301)
-declare -A TLS_PORT=([wsgate]=19102 [nginx]=19202 [haproxy]=19302)
+P=$PORT_OFFSET
+BACKEND_PORT=$((19001 + P))
+STORM_PORT=$((19011 + P))   # the storm's capacity-limited backend (inside the generator)
+declare -A PLAIN_PORT=([direct]=$((19001 + P)) [tunnel]=$((19401 + P)) [wsgate]=$((19101 + P)) [nginx]=$((19201 + P)) [haproxy]=$((19301 + P)))
+declare -A TLS_PORT=([wsgate]=$((19102 + P)) [nginx]=$((19202 + P)) [haproxy]=$((19302 + P)))
 
 # --- configs ---------------------------------------------------------------------------
 # Two of each: "bench" (no per-address limits: every scenario but abuse and flood comes
@@ -509,6 +513,9 @@ for rep in $(seq 1 "$REPEATS"); do
                 gen handshake "$name" plain --warmup $WARM --duration $HS_S
                 if [[ $name != direct && $name != tunnel ]]; then
                     gen handshake "$name" tls --warmup $WARM --duration $HS_S
+                    # Resumed TLS 1.3 (issue 19): tickets kept by the generator; the
+                    # warm-up's first handshake is the only full one.
+                    gen handshake "$name" tls --resume --warmup $WARM --duration $HS_S
                 fi
             fi
             stop_proxy

@@ -329,6 +329,9 @@ struct Common {
     /// Connect with TLS (any certificate accepted, no session resumption).
     #[arg(long)]
     tls: bool,
+    /// With --tls: resume sessions with the tickets the proxy sent (issue 19).
+    #[arg(long)]
+    resume: bool,
     /// Name of the target in the JSON output (direct, wsgate, nginx, haproxy).
     #[arg(long, default_value = "target")]
     label: String,
@@ -340,7 +343,7 @@ struct Common {
 impl Common {
     fn parts(&self) -> Result<(net::Target, procfs::Procs)> {
         Ok((
-            net::Target::new(self.target, &self.path, self.tls)?,
+            net::Target::new(self.target, &self.path, self.tls, self.resume)?,
             procfs::Procs(self.pids.clone()),
         ))
     }

@@ -255,9 +255,17 @@ fn rows(runs: &[Value]) -> Vec<Row> {
         Box::new(open),
         m(&["cpu_us_per_msg"]),
     ));
-    for tls in [false, true] {
-        let kind = if tls { "TLS" } else { "plain" };
-        let f = move |v: &Value| is(v, "scenario", json!("handshake")) && is(v, "tls", json!(tls));
+    for (tls, resume) in [(false, false), (true, false), (true, true)] {
+        let kind = match (tls, resume) {
+            (false, _) => "plain",
+            (true, false) => "TLS",
+            (true, true) => "TLS resumed",
+        };
+        let f = move |v: &Value| {
+            is(v, "scenario", json!("handshake"))
+                && is(v, "tls", json!(tls))
+                && v.get("resume").and_then(Value::as_bool).unwrap_or(false) == resume
+        };
         rows.push(row(
             &format!("handshakes/s, {kind}"),
             0,

@@ -66,6 +66,9 @@ struct BackendStats {
     upgrades: Cell<u64>,
     refused_full: Cell<u64>,
     refused_waited: Cell<u64>,
+    /// First and last 101 since the reset: the rate the backend achieved.
+    first_upgrade: Cell<Option<Instant>>,
+    last_upgrade: Cell<Option<Instant>>,
 }
 
 struct Backend {
@@ -115,11 +118,20 @@ impl Backend {
         s.upgrades.set(0);
         s.refused_full.set(0);
         s.refused_waited.set(0);
+        s.first_upgrade.set(None);
+        s.last_upgrade.set(None);
     }
 
     fn report(&self) -> Value {
         let s = &self.stats;
+        let achieved = match (s.first_upgrade.get(), s.last_upgrade.get()) {
+            (Some(a), Some(b)) if b > a && s.upgrades.get() > 1 => {
+                Some((s.upgrades.get() - 1) as f64 / b.duration_since(a).as_secs_f64())
+            }
+            _ => None,
+        };
         json!({
+            "achieved_rate_per_s": achieved,
             "peak_waiting": s.peak_waiting.get(),
             "peak_in_slots": s.peak_in_slots.get(),
             "upgrades": s.upgrades.get(),
@@ -219,6 +231,11 @@ async fn serve(mut stream: TcpStream, slots: &Semaphore, stats: &BackendStats, o
         return;
     }
     stats.upgrades.set(stats.upgrades.get() + 1);
+    let now = Instant::now();
+    stats
+        .first_upgrade
+        .set(stats.first_upgrade.get().or(Some(now)));
+    stats.last_upgrade.set(Some(now));
     buf.copy_within(head_len..end, 0);
     end -= head_len;
     let _ = crate::backend::echo_loop(stream, buf, end, 1 << 16).await;
