@@ -7,15 +7,20 @@
 #   bench/compare.sh --quick       # one short repeat (< 2 min), for development
 #   bench/compare.sh --scenarios flood [--quick]   # issue 17's flood (not in the default set)
 #   bench/compare.sh --scenarios h2 --targets "wsgate haproxy" [--quick]   # WebSocket over HTTP/2
+#   bench/compare.sh --scenarios storm [--quick]   # issue 19's reconnect storm (not in the default set)
 #
 # Options: --repeats N, --targets "direct tunnel wsgate nginx haproxy",
-#          --scenarios "echo latency handshake idle abuse flood h2", --out DIR, --idle-max N,
+#          --scenarios "echo latency handshake idle abuse flood h2 storm", --out DIR, --idle-max N,
 #          --key rsa|ecdsa (certificate key type, default rsa = RSA 2048),
 #          --wsgate-bin PATH (run this wsgate binary instead of building this tree's),
 #          --flood-attack S, --flood-tls-attack S (attack seconds; the TLS run is shorter),
 #          --flood-rate N (cap the flood's attempts per second; default 0 = as fast as they go),
 #          --wait-idle PCT (before each flood run, wait up to 5 min until both cores are
-#          below PCT % busy over 2 s: for a machine shared with other work).
+#          below PCT % busy over 2 s: for a machine shared with other work),
+#          --storm-clients N (default 4,000; quick 1,000), --storm-variants "plain queue rate hc"
+#          (proxy configs: plain; wsgate max_pending 32; nginx/HAProxy global rate just
+#          under R; wsgate 500 ms health check), --storm-modes "naive jitter",
+#          --port-offset N (add N to every port: another run of this script on the machine).
 #
 # The proxy under test runs on core 0 (taskset -c 0), the load generator and the backend
 # on core 1. Nothing is installed: missing tools are reported with the command to get them.
@@ -34,6 +39,10 @@ WSGATE_BIN=""
 FLOOD_ATTACK=""
 FLOOD_TLS_ATTACK=""
 WAIT_IDLE=""
+STORM_CLIENTS=""
+STORM_VARIANTS="plain queue rate"
+STORM_MODES="naive jitter"
+PORT_OFFSET=0
 
 while [[ $# -gt 0 ]]; do
     case "$1" in
@@ -49,6 +58,10 @@ while [[ $# -gt 0 ]]; do
         --flood-tls-attack) FLOOD_TLS_ATTACK=$2; shift ;;
         --flood-rate) FLOOD_RATE=$2; shift ;;
         --wait-idle) WAIT_IDLE=$2; shift ;;
+        --storm-clients) STORM_CLIENTS=$2; shift ;;
+        --storm-variants) STORM_VARIANTS=$2; shift ;;
+        --storm-modes) STORM_MODES=$2; shift ;;
+        --port-offset) PORT_OFFSET=$2; shift ;;
         -h|--help) sed -n '2,20p' "$0"; exit 0 ;;
         *) echo "compare.sh: unknown option $1 (see --help)" >&2; exit 2 ;;
     esac
@@ -62,12 +75,14 @@ if [[ $QUICK == 1 ]]; then
     # flood: the issue's client counts, shorter phases and fewer newcomers.
     FLOOD_QUIET=4; FLOOD_ATTACK=${FLOOD_ATTACK:-10}; FLOOD_TLS_ATTACK=${FLOOD_TLS_ATTACK:-5}
     FLOOD_NEWCOMERS=30
+    STORM_CLIENTS=${STORM_CLIENTS:-1000}
 else
     WARM=1; ECHO_S=2; OPEN_S=4; HS_S=2; QUIET_S=4; ATTACK_S=6; SETTLE=1.5
     IDLE_MAX=${IDLE_MAX:-9900}
     # flood: issue 17's figures (30 s attack, 100 newcomers); the TLS check needs less.
     FLOOD_QUIET=10; FLOOD_ATTACK=${FLOOD_ATTACK:-30}; FLOOD_TLS_ATTACK=${FLOOD_TLS_ATTACK:-10}
     FLOOD_NEWCOMERS=100
+    STORM_CLIENTS=${STORM_CLIENTS:-4000}
 fi
 FLOOD_RATE=${FLOOD_RATE:-0}   # attacker attempts/s cap (0: as fast as they go)
 OPEN_RATE=10000   # msg/s, SPEC §9's fixed rate
@@ -131,9 +146,11 @@ openssl req -x509 "${KEYARGS[@]}" -nodes -days 30 -subj /CN=localhost \
 cat "$OUT/cert.pem" "$OUT/key.pem" >"$OUT/haproxy.pem"
 
 # --- ports -----------------------------------------------------------------------------
-BACKEND_PORT=19001
-declare -A PLAIN_PORT=([direct]=19001 [tunnel]=19401 [wsgate]=19101 [nginx]=19201 [haproxy]=19301)
-declare -A TLS_PORT=([wsgate]=19102 [nginx]=19202 [haproxy]=19302)
+P=$PORT_OFFSET
+BACKEND_PORT=$((19001 + P))
+STORM_PORT=$((19011 + P))   # the storm's capacity-limited backend (inside the generator)
+declare -A PLAIN_PORT=([direct]=$((19001 + P)) [tunnel]=$((19401 + P)) [wsgate]=$((19101 + P)) [nginx]=$((19201 + P)) [haproxy]=$((19301 + P)))
+declare -A TLS_PORT=([wsgate]=$((19102 + P)) [nginx]=$((19202 + P)) [haproxy]=$((19302 + P)))
 
 # --- configs ---------------------------------------------------------------------------
 # Two of each: "bench" (no per-address limits: every scenario but abuse and flood comes
@@ -265,6 +282,100 @@ write_h2_configs() {
         "$OUT/haproxy-bench.cfg" >"$OUT/haproxy-h2.cfg"
 }
 write_h2_configs
+# The storm's configs (issue 19): the bench limits (no per-address limit: 4,000 clients on
+# 400 addresses), the storm backend as the only upstream. Variants: plain (each proxy as
+# it comes), queue (wsgate: max_pending = the backend's 32 slots), rate (nginx limit_req
+# without nodelay / HAProxy rate-limit sessions, both at 1,500/s, just under R = 1,600/s:
+# the operator must know R), hc (wsgate with a 500 ms health check).
+write_storm_configs() {
+    local v extra
+    for v in plain queue queue40 hc ej100; do
+        case $v in
+            plain) extra="" ;;
+            queue) extra=", max_pending: 32" ;;
+            queue40) extra=", max_pending: 40" ;;
+            hc) extra=", health_check: { interval: 500ms, timeout: 250ms }" ;;
+            ej100) extra=", max_ejected: 100%" ;;
+        esac
+        cat >"$OUT/wsgate-storm-$v.yaml" <<EOF
+listeners:
+  - { name: plain, bind: "127.0.0.1:${PLAIN_PORT[wsgate]}" }
+log: { access: "$OUT/wsgate-access.log" }
+limits:
+  max_connections: 1000000
+  max_connections_per_ip: 1000000
+  handshakes_per_ip: { rate: 1000000, per: 1s, burst: 1000000 }
+  messages: { rate: 100000, per: 1s, burst: 100000 }
+upstreams:
+  storm: { backends: [{ addr: "127.0.0.1:$STORM_PORT" }]$extra }
+routes:
+  - { name: bench, match: { path_prefix: / }, upstream: storm }
+EOF
+    done
+    for v in plain rate; do
+        local zone="" limit=""
+        if [[ $v == rate ]]; then
+            zone='map $host $storm_all { default all; }
+    limit_req_zone $storm_all zone=storm:1m rate=1500r/s;'
+            limit='limit_req zone=storm burst=20000;'
+        fi
+        cat >"$OUT/nginx-storm-$v.conf" <<EOF
+daemon off;
+master_process on;
+worker_processes 1;
+worker_rlimit_nofile $FD_LIMIT;
+pid $OUT/nginx.pid;
+error_log $OUT/nginx-error.log warn;
+events { worker_connections $((2 * FD_LIMIT)); }
+http {
+    access_log $OUT/nginx-access.log;
+    client_body_temp_path $OUT/nginx-tmp/body;
+    proxy_temp_path $OUT/nginx-tmp/proxy;
+    fastcgi_temp_path $OUT/nginx-tmp/fastcgi;
+    uwsgi_temp_path $OUT/nginx-tmp/uwsgi;
+    scgi_temp_path $OUT/nginx-tmp/scgi;
+    map \$http_upgrade \$connection_upgrade { default upgrade; '' close; }
+    upstream storm { server 127.0.0.1:$STORM_PORT; }
+    $zone
+    server {
+        listen 127.0.0.1:${PLAIN_PORT[nginx]} backlog=4096;
+        $limit
+        location / {
+            proxy_pass http://storm;
+            proxy_http_version 1.1;
+            proxy_set_header Upgrade \$http_upgrade;
+            proxy_set_header Connection \$connection_upgrade;
+            proxy_read_timeout 3600s;
+            proxy_send_timeout 3600s;
+        }
+    }
+}
+EOF
+        local rate=""
+        [[ $v == rate ]] && rate="rate-limit sessions 1500"
+        cat >"$OUT/haproxy-storm-$v.cfg" <<EOF
+global
+    nbthread 1
+    log stdout format raw local0 info
+defaults
+    mode http
+    log global
+    option httplog
+    timeout connect 5s
+    timeout client 3600s
+    timeout server 3600s
+    timeout tunnel 3600s
+    timeout http-request 10s
+frontend ws
+    bind 127.0.0.1:${PLAIN_PORT[haproxy]} backlog 4096
+    $rate
+    default_backend storm
+backend storm
+    server b1 127.0.0.1:$STORM_PORT
+EOF
+    done
+}
+write_storm_configs
 
 # --- processes -------------------------------------------------------------------------
 BACKEND_PID=""
@@ -334,7 +445,7 @@ trap cleanup EXIT
 
 # A leftover listener on one of our ports would silently stand in for the process under
 # test (unpinned): refuse to start instead.
-for port in "$BACKEND_PORT" "${PLAIN_PORT[@]}" "${TLS_PORT[@]}"; do
+for port in "$BACKEND_PORT" "$STORM_PORT" "${PLAIN_PORT[@]}" "${TLS_PORT[@]}"; do
     if (exec 3<>"/dev/tcp/127.0.0.1/$port") 2>/dev/null; then
         echo "compare.sh: port $port is already in use; stop whatever listens there" >&2
         exit 1
@@ -350,6 +461,7 @@ kill -0 "$BACKEND_PID" 2>/dev/null || { echo "compare.sh: the backend exited (se
 gen() {
     local scenario=$1 name=$2 tls=$3; shift 3
     local port=${PLAIN_PORT[$name]} tlsarg=()
+    [[ $scenario == storm && $name == direct ]] && port=$STORM_PORT
     if [[ $tls == tls ]]; then port=${TLS_PORT[$name]}; tlsarg=(--tls); fi
     local pidargs=() p
     for p in $PIDS; do pidargs+=(--pid "$p"); done
@@ -468,6 +580,9 @@ for rep in $(seq 1 "$REPEATS"); do
                 gen handshake "$name" plain --warmup $WARM --duration $HS_S
                 if [[ $name != direct && $name != tunnel ]]; then
                     gen handshake "$name" tls --warmup $WARM --duration $HS_S
+                    # Resumed TLS 1.3 (issue 19): tickets kept by the generator; the
+                    # warm-up's first handshake is the only full one.
+                    gen handshake "$name" tls --resume --warmup $WARM --duration $HS_S
                 fi
             fi
             stop_proxy
@@ -510,6 +625,29 @@ for rep in $(seq 1 "$REPEATS"); do
                 --quiet $FLOOD_QUIET --attack "$FLOOD_TLS_ATTACK" --newcomers $FLOOD_NEWCOMERS \
                 --attack-rate "$FLOOD_RATE"
             stop_proxy
+        done
+    fi
+    if has storm; then
+        # A fresh proxy for each run. Variants: direct and every proxy plain; wsgate
+        # queue and hc; nginx and HAProxy rate.
+        for name in $TARGETS; do
+            [[ $name == tunnel ]] && continue
+            for v in $STORM_VARIANTS; do
+                case "$name/$v" in
+                    direct/plain|wsgate/plain|wsgate/queue|wsgate/queue40|wsgate/hc|wsgate/ej100|nginx/plain|nginx/rate|haproxy/plain|haproxy/rate) ;;
+                    *) continue ;;
+                esac
+                for mode in $STORM_MODES; do
+                    jitter=()
+                    [[ $mode == jitter ]] && jitter=(--jitter)
+                    wait_idle
+                    start_proxy "$name" "storm-$v"
+                    echo "  (load before the run: $(cut -d' ' -f1-3 /proc/loadavg))" >&2
+                    gen storm "$name" plain --clients "$STORM_CLIENTS" --variant "$v" \
+                        --backend "127.0.0.1:$STORM_PORT" "${jitter[@]}"
+                    stop_proxy
+                done
+            done
         done
     fi
 done

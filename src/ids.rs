@@ -25,6 +25,18 @@ pub fn next() -> String {
     encode(value)
 }
 
+/// A uniform value in [0, 1), different for every call: jitter (retry hints, connection
+/// ages), never secrets.
+pub fn jitter() -> f64 {
+    use std::hash::{BuildHasher, RandomState};
+    use std::sync::LazyLock;
+    static STATE: LazyLock<RandomState> = LazyLock::new(RandomState::new);
+    static CALLS: AtomicU64 = AtomicU64::new(0);
+    let n = CALLS.fetch_add(1, Ordering::Relaxed);
+    let bits = STATE.hash_one(n) >> 11;
+    bits as f64 / (1u64 << 53) as f64
+}
+
 fn process_salt() -> u16 {
     use std::hash::{BuildHasher, RandomState};
     use std::sync::OnceLock;

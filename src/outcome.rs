@@ -39,6 +39,10 @@ pub enum Refusal {
     /// Every backend of the upstream is down or draining (or none resolved).
     #[error("no backend")]
     NoBackend,
+    /// Waited for a place in a backend's `max_pending` queue past `queue_timeout`; retry
+    /// after this many seconds (jittered, so the refused do not come back in step).
+    #[error("queued past queue_timeout, retry after {retry_after_secs}s")]
+    QueueTimeout { retry_after_secs: u64 },
     #[error("upstream connect failed")]
     UpstreamConnect,
     #[error("upstream timed out")]
@@ -84,9 +88,11 @@ impl Refusal {
             Refusal::HeadTooLarge => StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE,
             Refusal::BadVersion | Refusal::UpgradeRequired => StatusCode::UPGRADE_REQUIRED,
             Refusal::NoRoute => StatusCode::NOT_FOUND,
-            Refusal::Capacity | Refusal::Draining | Refusal::NoBackend | Refusal::Cluster => {
-                StatusCode::SERVICE_UNAVAILABLE
-            }
+            Refusal::Capacity
+            | Refusal::Draining
+            | Refusal::NoBackend
+            | Refusal::Cluster
+            | Refusal::QueueTimeout { .. } => StatusCode::SERVICE_UNAVAILABLE,
             Refusal::UpstreamConnect => StatusCode::BAD_GATEWAY,
             Refusal::UpstreamTimeout => StatusCode::GATEWAY_TIMEOUT,
             Refusal::UpstreamStatus(s) => {
@@ -118,6 +124,7 @@ impl Refusal {
             Refusal::Capacity => "capacity\n",
             Refusal::Draining => "draining\n",
             Refusal::NoBackend => "no_backend\n",
+            Refusal::QueueTimeout { .. } => "queue_timeout\n",
             Refusal::UpstreamConnect => "upstream_connect\n",
             Refusal::UpstreamTimeout => "upstream_timeout\n",
             Refusal::UpstreamStatus(_) => "upstream_status\n",
@@ -149,10 +156,12 @@ impl Refusal {
                 header::WWW_AUTHENTICATE,
                 HeaderValue::from_static("Bearer error=\"invalid_token\""),
             )),
-            Refusal::IpRate { retry_after_secs } => Some((
-                header::RETRY_AFTER,
-                HeaderValue::from(retry_after_secs.max(1)),
-            )),
+            Refusal::IpRate { retry_after_secs } | Refusal::QueueTimeout { retry_after_secs } => {
+                Some((
+                    header::RETRY_AFTER,
+                    HeaderValue::from(retry_after_secs.max(1)),
+                ))
+            }
             _ => None,
         }
     }
@@ -267,6 +276,8 @@ pub enum Ending {
     TooManyFragments,
     /// The token expired mid-connection (`close_on_expiry`).
     TokenExpired,
+    /// The connection reached its `max_connection_age` (jittered).
+    MaxAge,
     /// No pong within `pong_timeout`: that side's TCP is closed, no frame possible.
     DeadPeer(Side),
     /// No data frame either way for `idle_timeout`.
@@ -334,6 +345,7 @@ impl Ending {
             Ending::RateLimit => close(1008, "rate limit"),
             Ending::TooManyFragments => close(1008, "too many fragments"),
             Ending::TokenExpired => close(4001, "token expired"),
+            Ending::MaxAge => close(1001, "max age"),
             Ending::Idle => close(1000, "idle"),
             Ending::UpstreamViolation(_) => close(1014, "upstream error"),
             Ending::Vanished(Side::Upstream) | Ending::DeadPeer(Side::Upstream) => close(1014, ""),
@@ -356,6 +368,7 @@ impl Ending {
             | Ending::RateLimit
             | Ending::TooManyFragments
             | Ending::TokenExpired
+            | Ending::MaxAge
             | Ending::Drain
             | Ending::Revoked { .. }
             | Ending::DeadPeer(Side::Client)
@@ -382,6 +395,7 @@ impl Ending {
             Ending::RateLimit => ProxyReason::RateLimit,
             Ending::TooManyFragments => ProxyReason::Fragments,
             Ending::TokenExpired => ProxyReason::TokenExpired,
+            Ending::MaxAge => ProxyReason::MaxAge,
             Ending::DeadPeer(_) => ProxyReason::DeadPeer,
             Ending::Idle => ProxyReason::Idle,
             Ending::Drain => ProxyReason::Drain,
@@ -409,6 +423,7 @@ pub enum ProxyReason {
     SlowConsumer,
     Internal,
     Revoked,
+    MaxAge,
 }
 
 impl ProxyReason {
@@ -426,6 +441,7 @@ impl ProxyReason {
             ProxyReason::SlowConsumer => "slow_consumer",
             ProxyReason::Internal => "internal",
             ProxyReason::Revoked => "revoked",
+            ProxyReason::MaxAge => "max_age",
         }
     }
 }
@@ -473,6 +489,14 @@ mod tests {
             (Refusal::Subprotocol, 400, "subprotocol", None),
             (Refusal::Draining, 503, "draining", None),
             (Refusal::NoBackend, 503, "no_backend", None),
+            (
+                Refusal::QueueTimeout {
+                    retry_after_secs: 7,
+                },
+                503,
+                "queue_timeout",
+                Some(("retry-after", "7")),
+            ),
             (Refusal::UpstreamConnect, 502, "upstream_connect", None),
             (Refusal::UpstreamTimeout, 504, "upstream_timeout", None),
             (Refusal::UpstreamStatus(418), 418, "upstream_status", None),

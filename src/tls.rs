@@ -5,6 +5,8 @@
 //! flood the log. It does no I/O of its own: certificate and key files come through the
 //! reader the caller passes (config validation's injected file reader).
 
+pub mod tickets;
+
 use std::collections::HashMap;
 use std::io;
 use std::net::SocketAddr;
@@ -338,11 +340,13 @@ pub enum MinVersion {
     Tls13,
 }
 
-/// A listener's rustls configuration: SNI resolver, ALPN `http/1.1`, optional mTLS.
+/// A listener's rustls configuration: SNI resolver, ALPN `http/1.1`, optional mTLS,
+/// session tickets.
 pub fn server_config(
     certs: &[LoadedCert],
     min: MinVersion,
     client_ca: Option<&RootCertStore>,
+    resumption: &tickets::Tickets,
 ) -> Result<Arc<ServerConfig>, String> {
     let resolver = SniResolver::new(certs).ok_or("no certificate configured")?;
     let versions: &[&rustls::SupportedProtocolVersion] = match min {
@@ -363,6 +367,14 @@ pub fn server_config(
         None => builder.with_no_client_auth(),
     };
     let mut config = builder.with_cert_resolver(Arc::new(resolver));
+    match resumption {
+        tickets::Tickets::Off => {
+            config.session_storage = Arc::new(rustls::server::NoServerSessionStorage {});
+            config.send_tls13_tickets = 0;
+        }
+        tickets::Tickets::Rotating => config.ticketer = tickets::rotating()?,
+        tickets::Tickets::Shared(keys) => config.ticketer = keys.clone(),
+    }
     config.alpn_protocols = vec![ALPN_HTTP11.to_vec()];
     Ok(Arc::new(config))
 }

@@ -580,3 +580,77 @@ routes:
     let resp = raw_request(bare.addr(), b"GET /x HTTP/1.1\r\nHost: h\r\nConnection: Upgrade\r\nUpgrade: websocket\r\nSec-WebSocket-Version: 13\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n\r\n").await;
     assert!(resp.starts_with("HTTP/1.1 502 "), "{resp}");
 }
+
+/// One WebSocket over TLS through `gw` with `client` (its session store keeps tickets),
+/// one echo (which also reads the tickets the server sent after the handshake), a clean
+/// close; true when the client resumed a session.
+async fn resumed_once(addr: std::net::SocketAddr, client: &Arc<ClientConfig>) -> bool {
+    let mut ws = wss(addr, "localhost", client.clone())
+        .await
+        .unwrap_or_else(|e| panic!("{e}"));
+    let resumed = ws.get_ref().get_ref().1.handshake_kind() == Some(rustls::HandshakeKind::Resumed);
+    echo_once(&mut ws, "tickets")
+        .await
+        .unwrap_or_else(|e| panic!("{e}"));
+    ws.close(None).await.unwrap_or_else(|e| panic!("{e}"));
+    resumed
+}
+
+/// Issue 19: with shared `ticket_keys`, a session a client got from one wsgate resumes on
+/// a second one (as behind an L4 balancer), and not on one with other keys; tickets are on
+/// by default (one instance), off with `session_tickets: false`. Resumption shows in the
+/// access log (`tls.resumed`) and in `wsgate_tls_handshakes_total`.
+#[tokio::test]
+async fn tickets_resume_across_instances_sharing_ticket_keys() {
+    let pki = Pki::new("tickets");
+    let leaf = pki.leaf("localhost", &["localhost"], &rcgen::PKCS_ECDSA_P256_SHA256);
+    let keys = |name: &str, text: &str| {
+        let path = pki.dir.join(name);
+        std::fs::write(&path, text).unwrap_or_else(|e| panic!("{e}"));
+        path.display().to_string()
+    };
+    let a = "00112233445566778899aabbccddeeff00112233445566778899aabbccddeeff\n";
+    let b = "# another fleet\nffeeddccbbaa99887766554433221100ffeeddccbbaa99887766554433221100\n";
+    let with = |extra: String| {
+        let yaml = tls_config(std::slice::from_ref(&leaf), &extra);
+        format!("{yaml}admin: {{ bind: \"127.0.0.1:0\" }}\n")
+    };
+    let one = spawn_gateway(&with(format!(", ticket_keys: \"{}\"", keys("a1", a)))).await;
+    let two = spawn_gateway(&with(format!(", ticket_keys: \"{}\"", keys("a2", a)))).await;
+    let other = spawn_gateway(&with(format!(", ticket_keys: \"{}\"", keys("b", b)))).await;
+
+    let client = pki.client(false, None);
+    assert!(
+        !resumed_once(one.addr(), &client).await,
+        "the first handshake is full"
+    );
+    assert!(
+        resumed_once(two.addr(), &client).await,
+        "a ticket of `one` resumes on `two`"
+    );
+    assert!(
+        !resumed_once(other.addr(), &client).await,
+        "other keys cannot open it"
+    );
+
+    let line = two.log_line(|l| l["event"] == "ws_close").await;
+    assert_eq!(line["tls"]["resumed"], true);
+    let line = other.log_line(|l| l["event"] == "ws_close").await;
+    assert_eq!(line["tls"]["resumed"], false);
+    let scrape = scrape(&two).await;
+    let resumed = [("listener", "secure"), ("resumed", "true")];
+    assert_eq!(
+        metric(&scrape, "wsgate_tls_handshakes_total", &resumed),
+        1.0
+    );
+
+    // Defaults: tickets on within one instance; `session_tickets: false`: never resumed.
+    let default = spawn_gateway(&with(String::new())).await;
+    let client = pki.client(false, None);
+    assert!(!resumed_once(default.addr(), &client).await);
+    assert!(resumed_once(default.addr(), &client).await);
+    let off = spawn_gateway(&with(", session_tickets: false".into())).await;
+    let client = pki.client(false, None);
+    assert!(!resumed_once(off.addr(), &client).await);
+    assert!(!resumed_once(off.addr(), &client).await);
+}

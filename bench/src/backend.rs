@@ -67,7 +67,7 @@ async fn serve(mut stream: TcpStream, max_frame: usize) -> Result<()> {
 }
 
 /// Echoes frames until the peer closes. `buf[..end]` holds bytes already read.
-async fn echo_loop(
+pub(crate) async fn echo_loop(
     mut stream: TcpStream,
     mut buf: Vec<u8>,
     mut end: usize,

@@ -87,7 +87,7 @@ pub async fn run(
         bail!("--clients and --interval-ms must be above 0");
     }
     let attack_target = match o.attack_tls {
-        Some(addr) => Target::new(addr, &target.path, true)?,
+        Some(addr) => Target::new(addr, &target.path, true, false)?,
         None => target.clone(),
     };
     let per_addr = o.clients.div_ceil(o.client_addrs.max(1));

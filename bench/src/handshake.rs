@@ -81,6 +81,7 @@ pub async fn run(
         "scenario": "handshake",
         "label": label,
         "tls": target.tls.is_some(),
+        "resume": target.resume,
         "concurrency": o.concurrency,
         "handshakes": n,
         "failed": failures.count(),

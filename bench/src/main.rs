@@ -1,7 +1,7 @@
 //! `wsgate-bench`: the load generator and echo backend behind `bench/compare.sh`.
 //!
 //! Subcommands: `backend` (the echo server every target relays to), `idle`, `echo`,
-//! `handshake`, `abuse`, `flood`, `h2-idle`, `h2-echo` (scenarios; each prints one JSON object on stdout) and `report`
+//! `handshake`, `abuse`, `flood`, `storm`, `h2-idle`, `h2-echo` (scenarios; each prints one JSON object on stdout) and `report`
 //! (folds those JSON lines into the comparison table). Scenarios read the proxy's CPU
 //! and memory from `/proc` for the PIDs given with `--pid`; with none (the `direct`
 //! target) those figures are null. See `bench/README.md`.
@@ -18,6 +18,7 @@ mod idle;
 mod net;
 mod procfs;
 mod report;
+mod storm;
 mod tunnel;
 mod ws;
 
@@ -175,6 +176,14 @@ enum Cmd {
         #[arg(long, default_value_t = 5.0)]
         duration: f64,
     },
+    /// Issue 19's reconnect storm: a capacity-limited backend in this process, killed and
+    /// restarted under N echoing clients (see src/storm.rs); defaults are the issue's.
+    Storm {
+        #[command(flatten)]
+        common: Common,
+        #[command(flatten)]
+        storm: StormArgs,
+    },
     /// The cheapest possible byte tunnel (a floor for proxies): epoll or io_uring.
     Tunnel {
         #[arg(long)]
@@ -303,6 +312,78 @@ impl H2Common {
     }
 }
 
+/// The storm scenario's knobs (defaults: issue 19).
+#[derive(Args, Clone)]
+struct StormArgs {
+    /// Clients (N).
+    #[arg(long, default_value_t = 4000)]
+    clients: u32,
+    /// Clients per source address (127.21.x.y).
+    #[arg(long, default_value_t = 10)]
+    per_addr: u32,
+    /// Where the capacity-limited backend listens (the proxy's upstream).
+    #[arg(long, default_value = "127.0.0.1:19011")]
+    backend: SocketAddr,
+    /// Upgrade slots of the backend (K).
+    #[arg(long, default_value_t = 32)]
+    slots: u32,
+    /// Milliseconds an upgrade holds its slot (R = slots / hold).
+    #[arg(long, default_value_t = 20)]
+    hold_ms: u64,
+    /// Upgrades waiting for a slot beyond which the backend answers 503 at once.
+    #[arg(long, default_value_t = 256)]
+    max_waiting: u32,
+    /// Milliseconds an upgrade may wait for a slot before it gets 503.
+    #[arg(long, default_value_t = 2000)]
+    max_wait_ms: u64,
+    /// Seconds between the kill and the restart.
+    #[arg(long, default_value_t = 1.0)]
+    outage: f64,
+    /// Seconds of echoing between the last initial connection and the kill.
+    #[arg(long, default_value_t = 2.0)]
+    settle: f64,
+    /// Seconds after the restart to wait for every client.
+    #[arg(long, default_value_t = 40.0)]
+    deadline: f64,
+    /// Exponential back-off with full jitter (the control) instead of a fixed retry.
+    #[arg(long)]
+    jitter: bool,
+    /// Milliseconds: the naive clients' retry interval, the jitter's base, the echo period.
+    #[arg(long, default_value_t = 1000)]
+    interval_ms: u64,
+    /// Milliseconds: the jittered back-off's ceiling.
+    #[arg(long, default_value_t = 32000)]
+    backoff_cap_ms: u64,
+    /// Seconds a client waits for its 101 before it gives up (and retries).
+    #[arg(long, default_value_t = 15.0)]
+    attempt_timeout: f64,
+    /// What the proxy was configured with (a label in the JSON: plain, queue, rate).
+    #[arg(long, default_value = "plain")]
+    variant: String,
+}
+
+impl StormArgs {
+    fn options(&self) -> Result<storm::Options> {
+        Ok(storm::Options {
+            clients: self.clients,
+            per_addr: self.per_addr,
+            backend: self.backend,
+            slots: self.slots.max(1),
+            hold: Duration::from_millis(self.hold_ms.max(1)),
+            max_waiting: self.max_waiting,
+            max_wait: Duration::from_millis(self.max_wait_ms),
+            outage: secs(self.outage)?,
+            settle: secs(self.settle)?,
+            deadline: secs(self.deadline)?,
+            jitter: self.jitter,
+            interval: Duration::from_millis(self.interval_ms.max(1)),
+            backoff_cap: Duration::from_millis(self.backoff_cap_ms.max(1)),
+            attempt_timeout: secs(self.attempt_timeout)?,
+            variant: self.variant.clone(),
+        })
+    }
+}
+
 /// What every scenario needs to know about the target.
 #[derive(Args, Clone)]
 struct Common {
@@ -315,6 +396,9 @@ struct Common {
     /// Connect with TLS (any certificate accepted, no session resumption).
     #[arg(long)]
     tls: bool,
+    /// With --tls: resume sessions with the tickets the proxy sent (issue 19).
+    #[arg(long)]
+    resume: bool,
     /// Name of the target in the JSON output (direct, wsgate, nginx, haproxy).
     #[arg(long, default_value = "target")]
     label: String,
@@ -326,7 +410,7 @@ struct Common {
 impl Common {
     fn parts(&self) -> Result<(net::Target, procfs::Procs)> {
         Ok((
-            net::Target::new(self.target, &self.path, self.tls)?,
+            net::Target::new(self.target, &self.path, self.tls, self.resume)?,
             procfs::Procs(self.pids.clone()),
         ))
     }
@@ -485,6 +569,12 @@ fn real_main() -> Result<()> {
                     duration: secs(duration)?,
                 };
                 h2::run_echo(t, p, &common.label, o).await.map(Some)
+            }
+            Cmd::Storm { common, storm } => {
+                let (t, p) = common.parts()?;
+                storm::run(t, p, &common.label, storm.options()?)
+                    .await
+                    .map(Some)
             }
             Cmd::Report { .. } | Cmd::Tunnel { .. } => Ok(None),
         }

@@ -72,15 +72,22 @@ pub struct Target {
     pub host: String,
     pub path: String,
     pub tls: Option<TlsConnector>,
+    /// TLS sessions are resumed (tickets kept in memory) instead of full every time.
+    pub resume: bool,
 }
 
 impl Target {
-    pub fn new(addr: SocketAddr, path: &str, tls: bool) -> Result<Target> {
+    pub fn new(addr: SocketAddr, path: &str, tls: bool, resume: bool) -> Result<Target> {
         Ok(Target {
             addr,
             host: "localhost".to_string(),
             path: path.to_string(),
-            tls: if tls { Some(tls_connector()?) } else { None },
+            tls: if tls {
+                Some(tls_connector(resume)?)
+            } else {
+                None
+            },
+            resume: tls && resume,
         })
     }
 }
@@ -325,13 +332,20 @@ impl FrameReader {
 }
 
 /// A TLS connector that accepts any server certificate and never resumes sessions, so
-/// every handshake is a full one. No ALPN: the HTTP/1.1 scenarios.
-pub fn tls_connector() -> Result<TlsConnector> {
-    tls_connector_alpn(&[])
+/// every handshake is a full one; with `resume`, tickets are kept (in memory, shared by
+/// every connection of the run) and each handshake after the first resumes. No ALPN: the
+/// HTTP/1.1 scenarios.
+pub fn tls_connector(resume: bool) -> Result<TlsConnector> {
+    tls_connector_with(resume, &[])
 }
 
-/// [`tls_connector`] offering the ALPN protocols `alpn` (`h2` for the HTTP/2 scenarios).
+/// [`tls_connector`] without resumption, offering the ALPN protocols `alpn` (`h2` for the
+/// HTTP/2 scenarios).
 pub fn tls_connector_alpn(alpn: &[&[u8]]) -> Result<TlsConnector> {
+    tls_connector_with(false, alpn)
+}
+
+fn tls_connector_with(resume: bool, alpn: &[&[u8]]) -> Result<TlsConnector> {
     let provider = Arc::new(rustls::crypto::ring::default_provider());
     let schemes = provider
         .signature_verification_algorithms
@@ -342,7 +356,11 @@ pub fn tls_connector_alpn(alpn: &[&[u8]]) -> Result<TlsConnector> {
         .dangerous()
         .with_custom_certificate_verifier(Arc::new(AnyCert(schemes)))
         .with_no_client_auth();
-    config.resumption = rustls::client::Resumption::disabled();
+    config.resumption = if resume {
+        rustls::client::Resumption::in_memory_sessions(4096)
+    } else {
+        rustls::client::Resumption::disabled()
+    };
     config.alpn_protocols = alpn.iter().map(|p| p.to_vec()).collect();
     Ok(TlsConnector::from(Arc::new(config)))
 }

@@ -160,6 +160,10 @@ pub fn run(input: &std::path::Path, json_out: Option<&std::path::Path>) -> Resul
         out.push('\n');
         summary.push(json!({ "metric": r.title, "values": js }));
     }
+    if summary.is_empty() {
+        out.clear();
+    }
+    out.push_str(&storm_table(&runs));
     print!("{out}");
     if let Some(p) = json_out {
         let body = serde_json::to_string_pretty(&summary).context("summary to JSON")?;
@@ -254,9 +258,17 @@ fn rows(runs: &[Value]) -> Vec<Row> {
         Box::new(open),
         m(&["cpu_us_per_msg"]),
     ));
-    for tls in [false, true] {
-        let kind = if tls { "TLS" } else { "plain" };
-        let f = move |v: &Value| is(v, "scenario", json!("handshake")) && is(v, "tls", json!(tls));
+    for (tls, resume) in [(false, false), (true, false), (true, true)] {
+        let kind = match (tls, resume) {
+            (false, _) => "plain",
+            (true, false) => "TLS",
+            (true, true) => "TLS resumed",
+        };
+        let f = move |v: &Value| {
+            is(v, "scenario", json!("handshake"))
+                && is(v, "tls", json!(tls))
+                && v.get("resume").and_then(Value::as_bool).unwrap_or(false) == resume
+        };
         rows.push(row(
             &format!("handshakes/s, {kind}"),
             0,
@@ -614,4 +626,72 @@ fn flood_rows(runs: &[Value], mode: &'static str, rows: &mut Vec<Row>) {
 
 fn m_owned(key: &'static str) -> Metric {
     Box::new(move |v| num(v, &[key]))
+}
+
+/// Issue 19's storm: one row per target, variant and client mode (medians over repeats),
+/// times from the backend's restart, in seconds and in multiples of N / R.
+fn storm_table(runs: &[Value]) -> String {
+    let storms: Vec<&Value> = runs
+        .iter()
+        .filter(|v| is(v, "scenario", json!("storm")))
+        .collect();
+    if storms.is_empty() {
+        return String::new();
+    }
+    let text = |v: &Value, k: &str| v.get(k).and_then(Value::as_str).unwrap_or("?").to_string();
+    let mut keys: Vec<(String, String, String)> = Vec::new();
+    for v in &storms {
+        let k = (text(v, "label"), text(v, "variant"), text(v, "mode"));
+        if !keys.contains(&k) {
+            keys.push(k);
+        }
+    }
+    let mut out = String::from(
+        "\n| target | variant | client mode | N | 99 % back s (× N/R) | 100 % back s (× N/R) | attempts/client | wasted % of N | client saw (after the kill) | backend peak waiting | backend 503s | proxy CPU s | runs |\n|---|---|---|---|---|---|---|---|---|---|---|---|---|\n",
+    );
+    for (label, variant, mode) in keys {
+        let mine: Vec<&&Value> = storms
+            .iter()
+            .filter(|v| {
+                text(v, "label") == label
+                    && text(v, "variant") == variant
+                    && text(v, "mode") == mode
+            })
+            .collect();
+        let med = |path: &[&str]| -> Option<f64> {
+            cell(mine.iter().filter_map(|v| num(v, path)).collect()).map(|c| c.median)
+        };
+        let show = |x: Option<f64>, d: usize| x.map_or("–".to_string(), |x| fmt(x, d));
+        let back = |t: &str, x: &str| match (med(&[t]), med(&[x])) {
+            (Some(t), Some(x)) => format!("{} ({} ×)", fmt(t, 2), fmt(x, 2)),
+            _ => {
+                let got = med(&["back"]).unwrap_or(0.0);
+                format!("not all: {got:.0} back")
+            }
+        };
+        let mut seen: BTreeMap<String, f64> = BTreeMap::new();
+        for v in &mine {
+            if let Some(o) = v.get("outcomes").and_then(Value::as_object) {
+                for (k, n) in o {
+                    *seen.entry(k.clone()).or_default() +=
+                        n.as_f64().unwrap_or(0.0) / mine.len() as f64;
+                }
+            }
+        }
+        let seen: Vec<String> = seen.iter().map(|(k, n)| format!("{k}: {n:.0}")).collect();
+        out.push_str(&format!(
+            "| {label} | {variant} | {mode} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {} |\n",
+            show(med(&["clients"]), 0),
+            back("t99_s", "t99_x"),
+            back("t100_s", "t100_x"),
+            show(med(&["attempts_per_client"]), 2),
+            show(med(&["wasted_pct_of_clients"]), 1),
+            seen.join(", "),
+            show(med(&["backend_after_restart", "peak_waiting"]), 0),
+            show(med(&["backend_after_restart", "refused_503"]), 0),
+            show(med(&["proxy_cpu_s"]), 2),
+            mine.len(),
+        ));
+    }
+    out
 }

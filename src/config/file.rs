@@ -70,6 +70,9 @@ pub const DEFAULT_CONNECT_TIMEOUT: Duration = Duration::from_secs(3);
 /// `upstreams.*.max_ejected`: passive failure detection never takes more than this
 /// percentage of an upstream's backends out.
 pub const DEFAULT_MAX_EJECTED_PERCENT: u8 = 50;
+/// `upstreams.*.queue_timeout`: an upgrade queued for a backend's `max_pending` this long
+/// is refused 503 `queue_timeout`.
+pub const DEFAULT_QUEUE_TIMEOUT: Duration = Duration::from_secs(10);
 /// `upstreams.*.backends[].weight`: relative share of a backend.
 pub const DEFAULT_WEIGHT: u32 = 1;
 /// `upstreams.*.health_check.interval`: time between two checks of a backend.
@@ -186,6 +189,11 @@ pub struct FileListenerTls {
     pub min_version: Option<Text>,
     /// CA bundle to require client certificates (mTLS).
     pub client_ca: Option<Text>,
+    /// TLS resumption with stateless tickets; default true.
+    #[serde(default, deserialize_with = "opt_scalar")]
+    pub session_tickets: Option<bool>,
+    /// File of shared ticket keys (fleet-wide resumption); re-read on SIGHUP.
+    pub ticket_keys: Option<Text>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -261,6 +269,8 @@ pub struct FileLimits {
     pub fragment_timeout: Option<DurationValue>,
     /// Close after this long without data frames either way; default `0s` = off.
     pub idle_timeout: Option<DurationValue>,
+    /// Close 1001 `max age` at this age (±10 % jitter); default `0s` = off.
+    pub max_connection_age: Option<DurationValue>,
     /// Slow-consumer write stall limit; default 30s; must be > 0.
     pub send_timeout: Option<DurationValue>,
     /// Relay buffer per direction; default 16KiB; 1KiB..=1MiB.
@@ -330,6 +340,13 @@ pub struct FileUpstream {
     /// Most backends passive detection may have out at once, as `N%` of the backends;
     /// default `50%`; `0%` = passive detection never takes one out.
     pub max_ejected: Option<Text>,
+    /// Upstream handshakes in flight per backend; default 0 = unlimited; more wait in FIFO.
+    #[serde(default, deserialize_with = "opt_scalar")]
+    pub max_pending: Option<u32>,
+    /// Longest wait in a backend's queue; default 10s; > 0.
+    pub queue_timeout: Option<DurationValue>,
+    /// A backend that comes up (or is added) has its share ramped over this; default 0s = off.
+    pub slow_start: Option<DurationValue>,
 }
 
 /// A backend: `{ addr: "host:port", weight: 2 }`, or just `"host:port"` (weight 1).

@@ -229,6 +229,8 @@ pub struct Limits {
     pub fragment_timeout: Duration,
     /// No data frame either way for this long → close 1000; zero = off.
     pub idle_timeout: Duration,
+    /// A connection this old (±10 % jitter) → close 1001 `max age`; zero = off.
+    pub max_connection_age: Duration,
     /// Established + in-handshake connections per client IP (IPv6 by /64) → 429 `ip_cap`.
     pub max_connections_per_ip: u32,
     /// Connections per subject (JWT `sub`, or API key) → 429 `subject_cap`; 0 = off.
@@ -326,6 +328,12 @@ pub struct Upstream {
     /// `max_ejected`, in percent (0..=100): passive failure detection takes a backend out
     /// only while that leaves at most this share of the backends out.
     pub max_ejected: u8,
+    /// `max_pending`: upstream handshakes in flight per backend; 0 = unlimited.
+    pub max_pending: u32,
+    /// `queue_timeout`: the longest wait for a `max_pending` place; > 0.
+    pub queue_timeout: Duration,
+    /// `slow_start`: a backend back up (or added) gets its share ramped over this; 0 = off.
+    pub slow_start: Duration,
 }
 
 /// SPEC §2 `sticky.key`. A missing value falls back to the client IP.

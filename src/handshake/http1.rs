@@ -358,7 +358,14 @@ fn answer_budget(config: &Config) -> Duration {
         .map(|u| u.connect_timeout)
         .max()
         .unwrap_or_default();
-    connect * 3 + config.limits.handshake_timeout
+    let queued = config
+        .upstreams
+        .values()
+        .filter(|u| u.max_pending > 0)
+        .map(|u| u.queue_timeout)
+        .max()
+        .unwrap_or_default();
+    connect * 3 + queued + config.limits.handshake_timeout
 }
 
 impl Conn {

@@ -360,6 +360,7 @@ async fn serve(conn: Conn, stream: TcpStream) -> Option<RelayPhase> {
             let tls = TlsAccept {
                 config: slot.get(),
                 metrics: &shared.metrics,
+                listener: &listener,
                 peer,
                 deadline,
             };
@@ -372,6 +373,7 @@ async fn serve(conn: Conn, stream: TcpStream) -> Option<RelayPhase> {
 struct TlsAccept<'a> {
     config: Arc<rustls::ServerConfig>,
     metrics: &'a Metrics,
+    listener: &'a str,
     peer: SocketAddr,
     deadline: Instant,
 }
@@ -386,6 +388,7 @@ async fn serve_tls(
     let TlsAccept {
         config,
         metrics,
+        listener,
         peer,
         deadline,
     } = tls;
@@ -405,6 +408,7 @@ async fn serve_tls(
         }
     };
     let info = tls_info(stream.get_ref().1);
+    metrics.tls_handshake(listener, info.resumed);
     if stream.get_ref().1.alpn_protocol() == Some(b"h2") {
         return handshake::serve_h2(accepted(Some(info)), stream, deadline).await;
     }
@@ -441,6 +445,7 @@ fn tls_info(session: &rustls::ServerConnection) -> TlsInfo {
             .peer_certificates()
             .and_then(|c| c.first())
             .and_then(crate::tls::subject_of),
+        resumed: session.handshake_kind() == Some(rustls::HandshakeKind::Resumed),
     }
 }
 

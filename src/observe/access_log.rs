@@ -43,6 +43,8 @@ pub struct TlsInfo {
     pub sni: Option<String>,
     /// Subject of the verified client certificate (mTLS).
     pub client_subject: Option<String>,
+    /// The session was resumed (a ticket), not a full handshake.
+    pub resumed: bool,
 }
 
 /// `"sticky":{"key":"cookie","fallback":false}`: where the sticky key came from (never the

@@ -71,6 +71,12 @@ struct ListenerReason {
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct ListenerResumed {
+    listener: String,
+    resumed: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct ResultLabel {
     result: &'static str,
 }
@@ -91,9 +97,28 @@ pub struct BackendSample {
     pub connect_errors: u64,
 }
 
+/// One upstream's `max_pending` queues at scrape time (`wsgate_upstream_queue*`).
+#[derive(Debug)]
+pub struct QueueSample {
+    pub upstream: String,
+    /// Upgrades waiting for a place now.
+    pub waiting: i64,
+    /// Seconds each admitted or timed-out upgrade waited (the pool's own histogram).
+    pub seconds: Histogram,
+}
+
 /// Something that can list backends at scrape time (the upstream pools).
 pub trait BackendSource: Send + Sync + 'static {
     fn backend_samples(&self) -> Vec<BackendSample>;
+
+    fn queue_samples(&self) -> Vec<QueueSample> {
+        Vec::new()
+    }
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct UpstreamLabel {
+    upstream: String,
 }
 
 /// Counts that live elsewhere and are read at scrape time.
@@ -123,6 +148,7 @@ pub struct Metrics {
     reload_failures: Counter,
     revocations: Counter,
     jwks_refreshes: Family<ResultLabel, Counter>,
+    tls_handshakes: Family<ListenerResumed, Counter>,
     accept: AcceptFamilies,
     routes: Mutex<HashMap<String, Arc<RouteMetrics>>>,
     sources: Arc<Mutex<Sources>>,
@@ -144,6 +170,16 @@ impl Metrics {
     }
 
     /// Counts a failed TLS handshake; returns the total so far.
+    /// Counts a completed TLS handshake of `listener`, resumed (a ticket) or full.
+    pub fn tls_handshake(&self, listener: &str, resumed: bool) {
+        self.tls_handshakes
+            .get_or_create(&ListenerResumed {
+                listener: listener.to_owned(),
+                resumed: if resumed { "true" } else { "false" },
+            })
+            .inc();
+    }
+
     pub fn tls_handshake_failed(&self) -> u64 {
         self.tls_handshake_failures.fetch_add(1, Ordering::Relaxed) + 1
     }
@@ -174,6 +210,12 @@ impl Metrics {
             // Both series exist from the start, so an alert on `error` sees a 0 first.
             drop(jwks_refreshes.get_or_create(&ResultLabel { result }));
         }
+        let tls_handshakes = Family::<ListenerResumed, Counter>::default();
+        registry.register(
+            "wsgate_tls_handshakes",
+            "TLS handshakes completed, by listener and whether the session was resumed",
+            tls_handshakes.clone(),
+        );
         let sources = Arc::new(Mutex::new(Sources::default()));
         let accept = AcceptFamilies::register(&mut registry);
         registry.register(
@@ -273,6 +315,7 @@ impl Metrics {
             reload_failures,
             revocations,
             jwks_refreshes,
+            tls_handshakes,
             accept,
             routes: Mutex::new(HashMap::new()),
             sources,
@@ -719,6 +762,7 @@ impl Collector for ScrapeTime {
         )?;
         if let Some(source) = backends {
             encode_backends(&mut enc, &source.backend_samples())?;
+            encode_queues(&mut enc, &source.queue_samples())?;
         }
         encode_process(&mut enc)
     }
@@ -742,6 +786,34 @@ fn gauge(
 ) -> Result<(), std::fmt::Error> {
     let g = ConstGauge::new(value);
     g.encode(enc.encode_descriptor(name, help, None, g.metric_type())?)
+}
+
+fn encode_queues(
+    enc: &mut DescriptorEncoder,
+    samples: &[QueueSample],
+) -> Result<(), std::fmt::Error> {
+    let label = |s: &QueueSample| UpstreamLabel {
+        upstream: s.upstream.clone(),
+    };
+    let mut family = enc.encode_descriptor(
+        "wsgate_upstream_queue",
+        "Upgrades waiting for a backend's max_pending place",
+        None,
+        prometheus_client::metrics::MetricType::Gauge,
+    )?;
+    for s in samples {
+        ConstGauge::new(s.waiting).encode(family.encode_family(&label(s))?)?;
+    }
+    let mut family = enc.encode_descriptor(
+        "wsgate_upstream_queue_seconds",
+        "Time upgrades waited for a backend's max_pending place",
+        None,
+        prometheus_client::metrics::MetricType::Histogram,
+    )?;
+    for s in samples {
+        s.seconds.encode(family.encode_family(&label(s))?)?;
+    }
+    Ok(())
 }
 
 fn encode_backends(

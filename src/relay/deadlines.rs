@@ -71,6 +71,8 @@ pub struct Deadlines {
     upstream_ping_interval: Duration,
     /// `close_on_expiry`: the token's expiry; cleared once acted on.
     expires_at: Option<Instant>,
+    /// `max_connection_age` (jittered): the connection's end; cleared once acted on.
+    max_age_at: Option<Instant>,
     /// When a drain (1012) or an admin close (4003) wants this connection closed, and
     /// which of the two.
     drain_at: Option<(Instant, Ending)>,
@@ -96,6 +98,7 @@ impl Deadlines {
             pong_timeout: settings.pong_timeout,
             upstream_ping_interval: settings.upstream_ping_interval,
             expires_at: settings.expires_at,
+            max_age_at: (!settings.max_age.is_zero()).then(|| now + settings.max_age),
             drain_at: None,
             ping_check: every(settings.ping_interval),
             upstream_ping_check: every(settings.upstream_ping_interval),
@@ -151,6 +154,11 @@ impl Deadlines {
             && t <= now
         {
             due.ending = Some(ending);
+            return due;
+        }
+        if self.max_age_at.is_some_and(|t| t <= now) {
+            self.max_age_at = None;
+            due.ending = Some(Ending::MaxAge);
             return due;
         }
         if self.expires_at.is_some_and(|t| t <= now) {
@@ -210,6 +218,7 @@ impl Deadlines {
             return due;
         }
         due = earliest(due, self.expires_at);
+        due = earliest(due, self.max_age_at);
         due = earliest(due, self.drain_at.map(|(t, _)| t));
         due = earliest(due, self.ping_check);
         due = earliest(due, self.upstream_ping_check);

@@ -68,6 +68,9 @@ pub struct Settings {
     pub upstream_ping_interval: Duration,
     /// `close_on_expiry`: the token's `exp` (+ leeway); the connection closes 4001 then.
     pub expires_at: Option<Instant>,
+    /// `max_connection_age`, jittered ±10 % per connection; zero = off. Counted from the
+    /// relay's start; the connection closes 1001 `max age` then.
+    pub max_age: Duration,
     /// Where drains (1012) and admin closes (4003) ask this connection to close.
     pub control: Option<Arc<Control>>,
     /// The route's counters, fed as the relay goes.
@@ -97,6 +100,7 @@ impl Settings {
             pong_timeout: keepalive.pong_timeout,
             upstream_ping_interval: keepalive.upstream_ping_interval,
             expires_at: None,
+            max_age: jittered_age(limits.max_connection_age),
             control: None,
             metrics: None,
             linger_client: true,
@@ -126,11 +130,18 @@ impl Settings {
             pong_timeout: Duration::from_secs(10),
             upstream_ping_interval: Duration::ZERO,
             expires_at: None,
+            max_age: Duration::ZERO,
             control: None,
             metrics: None,
             linger_client: true,
         }
     }
+}
+
+/// `max_connection_age` ± 10 %, uniformly: connections opened together (after a storm)
+/// do not all reach their age together.
+fn jittered_age(age: Duration) -> Duration {
+    age.mul_f64(0.9 + 0.2 * crate::ids::jitter())
 }
 
 /// Relays frames between `client` and `upstream` until both sides are closed.
@@ -555,6 +566,7 @@ where
             | Ending::SlowConsumer(Side::Upstream) => self.upstream_gone(ending),
             Ending::UpstreamViolation(_)
             | Ending::TokenExpired
+            | Ending::MaxAge
             | Ending::Idle
             | Ending::Drain
             | Ending::Revoked { .. }

@@ -112,9 +112,17 @@ pub struct Target<'a> {
 }
 
 /// Connects and upgrades to the key's backend, failing over (before any 101) to the next
-/// backends in rendezvous order when a connect or handshake fails. Each attempt has the
-/// upstream's `connect_timeout`. Only connect and TLS failures count against a backend's
-/// health (passive ejection); every failure counts in its `connect_errors`.
+/// backends in rendezvous order when a connect or handshake fails. Each attempt first
+/// waits for one of the backend's `max_pending` places (FIFO), then has the upstream's
+/// `connect_timeout`. Only connect and TLS failures count against a backend's health
+/// (passive ejection); every failure counts in its `connect_errors`.
+///
+/// With `max_pending` set, the handshake may wait up to `queue_timeout` in all: for a
+/// place, and — when no backend of the key could be reached (or none is eligible) — for
+/// a backend to come back, then it starts over from the key's own backend. A backend
+/// restart shorter than `queue_timeout` is then a wait, not an error. Past
+/// `queue_timeout` the client gets 503 `queue_timeout` (never a failover: the key's
+/// backend is where it belongs).
 pub async fn connect(
     req: &request::Parts,
     target: &Target<'_>,
@@ -123,31 +131,85 @@ pub async fn connect(
     key: &[u8],
 ) -> Result<Connected, Failure> {
     let upstream = target.upstream;
+    let queue_until = tokio::time::Instant::now() + upstream.queue_timeout;
+    let queue_timeout = |backend: &str| {
+        let refusal = Refusal::QueueTimeout {
+            retry_after_secs: retry_after(upstream.queue_timeout),
+        };
+        Failure::Proxy(refusal, backend.to_owned(), None)
+    };
+    // Each round after the first needs a backend to have come back, and all end at
+    // `queue_until`; the count is a backstop.
+    for _ in 0..MAX_ROUNDS {
+        let generation = pool.back_generation();
+        let last = match try_backends(req, target, fwd, pool, key, queue_until).await {
+            Round::Done(result) => return result,
+            Round::QueueTimeout(backend) => return Err(queue_timeout(&backend)),
+            Round::Unreachable(last) => last,
+        };
+        if upstream.max_pending == 0 {
+            return Err(last);
+        }
+        if !pool.wait_back(generation, queue_until).await {
+            return Err(queue_timeout(""));
+        }
+    }
+    Err(queue_timeout(""))
+}
+
+/// Rounds of [`connect`] (each after a backend came back) before it gives up anyway.
+const MAX_ROUNDS: usize = 64;
+
+/// How one round of trying the key's backends ended.
+enum Round {
+    /// Connected, or a failure that is the client's answer.
+    Done(Result<Connected, Failure>),
+    /// Waited for a place past `queue_timeout` (at this backend).
+    QueueTimeout(String),
+    /// No backend could be reached, or none was eligible: the last failure.
+    Unreachable(Failure),
+}
+
+async fn try_backends(
+    req: &request::Parts,
+    target: &Target<'_>,
+    fwd: &Forwarded<'_>,
+    pool: &Pool,
+    key: &[u8],
+    queue_until: tokio::time::Instant,
+) -> Round {
+    let upstream = target.upstream;
     let mut candidates = pool.candidates(key, upstream.bounded_load);
     let mut last = Failure::Proxy(Refusal::NoBackend, String::new(), None);
+    let mut reached = false;
     for _ in 0..MAX_ATTEMPTS {
         let Some(lease) = candidates.next() else {
             break;
         };
         let backend = lease.backend().clone();
+        let Some(turn) = pool.wait_turn(&backend, queue_until).await else {
+            return Round::QueueTimeout(backend.identity.clone());
+        };
         // Set once TCP (and TLS) is up and the request goes out. A failure before is the
         // backend's, and passive health counts it; a failure after (no answer, a close
         // without one, a broken 101, a timeout) may be this request's doing, so it never
         // counts towards ejection: else a few bad requests could take every backend out.
         let sent = AtomicBool::new(false);
         let attempt = handshake(req, target, fwd, lease, &sent);
-        let failure = match tokio::time::timeout(upstream.connect_timeout, attempt).await {
+        let outcome = tokio::time::timeout(upstream.connect_timeout, attempt).await;
+        drop(turn);
+        let failure = match outcome {
             Ok(Ok(connected)) => {
                 pool.connect_succeeded(&backend);
-                return Ok(connected);
+                return Round::Done(Ok(connected));
             }
             // The backend answered: it is reachable, and its answer is the client's.
             Ok(Err(f @ Failure::Status(..))) => {
                 pool.connect_succeeded(&backend);
-                return Err(f);
+                return Round::Done(Err(f));
             }
             // Our own request could not be built: no other backend would take it either.
-            Ok(Err(f @ Failure::Proxy(Refusal::BadUpgrade, ..))) => return Err(f),
+            Ok(Err(f @ Failure::Proxy(Refusal::BadUpgrade, ..))) => return Round::Done(Err(f)),
             Ok(Err(f)) => f,
             Err(_) => Failure::Proxy(
                 Refusal::UpstreamTimeout,
@@ -164,13 +226,26 @@ pub async fn connect(
         let sent = sent.load(Ordering::Acquire);
         if sent {
             pool.exchange_failed(&backend);
+            // Reached: whatever went wrong is not the backend being away.
+            reached = true;
         } else {
             pool.connect_failed(&backend);
         }
         tracing::debug!(upstream = %upstream.name, backend = %backend.identity, sent, "backend failed; trying the key's next backend");
         last = failure;
     }
-    Err(last)
+    if reached {
+        Round::Done(Err(last))
+    } else {
+        Round::Unreachable(last)
+    }
+}
+
+/// `Retry-After` for a queue timeout: spread uniformly over 1 ..= `queue_timeout` seconds
+/// (at least 1 ..= 2), so the refused clients do not all come back in the same second.
+pub fn retry_after(queue_timeout: std::time::Duration) -> u64 {
+    let window = queue_timeout.as_secs().max(2);
+    1 + ((crate::ids::jitter() * window as f64) as u64).min(window - 1)
 }
 
 async fn handshake(

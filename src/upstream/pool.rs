@@ -9,12 +9,19 @@
 //! connection registry does that from the [`DrainOrder`] the admin call returns).
 //!
 //! Health model:
-//! - with `health_check`: a backend starts up; `unhealthy_after` consecutive failures
-//!   (active checks and failed connects/handshakes alike) mark it down, and only
-//!   `healthy_after` consecutive passing *active* checks mark it up again;
-//! - without: failed connects/handshakes are still counted, and after
-//!   [`DEFAULT_UNHEALTHY_AFTER`] in a row the backend gets no new connections for
-//!   [`PASSIVE_COOLOFF`]; then the next connection tries it again;
+//! - with `health_check`: a backend starts up; `unhealthy_after` consecutive failed
+//!   active checks mark it down, and only `healthy_after` consecutive passing active
+//!   checks mark it up again;
+//! - passive detection, with or without active checks: after `unhealthy_after` (without
+//!   checks [`DEFAULT_UNHEALTHY_AFTER`]) failed connects in a row the backend is ejected:
+//!   it gets no new connections, and a probe (a TCP connect) tries it after
+//!   [`PROBE_FIRST`], then after back-offs growing by a quarter up to [`PROBE_MAX`]; the first
+//!   probe that connects (or a connection that succeeds) lets it back in, so a backend
+//!   that was down for a second costs about a second of refusals, not a fixed cool-off;
+//! - a backend back in (probe, passing checks) or added by a reload or DNS gets its
+//!   rendezvous weight ramped linearly over `slow_start` (from 1 ‰ of its weight);
+//! - `max_pending`: upstream handshakes in flight per backend, the rest waiting in FIFO
+//!   order ([`Pool::wait_turn`]) at most `queue_timeout`;
 //! - a reload that drops `health_check` marks every backend up and restarts its streaks
 //!   (nothing else would bring a backend it marked down back);
 //! - only failures to reach a backend (TCP connect, TLS) are passive failures: once the
@@ -26,11 +33,12 @@
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::net::SocketAddr;
-use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicI64, AtomicU32, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, OnceLock, PoisonError, RwLock};
 use std::time::Duration;
 
-use tokio::sync::watch;
+use prometheus_client::metrics::histogram::{Histogram, exponential_buckets};
+use tokio::sync::{OwnedSemaphorePermit, Semaphore, watch};
 use tokio::time::Instant;
 
 mod admin;
@@ -45,9 +53,14 @@ use super::resolve::{self, Entry, Resolver};
 use crate::config::file::DEFAULT_UNHEALTHY_AFTER;
 use crate::config::{HealthCheck, Upstream, UpstreamKind, UpstreamTls};
 
-/// Without active checks, a backend that failed this many times in a row is left alone
-/// this long before a connection tries it again.
-pub const PASSIVE_COOLOFF: Duration = Duration::from_secs(10);
+/// The first probe of an ejected backend comes this long after the ejection.
+pub const PROBE_FIRST: Duration = Duration::from_millis(100);
+/// The longest wait between two probes of an ejected backend.
+pub const PROBE_MAX: Duration = Duration::from_millis(250);
+/// Slow start begins a backend at this share of its weight (in thousandths).
+const RAMP_FLOOR_PERMILLE: u64 = 1;
+/// `ramp_from_ms` of a backend that is not ramping.
+const NOT_RAMPING: u64 = u64::MAX;
 
 /// How long the health task sleeps when its pool has no `health_check` (it is woken
 /// early when a reload adds one).
@@ -89,13 +102,25 @@ pub struct BackendState {
     draining: AtomicBool,
     active: AtomicU64,
     connect_errors: AtomicU64,
-    /// Consecutive failures (checks or connects), reset by any success.
+    /// Consecutive failed connects (passive detection), reset by any success.
     fails: AtomicU32,
+    /// Consecutive failed active checks, reset by a passing one.
+    check_fails: AtomicU32,
     /// Consecutive passing active checks, reset by any failure.
     passes: AtomicU32,
-    /// Passive-only pools: milliseconds since the pool's epoch before which the backend
-    /// gets no new connections.
-    cool_until_ms: AtomicU64,
+    /// Taken out by passive detection until a probe (or a connection) reaches it.
+    ejected: AtomicBool,
+    /// Failed `unhealthy_after` connects in a row: probed until reached, ejected or not
+    /// (`max_ejected` may keep it in), so that handshakes waiting for it learn when it is
+    /// back.
+    suspect: AtomicBool,
+    /// A probe task is looking after this ejected backend.
+    probing: AtomicBool,
+    /// Slow start: when (ms since the pool's epoch) it came back or was added;
+    /// [`NOT_RAMPING`] otherwise.
+    ramp_from_ms: AtomicU64,
+    /// `max_pending` places: the size they were made for, and the places.
+    queue: Mutex<Option<(u32, Arc<Semaphore>)>>,
     /// `max_ejected` kept this failing backend in (warned once per episode).
     eject_refused: AtomicBool,
     /// Kept-alive HTTP/1.1 connections for plain requests (`http: proxy` routes).
@@ -123,8 +148,13 @@ impl BackendState {
             active: AtomicU64::new(0),
             connect_errors: AtomicU64::new(0),
             fails: AtomicU32::new(0),
+            check_fails: AtomicU32::new(0),
             passes: AtomicU32::new(0),
-            cool_until_ms: AtomicU64::new(0),
+            ejected: AtomicBool::new(false),
+            suspect: AtomicBool::new(false),
+            probing: AtomicBool::new(false),
+            ramp_from_ms: AtomicU64::new(NOT_RAMPING),
+            queue: Mutex::default(),
             eject_refused: AtomicBool::new(false),
             idle_http: Default::default(),
         }
@@ -150,9 +180,53 @@ impl BackendState {
         !self.is_out(now_ms) && !self.is_draining()
     }
 
-    /// Taken out by health: down, or cooling off after passive failures.
-    fn is_out(&self, now_ms: u64) -> bool {
-        !self.is_up() || self.cool_until_ms.load(Ordering::Relaxed) > now_ms
+    /// Taken out by health: down (active checks), or ejected (passive failures).
+    fn is_out(&self, _now_ms: u64) -> bool {
+        !self.is_up() || self.ejected.load(Ordering::Acquire)
+    }
+
+    /// The places of its `max_pending` queue (made anew when the size changed).
+    fn places(&self, size: u32) -> Arc<Semaphore> {
+        let mut q = self.queue.lock().unwrap_or_else(PoisonError::into_inner);
+        match &*q {
+            Some((n, places)) if *n == size => places.clone(),
+            _ => {
+                let places = Arc::new(Semaphore::new(size as usize));
+                *q = Some((size, places.clone()));
+                places
+            }
+        }
+    }
+
+    /// Its rendezvous weight now, in thousandths: ramped during slow start.
+    fn ramped_weight(&self, now_ms: u64, slow_start_ms: u64) -> u32 {
+        let full = u64::from(self.weight()) * 1000;
+        let from = self.ramp_from_ms.load(Ordering::Relaxed);
+        if from == NOT_RAMPING || slow_start_ms == 0 {
+            return u32::try_from(full).unwrap_or(u32::MAX);
+        }
+        let elapsed = now_ms.saturating_sub(from);
+        if elapsed >= slow_start_ms {
+            self.ramp_from_ms.store(NOT_RAMPING, Ordering::Relaxed);
+            return u32::try_from(full).unwrap_or(u32::MAX);
+        }
+        let ramped =
+            (full * elapsed / slow_start_ms).max(RAMP_FLOOR_PERMILLE * u64::from(self.weight()));
+        u32::try_from(ramped.max(1)).unwrap_or(u32::MAX)
+    }
+}
+
+/// A place among a backend's `max_pending` upstream handshakes in flight; `None` inside
+/// when the upstream has no limit. Hold it until the upstream handshake is over.
+#[must_use]
+pub struct Turn(#[allow(dead_code)] Option<OwnedSemaphorePermit>);
+
+/// Counts one waiting handshake in the pool's queue gauge while it waits.
+struct Waiting<'a>(&'a AtomicI64);
+
+impl Drop for Waiting<'_> {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::Relaxed);
     }
 }
 
@@ -213,6 +287,15 @@ pub struct Pool {
     /// Wakes the background tasks early when a reload changed the config; dropped with
     /// the pool, which ends them (a closed channel is seen even by a task that was busy).
     wake: watch::Sender<()>,
+    /// Upgrades waiting for a `max_pending` place, or for a backend to come back, now
+    /// (`wsgate_upstream_queue`).
+    queue_waiting: Arc<AtomicI64>,
+    /// Told (and its generation bumped) whenever a backend comes back: a probe or a
+    /// connection reached a suspect backend, active checks passed again, a backend was
+    /// added.
+    back: Arc<Back>,
+    /// Time spent waiting for a place (`wsgate_upstream_queue_seconds`).
+    queue_seconds: Histogram,
 }
 
 impl Pool {
@@ -233,6 +316,62 @@ impl Pool {
             options,
             epoch: Instant::now(),
             wake: watch::Sender::new(()),
+            queue_waiting: Arc::default(),
+            back: Arc::default(),
+            // 1 ms … 16 s.
+            queue_seconds: Histogram::new(exponential_buckets(0.001, 2.0, 15)),
+        }
+    }
+
+    /// The generation of "a backend came back" events: read it before trying backends,
+    /// give it to [`Pool::wait_back`] after they all failed.
+    pub fn back_generation(&self) -> u64 {
+        self.back.generation.load(Ordering::Acquire)
+    }
+
+    /// Waits until a backend comes back after `generation` (true), or until `until`
+    /// (false). Counted in the queue gauge: the handshake waits for its backend.
+    pub async fn wait_back(&self, generation: u64, until: Instant) -> bool {
+        let notified = self.back.notify.notified();
+        tokio::pin!(notified);
+        notified.as_mut().enable();
+        if self.back_generation() != generation {
+            return true;
+        }
+        self.queue_waiting.fetch_add(1, Ordering::Relaxed);
+        let _waiting = Waiting(&self.queue_waiting);
+        tokio::time::timeout_at(until, notified).await.is_ok()
+    }
+
+    /// Upgrades waiting in this upstream's queues now, and the histogram of waits.
+    pub fn queue_state(&self) -> (i64, Histogram) {
+        (
+            self.queue_waiting.load(Ordering::Relaxed),
+            self.queue_seconds.clone(),
+        )
+    }
+
+    /// Waits (FIFO) for one of `b`'s `max_pending` places until `until` (the handshake's
+    /// first wait plus `queue_timeout`: failover does not restart the clock); `None` when
+    /// that passed. Dropping the future (the client went away) leaves the queue at once.
+    pub async fn wait_turn(&self, b: &BackendState, until: Instant) -> Option<Turn> {
+        let spec = self.spec();
+        if spec.max_pending == 0 {
+            return Some(Turn(None));
+        }
+        let places = b.places(spec.max_pending);
+        if let Ok(p) = places.clone().try_acquire_owned() {
+            self.queue_seconds.observe(0.0);
+            return Some(Turn(Some(p)));
+        }
+        let started = Instant::now();
+        self.queue_waiting.fetch_add(1, Ordering::Relaxed);
+        let _waiting = Waiting(&self.queue_waiting);
+        let got = tokio::time::timeout_at(until, places.acquire_owned()).await;
+        self.queue_seconds.observe(started.elapsed().as_secs_f64());
+        match got {
+            Ok(Ok(p)) => Some(Turn(Some(p))),
+            _ => None,
         }
     }
 
@@ -269,13 +408,30 @@ impl Pool {
     /// The key's backends in rendezvous order, to be taken one at a time.
     pub fn candidates(&self, key: &[u8], bounded_load: Option<f64>) -> Candidates {
         let members = self.members();
-        let order = hash::rank(key, &members.keys);
+        let slow_start = self.spec().slow_start;
+        let now = self.now_ms();
+        let ramping = !slow_start.is_zero()
+            && members
+                .backends
+                .iter()
+                .any(|b| b.ramp_from_ms.load(Ordering::Relaxed) != NOT_RAMPING);
+        let order = if ramping {
+            let ms = u64::try_from(slow_start.as_millis()).unwrap_or(u64::MAX);
+            let keys: Vec<(u64, u32)> = members
+                .backends
+                .iter()
+                .map(|b| (b.seed, b.ramped_weight(now, ms)))
+                .collect();
+            hash::rank(key, &keys)
+        } else {
+            hash::rank(key, &members.keys)
+        };
         Candidates {
             tried: vec![false; members.backends.len()],
             members,
             order,
             bounded_load,
-            now_ms: self.now_ms(),
+            now_ms: now,
         }
     }
 
@@ -293,14 +449,14 @@ impl Pool {
         if fails < threshold {
             return;
         }
+        if !b.suspect.swap(true, Ordering::AcqRel) {
+            self.start_probe(b, spec.connect_timeout);
+        }
         // One ejection decided at a time, so two failing backends cannot both see room
         // for one more.
         let _one_at_a_time = self.ejecting.lock().unwrap_or_else(PoisonError::into_inner);
         let now = self.now_ms();
         if b.is_out(now) {
-            if spec.health_check.is_none() {
-                self.cool_off(b, now, fails);
-            }
             return;
         }
         if !self.may_eject(b, spec.max_ejected, now) {
@@ -311,20 +467,38 @@ impl Pool {
             return;
         }
         b.eject_refused.store(false, Ordering::Relaxed);
-        match spec.health_check {
-            Some(_) => self.mark_down(b, "connect failures"),
-            None => self.cool_off(b, now, fails),
+        // Out until a probe reaches it again (half-open probing with a short, growing
+        // back-off), so that it is back about as soon as it accepts.
+        if !b.ejected.swap(true, Ordering::AcqRel) {
+            tracing::warn!(upstream = %self.name, backend = %b.identity, fails, "backend failing; ejected until a probe reaches it (first in {PROBE_FIRST:?})");
         }
     }
 
-    /// Without active checks, a failing backend gets no new connections for
-    /// [`PASSIVE_COOLOFF`] (extended while connects to it still fail).
-    fn cool_off(&self, b: &BackendState, now: u64, fails: u32) {
-        let until = now.saturating_add(PASSIVE_COOLOFF.as_millis() as u64);
-        let before = b.cool_until_ms.swap(until, Ordering::Relaxed);
-        if before <= now {
-            tracing::warn!(upstream = %self.name, backend = %b.identity, fails, "backend failing; no new connections for {PASSIVE_COOLOFF:?}");
+    /// Starts probing a suspect backend (one task per backend at a time).
+    fn start_probe(&self, b: &BackendState, connect_timeout: Duration) {
+        let Some(state) = self
+            .members()
+            .backends
+            .iter()
+            .find(|m| std::ptr::eq(m.as_ref(), b))
+            .cloned()
+        else {
+            return;
+        };
+        if state.probing.swap(true, Ordering::AcqRel) {
+            return;
         }
+        let Ok(rt) = tokio::runtime::Handle::try_current() else {
+            state.probing.store(false, Ordering::Release);
+            return;
+        };
+        let probe = Probe {
+            upstream: self.name.clone(),
+            epoch: self.epoch,
+            connect_timeout,
+            back: self.back.clone(),
+        };
+        rt.spawn(probe.run(state));
     }
 
     /// Whether taking `b` out keeps the backends out within `max_ejected` percent of the
@@ -351,7 +525,13 @@ impl Pool {
     pub fn connect_succeeded(&self, b: &BackendState) {
         b.fails.store(0, Ordering::Relaxed);
         b.eject_refused.store(false, Ordering::Relaxed);
-        b.cool_until_ms.store(0, Ordering::Relaxed);
+        let was_suspect = b.suspect.swap(false, Ordering::AcqRel);
+        if b.ejected.swap(false, Ordering::AcqRel) {
+            b.ramp_from_ms.store(self.now_ms(), Ordering::Relaxed);
+        }
+        if was_suspect {
+            self.back.tell();
+        }
     }
 
     /// One active check's verdict, with hysteresis.
@@ -360,14 +540,19 @@ impl Pool {
             return;
         };
         if ok {
-            b.fails.store(0, Ordering::Relaxed);
+            b.check_fails.store(0, Ordering::Relaxed);
             let passes = b.passes.fetch_add(1, Ordering::AcqRel).saturating_add(1);
             if passes >= hc.healthy_after && !b.up.swap(true, Ordering::AcqRel) {
+                b.ramp_from_ms.store(self.now_ms(), Ordering::Relaxed);
+                self.back.tell();
                 tracing::info!(upstream = %self.name, backend = %b.identity, "backend up (health checks pass)");
             }
         } else {
             b.passes.store(0, Ordering::Relaxed);
-            let fails = b.fails.fetch_add(1, Ordering::AcqRel).saturating_add(1);
+            let fails = b
+                .check_fails
+                .fetch_add(1, Ordering::AcqRel)
+                .saturating_add(1);
             if fails >= hc.unhealthy_after {
                 self.mark_down(b, "health checks fail");
             }
@@ -402,6 +587,7 @@ impl Pool {
         if old.health_check.is_some() && upstream.health_check.is_none() {
             for b in self.backends() {
                 b.fails.store(0, Ordering::Relaxed);
+                b.check_fails.store(0, Ordering::Relaxed);
                 b.passes.store(0, Ordering::Relaxed);
                 if !b.up.swap(true, Ordering::AcqRel) {
                     tracing::info!(upstream = %self.name, backend = %b.identity, "backend up (health checks removed)");
@@ -476,6 +662,12 @@ impl Pool {
             return;
         }
         let old = slot.clone();
+        // Backends a reload or DNS adds to a pool that had some ramp up (slow start).
+        let ramp_from = if old.backends.is_empty() {
+            NOT_RAMPING
+        } else {
+            self.now_ms()
+        };
         let mut by_addr: BTreeMap<SocketAddr, Arc<BackendState>> = BTreeMap::new();
         for (entry, weight, addrs) in fresh {
             for addr in addrs {
@@ -487,7 +679,11 @@ impl Pool {
                         b.weight.store(*weight, Ordering::Relaxed);
                         b.clone()
                     }
-                    _ => Arc::new(BackendState::new(*addr, entry, *weight)),
+                    _ => {
+                        let fresh = BackendState::new(*addr, entry, *weight);
+                        fresh.ramp_from_ms.store(ramp_from, Ordering::Relaxed);
+                        Arc::new(fresh)
+                    }
                 };
                 by_addr.insert(*addr, state);
             }
@@ -497,7 +693,11 @@ impl Pool {
         let keys = backends.iter().map(|b| (b.seed, b.weight())).collect();
         let members = Arc::new(Members { backends, keys });
         self.apply_drains(&members);
+        let added = members.backends.len() > old.backends.len();
         *slot = members;
+        if added {
+            self.back.tell();
+        }
     }
 
     fn apply_drains(&self, members: &Members) {
@@ -560,6 +760,75 @@ impl Pool {
                     connect_errors: b.connect_errors.load(Ordering::Relaxed),
                 })
                 .collect(),
+        }
+    }
+}
+
+/// "A backend came back": a generation and the handshakes waiting for it.
+#[derive(Default)]
+struct Back {
+    generation: AtomicU64,
+    notify: tokio::sync::Notify,
+}
+
+impl Back {
+    fn tell(&self) {
+        self.generation.fetch_add(1, Ordering::AcqRel);
+        self.notify.notify_waiters();
+    }
+}
+
+/// What a probe task needs of its pool.
+struct Probe {
+    upstream: String,
+    epoch: Instant,
+    connect_timeout: Duration,
+    back: Arc<Back>,
+}
+
+impl Probe {
+    /// Probes a suspect backend with TCP connects after back-offs from [`PROBE_FIRST`],
+    /// growing by a quarter up to [`PROBE_MAX`], until one connects (the backend is back:
+    /// in again if it was ejected, ramped under `slow_start`, and the handshakes waiting
+    /// for it are told), a real connection succeeded meanwhile, or the backend left the
+    /// pool (this task holds the last reference).
+    async fn run(self, b: Arc<BackendState>) {
+        let mut backoff = PROBE_FIRST;
+        loop {
+            tokio::time::sleep(backoff).await;
+            let gone = Arc::strong_count(&b) == 1;
+            if gone || !b.suspect.load(Ordering::Acquire) {
+                b.probing.store(false, Ordering::Release);
+                // A suspicion between the check and the store found `probing` set and
+                // started no task: carry on for it.
+                if gone
+                    || !b.suspect.load(Ordering::Acquire)
+                    || b.probing.swap(true, Ordering::AcqRel)
+                {
+                    return;
+                }
+                backoff = PROBE_FIRST;
+                continue;
+            }
+            let wait = self.connect_timeout.min(Duration::from_secs(1));
+            let reached = matches!(
+                tokio::time::timeout(wait, tokio::net::TcpStream::connect(b.addr)).await,
+                Ok(Ok(_))
+            );
+            if !reached {
+                backoff = (backoff + backoff / 4).min(PROBE_MAX);
+                continue;
+            }
+            b.fails.store(0, Ordering::Relaxed);
+            if b.ejected.load(Ordering::Acquire) {
+                let now = u64::try_from(self.epoch.elapsed().as_millis()).unwrap_or(u64::MAX);
+                b.ramp_from_ms.store(now, Ordering::Relaxed);
+                b.ejected.store(false, Ordering::Release);
+            }
+            b.suspect.store(false, Ordering::Release);
+            tracing::info!(upstream = %self.upstream, backend = %b.identity, "backend back (a probe connected)");
+            self.back.tell();
+            backoff = PROBE_FIRST;
         }
     }
 }

@@ -121,6 +121,9 @@ impl Validator<'_> {
         if let Some(d) = file.idle_timeout {
             limits.idle_timeout = d.0;
         }
+        if let Some(d) = file.max_connection_age {
+            limits.max_connection_age = d.0;
+        }
         if let Some(d) = file.fragment_timeout {
             limits.fragment_timeout = d.0;
         }

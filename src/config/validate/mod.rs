@@ -159,6 +159,7 @@ pub fn validate(file: FileConfig, read: &ReadFile<'_>) -> Result<Config, Vec<Iss
         max_fragments: DEFAULT_MAX_FRAGMENTS,
         fragment_timeout: DEFAULT_FRAGMENT_TIMEOUT,
         idle_timeout: DEFAULT_IDLE_TIMEOUT,
+        max_connection_age: Duration::ZERO,
         max_connections_per_ip: DEFAULT_MAX_CONNECTIONS_PER_IP,
         max_connections_per_subject: 0,
         ipv6_prefix: crate::admission::client_ip::DEFAULT_V6_PREFIX,

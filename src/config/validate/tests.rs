@@ -30,6 +30,7 @@ fn minimal_config_gets_every_default() {
         max_fragments: 256,
         fragment_timeout: Duration::from_secs(10),
         idle_timeout: Duration::ZERO,
+        max_connection_age: Duration::ZERO,
         max_connections_per_ip: 64,
         max_connections_per_subject: 0,
         ipv6_prefix: 64,

@@ -6,6 +6,7 @@ use std::path::Path;
 use super::Validator;
 use crate::config::file::{FileListenerTls, FileUpstreamTls};
 use crate::config::{KeyPath, ListenerTls, UpstreamTls};
+use crate::tls::tickets::{SharedKeys, Tickets};
 use crate::tls::{self, MinVersion};
 
 impl Validator<'_> {
@@ -72,10 +73,38 @@ impl Validator<'_> {
                 .map_err(|e| self.issue(&path.key("client_ca"), e))
                 .ok()
         });
+        let resumption = match (file.session_tickets, &file.ticket_keys) {
+            (Some(false), Some(_)) => {
+                self.issue(
+                    &path.key("ticket_keys"),
+                    "ticket_keys needs session_tickets (remove `session_tickets: false` or the keys)"
+                        .into(),
+                );
+                Tickets::Off
+            }
+            (Some(false), None) => Tickets::Off,
+            (_, None) => Tickets::Rotating,
+            (_, Some(file)) => {
+                let at = path.key("ticket_keys");
+                match (self.read)(Path::new(file.value.trim())) {
+                    Ok(bytes) => match SharedKeys::parse(&bytes) {
+                        Ok(keys) => Tickets::Shared(std::sync::Arc::new(keys)),
+                        Err(e) => {
+                            self.issue(&at, format!("{}: {e}", file.value.trim()));
+                            Tickets::Off
+                        }
+                    },
+                    Err(e) => {
+                        self.issue(&at, format!("{}: {e}", file.value.trim()));
+                        Tickets::Off
+                    }
+                }
+            }
+        };
         if self.issues.len() != before {
             return None;
         }
-        match tls::server_config(&certificates, min, client_ca.as_ref()) {
+        match tls::server_config(&certificates, min, client_ca.as_ref(), &resumption) {
             Ok(server) => Some(ListenerTls {
                 server,
                 certificates,

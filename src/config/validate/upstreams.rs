@@ -1,11 +1,13 @@
 //! `upstreams`: backends (addresses, weights) or the builtin echo, `sticky.key`,
-//! `balance`, `health_check`, `connect_timeout` and `max_ejected`.
+//! `balance`, `health_check`, `connect_timeout`, `max_ejected`, `max_pending`,
+//! `queue_timeout` and `slow_start`.
 
 use super::{Validator, is_token};
 use crate::config::file::{
     DEFAULT_CONNECT_TIMEOUT, DEFAULT_HEALTH_INTERVAL, DEFAULT_HEALTH_TIMEOUT,
-    DEFAULT_HEALTHY_AFTER, DEFAULT_MAX_EJECTED_PERCENT, DEFAULT_UNHEALTHY_AFTER, DEFAULT_WEIGHT,
-    FileBackend, FileBalance, FileHealthCheck, FileSticky, FileUpstream,
+    DEFAULT_HEALTHY_AFTER, DEFAULT_MAX_EJECTED_PERCENT, DEFAULT_QUEUE_TIMEOUT,
+    DEFAULT_UNHEALTHY_AFTER, DEFAULT_WEIGHT, FileBackend, FileBalance, FileHealthCheck, FileSticky,
+    FileUpstream,
 };
 use crate::config::units::{Text, fmt_duration};
 use crate::config::{Backend, HealthCheck, KeyPath, StickyKey, Upstream, UpstreamKind};
@@ -39,6 +41,11 @@ impl Validator<'_> {
             Some(text) => self.percent(text, &path.key("max_ejected")),
             None => DEFAULT_MAX_EJECTED_PERCENT,
         };
+        let queue_timeout = match file.queue_timeout {
+            Some(d) => self.positive(d, &path.key("queue_timeout")),
+            None => DEFAULT_QUEUE_TIMEOUT,
+        };
+        let slow_start = file.slow_start.map_or(std::time::Duration::ZERO, |d| d.0);
         let kind = match (file.backends, file.builtin) {
             (Some(_), Some(_)) => {
                 self.issue(path, "set either `backends` or `builtin`, not both".into());
@@ -88,6 +95,9 @@ impl Validator<'_> {
             bounded_load,
             health_check,
             max_ejected,
+            max_pending: file.max_pending.unwrap_or(0),
+            queue_timeout,
+            slow_start,
         })
     }
 

@@ -221,4 +221,18 @@ impl crate::observe::metrics::BackendSource for Pools {
         }
         out
     }
+
+    fn queue_samples(&self) -> Vec<crate::observe::metrics::QueueSample> {
+        self.all()
+            .iter()
+            .map(|p| {
+                let (waiting, seconds) = p.queue_state();
+                crate::observe::metrics::QueueSample {
+                    upstream: p.name().to_owned(),
+                    waiting,
+                    seconds,
+                }
+            })
+            .collect()
+    }
 }

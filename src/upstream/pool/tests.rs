@@ -257,7 +257,7 @@ async fn passive_failures_without_checks_cool_a_backend_off() {
         .unwrap();
     assert!(!b.up);
     assert_eq!(b.connect_errors, u64::from(DEFAULT_UNHEALTHY_AFTER));
-    // A success (e.g. after the cool-off) ends the streak.
+    // A success (a connection that got through) ends the ejection.
     pool.connect_succeeded(&first);
     assert_eq!(
         pick_addr(&pool, "k").as_deref(),
@@ -275,15 +275,56 @@ async fn health_hysteresis_marks_down_and_up() {
     let b = pool.backends()[0].clone();
     pool.check_result(&b, false);
     assert!(b.is_up());
-    pool.connect_failed(&b); // passive failures count too
+    pool.check_result(&b, false);
     assert!(!b.is_up());
     pool.check_result(&b, true);
     pool.check_result(&b, true);
     assert!(!b.is_up());
-    pool.connect_succeeded(&b); // only active checks bring a backend back
+    pool.connect_succeeded(&b); // only active checks bring a backend they marked down back
     assert!(!b.is_up());
     pool.check_result(&b, true);
     assert!(b.is_up());
+}
+
+/// Passive failures eject a backend whether or not active checks run; a probe that
+/// connects lets it back in within the first back-offs (issue 19: a 1 s outage must not
+/// cost a 10 s cool-off).
+#[tokio::test]
+async fn an_ejected_backend_is_probed_back_in() {
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = listener.local_addr().unwrap();
+    drop(listener); // refused until it listens again
+    for extra in [
+        "",
+        ", health_check: { interval: 1h, timeout: 1s, unhealthy_after: 2 }",
+    ] {
+        let config = config(&format!(
+            "{{ backends: [{{ addr: \"{addr}\" }}], max_ejected: 100%{extra} }}"
+        ));
+        let pools = pools_for(&config, Arc::default()).await;
+        let pool = pools.get("up").unwrap();
+        let b = pool.backends()[0].clone();
+        for _ in 0..DEFAULT_UNHEALTHY_AFTER {
+            pool.connect_failed(&b);
+        }
+        assert!(pick(&pool, "k").is_none(), "{extra}: still eligible");
+        assert!(
+            b.is_up(),
+            "{extra}: passive ejection is not an active verdict"
+        );
+        tokio::time::sleep(PROBE_FIRST * 3).await;
+        assert!(pick(&pool, "k").is_none(), "{extra}: back while refusing");
+        let revived = std::net::TcpListener::bind(addr).unwrap();
+        let back = std::time::Instant::now();
+        while pick(&pool, "k").is_none() {
+            assert!(
+                back.elapsed() < Duration::from_secs(3),
+                "{extra}: not probed back in"
+            );
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        drop(revived);
+    }
 }
 
 #[tokio::test]
@@ -485,4 +526,47 @@ async fn a_refresh_from_before_a_reload_does_not_undo_it() {
         .expect("the refresh never ended")
         .unwrap();
     assert_eq!(addrs(&pool), ["10.0.0.2:1"]);
+}
+
+/// Issue 19 `slow_start`: a backend a DNS change adds gets its share of new keys ramped
+/// over the window (asserted on counts of 2,000 keys at four points of it); without
+/// `slow_start` it takes its full share at once. Time is tokio's, paused.
+#[tokio::test(start_paused = true)]
+async fn slow_start_ramps_an_added_backends_share() {
+    let share = |pool: &Pool, new: &str| {
+        placement(pool, 2000)
+            .iter()
+            .filter(|a| a.as_deref() == Some(new))
+            .count()
+    };
+    for slow_start in ["", ", slow_start: 8s"] {
+        let dns = Arc::new(FakeDns::default());
+        dns.set("chat.internal", &["10.1.0.1"]);
+        let config = config(&format!(
+            "{{ backends: [{{ addr: \"chat.internal:9001\" }}, {{ addr: \"10.0.0.9:9001\" }}]{slow_start} }}"
+        ));
+        let pools = pools_for(&config, dns.clone()).await;
+        let pool = pools.get("up").unwrap();
+        assert_eq!(share(&pool, "10.1.0.2:9001"), 0);
+        dns.set("chat.internal", &["10.1.0.1", "10.1.0.2"]);
+        pool.refresh().await;
+        let mut counts = Vec::new();
+        for _ in 0..4 {
+            counts.push(share(&pool, "10.1.0.2:9001"));
+            tokio::time::advance(Duration::from_secs(3)).await;
+        }
+        // Three equal backends: the full share is a third of the keys (~667).
+        if slow_start.is_empty() {
+            assert!(
+                counts.iter().all(|&n| (550..800).contains(&n)),
+                "{counts:?}"
+            );
+        } else {
+            // At 0, 3, 6 and 9 s of 8: ~0, then growing, then the full third.
+            assert!(counts[0] <= 10, "{counts:?}");
+            assert!(counts[0] < counts[1] && counts[1] < counts[2], "{counts:?}");
+            assert!(counts[1] < 400, "{counts:?}");
+            assert!((550..800).contains(&counts[3]), "{counts:?}");
+        }
+    }
 }

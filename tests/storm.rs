@@ -1,0 +1,304 @@
+//! Issue 19, reconnect storms: the per-backend upgrade queue (`max_pending`,
+//! `queue_timeout`), passive detection letting a recovered backend back in, and
+//! `limits.max_connection_age`. Real sockets: a backend that holds each upgrade until the
+//! test answers it, raw clients, the gateway in-process.
+
+mod support;
+
+use std::net::SocketAddr;
+use std::time::Duration;
+
+use tokio::io::AsyncWriteExt;
+use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::mpsc;
+
+use support::*;
+
+/// A backend that reads each upgrade request and hands it to the test unanswered: the
+/// test decides when (and whether) it gets its 101. Returns its address and the held
+/// requests in arrival order.
+async fn holding_backend() -> (SocketAddr, mpsc::Receiver<(TcpStream, String)>) {
+    let listener = TcpListener::bind("127.0.0.1:0")
+        .await
+        .unwrap_or_else(|e| panic!("{e}"));
+    let addr = listener.local_addr().unwrap_or_else(|e| panic!("{e}"));
+    let (tx, rx) = mpsc::channel(64);
+    tokio::spawn(async move {
+        while let Ok((mut s, _)) = listener.accept().await {
+            let tx = tx.clone();
+            tokio::spawn(async move {
+                let head = read_head(&mut s).await;
+                if !head.is_empty() {
+                    let _ = tx.send((s, head)).await;
+                }
+            });
+        }
+    });
+    (addr, rx)
+}
+
+/// Answers a held upgrade with its 101.
+async fn answer_101(s: &mut TcpStream, head: &str) {
+    let key = header_value(head, "sec-websocket-key").unwrap_or_default();
+    let accept = tokio_tungstenite::tungstenite::handshake::derive_accept_key(key.as_bytes());
+    let resp = format!(
+        "HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\nConnection: Upgrade\r\nSec-WebSocket-Accept: {accept}\r\n\r\n"
+    );
+    s.write_all(resp.as_bytes())
+        .await
+        .unwrap_or_else(|e| panic!("{e}"));
+}
+
+fn queue_config(backend: SocketAddr, extra: &str) -> String {
+    format!(
+        r#"
+listeners: [{{ name: public, bind: "127.0.0.1:0" }}]
+admin: {{ bind: "127.0.0.1:0" }}
+upstreams:
+  app: {{ backends: [{{ addr: "{backend}" }}], sticky: {{ key: "query:room" }}, connect_timeout: 5s{extra} }}
+routes:
+  - {{ name: app, match: {{ path_prefix: / }}, upstream: app }}
+"#
+    )
+}
+
+/// Sends an upgrade request for `room` and returns the stream, the head not yet read.
+async fn send_upgrade(gw: SocketAddr, room: &str) -> TcpStream {
+    let mut s = TcpStream::connect(gw)
+        .await
+        .unwrap_or_else(|e| panic!("{e}"));
+    let req = format!(
+        "GET /?room={room} HTTP/1.1\r\nHost: {gw}\r\nConnection: Upgrade\r\nUpgrade: websocket\r\nSec-WebSocket-Version: 13\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n\r\n"
+    );
+    s.write_all(req.as_bytes())
+        .await
+        .unwrap_or_else(|e| panic!("{e}"));
+    s
+}
+
+/// The room a held upstream request is for.
+fn room_of(head: &str) -> String {
+    head.lines()
+        .next()
+        .and_then(|l| l.split("room=").nth(1))
+        .and_then(|r| r.split_whitespace().next())
+        .unwrap_or("?")
+        .to_owned()
+}
+
+/// Nothing reaches the backend for a while.
+async fn assert_quiet(held: &mut mpsc::Receiver<(TcpStream, String)>, why: &str) {
+    if let Ok(Some((_, head))) = tokio::time::timeout(Duration::from_millis(300), held.recv()).await
+    {
+        panic!("{why}: the backend got {}", room_of(&head));
+    }
+}
+
+async fn next_held(held: &mut mpsc::Receiver<(TcpStream, String)>) -> (TcpStream, String) {
+    next_accepted(held).await
+}
+
+/// `max_pending: 2`: the third and later upgrades wait, in arrival order; one whose client
+/// went away leaves the queue at once and is never sent upstream; past `queue_timeout`
+/// the client gets 503 `queue_timeout` with a `Retry-After` within the window.
+#[tokio::test]
+async fn the_queue_is_fifo_drops_the_departed_and_times_out_with_retry_after() {
+    let (backend, mut held) = holding_backend().await;
+    let gw = spawn_gateway(&queue_config(
+        backend,
+        ", max_pending: 2, queue_timeout: 1500ms",
+    ))
+    .await;
+    let addr = gw.addr();
+    let _a = send_upgrade(addr, "a").await;
+    let (mut up_a, head_a) = next_held(&mut held).await;
+    let _b = send_upgrade(addr, "b").await;
+    let (mut up_b, head_b) = next_held(&mut held).await;
+    assert_eq!(
+        (room_of(&head_a), room_of(&head_b)),
+        ("a".into(), "b".into())
+    );
+
+    // Two in flight: the next ones wait at the gateway.
+    let gone = send_upgrade(addr, "gone").await;
+    await_metric(&gw, "wsgate_upstream_queue", &[("upstream", "app")], 1.0).await;
+    let _d = send_upgrade(addr, "d").await;
+    await_metric(&gw, "wsgate_upstream_queue", &[("upstream", "app")], 2.0).await;
+    let _e = send_upgrade(addr, "e").await;
+    await_metric(&gw, "wsgate_upstream_queue", &[("upstream", "app")], 3.0).await;
+    assert_quiet(&mut held, "max_pending 2 with two in flight").await;
+
+    // The client that gave up leaves the queue at once (not when its turn comes).
+    drop(gone);
+    await_metric(&gw, "wsgate_upstream_queue", &[("upstream", "app")], 2.0).await;
+
+    // A place frees: the next in line is d (gone never reaches the backend), then e.
+    answer_101(&mut up_a, &head_a).await;
+    let (mut up_d, head_d) = next_held(&mut held).await;
+    assert_eq!(room_of(&head_d), "d");
+    answer_101(&mut up_b, &head_b).await;
+    let (_up_e, head_e) = next_held(&mut held).await;
+    assert_eq!(room_of(&head_e), "e");
+    answer_101(&mut up_d, &head_d).await;
+
+    // One place is free now (a, b, d answered; e in flight): f goes through, g waits
+    // behind e and f until queue_timeout.
+    let _f = send_upgrade(addr, "f").await;
+    let (_up_f, head_f) = next_held(&mut held).await;
+    assert_eq!(room_of(&head_f), "f");
+    let waited = tokio::time::Instant::now();
+    let mut g = send_upgrade(addr, "g").await;
+    let head = read_head(&mut g).await;
+    let elapsed = waited.elapsed();
+    assert!(head.starts_with("HTTP/1.1 503"), "{head}");
+    assert!(
+        elapsed >= Duration::from_millis(1400),
+        "refused after {elapsed:?}"
+    );
+    let retry: u64 = header_value(&head, "retry-after")
+        .and_then(|v| v.parse().ok())
+        .unwrap_or_else(|| panic!("no Retry-After: {head}"));
+    assert!((1..=2).contains(&retry), "{retry}");
+    let line = gw
+        .log_line(|l| l["event"] == "ws_reject" && l["path"] == "/?room=g")
+        .await;
+    assert_eq!(line["proxy_reason"], "queue_timeout");
+    assert_eq!(line["status"], 503);
+    assert_quiet(&mut held, "the timed-out g").await;
+    let scrape = scrape(&gw).await;
+    assert!(
+        metric(
+            &scrape,
+            "wsgate_upstream_queue_seconds_count",
+            &[("upstream", "app")]
+        ) >= 6.0
+    );
+}
+
+/// The `Retry-After` of queue timeouts is spread over the window, not one value.
+#[tokio::test]
+async fn queue_timeouts_spread_their_retry_after() {
+    let (backend, mut held) = holding_backend().await;
+    let gw = spawn_gateway(&queue_config(
+        backend,
+        ", max_pending: 1, queue_timeout: 200ms",
+    ))
+    .await;
+    let _first = send_upgrade(gw.addr(), "first").await;
+    let _held_first = next_held(&mut held).await;
+    let mut waits = Vec::new();
+    for i in 0..12 {
+        let mut s = send_upgrade(gw.addr(), &format!("late{i}")).await;
+        waits.push(tokio::spawn(async move { read_head(&mut s).await }));
+    }
+    let mut values = std::collections::BTreeSet::new();
+    for w in waits {
+        let head = w.await.unwrap_or_default();
+        assert!(head.starts_with("HTTP/1.1 503"), "{head}");
+        values.insert(header_value(&head, "retry-after").unwrap_or_default());
+    }
+    // Window max(2, 0.2 s) = 2 s: values 1 and 2; twelve draws all alike is 2 × 2^-12.
+    assert_eq!(values.len(), 2, "{values:?}");
+}
+
+/// `limits.max_connection_age: 1s`: each connection is closed 1001 `max age` within
+/// 0.9–1.1 s of its start (± 10 % jitter), the upstream gets 1001, the log says `max_age`.
+#[tokio::test]
+async fn max_connection_age_closes_1001_within_its_jitter_window() {
+    let (backend, mut accepted) = raw_backend().await;
+    let gw = spawn_gateway(&config_for(backend, "max_connection_age: 1s")).await;
+    let mut conns = Vec::new();
+    for _ in 0..4 {
+        let started = tokio::time::Instant::now();
+        let (client, head) = raw_upgrade(gw.addr(), "/", "").await;
+        assert!(head.starts_with("HTTP/1.1 101"), "{head}");
+        let (up, _) = next_accepted(&mut accepted).await;
+        conns.push((started, client, up));
+    }
+    for (started, mut client, mut up) in conns {
+        let code = tokio::time::timeout(Duration::from_secs(3), read_close_frame(&mut client))
+            .await
+            .unwrap_or_else(|_| panic!("no close within 3 s"));
+        let age = started.elapsed();
+        assert_eq!(code, Some((1001, "max age".to_string())));
+        // The lower bound is exact; the upper one allows the scheduling of a busy machine.
+        assert!(age >= Duration::from_millis(900), "closed at {age:?}");
+        assert!(
+            age <= Duration::from_millis(1100 + 400),
+            "closed at {age:?}"
+        );
+        assert_eq!(read_close_code(&mut up).await, Some(1001));
+    }
+    let line = gw
+        .log_line(|l| l["event"] == "ws_close" && l["proxy_reason"] == "max_age")
+        .await;
+    assert_eq!(line["close"]["code"], 1001);
+}
+
+/// The code and reason of the next close frame from the proxy.
+async fn read_close_frame(s: &mut TcpStream) -> Option<(u16, String)> {
+    for _ in 0..1000 {
+        let (b0, payload) = read_frame(s).await?;
+        if b0 & 0x0F == 0x8 {
+            let code = u16::from_be_bytes([*payload.first()?, *payload.get(1)?]);
+            let reason = String::from_utf8_lossy(payload.get(2..)?).into_owned();
+            return Some((code, reason));
+        }
+    }
+    None
+}
+
+/// With `max_pending` set, a backend restart shorter than `queue_timeout` is a wait, not
+/// an error: upgrades that find the backend refusing wait for it (it is probed) and get
+/// their 101 once it listens again; none is refused meanwhile.
+#[tokio::test]
+async fn a_short_backend_restart_is_a_wait_not_an_error() {
+    // Held, not listening: refused until the test listens on it.
+    let place = Reserved::on(std::net::IpAddr::from([127, 0, 0, 1]));
+    let gw = spawn_gateway(&queue_config(
+        place.addr,
+        ", max_pending: 4, queue_timeout: 8s",
+    ))
+    .await;
+    let addr = gw.addr();
+    let mut waiting = Vec::new();
+    for i in 0..6 {
+        let mut s = send_upgrade(addr, &format!("w{i}")).await;
+        waiting.push(tokio::spawn(async move {
+            let head = read_head(&mut s).await;
+            (s, head)
+        }));
+    }
+    await_metric(&gw, "wsgate_upstream_queue", &[("upstream", "app")], 6.0).await;
+    tokio::time::sleep(Duration::from_millis(700)).await;
+    assert!(
+        waiting.iter().all(|w| !w.is_finished()),
+        "a client was answered while the backend was away"
+    );
+    let listener = place.listener();
+    let started = tokio::time::Instant::now();
+    tokio::spawn(async move {
+        while let Ok((mut s, _)) = listener.accept().await {
+            tokio::spawn(async move {
+                let head = read_head(&mut s).await;
+                answer_101(&mut s, &head).await;
+                tokio::time::sleep(PATIENCE).await;
+            });
+        }
+    });
+    for w in waiting {
+        let (_s, head) = w.await.unwrap_or_else(|e| panic!("{e}"));
+        assert!(head.starts_with("HTTP/1.1 101"), "{head}");
+    }
+    // Probes back off by a quarter from 100 ms to 250 ms: back well within 2.5 s.
+    assert!(
+        started.elapsed() < Duration::from_millis(2500),
+        "{:?}",
+        started.elapsed()
+    );
+    assert!(
+        gw.log_lines().iter().all(|l| l["event"] != "ws_reject"),
+        "{:?}",
+        gw.log_lines()
+    );
+}
