@@ -372,6 +372,11 @@ pub fn server_config(
             config.session_storage = Arc::new(rustls::server::NoServerSessionStorage {});
             config.send_tls13_tickets = 0;
         }
+        // A resumed handshake skips client authentication (the session keeps the first
+        // one's): a ticket sealed by a shared ticketer for a listener without `client_ca`
+        // would pass an mTLS one. mTLS listeners resume only from their own session cache
+        // (this config's, so a reload that changes `client_ca` starts it afresh).
+        _ if client_ca.is_some() => {}
         tickets::Tickets::Rotating => config.ticketer = tickets::rotating()?,
         tickets::Tickets::Shared(keys) => config.ticketer = keys.clone(),
     }

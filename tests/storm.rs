@@ -302,3 +302,88 @@ async fn a_short_backend_restart_is_a_wait_not_an_error() {
         gw.log_lines()
     );
 }
+
+/// One client alone (fewer failed connects than `unhealthy_after`, so no probe runs): the
+/// backend back within the wait still makes it a wait, not a `queue_timeout` 503.
+#[tokio::test]
+async fn a_lone_client_waiting_through_a_short_restart_is_served_when_the_backend_is_back() {
+    let place = Reserved::on(std::net::IpAddr::from([127, 0, 0, 1]));
+    let gw = spawn_gateway(&queue_config(
+        place.addr,
+        ", max_pending: 4, queue_timeout: 6s",
+    ))
+    .await;
+    let mut s = send_upgrade(gw.addr(), "lone").await;
+    let waiting = tokio::spawn(async move {
+        let head = read_head(&mut s).await;
+        (s, head)
+    });
+    tokio::time::sleep(Duration::from_millis(700)).await;
+    assert!(
+        !waiting.is_finished(),
+        "answered while the backend was away"
+    );
+    let listener = place.listener();
+    let started = tokio::time::Instant::now();
+    tokio::spawn(async move {
+        while let Ok((mut s, _)) = listener.accept().await {
+            tokio::spawn(async move {
+                let head = read_head(&mut s).await;
+                answer_101(&mut s, &head).await;
+                tokio::time::sleep(PATIENCE).await;
+            });
+        }
+    });
+    let (_s, head) = waiting.await.unwrap_or_else(|e| panic!("{e}"));
+    assert!(head.starts_with("HTTP/1.1 101"), "{head}");
+    assert!(
+        started.elapsed() < Duration::from_secs(2),
+        "served {:?} after the backend was back",
+        started.elapsed()
+    );
+}
+
+/// Handshakes queued for a dead upstream do not hold `max_pending_handshakes` slots: a
+/// route to a live backend is served meanwhile.
+#[tokio::test]
+async fn handshakes_queued_for_a_dead_upstream_do_not_stall_other_routes() {
+    let dead = Reserved::on(std::net::IpAddr::from([127, 0, 0, 1]));
+    let live = echo_backend().await;
+    let yaml = format!(
+        r#"
+listeners: [{{ name: public, bind: "127.0.0.1:0" }}]
+limits: {{ max_pending_handshakes: 4 }}
+upstreams:
+  dead: {{ backends: [{{ addr: "{}" }}], max_pending: 32, queue_timeout: 5s, connect_timeout: 1s }}
+  live: {{ backends: [{{ addr: "{live}" }}] }}
+routes:
+  - {{ name: dead, match: {{ path_prefix: /dead }}, upstream: dead }}
+  - {{ name: live, match: {{ path_prefix: / }}, upstream: live }}
+"#,
+        dead.addr
+    );
+    let gw = spawn_gateway(&yaml).await;
+    let mut queued = Vec::new();
+    for i in 0..6 {
+        let mut s = TcpStream::connect(gw.addr())
+            .await
+            .unwrap_or_else(|e| panic!("{e}"));
+        let req = format!(
+            "GET /dead?i={i} HTTP/1.1\r\nHost: h\r\nConnection: Upgrade\r\nUpgrade: websocket\r\nSec-WebSocket-Version: 13\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n\r\n"
+        );
+        s.write_all(req.as_bytes())
+            .await
+            .unwrap_or_else(|e| panic!("{e}"));
+        queued.push(s);
+    }
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let started = tokio::time::Instant::now();
+    let (_s, head) = raw_upgrade(gw.addr(), "/live", "").await;
+    assert!(head.starts_with("HTTP/1.1 101"), "{head}");
+    assert!(
+        started.elapsed() < Duration::from_secs(2),
+        "the live route waited {:?} behind the queued ones",
+        started.elapsed()
+    );
+    drop(queued);
+}

@@ -654,3 +654,25 @@ async fn tickets_resume_across_instances_sharing_ticket_keys() {
     assert!(!resumed_once(off.addr(), &client).await);
     assert!(!resumed_once(off.addr(), &client).await);
 }
+
+/// A ticket a client got from a listener without `client_ca` must not let it through an
+/// mTLS listener of the same process (a resumed handshake skips client authentication).
+#[tokio::test]
+async fn a_ticket_from_a_plain_tls_listener_never_passes_an_mtls_one() {
+    let pki = Pki::new("tickets-mtls");
+    let leaf = pki.leaf("localhost", &["localhost"], &rcgen::PKCS_ECDSA_P256_SHA256);
+    let public = spawn_gateway(&tls_config(std::slice::from_ref(&leaf), "")).await;
+    let mtls_extra = format!(", client_ca: \"{}\"", pki.ca_path());
+    let mtls = spawn_gateway(&tls_config(std::slice::from_ref(&leaf), &mtls_extra)).await;
+    let client = pki.client(false, None);
+    assert!(!resumed_once(public.addr(), &client).await);
+    // The client holds a ticket now, and no certificate: still refused.
+    let through = match wss(mtls.addr(), "localhost", client.clone()).await {
+        Ok(mut ws) => echo_once(&mut ws, "no certificate").await.is_ok(),
+        Err(_) => false,
+    };
+    assert!(
+        !through,
+        "a ticket let a client without a certificate through mTLS"
+    );
+}

@@ -426,6 +426,12 @@ impl Conn {
         let Some(pool) = self.info.shared.pools.get(&route.upstream.name) else {
             return self.refuse(&facts, Refusal::NoBackend, None);
         };
+        if route.upstream.max_pending > 0 {
+            // It may wait in the backend's queue up to `queue_timeout`: admitted, it is
+            // no longer a handshake in progress for `max_pending_handshakes`, which would
+            // otherwise let one dead upstream hold every slot and stall the listeners.
+            self.release_pending();
+        }
         match upstream::connect(&upstream_parts, &upgrade.target(), &fwd, &pool, &sticky_key).await
         {
             Ok(up) => {

@@ -150,15 +150,25 @@ pub async fn connect(
         if upstream.max_pending == 0 {
             return Err(last);
         }
-        if !pool.wait_back(generation, queue_until).await {
+        // A backend coming back is told at once when it was suspect (probed); one that
+        // failed fewer times than `unhealthy_after` is not probed, so look again soon.
+        let now = tokio::time::Instant::now();
+        if now >= queue_until {
             return Err(queue_timeout(""));
         }
+        let _ = pool
+            .wait_back(generation, queue_until.min(now + LOOK_AGAIN))
+            .await;
     }
     Err(queue_timeout(""))
 }
 
-/// Rounds of [`connect`] (each after a backend came back) before it gives up anyway.
-const MAX_ROUNDS: usize = 64;
+/// Rounds of [`connect`] before it gives up anyway (a backstop: `queue_until` ends them).
+const MAX_ROUNDS: usize = 4096;
+
+/// While the key's backends cannot be reached, how often a queued handshake tries again
+/// when no backend was told to be back.
+const LOOK_AGAIN: std::time::Duration = std::time::Duration::from_millis(250);
 
 /// How one round of trying the key's backends ended.
 enum Round {
