@@ -62,6 +62,19 @@ routes:
     )
 }
 
+/// A backend on `listener` that answers every upgrade 101 and holds the connection.
+fn serve_101(listener: tokio::net::TcpListener) {
+    tokio::spawn(async move {
+        while let Ok((mut s, _)) = listener.accept().await {
+            tokio::spawn(async move {
+                let head = read_head(&mut s).await;
+                answer_101(&mut s, &head).await;
+                tokio::time::sleep(PATIENCE).await;
+            });
+        }
+    });
+}
+
 /// Sends an upgrade request for `room` and returns the stream, the head not yet read.
 async fn send_upgrade(gw: SocketAddr, room: &str) -> TcpStream {
     let mut s = TcpStream::connect(gw)
@@ -277,15 +290,7 @@ async fn a_short_backend_restart_is_a_wait_not_an_error() {
     );
     let listener = place.listener();
     let started = tokio::time::Instant::now();
-    tokio::spawn(async move {
-        while let Ok((mut s, _)) = listener.accept().await {
-            tokio::spawn(async move {
-                let head = read_head(&mut s).await;
-                answer_101(&mut s, &head).await;
-                tokio::time::sleep(PATIENCE).await;
-            });
-        }
-    });
+    serve_101(listener);
     for w in waiting {
         let (_s, head) = w.await.unwrap_or_else(|e| panic!("{e}"));
         assert!(head.starts_with("HTTP/1.1 101"), "{head}");
@@ -325,15 +330,7 @@ async fn a_lone_client_waiting_through_a_short_restart_is_served_when_the_backen
     );
     let listener = place.listener();
     let started = tokio::time::Instant::now();
-    tokio::spawn(async move {
-        while let Ok((mut s, _)) = listener.accept().await {
-            tokio::spawn(async move {
-                let head = read_head(&mut s).await;
-                answer_101(&mut s, &head).await;
-                tokio::time::sleep(PATIENCE).await;
-            });
-        }
-    });
+    serve_101(listener);
     let (_s, head) = waiting.await.unwrap_or_else(|e| panic!("{e}"));
     assert!(head.starts_with("HTTP/1.1 101"), "{head}");
     assert!(

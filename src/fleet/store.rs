@@ -172,6 +172,19 @@ impl FleetRevocations {
         Ok(n)
     }
 
+    /// The REVOKE script's call for `target` over `ttl`: stored with its expiry, and
+    /// published to the fleet.
+    fn revoke_call(&self, target: &Target, ttl: Duration) -> redis::ScriptInvocation<'static> {
+        let (what, value) = named(target);
+        let order = self.order(Op::Revoke, what, value, ttl, Ending::REVOKED_CODE);
+        let mut call = scripts::REVOKE.key(&self.fleet.keys.revoked);
+        call.key(&self.fleet.keys.orders)
+            .arg(member(target))
+            .arg(u64::try_from(ttl.as_millis()).unwrap_or(u64::MAX))
+            .arg(order);
+        call
+    }
+
     /// Writes the pending revocations to the store over `conn`; returns every one still in
     /// force with its time left (written or not: those not written stay pending).
     async fn push_pending(&self, conn: &mut MultiplexedConnection) -> Vec<(Target, Duration)> {
@@ -186,13 +199,7 @@ impl FleetRevocations {
         let mut live = Vec::new();
         for (target, until) in pending {
             let ttl = until.saturating_duration_since(now);
-            let (what, value) = named(&target);
-            let order = self.order(Op::Revoke, what, value, ttl, Ending::REVOKED_CODE);
-            let mut call = scripts::REVOKE.key(&self.fleet.keys.revoked);
-            call.key(&self.fleet.keys.orders)
-                .arg(member(&target))
-                .arg(u64::try_from(ttl.as_millis()).unwrap_or(u64::MAX))
-                .arg(order);
+            let call = self.revoke_call(&target, ttl);
             let written = tokio::time::timeout(WRITE_WITHIN, call.invoke_async::<i64>(conn)).await;
             if matches!(written, Ok(Ok(_)))
                 && let Ok(mut p) = self.pending.lock()
@@ -209,13 +216,7 @@ impl RevocationStore for FleetRevocations {
     fn revoke(&self, target: Target, ttl: Duration) -> StoreFuture<'_, usize> {
         Box::pin(async move {
             let closed = self.local.revoke(target.clone(), ttl).await?;
-            let (what, value) = named(&target);
-            let order = self.order(Op::Revoke, what, value, ttl, Ending::REVOKED_CODE);
-            let mut call = scripts::REVOKE.key(&self.fleet.keys.revoked);
-            call.key(&self.fleet.keys.orders)
-                .arg(member(&target))
-                .arg(u64::try_from(ttl.as_millis()).unwrap_or(u64::MAX))
-                .arg(order);
+            let call = self.revoke_call(&target, ttl);
             if let Err(e) = self.write::<i64>(call).await {
                 if let (Ok(mut p), Some(until)) = (
                     self.pending.lock(),
