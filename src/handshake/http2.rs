@@ -277,7 +277,7 @@ async fn answer(h2: Arc<H2Conn>, mut req: Request<Incoming>) -> Response<Tracked
             .map(http_body_util::Either::Left);
         return open.track(resp, &conn, answer_by);
     };
-    tokio::spawn(relay(conn, upgrade, est, open.keep()));
+    tokio::spawn(relay(conn, upgrade, est, open));
     let (mut head, body) = resp.into_parts();
     head.status = StatusCode::OK;
     for name in [
@@ -430,10 +430,6 @@ impl StreamOpen {
             _open: Some(self),
             _due: Some(due),
         })
-    }
-
-    fn keep(self) -> StreamOpen {
-        self
     }
 }
 
