@@ -42,6 +42,25 @@ fn prefix() -> String {
 /// blur what a test counts.
 static ONE_AT_A_TIME: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
 
+/// What most fleet tests start from: their turn, a fresh Redis, an echo backend and a key
+/// prefix of their own.
+struct Fleetbed {
+    _serial: tokio::sync::MutexGuard<'static, ()>,
+    redis: Redis,
+    backend: SocketAddr,
+    p: String,
+}
+
+async fn fleetbed() -> Fleetbed {
+    let _serial = ONE_AT_A_TIME.lock().await;
+    Fleetbed {
+        _serial,
+        redis: Redis::start().await,
+        backend: echo_backend().await,
+        p: prefix(),
+    }
+}
+
 fn jwt(sub: &str) -> String {
     let exp = std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
@@ -167,10 +186,12 @@ fn admin(gw: &TestGateway) -> SocketAddr {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_client_address_gets_exactly_its_fleet_cap_across_three_instances() {
-    let _serial = ONE_AT_A_TIME.lock().await;
-    let redis = Redis::start().await;
-    let backend = echo_backend().await;
-    let p = prefix();
+    let Fleetbed {
+        _serial,
+        redis,
+        backend,
+        p,
+    } = fleetbed().await;
     let cap = "limits: { max_connections_per_ip: 4 }";
     let a = instance(backend, &redis.url(), "a", &p, cap).await;
     let b = instance(backend, &redis.url(), "b", &p, cap).await;
@@ -214,10 +235,12 @@ async fn a_client_address_gets_exactly_its_fleet_cap_across_three_instances() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_subject_gets_its_fleet_cap_and_others_are_apart() {
-    let _serial = ONE_AT_A_TIME.lock().await;
-    let redis = Redis::start().await;
-    let backend = echo_backend().await;
-    let p = prefix();
+    let Fleetbed {
+        _serial,
+        redis,
+        backend,
+        p,
+    } = fleetbed().await;
     let cap = "limits: { max_connections_per_subject: 2 }";
     let a = instance(backend, &redis.url(), "a", &p, cap).await;
     let b = instance(backend, &redis.url(), "b", &p, cap).await;
@@ -235,10 +258,12 @@ async fn a_subject_gets_its_fleet_cap_and_others_are_apart() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_handshake_rate_holds_fleet_wide() {
-    let _serial = ONE_AT_A_TIME.lock().await;
-    let redis = Redis::start().await;
-    let backend = echo_backend().await;
-    let p = prefix();
+    let Fleetbed {
+        _serial,
+        redis,
+        backend,
+        p,
+    } = fleetbed().await;
     // Three handshakes, then one per hour: the per-process rate (1000/s) never decides.
     let rate = "limits: { handshakes_per_ip: { rate: 1, per: 1h, burst: 3 } }";
     let a = instance(backend, &redis.url(), "a", &p, rate).await;
@@ -259,10 +284,12 @@ async fn the_handshake_rate_holds_fleet_wide() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_drained_instance_leaves_the_fleet_at_once() {
-    let _serial = ONE_AT_A_TIME.lock().await;
-    let redis = Redis::start().await;
-    let backend = echo_backend().await;
-    let p = prefix();
+    let Fleetbed {
+        _serial,
+        redis,
+        backend,
+        p,
+    } = fleetbed().await;
     let cap = "limits: { max_connections_per_ip: 4 }";
     let a = instance(backend, &redis.url(), "a", &p, cap).await;
     let _held = [open(addr(&a), "/").await, open(addr(&a), "/").await];
@@ -364,10 +391,12 @@ impl Drop for Child {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_killed_instance_loses_its_counts_within_its_lease_and_a_restart_never_double_counts() {
-    let _serial = ONE_AT_A_TIME.lock().await;
-    let redis = Redis::start().await;
-    let backend = echo_backend().await;
-    let p = prefix();
+    let Fleetbed {
+        _serial,
+        redis,
+        backend,
+        p,
+    } = fleetbed().await;
     let cap = "limits: { max_connections_per_ip: 4 }";
     let url = redis.url();
     let yaml =
@@ -425,10 +454,12 @@ async fn close_code_of(s: &mut tokio::net::TcpStream) -> Option<u16> {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_revocation_on_one_instance_closes_and_refuses_on_every_instance() {
-    let _serial = ONE_AT_A_TIME.lock().await;
-    let redis = Redis::start().await;
-    let backend = echo_backend().await;
-    let p = prefix();
+    let Fleetbed {
+        _serial,
+        redis,
+        backend,
+        p,
+    } = fleetbed().await;
     let a = instance(backend, &redis.url(), "a", &p, "").await;
     let b = instance(backend, &redis.url(), "b", &p, "").await;
     let alice = format!("/user?access_token={}", jwt("alice"));
@@ -483,10 +514,12 @@ async fn cluster_metrics(gw: &TestGateway) -> (f64, f64) {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn redis_stopped_mid_test_falls_back_or_refuses_and_counts_converge_when_it_returns() {
-    let _serial = ONE_AT_A_TIME.lock().await;
-    let mut redis = Redis::start().await;
-    let backend = echo_backend().await;
-    let p = prefix();
+    let Fleetbed {
+        _serial,
+        mut redis,
+        backend,
+        p,
+    } = fleetbed().await;
     let cap = "limits: { max_connections_per_ip: 4 }";
     let local = instance(backend, &redis.url(), "local", &p, cap).await;
     let strict = instance(
@@ -619,10 +652,12 @@ async fn a_fake_redis_that_hangs_or_answers_garbage_never_wedges_a_handshake() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn one_handshake_costs_one_script_call() {
-    let _serial = ONE_AT_A_TIME.lock().await;
-    let redis = Redis::start().await;
-    let backend = echo_backend().await;
-    let p = prefix();
+    let Fleetbed {
+        _serial,
+        redis,
+        backend,
+        p,
+    } = fleetbed().await;
     let gw = instance(
         backend,
         &redis.url(),
@@ -769,10 +804,12 @@ async fn an_http2_stream_reset_mid_call_leaves_no_count_in_redis() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_revocation_made_while_redis_was_down_survives_its_return_and_reaches_the_fleet() {
-    let _serial = ONE_AT_A_TIME.lock().await;
-    let mut redis = Redis::start().await;
-    let backend = echo_backend().await;
-    let p = prefix();
+    let Fleetbed {
+        _serial,
+        mut redis,
+        backend,
+        p,
+    } = fleetbed().await;
     let a = instance(backend, &redis.url(), "a", &p, "").await;
     let alice = format!("/user?access_token={}", jwt("alice"));
     redis.stop();
