@@ -126,16 +126,7 @@ impl AccessLog {
 
     /// Queues one record; never blocks.
     pub fn log(&self, record: &Record<'_>) {
-        let Ok(mut line) = serde_json::to_string(record) else {
-            return;
-        };
-        if let Some(instance) = self.instance.get()
-            && line.ends_with('}')
-        {
-            line.pop();
-            line.push_str(instance);
-            line.push('}');
-        }
+        let line = super::json_line::line(record, self.instance.get().map(String::as_str));
         let bytes = line_bytes(&line);
         let before = self.queued_bytes.fetch_add(bytes, Ordering::AcqRel);
         if before.saturating_add(bytes) > QUEUE_BYTES {
