@@ -16,6 +16,8 @@ use serde::Serialize;
 
 use crate::observe::report::{CloseInfo, Report, Rtt, Stalls, Stats};
 
+mod json_line;
+
 /// Lines that may wait for the writer; beyond this they are dropped (and counted).
 const QUEUE_LINES: usize = 16 * 1024;
 
@@ -126,7 +128,7 @@ impl AccessLog {
 
     /// Queues one record; never blocks.
     pub fn log(&self, record: &Record<'_>) {
-        let line = super::json_line::line(record, self.instance.get().map(String::as_str));
+        let line = json_line::line(record, self.instance.get().map(String::as_str));
         let bytes = line_bytes(&line);
         let before = self.queued_bytes.fetch_add(bytes, Ordering::AcqRel);
         if before.saturating_add(bytes) > QUEUE_BYTES {

@@ -3,7 +3,6 @@
 //! flood to one summary line a second.
 
 pub mod access_log;
-mod json_line;
 pub mod metrics;
 pub mod refusals;
 pub mod report;

@@ -9,7 +9,7 @@
 
 use std::fmt::Write as _;
 
-use super::access_log::{Close, Counts, Record, RttMs, StallCount, StickyLog, TlsInfo};
+use super::{Close, Counts, Record, RttMs, StallCount, StickyLog, TlsInfo};
 
 /// Room for a typical `ws_close` line (~450 bytes) without growing.
 const LINE_CAPACITY: usize = 640;
