@@ -22,6 +22,8 @@ use prometheus_client::metrics::gauge::{ConstGauge, Gauge};
 use prometheus_client::metrics::histogram::{Histogram, exponential_buckets};
 use prometheus_client::registry::Registry;
 
+mod striped;
+
 use crate::observe::report::Report;
 use crate::outcome::{By, ProxyReason, Refusal};
 
@@ -138,8 +140,8 @@ pub struct Metrics {
     rejected: Family<RejectLabels, Counter>,
     http_requests: Family<HttpLabels, Counter>,
     closes: Family<CloseLabels, Counter>,
-    messages: Family<DirLabels, Counter>,
-    bytes: Family<DirLabels, Counter>,
+    messages: Family<DirLabels, FlowCounter>,
+    bytes: Family<DirLabels, FlowCounter>,
     stalls: StallFamilies,
     rate_limited: Family<RouteLabel, Counter>,
     dead_peers: Family<RouteLabel, Counter>,
@@ -196,8 +198,8 @@ impl Metrics {
         let rejected = Family::<RejectLabels, Counter>::default();
         let http_requests = Family::<HttpLabels, Counter>::default();
         let closes = Family::<CloseLabels, Counter>::default();
-        let messages = Family::<DirLabels, Counter>::default();
-        let bytes = Family::<DirLabels, Counter>::default();
+        let messages = Family::<DirLabels, FlowCounter>::default();
+        let bytes = Family::<DirLabels, FlowCounter>::default();
         let rate_limited = Family::<RouteLabel, Counter>::default();
         let dead_peers = Family::<RouteLabel, Counter>::default();
         let pings = Counter::default();
@@ -359,7 +361,7 @@ impl Metrics {
         let r = RouteLabel {
             route: route.to_owned(),
         };
-        let dir = |family: &Family<DirLabels, Counter>, direction: &str| {
+        let dir = |family: &Family<DirLabels, FlowCounter>, direction: &str| {
             family
                 .get_or_create(&DirLabels {
                     route: route.to_owned(),
@@ -513,16 +515,19 @@ impl AcceptRefusals {
     }
 }
 
+/// The relay's per-message counters: striped, so workers do not share a cache line.
+type FlowCounter = Counter<u64, striped::Striped>;
+
 /// One route's metric handles. Cloning a handle shares its atomic.
 #[derive(Debug)]
 pub struct RouteMetrics {
     route: String,
     active: Gauge,
     connections: Counter,
-    c2u_messages: Counter,
-    c2u_bytes: Counter,
-    u2c_messages: Counter,
-    u2c_bytes: Counter,
+    c2u_messages: FlowCounter,
+    c2u_bytes: FlowCounter,
+    u2c_messages: FlowCounter,
+    u2c_bytes: FlowCounter,
     stalls: RouteStalls,
     rate_limited: Counter,
     dead_peers: Counter,
@@ -550,7 +555,7 @@ impl RouteMetrics {
 
     /// Adds what was relayed since the last call (`now - before`, per field).
     pub fn add_flow(&self, now: &Flow, before: &Flow) {
-        let add = |c: &Counter, n: u64, b: u64| {
+        let add = |c: &FlowCounter, n: u64, b: u64| {
             if n > b {
                 c.inc_by(n - b);
             }
