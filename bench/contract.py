@@ -151,6 +151,11 @@ def better_peer(*peers):
     return min(got, key=lambda p: p[1].x)
 
 
+def short(v):
+    """A verdict for a value that is missing: error (the cell says why) or the n/a."""
+    return "error" if v.kind == "error" else v.show()
+
+
 def verdict_rel(value, ref, factor, ref_name=""):
     """met / missed with value ÷ reference, judged against factor."""
     bad = worst([value, ref])
@@ -203,7 +208,7 @@ def memory_rows(D, t):
         if top is None:
             w = err("no idle runs in main") if g and g.state != "skipped" else na("idle not run")
             t.add(f"idle memory per {kind} connection, KiB", w, w, w, DASH,
-                  f"≤ {factor} × HAProxy {kind}", w.show())
+                  f"≤ {factor} × HAProxy {kind}", short(w))
             continue
         p = is_(scenario="idle", tls=tls, connections=top)
         w, n, h = (D.get("main", x, p, ["kib_per_conn"]) for x in ("wsgate", "nginx", "haproxy"))
@@ -215,7 +220,7 @@ def memory_rows(D, t):
     if not streams:
         w = na("h2 not run") if not g or g.state == "skipped" else err("no h2idle runs in main")
         t.add("idle memory per WebSocket stream on a shared HTTP/2 connection, KiB", w,
-              na("nginx has no RFC 8441"), w, DASH, "≤ 4 KiB", w.show())
+              na("nginx has no RFC 8441"), w, DASH, "≤ 4 KiB", short(w))
     else:
         s, c = streams[-1]
         p = is_(scenario="h2idle", streams=s, connections=c)
@@ -353,7 +358,7 @@ def storm_rows(D, t):
           else verdict_rel(w, V(1.0), 1.1, "N/R"))
     cells = {x: per_mode(x, v, ["backend_after_restart", "refused_503"])[0] for x, v in peers.items()}
     w = cells["wsgate"]
-    verdict = w.show() if not w.ok() else ("met (0)" if w.x == 0 else f"missed ({w.x:.0f})")
+    verdict = short(w) if not w.ok() else ("met (0)" if w.x == 0 else f"missed ({w.x:.0f})")
     t.add("storm: backend 503s after the restart (overloaded; worst mode)", fmt(w, 0),
           fmt(cells["nginx"], 0), fmt(cells["haproxy"], 0), DASH, "= 0", verdict)
     cells = {x: per_mode(x, v, ["wasted_pct_of_clients"])[0] for x, v in peers.items()}
@@ -375,8 +380,10 @@ def cluster_row(D, t):
 
 def constant_rows(D, t, top, low):
     if top is None or low is None or top == low:
-        w = na("idle not run at two sizes")
-        t.add("per-connection memory constant to the fd limit", w, w, w, DASH, "≤ 1.1 ×", w.show())
+        g = D.groups.get("main")
+        w = err("no idle runs at two sizes in main") if g and g.state != "skipped" \
+            else na("idle not run at two sizes")
+        t.add("per-connection memory constant to the fd limit", w, w, w, DASH, "≤ 1.1 ×", short(w))
         return
     for tls in (False, True):
         kind = "TLS" if tls else "plain"
