@@ -64,7 +64,7 @@ while [[ $# -gt 0 ]]; do
         --storm-variants) STORM_VARIANTS=$2; shift ;;
         --storm-modes) STORM_MODES=$2; shift ;;
         --port-offset) PORT_OFFSET=$2; shift ;;
-        -h|--help) sed -n '2,22p' "$0"; exit 0 ;;
+        -h|--help) awk 'NR > 1 && !/^#/ { exit } NR > 1' "$0"; exit 0 ;;
         *) echo "compare.sh: unknown option $1 (see --help)" >&2; exit 2 ;;
     esac
     shift

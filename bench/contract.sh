@@ -34,7 +34,7 @@ while [[ $# -gt 0 ]]; do
         --out) OUT=$2; shift ;;
         --groups) GROUPS_RUN=$2; shift ;;
         --wait-idle|--port-offset|--wsgate-bin) PASS+=("$1" "$2"); shift ;;
-        -h|--help) sed -n '2,24p' "$0"; exit 0 ;;
+        -h|--help) awk 'NR > 1 && !/^#/ { exit } NR > 1' "$0"; exit 0 ;;
         *) echo "contract.sh: unknown option $1 (see --help)" >&2; exit 2 ;;
     esac
     shift
