@@ -4,8 +4,8 @@
 # prints one table: row, wsgate, nginx, HAProxy, floor, target, verdict (met / missed
 # with the ratio). See bench/README.md, "SPEC §9 in one command".
 #
-#   bench/contract.sh            # full run (~35 min on the 2-core VM)
-#   bench/contract.sh --quick    # smoke check (~5 min): one short repeat, peers left out
+#   bench/contract.sh            # full run (~30 min on the 2-core VM)
+#   bench/contract.sh --quick    # smoke check (~4 min): one short repeat, peers left out
 #                                # of flood and storm, latency over 3 repeats (indicative)
 #
 # Options: --out DIR (default a new /tmp/wsgate-contract.XXXXXX), --wait-idle PCT and
@@ -78,6 +78,8 @@ group() {
 
 started=$(date +%s)
 load_before=$(cut -d' ' -f1-3 /proc/loadavg)
+commit=$(git -C "$ROOT" rev-parse --short HEAD 2>/dev/null || echo ?)
+[[ -n $(git -C "$ROOT" status --porcelain 2>/dev/null) ]] && commit+=" (with uncommitted changes)"
 COMPARE="$ROOT/bench/compare.sh"
 
 targets="tunnel wsgate$PEERS"
@@ -112,7 +114,7 @@ fi
 
 elapsed=$(( $(date +%s) - started ))
 {
-    echo "<!-- wsgate contract $(date -u +%Y-%m-%dT%H:%MZ), $([[ $QUICK == 1 ]] && echo quick || echo full) run, ${elapsed} s, $(nproc) cores, $(uname -r), commit $(git -C "$ROOT" rev-parse --short HEAD 2>/dev/null || echo ?), load before ${load_before}, after $(cut -d' ' -f1-3 /proc/loadavg) -->"
+    echo "<!-- wsgate contract $(date -u +%Y-%m-%dT%H:%MZ), $([[ $QUICK == 1 ]] && echo quick || echo full) run, ${elapsed} s, $(nproc) cores, $(uname -r), commit ${commit}, load before ${load_before}, after $(cut -d' ' -f1-3 /proc/loadavg) -->"
     FD_LIMIT=$(ulimit -Hn) python3 "$ROOT/bench/contract.py" "$OUT"
 } | tee "$OUT/contract.md"
 rc=${PIPESTATUS[0]}
