@@ -148,7 +148,11 @@ def better_peer(*peers):
     got = [p for p in peers if p[1].ok()]
     if not got:
         return None, na("no peer measured")
-    return min(got, key=lambda p: p[1].x)
+    name, v = min(got, key=lambda p: p[1].x)
+    absent = [p[0] for p in peers if not p[1].ok()]
+    if absent:
+        name += f"; {', '.join(absent)} not measured"
+    return name, v
 
 
 def short(v):
@@ -438,7 +442,11 @@ FD_LIMIT = "?"
 def main():
     global FD_LIMIT
     root = sys.argv[1]
-    FD_LIMIT = os.environ.get("FD_LIMIT", "?")
+    try:
+        with open(os.path.join(root, "fd_limit")) as f:
+            FD_LIMIT = f.read().strip()
+    except OSError:
+        FD_LIMIT = "?"
     D = Data(root)
     t = Table()
     top, low = memory_rows(D, t)

@@ -43,6 +43,7 @@ OUT=${OUT:-$(mktemp -d /tmp/wsgate-contract.XXXXXX)}
 mkdir -p "$OUT"
 STATUS="$OUT/status.tsv"
 : >"$STATUS"
+ulimit -Hn >"$OUT/fd_limit"   # compare.sh raises its open-files limit to this
 echo "contract.sh: results in $OUT" >&2
 
 PEERS=""
@@ -115,7 +116,7 @@ fi
 elapsed=$(( $(date +%s) - started ))
 {
     echo "<!-- wsgate contract $(date -u +%Y-%m-%dT%H:%MZ), $([[ $QUICK == 1 ]] && echo quick || echo full) run, ${elapsed} s, $(nproc) cores, $(uname -r), commit ${commit}, load before ${load_before}, after $(cut -d' ' -f1-3 /proc/loadavg) -->"
-    FD_LIMIT=$(ulimit -Hn) python3 "$ROOT/bench/contract.py" "$OUT"
+    python3 "$ROOT/bench/contract.py" "$OUT"
 } | tee "$OUT/contract.md"
 rc=${PIPESTATUS[0]}
 echo "table: $OUT/contract.md; runs: $OUT/*/runs.jsonl" >&2
