@@ -295,14 +295,14 @@ def latency_rows(D, t):
         for x in ("wsgate", "nginx", "haproxy", "tunnel"):
             v = D.get(g, x, opn, ["latency", key])
             bad = worst([v, d])
-            vals[x] = bad or V(v.x - d.x, text=f"+{v.x - d.x:,.0f} ({v.x:,.0f} − {d.x:,.0f})", n=v.n)
+            vals[x] = bad or V(v.x - d.x, text=f"{v.x - d.x:+,.0f} ({v.x:,.0f} − {d.x:,.0f})", n=v.n)
         w = vals["wsgate"]
         bn, bv = better_peer(("nginx", vals["nginx"]), ("haproxy", vals["haproxy"]))
         if worst([w, bv]):
             verdict = verdict_rel(w, bv, 1.0)
         else:
             word = "met" if w.x <= bv.x else "missed"
-            r = f"{w.x / bv.x:.2f} × {bn}" if bv.x > 0 else f"+{w.x:.0f} vs +{bv.x:.0f} µs {bn}"
+            r = f"{w.x / bv.x:.2f} × {bn}" if bv.x > 0 else f"{w.x:+.0f} vs {bv.x:+.0f} µs {bn}"
             note = f", {w.n} repeats" + (" < 7: indicative only" if w.n < 7 else "")
             verdict = f"{word} ({r}{note})"
         t.add(f"added {q} latency at {rate:,.0f} msg/s, µs (proxy − direct)", w, vals["nginx"],
