@@ -15,9 +15,6 @@ import os
 import statistics
 import sys
 
-ERROR = "error"
-
-
 class Group:
     def __init__(self, root, name, state, targets, secs, detail):
         self.name, self.state, self.detail = name, state, detail
@@ -104,12 +101,6 @@ class Data:
                 why += f"; {g.detail}"
             return err(why)
         return V(median(xs), n=len(xs))
-
-    def max_of(self, group, key):
-        g = self.groups.get(group)
-        xs = [r.get(key) for r in g.runs] if g else []
-        xs = [x for x in xs if isinstance(x, (int, float))]
-        return max(xs) if xs else None
 
 
 def is_(**kw):
@@ -335,7 +326,7 @@ def storm_rows(D, t):
     g = "storm"
     modes = ("naive", "jitter")
 
-    def per_mode(label, variant, path, agg=median):
+    def per_mode(label, variant, path):
         """Worst (highest) over client modes of the median over repeats; None → missing."""
         vs = {m: D.get(g, label, is_(scenario="storm", variant=variant, mode=m), path) for m in modes}
         bad = worst(list(vs.values()))
