@@ -8,9 +8,11 @@
 #   bench/compare.sh --scenarios flood [--quick]   # issue 17's flood (not in the default set)
 #   bench/compare.sh --scenarios h2 --targets "wsgate haproxy" [--quick]   # WebSocket over HTTP/2
 #   bench/compare.sh --scenarios storm [--quick]   # issue 19's reconnect storm (not in the default set)
+#   bench/compare.sh --scenarios cores [--quick]   # issue 21: wsgate on 1 core vs 2 worker threads
+#   bench/contract.sh [--quick]                    # every SPEC §9 row with a verdict (runs this script)
 #
 # Options: --repeats N, --targets "direct tunnel wsgate nginx haproxy",
-#          --scenarios "echo latency handshake idle abuse flood h2 storm", --out DIR, --idle-max N,
+#          --scenarios "echo latency handshake idle abuse flood h2 storm cores", --out DIR, --idle-max N,
 #          --key rsa|ecdsa (certificate key type, default rsa = RSA 2048),
 #          --wsgate-bin PATH (run this wsgate binary instead of building this tree's),
 #          --flood-attack S, --flood-tls-attack S (attack seconds; the TLS run is shorter),
@@ -62,7 +64,7 @@ while [[ $# -gt 0 ]]; do
         --storm-variants) STORM_VARIANTS=$2; shift ;;
         --storm-modes) STORM_MODES=$2; shift ;;
         --port-offset) PORT_OFFSET=$2; shift ;;
-        -h|--help) sed -n '2,20p' "$0"; exit 0 ;;
+        -h|--help) awk 'NR > 1 && !/^#/ { exit } NR > 1' "$0"; exit 0 ;;
         *) echo "compare.sh: unknown option $1 (see --help)" >&2; exit 2 ;;
     esac
     shift
@@ -132,6 +134,7 @@ OUT=${OUT:-$(mktemp -d /tmp/wsgate-bench.XXXXXX)}
 mkdir -p "$OUT"
 RUNS="$OUT/runs.jsonl"
 : >"$RUNS"
+: >"$OUT/failed.txt"
 echo "results in $OUT" >&2
 
 # --- certificate -----------------------------------------------------------------------
@@ -381,6 +384,12 @@ write_storm_configs
 BACKEND_PID=""
 PROXY_PID=""
 PIDS=""
+# Where the proxy and the generator run (scenario cores changes them for its runs), the
+# environment wsgate gets, and the label its runs are recorded under (default: the target).
+PROXY_CPUS=0
+GEN_CPUS=1
+WSGATE_ENV=()
+LABEL=""
 
 wait_port() {
     local port=$1 i
@@ -402,7 +411,8 @@ start_proxy() { # NAME MODE
                 --upstream "127.0.0.1:$BACKEND_PORT" 2>>"$OUT/tunnel-stderr.log" &
             PROXY_PID=$!; PIDS=$PROXY_PID ;;
         wsgate)
-            taskset -c 0 "$WSGATE" --config "$OUT/wsgate-$mode.yaml" 2>>"$OUT/wsgate-stderr.log" &
+            taskset -c "$PROXY_CPUS" env "${WSGATE_ENV[@]}" "$WSGATE" --config "$OUT/wsgate-$mode.yaml" \
+                2>>"$OUT/wsgate-stderr.log" &
             PROXY_PID=$!; PIDS=$PROXY_PID ;;
         nginx)
             taskset -c 0 nginx -p "$OUT" -c "$OUT/nginx-$mode.conf" 2>>"$OUT/nginx-stderr.log" &
@@ -466,13 +476,20 @@ gen() {
     local pidargs=() p
     for p in $PIDS; do pidargs+=(--pid "$p"); done
     local line
-    if line=$(taskset -c 1 "$GEN" "$scenario" --target "127.0.0.1:$port" --label "$name" \
-        "${tlsarg[@]}" "${pidargs[@]}" "$@" 2>>"$OUT/generator-stderr.log"); then
+    if line=$(taskset -c "$GEN_CPUS" "$GEN" "$scenario" --target "127.0.0.1:$port" \
+        --label "${LABEL:-$name}" "${tlsarg[@]}" "${pidargs[@]}" "$@" 2>>"$OUT/generator-stderr.log"); then
         echo "$line" >>"$RUNS"
-        echo "  $name $scenario $tls $*: ok" >&2
+        echo "  ${LABEL:-$name} $scenario $tls $*: ok" >&2
     else
-        echo "  $name $scenario $tls $*: FAILED (see $OUT/generator-stderr.log)" >&2
+        failed "${LABEL:-$name} $scenario $tls $*"
     fi
+}
+
+# failed WHAT: a run that gave no result, said on stderr and kept in failed.txt (which
+# bench/contract.sh reads: the rows of that run say "error", not "n/a").
+failed() {
+    echo "  $1: FAILED (see $OUT/generator-stderr.log)" >&2
+    printf '%s\n' "$1" >>"$OUT/failed.txt"
 }
 
 has() { [[ " $SCENARIOS " == *" $1 "* ]]; }
@@ -488,7 +505,7 @@ gen_h2() {
         echo "$line" >>"$RUNS"
         echo "  $name $scenario $*: ok" >&2
     else
-        echo "  $name $scenario $*: FAILED (see $OUT/generator-stderr.log)" >&2
+        failed "$name $scenario $*"
     fi
 }
 
@@ -517,18 +534,46 @@ run_h2() {
     for n in 1000 "$IDLE_MAX"; do
         for name in $TARGETS; do
             case $name in direct|tunnel|nginx) continue ;; esac
-            start_proxy "$name" h2
-            gen idle "$name" plain --connections "$n" --settle $SETTLE
-            stop_proxy
-            start_proxy "$name" h2
-            gen idle "$name" tls --connections "$n" --settle $SETTLE
-            stop_proxy
+            # The idle scenario, when run too, measures these already (bench config).
+            if ! has idle; then
+                start_proxy "$name" h2
+                gen idle "$name" plain --connections "$n" --settle $SETTLE
+                stop_proxy
+                start_proxy "$name" h2
+                gen idle "$name" tls --connections "$n" --settle $SETTLE
+                stop_proxy
+            fi
             start_proxy "$name" h2
             gen_h2 h2-idle "$name" --connections $(( (n + 99) / 100 )) --streams "$n" \
                 --settle $SETTLE
             stop_proxy
         done
     done
+}
+
+# run_cores: issue 21 "more than one core", wsgate only. Three ways, each in a fresh
+# process: on core 0 alone (label wsgate-1t: the current-thread runtime wsgate picks on
+# one CPU, as in every other run here), on cores 0 and 1 with two worker threads
+# (wsgate-2t: tokio's multi-thread runtime), and on both cores held to one worker
+# (wsgate-mt1: TOKIO_WORKER_THREADS, which tokio's builder reads itself; tells the
+# runtime's flavour from the second worker). The generator runs on both cores in all
+# three (it has to share them with the two workers); the backend stays on core 1.
+run_cores() {
+    local v
+    for v in 1t mt1 2t; do
+        case $v in
+            1t) PROXY_CPUS=0; WSGATE_ENV=() ;;
+            mt1) PROXY_CPUS=0,1; WSGATE_ENV=(TOKIO_WORKER_THREADS=1) ;;
+            2t) PROXY_CPUS=0,1; WSGATE_ENV=(TOKIO_WORKER_THREADS=2) ;;
+        esac
+        GEN_CPUS=0,1; LABEL="wsgate-$v"
+        start_proxy wsgate bench
+        gen echo wsgate plain --conns $ECHO_CONNS --size 64 --warmup $WARM --duration $ECHO_S
+        gen echo wsgate plain --conns 8 --size 16384 --warmup $WARM --duration $ECHO_S
+        gen handshake wsgate plain --warmup $WARM --duration $HS_S
+        stop_proxy
+    done
+    PROXY_CPUS=0; GEN_CPUS=1; WSGATE_ENV=(); LABEL=""
 }
 
 # busy_ticks CPU: busy and total clock ticks of one core so far (/proc/stat).
@@ -609,6 +654,7 @@ for rep in $(seq 1 "$REPEATS"); do
         done
     fi
     if has h2; then run_h2; fi
+    if has cores && [[ " $TARGETS " == *" wsgate "* ]]; then run_cores; fi
     if has flood; then
         # A fresh proxy for each run, so RSS and CPU are the run's alone. The TLS run sends
         # the attacker to the TLS listener; the well-behaved clients stay plain.
