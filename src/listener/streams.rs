@@ -6,27 +6,38 @@ use std::task::{Context, Poll};
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 
 /// A stream with bytes already read in front of it (those past a PROXY header).
+/// The stream stays inline in the relay session for the connection's life, so the prefix,
+/// gone after the first reads, is boxed: an empty one costs a word, not four.
 pub struct Prefixed<S> {
-    prefix: Vec<u8>,
-    at: usize,
+    prefix: Option<Box<Prefix>>,
     inner: S,
+}
+
+/// Bytes still to be read before the stream's own; `at` of them already were.
+struct Prefix {
+    bytes: Vec<u8>,
+    at: usize,
 }
 
 impl<S> Prefixed<S> {
     pub(super) fn new(inner: S, prefix: Vec<u8>) -> Prefixed<S> {
         Prefixed {
-            prefix,
-            at: 0,
+            prefix: (!prefix.is_empty()).then(|| {
+                Box::new(Prefix {
+                    bytes: prefix,
+                    at: 0,
+                })
+            }),
             inner,
         }
     }
 
     /// Puts `front` before what is left of the prefix (bytes read to look ahead).
     pub(super) fn with_front(mut self, mut front: Vec<u8>) -> Prefixed<S> {
-        front.extend_from_slice(&self.prefix[self.at..]);
-        self.prefix = front;
-        self.at = 0;
-        self
+        if let Some(p) = self.prefix.take() {
+            front.extend_from_slice(&p.bytes[p.at..]);
+        }
+        Prefixed::new(self.inner, front)
     }
 
     pub(super) fn get_ref(&self) -> &S {
@@ -41,14 +52,13 @@ impl<S: AsyncRead + Unpin> AsyncRead for Prefixed<S> {
         buf: &mut ReadBuf<'_>,
     ) -> Poll<std::io::Result<()>> {
         let this = &mut *self;
-        if this.at < this.prefix.len() {
-            let n = (this.prefix.len() - this.at).min(buf.remaining());
-            buf.put_slice(&this.prefix[this.at..this.at + n]);
-            this.at += n;
-            if this.at == this.prefix.len() {
+        if let Some(p) = this.prefix.as_mut() {
+            let n = (p.bytes.len() - p.at).min(buf.remaining());
+            buf.put_slice(&p.bytes[p.at..p.at + n]);
+            p.at += n;
+            if p.at == p.bytes.len() {
                 // Free it: the prefix lives as long as the connection otherwise.
-                this.prefix = Vec::new();
-                this.at = 0;
+                this.prefix = None;
             }
             return Poll::Ready(Ok(()));
         }
