@@ -81,3 +81,32 @@ impl<S: AsyncWrite + Unpin> AsyncWrite for Prefixed<S> {
         Pin::new(&mut self.inner).poll_shutdown(cx)
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt, duplex};
+
+    use super::*;
+
+    #[tokio::test]
+    async fn the_prefix_and_a_front_are_read_before_the_stream_then_freed() {
+        let (mut far, near) = duplex(64);
+        far.write_all(b"stream")
+            .await
+            .unwrap_or_else(|e| panic!("{e}"));
+        drop(far);
+        let mut s = Prefixed::new(near, b"prefix ".to_vec()).with_front(b"front ".to_vec());
+        let mut small = [0u8; 4];
+        let n = s.read(&mut small).await.unwrap_or_else(|e| panic!("{e}"));
+        assert_eq!(&small[..n], b"fron");
+        let mut rest = Vec::new();
+        s.read_to_end(&mut rest)
+            .await
+            .unwrap_or_else(|e| panic!("{e}"));
+        assert_eq!(rest, b"t prefix stream");
+        assert!(s.prefix.is_none(), "a read-out prefix is freed");
+        // An empty prefix costs nothing: no box at all.
+        let (_far, near) = duplex(64);
+        assert!(Prefixed::new(near, Vec::new()).prefix.is_none());
+    }
+}

@@ -473,6 +473,24 @@ mod tests {
     }
 
     #[test]
+    fn a_drain_reaches_a_connection_without_other_ends_and_an_undrain_calls_it_off() {
+        // No expiry, no max age: the ends are boxed only when a drain asks for one.
+        let t0 = Instant::now();
+        let mut d = Deadlines::new(&settings(), t0);
+        let facts = Facts::default();
+        d.set_drain(None);
+        assert_eq!(d.next_due(&facts), None);
+        d.set_drain(Some((t0 + S, Ending::Drain)));
+        assert_eq!(d.next_due(&facts), Some(t0 + S));
+        assert_eq!(d.due(t0, &facts).ending, None);
+        d.set_drain(None);
+        assert_eq!(d.next_due(&facts), None);
+        assert_eq!(d.due(t0 + 2 * S, &facts).ending, None);
+        d.set_drain(Some((t0 + S, Ending::REVOKED)));
+        assert_eq!(d.due(t0 + 2 * S, &facts).ending, Some(Ending::REVOKED));
+    }
+
+    #[test]
     fn a_stalled_write_past_send_timeout_is_a_slow_consumer() {
         let t0 = Instant::now();
         let mut d = Deadlines::new(&with(|s| s.expires_at = Some(t0 + 10 * S)), t0);
