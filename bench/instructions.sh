@@ -6,7 +6,10 @@
 # after a 1 s and after a 3 s run: the difference divided by the difference in work leaves
 # out start-up and the per-run connection set-up.
 #
-#   bench/instructions.sh echo|handshake PORT -- COMMAND...
+#   bench/instructions.sh echo|echo16k|handshake|handshake-tls PORT -- COMMAND...
+#
+# echo16k: the echo loop with 16 KiB messages (8 connections, 500 msg/s) instead of 64 B;
+# handshake-tls: full TLS handshakes (no resumption) against a TLS listener's PORT.
 #
 #   bench/instructions.sh echo 19101 -- target/release/wsgate --config /tmp/wsgate-bench.yaml
 #   bench/instructions.sh echo 19401 -- bench/target/release/wsgate-bench tunnel \
@@ -16,7 +19,7 @@
 # `compare.sh` writes a suitable wsgate config (`wsgate-bench.yaml` in its output dir).
 set -euo pipefail
 
-MODE=${1:?echo or handshake}; PORT=${2:?port}; shift 2
+MODE=${1:?echo, echo16k, handshake or handshake-tls}; PORT=${2:?port}; shift 2
 [[ ${1:-} == -- ]] && shift
 command -v valgrind >/dev/null || { echo "needs valgrind (apt-get install -y valgrind)" >&2; exit 1; }
 ROOT=$(cd "$(dirname "$0")/.." && pwd)
@@ -43,10 +46,16 @@ run() {
         echo) taskset -c 1 "$GEN" echo --target "127.0.0.1:$PORT" --conns 50 --size 64 \
                   --rate 2000 --warmup 0 --duration "$1" |
               python3 -c 'import json,sys; print(json.load(sys.stdin)["received"])' ;;
+        echo16k) taskset -c 1 "$GEN" echo --target "127.0.0.1:$PORT" --conns 8 --size 16384 \
+                  --rate 500 --warmup 0 --duration "$1" |
+              python3 -c 'import json,sys; print(json.load(sys.stdin)["received"])' ;;
         handshake) taskset -c 1 "$GEN" handshake --target "127.0.0.1:$PORT" --concurrency 4 \
                   --warmup 0 --duration "$1" |
               python3 -c 'import json,sys; print(json.load(sys.stdin)["handshakes"])' ;;
-        *) echo "mode: echo or handshake" >&2; exit 2 ;;
+        handshake-tls) taskset -c 1 "$GEN" handshake --target "127.0.0.1:$PORT" --tls \
+                  --concurrency 4 --warmup 0 --duration "$1" |
+              python3 -c 'import json,sys; print(json.load(sys.stdin)["handshakes"])' ;;
+        *) echo "mode: echo, echo16k, handshake or handshake-tls" >&2; exit 2 ;;
     esac
 }
 total() { awk '/^(summary|totals):/ {print $2; exit}' "$1"; }

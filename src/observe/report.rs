@@ -52,17 +52,6 @@ pub struct Rtt {
 }
 
 impl Rtt {
-    pub(crate) fn record(&mut self, rtt: Duration) {
-        self.min = if self.count == 0 {
-            rtt
-        } else {
-            self.min.min(rtt)
-        };
-        self.max = self.max.max(rtt);
-        self.total += rtt;
-        self.count += 1;
-    }
-
     pub fn avg(&self) -> Duration {
         u32::try_from(self.count).map_or(Duration::ZERO, |n| {
             self.total.checked_div(n).unwrap_or_default()

@@ -63,19 +63,14 @@ pub struct Due {
 /// One connection's deadlines and intervals (zero = off, for each interval).
 #[derive(Debug)]
 pub struct Deadlines {
-    send_timeout: Duration,
-    fragment_timeout: Duration,
-    idle_timeout: Duration,
-    ping_interval: Duration,
-    pong_timeout: Duration,
-    upstream_ping_interval: Duration,
-    /// `close_on_expiry`: the token's expiry; cleared once acted on.
-    expires_at: Option<Instant>,
-    /// `max_connection_age` (jittered): the connection's end; cleared once acted on.
-    max_age_at: Option<Instant>,
-    /// When a drain (1012) or an admin close (4003) wants this connection closed, and
-    /// which of the two.
-    drain_at: Option<(Instant, Ending)>,
+    send_timeout: Span,
+    fragment_timeout: Span,
+    idle_timeout: Span,
+    ping_interval: Span,
+    pong_timeout: Span,
+    upstream_ping_interval: Span,
+    /// The ends most connections never have; boxed, so one without them carries a word.
+    ends: Option<Box<Ends>>,
     /// When to look whether the client needs a ping; `None` while a pong is awaited.
     ping_check: Option<Instant>,
     /// The same for the upstream.
@@ -91,15 +86,13 @@ impl Deadlines {
     pub fn new(settings: &Settings, now: Instant) -> Deadlines {
         let every = |d: Duration| (!d.is_zero()).then(|| now + d);
         Deadlines {
-            send_timeout: settings.send_timeout,
-            fragment_timeout: settings.fragment_timeout,
-            idle_timeout: settings.idle_timeout,
-            ping_interval: settings.ping_interval,
-            pong_timeout: settings.pong_timeout,
-            upstream_ping_interval: settings.upstream_ping_interval,
-            expires_at: settings.expires_at,
-            max_age_at: (!settings.max_age.is_zero()).then(|| now + settings.max_age),
-            drain_at: None,
+            send_timeout: Span::of(settings.send_timeout),
+            fragment_timeout: Span::of(settings.fragment_timeout),
+            idle_timeout: Span::of(settings.idle_timeout),
+            ping_interval: Span::of(settings.ping_interval),
+            pong_timeout: Span::of(settings.pong_timeout),
+            upstream_ping_interval: Span::of(settings.upstream_ping_interval),
+            ends: Ends::new(settings, now),
             ping_check: every(settings.ping_interval),
             upstream_ping_check: every(settings.upstream_ping_interval),
             idle_check: every(settings.idle_timeout),
@@ -110,7 +103,16 @@ impl Deadlines {
     /// A drain or an admin close asks for the connection to close at `at` with its ending
     /// (or no longer, when `None`).
     pub fn set_drain(&mut self, at: Option<(Instant, Ending)>) {
-        self.drain_at = at;
+        match (self.ends.as_deref_mut(), at) {
+            (Some(ends), at) => ends.drain_at = at,
+            (None, None) => {}
+            (None, Some(at)) => {
+                self.ends = Some(Box::new(Ends {
+                    drain_at: Some(at),
+                    ..Ends::default()
+                }))
+            }
+        }
     }
 
     /// Whether data frames need timing (the idle timeout is on); spares a clock read per
@@ -127,18 +129,18 @@ impl Deadlines {
 
     /// The client answered the proxy's ping at `now`: the next ping is due one interval on.
     pub fn on_client_pong(&mut self, now: Instant) {
-        self.ping_check = Some(now + self.ping_interval);
+        self.ping_check = Some(now + self.ping_interval.get());
     }
 
     /// The upstream answered the proxy's ping at `now`.
     pub fn on_upstream_pong(&mut self, now: Instant) {
-        self.upstream_ping_check = Some(now + self.upstream_ping_interval);
+        self.upstream_ping_check = Some(now + self.upstream_ping_interval.get());
     }
 
     /// What is due at `now`. Checks that are not due yet move to their real due time (lazy
     /// re-arming); a ping found due, or an ending, is reported once.
     pub fn due(&mut self, now: Instant, facts: &Facts) -> Due {
-        let limit = self.send_timeout;
+        let limit = self.send_timeout.get();
         let expired = |since: Option<Instant>| since.is_some_and(|s| s + limit <= now);
         let mut due = Due {
             slow_client: expired(facts.client_stalled),
@@ -150,23 +152,14 @@ impl Deadlines {
         if facts.close_by.is_some() || due.slow_client || due.slow_upstream {
             return due;
         }
-        if let Some((t, ending)) = self.drain_at
-            && t <= now
+        if let Some(ends) = self.ends.as_deref_mut()
+            && let Some(ending) = ends.due(now)
         {
             due.ending = Some(ending);
             return due;
         }
-        if self.max_age_at.is_some_and(|t| t <= now) {
-            self.max_age_at = None;
-            due.ending = Some(Ending::MaxAge);
-            return due;
-        }
-        if self.expires_at.is_some_and(|t| t <= now) {
-            self.expires_at = None;
-            due.ending = Some(Ending::TokenExpired);
-            return due;
-        }
-        let pong_overdue = |out: Option<Instant>| out.is_some_and(|s| s + self.pong_timeout <= now);
+        let pong_overdue =
+            |out: Option<Instant>| out.is_some_and(|s| s + self.pong_timeout.get() <= now);
         if pong_overdue(facts.client_ping_out) {
             due.ending = Some(Ending::DeadPeer(Side::Client));
             return due;
@@ -178,7 +171,7 @@ impl Deadlines {
         if self.ping_check.is_some_and(|t| t <= now) {
             (self.ping_check, due.ping_client) = ping_look(
                 now,
-                self.ping_interval,
+                self.ping_interval.get(),
                 facts.client_pong_awaited,
                 facts.client_last_write,
             );
@@ -186,13 +179,13 @@ impl Deadlines {
         if self.upstream_ping_check.is_some_and(|t| t <= now) {
             (self.upstream_ping_check, due.ping_upstream) = ping_look(
                 now,
-                self.upstream_ping_interval,
+                self.upstream_ping_interval.get(),
                 facts.upstream_pong_awaited,
                 facts.upstream_last_write,
             );
         }
         if self.idle_check.is_some_and(|t| t <= now) {
-            let idle_at = self.last_data + self.idle_timeout;
+            let idle_at = self.last_data + self.idle_timeout.get();
             if idle_at <= now {
                 self.idle_check = None;
                 due.ending = Some(Ending::Idle);
@@ -210,21 +203,23 @@ impl Deadlines {
     /// it folds the few deadlines that are set instead of collecting all of them.
     #[inline(always)]
     pub fn next_due(&self, facts: &Facts) -> Option<Instant> {
-        let stall = |since: Option<Instant>| since.map(|s| s + self.send_timeout);
+        let stall = |since: Option<Instant>| since.map(|s| s + self.send_timeout.get());
         let mut due = earliest(facts.close_by, facts.throttled_until);
         due = earliest(due, stall(facts.client_stalled));
         due = earliest(due, stall(facts.upstream_stalled));
         if facts.close_by.is_some() {
             return due;
         }
-        due = earliest(due, self.expires_at);
-        due = earliest(due, self.max_age_at);
-        due = earliest(due, self.drain_at.map(|(t, _)| t));
+        if let Some(ends) = self.ends.as_deref() {
+            due = earliest(due, ends.expires_at);
+            due = earliest(due, ends.max_age_at);
+            due = earliest(due, ends.drain_at.map(|(t, _)| t));
+        }
         due = earliest(due, self.ping_check);
         due = earliest(due, self.upstream_ping_check);
         due = earliest(due, self.idle_check);
         due = earliest(due, self.fragment_due(facts));
-        let pong = |out: Option<Instant>| out.map(|s| s + self.pong_timeout);
+        let pong = |out: Option<Instant>| out.map(|s| s + self.pong_timeout.get());
         due = earliest(due, pong(facts.client_ping_out));
         earliest(due, pong(facts.upstream_ping_out))
     }
@@ -233,7 +228,7 @@ impl Deadlines {
     fn fragment_due(&self, facts: &Facts) -> Option<Instant> {
         facts
             .fragment_since
-            .map(|s| s + self.fragment_timeout)
+            .map(|s| s + self.fragment_timeout.get())
             .filter(|_| !self.fragment_timeout.is_zero())
     }
 }
@@ -255,6 +250,68 @@ fn ping_look(
         (Some(due), false)
     } else {
         (None, true)
+    }
+}
+
+/// Deadlines that end the connection whatever it does, when set.
+#[derive(Debug, Default)]
+struct Ends {
+    /// `close_on_expiry`: the token's expiry; cleared once acted on.
+    expires_at: Option<Instant>,
+    /// `max_connection_age` (jittered): the connection's end; cleared once acted on.
+    max_age_at: Option<Instant>,
+    /// When a drain (1012) or an admin close (4003) wants this connection closed, and
+    /// which of the two.
+    drain_at: Option<(Instant, Ending)>,
+}
+
+impl Ends {
+    fn new(settings: &Settings, now: Instant) -> Option<Box<Ends>> {
+        let ends = Ends {
+            expires_at: settings.expires_at,
+            max_age_at: (!settings.max_age.is_zero()).then(|| now + settings.max_age),
+            drain_at: None,
+        };
+        (ends.expires_at.is_some() || ends.max_age_at.is_some()).then(|| Box::new(ends))
+    }
+
+    /// The ending due at `now`, if any (drain first, then age, then expiry); age and
+    /// expiry are reported once.
+    fn due(&mut self, now: Instant) -> Option<Ending> {
+        if let Some((t, ending)) = self.drain_at
+            && t <= now
+        {
+            return Some(ending);
+        }
+        if self.max_age_at.is_some_and(|t| t <= now) {
+            self.max_age_at = None;
+            return Some(Ending::MaxAge);
+        }
+        if self.expires_at.is_some_and(|t| t <= now) {
+            self.expires_at = None;
+            return Some(Ending::TokenExpired);
+        }
+        None
+    }
+}
+
+/// An interval as nanoseconds: six per connection, 8 bytes each rather than a
+/// `Duration`'s 16 (2^64 ns is 584 years, so nothing configurable is cut).
+#[derive(Clone, Copy, Debug)]
+struct Span(u64);
+
+impl Span {
+    fn of(d: Duration) -> Span {
+        Span(u64::try_from(d.as_nanos()).unwrap_or(u64::MAX))
+    }
+
+    #[inline(always)]
+    fn get(self) -> Duration {
+        Duration::from_nanos(self.0)
+    }
+
+    fn is_zero(self) -> bool {
+        self.0 == 0
     }
 }
 
@@ -413,6 +470,24 @@ mod tests {
         assert_eq!(d.due(t0 + S, &facts).ending, Some(Ending::REVOKED));
         d.set_drain(None);
         assert_eq!(d.due(t0 + S, &facts).ending, Some(Ending::TokenExpired));
+    }
+
+    #[test]
+    fn a_drain_reaches_a_connection_without_other_ends_and_an_undrain_calls_it_off() {
+        // No expiry, no max age: the ends are boxed only when a drain asks for one.
+        let t0 = Instant::now();
+        let mut d = Deadlines::new(&settings(), t0);
+        let facts = Facts::default();
+        d.set_drain(None);
+        assert_eq!(d.next_due(&facts), None);
+        d.set_drain(Some((t0 + S, Ending::Drain)));
+        assert_eq!(d.next_due(&facts), Some(t0 + S));
+        assert_eq!(d.due(t0, &facts).ending, None);
+        d.set_drain(None);
+        assert_eq!(d.next_due(&facts), None);
+        assert_eq!(d.due(t0 + 2 * S, &facts).ending, None);
+        d.set_drain(Some((t0 + S, Ending::REVOKED)));
+        assert_eq!(d.due(t0 + 2 * S, &facts).ending, Some(Ending::REVOKED));
     }
 
     #[test]

@@ -317,7 +317,8 @@ impl Validator {
 #[derive(Clone, Copy, Debug, Default)]
 pub struct Utf8Check {
     carry: [u8; 4],
-    carry_len: usize,
+    /// At most 4 (a byte, so the check is 6 bytes in each pump).
+    carry_len: u8,
     bad: bool,
 }
 
@@ -325,10 +326,10 @@ impl Utf8Check {
     /// Feeds the next (unmasked) bytes of the message.
     pub fn feed(&mut self, mut data: &[u8]) {
         while self.carry_len > 0 && !data.is_empty() && !self.bad {
-            self.carry[self.carry_len] = data[0];
+            self.carry[usize::from(self.carry_len)] = data[0];
             self.carry_len += 1;
             data = &data[1..];
-            match std::str::from_utf8(&self.carry[..self.carry_len]) {
+            match std::str::from_utf8(&self.carry[..usize::from(self.carry_len)]) {
                 Ok(_) => self.carry_len = 0,
                 Err(e) if e.error_len().is_none() && self.carry_len < 4 => {}
                 Err(_) => self.bad = true,
@@ -343,7 +344,8 @@ impl Utf8Check {
                 None => {
                     let tail = &data[e.valid_up_to()..];
                     self.carry[..tail.len()].copy_from_slice(tail);
-                    self.carry_len = tail.len();
+                    // An incomplete sequence: at most 3 bytes.
+                    self.carry_len = tail.len() as u8;
                 }
             }
         }

@@ -77,7 +77,8 @@ enum Phase {
     /// bytes still to come).
     Control {
         remaining: u64,
-        header_len: usize,
+        /// At most [`MAX_HEADER_LEN`]: a byte keeps the phase at 16 bytes.
+        header_len: u8,
         mask: Option<[u8; 4]>,
         pong: bool,
     },
@@ -147,7 +148,8 @@ pub struct Pump {
     dst_dead: bool,
     pub src_eof: bool,
     /// Code and reason of the close frame the source sent, once it arrived.
-    pub src_close: Option<(u16, String)>,
+    /// (Boxed: it arrives once per connection, and an idle pump should not carry it.)
+    pub src_close: Option<Box<(u16, String)>>,
     /// A close frame (relayed or the proxy's own) has been fully written to the destination.
     pub dst_close_sent: bool,
     /// Client text is checked for UTF-8 (unless an extension such as deflate transforms
@@ -503,9 +505,9 @@ impl Pump {
                     if remaining == n as u64 {
                         self.phase = Phase::Header;
                         if pong {
-                            self.pong_collected(header_len, mask)
+                            self.pong_collected(usize::from(header_len), mask)
                         } else {
-                            self.close_collected(header_len, mask)
+                            self.close_collected(usize::from(header_len), mask)
                         }
                     } else {
                         self.phase = Phase::Control {
@@ -734,7 +736,7 @@ impl Pump {
         }
         if is_close {
             // An oversized close is still the peer's close: it will send nothing more.
-            self.src_close = Some((code::NO_STATUS, String::new()));
+            self.src_close = Some(Box::new((code::NO_STATUS, String::new())));
             return Step::Report(Event::CloseReceived);
         }
         Step::Go
@@ -753,7 +755,8 @@ impl Pump {
         }
         self.phase = Phase::Control {
             remaining: raw.payload_len,
-            header_len: raw.len,
+            // A header is at most MAX_HEADER_LEN (14) bytes.
+            header_len: raw.len as u8,
             mask: raw.mask,
             pong,
         };
@@ -796,7 +799,7 @@ impl Pump {
         self.forward = false;
         match info {
             Ok(info) => {
-                self.src_close = Some(info);
+                self.src_close = Some(Box::new(info));
                 if was_forwarding && !self.dst_dead {
                     let out = self.close_reply.take().unwrap_or(ctl);
                     self.stats.frames += 1;
@@ -807,13 +810,13 @@ impl Pump {
             }
             Err(v) if was_forwarding => {
                 // Malformed, but still the peer's close: it will send nothing more.
-                self.src_close = Some((code::NO_STATUS, String::new()));
+                self.src_close = Some(Box::new((code::NO_STATUS, String::new())));
                 Step::Report(Event::Violation(v))
             }
             Err(_) => {
                 // A malformed close after we stopped forwarding still ends the peer's side
                 // of the handshake.
-                self.src_close = Some((code::NO_STATUS, String::new()));
+                self.src_close = Some(Box::new((code::NO_STATUS, String::new())));
                 Step::Report(Event::CloseReceived)
             }
         }
