@@ -21,14 +21,15 @@ use http::{Response, Version};
 use hyper::body::{Body as HttpBody, Frame, SizeHint};
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 
-/// Where a connection's streams copy their writes before h2 takes them: one allocation per
-/// connection, reused once h2 has sent what was taken from it (a write of a stream is
-/// encoded into the connection's own buffer, or sent, at the connection's next turn).
+/// Where a connection's streams copy their small writes before h2 takes them: one
+/// allocation per connection, reused once h2 has let go of what was taken from it (a
+/// small DATA frame is copied into the connection's own write buffer at its next turn).
 pub(super) type OutBuf = Arc<Mutex<BytesMut>>;
 
-/// Size of a connection's write buffer: room for many small messages between reclaims;
-/// a write larger than it gets a buffer of its own size.
-const OUT_CHUNK: usize = 4096;
+/// Size of a connection's write buffer: room for 16 messages of 64 B between reclaims, and
+/// all that an idle connection keeps. A larger write is copied into an allocation of its
+/// own, freed once sent (the copy costs more than the allocation there).
+const OUT_CHUNK: usize = 1024;
 
 /// A new, empty write buffer (allocated at the first write).
 pub(super) fn out_buf() -> OutBuf {
@@ -56,13 +57,16 @@ impl StreamIo {
         }
     }
 
-    /// `buf` as `Bytes`, copied into the connection's write buffer.
+    /// `buf` as `Bytes`, copied into the connection's write buffer when small.
     fn copy_out(&self, buf: &[u8]) -> Bytes {
+        if buf.len() > OUT_CHUNK {
+            return Bytes::copy_from_slice(buf);
+        }
         let Ok(mut out) = self.out.lock() else {
             return Bytes::copy_from_slice(buf);
         };
         if !out.try_reclaim(buf.len()) {
-            *out = BytesMut::with_capacity(buf.len().max(OUT_CHUNK));
+            *out = BytesMut::with_capacity(OUT_CHUNK);
         }
         out.extend_from_slice(buf);
         out.split().freeze()
