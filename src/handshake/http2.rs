@@ -145,7 +145,7 @@ where
         Err(_) => return None,
     };
     let mut ping_pong = conn.ping_pong();
-    let keepalive = h2.config.keepalive.clone();
+    let keepalive = h2.config.keepalive;
     let keepalive_on = !keepalive.ping_interval.is_zero() && ping_pong.is_some();
     // The next PING, or, while one is unanswered, the end of its `pong_timeout`.
     let ping_at = tokio::time::sleep_until(Instant::now() + keepalive.ping_interval);
