@@ -30,10 +30,12 @@ GEN="$ROOT/bench/target/release/wsgate-bench"
 OUT=$(mktemp -d /tmp/wsgate-instr.XXXXXX)
 
 BACKEND_PORT=${BACKEND_PORT:-19001}
+BACKEND=""; VG=""
+# A failed run (set -e) must not leave the process under test or the backend behind.
+trap 'for p in $VG $BACKEND; do kill "$p" 2>/dev/null || true; done' EXIT
 if ! (exec 3<>"/dev/tcp/127.0.0.1/$BACKEND_PORT") 2>/dev/null; then
     taskset -c 1 "$GEN" backend --bind "127.0.0.1:$BACKEND_PORT" >/dev/null 2>&1 &
     BACKEND=$!
-    trap 'kill $BACKEND 2>/dev/null || true' EXIT
     sleep 0.5
 fi
 

@@ -42,7 +42,7 @@ use crate::shared::Shared;
 
 mod stream;
 
-use stream::{OutBuf, RecvBody, StreamIo, send_answer};
+use stream::{RecvBody, StreamIo, send_answer};
 
 /// Streams one connection may have open at once (SPEC §3).
 pub const MAX_STREAMS: u32 = 100;
@@ -90,8 +90,6 @@ struct H2Conn {
     idle_since: Mutex<Instant>,
     /// The last open stream ended: the idle bound starts.
     went_idle: Notify,
-    /// Where the streams' writes are copied for h2 (one buffer per connection).
-    out: OutBuf,
 }
 
 /// Serves an HTTP/2 connection until it ends; its WebSocket streams are relayed in tasks of
@@ -133,7 +131,6 @@ where
         open: AtomicUsize::new(0),
         idle_since: Mutex::new(started),
         went_idle: Notify::new(),
-        out: stream::out_buf(),
     });
     let handshake = builder(&h2.config).handshake::<S, Bytes>(stream);
     let mut conn = match tokio::time::timeout_at(deadline, handshake).await {
@@ -176,8 +173,8 @@ where
                         tracing::debug!(peer = %h2.peer, "HTTP/2 CONNECT with a body; closing");
                         return None;
                     }
-                    let open = StreamOpen::new(&h2);
-                    tokio::spawn(answer(h2.clone(), open, req, respond));
+                    let (open, over_capacity) = StreamOpen::new(&h2);
+                    tokio::spawn(answer(h2.clone(), open, over_capacity, req, respond));
                 }
                 Some(Err(e)) => {
                     tracing::debug!(peer = %h2.peer, error = %e, "HTTP/2 connection ended");
@@ -292,6 +289,7 @@ fn builder(config: &Config) -> h2::server::Builder {
 async fn answer(
     h2: Arc<H2Conn>,
     open: StreamOpen,
+    over_capacity: bool,
     req: Request<RecvStream>,
     mut respond: SendResponse<Bytes>,
 ) {
@@ -312,7 +310,7 @@ async fn answer(
             http: "2",
         },
         config.clone(),
-        open.over_capacity,
+        over_capacity,
         early.unwrap_or(EarlyPermit::NotTaken),
     ));
     // The bound of an answer that is not a WebSocket: its exchange's, or the time a
@@ -371,7 +369,7 @@ async fn answer(
     };
     let mut est = *est;
     est.settings.linger_client = false;
-    let io = StreamIo::new(recv, send, h2.out.clone());
+    let io = StreamIo::new(recv, send);
     let relaying = run_relay(&conn.info, io, Bytes::new(), est);
     drop(conn);
     // A task of its own, sized for the relay alone (this one holds the handshake's state).
@@ -463,39 +461,33 @@ fn join_cookies(h: &mut http::HeaderMap) {
 }
 
 /// A stream counted open on its connection (the idle bound waits) and, beyond the
-/// connection's first open stream, as a connection of its own for `max_connections`.
+/// connection's first open stream, as a connection of its own for `max_connections`: while
+/// `n` streams are open, the connection counts `max(n - 1, 0)` beyond its own count, so a
+/// stream needs no flag of its own (its relay task stays one size class smaller).
 struct StreamOpen {
     h2: Arc<H2Conn>,
-    /// Counted in `Shared::active` by this stream.
-    counted: bool,
-    over_capacity: bool,
 }
 
 impl StreamOpen {
-    fn new(h2: &Arc<H2Conn>) -> StreamOpen {
+    /// The stream, and whether `max_connections` is exceeded with it.
+    fn new(h2: &Arc<H2Conn>) -> (StreamOpen, bool) {
         let before = h2.open.fetch_add(1, Ordering::AcqRel);
         // The connection is no longer a handshake in progress once a stream arrives.
         let slot = h2.pending.lock().ok().and_then(|mut p| p.take());
         drop(slot);
         let max = h2.config.limits.max_connections;
         let first_ever = !h2.streams_seen.swap(true, Ordering::AcqRel);
-        let (counted, over_capacity) = if before == 0 {
+        let over_capacity = if before == 0 {
             // Rides on the connection's own count.
-            let over = if first_ever {
+            if first_ever {
                 h2.over_capacity
             } else {
                 h2.shared.active.load(Ordering::Relaxed) > max
-            };
-            (false, over)
+            }
         } else {
-            let now = h2.shared.active.fetch_add(1, Ordering::Relaxed) + 1;
-            (true, now > max)
+            h2.shared.active.fetch_add(1, Ordering::Relaxed) + 1 > max
         };
-        StreamOpen {
-            h2: h2.clone(),
-            counted,
-            over_capacity,
-        }
+        (StreamOpen { h2: h2.clone() }, over_capacity)
     }
 
     /// The response, keeping the stream counted until its body is sent, which must be
@@ -512,10 +504,10 @@ impl StreamOpen {
 
 impl Drop for StreamOpen {
     fn drop(&mut self) {
-        if self.counted {
+        if self.h2.open.fetch_sub(1, Ordering::AcqRel) > 1 {
+            // Another stream stays open: one fewer counts beyond the connection.
             self.h2.shared.active.fetch_sub(1, Ordering::Relaxed);
-        }
-        if self.h2.open.fetch_sub(1, Ordering::AcqRel) == 1 {
+        } else {
             self.h2.count_idle_connection();
             if let Ok(mut since) = self.h2.idle_since.lock() {
                 *since = Instant::now();

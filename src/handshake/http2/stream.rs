@@ -8,10 +8,10 @@
 //! capacity before it is handed to h2 (which holds at most `max_send_buffer_size` per
 //! stream beyond the write in flight), as hyper's HTTP/2 upgrade path did.
 
+use std::cell::RefCell;
 use std::future::poll_fn;
 use std::io;
 use std::pin::Pin;
-use std::sync::{Arc, Mutex};
 use std::task::{Context, Poll, ready};
 
 use bytes::{Buf, Bytes, BytesMut};
@@ -21,48 +21,26 @@ use http::{Response, Version};
 use hyper::body::{Body as HttpBody, Frame, SizeHint};
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 
-/// Where a connection's streams copy their small writes before h2 takes them: one
-/// allocation per connection, reused once h2 has let go of what was taken from it (a
-/// small DATA frame is copied into the connection's own write buffer at its next turn).
-pub(super) type OutBuf = Arc<Mutex<BytesMut>>;
-
-/// Size of a connection's write buffer: room for 16 messages of 64 B between reclaims, and
-/// all that an idle connection keeps. A larger write is copied into an allocation of its
-/// own, freed once sent (the copy costs more than the allocation there).
+/// Size of a worker thread's write buffer: room for 16 messages of 64 B between reclaims.
+/// A larger write is copied into an allocation of its own, freed once sent (the copy costs
+/// more than the allocation there).
 const OUT_CHUNK: usize = 1024;
 
-/// A new, empty write buffer (allocated at the first write).
-pub(super) fn out_buf() -> OutBuf {
-    Arc::new(Mutex::new(BytesMut::new()))
+thread_local! {
+    /// Where the streams relayed on this thread copy their small writes before h2 takes
+    /// them: reused once h2 has let go of what was taken from it (a small DATA frame is
+    /// copied into its connection's write buffer at the connection's next turn). Per
+    /// thread, not per stream or connection: idle streams keep nothing.
+    static OUT: RefCell<BytesMut> = RefCell::new(BytesMut::new());
 }
 
-/// A WebSocket stream as the relay's client side.
-pub(super) struct StreamIo {
-    recv: RecvStream,
-    send: SendStream<Bytes>,
-    /// What was read from h2 and not yet taken by the relay.
-    pending: Bytes,
-    out: OutBuf,
-    ended: bool,
-}
-
-impl StreamIo {
-    pub(super) fn new(recv: RecvStream, send: SendStream<Bytes>, out: OutBuf) -> StreamIo {
-        StreamIo {
-            recv,
-            send,
-            pending: Bytes::new(),
-            out,
-            ended: false,
-        }
+/// `buf` as `Bytes`: copied into the thread's write buffer when small.
+fn copy_out(buf: &[u8]) -> Bytes {
+    if buf.len() > OUT_CHUNK {
+        return Bytes::copy_from_slice(buf);
     }
-
-    /// `buf` as `Bytes`, copied into the connection's write buffer when small.
-    fn copy_out(&self, buf: &[u8]) -> Bytes {
-        if buf.len() > OUT_CHUNK {
-            return Bytes::copy_from_slice(buf);
-        }
-        let Ok(mut out) = self.out.lock() else {
+    OUT.with(|out| {
+        let Ok(mut out) = out.try_borrow_mut() else {
             return Bytes::copy_from_slice(buf);
         };
         if !out.try_reclaim(buf.len()) {
@@ -70,6 +48,25 @@ impl StreamIo {
         }
         out.extend_from_slice(buf);
         out.split().freeze()
+    })
+}
+
+/// A WebSocket stream as the relay's client side. Kept small: it is part of every relay
+/// task (the task's size class is what an idle stream costs).
+pub(super) struct StreamIo {
+    recv: RecvStream,
+    send: SendStream<Bytes>,
+    /// What was read from h2 and not yet taken by the relay.
+    pending: Bytes,
+}
+
+impl StreamIo {
+    pub(super) fn new(recv: RecvStream, send: SendStream<Bytes>) -> StreamIo {
+        StreamIo {
+            recv,
+            send,
+            pending: Bytes::new(),
+        }
     }
 }
 
@@ -153,7 +150,7 @@ impl AsyncWrite for StreamIo {
         }
         let this = &mut *self;
         ready!(poll_send_capacity(&mut this.send, cx))?;
-        let data = this.copy_out(buf);
+        let data = copy_out(buf);
         this.send.send_data(data, false).map_err(to_io)?;
         Poll::Ready(Ok(buf.len()))
     }
@@ -163,12 +160,10 @@ impl AsyncWrite for StreamIo {
         Poll::Ready(Ok(()))
     }
 
-    /// END_STREAM, behind what is still buffered.
+    /// END_STREAM, behind what is still buffered. A stream already ended or reset has
+    /// nothing left to end (h2 refuses a second END_STREAM): not an error here.
     fn poll_shutdown(mut self: Pin<&mut Self>, _cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        if !self.ended {
-            self.ended = true;
-            self.send.send_data(Bytes::new(), true).map_err(to_io)?;
-        }
+        let _ = self.send.send_data(Bytes::new(), true);
         Poll::Ready(Ok(()))
     }
 }
