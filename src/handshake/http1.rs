@@ -369,7 +369,10 @@ fn answer_budget(config: &Config) -> Duration {
 }
 
 impl Conn {
-    pub(super) async fn handle(self: Arc<Self>, req: Request<Incoming>) -> Response<Body> {
+    pub(super) async fn handle<B: plain::ClientBody>(
+        self: Arc<Self>,
+        req: Request<B>,
+    ) -> Response<Body> {
         let started = Instant::now();
         self.head_seen.store(true, Ordering::Release);
         self.served.fetch_add(1, Ordering::AcqRel);

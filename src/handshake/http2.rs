@@ -1,9 +1,10 @@
-//! The HTTP/2 driver (SPEC §3 "WebSocket over HTTP/2", RFC 8441): hyper's HTTP/2 server on
-//! one client connection, each stream judged as a connection of its own would be on
+//! The HTTP/2 driver (SPEC §3 "WebSocket over HTTP/2", RFC 8441): the `h2` crate's server
+//! on one client connection, each stream judged as a connection of its own would be on
 //! HTTP/1.1. An extended CONNECT with `:protocol: websocket` is rewritten into the HTTP/1.1
 //! upgrade it stands for, so the same admission, upstream handshake and log lines apply;
 //! the upstream's 101 becomes the client's 200, and the stream's relay runs in a task of
-//! its own over the stream. Other requests follow the route's `http` setting.
+//! its own that reads and writes the stream itself ([`stream::StreamIo`]: no task or
+//! channel between the relay and h2). Other requests follow the route's `http` setting.
 //!
 //! Per connection, not per stream: keepalive (one HTTP/2 PING every `ping_interval`, a
 //! connection silent past `pong_timeout` ends with all its streams), GOAWAY when a drain
@@ -11,7 +12,7 @@
 //! windows are `buffer_size` per stream, so a stream holds at most that much per
 //! direction, and the connection window leaves room for every stream's.
 
-use std::convert::Infallible;
+use std::future::{Future, poll_fn};
 use std::net::SocketAddr;
 use std::pin::Pin;
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
@@ -19,10 +20,11 @@ use std::sync::{Arc, Mutex};
 use std::task::{Context, Poll};
 
 use bytes::Bytes;
+use h2::server::SendResponse;
+use h2::{Ping, RecvStream};
 use http::header::{self, HeaderValue};
 use http::{Method, Request, Response, StatusCode, Version, request};
-use hyper::body::{Body as HttpBody, Frame, Incoming, SizeHint};
-use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
+use hyper::body::{Body as HttpBody, Frame, SizeHint};
 use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::sync::Notify;
 use tokio::time::Instant;
@@ -31,12 +33,16 @@ use super::admit::EarlyPermit;
 use super::facts::{ConnInfo, Facts, request_id};
 use super::http1::plain::ExchangeDeadline;
 use super::http1::{Accepted, Body, Conn, InHandshake};
-use super::session::{Established, RelayPhase, run_relay};
+use super::session::{RelayPhase, run_relay};
 use crate::admission::client_ip::IpKey;
 use crate::config::Config;
 use crate::observe::access_log::TlsInfo;
 use crate::outcome::Refusal;
 use crate::shared::Shared;
+
+mod stream;
+
+use stream::{RecvBody, StreamIo, send_answer};
 
 /// Streams one connection may have open at once (SPEC §3).
 pub const MAX_STREAMS: u32 = 100;
@@ -70,8 +76,8 @@ struct H2Conn {
     /// What the connection counts under per IP (`None` behind a trusted proxy, whose
     /// clients are known from each request).
     ip_key: Option<IpKey>,
-    /// Answers being sent (refusals, plain exchanges) and when each must be done: hyper
-    /// polls a body only while the client's window lets it, so their bounds are enforced
+    /// Answers being sent (refusals, plain exchanges) and when each must be done: a body
+    /// is polled only while the client's window lets it, so their bounds are enforced
     /// here, by cutting the connection.
     answers: Mutex<Vec<Due>>,
     next_due: AtomicU64,
@@ -126,16 +132,22 @@ where
         idle_since: Mutex::new(started),
         went_idle: Notify::new(),
     });
-    let server = builder(&h2.config);
-    let service = {
-        let h2 = h2.clone();
-        hyper::service::service_fn(move |req| {
-            let h2 = h2.clone();
-            async move { Ok::<_, Infallible>(answer(h2, req).await) }
-        })
+    let handshake = builder(&h2.config).handshake::<S, Bytes>(stream);
+    let mut conn = match tokio::time::timeout_at(deadline, handshake).await {
+        Ok(Ok(c)) => c,
+        Ok(Err(e)) => {
+            tracing::debug!(peer = %h2.peer, error = %e, "HTTP/2 handshake failed");
+            return None;
+        }
+        Err(_) => return None,
     };
-    let http = server.serve_connection(TokioIo::new(stream), service);
-    tokio::pin!(http);
+    let mut ping_pong = conn.ping_pong();
+    let keepalive = h2.config.keepalive;
+    let keepalive_on = !keepalive.ping_interval.is_zero() && ping_pong.is_some();
+    // The next PING, or, while one is unanswered, the end of its `pong_timeout`.
+    let ping_at = tokio::time::sleep_until(Instant::now() + keepalive.ping_interval);
+    tokio::pin!(ping_at);
+    let mut awaiting_pong = false;
     let mut draining = h2.shared.registry.drain_started();
     // Armed while no stream is open: the wait for the next stream, then, once GOAWAY is
     // out, the grace the client has to close before the connection is dropped.
@@ -151,11 +163,43 @@ where
         // Biased, the connection first: it is what every frame of every stream wakes.
         tokio::select! {
             biased;
-            r = http.as_mut() => {
-                if let Err(e) = r {
-                    tracing::debug!(peer = %h2.peer, error = %e, "HTTP/2 connection ended");
+            accepted = conn.accept() => match accepted {
+                Some(Ok((req, respond))) => {
+                    if connect_with_body(&req) {
+                        // Not a WebSocket (RFC 8441 streams carry DATA, not a body); as
+                        // hyper's HTTP/2 server did, the connection ends.
+                        let mut respond = respond;
+                        respond.send_reset(h2::Reason::INTERNAL_ERROR);
+                        tracing::debug!(peer = %h2.peer, "HTTP/2 CONNECT with a body; closing");
+                        return None;
+                    }
+                    let (open, over_capacity) = StreamOpen::new(&h2);
+                    tokio::spawn(answer(h2.clone(), open, over_capacity, req, respond));
                 }
-                return None;
+                Some(Err(e)) => {
+                    tracing::debug!(peer = %h2.peer, error = %e, "HTTP/2 connection ended");
+                    return None;
+                }
+                None => return None,
+            },
+            pong = poll_fn(|cx| poll_pong(ping_pong.as_mut(), cx)), if awaiting_pong => {
+                if pong.is_err() {
+                    return None;
+                }
+                awaiting_pong = false;
+                ping_at.as_mut().reset(Instant::now() + keepalive.ping_interval);
+            }
+            () = &mut ping_at, if keepalive_on => {
+                if awaiting_pong {
+                    tracing::debug!(peer = %h2.peer, "HTTP/2 PING not answered within pong_timeout; closing");
+                    return None;
+                }
+                let sent = ping_pong.as_mut().map(|p| p.send_ping(Ping::opaque()));
+                if !matches!(sent, Some(Ok(()))) {
+                    return None;
+                }
+                awaiting_pong = true;
+                ping_at.as_mut().reset(Instant::now() + keepalive.pong_timeout);
             }
             () = h2.answers_changed.notified() => {
                 due_armed = match h2.earliest_due() {
@@ -195,12 +239,12 @@ where
                     return None;
                 }
                 // GOAWAY: the client opens a new connection for what it sends next.
-                http.as_mut().graceful_shutdown();
+                conn.graceful_shutdown();
                 closing = true;
                 idle.as_mut().reset(Instant::now() + GOAWAY_GRACE);
             }
             true = async { draining.wait_for(|d| *d).await.is_ok() }, if !closing => {
-                http.as_mut().graceful_shutdown();
+                conn.graceful_shutdown();
                 closing = true;
                 idle.as_mut().reset(Instant::now() + GOAWAY_GRACE);
             }
@@ -208,34 +252,48 @@ where
     }
 }
 
+/// The PING's answer, when one is awaited.
+fn poll_pong(pp: Option<&mut h2::PingPong>, cx: &mut Context<'_>) -> Poll<Result<(), h2::Error>> {
+    match pp {
+        Some(pp) => pp.poll_pong(cx).map_ok(|_| ()),
+        None => Poll::Pending,
+    }
+}
+
+/// A CONNECT that announces a body.
+fn connect_with_body(req: &Request<RecvStream>) -> bool {
+    req.method() == Method::CONNECT
+        && req
+            .headers()
+            .get(header::CONTENT_LENGTH)
+            .is_some_and(|v| v.as_bytes() != b"0")
+}
+
 /// The server side of HTTP/2 as SPEC §3 sets it.
-fn builder(config: &Config) -> hyper::server::conn::http2::Builder<TokioExecutor> {
+fn builder(config: &Config) -> h2::server::Builder {
     let buffer = config.limits.buffer_size as u64;
     let stream_window = buffer.clamp(1, MAX_WINDOW) as u32;
     let conn_window = (buffer * u64::from(MAX_STREAMS)).clamp(65_535, MAX_WINDOW) as u32;
-    let mut b = hyper::server::conn::http2::Builder::new(TokioExecutor::new());
-    b.timer(TokioTimer::new())
-        .enable_connect_protocol()
+    let mut b = h2::server::Builder::new();
+    b.enable_connect_protocol()
         .max_concurrent_streams(MAX_STREAMS)
-        .initial_stream_window_size(stream_window)
+        .initial_window_size(stream_window)
         .initial_connection_window_size(conn_window)
-        .adaptive_window(false)
-        .max_send_buf_size(config.limits.buffer_size.max(1))
+        .max_send_buffer_size(config.limits.buffer_size.max(1))
         .max_header_list_size(MAX_HEADER_LIST);
-    let keepalive = &config.keepalive;
-    if !keepalive.ping_interval.is_zero() {
-        b.keep_alive_interval(keepalive.ping_interval)
-            .keep_alive_timeout(keepalive.pong_timeout);
-    }
     b
 }
 
 /// One stream: refused, relayed as plain HTTP, or admitted as a WebSocket whose relay is
 /// started once the 200 is out.
-async fn answer(h2: Arc<H2Conn>, mut req: Request<Incoming>) -> Response<Tracked> {
-    let open = StreamOpen::new(&h2);
-    let upgrade = hyper::upgrade::on(&mut req);
-    let (mut parts, body) = req.into_parts();
+async fn answer(
+    h2: Arc<H2Conn>,
+    open: StreamOpen,
+    over_capacity: bool,
+    req: Request<RecvStream>,
+    mut respond: SendResponse<Bytes>,
+) {
+    let (mut parts, recv) = req.into_parts();
     let normalized = normalize(&mut parts);
     let early = h2.early.lock().ok().and_then(|mut e| e.take());
     // A stream is judged under the config of its own time: an HTTP/2 connection may
@@ -252,78 +310,95 @@ async fn answer(h2: Arc<H2Conn>, mut req: Request<Incoming>) -> Response<Tracked
             http: "2",
         },
         config.clone(),
-        open.over_capacity,
+        over_capacity,
         early.unwrap_or(EarlyPermit::NotTaken),
     ));
     // The bound of an answer that is not a WebSocket: its exchange's, or the time a
     // refusal gets to be sent.
     let answer_by = Instant::now() + config.limits.handshake_timeout;
-    if let Err(refusal) = normalized {
+    if let Err(refusal) = &normalized {
+        let refusal = *refusal;
         let mut facts = Facts::from_parts(&parts);
         facts.request_id = request_id(&parts.headers);
-        return open.track(conn.refuse(&facts, refusal, None), &conn, answer_by);
+        let resp = open.track(conn.refuse(&facts, refusal, None), &conn, answer_by);
+        return send_answer(respond, resp).await;
     }
-    let resp = conn.clone().handle(Request::from_parts(parts, body)).await;
+    // A WebSocket's stream is the relay's, not a body: it stays here.
+    let (body, ws_recv) = match normalized {
+        Ok(true) => (RecvBody::empty(), Some(recv)),
+        _ => (RecvBody::new(recv, &parts.headers), None),
+    };
+    // The request's own stream is answered below; a client reset meanwhile ends the work.
+    let handled = conn.clone().handle(Request::from_parts(parts, body));
+    let resp = tokio::select! {
+        biased;
+        resp = handled => resp,
+        _ = poll_fn(|cx| respond.poll_reset(cx)) => {
+            tracing::debug!(conn_id = %conn.info.conn_id, "HTTP/2 stream reset before its answer");
+            return;
+        }
+    };
     if resp.status() != StatusCode::SWITCHING_PROTOCOLS {
         let by = resp
             .extensions()
             .get::<ExchangeDeadline>()
             .map_or(answer_by, |d| d.0);
-        return open.track(resp, &conn, by);
+        return send_answer(respond, open.track(resp, &conn, by)).await;
     }
     let Some(est) = conn.take_established() else {
         let resp = Refusal::UpstreamConnect
             .response()
             .map(http_body_util::Either::Left);
-        return open.track(resp, &conn, answer_by);
+        return send_answer(respond, open.track(resp, &conn, answer_by)).await;
     };
-    tokio::spawn(relay(conn, upgrade, est, open));
-    let (mut head, body) = resp.into_parts();
+    let (mut head, _) = resp.into_parts();
     head.status = StatusCode::OK;
-    for name in [
-        header::CONNECTION,
-        header::UPGRADE,
-        header::SEC_WEBSOCKET_ACCEPT,
-    ] {
+    for name in [header::SEC_WEBSOCKET_ACCEPT, header::CONTENT_LENGTH] {
         head.headers.remove(name);
     }
-    Response::from_parts(
-        head,
-        Tracked {
-            inner: body,
-            _open: None,
-            _due: None,
-        },
-    )
-}
-
-/// Relays an admitted stream once hyper hands it over (the 200 sent).
-async fn relay(
-    conn: Arc<Conn>,
-    upgrade: hyper::upgrade::OnUpgrade,
-    est: Box<Established>,
-    _open: StreamOpen,
-) {
-    let client = match upgrade.await {
-        Ok(upgraded) => TokioIo::new(upgraded),
+    let send = match respond.send_response(stream::h2_head(head), false) {
+        Ok(send) => send,
         Err(e) => {
             // The client reset the stream before it had its 200.
             tracing::debug!(conn_id = %conn.info.conn_id, error = %e, "HTTP/2 stream gone before its relay");
             return;
         }
     };
+    let Some(recv) = ws_recv else {
+        return;
+    };
     let mut est = *est;
     est.settings.linger_client = false;
-    let relaying = run_relay(&conn.info, client, Bytes::new(), est);
+    let io = StreamIo::new(recv, send);
+    let relaying = run_relay(&conn.info, io, Bytes::new(), est);
     drop(conn);
-    relaying.await;
+    // A task of its own, sized for the relay alone (this one holds the handshake's state).
+    tokio::spawn(StreamRelay {
+        relaying,
+        _open: open,
+    });
+}
+
+/// A WebSocket stream's relay, its stream counted open until it ends.
+struct StreamRelay<R> {
+    relaying: R,
+    _open: StreamOpen,
+}
+
+impl<R: Future<Output = ()> + Unpin> Future for StreamRelay<R> {
+    type Output = ();
+
+    fn poll(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<()> {
+        Pin::new(&mut self.relaying).poll(cx)
+    }
 }
 
 /// Rewrites an HTTP/2 request into the HTTP/1.1 request it stands for: `Host` from
 /// `:authority`, an origin-form target, cookies joined (RFC 9113 §8.2.3), and an extended
-/// CONNECT for `websocket` as the upgrade (with a key of our own: RFC 8441 has none).
-fn normalize(parts: &mut request::Parts) -> Result<(), Refusal> {
-    let protocol = parts.extensions.get::<hyper::ext::Protocol>();
+/// CONNECT for `websocket` as the upgrade (with a key of our own: RFC 8441 has none);
+/// whether it is one.
+fn normalize(parts: &mut request::Parts) -> Result<bool, Refusal> {
+    let protocol = parts.extensions.get::<h2::ext::Protocol>();
     let websocket = match (&parts.method, protocol) {
         (&Method::CONNECT, Some(p)) if p.as_str().eq_ignore_ascii_case("websocket") => true,
         // A CONNECT tunnel, or another protocol: not what a WebSocket gateway relays.
@@ -366,7 +441,7 @@ fn normalize(parts: &mut request::Parts) -> Result<(), Refusal> {
         h.insert(header::SEC_WEBSOCKET_KEY, key);
         parts.method = Method::GET;
     }
-    Ok(())
+    Ok(websocket)
 }
 
 /// HTTP/2 may split `Cookie` into one header per pair; HTTP/1.1 wants one.
@@ -386,39 +461,33 @@ fn join_cookies(h: &mut http::HeaderMap) {
 }
 
 /// A stream counted open on its connection (the idle bound waits) and, beyond the
-/// connection's first open stream, as a connection of its own for `max_connections`.
+/// connection's first open stream, as a connection of its own for `max_connections`: while
+/// `n` streams are open, the connection counts `max(n - 1, 0)` beyond its own count, so a
+/// stream needs no flag of its own (its relay task stays one size class smaller).
 struct StreamOpen {
     h2: Arc<H2Conn>,
-    /// Counted in `Shared::active` by this stream.
-    counted: bool,
-    over_capacity: bool,
 }
 
 impl StreamOpen {
-    fn new(h2: &Arc<H2Conn>) -> StreamOpen {
+    /// The stream, and whether `max_connections` is exceeded with it.
+    fn new(h2: &Arc<H2Conn>) -> (StreamOpen, bool) {
         let before = h2.open.fetch_add(1, Ordering::AcqRel);
         // The connection is no longer a handshake in progress once a stream arrives.
         let slot = h2.pending.lock().ok().and_then(|mut p| p.take());
         drop(slot);
         let max = h2.config.limits.max_connections;
         let first_ever = !h2.streams_seen.swap(true, Ordering::AcqRel);
-        let (counted, over_capacity) = if before == 0 {
+        let over_capacity = if before == 0 {
             // Rides on the connection's own count.
-            let over = if first_ever {
+            if first_ever {
                 h2.over_capacity
             } else {
                 h2.shared.active.load(Ordering::Relaxed) > max
-            };
-            (false, over)
+            }
         } else {
-            let now = h2.shared.active.fetch_add(1, Ordering::Relaxed) + 1;
-            (true, now > max)
+            h2.shared.active.fetch_add(1, Ordering::Relaxed) + 1 > max
         };
-        StreamOpen {
-            h2: h2.clone(),
-            counted,
-            over_capacity,
-        }
+        (StreamOpen { h2: h2.clone() }, over_capacity)
     }
 
     /// The response, keeping the stream counted until its body is sent, which must be
@@ -435,10 +504,10 @@ impl StreamOpen {
 
 impl Drop for StreamOpen {
     fn drop(&mut self) {
-        if self.counted {
+        if self.h2.open.fetch_sub(1, Ordering::AcqRel) > 1 {
+            // Another stream stays open: one fewer counts beyond the connection.
             self.h2.shared.active.fetch_sub(1, Ordering::Relaxed);
-        }
-        if self.h2.open.fetch_sub(1, Ordering::AcqRel) == 1 {
+        } else {
             self.h2.count_idle_connection();
             if let Ok(mut since) = self.h2.idle_since.lock() {
                 *since = Instant::now();
@@ -564,7 +633,7 @@ mod tests {
             .body(())
             .unwrap();
         req.extensions_mut()
-            .insert(hyper::ext::Protocol::from_static("websocket"));
+            .insert(h2::ext::Protocol::from_static("websocket"));
         let mut p = parts(req);
         normalize(&mut p).unwrap();
         assert_eq!(p.method, Method::GET);
@@ -595,7 +664,7 @@ mod tests {
             .unwrap();
         other
             .extensions_mut()
-            .insert(hyper::ext::Protocol::from_static("webtransport"));
+            .insert(h2::ext::Protocol::from_static("webtransport"));
         assert_eq!(
             normalize(&mut parts(other)).unwrap_err(),
             Refusal::BadUpgrade

@@ -27,11 +27,11 @@ use crate::upstream::plain::{self, BoxError, Checkin, ClientBodyError};
 use crate::upstream::{Failure, Forwarded};
 
 /// Relays one admitted plain request and returns the answer for the client.
-pub(super) async fn proxy(
+pub(super) async fn proxy<B: ClientBody>(
     conn: Arc<Conn>,
     facts: Facts,
     admission: Admission<'_>,
-    body: Incoming,
+    body: B,
     started: Instant,
 ) -> Response<Body> {
     let Admission {
@@ -228,10 +228,21 @@ impl Drop for Line {
     }
 }
 
+/// A client's request body: hyper's over HTTP/1.1, the HTTP/2 stream's over HTTP/2.
+pub(in crate::handshake) trait ClientBody:
+    HttpBody<Data = Bytes, Error: Into<BoxError>> + Send + Unpin + 'static
+{
+}
+
+impl<B> ClientBody for B where
+    B: HttpBody<Data = Bytes, Error: Into<BoxError>> + Send + Unpin + 'static
+{
+}
+
 /// The client's request body as the backend gets it: counted, and cut (an error, which
 /// aborts the upstream request) past `max_request_body`.
-struct Capped {
-    inner: Incoming,
+struct Capped<B> {
+    inner: B,
     left: u64,
     sent: Arc<AtomicU64>,
     over: Arc<AtomicBool>,
@@ -239,7 +250,7 @@ struct Capped {
     done: Arc<AtomicBool>,
 }
 
-impl HttpBody for Capped {
+impl<B: ClientBody> HttpBody for Capped<B> {
     type Data = Bytes;
     type Error = BoxError;
 
