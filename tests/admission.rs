@@ -871,3 +871,88 @@ routes:
         Some("203.0.113.9")
     );
 }
+
+/// A PROXY v1 or v2 header on an `http2` listener: the bytes read past the header and the
+/// bytes the h2c sniff looked at go to the HTTP/1.1 parser and then the relay in order,
+/// none lost or repeated, whether they come in one segment or one byte per segment.
+async fn proxy_then_sniff_keeps_every_byte_in_order(byte_at_a_time: bool, v2: bool) {
+    let (backend, mut accepted) = raw_backend().await;
+    let yaml = format!(
+        r#"
+listeners: [{{ name: lb, bind: "127.0.0.1:0", proxy_protocol: true, http2: true }}]
+upstreams:
+  app: {{ backends: [{{ addr: "{backend}" }}] }}
+routes:
+  - {{ name: chat, match: {{ path_prefix: / }}, upstream: app }}
+"#
+    );
+    let gw = spawn_gateway(&yaml).await;
+    let mut req = if v2 {
+        let mut h = b"\r\n\r\n\0\r\nQUIT\n\x21\x11".to_vec();
+        h.extend_from_slice(&12u16.to_be_bytes());
+        h.extend_from_slice(&[203, 0, 113, 9, 10, 0, 0, 1]);
+        h.extend_from_slice(&5555u16.to_be_bytes());
+        h.extend_from_slice(&443u16.to_be_bytes());
+        h
+    } else {
+        b"PROXY TCP4 203.0.113.9 10.0.0.1 5555 443\r\n".to_vec()
+    };
+    // The sniff reads the first 24 bytes: the path spans that boundary, so a byte lost or
+    // repeated there shows in the request line the upstream gets.
+    const PATH: &str = "/0123456789abcdefghijklmnopqrstuvwxyz";
+    req.extend(upgrade(PATH, ""));
+    let frames: Vec<u8> = (0..20u8)
+        .flat_map(|i| client_frame(0x82, &[i; 7]))
+        .collect();
+    req.extend(&frames);
+    let mut s = TcpStream::connect(gw.addr())
+        .await
+        .unwrap_or_else(|e| panic!("{e}"));
+    s.set_nodelay(true).unwrap_or_else(|e| panic!("{e}"));
+    if byte_at_a_time {
+        for b in &req {
+            s.write_all(&[*b]).await.unwrap_or_else(|e| panic!("{e}"));
+            tokio::time::sleep(Duration::from_micros(200)).await;
+        }
+    } else {
+        s.write_all(&req).await.unwrap_or_else(|e| panic!("{e}"));
+    }
+    let head = read_head(&mut s).await;
+    assert!(head.starts_with("HTTP/1.1 101"), "{head}");
+    let (mut up, up_head) = next_accepted(&mut accepted).await;
+    assert_eq!(
+        header_value(&up_head, "x-forwarded-for").as_deref(),
+        Some("203.0.113.9"),
+        "{up_head}"
+    );
+    assert!(
+        up_head.starts_with(&format!("GET {PATH} HTTP/1.1\r\n")),
+        "{up_head}"
+    );
+    for i in 0..20u8 {
+        let got = tokio::time::timeout(PATIENCE, read_frame(&mut up))
+            .await
+            .unwrap_or_else(|_| panic!("frame {i}: none in time"));
+        assert_eq!(got, Some((0x82, vec![i; 7])), "frame {i}");
+    }
+}
+
+#[tokio::test]
+async fn proxy_v1_then_h2c_sniff_keeps_bytes_in_one_segment() {
+    proxy_then_sniff_keeps_every_byte_in_order(false, false).await
+}
+
+#[tokio::test]
+async fn proxy_v1_then_h2c_sniff_keeps_bytes_byte_at_a_time() {
+    proxy_then_sniff_keeps_every_byte_in_order(true, false).await
+}
+
+#[tokio::test]
+async fn proxy_v2_then_h2c_sniff_keeps_bytes_in_one_segment() {
+    proxy_then_sniff_keeps_every_byte_in_order(false, true).await
+}
+
+#[tokio::test]
+async fn proxy_v2_then_h2c_sniff_keeps_bytes_byte_at_a_time() {
+    proxy_then_sniff_keeps_every_byte_in_order(true, true).await
+}

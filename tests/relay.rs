@@ -243,3 +243,56 @@ async fn next_message_backend(ws: &mut Backend) -> Message {
         other => panic!("expected a message, got {other:?}"),
     }
 }
+
+/// Durations far past what nanoseconds in a u64 hold (~584,000 years, the most a config
+/// can say) on every timer: no overflow panic, pings and their pongs still work, the
+/// connection relays and its `ws_close` line counts what passed.
+#[tokio::test]
+async fn the_largest_configurable_durations_neither_panic_nor_fire() {
+    const HUGE: &str = "5124095576030h";
+    let (backend, mut accepted) = raw_backend().await;
+    let limits = format!(
+        "idle_timeout: {HUGE}, max_connection_age: {HUGE}, fragment_timeout: {HUGE}, send_timeout: {HUGE}"
+    );
+    let keepalive = format!(
+        "keepalive: {{ ping_interval: 100ms, pong_timeout: {HUGE}, upstream_ping_interval: {HUGE} }}\n"
+    );
+    let gw = spawn_gateway(&(config_for(backend, &limits) + &keepalive)).await;
+    let (mut client, head) = raw_upgrade(gw.addr(), "/", "").await;
+    assert!(head.starts_with("HTTP/1.1 101"), "{head}");
+    let (mut up, _) = next_accepted(&mut accepted).await;
+    for _ in 0..2 {
+        let (b0, payload) = tokio::time::timeout(PATIENCE, read_frame(&mut client))
+            .await
+            .ok()
+            .flatten()
+            .unwrap_or_else(|| panic!("no ping"));
+        assert_eq!(b0, 0x89);
+        send_raw(&mut client, &client_frame(0x8A, &payload)).await;
+    }
+    send_raw(&mut client, &client_frame(0x01, b"ab")).await;
+    send_raw(&mut client, &client_frame(0x80, b"cd")).await;
+    assert_eq!(read_frame(&mut up).await, Some((0x01, b"ab".to_vec())));
+    assert_eq!(read_frame(&mut up).await, Some((0x80, b"cd".to_vec())));
+    send_raw(&mut up, &server_frame(0x82, b"xyz")).await;
+    send_client_close(&mut client, 1000).await;
+    assert_eq!(read_close_code(&mut up).await, Some(1000));
+    send_server_close(&mut up, 1000).await;
+    drop(up);
+    assert!(closes_tcp(&mut client).await);
+    drop(client);
+    let line = gw.log_line(|l| l["event"] == "ws_close").await;
+    assert_eq!(line["close"]["code"], 1000, "{line}");
+    assert_eq!(line["proxy_reason"], serde_json::Value::Null, "{line}");
+    assert_eq!(line["pings"], 2, "{line}");
+    // Two 2-byte data frames and a 2-byte close, each with a 6-byte masked header.
+    assert_eq!(line["c2u"]["frames"], 3, "{line}");
+    assert_eq!(line["c2u"]["messages"], 1, "{line}");
+    assert_eq!(line["c2u"]["bytes"], 24, "{line}");
+    assert_eq!(line["u2c"]["frames"], 2, "{line}");
+    assert_eq!(line["u2c"]["bytes"], 9, "{line}");
+}
+
+async fn send_raw(s: &mut TcpStream, bytes: &[u8]) {
+    s.write_all(bytes).await.unwrap_or_else(|e| panic!("{e}"));
+}
