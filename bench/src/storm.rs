@@ -120,7 +120,10 @@ impl Backend {
 
     async fn start(&self) -> Result<()> {
         let (done, rx) = tokio::sync::oneshot::channel();
-        self.tx.send(Cmd::Start(done)).ok().context("backend thread gone")?;
+        self.tx
+            .send(Cmd::Start(done))
+            .ok()
+            .context("backend thread gone")?;
         rx.await.context("backend thread gone")?
     }
 
@@ -145,6 +148,10 @@ struct BackendCore {
     stats: Rc<BackendStats>,
     /// Sent to end the accept loop and every connection (the kill).
     kill: Option<watch::Sender<bool>>,
+    /// The listener, closed by [`BackendCore::kill`] itself (at once, before any
+    /// connection is closed) so that no client reconnecting on a closed connection finds
+    /// it still accepting.
+    listener: Rc<RefCell<Option<TcpListener>>>,
     o: Options,
 }
 
@@ -155,6 +162,7 @@ impl BackendCore {
             slots: Rc::new(Semaphore::new(o.slots as usize)),
             stats: Rc::default(),
             kill: None,
+            listener: Rc::default(),
             o: o.clone(),
         }
     }
@@ -168,12 +176,15 @@ impl BackendCore {
         let (tx, rx) = watch::channel(false);
         self.kill = Some(tx);
         self.slots = Rc::new(Semaphore::new(self.o.slots as usize));
+        self.listener = Rc::new(RefCell::new(Some(listener)));
         let (slots, stats, o) = (self.slots.clone(), self.stats.clone(), self.o.clone());
+        let listener = self.listener.clone();
         tokio::task::spawn_local(accept_loop(listener, rx, slots, stats, o));
         Ok(())
     }
 
     fn kill(&mut self) {
+        self.listener.borrow_mut().take();
         if let Some(tx) = self.kill.take() {
             let _ = tx.send(true);
         }
@@ -211,7 +222,7 @@ impl BackendCore {
 }
 
 async fn accept_loop(
-    listener: TcpListener,
+    listener: Rc<RefCell<Option<TcpListener>>>,
     mut kill: watch::Receiver<bool>,
     slots: Rc<Semaphore>,
     stats: Rc<BackendStats>,
@@ -220,7 +231,13 @@ async fn accept_loop(
     loop {
         let accepted = tokio::select! {
             _ = kill.changed() => return,
-            a = listener.accept() => a,
+            a = std::future::poll_fn(|cx| match &*listener.borrow() {
+                Some(l) => l.poll_accept(cx).map(Some),
+                None => std::task::Poll::Ready(None),
+            }) => match a {
+                Some(a) => a,
+                None => return,
+            },
         };
         let Ok((stream, _)) = accepted else {
             tokio::time::sleep(Duration::from_millis(20)).await;

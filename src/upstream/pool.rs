@@ -402,11 +402,12 @@ impl Pool {
         let Turn(Some(held)) = ahead else {
             return Some(Turn(None));
         };
-        let started = Instant::now();
+        // Counted as waiting, but not observed again: `wsgate_upstream_queue_seconds` is
+        // the wait to be let ahead (after it, at most `max_pending` handshakes are before
+        // this one).
         self.queue_waiting.fetch_add(1, Ordering::Relaxed);
         let _waiting = Waiting(&self.queue_waiting);
         let place = self.back.place(held, ticket, until).await;
-        self.queue_seconds.observe(started.elapsed().as_secs_f64());
         place.map(|held| Turn(Some(held)))
     }
 
