@@ -567,6 +567,7 @@ async fn run_local(target: Target, procs: Procs, label: &str, o: Options) -> Res
     }
     let ended = Instant::now();
     let cpu1 = procs.cpu_opt()?;
+    let backend_report = backend.report().await;
 
     let mut times: Vec<f64> = w
         .back
@@ -619,7 +620,7 @@ async fn run_local(target: Target, procs: Procs, label: &str, o: Options) -> Res
         "wasted_after_restart": w.failed_after.get(),
         "wasted_pct_of_clients": w.failed_after.get() as f64 * 100.0 / n as f64,
         "outcomes": w.outcomes.borrow().clone(),
-        "backend_after_restart": backend.report().await,
+        "backend_after_restart": backend_report,
         "proxy_cpu_s": cpu_s,
         "proxy_cpu_pct": cpu_s.map(|c| c * 100.0 / window),
         "window_s": window,
