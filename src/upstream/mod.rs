@@ -366,13 +366,23 @@ async fn handshake(
 /// read, without waiting. Bytes a backend sent unasked are kept in `buf` (they will be
 /// read as its answer).
 async fn closed_meanwhile(stream: &mut UpstreamStream, buf: &mut BytesMut) -> bool {
-    use tokio::io::AsyncReadExt;
+    use std::pin::Pin;
+    use std::task::Poll;
+    use tokio::io::{AsyncRead, ReadBuf};
     let mut probe = [0u8; 256];
-    // `timeout` polls the read once before it looks at the (past) deadline.
-    match tokio::time::timeout(std::time::Duration::ZERO, stream.read(&mut probe)).await {
-        Err(_) => false,
-        Ok(Ok(0) | Err(_)) => true,
-        Ok(Ok(n)) => {
+    // One poll, no timer: a timer (even an elapsed one) costs a wake-up of its own.
+    let read = std::future::poll_fn(|cx| {
+        let mut rb = ReadBuf::new(&mut probe);
+        match Pin::new(&mut *stream).poll_read(cx, &mut rb) {
+            Poll::Pending => Poll::Ready(None),
+            Poll::Ready(r) => Poll::Ready(Some(r.map(|()| rb.filled().len()))),
+        }
+    })
+    .await;
+    match read {
+        None => false,
+        Some(Ok(0) | Err(_)) => true,
+        Some(Ok(n)) => {
             buf.extend_from_slice(&probe[..n]);
             false
         }
