@@ -15,6 +15,7 @@
 #          --scenarios "echo latency handshake idle abuse flood h2 storm cores", --out DIR, --idle-max N,
 #          --key rsa|ecdsa (certificate key type, default rsa = RSA 2048),
 #          --wsgate-bin PATH (run this wsgate binary instead of building this tree's),
+#          --bench-bin PATH (run this wsgate-bench instead of building bench/),
 #          --flood-attack S, --flood-tls-attack S (attack seconds; the TLS run is shorter),
 #          --flood-rate N (cap the flood's attempts per second; default 0 = as fast as they go),
 #          --wait-idle PCT (before each flood run, wait up to 5 min until both cores are
@@ -56,6 +57,7 @@ while [[ $# -gt 0 ]]; do
         --idle-max) IDLE_MAX=$2; shift ;;
         --key) KEY=$2; shift ;;
         --wsgate-bin) WSGATE_BIN=$2; shift ;;
+        --bench-bin) BENCH_BIN=$2; shift ;;
         --flood-attack) FLOOD_ATTACK=$2; shift ;;
         --flood-tls-attack) FLOOD_TLS_ATTACK=$2; shift ;;
         --flood-rate) FLOOD_RATE=$2; shift ;;
@@ -123,8 +125,12 @@ else
     echo "building wsgate and wsgate-bench (release)..." >&2
     (cd "$ROOT" && cargo build --release --quiet)
 fi
-(cd "$BENCH_DIR" && cargo build --release --quiet)
-GEN="$BENCH_DIR/target/release/wsgate-bench"
+if [[ -n ${BENCH_BIN:-} ]]; then
+    GEN=$(realpath "$BENCH_BIN")   # a saved wsgate-bench (e.g. before a change to it)
+else
+    (cd "$BENCH_DIR" && cargo build --release --quiet)
+    GEN="$BENCH_DIR/target/release/wsgate-bench"
+fi
 # A fresh build leaves the kernel writing its output back for a while, which showed up as
 # a 20 % slower first run: let it settle first.
 sync

@@ -384,3 +384,331 @@ routes:
     );
     drop(queued);
 }
+
+// === issue 19, second round: pre-connect, plain requests, the queue's bound, order across
+// a backend's return, resizing, weights ===
+
+/// Per-IP limits out of the way: these tests open hundreds of connections from 127.0.0.1.
+const MANY: &str = "limits: { max_connections_per_ip: 4000, handshakes_per_ip: { rate: 100000, per: 1s, burst: 100000 } }";
+
+/// `queue_config` with [`MANY`], the listener at `bind`, and `http` for the route.
+fn config_at(bind: &str, backends: &str, upstream: &str, http: &str) -> String {
+    format!(
+        r#"
+listeners: [{{ name: public, bind: "{bind}" }}]
+admin: {{ bind: "127.0.0.1:0" }}
+{MANY}
+upstreams:
+  app: {{ backends: [{backends}], sticky: {{ key: "query:room" }}, connect_timeout: 5s{upstream} }}
+routes:
+  - {{ name: app, match: {{ path_prefix: / }}, upstream: app{http} }}
+"#
+    )
+}
+
+/// [`holding_backend`] on `listener`, also counting the TCP connections it accepted
+/// (before any request arrives on them).
+fn hold_counting(
+    listener: TcpListener,
+) -> (
+    mpsc::Receiver<(TcpStream, String)>,
+    std::sync::Arc<std::sync::atomic::AtomicUsize>,
+) {
+    use std::sync::atomic::{AtomicUsize, Ordering};
+    let accepted = std::sync::Arc::new(AtomicUsize::new(0));
+    let count = accepted.clone();
+    let (tx, rx) = mpsc::channel(512);
+    tokio::spawn(async move {
+        while let Ok((mut s, _)) = listener.accept().await {
+            count.fetch_add(1, Ordering::SeqCst);
+            let tx = tx.clone();
+            tokio::spawn(async move {
+                let head = read_head(&mut s).await;
+                if !head.is_empty() {
+                    let _ = tx.send((s, head)).await;
+                }
+            });
+        }
+    });
+    (rx, accepted)
+}
+
+async fn bind_local() -> TcpListener {
+    TcpListener::bind("127.0.0.1:0")
+        .await
+        .unwrap_or_else(|e| panic!("{e}"))
+}
+
+fn local_addr(l: &TcpListener) -> SocketAddr {
+    l.local_addr().unwrap_or_else(|e| panic!("{e}"))
+}
+
+async fn accepted_reaches(n: &std::sync::atomic::AtomicUsize, want: usize) {
+    eventually("backend connections", PATIENCE, async || {
+        let now = n.load(std::sync::atomic::Ordering::SeqCst);
+        if now == want { Ok(()) } else { Err(now) }
+    })
+    .await;
+}
+
+/// A queued upgrade at the head of the line connects to the backend before a place is
+/// free (so a place covers only request → 101), but sends nothing until it has one, and
+/// at most `max_pending` connect ahead.
+#[tokio::test]
+async fn the_next_upgrade_connects_ahead_but_sends_only_with_its_place() {
+    let listener = bind_local().await;
+    let backend = local_addr(&listener);
+    let (mut held, accepted) = hold_counting(listener);
+    let gw = spawn_gateway(&config_at(
+        "127.0.0.1:0",
+        &format!(r#"{{ addr: "{backend}" }}"#),
+        ", max_pending: 1, queue_timeout: 5s",
+        "",
+    ))
+    .await;
+    let addr = gw.addr();
+    let _a = send_upgrade(addr, "a").await;
+    let (mut up_a, head_a) = next_held(&mut held).await;
+    let _b = send_upgrade(addr, "b").await;
+    let _c = send_upgrade(addr, "c").await;
+    await_metric(&gw, "wsgate_upstream_queue", &[("upstream", "app")], 2.0).await;
+    // a in flight, b connected ahead; c waits without a connection.
+    accepted_reaches(&accepted, 2).await;
+    assert_quiet(&mut held, "b is connected, but has no place yet").await;
+    assert_eq!(accepted.load(std::sync::atomic::Ordering::SeqCst), 2);
+    answer_101(&mut up_a, &head_a).await;
+    let (mut up_b, head_b) = next_held(&mut held).await;
+    assert_eq!(room_of(&head_b), "b");
+    accepted_reaches(&accepted, 3).await;
+    assert_quiet(&mut held, "c connected ahead while b is in flight").await;
+    answer_101(&mut up_b, &head_b).await;
+    let (_up_c, head_c) = next_held(&mut held).await;
+    assert_eq!(room_of(&head_c), "c");
+}
+
+/// Plain requests on an `http: proxy` route take a `max_pending` place too, in line with
+/// the upgrades: the backend never has more than `max_pending` requests in progress.
+#[tokio::test]
+async fn plain_requests_take_a_max_pending_place() {
+    let listener = bind_local().await;
+    let backend = local_addr(&listener);
+    let (mut held, _) = hold_counting(listener);
+    let gw = spawn_gateway(&config_at(
+        "127.0.0.1:0",
+        &format!(r#"{{ addr: "{backend}" }}"#),
+        ", max_pending: 1, queue_timeout: 5s",
+        ", http: proxy",
+    ))
+    .await;
+    let addr = gw.addr();
+    let get = |room: &'static str| async move {
+        let mut s = TcpStream::connect(addr)
+            .await
+            .unwrap_or_else(|e| panic!("{e}"));
+        let req = format!("GET /poll?room={room} HTTP/1.1\r\nHost: {addr}\r\n\r\n");
+        s.write_all(req.as_bytes())
+            .await
+            .unwrap_or_else(|e| panic!("{e}"));
+        s
+    };
+    let mut first = get("p1").await;
+    let (mut up1, head1) = next_held(&mut held).await;
+    assert!(head1.starts_with("GET /poll?room=p1"), "{head1}");
+    let mut second = get("p2").await;
+    let _upgrade = send_upgrade(addr, "u3").await;
+    await_metric(&gw, "wsgate_upstream_queue", &[("upstream", "app")], 2.0).await;
+    assert_quiet(&mut held, "max_pending 1 with a plain request in progress").await;
+    // `connection: close`: the next request comes on a new connection the test sees.
+    up1.write_all(b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\nconnection: close\r\n\r\nok")
+        .await
+        .unwrap_or_else(|e| panic!("{e}"));
+    let resp = read_head(&mut first).await;
+    assert!(resp.starts_with("HTTP/1.1 200"), "{resp}");
+    let (mut up2, head2) = next_held(&mut held).await;
+    assert!(head2.starts_with("GET /poll?room=p2"), "{head2}");
+    assert_quiet(&mut held, "the upgrade waits for the second request").await;
+    up2.write_all(b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\nok")
+        .await
+        .unwrap_or_else(|e| panic!("{e}"));
+    let resp = read_head(&mut second).await;
+    assert!(resp.starts_with("HTTP/1.1 200"), "{resp}");
+    let Ok(Some((_up3, head3))) = tokio::time::timeout(PATIENCE, held.recv()).await else {
+        panic!(
+            "the upgrade never reached the backend: {:?}",
+            gw.log_lines()
+        );
+    };
+    assert_eq!(room_of(&head3), "u3");
+}
+
+/// A backend's queue holds at most 256 × `max_pending` handshakes: the next one gets 503
+/// `queue_timeout` with a `Retry-After` at once, not after `queue_timeout`.
+#[tokio::test]
+async fn a_full_queue_refuses_at_once() {
+    let listener = bind_local().await;
+    let backend = local_addr(&listener);
+    let (mut held, _) = hold_counting(listener);
+    let gw = spawn_gateway(&config_at(
+        "127.0.0.1:0",
+        &format!(r#"{{ addr: "{backend}" }}"#),
+        ", max_pending: 1, queue_timeout: 30s",
+        "",
+    ))
+    .await;
+    let addr = gw.addr();
+    let _first = send_upgrade(addr, "first").await;
+    let _in_flight = next_held(&mut held).await;
+    // One connected ahead (waiting for the place) and 256 waiting to be let ahead.
+    let mut queued = Vec::new();
+    for i in 0..257 {
+        queued.push(send_upgrade(addr, &format!("q{i}")).await);
+    }
+    await_metric(&gw, "wsgate_upstream_queue", &[("upstream", "app")], 257.0).await;
+    let mut over = send_upgrade(addr, "over").await;
+    let mut answer = Vec::new();
+    let read = tokio::io::AsyncReadExt::read_to_end(&mut over, &mut answer);
+    tokio::time::timeout(Duration::from_secs(3), read)
+        .await
+        .unwrap_or_else(|_| panic!("the handshake past the queue's bound was not refused at once"))
+        .unwrap_or_else(|e| panic!("{e}"));
+    let head = String::from_utf8_lossy(&answer).into_owned();
+    assert!(head.starts_with("HTTP/1.1 503"), "{head}");
+    assert_eq!(refusal_word(&head), "queue_timeout", "{head}");
+    let retry: u64 = header_value(&head, "retry-after")
+        .and_then(|v| v.parse().ok())
+        .unwrap_or_else(|| panic!("no Retry-After: {head}"));
+    assert!((1..=30).contains(&retry), "{retry}");
+    assert_quiet(&mut held, "the refused one never reaches the backend").await;
+}
+
+/// Handshakes that waited through a backend's outage reach it in their arrival order when
+/// it is back (they are woken together; none with a later ticket is let ahead first).
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn handshakes_waiting_through_an_outage_reach_the_backend_in_arrival_order() {
+    let place = Reserved::on(std::net::IpAddr::from([127, 0, 0, 1]));
+    let gw = spawn_gateway(&config_at(
+        "127.0.0.1:0",
+        &format!(r#"{{ addr: "{}" }}"#, place.addr),
+        ", max_pending: 1, queue_timeout: 10s",
+        "",
+    ))
+    .await;
+    let addr = gw.addr();
+    let mut clients = Vec::new();
+    for i in 0..12 {
+        clients.push(send_upgrade(addr, &format!("r{i:02}")).await);
+        // Arrival order is the order the gateway read the heads in.
+        tokio::time::sleep(Duration::from_millis(40)).await;
+    }
+    // Every one has found the backend refusing (and waits for it) a few times over.
+    tokio::time::sleep(Duration::from_millis(700)).await;
+    let (mut held, _) = hold_counting(place.listener());
+    let mut order = Vec::new();
+    for _ in 0..12 {
+        let (mut up, head) = next_held(&mut held).await;
+        order.push(room_of(&head));
+        answer_101(&mut up, &head).await;
+    }
+    let want: Vec<String> = (0..12).map(|i| format!("r{i:02}")).collect();
+    assert_eq!(order, want);
+}
+
+/// A reload that shrinks `max_pending` neither adds places nor lets the old waiters use
+/// the old ones: never more in flight than max(old, new), and no more than the new size
+/// once the old holders are done.
+#[tokio::test]
+async fn shrinking_max_pending_on_reload_never_exceeds_the_sizes() {
+    let listener = bind_local().await;
+    let backend = local_addr(&listener);
+    let (mut held, _) = hold_counting(listener);
+    let backends = format!(r#"{{ addr: "{backend}" }}"#);
+    let gw = spawn_gateway(&config_at(
+        "127.0.0.1:0",
+        &backends,
+        ", max_pending: 2, queue_timeout: 10s",
+        "",
+    ))
+    .await;
+    let addr = gw.addr();
+    let _a = send_upgrade(addr, "a").await;
+    let (mut up_a, head_a) = next_held(&mut held).await;
+    let _b = send_upgrade(addr, "b").await;
+    let (mut up_b, head_b) = next_held(&mut held).await;
+    let _c = send_upgrade(addr, "c").await;
+    await_metric(&gw, "wsgate_upstream_queue", &[("upstream", "app")], 1.0).await;
+    let text = config_at(
+        &addr.to_string(),
+        &backends,
+        ", max_pending: 1, queue_timeout: 10s",
+        "",
+    );
+    let config = wsgate::config::Config::from_yaml_str_with_env(&text, "reload.yaml", &|_| None)
+        .unwrap_or_else(|e| panic!("{e}"));
+    gw.gw.reload(config).await;
+    let _d = send_upgrade(addr, "d").await;
+    await_metric(&gw, "wsgate_upstream_queue", &[("upstream", "app")], 2.0).await;
+    assert_quiet(&mut held, "two in flight, max_pending now 1").await;
+    answer_101(&mut up_a, &head_a).await;
+    assert_quiet(&mut held, "one in flight, max_pending now 1").await;
+    answer_101(&mut up_b, &head_b).await;
+    let (mut up_c, head_c) = next_held(&mut held).await;
+    assert_eq!(room_of(&head_c), "c");
+    assert_quiet(&mut held, "c in flight, max_pending now 1").await;
+    answer_101(&mut up_c, &head_c).await;
+    let (_up_d, head_d) = next_held(&mut held).await;
+    assert_eq!(room_of(&head_d), "d");
+}
+
+/// A backend on `listener` that answers every upgrade 101 and counts them.
+fn counting_101(listener: TcpListener) -> std::sync::Arc<std::sync::atomic::AtomicUsize> {
+    let n = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let count = n.clone();
+    tokio::spawn(async move {
+        while let Ok((mut s, _)) = listener.accept().await {
+            let count = count.clone();
+            tokio::spawn(async move {
+                let head = read_head(&mut s).await;
+                answer_101(&mut s, &head).await;
+                count.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+                let _ = read_head(&mut s).await; // until the gateway closes
+            });
+        }
+    });
+    n
+}
+
+/// While one backend ramps up (`slow_start`), the others keep their configured shares,
+/// even with weights above 4.29 million (weight × 1000 used to saturate `u32`, making
+/// 5 M and 10 M equal).
+#[tokio::test]
+async fn slow_start_keeps_large_weights_in_proportion() {
+    let (la, lb) = (bind_local().await, bind_local().await);
+    let (a, b) = (local_addr(&la), local_addr(&lb));
+    let (na, nb) = (counting_101(la), counting_101(lb));
+    let newcomer = bind_local().await;
+    let c = local_addr(&newcomer);
+    let _nc = counting_101(newcomer);
+    let two = format!(r#"{{ addr: "{a}", weight: 5000000 }}, {{ addr: "{b}", weight: 10000000 }}"#);
+    let gw = spawn_gateway(&config_at("127.0.0.1:0", &two, ", slow_start: 1h", "")).await;
+    let addr = gw.addr();
+    // A third backend added by a reload ramps over the hour: the two others share the keys.
+    let three = format!(r#"{two}, {{ addr: "{c}", weight: 10000000 }}"#);
+    let text = config_at(&addr.to_string(), &three, ", slow_start: 1h", "");
+    let config = wsgate::config::Config::from_yaml_str_with_env(&text, "reload.yaml", &|_| None)
+        .unwrap_or_else(|e| panic!("{e}"));
+    gw.gw.reload(config).await;
+    for i in 0..300 {
+        let mut s = send_upgrade(addr, &format!("k{i}")).await;
+        let head = read_head(&mut s).await;
+        assert!(head.starts_with("HTTP/1.1 101"), "{head}");
+    }
+    let (na, nb) = (
+        na.load(std::sync::atomic::Ordering::SeqCst),
+        nb.load(std::sync::atomic::Ordering::SeqCst),
+    );
+    let ratio = nb as f64 / na.max(1) as f64;
+    assert!(
+        (1.5..=2.7).contains(&ratio),
+        "weights 1:2, connections {na}:{nb}"
+    );
+}

@@ -71,22 +71,98 @@ struct BackendStats {
     last_upgrade: Cell<Option<Instant>>,
 }
 
+/// The backend, run on a thread of its own (its own single-threaded runtime), as a real
+/// backend runs in a process of its own: its accepts, reads and 101s do not wait behind
+/// the clients' events. The conductor drives it with [`Cmd`]s.
 struct Backend {
+    tx: tokio::sync::mpsc::UnboundedSender<Cmd>,
+}
+
+enum Cmd {
+    Start(tokio::sync::oneshot::Sender<Result<()>>),
+    Kill,
+    Reset,
+    Report(tokio::sync::oneshot::Sender<Value>),
+}
+
+impl Backend {
+    fn spawn(o: &Options) -> Result<Backend> {
+        let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel();
+        let o = o.clone();
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .context("backend runtime")?;
+        std::thread::Builder::new()
+            .name("storm-backend".into())
+            .spawn(move || {
+                let local = tokio::task::LocalSet::new();
+                local.block_on(&rt, async move {
+                    let mut core = BackendCore::new(&o);
+                    while let Some(cmd) = rx.recv().await {
+                        match cmd {
+                            Cmd::Start(done) => {
+                                let _ = done.send(core.start());
+                            }
+                            Cmd::Kill => core.kill(),
+                            Cmd::Reset => core.reset(),
+                            Cmd::Report(out) => {
+                                let _ = out.send(core.report());
+                            }
+                        }
+                    }
+                    core.kill();
+                });
+            })
+            .context("backend thread")?;
+        Ok(Backend { tx })
+    }
+
+    async fn start(&self) -> Result<()> {
+        let (done, rx) = tokio::sync::oneshot::channel();
+        self.tx
+            .send(Cmd::Start(done))
+            .ok()
+            .context("backend thread gone")?;
+        rx.await.context("backend thread gone")?
+    }
+
+    fn kill(&self) {
+        let _ = self.tx.send(Cmd::Kill);
+    }
+
+    fn reset(&self) {
+        let _ = self.tx.send(Cmd::Reset);
+    }
+
+    async fn report(&self) -> Value {
+        let (out, rx) = tokio::sync::oneshot::channel();
+        let _ = self.tx.send(Cmd::Report(out));
+        rx.await.unwrap_or(Value::Null)
+    }
+}
+
+struct BackendCore {
     addr: SocketAddr,
     slots: Rc<Semaphore>,
     stats: Rc<BackendStats>,
     /// Sent to end the accept loop and every connection (the kill).
     kill: Option<watch::Sender<bool>>,
+    /// The listener, closed by [`BackendCore::kill`] itself (at once, before any
+    /// connection is closed) so that no client reconnecting on a closed connection finds
+    /// it still accepting.
+    listener: Rc<RefCell<Option<TcpListener>>>,
     o: Options,
 }
 
-impl Backend {
-    fn new(o: &Options) -> Backend {
-        Backend {
+impl BackendCore {
+    fn new(o: &Options) -> BackendCore {
+        BackendCore {
             addr: o.backend,
             slots: Rc::new(Semaphore::new(o.slots as usize)),
             stats: Rc::default(),
             kill: None,
+            listener: Rc::default(),
             o: o.clone(),
         }
     }
@@ -100,12 +176,15 @@ impl Backend {
         let (tx, rx) = watch::channel(false);
         self.kill = Some(tx);
         self.slots = Rc::new(Semaphore::new(self.o.slots as usize));
+        self.listener = Rc::new(RefCell::new(Some(listener)));
         let (slots, stats, o) = (self.slots.clone(), self.stats.clone(), self.o.clone());
+        let listener = self.listener.clone();
         tokio::task::spawn_local(accept_loop(listener, rx, slots, stats, o));
         Ok(())
     }
 
     fn kill(&mut self) {
+        self.listener.borrow_mut().take();
         if let Some(tx) = self.kill.take() {
             let _ = tx.send(true);
         }
@@ -143,7 +222,7 @@ impl Backend {
 }
 
 async fn accept_loop(
-    listener: TcpListener,
+    listener: Rc<RefCell<Option<TcpListener>>>,
     mut kill: watch::Receiver<bool>,
     slots: Rc<Semaphore>,
     stats: Rc<BackendStats>,
@@ -152,7 +231,13 @@ async fn accept_loop(
     loop {
         let accepted = tokio::select! {
             _ = kill.changed() => return,
-            a = listener.accept() => a,
+            a = std::future::poll_fn(|cx| match &*listener.borrow() {
+                Some(l) => l.poll_accept(cx).map(Some),
+                None => std::task::Poll::Ready(None),
+            }) => match a {
+                Some(a) => a,
+                None => return,
+            },
         };
         let Ok((stream, _)) = accepted else {
             tokio::time::sleep(Duration::from_millis(20)).await;
@@ -417,8 +502,8 @@ pub async fn run(target: Target, procs: Procs, label: &str, o: Options) -> Resul
 
 async fn run_local(target: Target, procs: Procs, label: &str, o: Options) -> Result<Value> {
     let n = o.clients as usize;
-    let mut backend = Backend::new(&o);
-    backend.start()?;
+    let backend = Backend::spawn(&o)?;
+    backend.start().await?;
     let w = Rc::new(World {
         target,
         o: o.clone(),
@@ -470,7 +555,7 @@ async fn run_local(target: Target, procs: Procs, label: &str, o: Options) -> Res
     backend.kill();
     tokio::time::sleep(o.outage).await;
     backend.reset();
-    backend.start()?;
+    backend.start().await?;
     let restarted = Instant::now();
     w.restarted.set(Some(restarted));
     w.phase.set(Phase::Restarted);
@@ -482,6 +567,7 @@ async fn run_local(target: Target, procs: Procs, label: &str, o: Options) -> Res
     }
     let ended = Instant::now();
     let cpu1 = procs.cpu_opt()?;
+    let backend_report = backend.report().await;
 
     let mut times: Vec<f64> = w
         .back
@@ -534,7 +620,7 @@ async fn run_local(target: Target, procs: Procs, label: &str, o: Options) -> Res
         "wasted_after_restart": w.failed_after.get(),
         "wasted_pct_of_clients": w.failed_after.get() as f64 * 100.0 / n as f64,
         "outcomes": w.outcomes.borrow().clone(),
-        "backend_after_restart": backend.report(),
+        "backend_after_restart": backend_report,
         "proxy_cpu_s": cpu_s,
         "proxy_cpu_pct": cpu_s.map(|c| c * 100.0 / window),
         "window_s": window,

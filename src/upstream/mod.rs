@@ -112,9 +112,12 @@ pub struct Target<'a> {
 }
 
 /// Connects and upgrades to the key's backend, failing over (before any 101) to the next
-/// backends in rendezvous order when a connect or handshake fails. Each attempt first
-/// waits for one of the backend's `max_pending` places (FIFO), then has the upstream's
-/// `connect_timeout`. Only connect and TLS failures count against a backend's health
+/// backends in rendezvous order when a connect or handshake fails. With `max_pending`,
+/// each attempt first waits (in arrival order) to be let ahead — at most `max_pending`
+/// are — and connects (TCP, TLS) while the handshakes in flight finish, then waits for
+/// one of the backend's `max_pending` places, which it holds only from its request to
+/// the answer. Connecting, and request to answer, have the upstream's `connect_timeout`
+/// between them. Only connect and TLS failures count against a backend's health
 /// (passive ejection); every failure counts in its `connect_errors`.
 ///
 /// With `max_pending` set, the handshake may wait up to `queue_timeout` in all: for a
@@ -132,6 +135,7 @@ pub async fn connect(
 ) -> Result<Connected, Failure> {
     let upstream = target.upstream;
     let queue_until = tokio::time::Instant::now() + upstream.queue_timeout;
+    let ticket = pool.ticket();
     let queue_timeout = |backend: &str| {
         let refusal = Refusal::QueueTimeout {
             retry_after_secs: retry_after(upstream.queue_timeout),
@@ -142,7 +146,12 @@ pub async fn connect(
     // `queue_until`; the count is a backstop.
     for _ in 0..MAX_ROUNDS {
         let generation = pool.back_generation();
-        let last = match try_backends(req, target, fwd, pool, key, queue_until).await {
+        let queue = Queued {
+            pool,
+            ticket: &ticket,
+            until: queue_until,
+        };
+        let last = match try_backends(req, target, fwd, key, &queue).await {
             Round::Done(result) => return result,
             Round::QueueTimeout(backend) => return Err(queue_timeout(&backend)),
             Round::Unreachable(last) => last,
@@ -157,7 +166,7 @@ pub async fn connect(
             return Err(queue_timeout(""));
         }
         let _ = pool
-            .wait_back(generation, queue_until.min(now + LOOK_AGAIN))
+            .wait_back(&ticket, key, generation, queue_until.min(now + LOOK_AGAIN))
             .await;
     }
     Err(queue_timeout(""))
@@ -180,15 +189,23 @@ enum Round {
     Unreachable(Failure),
 }
 
+/// A handshake's standing in its upstream's queues.
+struct Queued<'a> {
+    pool: &'a Pool,
+    ticket: &'a pool::queue::Ticket,
+    /// When `queue_timeout` ends it.
+    until: tokio::time::Instant,
+}
+
 async fn try_backends(
     req: &request::Parts,
     target: &Target<'_>,
     fwd: &Forwarded<'_>,
-    pool: &Pool,
     key: &[u8],
-    queue_until: tokio::time::Instant,
+    queue: &Queued<'_>,
 ) -> Round {
     let upstream = target.upstream;
+    let pool = queue.pool;
     let mut candidates = pool.candidates(key, upstream.bounded_load);
     let mut last = Failure::Proxy(Refusal::NoBackend, String::new(), None);
     let mut reached = false;
@@ -197,38 +214,33 @@ async fn try_backends(
             break;
         };
         let backend = lease.backend().clone();
-        let Some(turn) = pool.wait_turn(&backend, queue_until).await else {
-            return Round::QueueTimeout(backend.identity.clone());
+        let ahead = match pool.wait_ahead(&backend, queue.ticket, queue.until).await {
+            Ok(ahead) => ahead,
+            // Waited past `queue_timeout`, or the backend's queue is full: 503 at once.
+            Err(_) => return Round::QueueTimeout(backend.identity.clone()),
         };
         // Set once TCP (and TLS) is up and the request goes out. A failure before is the
         // backend's, and passive health counts it; a failure after (no answer, a close
         // without one, a broken 101, a timeout) may be this request's doing, so it never
         // counts towards ejection: else a few bad requests could take every backend out.
         let sent = AtomicBool::new(false);
-        let attempt = handshake(req, target, fwd, lease, &sent);
-        let outcome = tokio::time::timeout(upstream.connect_timeout, attempt).await;
-        drop(turn);
-        let failure = match outcome {
-            Ok(Ok(connected)) => {
+        let failure = match handshake(req, target, fwd, lease, &sent, (queue, ahead)).await {
+            Ok(connected) => {
                 pool.connect_succeeded(&backend);
                 return Round::Done(Ok(connected));
             }
             // The backend answered: it is reachable, and its answer is the client's.
-            Ok(Err(f @ Failure::Status(..))) => {
+            Err(f @ Failure::Status(..)) => {
                 pool.connect_succeeded(&backend);
                 return Round::Done(Err(f));
             }
             // Our own request could not be built: no other backend would take it either.
-            Ok(Err(f @ Failure::Proxy(Refusal::BadUpgrade, ..))) => return Round::Done(Err(f)),
-            Ok(Err(f)) => f,
-            Err(_) => Failure::Proxy(
-                Refusal::UpstreamTimeout,
-                backend.identity.clone(),
-                Some(format!(
-                    "no 101 within connect_timeout ({})",
-                    crate::config::units::fmt_duration(upstream.connect_timeout)
-                )),
-            ),
+            Err(f @ Failure::Proxy(Refusal::BadUpgrade, ..)) => return Round::Done(Err(f)),
+            // Connected, then waited for a place past `queue_timeout`.
+            Err(Failure::Proxy(Refusal::QueueTimeout { .. }, b, _)) => {
+                return Round::QueueTimeout(b);
+            }
+            Err(f) => f,
         };
         if let Failure::Proxy(_, _, Some(error)) = &failure {
             warn_backend_failure(&upstream.name, &backend.identity, error);
@@ -258,33 +270,71 @@ pub fn retry_after(queue_timeout: std::time::Duration) -> u64 {
     1 + ((crate::ids::jitter() * window as f64) as u64).min(window - 1)
 }
 
+/// One attempt on one backend: connect (TCP, TLS) while only let ahead, then wait for a
+/// place, then request → 101 holding it. `connect_timeout` bounds connecting plus
+/// request → answer (the wait for the place is `queue_timeout`'s). A wait for the place
+/// past `queue_timeout` is a `Refusal::QueueTimeout`.
 async fn handshake(
     req: &request::Parts,
     target: &Target<'_>,
     fwd: &Forwarded<'_>,
     lease: Lease,
     sent: &AtomicBool,
+    (queue, ahead): (&Queued<'_>, pool::Turn),
 ) -> Result<Connected, Failure> {
     let b = lease.backend().clone();
     let backend = b.identity.as_str();
     let fail = |r: Refusal, error: String| Failure::Proxy(r, backend.to_owned(), Some(error));
+    let connect_timeout = target.upstream.connect_timeout;
+    let timed_out = || {
+        fail(
+            Refusal::UpstreamTimeout,
+            format!(
+                "no 101 within connect_timeout ({})",
+                crate::config::units::fmt_duration(connect_timeout)
+            ),
+        )
+    };
     let head = request_head(req, target, fwd).map_err(|why| {
         tracing::debug!(backend, why, "upstream request cannot be built");
         Failure::Proxy(Refusal::BadUpgrade, backend.to_owned(), None)
     })?;
     let tls = target.upstream.tls.as_ref();
-    let mut stream = open(b.addr, &b.host, tls).await.map_err(|e| {
+    let started = tokio::time::Instant::now();
+    let opened = tokio::time::timeout(connect_timeout, open(b.addr, &b.host, tls)).await;
+    let mut stream = opened.map_err(|_| timed_out())?.map_err(|e| {
         tracing::debug!(backend, error = %e, "upstream connect failed");
         fail(Refusal::UpstreamConnect, format!("connect: {e}"))
     })?;
-    sent.store(true, Ordering::Release);
+    let left = connect_timeout.saturating_sub(started.elapsed());
+    let Some(_turn) = queue
+        .pool
+        .wait_place(ahead, queue.ticket, queue.until)
+        .await
+    else {
+        let refusal = Refusal::QueueTimeout {
+            retry_after_secs: retry_after(target.upstream.queue_timeout),
+        };
+        return Err(Failure::Proxy(refusal, backend.to_owned(), None));
+    };
     let mut buf = BytesMut::new();
+    // While it waited for its place the backend may have closed the connection (it was
+    // restarted, an idle timeout): found before anything is sent, it is made again.
+    if closed_meanwhile(&mut stream, &mut buf).await {
+        let opened = tokio::time::timeout(left, open(b.addr, &b.host, tls)).await;
+        stream = opened.map_err(|_| timed_out())?.map_err(|e| {
+            tracing::debug!(backend, error = %e, "upstream connect failed");
+            fail(Refusal::UpstreamConnect, format!("connect: {e}"))
+        })?;
+    }
+    sent.store(true, Ordering::Release);
     let answer = async {
         stream.write_all(&head).await?;
         stream.flush().await?;
         http1::read_head(&mut stream, &mut buf).await
     };
-    let answer = answer.await.map_err(|e| {
+    let answer = tokio::time::timeout(left, answer).await;
+    let answer = answer.map_err(|_| timed_out())?.map_err(|e| {
         tracing::debug!(backend, error = %e, "upstream handshake failed");
         fail(Refusal::UpstreamConnect, format!("upgrade request: {e}"))
     })?;
@@ -310,6 +360,33 @@ async fn handshake(
         extensions,
         lease,
     })
+}
+
+/// Whether the peer closed `stream` (or it failed) before anything was sent on it: one
+/// read, without waiting. Bytes a backend sent unasked are kept in `buf` (they will be
+/// read as its answer).
+async fn closed_meanwhile(stream: &mut UpstreamStream, buf: &mut BytesMut) -> bool {
+    use std::pin::Pin;
+    use std::task::Poll;
+    use tokio::io::{AsyncRead, ReadBuf};
+    let mut probe = [0u8; 256];
+    // One poll, no timer: a timer (even an elapsed one) costs a wake-up of its own.
+    let read = std::future::poll_fn(|cx| {
+        let mut rb = ReadBuf::new(&mut probe);
+        match Pin::new(&mut *stream).poll_read(cx, &mut rb) {
+            Poll::Pending => Poll::Ready(None),
+            Poll::Ready(r) => Poll::Ready(Some(r.map(|()| rb.filled().len()))),
+        }
+    })
+    .await;
+    match read {
+        None => false,
+        Some(Ok(0) | Err(_)) => true,
+        Some(Ok(n)) => {
+            buf.extend_from_slice(&probe[..n]);
+            false
+        }
+    }
 }
 
 /// How long a backend's failures stay out of stderr after one was written there (the

@@ -50,6 +50,12 @@ pub struct Answer {
 /// Sends `body` with the head `req` (as admission left it) to the key's backend and
 /// waits for the answer's head. Connecting is bounded by the upstream's
 /// `connect_timeout` per backend; the caller bounds the whole exchange.
+///
+/// With `max_pending` a request takes one of the backend's places, in arrival order with
+/// the upgrades, and holds it from connecting (or taking a kept-alive connection) until
+/// the answer's head: the backend never has more than `max_pending` requests and upgrade
+/// handshakes in progress from this process (as HAProxy's `maxconn` counts every
+/// request). Past `queue_timeout`, or with the backend's queue full: 503 `queue_timeout`.
 pub async fn send(
     req: &request::Parts,
     body: RequestBody,
@@ -63,12 +69,25 @@ pub async fn send(
         .map_err(|_| Failure::Proxy(Refusal::BadUpgrade, String::new(), None))?;
     let mut candidates = pool.candidates(key, upstream.bounded_load);
     let mut last = Failure::Proxy(Refusal::NoBackend, String::new(), None);
+    let ticket = pool.ticket();
+    let queue_until = tokio::time::Instant::now() + upstream.queue_timeout;
     for _ in 0..MAX_ATTEMPTS {
         let Some(lease) = candidates.next() else {
             break;
         };
         let backend = lease.backend().clone();
         let identity = backend.identity.clone();
+        let queue_timeout = || {
+            let retry_after_secs = super::retry_after(upstream.queue_timeout);
+            let refusal = Refusal::QueueTimeout { retry_after_secs };
+            Failure::Proxy(refusal, identity.clone(), None)
+        };
+        let Ok(ahead) = pool.wait_ahead(&backend, &ticket, queue_until).await else {
+            return Err(queue_timeout());
+        };
+        let Some(_place) = pool.wait_place(ahead, &ticket, queue_until).await else {
+            return Err(queue_timeout());
+        };
         // A kept-alive connection first; one the backend closed meanwhile gives the request
         // back unsent, and a fresh connection takes it.
         let mut reused = backend.idle_http.take();

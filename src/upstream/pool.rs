@@ -20,8 +20,8 @@
 //!   that was down for a second costs about a second of refusals, not a fixed cool-off;
 //! - a backend back in (probe, passing checks) or added by a reload or DNS gets its
 //!   rendezvous weight ramped linearly over `slow_start` (from 1 ‰ of its weight);
-//! - `max_pending`: upstream handshakes in flight per backend, the rest waiting in FIFO
-//!   order ([`Pool::wait_turn`]) at most `queue_timeout`;
+//! - `max_pending`: upstream handshakes in flight per backend, the rest waiting in
+//!   arrival order ([`queue`]) at most `queue_timeout`;
 //! - a reload that drops `health_check` marks every backend up and restarts its streaks
 //!   (nothing else would bring a backend it marked down back);
 //! - only failures to reach a backend (TCP connect, TLS) are passive failures: once the
@@ -38,11 +38,12 @@ use std::sync::{Arc, Mutex, OnceLock, PoisonError, RwLock};
 use std::time::Duration;
 
 use prometheus_client::metrics::histogram::{Histogram, exponential_buckets};
-use tokio::sync::{OwnedSemaphorePermit, Semaphore, watch};
+use tokio::sync::watch;
 use tokio::time::Instant;
 
 mod admin;
 mod pools;
+pub mod queue;
 
 pub use admin::{AdminReply, DrainOrder, admin};
 pub use pools::{BackendSnapshot, Pools, UpstreamSnapshot};
@@ -119,8 +120,6 @@ pub struct BackendState {
     /// Slow start: when (ms since the pool's epoch) it came back or was added;
     /// [`NOT_RAMPING`] otherwise.
     ramp_from_ms: AtomicU64,
-    /// `max_pending` places: the size they were made for, and the places.
-    queue: Mutex<Option<(u32, Arc<Semaphore>)>>,
     /// `max_ejected` kept this failing backend in (warned once per episode).
     eject_refused: AtomicBool,
     /// Kept-alive HTTP/1.1 connections for plain requests (`http: proxy` routes).
@@ -154,7 +153,6 @@ impl BackendState {
             suspect: AtomicBool::new(false),
             probing: AtomicBool::new(false),
             ramp_from_ms: AtomicU64::new(NOT_RAMPING),
-            queue: Mutex::default(),
             eject_refused: AtomicBool::new(false),
             idle_http: Default::default(),
         }
@@ -185,41 +183,46 @@ impl BackendState {
         !self.is_up() || self.ejected.load(Ordering::Acquire)
     }
 
-    /// The places of its `max_pending` queue (made anew when the size changed).
-    fn places(&self, size: u32) -> Arc<Semaphore> {
-        let mut q = self.queue.lock().unwrap_or_else(PoisonError::into_inner);
-        match &*q {
-            Some((n, places)) if *n == size => places.clone(),
-            _ => {
-                let places = Arc::new(Semaphore::new(size as usize));
-                *q = Some((size, places.clone()));
-                places
-            }
-        }
-    }
-
-    /// Its rendezvous weight now, in thousandths: ramped during slow start.
-    fn ramped_weight(&self, now_ms: u64, slow_start_ms: u64) -> u32 {
-        let full = u64::from(self.weight()) * 1000;
+    /// Its rendezvous weight now, × `scale` (see [`ramp_scale`]): ramped during slow
+    /// start, from 1 ‰ of it.
+    fn ramped_weight(&self, now_ms: u64, slow_start_ms: u64, scale: u64) -> u32 {
+        let full = u64::from(self.weight()) * scale;
         let from = self.ramp_from_ms.load(Ordering::Relaxed);
-        if from == NOT_RAMPING || slow_start_ms == 0 {
-            return u32::try_from(full).unwrap_or(u32::MAX);
-        }
         let elapsed = now_ms.saturating_sub(from);
-        if elapsed >= slow_start_ms {
+        let ramped = if from == NOT_RAMPING || slow_start_ms == 0 {
+            full
+        } else if elapsed >= slow_start_ms {
             self.ramp_from_ms.store(NOT_RAMPING, Ordering::Relaxed);
-            return u32::try_from(full).unwrap_or(u32::MAX);
-        }
-        let ramped =
-            (full * elapsed / slow_start_ms).max(RAMP_FLOOR_PERMILLE * u64::from(self.weight()));
-        u32::try_from(ramped.max(1)).unwrap_or(u32::MAX)
+            full
+        } else {
+            // u128: weight × scale × elapsed overflows u64 for a long ramp.
+            let share = u128::from(full) * u128::from(elapsed) / u128::from(slow_start_ms);
+            let share = u64::try_from(share).unwrap_or(full);
+            share.max(RAMP_FLOOR_PERMILLE * full / 1000).max(1)
+        };
+        // Never above u32::MAX: `scale` keeps every weight × scale under it.
+        u32::try_from(ramped).unwrap_or(u32::MAX)
     }
 }
 
-/// A place among a backend's `max_pending` upstream handshakes in flight; `None` inside
-/// when the upstream has no limit. Hold it until the upstream handshake is over.
+/// What every weight is multiplied by while one ramps: 1000 (thousandths, so a weight-1
+/// backend can ramp from 1 ‰), less when the largest weight × 1000 would not fit in
+/// `u32` (the hash's weights). Every backend gets the same factor, so the shares of
+/// those not ramping stay as configured.
+fn ramp_scale(backends: &[Arc<BackendState>]) -> u64 {
+    let max = backends
+        .iter()
+        .map(|b| u64::from(b.weight()))
+        .max()
+        .unwrap_or(1);
+    (u64::from(u32::MAX) / max.max(1)).clamp(1, 1000)
+}
+
+/// Being let ahead on a backend (allowed to connect before its place), or a place among
+/// its `max_pending` upstream handshakes in flight; `None` inside when the upstream has
+/// no limit. Hold a place until the upstream's answer.
 #[must_use]
-pub struct Turn(#[allow(dead_code)] Option<OwnedSemaphorePermit>);
+pub struct Turn(#[allow(dead_code)] Option<queue::Held>);
 
 /// Counts one waiting handshake in the pool's queue gauge while it waits.
 struct Waiting<'a>(&'a AtomicI64);
@@ -290,10 +293,11 @@ pub struct Pool {
     /// Upgrades waiting for a `max_pending` place, or for a backend to come back, now
     /// (`wsgate_upstream_queue`).
     queue_waiting: Arc<AtomicI64>,
-    /// Told (and its generation bumped) whenever a backend comes back: a probe or a
+    /// The backends' `max_pending` lanes, and the handshakes waiting for a backend to
+    /// come back, told (and the generation bumped) whenever one does: a probe or a
     /// connection reached a suspect backend, active checks passed again, a backend was
     /// added.
-    back: Arc<Back>,
+    back: Arc<queue::Queues>,
     /// Time spent waiting for a place (`wsgate_upstream_queue_seconds`).
     queue_seconds: Histogram,
 }
@@ -304,6 +308,8 @@ impl Pool {
         builtin: Arc<OnceLock<SocketAddr>>,
         options: PoolOptions,
     ) -> Pool {
+        let queues = Arc::new(queue::Queues::default());
+        queues.resize(upstream.max_pending);
         Pool {
             name: upstream.name.clone(),
             spec: RwLock::new(upstream),
@@ -317,7 +323,7 @@ impl Pool {
             epoch: Instant::now(),
             wake: watch::Sender::new(()),
             queue_waiting: Arc::default(),
-            back: Arc::default(),
+            back: queues,
             // 1 ms … 16 s.
             queue_seconds: Histogram::new(exponential_buckets(0.001, 2.0, 15)),
         }
@@ -326,21 +332,33 @@ impl Pool {
     /// The generation of "a backend came back" events: read it before trying backends,
     /// give it to [`Pool::wait_back`] after they all failed.
     pub fn back_generation(&self) -> u64 {
-        self.back.generation.load(Ordering::Acquire)
+        self.back.generation()
+    }
+
+    /// A handshake's place in line (arrival order) for its whole life: take one before
+    /// the first [`Pool::wait_ahead`] of a handshake with `max_pending` set.
+    pub fn ticket(&self) -> queue::Ticket {
+        self.back.ticket()
     }
 
     /// Waits until a backend comes back after `generation` (true), or until `until`
-    /// (false). Counted in the queue gauge: the handshake waits for its backend.
-    pub async fn wait_back(&self, generation: u64, until: Instant) -> bool {
-        let notified = self.back.notify.notified();
-        tokio::pin!(notified);
-        notified.as_mut().enable();
-        if self.back_generation() != generation {
-            return true;
-        }
+    /// (false). Counted in the queue gauge: the handshake waits for its backend. Woken
+    /// handshakes keep their turn: later tickets are not let ahead before they queue again.
+    /// It holds its turn on the key's own backend meanwhile (see [`queue`]).
+    pub async fn wait_back(
+        &self,
+        ticket: &queue::Ticket,
+        key: &[u8],
+        generation: u64,
+        until: Instant,
+    ) -> bool {
+        let members = self.members();
+        let home = hash::rank(key, &members.keys)
+            .first()
+            .map(|&i| members.backends[i].identity.clone());
         self.queue_waiting.fetch_add(1, Ordering::Relaxed);
         let _waiting = Waiting(&self.queue_waiting);
-        tokio::time::timeout_at(until, notified).await.is_ok()
+        self.back.wait_back(ticket, home, generation, until).await
     }
 
     /// Upgrades waiting in this upstream's queues now, and the histogram of waits.
@@ -351,28 +369,46 @@ impl Pool {
         )
     }
 
-    /// Waits (FIFO) for one of `b`'s `max_pending` places until `until` (the handshake's
-    /// first wait plus `queue_timeout`: failover does not restart the clock); `None` when
-    /// that passed. Dropping the future (the client went away) leaves the queue at once.
-    pub async fn wait_turn(&self, b: &BackendState, until: Instant) -> Option<Turn> {
-        let spec = self.spec();
-        if spec.max_pending == 0 {
-            return Some(Turn(None));
-        }
-        let places = b.places(spec.max_pending);
-        if let Ok(p) = places.clone().try_acquire_owned() {
-            self.queue_seconds.observe(0.0);
-            return Some(Turn(Some(p)));
+    /// Waits (by ticket) until `b` lets this handshake ahead — at most `max_pending` are
+    /// — so it may connect while the handshakes in flight finish; until `until` (the
+    /// handshake's first wait plus `queue_timeout`: failover does not restart the clock).
+    /// Dropping the future (the client went away) leaves the queue at once. `Err(Full)`
+    /// at once when [`queue::QUEUE_PER_PLACE`] × `max_pending` wait already.
+    pub async fn wait_ahead(
+        &self,
+        b: &BackendState,
+        ticket: &queue::Ticket,
+        until: Instant,
+    ) -> Result<Turn, queue::Refused> {
+        if self.spec().max_pending == 0 {
+            return Ok(Turn(None));
         }
         let started = Instant::now();
         self.queue_waiting.fetch_add(1, Ordering::Relaxed);
         let _waiting = Waiting(&self.queue_waiting);
-        let got = tokio::time::timeout_at(until, places.acquire_owned()).await;
+        let ahead = self.back.ahead(&b.identity, ticket, until).await;
         self.queue_seconds.observe(started.elapsed().as_secs_f64());
-        match got {
-            Ok(Ok(p)) => Some(Turn(Some(p))),
-            _ => None,
-        }
+        ahead.map(|held| Turn(Some(held)))
+    }
+
+    /// Once connected: waits (by ticket) for one of `b`'s `max_pending` places in flight,
+    /// giving up being ahead when it has it; `None` when `until` passed.
+    pub async fn wait_place(
+        &self,
+        ahead: Turn,
+        ticket: &queue::Ticket,
+        until: Instant,
+    ) -> Option<Turn> {
+        let Turn(Some(held)) = ahead else {
+            return Some(Turn(None));
+        };
+        // Counted as waiting, but not observed again: `wsgate_upstream_queue_seconds` is
+        // the wait to be let ahead (after it, at most `max_pending` handshakes are before
+        // this one).
+        self.queue_waiting.fetch_add(1, Ordering::Relaxed);
+        let _waiting = Waiting(&self.queue_waiting);
+        let place = self.back.place(held, ticket, until).await;
+        place.map(|held| Turn(Some(held)))
     }
 
     pub fn name(&self) -> &str {
@@ -417,10 +453,11 @@ impl Pool {
                 .any(|b| b.ramp_from_ms.load(Ordering::Relaxed) != NOT_RAMPING);
         let order = if ramping {
             let ms = u64::try_from(slow_start.as_millis()).unwrap_or(u64::MAX);
+            let scale = ramp_scale(&members.backends);
             let keys: Vec<(u64, u32)> = members
                 .backends
                 .iter()
-                .map(|b| (b.seed, b.ramped_weight(now, ms)))
+                .map(|b| (b.seed, b.ramped_weight(now, ms, scale)))
                 .collect();
             hash::rank(key, &keys)
         } else {
@@ -584,6 +621,7 @@ impl Pool {
             self.generation.fetch_add(1, Ordering::AcqRel);
             std::mem::replace(&mut *spec, upstream.clone())
         };
+        self.back.resize(upstream.max_pending);
         if old.health_check.is_some() && upstream.health_check.is_none() {
             for b in self.backends() {
                 b.fails.store(0, Ordering::Relaxed);
@@ -764,26 +802,12 @@ impl Pool {
     }
 }
 
-/// "A backend came back": a generation and the handshakes waiting for it.
-#[derive(Default)]
-struct Back {
-    generation: AtomicU64,
-    notify: tokio::sync::Notify,
-}
-
-impl Back {
-    fn tell(&self) {
-        self.generation.fetch_add(1, Ordering::AcqRel);
-        self.notify.notify_waiters();
-    }
-}
-
 /// What a probe task needs of its pool.
 struct Probe {
     upstream: String,
     epoch: Instant,
     connect_timeout: Duration,
-    back: Arc<Back>,
+    back: Arc<queue::Queues>,
 }
 
 impl Probe {
