@@ -1124,3 +1124,572 @@ async fn a_connect_announcing_a_body_is_refused() {
     let mut ws = open_ws(&mut conn, "/after").await;
     echo_round_trip(&mut ws, "still serving").await;
 }
+
+// === Review of the h2-direct driver: volumes past every window, resets, counts ===
+
+#[tokio::test]
+async fn pipelined_streams_carry_far_more_than_every_window_both_ways() {
+    let backend = echo_backend().await;
+    let gw = spawn_gateway(&config(backend, false, "buffer_size: 4KiB", "")).await;
+    let mut conn = connect_h2c(gw.addr()).await;
+    let mut tasks = Vec::new();
+    // 6 streams x 48 messages of ~10 KiB each way: ~2.9 MiB per direction, far past the
+    // connection's window (100 x 4 KiB) and the client's own 65,535 per stream.
+    for i in 0..6u8 {
+        let ws = open_ws(&mut conn, &format!("/s{i}")).await;
+        let (mut tx, mut rx) = ws.split();
+        tasks.push(tokio::spawn(async move {
+            let msg = move |n: u8| vec![i ^ n; 10 * 1024 + usize::from(n)];
+            let writer = tokio::spawn(async move {
+                for n in 0..48u8 {
+                    tx.send(Message::binary(msg(n)))
+                        .await
+                        .unwrap_or_else(|e| panic!("send {i}/{n}: {e}"));
+                }
+                tx
+            });
+            for n in 0..48u8 {
+                match tokio::time::timeout(PATIENCE, rx.next()).await {
+                    Ok(Some(Ok(Message::Binary(b)))) => {
+                        assert_eq!(b.len(), msg(n).len(), "stream {i} message {n}");
+                        assert!(b.iter().all(|&x| x == i ^ n), "stream {i} message {n}");
+                    }
+                    other => panic!("stream {i} message {n}: {other:?}"),
+                }
+            }
+            writer.await.unwrap_or_else(|e| panic!("{e}"))
+        }));
+    }
+    for t in tasks {
+        let _sink = tokio::time::timeout(PATIENCE * 3, t)
+            .await
+            .unwrap_or_else(|_| panic!("a stream stalled"))
+            .unwrap_or_else(|e| panic!("{e}"));
+    }
+    // And the connection still opens and carries new streams.
+    let mut ws = open_ws(&mut conn, "/after").await;
+    echo_round_trip(&mut ws, "after 2.9 MiB").await;
+}
+
+/// A plain POST of `len` bytes to `/echo` on `conn`; the echoed body.
+async fn post_echo(conn: &mut H2Conn, len: usize, fill: u8) -> Vec<u8> {
+    let ready = tokio::time::timeout(PATIENCE, conn.send.clone().ready())
+        .await
+        .unwrap_or_else(|_| panic!("not ready"))
+        .unwrap_or_else(|e| panic!("{e}"));
+    let req = http::Request::builder()
+        .method("POST")
+        .uri("https://localhost/echo")
+        .header("content-length", len.to_string())
+        .body(())
+        .unwrap_or_else(|e| panic!("{e}"));
+    let (resp, mut body_tx) = ready
+        .clone()
+        .send_request(req, false)
+        .unwrap_or_else(|e| panic!("{e}"));
+    let sender = tokio::spawn(async move {
+        let mut left = len;
+        while left > 0 {
+            body_tx.reserve_capacity(left.min(64 * 1024));
+            let cap = match tokio::time::timeout(
+                PATIENCE,
+                std::future::poll_fn(|cx| body_tx.poll_capacity(cx)),
+            )
+            .await
+            {
+                Ok(Some(Ok(c))) => c,
+                other => panic!("no send capacity with {left} left: {other:?}"),
+            };
+            let n = cap.min(left);
+            if n == 0 {
+                continue;
+            }
+            left -= n;
+            body_tx
+                .send_data(bytes::Bytes::from(vec![fill; n]), left == 0)
+                .unwrap_or_else(|e| panic!("{e}"));
+        }
+    });
+    let resp = tokio::time::timeout(PATIENCE, resp)
+        .await
+        .unwrap_or_else(|_| panic!("no answer"))
+        .unwrap_or_else(|e| panic!("{e}"));
+    assert_eq!(resp.status(), StatusCode::OK);
+    let mut body = resp.into_body();
+    let mut got = Vec::new();
+    while let Some(chunk) = tokio::time::timeout(PATIENCE, body.data())
+        .await
+        .unwrap_or_else(|_| panic!("body stalled after {} bytes", got.len()))
+    {
+        let chunk = chunk.unwrap_or_else(|e| panic!("after {} bytes: {e}", got.len()));
+        let _ = body.flow_control().release_capacity(chunk.len());
+        got.extend_from_slice(&chunk);
+    }
+    sender.await.unwrap_or_else(|e| panic!("{e}"));
+    got
+}
+
+#[tokio::test]
+async fn plain_bodies_far_past_every_window_go_both_ways() {
+    let backend = page_backend().await;
+    let extra = "limits: { buffer_size: 4KiB, max_request_body: 4MiB }";
+    let gw = spawn_gateway(&proxy_config(backend, extra)).await;
+    let mut conn = connect_h2_tls(gw.addr()).await;
+    for round in 0..3u8 {
+        let got = post_echo(&mut conn, 900 * 1024, round).await;
+        assert_eq!(got.len(), 900 * 1024, "round {round}");
+        assert!(got.iter().all(|&b| b == round), "round {round}");
+    }
+    let mut tasks = Vec::new();
+    for k in 0..4u8 {
+        let mut c = H2Conn {
+            send: conn.send.clone(),
+            _driver: tokio::spawn(async { Ok(()) }),
+        };
+        tasks.push(tokio::spawn(async move {
+            (k, post_echo(&mut c, 300 * 1024, 10 + k).await)
+        }));
+    }
+    for t in tasks {
+        let (k, got) = t.await.unwrap_or_else(|e| panic!("{e}"));
+        assert_eq!(got.len(), 300 * 1024);
+        assert!(got.iter().all(|&b| b == 10 + k));
+    }
+}
+
+#[tokio::test]
+async fn a_client_reset_mid_relay_is_logged_once_and_frees_every_count() {
+    let backend = echo_backend().await;
+    let limits =
+        "max_connections_per_ip: 2, handshakes_per_ip: { rate: 1000, per: 1s, burst: 1000 }";
+    let gw = spawn_gateway(&config(backend, false, limits, "")).await;
+    let mut conn = connect_h2c(gw.addr()).await;
+    for round in 0..5 {
+        let ready = tokio::time::timeout(PATIENCE, conn.send.clone().ready())
+            .await
+            .unwrap_or_else(|_| panic!("not ready"))
+            .unwrap_or_else(|e| panic!("{e}"));
+        let mut req = http::Request::builder()
+            .method("CONNECT")
+            .uri("http://localhost/reset")
+            .header("sec-websocket-version", "13")
+            .body(())
+            .unwrap_or_else(|e| panic!("{e}"));
+        req.extensions_mut()
+            .insert(h2::ext::Protocol::from_static("websocket"));
+        let (resp, mut send) = ready
+            .clone()
+            .send_request(req, false)
+            .unwrap_or_else(|e| panic!("{e}"));
+        let resp = tokio::time::timeout(PATIENCE, resp)
+            .await
+            .unwrap_or_else(|_| panic!("no 200"))
+            .unwrap_or_else(|e| panic!("{e}"));
+        assert_eq!(resp.status(), StatusCode::OK);
+        // Half a frame, then the reset.
+        send.send_data(bytes::Bytes::from_static(&[0x82, 0x85, 1, 2]), false)
+            .unwrap_or_else(|e| panic!("{e}"));
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        send.send_reset(h2::Reason::CANCEL);
+        await_metric(&gw, "wsgate_connections_active", &[], 0.0).await;
+        let _ = round;
+    }
+    let closes = eventually("five ws_close lines", PATIENCE, async || {
+        let n = gw
+            .log_lines()
+            .iter()
+            .filter(|l| l["event"] == "ws_close" && l["path"] == "/reset")
+            .count();
+        if n == 5 { Ok(n) } else { Err(n) }
+    })
+    .await;
+    assert_eq!(closes, 5);
+    eventually("counts back to one idle connection", PATIENCE, async || {
+        let active = gw
+            .gw
+            .shared
+            .active
+            .load(std::sync::atomic::Ordering::Relaxed);
+        let places = localhost_places(&gw);
+        if (active, places) == (1, 1) {
+            Ok(())
+        } else {
+            Err((active, places))
+        }
+    })
+    .await;
+    // Nothing stayed counted: the connection's own place plus one stream fit under 2.
+    let mut ws = open_ws(&mut conn, "/after").await;
+    echo_round_trip(&mut ws, "after five resets").await;
+    let mut other = connect_h2c(gw.addr()).await;
+    let mut ws2 = open_ws(&mut other, "/second-conn").await;
+    echo_round_trip(&mut ws2, "a second connection").await;
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let resets = gw
+        .log_lines()
+        .iter()
+        .filter(|l| l["event"] == "ws_close" && l["path"] == "/reset")
+        .count();
+    assert_eq!(resets, 5, "a reset stream logged more than once");
+}
+
+/// A backend answering each plain request with fixed bytes chosen by its path, then
+/// closing: what a hostile or odd backend sends.
+async fn canned_backend() -> std::net::SocketAddr {
+    use tokio::io::AsyncWriteExt;
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+        .await
+        .unwrap_or_else(|e| panic!("{e}"));
+    let addr = listener.local_addr().unwrap_or_else(|e| panic!("{e}"));
+    tokio::spawn(async move {
+        while let Ok((mut s, _)) = listener.accept().await {
+            tokio::spawn(async move {
+                let head = read_head(&mut s).await;
+                let path = head.split(' ').nth(1).unwrap_or("").to_owned();
+                let resp: &[u8] = match path.as_str() {
+                    "/304" => b"HTTP/1.1 304 Not Modified\r\nETag: \"x\"\r\nContent-Length: 500\r\nConnection: close\r\n\r\n",
+                    "/204" => b"HTTP/1.1 204 No Content\r\nConnection: close\r\n\r\n",
+                    "/head" => b"HTTP/1.1 200 OK\r\nContent-Length: 9000\r\nConnection: close\r\n\r\n",
+                    "/trailers" => b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\nTrailer: x-sum\r\nConnection: close\r\n\r\n5\r\nhello\r\n0\r\nx-sum: 42\r\n\r\n",
+                    "/hop" => b"HTTP/1.1 200 OK\r\nConnection: close, x-hop\r\nKeep-Alive: timeout=5\r\nProxy-Connection: keep-alive\r\nTE: gzip\r\nUpgrade: h2c\r\nx-hop: 1\r\nContent-Length: 2\r\n\r\nok",
+                    "/short" => b"HTTP/1.1 200 OK\r\nContent-Length: 100\r\nConnection: close\r\n\r\nonly ten b",
+                    "/101" => b"HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n\r\n",
+                    _ => b"HTTP/1.1 404 Not Found\r\nContent-Length: 0\r\nConnection: close\r\n\r\n",
+                };
+                let _ = s.write_all(resp).await;
+                let _ = s.shutdown().await;
+            });
+        }
+    });
+    addr
+}
+
+/// `method path` on `conn`: the status, body (or the error that ended it) and trailers.
+async fn plain_exchange(
+    conn: &mut H2Conn,
+    method: &str,
+    path: &str,
+) -> (
+    StatusCode,
+    http::HeaderMap,
+    Result<Vec<u8>, String>,
+    Option<http::HeaderMap>,
+) {
+    let ready = tokio::time::timeout(PATIENCE, conn.send.clone().ready())
+        .await
+        .unwrap_or_else(|_| panic!("not ready"))
+        .unwrap_or_else(|e| panic!("{e}"));
+    let req = http::Request::builder()
+        .method(method)
+        .uri(format!("https://localhost{path}"))
+        .body(())
+        .unwrap_or_else(|e| panic!("{e}"));
+    let (resp, _) = ready
+        .clone()
+        .send_request(req, true)
+        .unwrap_or_else(|e| panic!("{e}"));
+    let resp = tokio::time::timeout(PATIENCE, resp)
+        .await
+        .unwrap_or_else(|_| panic!("no answer to {method} {path}"));
+    let resp = match resp {
+        Ok(r) => r,
+        Err(e) => {
+            return (
+                StatusCode::IM_A_TEAPOT,
+                http::HeaderMap::new(),
+                Err(format!("head: {e}")),
+                None,
+            );
+        }
+    };
+    let (parts, mut body) = resp.into_parts();
+    let mut got = Vec::new();
+    let data = loop {
+        match tokio::time::timeout(PATIENCE, body.data()).await {
+            Err(_) => panic!("{method} {path}: body stalled"),
+            Ok(None) => break Ok(got),
+            Ok(Some(Ok(c))) => {
+                let _ = body.flow_control().release_capacity(c.len());
+                got.extend_from_slice(&c);
+            }
+            Ok(Some(Err(e))) => break Err(e.to_string()),
+        }
+    };
+    let trailers = match data {
+        Ok(_) => tokio::time::timeout(PATIENCE, body.trailers())
+            .await
+            .ok()
+            .and_then(|t| t.ok())
+            .flatten(),
+        Err(_) => None,
+    };
+    (parts.status, parts.headers, data, trailers)
+}
+
+#[tokio::test]
+async fn odd_and_hostile_backend_answers_reach_an_h2_client_well_formed() {
+    let backend = canned_backend().await;
+    let gw = spawn_gateway(&proxy_config(backend, "")).await;
+    let mut conn = connect_h2_tls(gw.addr()).await;
+    let (status, headers, body, _) = plain_exchange(&mut conn, "GET", "/304").await;
+    assert_eq!(
+        (status, body),
+        (StatusCode::NOT_MODIFIED, Ok(vec![])),
+        "{headers:?}"
+    );
+    let (status, _, body, _) = plain_exchange(&mut conn, "GET", "/204").await;
+    assert_eq!((status, body), (StatusCode::NO_CONTENT, Ok(vec![])));
+    let (status, headers, body, _) = plain_exchange(&mut conn, "HEAD", "/head").await;
+    assert_eq!((status, body), (StatusCode::OK, Ok(vec![])), "{headers:?}");
+    let (status, _, body, trailers) = plain_exchange(&mut conn, "GET", "/trailers").await;
+    assert_eq!((status, body), (StatusCode::OK, Ok(b"hello".to_vec())));
+    eprintln!("trailers: {trailers:?}");
+    let (status, headers, body, _) = plain_exchange(&mut conn, "GET", "/hop").await;
+    assert_eq!(
+        (status, body),
+        (StatusCode::OK, Ok(b"ok".to_vec())),
+        "{headers:?}"
+    );
+    eprintln!("hop headers: {headers:?}");
+    // A body cut short must not reach the client as a complete one.
+    let (status, _, body, _) = plain_exchange(&mut conn, "GET", "/short").await;
+    eprintln!("short: {status} {body:?}");
+    assert!(
+        status != StatusCode::OK || body.is_err(),
+        "a truncated body was passed on as whole: {body:?}"
+    );
+    let (status, _, body, _) = plain_exchange(&mut conn, "GET", "/101").await;
+    eprintln!("101: {status} {body:?}");
+    // The connection still serves.
+    let (status, _, _, _) = plain_exchange(&mut conn, "GET", "/204").await;
+    assert_eq!(status, StatusCode::NO_CONTENT);
+}
+
+#[tokio::test]
+async fn a_client_reset_while_its_backend_is_connecting_frees_every_count() {
+    // A backend that accepts and never answers.
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+        .await
+        .unwrap_or_else(|e| panic!("{e}"));
+    let backend = listener.local_addr().unwrap_or_else(|e| panic!("{e}"));
+    let (held_tx, mut held_rx) = tokio::sync::mpsc::channel(16);
+    tokio::spawn(async move {
+        while let Ok((s, _)) = listener.accept().await {
+            let _ = held_tx.send(s).await;
+        }
+    });
+    let limits =
+        "max_connections_per_ip: 2, handshakes_per_ip: { rate: 1000, per: 1s, burst: 1000 }";
+    let gw = spawn_gateway(&config(backend, false, limits, "")).await;
+    let conn = connect_h2c(gw.addr()).await;
+    for _ in 0..3 {
+        let ready = tokio::time::timeout(PATIENCE, conn.send.clone().ready())
+            .await
+            .unwrap_or_else(|_| panic!("not ready"))
+            .unwrap_or_else(|e| panic!("{e}"));
+        let mut req = http::Request::builder()
+            .method("CONNECT")
+            .uri("http://localhost/stuck")
+            .header("sec-websocket-version", "13")
+            .body(())
+            .unwrap_or_else(|e| panic!("{e}"));
+        req.extensions_mut()
+            .insert(h2::ext::Protocol::from_static("websocket"));
+        let (_resp, mut send) = ready
+            .clone()
+            .send_request(req, false)
+            .unwrap_or_else(|e| panic!("{e}"));
+        let mut up = next_accepted(&mut held_rx).await;
+        send.send_reset(h2::Reason::CANCEL);
+        // The backend connection is let go.
+        let mut buf = [0u8; 4096];
+        let gone = tokio::time::timeout(PATIENCE, async {
+            use tokio::io::AsyncReadExt;
+            loop {
+                match up.read(&mut buf).await {
+                    Ok(0) | Err(_) => break,
+                    Ok(_) => {}
+                }
+            }
+        })
+        .await;
+        assert!(
+            gone.is_ok(),
+            "the backend connection was kept after the client's reset"
+        );
+    }
+    eventually("counts back to one idle connection", PATIENCE, async || {
+        let active = gw
+            .gw
+            .shared
+            .active
+            .load(std::sync::atomic::Ordering::Relaxed);
+        let places = localhost_places(&gw);
+        if (active, places) == (1, 1) {
+            Ok(())
+        } else {
+            Err((active, places))
+        }
+    })
+    .await;
+    let lines: Vec<_> = gw
+        .log_lines()
+        .into_iter()
+        .filter(|l| l["path"] == "/stuck")
+        .collect();
+    eprintln!("lines for the reset streams: {lines:?}");
+}
+
+#[tokio::test]
+async fn max_connections_counts_streams_exactly_whatever_order_they_close_in() {
+    let backend = echo_backend().await;
+    let limits = "max_connections: 3";
+    let gw = spawn_gateway(&config(backend, false, limits, "")).await;
+    let active = || {
+        gw.gw
+            .shared
+            .active
+            .load(std::sync::atomic::Ordering::Relaxed)
+    };
+    let settle = async |want: u64| {
+        eventually(&format!("active = {want}"), PATIENCE, async || {
+            let now = gw
+                .gw
+                .shared
+                .active
+                .load(std::sync::atomic::Ordering::Relaxed);
+            if now == want { Ok(()) } else { Err(now) }
+        })
+        .await
+    };
+    let mut conn = connect_h2c(gw.addr()).await;
+    settle(1).await;
+    for order in [[0usize, 1, 2], [1, 0, 2], [2, 1, 0], [1, 2, 0]] {
+        let mut streams: Vec<Option<H2Ws>> = Vec::new();
+        for i in 0..3 {
+            let mut ws = open_ws(&mut conn, &format!("/o{i}")).await;
+            echo_round_trip(&mut ws, "hi").await;
+            streams.push(Some(ws));
+        }
+        settle(3).await;
+        // A fourth stream is one past max_connections.
+        let fourth = extended_connect(&mut conn, "/fourth", Some("websocket"), &[]).await;
+        assert!(
+            matches!(
+                fourth,
+                Ok(Opened::Refused(StatusCode::SERVICE_UNAVAILABLE, _))
+            ),
+            "order {order:?}"
+        );
+        settle(3).await;
+        for (k, &i) in order.iter().enumerate() {
+            drop(streams[i].take());
+            settle((3 - k as u64 - 1).max(1)).await;
+        }
+        assert_eq!(active(), 1, "order {order:?}");
+    }
+}
+
+/// A transport whose reads are throttled to about 64 KiB/s: a live client on a slow link.
+struct SlowReads {
+    inner: tokio::net::TcpStream,
+    pause: Option<std::pin::Pin<Box<tokio::time::Sleep>>>,
+}
+
+impl tokio::io::AsyncRead for SlowReads {
+    fn poll_read(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        buf: &mut tokio::io::ReadBuf<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        if let Some(p) = self.pause.as_mut() {
+            std::task::ready!(std::future::Future::poll(p.as_mut(), cx));
+            self.pause = None;
+        }
+        let mut small = [0u8; 640];
+        let n = small.len().min(buf.remaining());
+        let mut rb = tokio::io::ReadBuf::new(&mut small[..n]);
+        std::task::ready!(std::pin::Pin::new(&mut self.inner).poll_read(cx, &mut rb))?;
+        buf.put_slice(rb.filled());
+        self.pause = Some(Box::pin(tokio::time::sleep(Duration::from_millis(10))));
+        std::task::Poll::Ready(Ok(()))
+    }
+}
+
+impl tokio::io::AsyncWrite for SlowReads {
+    fn poll_write(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        buf: &[u8],
+    ) -> std::task::Poll<std::io::Result<usize>> {
+        std::pin::Pin::new(&mut self.inner).poll_write(cx, buf)
+    }
+    fn poll_flush(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        std::pin::Pin::new(&mut self.inner).poll_flush(cx)
+    }
+    fn poll_shutdown(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        std::pin::Pin::new(&mut self.inner).poll_shutdown(cx)
+    }
+}
+
+#[tokio::test]
+async fn a_live_client_reading_a_busy_stream_slowly_is_not_cut_as_dead() {
+    let (backend, mut backends) = ws_backend().await;
+    let gw = spawn_gateway(&config(
+        backend,
+        false,
+        "",
+        "keepalive: { ping_interval: 500ms, pong_timeout: 1s }",
+    ))
+    .await;
+    let tcp = tokio::net::TcpStream::connect(gw.addr())
+        .await
+        .unwrap_or_else(|e| panic!("{e}"));
+    let (send, driver) = h2::client::Builder::new()
+        .initial_window_size(65_535)
+        .initial_connection_window_size(15 << 20)
+        .handshake::<_, bytes::Bytes>(SlowReads {
+            inner: tcp,
+            pause: None,
+        })
+        .await
+        .unwrap_or_else(|e| panic!("{e}"));
+    let driver = tokio::spawn(driver);
+    let mut conn = H2Conn {
+        send,
+        _driver: driver,
+    };
+    let mut ws = open_ws(&mut conn, "/download").await;
+    let mut upstream = next_accepted(&mut backends).await;
+    // The backend streams as fast as it is let; the client reads all of it, slowly.
+    let flood = tokio::spawn(async move {
+        for _ in 0..100_000 {
+            if upstream
+                .send(Message::binary(vec![7u8; 16 * 1024]))
+                .await
+                .is_err()
+            {
+                break;
+            }
+        }
+    });
+    let until = tokio::time::Instant::now() + Duration::from_secs(6);
+    let mut got = 0usize;
+    while tokio::time::Instant::now() < until {
+        match tokio::time::timeout(PATIENCE, ws.next()).await {
+            Ok(Some(Ok(Message::Binary(b)))) => got += b.len(),
+            Ok(Some(Ok(_))) => {}
+            other => {
+                panic!("the stream of a live, reading client ended after {got} bytes: {other:?}")
+            }
+        }
+    }
+    assert!(got > 64 * 1024, "only {got} bytes in 6 s");
+    flood.abort();
+}

@@ -132,7 +132,12 @@ where
         idle_since: Mutex::new(started),
         went_idle: Notify::new(),
     });
-    let handshake = builder(&h2.config).handshake::<S, Bytes>(stream);
+    let heard = Arc::new(AtomicU64::new(0));
+    let stream = Heard {
+        inner: stream,
+        heard: heard.clone(),
+    };
+    let handshake = builder(&h2.config).handshake::<_, Bytes>(stream);
     let mut conn = match tokio::time::timeout_at(deadline, handshake).await {
         Ok(Ok(c)) => c,
         Ok(Err(e)) => {
@@ -148,6 +153,9 @@ where
     let ping_at = tokio::time::sleep_until(Instant::now() + keepalive.ping_interval);
     tokio::pin!(ping_at);
     let mut awaiting_pong = false;
+    // What had been read from the client when the PING went out: a client whose frames
+    // keep coming is alive, its acknowledgement only queued behind what it (or we) sent.
+    let mut heard_at_ping = 0;
     let mut draining = h2.shared.registry.drain_started();
     // Armed while no stream is open: the wait for the next stream, then, once GOAWAY is
     // out, the grace the client has to close before the connection is dropped.
@@ -190,6 +198,12 @@ where
                 ping_at.as_mut().reset(Instant::now() + keepalive.ping_interval);
             }
             () = &mut ping_at, if keepalive_on => {
+                let now_heard = heard.load(Ordering::Relaxed);
+                if awaiting_pong && now_heard != heard_at_ping {
+                    heard_at_ping = now_heard;
+                    ping_at.as_mut().reset(Instant::now() + keepalive.pong_timeout);
+                    continue;
+                }
                 if awaiting_pong {
                     tracing::debug!(peer = %h2.peer, "HTTP/2 PING not answered within pong_timeout; closing");
                     return None;
@@ -199,6 +213,7 @@ where
                     return None;
                 }
                 awaiting_pong = true;
+                heard_at_ping = now_heard;
                 ping_at.as_mut().reset(Instant::now() + keepalive.pong_timeout);
             }
             () = h2.answers_changed.notified() => {
@@ -249,6 +264,59 @@ where
                 idle.as_mut().reset(Instant::now() + GOAWAY_GRACE);
             }
         }
+    }
+}
+
+/// The client's transport, counting what is read from it: proof of life while a PING's
+/// acknowledgement is late (it waits behind everything sent before it, both ways).
+struct Heard<S> {
+    inner: S,
+    heard: Arc<AtomicU64>,
+}
+
+impl<S: AsyncRead + Unpin> AsyncRead for Heard<S> {
+    fn poll_read(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut tokio::io::ReadBuf<'_>,
+    ) -> Poll<std::io::Result<()>> {
+        let before = buf.filled().len();
+        let read = Pin::new(&mut self.inner).poll_read(cx, buf);
+        let n = buf.filled().len() - before;
+        if n > 0 {
+            self.heard.fetch_add(n as u64, Ordering::Relaxed);
+        }
+        read
+    }
+}
+
+impl<S: AsyncWrite + Unpin> AsyncWrite for Heard<S> {
+    fn poll_write(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<std::io::Result<usize>> {
+        Pin::new(&mut self.inner).poll_write(cx, buf)
+    }
+
+    fn poll_write_vectored(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[std::io::IoSlice<'_>],
+    ) -> Poll<std::io::Result<usize>> {
+        Pin::new(&mut self.inner).poll_write_vectored(cx, bufs)
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        self.inner.is_write_vectored()
+    }
+
+    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut self.inner).poll_flush(cx)
+    }
+
+    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut self.inner).poll_shutdown(cx)
     }
 }
 
