@@ -8,48 +8,17 @@
 //! capacity before it is handed to h2 (which holds at most `max_send_buffer_size` per
 //! stream beyond the write in flight), as hyper's HTTP/2 upgrade path did.
 
-use std::cell::RefCell;
 use std::future::poll_fn;
 use std::io;
 use std::pin::Pin;
 use std::task::{Context, Poll, ready};
 
-use bytes::{Buf, Bytes, BytesMut};
+use bytes::{Buf, Bytes};
 use h2::{Reason, RecvStream, SendStream};
 use http::header::{self, HeaderMap, HeaderValue};
 use http::{Response, Version};
 use hyper::body::{Body as HttpBody, Frame, SizeHint};
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
-
-/// Size of a worker thread's write buffer: room for 16 messages of 64 B between reclaims.
-/// A larger write is copied into an allocation of its own, freed once sent (the copy costs
-/// more than the allocation there).
-const OUT_CHUNK: usize = 1024;
-
-thread_local! {
-    /// Where the streams relayed on this thread copy their small writes before h2 takes
-    /// them: reused once h2 has let go of what was taken from it (a small DATA frame is
-    /// copied into its connection's write buffer at the connection's next turn). Per
-    /// thread, not per stream or connection: idle streams keep nothing.
-    static OUT: RefCell<BytesMut> = RefCell::new(BytesMut::new());
-}
-
-/// `buf` as `Bytes`: copied into the thread's write buffer when small.
-fn copy_out(buf: &[u8]) -> Bytes {
-    if buf.len() > OUT_CHUNK {
-        return Bytes::copy_from_slice(buf);
-    }
-    OUT.with(|out| {
-        let Ok(mut out) = out.try_borrow_mut() else {
-            return Bytes::copy_from_slice(buf);
-        };
-        if !out.try_reclaim(buf.len()) {
-            *out = BytesMut::with_capacity(OUT_CHUNK);
-        }
-        out.extend_from_slice(buf);
-        out.split().freeze()
-    })
-}
 
 /// A WebSocket stream as the relay's client side. Kept small: it is part of every relay
 /// task (the task's size class is what an idle stream costs).
@@ -150,7 +119,11 @@ impl AsyncWrite for StreamIo {
         }
         let this = &mut *self;
         ready!(poll_send_capacity(&mut this.send, cx))?;
-        let data = copy_out(buf);
+        // A copy of its own: a frame h2 still holds must pin only its own bytes. (A write
+        // buffer shared by the thread's streams let a stalled client's tiny frames each pin
+        // a 1 KiB chunk interleaved with other streams' writes: up to 1 KiB per queued
+        // frame instead of its size.)
+        let data = Bytes::copy_from_slice(buf);
         this.send.send_data(data, false).map_err(to_io)?;
         Poll::Ready(Ok(buf.len()))
     }
