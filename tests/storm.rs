@@ -712,3 +712,103 @@ async fn slow_start_keeps_large_weights_in_proportion() {
         "weights 1:2, connections {na}:{nb}"
     );
 }
+
+/// A backend that answers each upgrade 101 after `delay`, counting the upgrade requests
+/// it has read and not answered yet; returns (now, peak, answered).
+#[allow(clippy::type_complexity)]
+fn slow_counting_101(
+    listener: TcpListener,
+    delay: Duration,
+) -> (
+    std::sync::Arc<std::sync::atomic::AtomicUsize>,
+    std::sync::Arc<std::sync::atomic::AtomicUsize>,
+    std::sync::Arc<std::sync::atomic::AtomicUsize>,
+) {
+    use std::sync::Arc;
+    use std::sync::atomic::{AtomicUsize, Ordering};
+    let (now, peak, done) = (
+        Arc::new(AtomicUsize::new(0)),
+        Arc::new(AtomicUsize::new(0)),
+        Arc::new(AtomicUsize::new(0)),
+    );
+    let (n, p, d) = (now.clone(), peak.clone(), done.clone());
+    tokio::spawn(async move {
+        while let Ok((mut s, _)) = listener.accept().await {
+            let (n, p, d) = (n.clone(), p.clone(), d.clone());
+            tokio::spawn(async move {
+                let head = read_head(&mut s).await;
+                if head.is_empty() {
+                    return;
+                }
+                let c = n.fetch_add(1, Ordering::SeqCst) + 1;
+                p.fetch_max(c, Ordering::SeqCst);
+                // A request the gateway gave up on (closed) stops counting at once.
+                let mut byte = [0u8; 1];
+                let gone = tokio::select! {
+                    _ = tokio::time::sleep(delay) => false,
+                    _ = tokio::io::AsyncReadExt::read(&mut s, &mut byte) => true,
+                };
+                n.fetch_sub(1, Ordering::SeqCst);
+                if gone {
+                    return;
+                }
+                answer_101(&mut s, &head).await;
+                d.fetch_add(1, Ordering::SeqCst);
+                let _ = read_head(&mut s).await; // until the gateway closes
+            });
+        }
+    });
+    (now, peak, done)
+}
+
+/// Review of issue 19's queue: clients that go away at every stage (waiting to be let
+/// ahead, connecting ahead, waiting for a place, in flight) and handshakes timing out as
+/// places are granted never leak a place nor let the backend see more than `max_pending`
+/// upgrades at once; afterwards a lone handshake gets through at once and the queue gauge
+/// is back to 0.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn departures_and_timeouts_at_every_stage_leak_no_place() {
+    use std::sync::atomic::Ordering;
+    let listener = bind_local().await;
+    let backend = local_addr(&listener);
+    let (_now, peak, done) = slow_counting_101(listener, Duration::from_millis(8));
+    let gw = spawn_gateway(&config_at(
+        "127.0.0.1:0",
+        &format!(r#"{{ addr: "{backend}" }}"#),
+        ", max_pending: 3, queue_timeout: 150ms",
+        "",
+    ))
+    .await;
+    let addr = gw.addr();
+    let mut tasks = Vec::new();
+    for i in 0u64..300 {
+        tasks.push(tokio::spawn(async move {
+            let mut s = send_upgrade(addr, &format!("c{}", i % 7)).await;
+            // Every third reads its answer; the others leave after 0..120 ms.
+            if i % 3 == 0 {
+                let _ = tokio::time::timeout(PATIENCE, read_head(&mut s)).await;
+            } else {
+                let ms = (i * 7919) % 120;
+                tokio::time::sleep(Duration::from_millis(ms)).await;
+            }
+        }));
+        if i % 10 == 0 {
+            tokio::time::sleep(Duration::from_millis(3)).await;
+        }
+    }
+    for t in tasks {
+        let _ = tokio::time::timeout(PATIENCE, t).await;
+    }
+    await_metric(&gw, "wsgate_upstream_queue", &[("upstream", "app")], 0.0).await;
+    let before = done.load(Ordering::SeqCst);
+    for i in 0..6 {
+        let mut s = send_upgrade(addr, &format!("after{i}")).await;
+        let head = tokio::time::timeout(Duration::from_secs(2), read_head(&mut s))
+            .await
+            .unwrap_or_else(|_| panic!("handshake {i} after the herd never got through"));
+        assert!(head.starts_with("HTTP/1.1 101"), "{head}");
+    }
+    assert!(done.load(Ordering::SeqCst) >= before + 6);
+    let peak = peak.load(Ordering::SeqCst);
+    assert!(peak <= 3, "the backend saw {peak} upgrades at once, max_pending 3");
+}
