@@ -810,5 +810,59 @@ async fn departures_and_timeouts_at_every_stage_leak_no_place() {
     }
     assert!(done.load(Ordering::SeqCst) >= before + 6);
     let peak = peak.load(Ordering::SeqCst);
-    assert!(peak <= 3, "the backend saw {peak} upgrades at once, max_pending 3");
+    assert!(
+        peak <= 3,
+        "the backend saw {peak} upgrades at once, max_pending 3"
+    );
+}
+
+/// A long poll on an `http: proxy` route (engine.io, SockJS: the backend answers only when
+/// it has something, up to `http_timeout`) holds a `max_pending` place at most
+/// `connect_timeout`, not until its answer: else `max_pending` long polls would keep every
+/// upgrade to their backend waiting until `queue_timeout`. The poll itself is still
+/// answered.
+#[tokio::test]
+async fn a_long_poll_does_not_hold_its_place_until_its_answer() {
+    let listener = bind_local().await;
+    let backend = local_addr(&listener);
+    let (mut held, _) = hold_counting(listener);
+    let gw = spawn_gateway(&format!(
+        r#"
+listeners: [{{ name: public, bind: "127.0.0.1:0" }}]
+admin: {{ bind: "127.0.0.1:0" }}
+{MANY}
+upstreams:
+  app: {{ backends: [{{ addr: "{backend}" }}], sticky: {{ key: "query:room" }}, connect_timeout: 400ms, max_pending: 1, queue_timeout: 4s }}
+routes:
+  - {{ name: app, match: {{ path_prefix: / }}, upstream: app, http: proxy }}
+"#
+    ))
+    .await;
+    let addr = gw.addr();
+    let mut poll = TcpStream::connect(addr)
+        .await
+        .unwrap_or_else(|e| panic!("{e}"));
+    let req = format!("GET /poll?room=p HTTP/1.1\r\nHost: {addr}\r\n\r\n");
+    poll.write_all(req.as_bytes())
+        .await
+        .unwrap_or_else(|e| panic!("{e}"));
+    let (mut up_poll, head_poll) = next_held(&mut held).await;
+    assert!(head_poll.starts_with("GET /poll?room=p"), "{head_poll}");
+    let started = tokio::time::Instant::now();
+    let _u = send_upgrade(addr, "u").await;
+    let Ok(Some((_up_u, head_u))) = tokio::time::timeout(Duration::from_secs(3), held.recv()).await
+    else {
+        panic!("an upgrade waited behind a long poll for its whole answer");
+    };
+    assert_eq!(room_of(&head_u), "u");
+    assert!(
+        started.elapsed() >= Duration::from_millis(300),
+        "the poll held its place a while"
+    );
+    up_poll
+        .write_all(b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\nok")
+        .await
+        .unwrap_or_else(|e| panic!("{e}"));
+    let resp = read_head(&mut poll).await;
+    assert!(resp.starts_with("HTTP/1.1 200"), "{resp}");
 }
