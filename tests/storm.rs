@@ -714,7 +714,8 @@ async fn slow_start_keeps_large_weights_in_proportion() {
 }
 
 /// A backend that answers each upgrade 101 after `delay`, counting the upgrade requests
-/// it has read and not answered yet; returns (now, peak, answered).
+/// it has read and not answered yet (a request the gateway gave up on counts until
+/// answered, as a backend still works on it); returns (now, peak, answered).
 #[allow(clippy::type_complexity)]
 fn slow_counting_101(
     listener: TcpListener,
@@ -742,16 +743,8 @@ fn slow_counting_101(
                 }
                 let c = n.fetch_add(1, Ordering::SeqCst) + 1;
                 p.fetch_max(c, Ordering::SeqCst);
-                // A request the gateway gave up on (closed) stops counting at once.
-                let mut byte = [0u8; 1];
-                let gone = tokio::select! {
-                    _ = tokio::time::sleep(delay) => false,
-                    _ = tokio::io::AsyncReadExt::read(&mut s, &mut byte) => true,
-                };
+                tokio::time::sleep(delay).await;
                 n.fetch_sub(1, Ordering::SeqCst);
-                if gone {
-                    return;
-                }
                 answer_101(&mut s, &head).await;
                 d.fetch_add(1, Ordering::SeqCst);
                 let _ = read_head(&mut s).await; // until the gateway closes
@@ -865,4 +858,37 @@ routes:
         .unwrap_or_else(|e| panic!("{e}"));
     let resp = read_head(&mut poll).await;
     assert!(resp.starts_with("HTTP/1.1 200"), "{resp}");
+}
+
+/// A client that goes away while its upgrade request is with the backend does not free
+/// its place before the backend has answered (or `connect_timeout` passed): the backend
+/// is still working on that request (authentication, session set-up), so the next
+/// request would make `max_pending` + 1 at once.
+#[tokio::test]
+async fn a_departed_client_keeps_its_place_until_the_backend_answers() {
+    let listener = bind_local().await;
+    let backend = local_addr(&listener);
+    let (mut held, _) = hold_counting(listener);
+    let gw = spawn_gateway(&config_at(
+        "127.0.0.1:0",
+        &format!(r#"{{ addr: "{backend}" }}"#),
+        ", max_pending: 1, queue_timeout: 5s",
+        "",
+    ))
+    .await;
+    let addr = gw.addr();
+    let a = send_upgrade(addr, "a").await;
+    let (mut up_a, head_a) = next_held(&mut held).await;
+    drop(a);
+    // Lets the gateway see the client leave (it used to close a's upstream connection and
+    // give its place to b at once).
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let mut b = send_upgrade(addr, "b").await;
+    assert_quiet(&mut held, "a's request is still with the backend").await;
+    answer_101(&mut up_a, &head_a).await;
+    let (mut up_b, head_b) = next_held(&mut held).await;
+    assert_eq!(room_of(&head_b), "b");
+    answer_101(&mut up_b, &head_b).await;
+    let head = read_head(&mut b).await;
+    assert!(head.starts_with("HTTP/1.1 101"), "{head}");
 }
