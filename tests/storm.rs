@@ -712,3 +712,183 @@ async fn slow_start_keeps_large_weights_in_proportion() {
         "weights 1:2, connections {na}:{nb}"
     );
 }
+
+/// A backend that answers each upgrade 101 after `delay`, counting the upgrade requests
+/// it has read and not answered yet (a request the gateway gave up on counts until
+/// answered, as a backend still works on it); returns (now, peak, answered).
+#[allow(clippy::type_complexity)]
+fn slow_counting_101(
+    listener: TcpListener,
+    delay: Duration,
+) -> (
+    std::sync::Arc<std::sync::atomic::AtomicUsize>,
+    std::sync::Arc<std::sync::atomic::AtomicUsize>,
+    std::sync::Arc<std::sync::atomic::AtomicUsize>,
+) {
+    use std::sync::Arc;
+    use std::sync::atomic::{AtomicUsize, Ordering};
+    let (now, peak, done) = (
+        Arc::new(AtomicUsize::new(0)),
+        Arc::new(AtomicUsize::new(0)),
+        Arc::new(AtomicUsize::new(0)),
+    );
+    let (n, p, d) = (now.clone(), peak.clone(), done.clone());
+    tokio::spawn(async move {
+        while let Ok((mut s, _)) = listener.accept().await {
+            let (n, p, d) = (n.clone(), p.clone(), d.clone());
+            tokio::spawn(async move {
+                let head = read_head(&mut s).await;
+                if head.is_empty() {
+                    return;
+                }
+                let c = n.fetch_add(1, Ordering::SeqCst) + 1;
+                p.fetch_max(c, Ordering::SeqCst);
+                tokio::time::sleep(delay).await;
+                n.fetch_sub(1, Ordering::SeqCst);
+                answer_101(&mut s, &head).await;
+                d.fetch_add(1, Ordering::SeqCst);
+                let _ = read_head(&mut s).await; // until the gateway closes
+            });
+        }
+    });
+    (now, peak, done)
+}
+
+/// Review of issue 19's queue: clients that go away at every stage (waiting to be let
+/// ahead, connecting ahead, waiting for a place, in flight) and handshakes timing out as
+/// places are granted never leak a place nor let the backend see more than `max_pending`
+/// upgrades at once; afterwards a lone handshake gets through at once and the queue gauge
+/// is back to 0.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn departures_and_timeouts_at_every_stage_leak_no_place() {
+    use std::sync::atomic::Ordering;
+    let listener = bind_local().await;
+    let backend = local_addr(&listener);
+    let (_now, peak, done) = slow_counting_101(listener, Duration::from_millis(8));
+    let gw = spawn_gateway(&config_at(
+        "127.0.0.1:0",
+        &format!(r#"{{ addr: "{backend}" }}"#),
+        ", max_pending: 3, queue_timeout: 150ms",
+        "",
+    ))
+    .await;
+    let addr = gw.addr();
+    let mut tasks = Vec::new();
+    for i in 0u64..300 {
+        tasks.push(tokio::spawn(async move {
+            let mut s = send_upgrade(addr, &format!("c{}", i % 7)).await;
+            // Every third reads its answer; the others leave after 0..120 ms.
+            if i % 3 == 0 {
+                let _ = tokio::time::timeout(PATIENCE, read_head(&mut s)).await;
+            } else {
+                let ms = (i * 7919) % 120;
+                tokio::time::sleep(Duration::from_millis(ms)).await;
+            }
+        }));
+        if i % 10 == 0 {
+            tokio::time::sleep(Duration::from_millis(3)).await;
+        }
+    }
+    for t in tasks {
+        let _ = tokio::time::timeout(PATIENCE, t).await;
+    }
+    await_metric(&gw, "wsgate_upstream_queue", &[("upstream", "app")], 0.0).await;
+    let before = done.load(Ordering::SeqCst);
+    for i in 0..6 {
+        let mut s = send_upgrade(addr, &format!("after{i}")).await;
+        let head = tokio::time::timeout(Duration::from_secs(2), read_head(&mut s))
+            .await
+            .unwrap_or_else(|_| panic!("handshake {i} after the herd never got through"));
+        assert!(head.starts_with("HTTP/1.1 101"), "{head}");
+    }
+    assert!(done.load(Ordering::SeqCst) >= before + 6);
+    let peak = peak.load(Ordering::SeqCst);
+    assert!(
+        peak <= 3,
+        "the backend saw {peak} upgrades at once, max_pending 3"
+    );
+}
+
+/// A long poll on an `http: proxy` route (engine.io, SockJS: the backend answers only when
+/// it has something, up to `http_timeout`) holds a `max_pending` place at most
+/// `connect_timeout`, not until its answer: else `max_pending` long polls would keep every
+/// upgrade to their backend waiting until `queue_timeout`. The poll itself is still
+/// answered.
+#[tokio::test]
+async fn a_long_poll_does_not_hold_its_place_until_its_answer() {
+    let listener = bind_local().await;
+    let backend = local_addr(&listener);
+    let (mut held, _) = hold_counting(listener);
+    let gw = spawn_gateway(&format!(
+        r#"
+listeners: [{{ name: public, bind: "127.0.0.1:0" }}]
+admin: {{ bind: "127.0.0.1:0" }}
+{MANY}
+upstreams:
+  app: {{ backends: [{{ addr: "{backend}" }}], sticky: {{ key: "query:room" }}, connect_timeout: 400ms, max_pending: 1, queue_timeout: 4s }}
+routes:
+  - {{ name: app, match: {{ path_prefix: / }}, upstream: app, http: proxy }}
+"#
+    ))
+    .await;
+    let addr = gw.addr();
+    let mut poll = TcpStream::connect(addr)
+        .await
+        .unwrap_or_else(|e| panic!("{e}"));
+    let req = format!("GET /poll?room=p HTTP/1.1\r\nHost: {addr}\r\n\r\n");
+    poll.write_all(req.as_bytes())
+        .await
+        .unwrap_or_else(|e| panic!("{e}"));
+    let (mut up_poll, head_poll) = next_held(&mut held).await;
+    assert!(head_poll.starts_with("GET /poll?room=p"), "{head_poll}");
+    let started = tokio::time::Instant::now();
+    let _u = send_upgrade(addr, "u").await;
+    let Ok(Some((_up_u, head_u))) = tokio::time::timeout(Duration::from_secs(3), held.recv()).await
+    else {
+        panic!("an upgrade waited behind a long poll for its whole answer");
+    };
+    assert_eq!(room_of(&head_u), "u");
+    assert!(
+        started.elapsed() >= Duration::from_millis(300),
+        "the poll held its place a while"
+    );
+    up_poll
+        .write_all(b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\nok")
+        .await
+        .unwrap_or_else(|e| panic!("{e}"));
+    let resp = read_head(&mut poll).await;
+    assert!(resp.starts_with("HTTP/1.1 200"), "{resp}");
+}
+
+/// A client that goes away while its upgrade request is with the backend does not free
+/// its place before the backend has answered (or `connect_timeout` passed): the backend
+/// is still working on that request (authentication, session set-up), so the next
+/// request would make `max_pending` + 1 at once.
+#[tokio::test]
+async fn a_departed_client_keeps_its_place_until_the_backend_answers() {
+    let listener = bind_local().await;
+    let backend = local_addr(&listener);
+    let (mut held, _) = hold_counting(listener);
+    let gw = spawn_gateway(&config_at(
+        "127.0.0.1:0",
+        &format!(r#"{{ addr: "{backend}" }}"#),
+        ", max_pending: 1, queue_timeout: 5s",
+        "",
+    ))
+    .await;
+    let addr = gw.addr();
+    let a = send_upgrade(addr, "a").await;
+    let (mut up_a, head_a) = next_held(&mut held).await;
+    drop(a);
+    // Lets the gateway see the client leave (it used to close a's upstream connection and
+    // give its place to b at once).
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let mut b = send_upgrade(addr, "b").await;
+    assert_quiet(&mut held, "a's request is still with the backend").await;
+    answer_101(&mut up_a, &head_a).await;
+    let (mut up_b, head_b) = next_held(&mut held).await;
+    assert_eq!(room_of(&head_b), "b");
+    answer_101(&mut up_b, &head_b).await;
+    let head = read_head(&mut b).await;
+    assert!(head.starts_with("HTTP/1.1 101"), "{head}");
+}

@@ -307,7 +307,7 @@ async fn handshake(
         fail(Refusal::UpstreamConnect, format!("connect: {e}"))
     })?;
     let left = connect_timeout.saturating_sub(started.elapsed());
-    let Some(_turn) = queue
+    let Some(turn) = queue
         .pool
         .wait_place(ahead, queue.ticket, queue.until)
         .await
@@ -328,12 +328,26 @@ async fn handshake(
         })?;
     }
     sent.store(true, Ordering::Release);
-    let answer = async {
-        stream.write_all(&head).await?;
-        stream.flush().await?;
-        http1::read_head(&mut stream, &mut buf).await
+    let mut flight = InFlight {
+        stream: Some(stream),
+        turn: Some(turn),
+        until: tokio::time::Instant::now() + left,
     };
-    let answer = tokio::time::timeout(left, answer).await;
+    let answer = match &mut flight.stream {
+        Some(stream) => {
+            let answer = async {
+                stream.write_all(&head).await?;
+                stream.flush().await?;
+                http1::read_head(stream, &mut buf).await
+            };
+            tokio::time::timeout(left, answer).await
+        }
+        None => return Err(timed_out()),
+    };
+    // The place is held until the answer is handled, as before the client could leave.
+    let (Some(stream), _turn) = flight.land() else {
+        return Err(timed_out());
+    };
     let answer = answer.map_err(|_| timed_out())?.map_err(|e| {
         tracing::debug!(backend, error = %e, "upstream handshake failed");
         fail(Refusal::UpstreamConnect, format!("upgrade request: {e}"))
@@ -360,6 +374,41 @@ async fn handshake(
         extensions,
         lease,
     })
+}
+
+/// An upgrade request with the backend, and its `max_pending` place. Dropped before it
+/// landed (the client went away meanwhile), it hands both to a task that waits for the
+/// backend's answer head (or `until`) before closing and giving the place back: the
+/// backend is still working on that request, so the next one would make `max_pending` + 1.
+struct InFlight {
+    stream: Option<UpstreamStream>,
+    turn: Option<pool::Turn>,
+    until: tokio::time::Instant,
+}
+
+impl InFlight {
+    /// The answer (or a failure) is in: the connection, and the place to give back.
+    fn land(mut self) -> (Option<UpstreamStream>, Option<pool::Turn>) {
+        (self.stream.take(), self.turn.take())
+    }
+}
+
+impl Drop for InFlight {
+    fn drop(&mut self) {
+        let Some(mut stream) = self.stream.take() else {
+            return;
+        };
+        let Ok(runtime) = tokio::runtime::Handle::try_current() else {
+            return;
+        };
+        let turn = self.turn.take();
+        let until = self.until;
+        runtime.spawn(async move {
+            let mut buf = BytesMut::new();
+            let _ = tokio::time::timeout_at(until, http1::read_head(&mut stream, &mut buf)).await;
+            drop(turn);
+        });
+    }
 }
 
 /// Whether the peer closed `stream` (or it failed) before anything was sent on it: one

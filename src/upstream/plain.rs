@@ -53,9 +53,9 @@ pub struct Answer {
 ///
 /// With `max_pending` a request takes one of the backend's places, in arrival order with
 /// the upgrades, and holds it from connecting (or taking a kept-alive connection) until
-/// the answer's head: the backend never has more than `max_pending` requests and upgrade
-/// handshakes in progress from this process (as HAProxy's `maxconn` counts every
-/// request). Past `queue_timeout`, or with the backend's queue full: 503 `queue_timeout`.
+/// the answer's head, at most `connect_timeout` after sending (a long poll must not keep
+/// it): the backend never has more than `max_pending` requests and upgrade handshakes
+/// starting from this process (as HAProxy's `maxconn` counts every request). Past `queue_timeout`, or with the backend's queue full: 503 `queue_timeout`.
 pub async fn send(
     req: &request::Parts,
     body: RequestBody,
@@ -85,9 +85,10 @@ pub async fn send(
         let Ok(ahead) = pool.wait_ahead(&backend, &ticket, queue_until).await else {
             return Err(queue_timeout());
         };
-        let Some(_place) = pool.wait_place(ahead, &ticket, queue_until).await else {
+        let Some(place) = pool.wait_place(ahead, &ticket, queue_until).await else {
             return Err(queue_timeout());
         };
+        let mut place = Some(place);
         // A kept-alive connection first; one the backend closed meanwhile gives the request
         // back unsent, and a fresh connection takes it.
         let mut reused = backend.idle_http.take();
@@ -130,7 +131,7 @@ pub async fn send(
                 reused = backend.idle_http.take();
                 continue;
             }
-            match sender.try_send_request(request).await {
+            match answer_head(sender.try_send_request(request), &mut place, upstream).await {
                 Ok(response) => {
                     pool.connect_succeeded(&backend);
                     return Ok(Answer {
@@ -170,6 +171,34 @@ pub async fn send(
         }
     }
     Err(last)
+}
+
+/// Awaits `exchange` (the answer's head), holding `place` at most the upstream's
+/// `connect_timeout` from now: a long poll (the backend answers when it has something, up
+/// to `http_timeout`) must not keep a `max_pending` place, and with it the upgrades to its
+/// backend, for its whole wait. The place bounds requests *starting*, as it bounds an
+/// upgrade's request → 101 (which `connect_timeout` ends).
+async fn answer_head<T>(
+    exchange: impl std::future::Future<Output = T>,
+    place: &mut Option<crate::upstream::pool::Turn>,
+    upstream: &crate::config::Upstream,
+) -> T {
+    if place.is_none() {
+        return exchange.await;
+    }
+    let exchange = std::pin::pin!(exchange);
+    match futures_util::future::select(
+        exchange,
+        std::pin::pin!(tokio::time::sleep(upstream.connect_timeout)),
+    )
+    .await
+    {
+        futures_util::future::Either::Left((answer, _)) => answer,
+        futures_util::future::Either::Right(((), exchange)) => {
+            *place = None;
+            exchange.await
+        }
+    }
 }
 
 /// Whether hyper's error came from the request body we gave it (the client's).
