@@ -433,6 +433,25 @@ fn hold_counting(
     (rx, accepted)
 }
 
+/// A gateway in front of one [`hold_counting`] backend, with `upstream` and `http` added
+/// to its config as in [`config_at`]: the gateway, the backend's `backends` entry, what it
+/// holds and how many connections it accepted.
+async fn gateway_holding(
+    upstream: &str,
+    http: &str,
+) -> (
+    TestGateway,
+    String,
+    mpsc::Receiver<(TcpStream, String)>,
+    std::sync::Arc<std::sync::atomic::AtomicUsize>,
+) {
+    let listener = bind_local().await;
+    let backends = format!(r#"{{ addr: "{}" }}"#, local_addr(&listener));
+    let (held, accepted) = hold_counting(listener);
+    let gw = spawn_gateway(&config_at("127.0.0.1:0", &backends, upstream, http)).await;
+    (gw, backends, held, accepted)
+}
+
 async fn bind_local() -> TcpListener {
     TcpListener::bind("127.0.0.1:0")
         .await
@@ -456,16 +475,8 @@ async fn accepted_reaches(n: &std::sync::atomic::AtomicUsize, want: usize) {
 /// at most `max_pending` connect ahead.
 #[tokio::test]
 async fn the_next_upgrade_connects_ahead_but_sends_only_with_its_place() {
-    let listener = bind_local().await;
-    let backend = local_addr(&listener);
-    let (mut held, accepted) = hold_counting(listener);
-    let gw = spawn_gateway(&config_at(
-        "127.0.0.1:0",
-        &format!(r#"{{ addr: "{backend}" }}"#),
-        ", max_pending: 1, queue_timeout: 5s",
-        "",
-    ))
-    .await;
+    let (gw, _, mut held, accepted) =
+        gateway_holding(", max_pending: 1, queue_timeout: 5s", "").await;
     let addr = gw.addr();
     let _a = send_upgrade(addr, "a").await;
     let (mut up_a, head_a) = next_held(&mut held).await;
@@ -490,16 +501,8 @@ async fn the_next_upgrade_connects_ahead_but_sends_only_with_its_place() {
 /// the upgrades: the backend never has more than `max_pending` requests in progress.
 #[tokio::test]
 async fn plain_requests_take_a_max_pending_place() {
-    let listener = bind_local().await;
-    let backend = local_addr(&listener);
-    let (mut held, _) = hold_counting(listener);
-    let gw = spawn_gateway(&config_at(
-        "127.0.0.1:0",
-        &format!(r#"{{ addr: "{backend}" }}"#),
-        ", max_pending: 1, queue_timeout: 5s",
-        ", http: proxy",
-    ))
-    .await;
+    let (gw, _, mut held, _) =
+        gateway_holding(", max_pending: 1, queue_timeout: 5s", ", http: proxy").await;
     let addr = gw.addr();
     let get = |room: &'static str| async move {
         let mut s = TcpStream::connect(addr)
@@ -545,16 +548,7 @@ async fn plain_requests_take_a_max_pending_place() {
 /// `queue_timeout` with a `Retry-After` at once, not after `queue_timeout`.
 #[tokio::test]
 async fn a_full_queue_refuses_at_once() {
-    let listener = bind_local().await;
-    let backend = local_addr(&listener);
-    let (mut held, _) = hold_counting(listener);
-    let gw = spawn_gateway(&config_at(
-        "127.0.0.1:0",
-        &format!(r#"{{ addr: "{backend}" }}"#),
-        ", max_pending: 1, queue_timeout: 30s",
-        "",
-    ))
-    .await;
+    let (gw, _, mut held, _) = gateway_holding(", max_pending: 1, queue_timeout: 30s", "").await;
     let addr = gw.addr();
     let _first = send_upgrade(addr, "first").await;
     let _in_flight = next_held(&mut held).await;
@@ -618,17 +612,8 @@ async fn handshakes_waiting_through_an_outage_reach_the_backend_in_arrival_order
 /// once the old holders are done.
 #[tokio::test]
 async fn shrinking_max_pending_on_reload_never_exceeds_the_sizes() {
-    let listener = bind_local().await;
-    let backend = local_addr(&listener);
-    let (mut held, _) = hold_counting(listener);
-    let backends = format!(r#"{{ addr: "{backend}" }}"#);
-    let gw = spawn_gateway(&config_at(
-        "127.0.0.1:0",
-        &backends,
-        ", max_pending: 2, queue_timeout: 10s",
-        "",
-    ))
-    .await;
+    let (gw, backends, mut held, _) =
+        gateway_holding(", max_pending: 2, queue_timeout: 10s", "").await;
     let addr = gw.addr();
     let _a = send_upgrade(addr, "a").await;
     let (mut up_a, head_a) = next_held(&mut held).await;
@@ -866,16 +851,7 @@ routes:
 /// request would make `max_pending` + 1 at once.
 #[tokio::test]
 async fn a_departed_client_keeps_its_place_until_the_backend_answers() {
-    let listener = bind_local().await;
-    let backend = local_addr(&listener);
-    let (mut held, _) = hold_counting(listener);
-    let gw = spawn_gateway(&config_at(
-        "127.0.0.1:0",
-        &format!(r#"{{ addr: "{backend}" }}"#),
-        ", max_pending: 1, queue_timeout: 5s",
-        "",
-    ))
-    .await;
+    let (gw, _, mut held, _) = gateway_holding(", max_pending: 1, queue_timeout: 5s", "").await;
     let addr = gw.addr();
     let a = send_upgrade(addr, "a").await;
     let (mut up_a, head_a) = next_held(&mut held).await;
