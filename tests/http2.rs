@@ -1265,22 +1265,7 @@ async fn a_client_reset_mid_relay_is_logged_once_and_frees_every_count() {
     let gw = spawn_gateway(&config(backend, false, limits, "")).await;
     let mut conn = connect_h2c(gw.addr()).await;
     for round in 0..5 {
-        let ready = tokio::time::timeout(PATIENCE, conn.send.clone().ready())
-            .await
-            .unwrap_or_else(|_| panic!("not ready"))
-            .unwrap_or_else(|e| panic!("{e}"));
-        let mut req = http::Request::builder()
-            .method("CONNECT")
-            .uri("http://localhost/reset")
-            .header("sec-websocket-version", "13")
-            .body(())
-            .unwrap_or_else(|e| panic!("{e}"));
-        req.extensions_mut()
-            .insert(h2::ext::Protocol::from_static("websocket"));
-        let (resp, mut send) = ready
-            .clone()
-            .send_request(req, false)
-            .unwrap_or_else(|e| panic!("{e}"));
+        let (resp, mut send) = send_ws_connect(&mut conn, "/reset").await;
         let resp = tokio::time::timeout(PATIENCE, resp)
             .await
             .unwrap_or_else(|_| panic!("no 200"))
@@ -1481,24 +1466,9 @@ async fn a_client_reset_while_its_backend_is_connecting_frees_every_count() {
     let limits =
         "max_connections_per_ip: 2, handshakes_per_ip: { rate: 1000, per: 1s, burst: 1000 }";
     let gw = spawn_gateway(&config(backend, false, limits, "")).await;
-    let conn = connect_h2c(gw.addr()).await;
+    let mut conn = connect_h2c(gw.addr()).await;
     for _ in 0..3 {
-        let ready = tokio::time::timeout(PATIENCE, conn.send.clone().ready())
-            .await
-            .unwrap_or_else(|_| panic!("not ready"))
-            .unwrap_or_else(|e| panic!("{e}"));
-        let mut req = http::Request::builder()
-            .method("CONNECT")
-            .uri("http://localhost/stuck")
-            .header("sec-websocket-version", "13")
-            .body(())
-            .unwrap_or_else(|e| panic!("{e}"));
-        req.extensions_mut()
-            .insert(h2::ext::Protocol::from_static("websocket"));
-        let (_resp, mut send) = ready
-            .clone()
-            .send_request(req, false)
-            .unwrap_or_else(|e| panic!("{e}"));
+        let (_resp, mut send) = send_ws_connect(&mut conn, "/stuck").await;
         let mut up = next_accepted(&mut held_rx).await;
         send.send_reset(h2::Reason::CANCEL);
         // The backend connection is let go.

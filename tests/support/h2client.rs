@@ -220,6 +220,30 @@ pub async fn extended_connect(
     Ok(Opened::Ws(Box::new(ws)))
 }
 
+/// Sends the extended CONNECT (`:protocol` websocket) for `path` without waiting for the
+/// answer: for tests that act on the stream before reading it, or instead.
+pub async fn send_ws_connect(
+    conn: &mut H2Conn,
+    path: &str,
+) -> (h2::client::ResponseFuture, h2::SendStream<Bytes>) {
+    let mut req = Request::builder()
+        .method(Method::CONNECT)
+        .uri(format!("http://localhost{path}"))
+        .header("sec-websocket-version", "13")
+        .body(())
+        .unwrap_or_else(|e| panic!("{e}"));
+    req.extensions_mut()
+        .insert(h2::ext::Protocol::from_static("websocket"));
+    let ready = tokio::time::timeout(PATIENCE, conn.send.clone().ready())
+        .await
+        .unwrap_or_else(|_| panic!("not ready"))
+        .unwrap_or_else(|e| panic!("{e}"));
+    conn.send = ready;
+    conn.send
+        .send_request(req, false)
+        .unwrap_or_else(|e| panic!("{e}"))
+}
+
 /// A WebSocket over HTTP/2 to `path` that must be admitted.
 pub async fn open_ws(conn: &mut H2Conn, path: &str) -> H2Ws {
     extended_connect(conn, path, Some("websocket"), &[])
