@@ -1289,20 +1289,7 @@ async fn a_client_reset_mid_relay_is_logged_once_and_frees_every_count() {
     })
     .await;
     assert_eq!(closes, 5);
-    eventually("counts back to one idle connection", PATIENCE, async || {
-        let active = gw
-            .gw
-            .shared
-            .active
-            .load(std::sync::atomic::Ordering::Relaxed);
-        let places = localhost_places(&gw);
-        if (active, places) == (1, 1) {
-            Ok(())
-        } else {
-            Err((active, places))
-        }
-    })
-    .await;
+    counts_back_to_one_idle_connection(&gw).await;
     // Nothing stayed counted: the connection's own place plus one stream fit under 2.
     let mut ws = open_ws(&mut conn, "/after").await;
     echo_round_trip(&mut ws, "after five resets").await;
@@ -1488,20 +1475,7 @@ async fn a_client_reset_while_its_backend_is_connecting_frees_every_count() {
             "the backend connection was kept after the client's reset"
         );
     }
-    eventually("counts back to one idle connection", PATIENCE, async || {
-        let active = gw
-            .gw
-            .shared
-            .active
-            .load(std::sync::atomic::Ordering::Relaxed);
-        let places = localhost_places(&gw);
-        if (active, places) == (1, 1) {
-            Ok(())
-        } else {
-            Err((active, places))
-        }
-    })
-    .await;
+    counts_back_to_one_idle_connection(&gw).await;
     let lines: Vec<_> = gw
         .log_lines()
         .into_iter()
@@ -1662,4 +1636,23 @@ async fn a_live_client_reading_a_busy_stream_slowly_is_not_cut_as_dead() {
     }
     assert!(got > 64 * 1024, "only {got} bytes in 6 s");
     flood.abort();
+}
+
+/// Waits until the gateway counts one connection and one per-IP place: the h2 connection
+/// still open, every stream on it gone.
+async fn counts_back_to_one_idle_connection(gw: &TestGateway) {
+    eventually("counts back to one idle connection", PATIENCE, async || {
+        let active = gw
+            .gw
+            .shared
+            .active
+            .load(std::sync::atomic::Ordering::Relaxed);
+        let places = localhost_places(gw);
+        if (active, places) == (1, 1) {
+            Ok(())
+        } else {
+            Err((active, places))
+        }
+    })
+    .await;
 }
